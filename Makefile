@@ -1,0 +1,35 @@
+# CNC Brain — `make help` lists the targets. Every target creates the virtualenv when it is missing.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch pinned: an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install cncbrain with all extras
+
+demo: $(STAMP) ## the main job: run the embedded default
+	$(BIN)/cncbrain demo
+
+test: $(STAMP) ## run the test suite (starts its own nats-server and gRPC servers)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+bench: $(STAMP) ## run the benchmarks (slow; prints figures)
+	$(BIN)/python -m benchmarks
+
+.PHONY: help venv demo test lint bench
