@@ -1,18 +1,52 @@
-"""The `cncbrain` command line."""
+"""The `cncbrain` command line.
+
+Each subcommand lives in its own module under `cncbrain.commands` and exposes
+`register(subparsers)`, which adds its parser and sets `func` (a callable taking the parsed
+args and returning an exit code). Add a module name to COMMANDS to add a subcommand.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from cncbrain.errors import CncError
+
+COMMANDS = [
+    "scenarios",
+    "eval",
+    "bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cncbrain", description="CNC Brain control plane")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cncbrain.commands.{name}")
+        except ModuleNotFoundError as exc:  # an optional extra (e.g. torch) is missing
+            if exc.name and exc.name.startswith("cncbrain"):
+                raise
+            continue
+        module.register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cncbrain", description="CNC Brain control plane")
-    parser.add_subparsers(dest="command")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if getattr(args, "func", None) is None:
         parser.print_help()
-    return 0
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except CncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
