@@ -29,7 +29,13 @@ test: $(STAMP) ## run the test suite (starts its own nats-server and gRPC server
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
 
+protos: $(STAMP) ## regenerate cnc/ (Python code of proto/) after editing a .proto
+	$(BIN)/python -m cncbrain.protogen
+
+proto-lint: ## buf lint of proto/ (needs npx or buf on PATH)
+	cd proto && (command -v buf >/dev/null && buf lint || npx --yes @bufbuild/buf lint)
+
 bench: $(STAMP) ## run the benchmarks (slow; prints figures)
 	$(BIN)/python -m benchmarks
 
-.PHONY: help venv demo test lint bench
+.PHONY: help venv demo test lint bench protos proto-lint
