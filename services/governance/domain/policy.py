@@ -1,0 +1,337 @@
+"""Quotas and placement policy (pure): admission of a workload and the check of every placement.
+
+A tenant has a `Quota` (GPUs by type, GPUs in all, cost per hour) and a `PlacementPolicy` (allowed
+regions and sites for data residency, allowed GPU types, a cost cap). A workload may carry its own
+policy; the one that applies is the intersection of both, so a workload can only narrow what its
+tenant allows.
+
+Quota use is counted as, per live workload, the larger of what it reserved at admission (the GPUs
+it needs to start) and what is placed for it now; a scale-up beyond the reservation is checked
+placement by placement.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+EPS = 1e-9
+
+
+class Verdict(enum.StrEnum):
+    ADMITTED = "admitted"
+    QUOTA_EXCEEDED = "quota_exceeded"  # gRPC RESOURCE_EXHAUSTED
+    POLICY_VIOLATION = "policy_violation"  # gRPC FAILED_PRECONDITION
+    UNKNOWN_TENANT = "unknown_tenant"  # gRPC FAILED_PRECONDITION
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Upper bounds on what one tenant holds at once; None means no bound."""
+
+    gpus_by_type: Mapping[str, int] = field(default_factory=dict)
+    max_gpus: int | None = None
+    max_cost_per_hour: float | None = None
+
+    def __post_init__(self) -> None:
+        for gpu_type, n in self.gpus_by_type.items():
+            if n < 0:
+                raise ValueError(f"quota for {gpu_type} must be >= 0, got {n}")
+        if self.max_gpus is not None and self.max_gpus < 0:
+            raise ValueError("max_gpus must be >= 0")
+        if self.max_cost_per_hour is not None and self.max_cost_per_hour < 0:
+            raise ValueError("max_cost_per_hour must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPolicy:
+    """Where a workload may run; None in a field means "anything"."""
+
+    allowed_regions: frozenset[str] | None = None
+    allowed_sites: frozenset[str] | None = None
+    allowed_gpu_types: frozenset[str] | None = None
+    max_cost_per_hour: float | None = None  # for one workload, all its placements together
+
+    def narrowed_by(self, other: PlacementPolicy | None) -> PlacementPolicy:
+        """The policy that satisfies both `self` and `other`."""
+        if other is None:
+            return self
+
+        def meet(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+            if a is None:
+                return b
+            if b is None:
+                return a
+            return a & b
+
+        caps = [c for c in (self.max_cost_per_hour, other.max_cost_per_hour) if c is not None]
+        return PlacementPolicy(
+            allowed_regions=meet(self.allowed_regions, other.allowed_regions),
+            allowed_sites=meet(self.allowed_sites, other.allowed_sites),
+            allowed_gpu_types=meet(self.allowed_gpu_types, other.allowed_gpu_types),
+            max_cost_per_hour=min(caps) if caps else None,
+        )
+
+    def site_reasons(self, site_id: str, region: str, gpu_type: str) -> list[str]:
+        """Why a site/GPU type is outside this policy (empty when it is allowed)."""
+        reasons = []
+        if self.allowed_sites is not None and site_id not in self.allowed_sites:
+            reasons.append(f"site {site_id} is not in the allowed sites {sorted(self.allowed_sites)}")
+        if self.allowed_regions is not None and region not in self.allowed_regions:
+            reasons.append(f"site {site_id} is in region {region!r}, not in {sorted(self.allowed_regions)}")
+        if self.allowed_gpu_types is not None and gpu_type not in self.allowed_gpu_types:
+            reasons.append(f"GPU type {gpu_type} is not in the allowed types {sorted(self.allowed_gpu_types)}")
+        return reasons
+
+
+@dataclass(frozen=True, slots=True)
+class SiteOffer:
+    """What governance needs to know about a site: where it is and what it sells at what price."""
+
+    site_id: str
+    region: str
+    gpus_by_type: Mapping[str, int]
+    price_per_gpu_hour: Mapping[str, float]
+    up: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadDemand:
+    """A workload as admission sees it."""
+
+    workload_id: str
+    tenant_id: str
+    kind: str  # "training" | "inference"
+    gpus: int  # GPUs needed to start (all shards, or min replicas x GPUs per replica)
+    gpu_type: str | None = None  # None: any type the policy allows
+    policy: PlacementPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One shard or replica the scheduler is about to commit."""
+
+    workload_id: str
+    tenant_id: str
+    unit_id: str  # the shard or replica id
+    site_id: str
+    region: str
+    gpu_type: str
+    gpus: int
+    price_per_gpu_hour: float
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.gpus * self.price_per_gpu_hour
+
+
+@dataclass(slots=True)
+class Holding:
+    """What one live workload counts against its tenant's quota."""
+
+    workload_id: str
+    reserved_gpus: dict[str, int] = field(default_factory=dict)  # by GPU type ("*" = type not yet known)
+    reserved_cost_per_hour: float = 0.0
+    placed: dict[str, Placement] = field(default_factory=dict)  # by unit id
+
+    def placed_gpus(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.placed.values():
+            out[p.gpu_type] = out.get(p.gpu_type, 0) + p.gpus
+        return out
+
+    def placed_cost(self) -> float:
+        return sum(p.cost_per_hour for p in self.placed.values())
+
+    def counted(self) -> tuple[dict[str, int], int, float]:
+        """GPUs by type, GPUs in all and cost per hour this workload counts for."""
+        placed = self.placed_gpus()
+        placed_total = sum(placed.values())
+        reserved_total = sum(self.reserved_gpus.values())
+        if placed_total >= reserved_total:
+            return placed, placed_total, max(self.placed_cost(), 0.0)
+        by_type = dict(placed)
+        for t, n in self.reserved_gpus.items():
+            by_type[t] = max(by_type.get(t, 0), n)
+        return by_type, reserved_total, max(self.reserved_cost_per_hour, self.placed_cost())
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reasons: tuple[str, ...] = ()
+    eligible_sites: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.ADMITTED
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else self.verdict.value
+
+
+def tenant_usage(holdings: Iterable[Holding]) -> tuple[dict[str, int], int, float]:
+    by_type: dict[str, int] = {}
+    total = 0
+    cost = 0.0
+    for h in holdings:
+        t, n, c = h.counted()
+        for k, v in t.items():
+            by_type[k] = by_type.get(k, 0) + v
+        total += n
+        cost += c
+    return by_type, total, cost
+
+
+def quota_reasons(quota: Quota, by_type: Mapping[str, int], total: int, cost: float) -> list[str]:
+    reasons = []
+    for gpu_type, limit in sorted(quota.gpus_by_type.items()):
+        used = by_type.get(gpu_type, 0)
+        if used > limit:
+            reasons.append(f"{gpu_type} GPUs would be {used}, quota is {limit}")
+    if quota.max_gpus is not None and total > quota.max_gpus:
+        reasons.append(f"GPUs in all would be {total}, quota is {quota.max_gpus}")
+    if quota.max_cost_per_hour is not None and cost > quota.max_cost_per_hour + EPS:
+        reasons.append(f"cost would be ${cost:.2f}/h, quota is ${quota.max_cost_per_hour:.2f}/h")
+    return reasons
+
+
+def eligible_offers(
+    policy: PlacementPolicy, pool: Iterable[SiteOffer], gpu_type: str | None, gpus_per_unit: int = 1
+) -> list[tuple[SiteOffer, str]]:
+    """(site, GPU type) pairs the policy allows and the site has at least `gpus_per_unit` of."""
+    out = []
+    for site in pool:
+        if not site.up:
+            continue
+        types = [gpu_type] if gpu_type else sorted(site.gpus_by_type)
+        for t in types:
+            if site.gpus_by_type.get(t, 0) >= gpus_per_unit and not policy.site_reasons(site.site_id, site.region, t):
+                out.append((site, t))
+    return out
+
+
+def admit(
+    demand: WorkloadDemand,
+    quota: Quota,
+    tenant_policy: PlacementPolicy,
+    holdings: Iterable[Holding],
+    pool: Iterable[SiteOffer] | None,
+    gpus_per_unit: int = 1,
+) -> tuple[Decision, Holding | None]:
+    """Admission at submit: the policy must leave somewhere to run, the quota room for the demand.
+
+    Returns the decision and, when admitted, the `Holding` to record for the workload. `pool` None
+    means the pool is not known yet; then only the quota and the GPU type are checked.
+    """
+    if demand.gpus <= 0:
+        return Decision(Verdict.POLICY_VIOLATION, ("a workload needs at least one GPU",)), None
+    policy = tenant_policy.narrowed_by(demand.policy)
+    if demand.gpu_type and policy.allowed_gpu_types is not None and demand.gpu_type not in policy.allowed_gpu_types:
+        return (
+            Decision(
+                Verdict.POLICY_VIOLATION,
+                (f"GPU type {demand.gpu_type} is not allowed by the placement policy "
+                 f"(allowed: {sorted(policy.allowed_gpu_types)})",),
+            ),
+            None,
+        )
+    eligible: list[tuple[SiteOffer, str]] = []
+    if pool is not None:
+        pool = list(pool)
+        eligible = eligible_offers(policy, pool, demand.gpu_type, gpus_per_unit)
+        if not eligible:
+            return (
+                Decision(
+                    Verdict.POLICY_VIOLATION,
+                    (f"no site that is up satisfies the placement policy for {demand.workload_id} "
+                     f"({describe_policy(policy)}, gpu_type={demand.gpu_type or 'any'})",),
+                ),
+                None,
+            )
+        capacity = sum(s.gpus_by_type.get(t, 0) for s, t in eligible)
+        if capacity < demand.gpus:
+            return (
+                Decision(
+                    Verdict.POLICY_VIOLATION,
+                    (f"the sites the policy allows hold {capacity} GPUs, the workload needs {demand.gpus}",),
+                ),
+                None,
+            )
+    # Reserve at the cheapest eligible price: the real price is checked placement by placement.
+    prices = [s.price_per_gpu_hour.get(t, 0.0) for s, t in eligible]
+    unit_price = min(prices) if prices else 0.0
+    holding = Holding(
+        workload_id=demand.workload_id,
+        reserved_gpus={demand.gpu_type or "*": demand.gpus},
+        reserved_cost_per_hour=unit_price * demand.gpus,
+    )
+    if policy.max_cost_per_hour is not None and holding.reserved_cost_per_hour > policy.max_cost_per_hour + EPS:
+        return (
+            Decision(
+                Verdict.POLICY_VIOLATION,
+                (f"the cheapest allowed placement costs ${holding.reserved_cost_per_hour:.2f}/h, "
+                 f"the policy caps the workload at ${policy.max_cost_per_hour:.2f}/h",),
+            ),
+            None,
+        )
+    others = [h for h in holdings if h.workload_id != demand.workload_id]
+    by_type, total, cost = tenant_usage([*others, holding])
+    if "*" in by_type:
+        # An untyped reservation counts against the total only; per-type limits bind at placement.
+        by_type = {k: v for k, v in by_type.items() if k != "*"}
+    reasons = quota_reasons(quota, by_type, total, cost)
+    if reasons:
+        return Decision(Verdict.QUOTA_EXCEEDED, tuple(reasons)), None
+    return Decision(Verdict.ADMITTED, eligible_sites=tuple(sorted({s.site_id for s, _ in eligible}))), holding
+
+
+def check_placements(
+    placements: Iterable[Placement],
+    quota: Quota,
+    policy: PlacementPolicy,
+    holdings: Mapping[str, Holding],
+) -> Decision:
+    """The check before the scheduler commits: every placement inside its workload's policy and the
+    tenant inside its quota once they are all added. All or nothing, like a gang commit."""
+    placements = list(placements)
+    reasons: list[str] = []
+    trial: dict[str, Holding] = {
+        wid: Holding(h.workload_id, dict(h.reserved_gpus), h.reserved_cost_per_hour, dict(h.placed))
+        for wid, h in holdings.items()
+    }
+    for p in placements:
+        for r in policy.site_reasons(p.site_id, p.region, p.gpu_type):
+            reasons.append(f"{p.unit_id}: {r}")
+        h = trial.setdefault(p.workload_id, Holding(p.workload_id))
+        h.placed[p.unit_id] = p
+    if policy.max_cost_per_hour is not None:
+        for wid in sorted({p.workload_id for p in placements}):
+            cost = trial[wid].placed_cost()
+            if cost > policy.max_cost_per_hour + EPS:
+                reasons.append(
+                    f"{wid} would cost ${cost:.2f}/h, the policy caps it at ${policy.max_cost_per_hour:.2f}/h"
+                )
+    if reasons:
+        return Decision(Verdict.POLICY_VIOLATION, tuple(reasons))
+    by_type, total, cost = tenant_usage(trial.values())
+    by_type.pop("*", None)
+    reasons = quota_reasons(quota, by_type, total, cost)
+    if reasons:
+        return Decision(Verdict.QUOTA_EXCEEDED, tuple(reasons))
+    return Decision(Verdict.ADMITTED)
+
+
+def describe_policy(policy: PlacementPolicy) -> str:
+    parts = []
+    if policy.allowed_regions is not None:
+        parts.append(f"regions={sorted(policy.allowed_regions)}")
+    if policy.allowed_sites is not None:
+        parts.append(f"sites={sorted(policy.allowed_sites)}")
+    if policy.allowed_gpu_types is not None:
+        parts.append(f"gpu_types={sorted(policy.allowed_gpu_types)}")
+    if policy.max_cost_per_hour is not None:
+        parts.append(f"max_cost=${policy.max_cost_per_hour:.2f}/h")
+    return ", ".join(parts) or "no restrictions"

@@ -1,0 +1,335 @@
+"""Governance's state, folded from its own ledger (pure).
+
+Every change goes the same way: a command method validates its input against the current state
+and returns a `Record` (ledger kind, subject, payload) without changing anything; the server
+appends the record to the ledger and only then calls `apply`. So the ledger is the state of record:
+replaying it rebuilds tenants, quotas, policies, token records, admissions and usage exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
+from services.governance.domain.policy import (
+    Decision,
+    Holding,
+    Placement,
+    PlacementPolicy,
+    Quota,
+    SiteOffer,
+    Verdict,
+    WorkloadDemand,
+    admit,
+    check_placements,
+)
+from services.governance.domain.usage import Allocation, UsageBook
+
+
+class GovernanceError(Exception):
+    """Base of the domain's refusals; the rpc layer maps each to a gRPC status."""
+
+
+class NotFound(GovernanceError):
+    pass
+
+
+class AlreadyExists(GovernanceError):
+    pass
+
+
+class InvalidArgument(GovernanceError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A change to append to the ledger, then apply."""
+
+    kind: str
+    subject: str
+    payload: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Tenant:
+    tenant_id: str
+    display_name: str
+    quota: Quota = field(default_factory=Quota)
+    policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    created_at: float = 0.0
+
+
+# ---- (de)serialising the value types into ledger payloads -------------------------------------
+
+
+def quota_to_dict(q: Quota) -> dict[str, Any]:
+    return {"gpus_by_type": dict(sorted(q.gpus_by_type.items())), "max_gpus": q.max_gpus,
+            "max_cost_per_hour": q.max_cost_per_hour}
+
+
+def quota_from_dict(d: Mapping[str, Any] | None) -> Quota:
+    d = d or {}
+    return Quota(
+        gpus_by_type={str(k): int(v) for k, v in (d.get("gpus_by_type") or {}).items()},
+        max_gpus=None if d.get("max_gpus") is None else int(d["max_gpus"]),
+        max_cost_per_hour=None if d.get("max_cost_per_hour") is None else float(d["max_cost_per_hour"]),
+    )
+
+
+def _opt_list(s: frozenset[str] | None) -> list[str] | None:
+    return None if s is None else sorted(s)
+
+
+def _opt_set(v: Iterable[str] | None) -> frozenset[str] | None:
+    return None if v is None else frozenset(str(x) for x in v)
+
+
+def policy_to_dict(p: PlacementPolicy) -> dict[str, Any]:
+    return {
+        "allowed_regions": _opt_list(p.allowed_regions),
+        "allowed_sites": _opt_list(p.allowed_sites),
+        "allowed_gpu_types": _opt_list(p.allowed_gpu_types),
+        "max_cost_per_hour": p.max_cost_per_hour,
+    }
+
+
+def policy_from_dict(d: Mapping[str, Any] | None) -> PlacementPolicy:
+    d = d or {}
+    cap = d.get("max_cost_per_hour")
+    return PlacementPolicy(
+        allowed_regions=_opt_set(d.get("allowed_regions")),
+        allowed_sites=_opt_set(d.get("allowed_sites")),
+        allowed_gpu_types=_opt_set(d.get("allowed_gpu_types")),
+        max_cost_per_hour=None if cap is None else float(cap),
+    )
+
+
+def placement_to_dict(p: Placement) -> dict[str, Any]:
+    return {"workload_id": p.workload_id, "tenant_id": p.tenant_id, "unit_id": p.unit_id,
+            "site_id": p.site_id, "region": p.region, "gpu_type": p.gpu_type, "gpus": p.gpus,
+            "price_per_gpu_hour": p.price_per_gpu_hour}
+
+
+def placement_from_dict(d: Mapping[str, Any]) -> Placement:
+    return Placement(
+        workload_id=str(d["workload_id"]), tenant_id=str(d["tenant_id"]), unit_id=str(d["unit_id"]),
+        site_id=str(d["site_id"]), region=str(d.get("region", "")), gpu_type=str(d["gpu_type"]),
+        gpus=int(d["gpus"]), price_per_gpu_hour=float(d.get("price_per_gpu_hour", 0.0)),
+    )
+
+
+# ---- the state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GovernanceState:
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    tokens: dict[str, TokenRecord] = field(default_factory=dict)
+    workload_policies: dict[str, PlacementPolicy] = field(default_factory=dict)
+    workload_tenant: dict[str, str] = field(default_factory=dict)
+    holdings: dict[str, dict[str, Holding]] = field(default_factory=dict)  # tenant -> workload -> holding
+    usage: UsageBook = field(default_factory=UsageBook)
+    pool: dict[str, SiteOffer] = field(default_factory=dict)  # from perception snapshots; not ledgered
+    pool_known: bool = False
+
+    # ---- queries ----
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        t = self.tenants.get(tenant_id)
+        if t is None:
+            raise NotFound(f"tenant {tenant_id!r} does not exist")
+        return t
+
+    def effective_policy(self, tenant_id: str, workload_id: str | None = None) -> PlacementPolicy:
+        policy = self.tenant(tenant_id).policy
+        if workload_id:
+            policy = policy.narrowed_by(self.workload_policies.get(workload_id))
+        return policy
+
+    def tokens_of(self, tenant_id: str | None) -> list[TokenRecord]:
+        return sorted(
+            (r for r in self.tokens.values() if tenant_id is None or r.tenant_id == tenant_id),
+            key=lambda r: r.created_at,
+        )
+
+    def has_operator_token(self) -> bool:
+        return any(r.role is Role.OPERATOR and not r.revoked for r in self.tokens.values())
+
+    # ---- commands: validate, return the record to ledger ----
+
+    def create_tenant(
+        self, tenant_id: str, display_name: str = "", quota: Quota | None = None,
+        policy: PlacementPolicy | None = None, now: float | None = None,
+    ) -> Record:
+        try:
+            validate_tenant_id(tenant_id)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        if tenant_id in self.tenants:
+            raise AlreadyExists(f"tenant {tenant_id!r} already exists")
+        return Record("tenant.created", tenant_id, {
+            "tenant_id": tenant_id, "display_name": display_name or tenant_id,
+            "quota": quota_to_dict(quota or Quota()), "policy": policy_to_dict(policy or PlacementPolicy()),
+            "created_at": time.time() if now is None else now,
+        })
+
+    def set_quota(self, tenant_id: str, quota: Quota) -> Record:
+        self.tenant(tenant_id)
+        return Record("tenant.quota_set", tenant_id, {"tenant_id": tenant_id, "quota": quota_to_dict(quota)})
+
+    def set_policy(self, tenant_id: str, policy: PlacementPolicy, workload_id: str = "") -> Record:
+        self.tenant(tenant_id)
+        if workload_id:
+            owner = self.workload_tenant.get(workload_id)
+            if owner is not None and owner != tenant_id:
+                raise InvalidArgument(f"workload {workload_id!r} belongs to tenant {owner!r}")
+            return Record("workload.policy_set", workload_id, {
+                "tenant_id": tenant_id, "workload_id": workload_id, "policy": policy_to_dict(policy)})
+        return Record("tenant.policy_set", tenant_id, {"tenant_id": tenant_id, "policy": policy_to_dict(policy)})
+
+    def issue_token(
+        self, role: Role, tenant_id: str | None, description: str = "", now: float | None = None
+    ) -> tuple[str, Record]:
+        """Returns the token (shown once, never stored) and the record holding only its hash."""
+        if role is Role.TENANT:
+            if not tenant_id:
+                raise InvalidArgument("a tenant token needs a tenant id")
+            self.tenant(tenant_id)
+        elif tenant_id:
+            raise InvalidArgument("an operator token belongs to no tenant")
+        token, rec = mint_token(role, tenant_id or None, description=description, now=now)
+        return token, Record("token.issued", rec.token_id, {
+            "token_id": rec.token_id, "secret_sha256": rec.secret_sha256, "role": rec.role.value,
+            "tenant_id": rec.tenant_id, "created_at": rec.created_at, "description": rec.description})
+
+    def revoke_token(self, token_id: str, now: float | None = None) -> Record:
+        rec = self.tokens.get(token_id)
+        if rec is None:
+            raise NotFound(f"token {token_id!r} does not exist")
+        return Record("token.revoked", token_id, {
+            "token_id": token_id, "tenant_id": rec.tenant_id,
+            "revoked_at": time.time() if now is None else now})
+
+    def admit(self, demand: WorkloadDemand, gpus_per_unit: int = 1) -> tuple[Decision, Record]:
+        """Admission always produces a record: refusals are audited too."""
+        tenant = self.tenants.get(demand.tenant_id)
+        if tenant is None:
+            decision = Decision(Verdict.UNKNOWN_TENANT, (f"tenant {demand.tenant_id!r} does not exist",))
+            holding = None
+        else:
+            owner = self.workload_tenant.get(demand.workload_id)
+            if owner is not None and owner != demand.tenant_id:
+                decision = Decision(Verdict.POLICY_VIOLATION,
+                                    (f"workload id {demand.workload_id!r} belongs to another tenant",))
+                holding = None
+            else:
+                wl_policy = self.workload_policies.get(demand.workload_id)
+                if demand.policy is not None:
+                    wl_policy = demand.policy.narrowed_by(wl_policy)
+                d = WorkloadDemand(demand.workload_id, demand.tenant_id, demand.kind, demand.gpus,
+                                   demand.gpu_type, wl_policy)
+                decision, holding = admit(
+                    d, tenant.quota, tenant.policy,
+                    self.holdings.get(demand.tenant_id, {}).values(),
+                    self.pool.values() if self.pool_known else None, gpus_per_unit)
+        payload: dict[str, Any] = {
+            "workload_id": demand.workload_id, "tenant_id": demand.tenant_id, "kind": demand.kind,
+            "gpus": demand.gpus, "gpu_type": demand.gpu_type, "verdict": decision.verdict.value,
+            "reasons": list(decision.reasons),
+            "policy": policy_to_dict(demand.policy) if demand.policy is not None else None,
+        }
+        if holding is not None:
+            payload["reserved_gpus"] = holding.reserved_gpus
+            payload["reserved_cost_per_hour"] = holding.reserved_cost_per_hour
+        return decision, Record("admission", demand.workload_id, payload)
+
+    def check_placements(self, placements: list[Placement]) -> Decision:
+        """Check one workload's placements before commit (no record: the commit is recorded)."""
+        if not placements:
+            return Decision(Verdict.ADMITTED)
+        tenant_ids = {p.tenant_id for p in placements}
+        workload_ids = {p.workload_id for p in placements}
+        if len(tenant_ids) != 1 or len(workload_ids) != 1:
+            raise InvalidArgument("check placements of one workload at a time")
+        tenant_id, workload_id = tenant_ids.pop(), workload_ids.pop()
+        tenant = self.tenants.get(tenant_id)
+        if tenant is None:
+            return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {tenant_id!r} does not exist",))
+        return check_placements(
+            placements, tenant.quota, self.effective_policy(tenant_id, workload_id),
+            self.holdings.get(tenant_id, {}))
+
+    def placement_committed(self, p: Placement, at: float) -> Record:
+        return Record("placement.committed", p.unit_id, {**placement_to_dict(p), "at": at})
+
+    def placement_released(self, unit_id: str, workload_id: str, tenant_id: str, at: float, reason: str) -> Record:
+        return Record("placement.released", unit_id, {
+            "unit_id": unit_id, "workload_id": workload_id, "tenant_id": tenant_id, "at": at, "reason": reason})
+
+    def workload_ended(self, workload_id: str, tenant_id: str, at: float, reason: str) -> Record:
+        return Record("workload.ended", workload_id, {
+            "workload_id": workload_id, "tenant_id": tenant_id, "at": at, "reason": reason})
+
+    # ---- folding a ledger record into the state ----
+
+    def apply(self, kind: str, payload: Mapping[str, Any]) -> None:  # noqa: C901 - one branch per kind
+        if kind == "tenant.created":
+            tid = payload["tenant_id"]
+            self.tenants[tid] = Tenant(tid, payload.get("display_name", tid), quota_from_dict(payload.get("quota")),
+                                       policy_from_dict(payload.get("policy")), float(payload.get("created_at", 0)))
+        elif kind == "tenant.quota_set":
+            self.tenants[payload["tenant_id"]].quota = quota_from_dict(payload["quota"])
+        elif kind == "tenant.policy_set":
+            self.tenants[payload["tenant_id"]].policy = policy_from_dict(payload["policy"])
+        elif kind == "workload.policy_set":
+            self.workload_policies[payload["workload_id"]] = policy_from_dict(payload["policy"])
+            self.workload_tenant[payload["workload_id"]] = payload["tenant_id"]
+        elif kind == "token.issued":
+            rec = TokenRecord(
+                token_id=payload["token_id"], secret_sha256=payload["secret_sha256"], role=Role(payload["role"]),
+                tenant_id=payload.get("tenant_id"), created_at=float(payload["created_at"]),
+                description=payload.get("description", ""))
+            self.tokens[rec.token_id] = rec
+        elif kind == "token.revoked":
+            rec = self.tokens.get(payload["token_id"])
+            if rec is not None:
+                self.tokens[rec.token_id] = TokenRecord(
+                    rec.token_id, rec.secret_sha256, rec.role, rec.tenant_id, rec.created_at,
+                    rec.description, float(payload["revoked_at"]))
+        elif kind == "admission":
+            if payload.get("verdict") == Verdict.ADMITTED.value:
+                tid, wid = payload["tenant_id"], payload["workload_id"]
+                self.workload_tenant[wid] = tid
+                held = self.holdings.setdefault(tid, {}).setdefault(wid, Holding(wid))
+                held.reserved_gpus = {str(k): int(v) for k, v in (payload.get("reserved_gpus") or {}).items()}
+                held.reserved_cost_per_hour = float(payload.get("reserved_cost_per_hour") or 0.0)
+                if payload.get("policy"):
+                    self.workload_policies[wid] = policy_from_dict(payload["policy"]).narrowed_by(
+                        self.workload_policies.get(wid))
+        elif kind == "placement.committed":
+            p = placement_from_dict(payload)
+            self.workload_tenant.setdefault(p.workload_id, p.tenant_id)
+            held = self.holdings.setdefault(p.tenant_id, {}).setdefault(p.workload_id, Holding(p.workload_id))
+            held.placed[p.unit_id] = p
+            self.usage.start(Allocation(p.unit_id, p.workload_id, p.tenant_id, p.site_id, p.gpu_type, p.gpus,
+                                        p.price_per_gpu_hour, float(payload["at"])))
+        elif kind == "placement.released":
+            held = self.holdings.get(payload["tenant_id"], {}).get(payload["workload_id"])
+            if held is not None:
+                held.placed.pop(payload["unit_id"], None)
+            self.usage.stop(payload["unit_id"], float(payload["at"]))
+        elif kind == "workload.ended":
+            self.holdings.get(payload["tenant_id"], {}).pop(payload["workload_id"], None)
+            self.usage.stop_workload(payload["workload_id"], float(payload["at"]))
+        # Other kinds (adaptation actions, refused checks) are audit-only.
+
+    def apply_record(self, record: Record) -> None:
+        self.apply(record.kind, record.payload)
+
+    def update_pool(self, offers: Iterable[SiteOffer]) -> None:
+        self.pool = {o.site_id: o for o in offers}
+        self.pool_known = True

@@ -1,0 +1,93 @@
+"""The hash-chained ledger: building, verifying, and naming each kind of tampering."""
+
+import dataclasses
+
+from services.governance.domain.ledger import GENESIS_HASH, LedgerEntry, LedgerHead, verify_chain
+
+
+def build(n: int) -> tuple[list[LedgerEntry], LedgerHead]:
+    head = LedgerHead()
+    entries = []
+    for i in range(n):
+        e = head.next_entry("admission", "tok_x", f"w{i}", {"gpus": i, "site": "a"}, time_ns=1_000 + i)
+        head = head.after(e)
+        entries.append(e)
+    return entries, head
+
+
+def test_clean_chain_verifies_and_reports_its_head():
+    entries, head = build(50)
+    result = verify_chain(entries, head)
+    assert result.ok, result.issues
+    assert result.entries_checked == 50
+    assert result.head == head
+    assert entries[0].prev_hash == GENESIS_HASH
+    assert all(entries[i].prev_hash == entries[i - 1].hash for i in range(1, 50))
+
+
+def test_round_trip_through_json_keeps_hash():
+    entries, _ = build(3)
+    again = [LedgerEntry.from_json(e.to_json()) for e in entries]
+    assert again == entries
+    assert verify_chain(again).ok
+
+
+def test_edited_payload_is_named_changed():
+    entries, head = build(20)
+    entries[7] = dataclasses.replace(entries[7], payload_json='{"gpus":700,"site":"a"}')
+    result = verify_chain(entries, head)
+    assert result.indices("changed") == [7]
+    assert not result.indices("removed") and not result.indices("reordered")
+
+
+def test_rewritten_entry_with_fresh_hash_is_still_named_changed():
+    entries, head = build(20)
+    e = entries[5]
+    forged_payload = '{"gpus":0,"site":"b"}'
+    forged_hash = LedgerEntry.compute_hash(e.index, e.time_ns, e.kind, e.actor, e.subject, forged_payload, e.prev_hash)
+    entries[5] = dataclasses.replace(e, payload_json=forged_payload, hash=forged_hash)
+    result = verify_chain(entries, head)
+    assert result.indices("changed") == [5]
+
+
+def test_removed_entry_is_named():
+    entries, head = build(20)
+    del entries[11]
+    result = verify_chain(entries, head)
+    assert result.indices("removed") == [11]
+    assert not result.indices("changed")
+
+
+def test_removed_tail_needs_the_head_and_is_named():
+    entries, head = build(20)
+    truncated = entries[:17]
+    assert verify_chain(truncated).ok  # without the head a clean truncation is invisible
+    result = verify_chain(truncated, head)
+    assert result.indices("removed") == [17, 18, 19]
+
+
+def test_reordered_entries_are_named():
+    entries, head = build(20)
+    entries[3], entries[9] = entries[9], entries[3]
+    result = verify_chain(entries, head)
+    assert 3 in result.indices("reordered") or 9 in result.indices("reordered")
+    assert not result.indices("changed") and not result.indices("removed")
+
+
+def test_inserted_duplicate_is_named_and_chaining_one_kept():
+    entries, head = build(10)
+    forged = dataclasses.replace(entries[4], payload_json='{"evil":true}')
+    entries.append(forged)
+    result = verify_chain(entries, head)
+    assert 4 in result.indices("duplicate")
+    assert 4 in result.indices("reordered")
+    assert not result.indices("changed")
+
+
+def test_head_refuses_an_entry_that_does_not_extend_it():
+    entries, head = build(3)
+    try:
+        head.after(entries[0])
+    except ValueError:
+        return
+    raise AssertionError("head accepted an entry with the wrong index")
