@@ -1,0 +1,329 @@
+"""`Bus`: the one NATS connection of a process — reconnecting, typed publish/subscribe,
+durable JetStream consumers with idempotency and a dead-letter path, KV buckets.
+
+A handler receives a decoded `Event` and may return a protobuf message (sent as the reply of a
+request). An event that cannot be decoded (no/unknown type header, garbled bytes) or whose handler
+keeps failing is logged, counted and moved to `cnc.deadletter.<consumer>`; the consumer goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import Message
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
+
+from cncbrain import telemetry
+from cncbrain.bus import envelope, streams
+from cncbrain.bus.envelope import EnvelopeError, Event
+from cncbrain.bus.subjects import Subject, check_token, deadletter
+from cncbrain.errors import CncError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Event], Awaitable[Message | None]]
+M = TypeVar("M", bound=Message)
+
+# Bursts (a deploy storm, a snapshot fan-out) must queue, not be dropped as slow-consumer.
+PENDING_MSGS_LIMIT = 1_000_000
+PENDING_BYTES_LIMIT = 512 * 1024 * 1024
+MAX_DELIVER = 5
+RETRYABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)
+T = TypeVar("T")
+
+
+class _Seen:
+    """Bounded memory of event ids already handled by one consumer."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self.ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, event_id: str) -> bool:
+        """True when the id is new."""
+        if event_id in self.ids:
+            return False
+        self.ids[event_id] = None
+        if len(self.ids) > self.size:
+            self.ids.popitem(last=False)
+        return True
+
+
+class Bus:
+    """A process's connection to NATS. Build with `await Bus.connect(url, name)`."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, name: str) -> None:
+        self.nc = nc
+        self.js = js
+        self.name = name
+        self.counters: Counter[str] = Counter()
+        self._kv: dict[str, KeyValue] = {}
+        self._subs: list[Any] = []
+
+    # --- connection ---------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float = 10.0) -> Bus:
+        holder: dict[str, Bus] = {}
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats %s: %s", name, exc)
+
+        async def on_disconnected() -> None:
+            log.warning("%s: disconnected from NATS, reconnecting", name)
+            if "bus" in holder:
+                holder["bus"].counters["disconnects"] += 1
+
+        async def on_reconnected() -> None:
+            log.warning("%s: reconnected to NATS", name)
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=[url],
+                    name=name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=2,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                )
+                break
+            except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+                if time.monotonic() > deadline:
+                    raise CncError(f"cannot reach NATS at {url}: {exc}") from None
+                await asyncio.sleep(0.2)
+        bus = cls(nc, nc.jetstream(timeout=5.0), name)
+        holder["bus"] = bus
+        if ensure:
+            await bus.ensure_streams()
+        return bus
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) every stream and KV bucket; safe to call from every process."""
+        for spec in streams.STREAMS:
+            config = streams.stream_config(spec)
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+        for bucket in streams.BUCKETS:
+            await self.kv(bucket)
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv[bucket] = await self.js.create_key_value(
+                    api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE)
+                )
+        return self._kv[bucket]
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def retrying(self, op: Callable[[], Awaitable[T]], what: str, timeout_s: float = 30.0) -> T:
+        """Run `op` until it succeeds or `timeout_s` passes; rides out a NATS restart."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except RETRYABLE as exc:
+                if time.monotonic() > deadline:
+                    raise CncError(f"{what}: NATS unavailable for {timeout_s:.0f} s ({exc!r})") from None
+                self.counters["retries"] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    # --- publishing ---------------------------------------------------------------------------
+    async def publish(
+        self, spec: Subject, message: Message, *, event_id: str | None = None, timeout_s: float = 30.0, **params: str
+    ) -> str:
+        """Publish an event; to JetStream (acknowledged, deduplicated by event id) when the subject
+        has a stream, else core NATS. Returns the event id."""
+        if not isinstance(message, spec.message):
+            raise TypeError(f"{spec.template} carries {spec.type_id}, not {type(message).__name__}")
+        subject = spec.build(**params)
+        with telemetry.tracer("cncbrain.bus").start_as_current_span(f"send {spec.template}", kind=SpanKind.PRODUCER):
+            headers = envelope.make_headers(message, event_id)
+        data = message.SerializeToString()
+        if spec.stream:
+            await self.retrying(
+                lambda: self.js.publish(subject, data, headers=headers, stream=spec.stream, timeout=2.0),
+                f"publish {subject}",
+                timeout_s,
+            )
+        else:
+            await self.nc.publish(subject, data, headers=headers)
+        self.counters["published"] += 1
+        return headers[envelope.EVENT_ID]
+
+    async def request(self, spec: Subject, message: Message, reply_type: type[M], timeout_s: float = 2.0, **params: str) -> M:
+        subject = spec.build(**params)
+        headers = envelope.make_headers(message)
+        msg = await self.nc.request(subject, message.SerializeToString(), timeout=timeout_s, headers=headers)
+        event = envelope.decode(subject, msg.data, msg.headers, reply_type, {})
+        return event.payload  # type: ignore[return-value]
+
+    # --- consuming ----------------------------------------------------------------------------
+    async def subscribe(
+        self,
+        spec: Subject,
+        handler: Handler,
+        *,
+        consumer: str,
+        durable: bool = False,
+        replay: bool = False,
+        queue: str | None = None,
+        **params: str,
+    ) -> Any:
+        """Subscribe `handler` to `spec` (parameters not given are wildcards).
+
+        consumer: name used for the dead-letter subject, metrics and, with durable=True, the
+        JetStream durable consumer (which resumes where it stopped after a restart).
+        replay: an ephemeral ordered consumer that replays the stream from its start (watch).
+        """
+        check_token(consumer, "consumer")
+        subject = spec.wildcard(**params)
+        seen = _Seen()
+        is_js = spec.stream is not None and (durable or replay)
+
+        async def dispatch(msg: Msg) -> None:
+            self.counters[f"{consumer}.received"] += 1
+            found = spec.match(msg.subject) or {}
+            try:
+                event = envelope.decode(msg.subject, msg.data, msg.headers, spec.message, found)
+            except EnvelopeError as exc:
+                await self._dead_letter(consumer, msg, f"undecodable: {exc}")
+                if is_js and durable:
+                    await msg.ack()
+                return
+            if not seen.add(event.event_id):
+                self.counters[f"{consumer}.duplicates"] += 1
+                if is_js and durable:
+                    await msg.ack()
+                return
+            parent = telemetry.extract(event.headers)
+            try:
+                with telemetry.tracer("cncbrain.bus").start_as_current_span(
+                    f"{consumer} {spec.template}", context=parent, kind=SpanKind.CONSUMER
+                ):
+                    reply = await handler(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a handler bug must not stop the consumer
+                self.counters[f"{consumer}.handler_errors"] += 1
+                log.exception("%s: handler failed on %s (%s)", consumer, msg.subject, event.event_id)
+                seen.ids.pop(event.event_id, None)
+                if is_js and durable:
+                    delivered = msg.metadata.num_delivered if msg.metadata else MAX_DELIVER
+                    if delivered >= MAX_DELIVER:
+                        await self._dead_letter(consumer, msg, f"handler failed {delivered} times: {exc!r}")
+                        await msg.ack()
+                    else:
+                        await msg.nak(delay=0.2 * delivered)
+                return
+            if is_js and durable:
+                await msg.ack()
+            elif reply is not None and msg.reply:
+                await self.nc.publish(msg.reply, reply.SerializeToString(), headers=envelope.make_headers(reply))
+            self.counters[f"{consumer}.handled"] += 1
+
+        if is_js and durable:
+            config = api.ConsumerConfig(
+                durable_name=consumer,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_deliver=MAX_DELIVER,
+                deliver_policy=api.DeliverPolicy.ALL,
+                max_ack_pending=20_000,
+            )
+            sub = await self.js.subscribe(
+                subject,
+                durable=consumer,
+                stream=spec.stream,
+                config=config,
+                cb=dispatch,
+                manual_ack=True,
+                pending_msgs_limit=PENDING_MSGS_LIMIT,
+                pending_bytes_limit=PENDING_BYTES_LIMIT,
+            )
+        elif is_js:
+            sub = await self.js.subscribe(
+                subject,
+                stream=spec.stream,
+                cb=dispatch,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+                pending_msgs_limit=PENDING_MSGS_LIMIT,
+                pending_bytes_limit=PENDING_BYTES_LIMIT,
+            )
+        else:
+            sub = await self.nc.subscribe(
+                subject,
+                queue=queue or "",
+                cb=dispatch,
+                pending_msgs_limit=PENDING_MSGS_LIMIT,
+                pending_bytes_limit=PENDING_BYTES_LIMIT,
+            )
+        self._subs.append(sub)
+        return sub
+
+    async def delete_durable(self, spec: Subject, consumer: str) -> None:
+        """Forget a durable consumer's position (its next subscribe replays the stream)."""
+        assert spec.stream
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_consumer(spec.stream, consumer)
+
+    async def _dead_letter(self, consumer: str, msg: Msg, reason: str) -> None:
+        self.counters[f"{consumer}.dead_lettered"] += 1
+        log.error("%s: moved event on %s to dead letter: %s", consumer, msg.subject, reason)
+        headers = {k: v for k, v in (msg.headers or {}).items() if k != envelope.MSG_ID}
+        headers.update({"Cnc-Dead-Subject": msg.subject, "Cnc-Dead-Reason": reason[:500]})
+        try:
+            await self.retrying(
+                lambda: self.js.publish(deadletter(consumer), msg.data, headers=headers, timeout=2.0),
+                "dead letter",
+                timeout_s=5.0,
+            )
+        except CncError:
+            log.error("%s: dead-letter publish failed too; event dropped", consumer)

@@ -1,0 +1,130 @@
+"""The one registry of NATS subjects: every subject is built, validated and typed here.
+
+Shape: `cnc.<block>.<event>[.<key>]`, where the key is a site id or a workload id. Site agents'
+own events put the site first (`cnc.site.<site_id>.<event>`) so one wildcard follows one site.
+Each subject names its protobuf message (decoding checks the type header against it) and, when
+its events must survive restarts, the JetStream stream that stores it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from cnc.perception.v1 import perception_pb2 as perception
+from cnc.scheduler.v1 import scheduler_pb2 as scheduler
+from cnc.site.v1 import events_pb2 as site
+
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""A site id, workload id or any other token put into a subject."""
+BLOCKS = ("site", "perception", "scheduler", "adaptation", "governance", "emulator", "deadletter")
+
+
+class SubjectError(ValueError):
+    """A subject or one of its tokens is malformed."""
+
+
+def check_token(value: str, what: str = "token") -> str:
+    if not isinstance(value, str) or not TOKEN.match(value):
+        raise SubjectError(f"{what} {value!r} is not a valid subject token ([A-Za-z0-9_-], 1..64 chars)")
+    return value
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One kind of event: its subject template, payload type and (optional) stream."""
+
+    template: str
+    """e.g. `cnc.scheduler.placement.{site}`; placeholders are filled by `build`."""
+    message: type[Message]
+    """Protobuf payload; the `Cnc-Type` header carries its full name."""
+    stream: str | None = None
+    """JetStream stream that stores it; None means core NATS (fire and forget)."""
+    doc: str = ""
+    params: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)
+        object.__setattr__(self, "params", names)
+        parts = self.template.split(".")
+        if parts[0] != "cnc" or parts[1] not in BLOCKS or len(parts) < 3:
+            raise SubjectError(f"subject {self.template!r} is not cnc.<block>.<event>[.<key>]")
+
+    @property
+    def type_id(self) -> str:
+        return self.message.DESCRIPTOR.full_name
+
+    @property
+    def durable(self) -> bool:
+        return self.stream is not None
+
+    def build(self, **params: str) -> str:
+        if set(params) != set(self.params):
+            raise SubjectError(f"{self.template} needs {self.params}, got {tuple(params)}")
+        return self.template.format(**{k: check_token(v, k) for k, v in params.items()})
+
+    def wildcard(self, **params: str) -> str:
+        """Subject filter; parameters not given become `*`."""
+        return self.template.format(**{p: check_token(params[p], p) if p in params else "*" for p in self.params})
+
+    def match(self, subject: str) -> dict[str, str] | None:
+        pattern = re.escape(self.template)
+        for p in self.params:
+            pattern = pattern.replace(re.escape("{" + p + "}"), f"(?P<{p}>[A-Za-z0-9_-]+)")
+        m = re.fullmatch(pattern, subject)
+        return m.groupdict() if m else None
+
+
+# --- site agents -------------------------------------------------------------------------------
+SITE_REGISTERED = Subject("cnc.site.{site}.registered", site.SiteRegistered, "CNC_SITES", "a site and its inventory")
+SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site.Heartbeat, None, "agent liveness")
+SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site.SiteTelemetry, None, "per-tick measurements")
+SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "agent decisions to the scheduler")
+SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, "CNC_SITES", "executor result")
+# --- perception --------------------------------------------------------------------------------
+PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", perception.Snapshot, None, "the pool, every tick")
+PERCEPTION_SITE_STATE = Subject(
+    "cnc.perception.site_state.{site}", perception.SiteStateChanged, "CNC_SITES", "site down / up"
+)
+# --- scheduler ---------------------------------------------------------------------------------
+SCHEDULER_OFFER = Subject("cnc.scheduler.offer", scheduler.Offer, None, "work offered to the site agents")
+SCHEDULER_PLACEMENT = Subject(
+    "cnc.scheduler.placement.{site}", scheduler.PlacementCommitted, "CNC_PLACEMENTS", "committed placement"
+)
+SCHEDULER_WORKLOAD = Subject(
+    "cnc.scheduler.workload.{workload}", scheduler.WorkloadEvent, "CNC_WORKLOADS", "workload lifecycle"
+)
+# --- emulator (stands in for a site's hardware) ---------------------------------------------------
+EMULATOR_INVENTORY = Subject("cnc.emulator.inventory.{site}", site.EmulatorInventoryRequest, None, "request/reply")
+EMULATOR_APPLY = Subject("cnc.emulator.apply.{site}", scheduler.PlacementCommitted, None, "request/reply")
+EMULATOR_STATE = Subject("cnc.emulator.state.{site}", site.SiteTelemetry, None, "emulated site, every tick")
+EMULATOR_FAIL = Subject("cnc.emulator.fail.{site}", site.EmulatorFailSite, None, "inject a site outage")
+
+DEADLETTER_TEMPLATE = "cnc.deadletter.{consumer}"
+"""Where a consumer moves an event it cannot decode or handle (stream CNC_DEADLETTER)."""
+
+ALL: tuple[Subject, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Subject))
+BY_TYPE: dict[str, type[Message]] = {s.type_id: s.message for s in ALL}
+
+
+def deadletter(consumer: str) -> str:
+    return DEADLETTER_TEMPLATE.format(consumer=check_token(consumer, "consumer"))
+
+
+def register(subject: Subject) -> Subject:
+    """Add a subject declared by another block's module (adaptation, governance)."""
+    global ALL
+    ALL = (*ALL, subject)
+    BY_TYPE[subject.type_id] = subject.message
+    return subject
+
+
+def lookup(subject: str) -> tuple[Subject, dict[str, str]] | None:
+    for spec in ALL:
+        params = spec.match(subject)
+        if params is not None:
+            return spec, params
+    return None

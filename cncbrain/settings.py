@@ -1,0 +1,58 @@
+"""Settings shared by every process of the live brain (services, site agents, emulator).
+
+Each process has one `Settings` class deriving from `CncSettings` with its own env prefix
+(`CNC_SCHEDULER_`, `CNC_PERCEPTION_`, `CNC_AGENT_`, ...). A wrong value stops start-up with the
+field named (`load_settings` turns pydantic's error into a `CncError`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cncbrain.errors import CncError
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class CncSettings(BaseSettings):
+    """Fields every process has. Subclasses set `model_config` with their env prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="CNC_", extra="ignore")
+
+    nats_url: str = Field(DEFAULT_NATS_URL, description="NATS server URL (JetStream enabled)")
+    """Where the bus is; `cncbrain up` passes its embedded server's URL."""
+    otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where spans go")
+    """`console` prints spans to stderr; `otlp` sends them to `otlp_endpoint`."""
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector endpoint")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ServiceSettings(CncSettings):
+    """A gRPC service: where it listens and how long it drains on shutdown."""
+
+    grpc_host: str = "127.0.0.1"
+    """Interface to bind; `0.0.0.0` in containers."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """0 picks a free port (tests); `cncbrain up` uses the documented defaults."""
+    shutdown_grace_s: float = Field(2.0, ge=0)
+    """Seconds in-flight RPCs get to finish after SIGTERM."""
+    max_pending_requests: int = Field(10_000, ge=1)
+    """`grpc.server.max_pending_requests`: requests queued beyond the workers before RESOURCE_EXHAUSTED."""
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build settings from the environment plus explicit overrides; name the bad field on error."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        problems = "; ".join(
+            f"{prefix}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise CncError(f"bad settings for {cls.__name__}: {problems}") from None

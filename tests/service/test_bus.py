@@ -1,0 +1,114 @@
+"""The bus against a real nats-server: typed events, durable resume, dedup, dead letter."""
+
+import asyncio
+
+import pytest
+
+from cnc.scheduler.v1 import scheduler_pb2
+from cnc.site.v1 import events_pb2
+from cncbrain.bus import Bus, envelope, subjects
+
+
+async def wait_for(pred, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_core_publish_carries_headers_and_trace(bus):
+    got = []
+
+    async def handler(ev):
+        got.append(ev)
+
+    await bus.subscribe(subjects.SITE_HEARTBEAT, handler, consumer="t1")
+    await bus.publish(subjects.SITE_HEARTBEAT, events_pb2.Heartbeat(site_id="s1", sequence=7), site="s1")
+    await wait_for(lambda: got)
+    ev = got[0]
+    assert ev.payload.sequence == 7 and ev.params == {"site": "s1"}
+    assert ev.type_id == "cnc.site.v1.Heartbeat"
+    assert ev.traceparent.startswith("00-")
+
+
+async def test_publish_refuses_wrong_payload_type(bus):
+    with pytest.raises(TypeError):
+        await bus.publish(subjects.SITE_HEARTBEAT, scheduler_pb2.Offer(), site="s1")
+
+
+async def test_jetstream_dedups_same_event_id(bus):
+    ev = scheduler_pb2.WorkloadEvent(workload_id="w1", message="x")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="same", workload="w1")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="same", workload="w1")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="other", workload="w1")
+    info = await bus.js.stream_info("CNC_WORKLOADS")
+    assert info.state.messages == 2
+
+
+async def test_durable_consumer_resumes_without_loss_or_repeat(nats_server):
+    publisher = await Bus.connect(nats_server.url, "pub")
+    seen: list[str] = []
+
+    async def handler(ev):
+        seen.append(ev.payload.message)
+
+    consumer = await Bus.connect(nats_server.url, "c1")
+    await consumer.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="durable1", durable=True)
+    for i in range(5):
+        await publisher.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(message=str(i)), workload="w")
+    await wait_for(lambda: len(seen) == 5)
+    await consumer.close()
+    for i in range(5, 10):  # published while the consumer is away
+        await publisher.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(message=str(i)), workload="w")
+    consumer = await Bus.connect(nats_server.url, "c1")
+    await consumer.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="durable1", durable=True)
+    await wait_for(lambda: len(seen) == 10)
+    await asyncio.sleep(0.2)
+    assert seen == [str(i) for i in range(10)]
+    await consumer.close()
+    await publisher.close()
+
+
+async def test_garbled_and_unknown_events_go_to_dead_letter_and_consumer_goes_on(bus):
+    got = []
+
+    async def handler(ev):
+        got.append(ev.payload.workload_id)
+
+    dead = []
+
+    async def on_dead(msg):
+        dead.append(msg)
+
+    await bus.nc.subscribe("cnc.deadletter.dl1", cb=on_dead)
+    await bus.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="dl1", durable=True)
+    subject = subjects.SCHEDULER_WORKLOAD.build(workload="w9")
+    await bus.js.publish(subject, b"\x08\xff\xff\xff", headers={envelope.TYPE: "cnc.scheduler.v1.WorkloadEvent", envelope.EVENT_ID: "g1"})
+    await bus.js.publish(subject, b"", headers={envelope.TYPE: "cnc.nope.v9.Thing", envelope.EVENT_ID: "g2"})
+    await bus.js.publish(subject, b"no headers at all")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(workload_id="ok"), workload="w9")
+    await wait_for(lambda: got == ["ok"] and len(dead) == 3)
+    assert bus.counters["dl1.dead_lettered"] == 3
+    assert all(m.headers["Cnc-Dead-Subject"] == subject for m in dead)
+    info = await bus.js.stream_info("CNC_DEADLETTER")
+    assert info.state.messages == 3
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(bus):
+    calls = []
+
+    async def handler(ev):
+        calls.append(ev.event_id)
+        raise RuntimeError("boom")
+
+    await bus.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="fail1", durable=True)
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(), workload="w")
+    await wait_for(lambda: bus.counters["fail1.dead_lettered"] == 1, timeout=10)
+    assert len(calls) == 5
+
+
+async def test_kv_bucket_exists_after_connect(bus):
+    kv = await bus.kv("cnc-workloads")
+    await kv.put("k", b"v")
+    assert (await kv.get("k")).value == b"v"
