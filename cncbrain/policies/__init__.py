@@ -1,0 +1,28 @@
+"""Scheduling policies behind one interface (`cncbrain.twin.view`): the baselines, and the learned
+MARL policy from `agents` (`marl` loads the shipped policy, `marl:PATH` another one)."""
+
+from __future__ import annotations
+
+from cncbrain.errors import CncError
+from cncbrain.policies.baselines import BASELINES, Policy
+
+
+def known_policies() -> list[str]:
+    return [*BASELINES, "marl", "oracle"]
+
+
+def make_policy(name: str) -> Policy:
+    """A policy by name: a baseline, `marl` or `marl:PATH`. (`oracle` is not a policy that acts;
+    `cncbrain.oracle` computes it.)"""
+    if name in BASELINES:
+        return BASELINES[name]()
+    if name == "marl" or name.startswith("marl:"):
+        try:
+            from agents.runtime import MarlPolicy
+        except ImportError as exc:
+            raise CncError(f"policy {name!r} is not available: {exc}") from None
+        return MarlPolicy(name.partition(":")[2] or None)
+    raise CncError(f"unknown policy {name!r}; known: {', '.join(known_policies())}")
+
+
+__all__ = ["BASELINES", "Policy", "known_policies", "make_policy"]

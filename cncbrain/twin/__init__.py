@@ -1,0 +1,23 @@
+"""The digital twin of a CNC pool: cost model (`physics`), networks (`topology`), workload traces
+(`traces`), the pool of a scenario (`pool`), the policy interface (`view`) and the simulator
+(`sim.Twin`). Names are imported lazily so that `cncbrain.scenario` can use `physics` without a
+cycle."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "Twin": "cncbrain.twin.sim",
+    "TickReport": "cncbrain.twin.sim",
+    "Actions": "cncbrain.twin.view",
+    "JobOffer": "cncbrain.twin.view",
+    "PoolView": "cncbrain.twin.view",
+    "ServiceInfo": "cncbrain.twin.view",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(name)
