@@ -308,6 +308,12 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def unsubscribe(self, sub: Any) -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+
     async def delete_durable(self, spec: Subject, consumer: str) -> None:
         """Forget a durable consumer's position (its next subscribe replays the stream)."""
         assert spec.stream

@@ -1,0 +1,96 @@
+"""Perception's NATS side: consumes site registrations (durable), heartbeats and telemetry (core),
+publishes site state changes (JetStream) and a snapshot every tick (core); keeps registered sites
+in the `cnc-sites` KV bucket so a restart remembers them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from cnc.common.v1 import common_pb2
+from cnc.perception.v1 import perception_pb2
+from cncbrain.bus import KV_SITES, Bus, Event, subjects
+from services.perception.domain import PoolPicture, StateChange
+
+log = logging.getLogger(__name__)
+
+
+class PerceptionEvents:
+    def __init__(self, bus: Bus, picture: PoolPicture, tick_s: float) -> None:
+        self.bus = bus
+        self.picture = picture
+        self.tick_s = tick_s
+        self.watchers: set[asyncio.Queue[perception_pb2.Snapshot]] = set()
+        self.latest = perception_pb2.Snapshot()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        kv = await self.bus.kv(KV_SITES)
+        now = time.time()
+        with contextlib.suppress(Exception):  # an empty bucket raises NoKeysError
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                if entry.value:
+                    self.picture.restore(common_pb2.Site.FromString(entry.value), now)
+        await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
+        await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
+        await self.bus.subscribe(subjects.SITE_TELEMETRY, self.on_telemetry, consumer="perception-telemetry")
+        self._task = asyncio.create_task(self._ticker(), name="perception-tick")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def on_registered(self, event: Event) -> None:
+        site = event.payload.site
+        kv = await self.bus.kv(KV_SITES)
+        await self.bus.retrying(lambda: kv.put(site.site_id, site.SerializeToString()), "store site")
+        change = self.picture.register(site, time.time())
+        log.info("site %s registered (%d GPU pools)", site.site_id, len(site.gpu_pools))
+        if change:
+            await self.publish_change(change)
+
+    async def on_heartbeat(self, event: Event) -> None:
+        change = self.picture.heartbeat(event.params["site"], time.time())
+        if change:
+            await self.publish_change(change)
+
+    async def on_telemetry(self, event: Event) -> None:
+        if event.payload.site_id != event.params["site"]:
+            raise ValueError(f"telemetry for {event.payload.site_id} on {event.subject}")
+        self.picture.telemetry(event.payload)
+
+    async def publish_change(self, change: StateChange) -> None:
+        msg = perception_pb2.SiteStateChanged(site_id=change.site_id, state=change.state, reason=change.reason)
+        msg.changed_at.GetCurrentTime()
+        log.warning("site %s is %s: %s", change.site_id, common_pb2.SiteState.Name(change.state), change.reason)
+        await self.bus.publish(subjects.PERCEPTION_SITE_STATE, msg, site=change.site_id)
+
+    async def tick_once(self) -> perception_pb2.Snapshot:
+        now = time.time()
+        for change in self.picture.check(now):
+            await self.publish_change(change)
+        snap = self.picture.tick(now)
+        self.latest = snap
+        await self.bus.publish(subjects.PERCEPTION_SNAPSHOT, snap)
+        for q in list(self.watchers):
+            if q.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()  # a slow watcher gets the newest snapshots, not a backlog
+            q.put_nowait(snap)
+        return snap
+
+    async def _ticker(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep ticking through a NATS outage
+                log.exception("perception tick failed")
+            await asyncio.sleep(max(0.0, self.tick_s - (time.monotonic() - started)))

@@ -1,0 +1,65 @@
+"""Perception server: gRPC (PerceptionService + health + reflection), NATS, tick loop, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+from cncbrain import telemetry
+from cncbrain.bus import Bus
+from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from services.perception.domain import PoolPicture
+from services.perception.events import PerceptionEvents
+from services.perception.rpc import PerceptionServicer
+from services.perception.settings import Settings
+
+log = logging.getLogger("perception")
+SERVICE_NAME = perception_pb2.DESCRIPTOR.services_by_name["PerceptionService"].full_name
+
+
+class PerceptionServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.picture = PoolPicture(settings.heartbeat_timeout_s, settings.forecast_alpha, settings.forecast_beta)
+        self.bus: Bus | None = None
+        self.events: PerceptionEvents | None = None
+        self.grpc: GrpcServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.grpc
+        return self.grpc.port
+
+    async def start(self) -> PerceptionServer:
+        self.bus = await Bus.connect(self.settings.nats_url, "perception")
+        self.events = PerceptionEvents(self.bus, self.picture, self.settings.tick_s)
+        await self.events.start()
+        servicer = PerceptionServicer(self.picture, self.events)
+        self.grpc = await start_grpc_server(
+            self.settings,
+            lambda server: perception_pb2_grpc.add_PerceptionServiceServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+        )
+        log.info("perception serving gRPC on %s:%d, NATS %s", self.settings.grpc_host, self.port, self.settings.nats_url)
+        return self
+
+    async def stop(self) -> None:
+        if self.grpc:
+            await self.grpc.stop(self.settings.shutdown_grace_s)
+        if self.events:
+            await self.events.stop()
+        if self.bus:
+            await self.bus.close()
+        log.info("perception stopped")
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    telemetry.setup("perception", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    stop = stop or stop_event_on_signals()
+    server = await PerceptionServer(settings).start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0

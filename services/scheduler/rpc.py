@@ -1,0 +1,108 @@
+"""SchedulerService: translates tenant requests to the coordinator and domain (proto ⇄ domain),
+and domain errors to canonical status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.bus import Event, subjects
+from services.scheduler import domain
+from services.scheduler.events import Coordinator
+
+TERMINAL_EVENTS = (
+    pb.WORKLOAD_EVENT_KIND_COMPLETED,
+    pb.WORKLOAD_EVENT_KIND_FAILED,
+    pb.WORKLOAD_EVENT_KIND_CANCELLED,
+)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.co = coordinator
+
+    async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
+        if request_id and not domain.TOKEN.match(request_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: 1..64 characters of [A-Za-z0-9_-]")
+        try:
+            w = domain.new_workload(spec, request_id, time.time_ns())
+            need = domain.need_of(w)
+            total = self.co.ledger.total(need.allowed_gpu_types)
+            if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types",
+                )
+            return await self.co.accept(w)
+        except domain.SpecError as exc:
+            code = grpc.StatusCode.FAILED_PRECONDITION if exc.field == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        raise AssertionError("unreachable")
+
+    async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
+        if not request.HasField("job"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job: required")
+        return pb.SubmitTrainingJobResponse(workload=await self._accept(request.job, request.request_id, context))
+
+    async def DeployInferenceService(
+        self, request: pb.DeployInferenceServiceRequest, context
+    ) -> pb.DeployInferenceServiceResponse:
+        if not request.HasField("service"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service: required")
+        return pb.DeployInferenceServiceResponse(
+            workload=await self._accept(request.service, request.request_id, context)
+        )
+
+    async def _find(self, workload_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
+        if not workload_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+        w = self.co.store.get(workload_id)
+        if w is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {workload_id!r}")
+        return w
+
+    async def GetWorkload(self, request: pb.GetWorkloadRequest, context) -> pb.GetWorkloadResponse:
+        return pb.GetWorkloadResponse(workload=await self._find(request.workload_id, context))
+
+    async def ListWorkloads(self, request: pb.ListWorkloadsRequest, context) -> pb.ListWorkloadsResponse:
+        if request.state not in pb.WorkloadState.values():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"state: unknown value {request.state}")
+        items = [
+            w for w in self.co.store.records.values()
+            if request.state in (pb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
+        ]
+        items.sort(key=lambda w: w.created_at.ToNanoseconds(), reverse=True)
+        return pb.ListWorkloadsResponse(workloads=items)
+
+    async def CancelWorkload(self, request: pb.CancelWorkloadRequest, context) -> pb.CancelWorkloadResponse:
+        await self._find(request.workload_id, context)
+        try:
+            w = await self.co.cancel(request.workload_id)
+        except domain.ScaleRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.CancelWorkloadResponse(workload=w)
+
+    async def WatchWorkload(self, request: pb.WatchWorkloadRequest, context) -> AsyncIterator[pb.WatchWorkloadResponse]:
+        await self._find(request.workload_id, context)
+        queue: asyncio.Queue[pb.WorkloadEvent] = asyncio.Queue()
+
+        async def on_event(event: Event) -> None:
+            queue.put_nowait(event.payload)
+
+        sub = await self.co.bus.subscribe(
+            subjects.SCHEDULER_WORKLOAD, on_event, consumer="scheduler-watch", replay=True,
+            workload=request.workload_id,
+        )
+        try:
+            while True:
+                ev = await queue.get()
+                yield pb.WatchWorkloadResponse(event=ev)
+                if ev.kind in TERMINAL_EVENTS:
+                    return
+        finally:
+            await self.co.bus.unsubscribe(sub)

@@ -1,0 +1,63 @@
+"""Scheduler server: gRPC (SchedulerService + health + reflection), NATS coordinator, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from cncbrain import telemetry
+from cncbrain.bus import Bus
+from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from services.scheduler.events import Coordinator
+from services.scheduler.rpc import SchedulerServicer
+from services.scheduler.settings import Settings
+
+log = logging.getLogger("scheduler")
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+class SchedulerServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus: Bus | None = None
+        self.coordinator: Coordinator | None = None
+        self.grpc: GrpcServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.grpc
+        return self.grpc.port
+
+    async def start(self) -> SchedulerServer:
+        self.bus = await Bus.connect(self.settings.nats_url, "scheduler")
+        self.coordinator = Coordinator(self.bus, self.settings)
+        await self.coordinator.start()
+        servicer = SchedulerServicer(self.coordinator)
+        self.grpc = await start_grpc_server(
+            self.settings,
+            lambda server: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server),
+            [SERVICE_NAME],
+        )
+        log.info("scheduler serving gRPC on %s:%d, NATS %s", self.settings.grpc_host, self.port, self.settings.nats_url)
+        return self
+
+    async def stop(self) -> None:
+        if self.grpc:
+            await self.grpc.stop(self.settings.shutdown_grace_s)
+        if self.coordinator:
+            await self.coordinator.stop()
+        if self.bus:
+            await self.bus.close()
+        log.info("scheduler stopped")
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    telemetry.setup("scheduler", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    stop = stop or stop_event_on_signals()
+    server = await SchedulerServer(settings).start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0

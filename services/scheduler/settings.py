@@ -1,0 +1,24 @@
+"""Scheduler's settings (env prefix CNC_SCHEDULER_)."""
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from cncbrain.settings import ServiceSettings
+
+DEFAULT_PORT = 50062
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CNC_SCHEDULER_", extra="ignore")
+
+    grpc_port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    offer_timeout_s: float = Field(0.25, gt=0)
+    """How long an offer waits for the up sites' answers before arbitrating what it has."""
+    retry_interval_s: float = Field(0.5, gt=0)
+    """Pause before re-offering a workload that did not fit."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """An inference service not placed within this fails."""
+    default_gang_timeout_s: float = Field(30.0, gt=0)
+    """A training job's gang timeout when its spec leaves it at 0."""
+    republish_window_s: float = Field(600.0, ge=0)
+    """After a restart, placements committed within this window are published again (deduplicated)."""

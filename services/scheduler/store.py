@@ -1,0 +1,74 @@
+"""The state of record: one `Workload` per key in the `cnc-workloads` KV bucket, written with
+compare-and-set on the revision so two writers can never both win."""
+
+from __future__ import annotations
+
+import contextlib
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cncbrain.bus import KV_WORKLOADS, Bus
+
+
+class Conflict(Exception):
+    """The record changed since it was read (or already exists on create)."""
+
+
+class WorkloadStore:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.kv: KeyValue | None = None
+        self.records: dict[str, pb.Workload] = {}
+        self.revisions: dict[str, int] = {}
+
+    async def open(self) -> list[pb.Workload]:
+        self.kv = await self.bus.kv(KV_WORKLOADS)
+        keys: list[str] = []
+        with contextlib.suppress(nats.js.errors.NoKeysError):
+            keys = await self.kv.keys()
+        for key in keys:
+            entry = await self.kv.get(key)
+            if entry.value:
+                self.records[key] = pb.Workload.FromString(entry.value)
+                self.revisions[key] = entry.revision or 0
+        return list(self.records.values())
+
+    def get(self, workload_id: str) -> pb.Workload | None:
+        return self.records.get(workload_id)
+
+    async def create(self, w: pb.Workload) -> None:
+        assert self.kv
+        kv = self.kv
+        try:
+            rev = await self.bus.retrying(lambda: kv.create(w.workload_id, w.SerializeToString()), "store workload")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(w.workload_id) from None
+        self.records[w.workload_id] = w
+        self.revisions[w.workload_id] = rev
+
+    async def refresh(self, workload_id: str) -> pb.Workload | None:
+        assert self.kv
+        try:
+            entry = await self.kv.get(workload_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        w = pb.Workload.FromString(entry.value or b"")
+        self.records[workload_id] = w
+        self.revisions[workload_id] = entry.revision or 0
+        return w
+
+    async def update(self, w: pb.Workload) -> None:
+        """Write `w` if nobody wrote since our last read; raise Conflict otherwise."""
+        assert self.kv
+        kv = self.kv
+        last = self.revisions.get(w.workload_id, 0)
+        try:
+            rev = await self.bus.retrying(
+                lambda: kv.update(w.workload_id, w.SerializeToString(), last=last), "store workload"
+            )
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise Conflict(w.workload_id) from None
+        self.records[w.workload_id] = w
+        self.revisions[w.workload_id] = rev

@@ -1,0 +1,186 @@
+"""SchedulerService against a real nats-server and a real gRPC server; the site agents are played
+by the test (answering offers on the bus) so every arbitration outcome can be forced."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain.bus import subjects
+from services.scheduler.server import SchedulerServer
+from services.scheduler.settings import Settings
+
+
+def service_spec(**kw):
+    base = dict(name="chat", model="llama-8b", params_b=8, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
+                expected_rate_rps=5, min_replicas=2, max_replicas=6, gpus_per_replica=1)
+    base.update(kw)
+    return common.InferenceServiceSpec(**base)
+
+
+def snapshot(sites):
+    snap = perception_pb2.Snapshot(sequence=1)
+    for sid, n in sites.items():
+        snap.sites.append(perception_pb2.SiteStatus(
+            site=common.Site(site_id=sid, gpu_pools=[common.GpuPool(gpu_type="H100", count=n, hbm_gb=80)]),
+            state=common.SITE_STATE_UP))
+    return snap
+
+
+class FakeAgents:
+    """Answers every offer from each site with `units[site]` at `cost[site]`."""
+
+    def __init__(self, bus, units, cost):
+        self.bus, self.units, self.cost = bus, units, cost
+        self.offers = []
+
+    async def start(self):
+        await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_offer, consumer="fake-agents")
+
+    async def on_offer(self, ev):
+        self.offers.append(ev.payload)
+        for sid in self.units:
+            await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
+                proposal_id=f"{ev.payload.offer_id}-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
+                offer_id=ev.payload.offer_id, workload_id=ev.payload.workload_id,
+                units=min(self.units[sid], ev.payload.units), gpu_type="H100", cost=self.cost[sid]), site=sid)
+
+
+@pytest.fixture
+async def scheduler(nats_server, bus):
+    server = await SchedulerServer(Settings(nats_url=nats_server.url, grpc_port=0, offer_timeout_s=0.5,
+                                            retry_interval_s=0.1, default_gang_timeout_s=1.5)).start()
+    await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot({"a": 4, "b": 4, "c": 2}))
+    await asyncio.wait_for(server.coordinator.sites_known.wait(), 5)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    yield server, scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    await channel.close()
+    await server.stop()
+
+
+async def placements_of(bus, wid, count, timeout=5.0):
+    got = []
+    done = asyncio.Event()
+
+    async def on(ev):
+        if ev.payload.placement.workload_id == wid:
+            got.append(ev.payload)
+            if len(got) >= count:
+                done.set()
+
+    sub = await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on, consumer="test-placements", replay=True)
+    await asyncio.wait_for(done.wait(), timeout)
+    await bus.unsubscribe(sub)
+    return got
+
+
+async def test_deploy_places_cheapest_sites_first_and_publishes_per_site(scheduler, bus):
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 3.0, "b": 1.0, "c": 2.0}).start()
+    resp = await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    wid = resp.workload.workload_id
+    assert resp.workload.state == pb.WORKLOAD_STATE_PENDING and wid.startswith("svc-")
+    got = await placements_of(bus, wid, 2)
+    by_site = {m.placement.site_id: m.placement.replicas for m in got}
+    assert by_site == {"b": 4, "c": 1}
+    assert all(m.inference_service.model == "llama-8b" for m in got)
+    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+    assert w.state == pb.WORKLOAD_STATE_PLACED and w.generation == 1
+
+
+async def test_training_gang_is_all_or_none_then_fails_after_timeout(scheduler, bus):
+    server, stub = scheduler
+    agents = FakeAgents(bus, {"a": 2, "b": 1}, {"a": 1.0, "b": 1.0})  # 3 of the 4 shards on offer
+    await agents.start()
+    job = common.TrainingJobSpec(name="pretrain", model="gpt-7b", params_b=1, shards=4, gpus_per_shard=1, tokens=1e9)
+    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    events = [r.event async for r in stub.WatchWorkload(pb.WatchWorkloadRequest(workload_id=wid))]
+    assert [e.kind for e in events] == [pb.WORKLOAD_EVENT_KIND_ACCEPTED, pb.WORKLOAD_EVENT_KIND_FAILED]
+    assert "could not place 4×1 GPUs" in events[-1].message
+    assert len(agents.offers) >= 2  # re-offered while waiting
+    assert server.coordinator.ledger.used["a"]["H100"] == 0  # nothing held by the failed gang
+
+
+async def test_training_gang_placed_across_sites_with_shard_indices(scheduler, bus):
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 2, "b": 2, "c": 2}, {"a": 1.0, "b": 2.0, "c": 3.0}).start()
+    job = common.TrainingJobSpec(name="ft", model="m", params_b=1, shards=3, gpus_per_shard=2, tokens=1e9)
+    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    got = await placements_of(bus, wid, 2)
+    shards = sorted(i for m in got for i in m.placement.shard_indices)
+    assert shards == [0, 1, 2]
+    assert {m.placement.site_id for m in got} == {"a", "b"}  # a has room for 2 shards of 2 GPUs
+
+
+@pytest.mark.parametrize("field,value,code", [
+    ("min_replicas", 0, grpc.StatusCode.INVALID_ARGUMENT),
+    ("name", "bad name!", grpc.StatusCode.INVALID_ARGUMENT),
+    ("gpus_per_replica", 0, grpc.StatusCode.INVALID_ARGUMENT),
+    ("max_replicas", 1000, grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+async def test_bad_specs_get_the_right_status_naming_the_field(scheduler, field, value, code):
+    _, stub = scheduler
+    spec = service_spec(**{field: value})
+    if field == "max_replicas":
+        spec.min_replicas = 1000
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec))
+    assert err.value.code() == code
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert field in err.value.details()
+
+
+async def test_unknown_ids_and_double_cancel(scheduler, bus):
+    _, stub = scheduler
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetWorkload(pb.GetWorkloadRequest(workload_id="svc-nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id="svc-nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
+    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    await placements_of(bus, wid, 1)
+    w = (await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))).workload
+    assert w.state == pb.WORKLOAD_STATE_CANCELLED
+    zero = await placements_of(bus, wid, 2)
+    assert zero[-1].placement.replicas == 0 and zero[-1].placement.generation == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_request_id_makes_deploy_idempotent(scheduler, bus):
+    _, stub = scheduler
+    req = pb.DeployInferenceServiceRequest(service=service_spec(), request_id="tenant-req-1")
+    first = (await stub.DeployInferenceService(req)).workload
+    second = (await stub.DeployInferenceService(req)).workload
+    assert first.workload_id == second.workload_id
+    listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest())).workloads
+    assert [w.workload_id for w in listed] == [first.workload_id]
+    other = pb.DeployInferenceServiceRequest(service=service_spec(model="other"), request_id="tenant-req-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DeployInferenceService(other)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_scale_proposal_within_bounds_and_capacity(scheduler, bus):
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
+    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    await placements_of(bus, wid, 1)
+    for sid, want in (("b", 9), ("c", 1)):  # b: capped by max_replicas 6 → 4 there
+        await bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
+            proposal_id=f"p-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_SCALE, workload_id=wid,
+            units=want, gpu_type="H100"), site=sid)
+    got = await placements_of(bus, wid, 2)
+    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+    per_site = {p.site_id: p.replicas for p in w.placements}
+    assert sum(per_site.values()) <= 6
+    assert per_site["a"] == 2 and per_site["b"] == 4
+    assert got[-1].placement.site_id == "b"
