@@ -1,0 +1,1 @@
+"""Generated from proto/ by `python -m cncbrain.protogen`; do not edit."""
