@@ -119,15 +119,16 @@ class Twin:
         self.starting: list[tuple[float, int, int, int]] = []  # (ready_at, site, service, type)
         self.overflow = np.full((self.S, 0), -1, dtype=np.int64)
         self.backlog = np.zeros((self.S, 0))  # replica-seconds of queued work
+        self.shard_gpus_used = np.zeros((self.S, self.G), dtype=np.int64)
         for spec in scenario.inference:
             self.add_service(spec)
+            self._warm_start(self.service_index[spec.name])
         # training
         self.jobs: list[_Job] = []
         self.job_index: dict[str, int] = {}
         jobs = self._scenario_jobs()
         for j in jobs:
             self.submit_job(j)
-        self.shard_gpus_used = np.zeros((self.S, self.G), dtype=np.int64)
         # accounting
         self._ttft: list[np.ndarray] = []
         self._tpot: list[np.ndarray] = []
@@ -205,6 +206,25 @@ class Twin:
         self.overflow = np.concatenate([self.overflow, np.full((self.S, 1), -1, np.int64)], axis=1)
         self.backlog = np.concatenate([self.backlog, np.zeros((self.S, 1))], axis=1)
         return k
+
+    def _warm_start(self, k: int) -> None:
+        """A scenario's services begin with their min_replicas serving, at the most populous sites
+        with room (the pool was running before the episode starts)."""
+        order = np.argsort(-self.pool.population, kind="stable")
+        placed = 0
+        while placed < self.services[k].spec.min_replicas:
+            progress = False
+            for s in order:
+                free = self.free_gpus()
+                g = self._best_type(k, free[s])
+                if g >= 0:
+                    self.ready[s, k, g] += 1
+                    placed += 1
+                    progress = True
+                    if placed == self.services[k].spec.min_replicas:
+                        break
+            if not progress:
+                break
 
     def remove_service(self, name: str) -> None:
         k = self.service_index[name]

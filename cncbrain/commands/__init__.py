@@ -1,0 +1,1 @@
+"""One module per `cncbrain` subcommand (see `cncbrain.cli`)."""
