@@ -124,7 +124,7 @@ class Workload(_message.Message):
     def inference_service(self) -> _common_pb2.InferenceServiceSpec: ...
     @_builtins.property
     def placements(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Placement]:
-        """Committed placements of the current generation (sites with zero units are left out)."""
+        """Committed placements, one per site; an entry with zero units tells its site to stop its share."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...

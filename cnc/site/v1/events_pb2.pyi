@@ -118,6 +118,7 @@ class ServiceLoad(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     REQUESTS_OK_FIELD_NUMBER: _builtins.int
     TTFT_MS_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     replicas: _builtins.int
     request_rate_rps: _builtins.float
@@ -130,6 +131,8 @@ class ServiceLoad(_message.Message):
     """Requests that met both SLOs during the tick."""
     ttft_ms: _builtins.float
     """Mean time to first token, milliseconds."""
+    utilization: _builtins.float
+    """Utilisation of the site's replicas of the service (0..1, above 1 when overloaded)."""
     def __init__(
         self,
         *,
@@ -140,10 +143,11 @@ class ServiceLoad(_message.Message):
         requests: _builtins.float = ...,
         requests_ok: _builtins.float = ...,
         ttft_ms: _builtins.float = ...,
+        utilization: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "request_rate_rps", b"request_rate_rps", "requests", b"requests", "requests_ok", b"requests_ok", "slo_attainment", b"slo_attainment", "ttft_ms", b"ttft_ms", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "request_rate_rps", b"request_rate_rps", "requests", b"requests", "requests_ok", b"requests_ok", "slo_attainment", b"slo_attainment", "ttft_ms", b"ttft_ms", "utilization", b"utilization", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
