@@ -45,10 +45,16 @@ async def start_grpc_server(
     settings: ServiceSettings,
     register: Callable[[grpc.aio.Server], None],
     service_names: Iterable[str],
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
-    """Build, bind and start the server; `register` adds the block's servicer."""
+    """Build, bind and start the server; `register` adds the block's servicer.
+
+    interceptors: run after tracing, e.g. `cncbrain.auth.AuthInterceptor` (see cncbrain/auth.py).
+    credentials: TLS server credentials (`cncbrain.certs.server_credentials`); None: plaintext.
+    """
     server = grpc.aio.server(
-        interceptors=[telemetry.TracingServerInterceptor()],
+        interceptors=[telemetry.TracingServerInterceptor(), *interceptors],
         options=[
             ("grpc.max_pending_requests", settings.max_pending_requests),
             ("grpc.so_reuseport", 0),
@@ -62,7 +68,7 @@ async def start_grpc_server(
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise CncError(f"cannot listen on {address}: port in use or address unavailable ({exc})") from None
     if port == 0:
