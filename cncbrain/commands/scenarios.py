@@ -19,9 +19,9 @@ def run(args) -> int:
         table.add_column(col)
     for name, path in builtin_scenarios().items():
         sc = load_scenario(name)
-        from cncbrain.twin.pool import build_pool  # noqa: PLC0415 - reads GraphML; only for the listing
-
         import numpy as np
+
+        from cncbrain.twin.pool import build_pool  # noqa: PLC0415 - reads GraphML; only for the listing
 
         pool = build_pool(sc, np.random.default_rng(sc.seed))
         table.add_row(name, sc.topology.graphml, str(pool.net.size), ", ".join(s.name for s in sc.inference),

@@ -261,7 +261,9 @@ class RayServePolicy(LeastLoadedPolicy):
                 self.up_since.pop(k, None)
                 self.down_since.pop(k, None)
             target = self.target.get(k, max(desired, svc.min_replicas) if cur == 0 else cur)
-            want[k] = target * svc.mu[best]
+            # replicas → capacity, at the mean capacity of the replicas the service has now
+            per = view.capacity_rps[:, k].sum() / cur if cur else svc.mu[best]
+            want[k] = target * per
         return want
 
     def may_scale_down(self, view, k):

@@ -1,0 +1,54 @@
+"""`cncbrain eval`, `scenarios` and `bench twin` as a user runs them (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+
+from cncbrain.evaluate import METRICS
+
+
+def cnc(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_eval_writes_table_json_and_plot(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    r = cnc("eval", "--scenario", "abilene", "--policy", "greedy,kpa,oracle", "--seeds", "2", "--hours", "0.2",
+            "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "greedy" in r.stdout and "slo_attainment" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["scenario"] == "abilene"
+    assert set(data["policies"]) == {"greedy", "kpa", "oracle"}
+    for name, entry in data["policies"].items():
+        assert set(entry) == {*METRICS, "per_seed"}
+        assert [s["seed"] for s in entry["per_seed"]] == [0, 1]
+    assert data["policies"]["oracle"]["score"] >= data["policies"]["kpa"]["score"]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_unknown_policy_fails_with_the_list():
+    r = cnc("eval", "--policy", "greedy,telepathy", "--hours", "0.1", "--seeds", "1")
+    assert r.returncode != 0
+    assert "unknown policy 'telepathy'" in r.stderr and "least-loaded" in r.stderr
+
+
+def test_eval_bad_scenario_file_names_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntopology: {graphml: Abilene.graphml}\ntick_s: -5\n")
+    r = cnc("eval", "--scenario", str(bad), "--seeds", "1")
+    assert r.returncode != 0
+    assert str(bad) in r.stderr and "tick_s" in r.stderr
+
+
+def test_scenarios_lists_the_builtins():
+    r = cnc("scenarios")
+    assert r.returncode == 0
+    assert "abilene" in r.stdout and "geant" in r.stdout and ".yaml" in r.stdout
+
+
+def test_bench_twin_prints_speed():
+    r = cnc("bench", "twin", "--scenario", "abilene", "--hours", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "abilene" in r.stdout and "×" in r.stdout
