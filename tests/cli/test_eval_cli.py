@@ -21,7 +21,7 @@ def test_eval_writes_table_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert data["scenario"] == "abilene"
     assert set(data["policies"]) == {"greedy", "kpa", "oracle"}
-    for name, entry in data["policies"].items():
+    for entry in data["policies"].values():
         assert set(entry) == {*METRICS, "per_seed"}
         assert [s["seed"] for s in entry["per_seed"]] == [0, 1]
     assert data["policies"]["oracle"]["score"] >= data["policies"]["kpa"]["score"]
