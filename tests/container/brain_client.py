@@ -1,0 +1,99 @@
+"""What the container tests do to a running brain from the host, through its published ports only:
+deploy and submit over gRPC, read placement events from NATS, ask the NATS monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+
+import grpc
+import nats
+from nats.js import api
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+PLACEMENTS = "cnc.scheduler.placement.>"
+
+
+def inference_service(name: str = "chat") -> common.InferenceServiceSpec:
+    return common.InferenceServiceSpec(
+        name=name, model="llama-8b", params_b=8, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
+        expected_rate_rps=5, min_replicas=1, max_replicas=4, gpus_per_replica=1,
+    )
+
+
+def training_job(name: str = "pretrain") -> common.TrainingJobSpec:
+    return common.TrainingJobSpec(name=name, model="gpt-7b", params_b=7, shards=2, gpus_per_shard=1, tokens=1e9)
+
+
+async def deploy(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
+    """Deploy an inference service; the request id makes a retried call harmless."""
+    request = pb.DeployInferenceServiceRequest(service=inference_service(name), request_id=uuid.uuid4().hex)
+    reply = await stub.DeployInferenceService(request, timeout=timeout_s)
+    return reply.workload.workload_id
+
+
+async def submit(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
+    request = pb.SubmitTrainingJobRequest(job=training_job(name), request_id=uuid.uuid4().hex)
+    reply = await stub.SubmitTrainingJob(request, timeout=timeout_s)
+    return reply.workload.workload_id
+
+
+class PlacementWatch:
+    """Every committed placement on the bus, from the stream's start (so none is missed)."""
+
+    def __init__(self) -> None:
+        self.by_workload: dict[str, list[pb.PlacementCommitted]] = {}
+        self._nc: nats.NATS | None = None
+
+    async def start(self, servers: list[str]) -> PlacementWatch:
+        self._nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        js = self._nc.jetstream()
+        await js.subscribe(PLACEMENTS, cb=self._on_msg, ordered_consumer=True,
+                           config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))
+        return self
+
+    async def _on_msg(self, msg) -> None:
+        event = pb.PlacementCommitted.FromString(msg.data)
+        self.by_workload.setdefault(event.placement.workload_id, []).append(event)
+
+    async def wait_for(self, workload_ids: set[str], timeout_s: float = 60) -> dict[str, list[pb.PlacementCommitted]]:
+        deadline = time.monotonic() + timeout_s
+        while not workload_ids <= self.by_workload.keys():
+            if time.monotonic() > deadline:
+                missing = sorted(workload_ids - self.by_workload.keys())
+                raise AssertionError(f"no placement event within {timeout_s:.0f} s for {missing}")
+            await asyncio.sleep(0.2)
+        return {w: self.by_workload[w] for w in workload_ids}
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+
+async def wait_state(stub: pb_grpc.SchedulerServiceStub, workload_id: str, states: set[int],
+                     timeout_s: float = 60) -> pb.Workload:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workload = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=workload_id), timeout=5)).workload
+        if workload.state in states:
+            return workload
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{workload_id} is {pb.WorkloadState.Name(workload.state)} after {timeout_s:.0f} s: {workload.message}"
+            )
+        await asyncio.sleep(0.2)
+
+
+def monitor(url: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{url}{path}", timeout=3) as reply:
+        return json.loads(reply.read())
+
+
+def scheduler_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target)

@@ -1,0 +1,210 @@
+"""Drive a compose stack of deploy/ with podman-compose: build the image, bring a project up on free
+loopback ports, wait for its health checks, stop and start single containers, tear it down and
+check that nothing of it is left.
+
+Each `Stack` has its own compose project name and host ports, so runs on one machine do not collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SETUP = DEPLOY / "podman" / "setup.sh"
+BUILD = DEPLOY / "podman" / "build-image.sh"
+HEALTHY = DEPLOY / "podman" / "healthy.sh"
+COMPOSE = DEPLOY / "docker-compose.yml"
+CLUSTER = DEPLOY / "docker-compose.cluster.yml"
+BASE_IMAGE = "localhost/cnc-python:3.11-bookworm"
+TEST_IMAGE = os.environ.get("CNC_TEST_IMAGE", "localhost/cncbrain:test")
+
+PORT_VARS = (
+    "CNC_NATS_PORT",
+    "CNC_NATS_MONITOR_PORT",
+    "CNC_PERCEPTION_PORT",
+    "CNC_SCHEDULER_PORT",
+)
+CLUSTER_PORT_VARS = (
+    "CNC_NATS2_PORT",
+    "CNC_NATS2_MONITOR_PORT",
+    "CNC_NATS3_PORT",
+    "CNC_NATS3_MONITOR_PORT",
+)
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CONTAINERS_CONF", str(DEPLOY / "podman" / "containers.conf"))
+    return env
+
+
+def why_no_engine() -> str | None:
+    """None when podman + podman-compose can run containers here, else the reason to skip."""
+    missing = [tool for tool in ("podman", "podman-compose") if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"no container engine: {' and '.join(missing)} not found "
+            "(on Debian, as root: deploy/podman/setup.sh installs and prepares them)"
+        )
+    if os.geteuid() != 0:
+        return "the container tests use rootful podman; run them as root"
+    return None
+
+
+def prepare_engine() -> str | None:
+    """Run deploy/podman/setup.sh (idempotent, ~1 s when done) where it applies; return a reason to
+    skip when the base image is still missing."""
+    if shutil.which("apt-get") and shutil.which("dpkg-query"):
+        subprocess.run([str(SETUP)], env=engine_env(), check=True, stdout=subprocess.DEVNULL)
+    probe = subprocess.run(["podman", "image", "exists", BASE_IMAGE], env=engine_env())
+    if probe.returncode != 0 and "CNC_TEST_IMAGE" not in os.environ:
+        return f"no base image {BASE_IMAGE}: run deploy/podman/setup.sh, or set CNC_TEST_IMAGE to a built image"
+    return None
+
+
+def build_image() -> str:
+    """Build the brain's image from this working tree (cached layers make a rebuild quick)."""
+    if "CNC_TEST_IMAGE" not in os.environ:
+        subprocess.run([str(BUILD), TEST_IMAGE], env=engine_env(), check=True)
+    return TEST_IMAGE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> str:
+    out = subprocess.run(
+        ["podman", *args], env=engine_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and out.returncode != 0:
+        raise RuntimeError(f"podman {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout
+
+
+@dataclass
+class Stack:
+    """One compose project of deploy/ (single-node NATS, or clustered)."""
+
+    image: str
+    clustered: bool = False
+    log_dir: Path | None = None
+    project: str = field(default_factory=lambda: f"cnct{uuid.uuid4().hex[:8]}")
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = PORT_VARS + (CLUSTER_PORT_VARS if self.clustered else ())
+        self.ports = {name: free_port() for name in names}
+
+    # --- compose ------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        files = ["-f", str(COMPOSE)]
+        if self.clustered:
+            files += ["-f", str(CLUSTER)]
+        return files
+
+    def env(self) -> dict[str, str]:
+        env = engine_env()
+        env.update({name: str(port) for name, port in self.ports.items()})
+        # Only local images exist here: the brain's image stands in for the official NATS one.
+        env.update(CNC_IMAGE=self.image, CNC_NATS_IMAGE=self.image, CNC_BIND="127.0.0.1")
+        return env
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = ["podman-compose", "-p", self.project, *self.files, *args]
+        out = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
+        if self.log_dir:
+            with open(self.log_dir / f"{self.project}-compose.log", "a") as f:
+                f.write(f"$ {' '.join(cmd)}\n{out.stdout}\n{out.stderr}\n")
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        return out
+
+    def up(self) -> None:
+        self.compose("up", "-d")
+
+    def wait_healthy(self, timeout_s: float = 180) -> float:
+        """Run every health check until all pass; returns the seconds it took."""
+        started = time.monotonic()
+        out = subprocess.run(
+            [str(HEALTHY), self.project, str(int(timeout_s))], env=engine_env(), capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"stack {self.project} not healthy:\n{out.stderr[-6000:]}")
+        return time.monotonic() - started
+
+    def container(self, service: str) -> str:
+        return f"{self.project}_{service}_1"
+
+    def containers(self) -> list[str]:
+        return podman("ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
+                      "--format", "{{.Names}}").split()
+
+    def stop(self, service: str) -> None:
+        podman("stop", "-t", "5", self.container(service))
+
+    def start(self, service: str) -> None:
+        podman("start", self.container(service))
+
+    def healthy(self, service: str) -> bool:
+        return subprocess.run(
+            ["podman", "healthcheck", "run", self.container(service)], env=engine_env(), capture_output=True
+        ).returncode == 0
+
+    def save_logs(self) -> None:
+        if not self.log_dir:
+            return
+        for name in self.containers():
+            out = subprocess.run(["podman", "logs", name], env=engine_env(), capture_output=True, text=True)
+            (self.log_dir / f"{name}.log").write_text(out.stdout + out.stderr)
+
+    def down(self) -> None:
+        """Remove the project's containers, volumes and network; check none is left."""
+        with contextlib.suppress(Exception):
+            self.save_logs()
+        self.compose("down", "-v")
+        # podman-compose 1.0 leaves the project's network behind.
+        for net in self.leftovers()["networks"]:
+            podman("network", "rm", "-f", net, check=False)
+
+    def leftovers(self) -> dict[str, list[str]]:
+        label = f"label=io.podman.compose.project={self.project}"
+        volumes = json.loads(podman("volume", "ls", "--filter", label, "--format", "json") or "[]")
+        networks = [n for n in podman("network", "ls", "--format", "{{.Name}}").split()
+                    if n.startswith(f"{self.project}_")]
+        return {
+            "containers": self.containers(),
+            "volumes": [v["Name"] for v in volumes],
+            "networks": networks,
+        }
+
+    # --- endpoints ----------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> str:
+        return f"127.0.0.1:{self.ports['CNC_SCHEDULER_PORT']}"
+
+    @property
+    def perception(self) -> str:
+        return f"127.0.0.1:{self.ports['CNC_PERCEPTION_PORT']}"
+
+    @property
+    def nats_urls(self) -> list[str]:
+        names = ["CNC_NATS_PORT"] + (["CNC_NATS2_PORT", "CNC_NATS3_PORT"] if self.clustered else [])
+        return [f"nats://127.0.0.1:{self.ports[n]}" for n in names]
+
+    def monitor(self, node: int = 1) -> str:
+        name = {1: "CNC_NATS_MONITOR_PORT", 2: "CNC_NATS2_MONITOR_PORT", 3: "CNC_NATS3_MONITOR_PORT"}[node]
+        return f"http://127.0.0.1:{self.ports[name]}"
