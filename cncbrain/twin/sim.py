@@ -601,32 +601,32 @@ class Twin:
             tpot_site = np.full(S, np.inf)
             wait0 = np.zeros(S)
             growth = np.zeros(S)
-            for s in np.nonzero(n_rep > 0)[0]:
-                g = g_dom[s]
+            # per GPU type at once: the sites whose dominant type it is (a handful of types)
+            serving = np.nonzero(n_rep > 0)[0]
+            for g in np.unique(g_dom[serving]):
+                ss = serving[g_dom[serving] == g]
                 gt, tp = self.gpus[g], int(svc.tp[g])
-                b = 1.0
+                b = np.ones(len(ss))
                 for _ in range(3):  # decode concurrency by Little's law, a fixed point
-                    step = float(physics.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision))
-                    b = float(np.clip(lam_rep[s] * svc.mean_output * step, 1.0, svc.bmax[g]))
-                pre_share = min(lam_rep[s] * float(physics.prefill_s(svc.model, gt, tp, svc.mean_prompt,
-                                                                     svc.spec.precision)), 0.9)
-                tpot_site[s] = step / (1.0 - pre_share)
+                    step = physics.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision)
+                    b = np.clip(lam_rep[ss] * svc.mean_output * step, 1.0, svc.bmax[g])
+                pre_share = np.minimum(lam_rep[ss] * float(physics.prefill_s(svc.model, gt, tp, svc.mean_prompt,
+                                                                             svc.spec.precision)), 0.9)
+                tpot_site[ss] = step / (1.0 - pre_share)
                 # continuous batching: the site is n_rep·bmax slots, each holding a request for
                 # work·bmax seconds; Sakasegawa's M/G/c approximation of the queueing delay
-                r = min(rho[s], 0.98)
+                r = np.minimum(rho[ss], 0.98)
                 w = svc.work_s[g]
-                slots = max(int(n_rep[s] * svc.bmax[g]), 1)
-                wq = r ** (math.sqrt(2 * (slots + 1)) - 1) / (slots * (1 - r)) * w * svc.bmax[g] if r > 0 else 0.0
-                c = max(int(n_rep[s]), 1)
-                wait0[s] = self.backlog[s, k] / c + wq
-                growth[s] = max(lam[s] * w - c, 0.0) / c  # queue growth, seconds of wait per second
+                slots = np.maximum((n_rep[ss] * svc.bmax[g]).astype(np.int64), 1)
+                wq = np.where(r > 0, r ** (np.sqrt(2 * (slots + 1)) - 1) / (slots * (1 - r)) * w * svc.bmax[g], 0.0)
+                c = np.maximum(n_rep[ss], 1)
+                wait0[ss] = self.backlog[ss, k] / c + wq
+                growth[ss] = np.maximum(lam[ss] * w - c, 0.0) / c  # queue growth, seconds of wait per second
             # each request's serving site, drawn from its ingress row of the flow matrix
-            row = flow[ing]
-            tot = row.sum(axis=1)
+            tot = flow.sum(axis=1)[ing]
             served = tot > 0
-            cum = np.cumsum(row, axis=1)
             u = self.rng.random(n) * tot
-            j = np.minimum((u[:, None] >= cum).sum(axis=1), S - 1)
+            j = np.minimum((u[:, None] >= np.cumsum(flow, axis=1)[ing]).sum(axis=1), S - 1)
             wait = wait0[j] + growth[j] * (t - t0)
             drop_after = max(30.0, DROP_FACTOR * svc.spec.slo.ttft_s)
             dropped = ~served | (wait > drop_after) | ~np.isfinite(tpot_site[j])
