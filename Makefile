@@ -23,6 +23,10 @@ venv: $(STAMP) ## create .venv and install cncbrain with all extras
 demo: $(STAMP) ## the main job: run the embedded default
 	$(BIN)/cncbrain demo
 
+eval: $(STAMP) ## evaluate the baselines and the oracle on abilene (3 seeds; table, runs/eval.json, runs/eval.png)
+	@mkdir -p runs
+	$(BIN)/cncbrain eval --scenario abilene --seeds 3 --json runs/eval.json --plot runs/eval.png
+
 test: $(STAMP) ## run the test suite (starts its own nats-server and gRPC servers)
 	$(BIN)/python -m pytest -q
 
@@ -38,4 +42,4 @@ proto-lint: ## buf lint of proto/ (needs npx or buf on PATH)
 bench: $(STAMP) ## run the benchmarks (slow; prints figures)
 	$(BIN)/python -m benchmarks
 
-.PHONY: help venv demo test lint bench protos proto-lint
+.PHONY: help venv demo eval test lint bench protos proto-lint
