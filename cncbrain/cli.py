@@ -17,6 +17,16 @@ COMMANDS = [
     "scenarios",
     "eval",
     "bench",
+    "up",
+    "demo",
+    "agent",
+    "emulate",
+    "sites",
+    "deploy",
+    "submit",
+    "workloads",
+    "cancel",
+    "watch",
 ]
 
 

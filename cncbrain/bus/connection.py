@@ -80,6 +80,7 @@ class Bus:
         self.counters: Counter[str] = Counter()
         self._kv: dict[str, KeyValue] = {}
         self._subs: list[Any] = []
+        self.closing = False
 
     # --- connection ---------------------------------------------------------------------------
     @classmethod
@@ -90,9 +91,12 @@ class Bus:
             log.debug("nats %s: %s", name, exc)
 
         async def on_disconnected() -> None:
+            bus = holder.get("bus")
+            if bus is not None and bus.closing:
+                return
             log.warning("%s: disconnected from NATS, reconnecting", name)
-            if "bus" in holder:
-                holder["bus"].counters["disconnects"] += 1
+            if bus is not None:
+                bus.counters["disconnects"] += 1
 
         async def on_reconnected() -> None:
             log.warning("%s: reconnected to NATS", name)
@@ -146,6 +150,7 @@ class Bus:
         return self._kv[bucket]
 
     async def close(self) -> None:
+        self.closing = True
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

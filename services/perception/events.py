@@ -67,7 +67,8 @@ class PerceptionEvents:
     async def publish_change(self, change: StateChange) -> None:
         msg = perception_pb2.SiteStateChanged(site_id=change.site_id, state=change.state, reason=change.reason)
         msg.changed_at.GetCurrentTime()
-        log.warning("site %s is %s: %s", change.site_id, common_pb2.SiteState.Name(change.state), change.reason)
+        level = logging.INFO if change.state == common_pb2.SITE_STATE_UP else logging.WARNING
+        log.log(level, "site %s is %s: %s", change.site_id, common_pb2.SiteState.Name(change.state), change.reason)
         await self.bus.publish(subjects.PERCEPTION_SITE_STATE, msg, site=change.site_id)
 
     async def tick_once(self) -> perception_pb2.Snapshot:

@@ -1,0 +1,330 @@
+"""The `emulated` executor: the sites of a scenario emulated by the digital twin in accelerated
+wall-clock time, and the executor a site agent uses to drive its site there.
+
+`EmulatorHost` (run by `cncbrain emulate`) owns one `Twin` of the scenario *without* its scripted
+workloads (the live brain brings its own: tenants deploy and submit through the scheduler). Every
+`tick_s / speed` wall seconds it steps the twin and publishes each site's state on
+`cnc.emulator.state.<site>`. It answers `cnc.emulator.inventory.<site>` and applies placements sent
+to `cnc.emulator.apply.<site>`; the scenario's failures happen at their emulated times and
+`cnc.emulator.fail.<site>` injects more. Services replay the Azure traces as their live demand.
+
+Site ids are the twin's site names made subject-safe ("New York" → `new-york`).
+
+`EmulatedExecutor` is the agent's side: inventory and apply by request/reply, telemetry from the
+state subject of its site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain.bus import Bus, Event, subjects
+from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
+from cncbrain.twin import Twin, physics
+from cncbrain.twin.traces import JobSpec, load_azure
+
+log = logging.getLogger(__name__)
+SERVE_OVERHEAD = 1.2  # weights + ~20 % KV/activations, as the scheduler's HBM estimate
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64] or "site"
+
+
+def site_ids_of(scenario: Scenario) -> list[str]:
+    """Subject-safe site ids of a scenario, without building a twin."""
+    from cncbrain.twin.topology import load_graphml
+
+    net = load_graphml(scenario.graphml_path(), scenario.topology.default_bandwidth_gbps,
+                       scenario.topology.per_hop_ms / 1000.0)
+    return [slug(n) for n in net.names]
+
+
+def twin_model(name: str, params_b: float) -> str:
+    """The twin's model for a tenant's model: by name when the twin knows it, else nearest size."""
+    key = name.lower()
+    if key in physics.MODELS:
+        return key
+    return min(physics.MODELS.values(), key=lambda m: abs(np.log(m.params_b / max(params_b, 0.1)))).name
+
+
+@dataclass
+class _Gang:
+    """Per-site shares of one training job's generation, collected until every shard is named."""
+
+    generation: int
+    sites: dict[str, list[int]] = field(default_factory=dict)
+
+
+class EmulatorHost:
+    def __init__(self, bus: Bus, scenario: Scenario, *, seed: int = 0, speed: float = 30.0,
+                 horizon_s: float = 24 * 3600.0, keep_failures: bool = True) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        live = scenario.model_copy(update={
+            "inference": [],
+            "training": TrainingSpec(trace="none", jobs=[]),
+            "failures": scenario.failures if keep_failures else [],
+        })
+        self.bus = bus
+        self.twin = Twin(live, seed=seed, duration_s=horizon_s)
+        self.speed = speed
+        self.names = list(self.twin.site_ids)
+        self.ids = [slug(n) for n in self.names]
+        self.index = {sid: i for i, sid in enumerate(self.ids)}
+        self.gangs: dict[str, _Gang] = {}
+        self.job_sites: dict[str, set[str]] = {}
+        self.service_sites: dict[str, dict[str, int]] = {}
+        self.report = None
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def tick_s(self) -> float:
+        return self.twin.tick_s
+
+    # --- NATS ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.bus.subscribe(subjects.EMULATOR_INVENTORY, self.on_inventory, consumer="emulator-inventory")
+        await self.bus.subscribe(subjects.EMULATOR_APPLY, self.on_apply, consumer="emulator-apply")
+        await self.bus.subscribe(subjects.EMULATOR_FAIL, self.on_fail, consumer="emulator-fail")
+        self._task = asyncio.create_task(self._run(), name="emulator")
+        log.info("emulating %d sites of %s at %.0f× (tick %.0f s every %.2f s wall)",
+                 len(self.ids), self.twin.scenario.name, self.speed, self.tick_s, self.tick_s / self.speed)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        wall = self.tick_s / self.speed
+        while not self.twin.done():
+            started = time.monotonic()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("emulator tick failed")
+            await asyncio.sleep(max(0.0, wall - (time.monotonic() - started)))
+        log.warning("emulated horizon of %.0f s reached; sites keep their last state", self.twin.duration_s)
+
+    async def step(self) -> None:
+        self.report = self.twin.step()
+        self.ticks += 1
+        await asyncio.gather(*[
+            self.bus.publish(subjects.EMULATOR_STATE, self.site_state(sid), site=sid) for sid in self.ids
+        ])
+
+    def _site_index(self, event: Event) -> int:
+        sid = event.params["site"]
+        if sid not in self.index:
+            raise KeyError(f"no emulated site {sid!r}")
+        return self.index[sid]
+
+    async def on_inventory(self, event: Event) -> site_pb.EmulatorInventoryResponse:
+        return site_pb.EmulatorInventoryResponse(site=self.site(self._site_index(event)), tick_s=self.tick_s)
+
+    async def on_fail(self, event: Event) -> None:
+        s = self._site_index(event)
+        self.twin.fail_site(self.names[s], event.payload.duration_s)
+        log.warning("site %s failed for %.0f emulated s (injected)", self.ids[s], event.payload.duration_s)
+
+    async def on_apply(self, event: Event) -> site_pb.PlacementApplied:
+        msg: sched.PlacementCommitted = event.payload
+        ok, error = self.apply(self._site_index(event), msg)
+        out = site_pb.PlacementApplied(placement=msg.placement, ok=ok, error=error)
+        out.applied_at.GetCurrentTime()
+        return out
+
+    # --- the site model -------------------------------------------------------------------------
+    def site(self, s: int) -> common.Site:
+        t = self.twin
+        net = t.pool.net
+        site = common.Site(site_id=self.ids[s], name=self.names[s], region=t.pool.region[s],
+                           latitude=float(net.lat[s]), longitude=float(net.lon[s]))
+        for g, gpu in enumerate(t.gpus):
+            if t.total[s, g] > 0:
+                site.gpu_pools.append(common.GpuPool(
+                    gpu_type=gpu.name, count=int(t.total[s, g]), hbm_gb=gpu.mem_gb,
+                    peak_tflops=gpu.tflops, price_usd_per_hour=gpu.price_hr))
+        for j, peer in enumerate(self.ids):
+            if j != s:
+                bw = float(t.bandwidth[s, j])
+                site.links.append(common.Link(peer_site_id=peer, latency_ms=float(t.latency[s, j]) * 1e3,
+                                              bandwidth_gbps=bw if np.isfinite(bw) else 0.0))
+        return site
+
+    def site_state(self, sid: str) -> site_pb.SiteTelemetry:
+        t, s, rep = self.twin, self.index[sid], self.report
+        up = bool(t.site_up()[s])
+        used = t.used_gpus()
+        state = site_pb.SiteTelemetry(site_id=sid, sim_time_s=t.time_s, available=up)
+        state.observed_at.GetCurrentTime()
+        for g, gpu in enumerate(t.gpus):
+            if t.total[s, g] > 0:
+                state.gpu_pools.append(common.GpuPool(gpu_type=gpu.name, count=int(t.total[s, g]),
+                                                      used=int(used[s, g]), hbm_gb=gpu.mem_gb))
+        total = int(t.total[s].sum())
+        state.gpu_utilization = float(used[s].sum()) / total if total else 0.0
+        reps = t.replicas_by_type().sum(axis=2) if t.K else np.zeros((t.S, 0))
+        dt = t.tick_s
+        for name, k in t.service_index.items():
+            svc = t.services[k]
+            if not svc.active:
+                continue
+            demand = float(rep.demand_rps[s, k]) if rep is not None and k < rep.demand_rps.shape[1] else 0.0
+            n = int(reps[s, k])
+            if n == 0 and demand == 0:
+                continue
+            served = float(rep.served_rps[s, k]) * dt if rep is not None and k < rep.served_rps.shape[1] else 0.0
+            # The twin resolves SLO attainment per service and tick, not per serving site.
+            share = float(rep.met_slo[k] / rep.requests[k]) if rep is not None and k < len(rep.requests) and rep.requests[k] else 1.0
+            state.services.append(site_pb.ServiceLoad(
+                workload_id=name, replicas=n, request_rate_rps=demand, slo_attainment=share,
+                requests=served, requests_ok=served * share,
+                utilization=float(rep.load[s, k]) if rep is not None and k < rep.load.shape[1] else 0.0))
+        for jid, sites in self.job_sites.items():
+            if sid not in sites:
+                continue
+            job = t.jobs[t.job_index[jid]]
+            shards = sum(1 for site_i, _ in job.placement if site_i == s)
+            state.jobs.append(site_pb.JobProgress(workload_id=jid, shards_running=shards,
+                                                  progress=job.progress / job.spec.tokens, finished=job.state == "done"))
+        return state
+
+    def apply(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+        p = msg.placement
+        try:
+            if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE:
+                return self._apply_service(s, msg)
+            return self._apply_job(s, msg)
+        except (KeyError, ValueError) as exc:
+            return False, str(exc)
+
+    def _apply_service(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+        p, spec, t = msg.placement, msg.inference_service, self.twin
+        wid = p.workload_id
+        k = t.service_index.get(wid)
+        if k is None or not t.services[k].active:
+            if p.replicas == 0:
+                return True, ""
+            trace = spec.trace or "conv"
+            base = load_azure(trace)
+            base_rps = len(base.t) / base.length_s
+            rate_scale = spec.expected_rate_rps / base_rps if spec.expected_rate_rps > 0 else 1.0
+            ingress: str | dict[str, float] = "population"
+            if spec.ingress_site_id:
+                if spec.ingress_site_id not in self.index:
+                    raise KeyError(f"ingress site {spec.ingress_site_id!r} is not emulated")
+                ingress = {self.names[self.index[spec.ingress_site_id]]: 1.0}
+            t.add_service(InferenceSpec(
+                name=wid, model=twin_model(spec.model, spec.params_b), trace=trace, rate_scale=rate_scale,
+                ingress=ingress, slo={"ttft_s": spec.slo.ttft_ms / 1e3, "tpot_s": spec.slo.tpot_ms / 1e3},
+                min_replicas=0, max_replicas=max(spec.max_replicas, 1)))
+        sites = self.service_sites.setdefault(wid, {})
+        got = t.set_replicas(wid, self.names[s], p.replicas)
+        sites[self.ids[s]] = got
+        if not any(sites.values()):
+            t.remove_service(wid)  # every site at zero: cancelled, its demand stops
+            self.service_sites.pop(wid, None)
+        if got != p.replicas:
+            return False, f"only {got} of {p.replicas} replicas fit at {self.ids[s]}"
+        return True, ""
+
+    def _apply_job(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+        p, spec, t = msg.placement, msg.training_job, self.twin
+        wid, sid = p.workload_id, self.ids[s]
+        if wid not in t.job_index:
+            m = physics.model(twin_model(spec.model, spec.params_b))
+            ref = physics.gpu("A100-80GB")
+            rate = physics.shard_tokens_per_s(m, ref, spec.gpus_per_shard) * spec.shards
+            t.submit_job(JobSpec(wid, t.time_s, m.name, spec.shards, spec.gpus_per_shard, spec.tokens,
+                                 float(2**20 if m.params_b < 10 else 2**22), spec.tokens / rate, 600.0,
+                                 spec.tenant or "default"))
+        job = t.jobs[t.job_index[wid]]
+        if not p.shard_indices:  # cancelled or completed: stop it wherever it runs
+            if job.state == "running":
+                t._stop_job(job, lose=False)  # the twin has no public stop; completion/cancel ends the job
+            job.state = "done"
+            self.job_sites.get(wid, set()).discard(sid)
+            return True, ""
+        gang = self.gangs.get(wid)
+        if gang is None or gang.generation < p.generation:
+            gang = self.gangs[wid] = _Gang(p.generation)
+        gang.sites[sid] = list(p.shard_indices)
+        named = sorted(i for shards in gang.sites.values() for i in shards)
+        if named != list(range(spec.shards)):
+            return True, ""  # waiting for the other sites of the gang
+        plan = [""] * spec.shards
+        for site_id, shards in gang.sites.items():
+            for i in shards:
+                plan[i] = self.names[self.index[site_id]]
+        if job.state == "queued":
+            job.state = "pending"  # arrived now: the twin promotes arrivals only inside step()
+        if not t.place_job(wid, plan):
+            return False, f"gang of {spec.shards}×{spec.gpus_per_shard} GPUs does not fit the emulated sites"
+        self.job_sites[wid] = set(gang.sites)
+        del self.gangs[wid]
+        return True, ""
+
+
+class EmulatedExecutor:
+    """A site agent's view of its emulated site."""
+
+    kind = "emulated"
+
+    def __init__(self, bus: Bus, site_id: str) -> None:
+        self.bus = bus
+        self.site_id = site_id
+        self.fresh = True  # the emulator keeps no state across its restarts either
+        self._last: site_pb.SiteTelemetry | None = None
+        self.tick_s = 0.0
+
+    async def start(self, on_telemetry) -> None:
+        async def on_state(event: Event) -> None:
+            self._last = event.payload
+            await on_telemetry(event.payload)
+
+        await self.bus.subscribe(subjects.EMULATOR_STATE, on_state, consumer=f"agent-{self.site_id}-state",
+                                 site=self.site_id)
+
+    async def inventory(self, timeout_s: float = 15.0) -> common.Site:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                resp = await self.bus.request(subjects.EMULATOR_INVENTORY,
+                                              site_pb.EmulatorInventoryRequest(site_id=self.site_id),
+                                              site_pb.EmulatorInventoryResponse, timeout_s=1.0, site=self.site_id)
+                self.tick_s = resp.tick_s
+                return resp.site
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]:
+        resp = await self.bus.request(subjects.EMULATOR_APPLY, placement, site_pb.PlacementApplied,
+                                      timeout_s=5.0, site=self.site_id)
+        return resp.ok, resp.error
+
+    def available(self) -> bool:
+        return self._last is None or self._last.available
+
+    def last_telemetry(self) -> site_pb.SiteTelemetry | None:
+        return self._last
+
+    async def stop(self) -> None:
+        return None

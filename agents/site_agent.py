@@ -1,0 +1,223 @@
+"""The live site agent: one logical agent per site (a process may host several).
+
+Each agent registers its site (inventory, links), heartbeats, forwards its executor's telemetry,
+answers the scheduler's offers from its site's point of view, proposes replica changes for the
+services it hosts from perception's snapshot, and applies committed placements through its
+executor, reporting each result.
+
+Policy: `SitePolicy` decides offers and scaling from the agent's local observation (its site, its
+links, the snapshot). `greedy` is built in: take what fits on the allowed GPU type with the most
+free GPUs, priced by latency to the ingress site (nearest-feasible), and a threshold autoscaler
+(add a replica above `scale_up_util`, remove one below `scale_down_util`, open a site that has
+demand and no replica while the service misses its SLO). The twin's pool-wide `cncbrain.policies`
+act on a whole-pool `PoolView`; see docs/live-brain.md for how a learned per-site policy plugs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain.bus import Bus, Event, subjects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScaleWish:
+    workload_id: str
+    replicas: int
+    gpu_type: str
+    reason: str
+
+
+class SitePolicy:
+    """Built-in `greedy` policy of one site."""
+
+    name = "greedy"
+
+    def __init__(self, scale_up_util: float = 0.85, scale_down_util: float = 0.30, slo_floor: float = 0.90,
+                 cooldown_s: float = 3.0) -> None:
+        self.scale_up_util = scale_up_util
+        self.scale_down_util = scale_down_util
+        self.slo_floor = slo_floor
+        self.cooldown_s = cooldown_s
+        self._last_change: dict[str, float] = {}
+
+    @staticmethod
+    def free_by_type(site: common.Site, telemetry: site_pb.SiteTelemetry | None) -> dict[str, int]:
+        used = {g.gpu_type: g.used for g in telemetry.gpu_pools} if telemetry else {}
+        return {g.gpu_type: g.count - used.get(g.gpu_type, 0) for g in site.gpu_pools}
+
+    def answer(self, offer: sched.Offer, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
+               available: bool) -> tuple[int, str, float, str]:
+        """(units, gpu_type, cost, reason) this site offers for `offer`."""
+        if not available:
+            return 0, "", 0.0, "site unavailable"
+        free = self.free_by_type(site, telemetry)
+        hbm = {g.gpu_type: g.hbm_gb for g in site.gpu_pools}
+        candidates = [
+            (free[t] // offer.gpus_per_unit, t) for t in free
+            if (not offer.allowed_gpu_types or t in offer.allowed_gpu_types)
+            and (not hbm.get(t) or hbm[t] >= offer.min_hbm_gb)
+        ]
+        candidates = [c for c in candidates if c[0] > 0]
+        if not candidates:
+            return 0, "", 0.0, "no free GPUs of an allowed type with enough HBM"
+        room, gpu_type = max(candidates)
+        units = min(room, offer.units)
+        total = sum(g.count for g in site.gpu_pools) or 1
+        busy = 1.0 - sum(free.values()) / total
+        if offer.kind == common.WORKLOAD_KIND_TRAINING_JOB:
+            # fewer, fuller sites keep a gang's all-reduce off the WAN
+            cost = -float(units) + busy
+        else:
+            latency = 0.0
+            if offer.ingress_site_id and offer.ingress_site_id != site.site_id:
+                latency = next((lk.latency_ms for lk in site.links if lk.peer_site_id == offer.ingress_site_id), 100.0)
+            cost = latency + 5.0 * busy
+        return units, gpu_type, cost, f"{units}×{offer.gpus_per_unit} {gpu_type} free"
+
+    def scale(self, snapshot: perception_pb2.Snapshot, site: common.Site,
+              telemetry: site_pb.SiteTelemetry | None, now: float) -> list[ScaleWish]:
+        if telemetry is None or not telemetry.available:
+            return []
+        pool_slo: dict[str, tuple[float, float]] = {}
+        for s in snapshot.sites:
+            for load in s.services:
+                req, ok = pool_slo.get(load.workload_id, (0.0, 0.0))
+                pool_slo[load.workload_id] = (req + load.requests, ok + load.requests_ok)
+        free = self.free_by_type(site, telemetry)
+        best_type = max(free, key=lambda t: free[t]) if free else ""
+        wishes = []
+        for load in telemetry.services:
+            wid = load.workload_id
+            if now - self._last_change.get(wid, 0.0) < self.cooldown_s:
+                continue
+            req, ok = pool_slo.get(wid, (0.0, 0.0))
+            slo = ok / req if req else 1.0
+            wish = None
+            if load.replicas > 0 and load.utilization > self.scale_up_util and free.get(best_type, 0) > 0:
+                wish = ScaleWish(wid, load.replicas + 1, best_type, f"utilisation {load.utilization:.2f}")
+            elif load.replicas > 1 and load.utilization < self.scale_down_util and slo >= self.slo_floor:
+                wish = ScaleWish(wid, load.replicas - 1, best_type, f"utilisation {load.utilization:.2f}")
+            elif load.replicas == 0 and load.request_rate_rps > 0 and slo < self.slo_floor and free.get(best_type, 0) > 0:
+                wish = ScaleWish(wid, 1, best_type, f"local demand {load.request_rate_rps:.1f} rps, SLO {slo:.2f}")
+            if wish:
+                self._last_change[wid] = now
+                wishes.append(wish)
+        return wishes
+
+
+def make_site_policy(name: str) -> SitePolicy:
+    if name != "greedy":
+        raise ValueError(f"unknown site policy {name!r}; known: greedy")
+    return SitePolicy()
+
+
+class SiteAgent:
+    def __init__(self, bus: Bus, site_id: str, executor, policy: SitePolicy | None = None,
+                 heartbeat_s: float = 1.0, agent_id: str | None = None) -> None:
+        self.bus = bus
+        self.site_id = site_id
+        self.executor = executor
+        self.policy = policy or SitePolicy()
+        self.heartbeat_s = heartbeat_s
+        self.agent_id = agent_id or f"agent-{site_id}-{uuid.uuid4().hex[:6]}"
+        self.site: common.Site | None = None
+        self.applied: dict[str, int] = {}
+        self.counters = bus.counters
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hb_seq = 0
+
+    @property
+    def consumer(self) -> str:
+        return f"agent-{self.site_id}"
+
+    async def start(self) -> SiteAgent:
+        self.site = await self.executor.inventory()
+        if self.site.site_id != self.site_id:
+            raise ValueError(f"executor reports site {self.site.site_id!r}, agent is for {self.site_id!r}")
+        await self.executor.start(self.on_telemetry)
+        await self.bus.publish(subjects.SITE_REGISTERED, site_pb.SiteRegistered(
+            site=self.site, agent_id=self.agent_id, executor=self.executor.kind), site=self.site_id)
+        if self.executor.fresh:
+            # An executor without state gets its site's whole placement history again.
+            await self.bus.delete_durable(subjects.SCHEDULER_PLACEMENT, self.consumer)
+        await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_offer, consumer=f"{self.consumer}-offers")
+        await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer=f"{self.consumer}-snapshot")
+        await self.bus.subscribe(subjects.SCHEDULER_PLACEMENT, self.on_placement, consumer=self.consumer,
+                                 durable=True, site=self.site_id)
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.site_id}"))
+        log.info("agent %s up for site %s (%s executor, %s policy)", self.agent_id, self.site_id,
+                 self.executor.kind, self.policy.name)
+        return self
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.executor.stop()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                if self.executor.available():
+                    self._hb_seq += 1
+                    hb = site_pb.Heartbeat(site_id=self.site_id, agent_id=self.agent_id, sequence=self._hb_seq)
+                    hb.sent_at.GetCurrentTime()
+                    await self.bus.publish(subjects.SITE_HEARTBEAT, hb, site=self.site_id)
+                    if self.executor.kind == "memory":
+                        await self.on_telemetry(self.executor.last_telemetry())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat of %s failed", self.site_id)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def on_telemetry(self, telemetry: site_pb.SiteTelemetry) -> None:
+        if telemetry.available:  # a failed site reports nothing
+            await self.bus.publish(subjects.SITE_TELEMETRY, telemetry, site=self.site_id)
+
+    async def on_offer(self, event: Event) -> None:
+        offer: sched.Offer = event.payload
+        assert self.site is not None
+        units, gpu_type, cost, reason = self.policy.answer(
+            offer, self.site, self.executor.last_telemetry(), self.executor.available())
+        await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
+            proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
+            offer_id=offer.offer_id, workload_id=offer.workload_id, units=units, gpu_type=gpu_type,
+            cost=cost, reason=reason), site=self.site_id)
+
+    async def on_snapshot(self, event: Event) -> None:
+        assert self.site is not None
+        for wish in self.policy.scale(event.payload, self.site, self.executor.last_telemetry(), time.monotonic()):
+            await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
+                proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_SCALE,
+                workload_id=wish.workload_id, units=wish.replicas, gpu_type=wish.gpu_type, reason=wish.reason),
+                site=self.site_id)
+
+    async def on_placement(self, event: Event) -> None:
+        msg: sched.PlacementCommitted = event.payload
+        p = msg.placement
+        if p.site_id != self.site_id:
+            raise ValueError(f"placement for {p.site_id} on {event.subject}")
+        if p.generation <= self.applied.get(p.workload_id, 0):
+            self.counters["placements_stale"] += 1
+            return
+        ok, error = await self.executor.apply(msg)
+        self.applied[p.workload_id] = p.generation
+        self.counters["placements_applied" if ok else "placements_failed"] += 1
+        report = site_pb.PlacementApplied(placement=p, ok=ok, error=error)
+        report.applied_at.GetCurrentTime()
+        await self.bus.publish(subjects.SITE_APPLIED, report, event_id=f"{p.workload_id}/{p.generation}/{self.site_id}",
+                               site=self.site_id)

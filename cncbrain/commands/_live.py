@@ -1,0 +1,54 @@
+"""Helpers shared by the live-brain commands: where the brain is (endpoints), gRPC channels with
+tracing, and turning gRPC errors into user messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import grpc
+
+from cncbrain import telemetry
+from cncbrain.errors import CncError
+from cncbrain.settings import DEFAULT_NATS_URL
+
+STATE_DIR = Path(os.environ.get("CNC_STATE_DIR", ".state"))
+ENDPOINTS_FILE = "endpoints.json"
+DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "scheduler": "127.0.0.1:50062"}
+
+
+def endpoints() -> dict[str, str]:
+    """Endpoints of the running brain: env, then the state folder `cncbrain up` wrote, then defaults."""
+    found = dict(DEFAULTS)
+    path = STATE_DIR / ENDPOINTS_FILE
+    if path.exists():
+        found.update(json.loads(path.read_text()))
+    env = {"nats": "CNC_NATS_URL", "perception": "CNC_PERCEPTION_ADDR", "scheduler": "CNC_SCHEDULER_ADDR"}
+    for key, var in env.items():
+        if os.environ.get(var):
+            found[key] = os.environ[var]
+    return found
+
+
+def add_target_args(parser: argparse.ArgumentParser, *which: str) -> None:
+    for name in which:
+        flag = "--nats-url" if name == "nats" else f"--{name}"
+        parser.add_argument(flag, dest=f"target_{name}", default=None,
+                            help=f"{name} endpoint (default: from {STATE_DIR}/{ENDPOINTS_FILE} or {DEFAULTS[name]})")
+
+
+def target(args: argparse.Namespace, name: str) -> str:
+    return getattr(args, f"target_{name}", None) or endpoints()[name]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    telemetry.setup("cncbrain-cli", os.environ.get("CNC_OTEL_EXPORTER", "none"), log_level="WARNING")
+    return grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors())
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return CncError(f"no brain answers at {address}: start one with `cncbrain up` (or pass the address)")
+    return CncError(f"{exc.code().name}: {exc.details()}")

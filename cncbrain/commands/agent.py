@@ -1,0 +1,88 @@
+"""`cncbrain agent`: run the site agents of one or more sites (one logical agent per site)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from cncbrain import telemetry
+from cncbrain.commands._live import add_target_args, target
+from cncbrain.errors import CncError
+
+log = logging.getLogger("agents")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run site agents (one per --site, or every site of --scenario with --all)")
+    p.add_argument("--site", action="append", default=[], help="site id (repeatable)")
+    p.add_argument("--all", action="store_true", help="every site of --scenario")
+    p.add_argument("--scenario", default="abilene", help="scenario whose sites --all means (default abilene)")
+    p.add_argument("--executor", choices=["emulated", "memory"], default="emulated")
+    p.add_argument("--gpus", default="A100-80GB:16", help="memory executor inventory per site, TYPE:N[,TYPE:N]")
+    p.add_argument("--policy", default="greedy", help="site policy (greedy)")
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    add_target_args(p, "nats")
+    p.set_defaults(func=run)
+
+
+def parse_gpus(text: str):
+    from cnc.common.v1 import common_pb2 as common
+
+    pools = []
+    for part in text.split(","):
+        name, _, count = part.partition(":")
+        if not name or not count.isdigit():
+            raise CncError(f"--gpus: {part!r} is not TYPE:N")
+        pools.append(common.GpuPool(gpu_type=name, count=int(count)))
+    return pools
+
+
+async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    from agents.executor import MemoryExecutor
+    from agents.executor_emulated import EmulatedExecutor, site_ids_of
+    from agents.site_agent import SiteAgent, make_site_policy
+    from cnc.common.v1 import common_pb2 as common
+    from cncbrain.bus import Bus
+    from cncbrain.bus.subjects import SubjectError, check_token
+    from cncbrain.grpcserver import stop_event_on_signals
+    from cncbrain.scenario import load_scenario
+
+    sites = list(args.site)
+    if args.all:
+        sites += [s for s in site_ids_of(load_scenario(args.scenario)) if s not in sites]
+    if not sites:
+        raise CncError("name the sites: --site ID (repeatable) or --all --scenario NAME")
+    try:
+        for s in sites:
+            check_token(s, "site id")
+        policy_name = args.policy
+        make_site_policy(policy_name)
+    except (SubjectError, ValueError) as exc:
+        raise CncError(str(exc)) from None
+    stop = stop or stop_event_on_signals()
+    bus = await Bus.connect(target(args, "nats"), "agents")
+    agents = []
+    try:
+        for sid in sites:
+            if args.executor == "emulated":
+                executor = EmulatedExecutor(bus, sid)
+            else:
+                executor = MemoryExecutor(common.Site(site_id=sid, name=sid, gpu_pools=parse_gpus(args.gpus)))
+            agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s)
+            try:
+                agents.append(await agent.start())
+            except Exception as exc:
+                raise CncError(f"agent for {sid} could not start: {exc!r} (is `cncbrain emulate` running?)") from None
+        log.info("%d site agents running", len(agents))
+        await stop.wait()
+    finally:
+        for a in agents:
+            await a.stop()
+        await bus.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    telemetry.setup("agents", log_level="INFO")
+    return asyncio.run(run_agents(args))

@@ -1,0 +1,36 @@
+"""`cncbrain cancel ID`: cancel a workload (its placements are removed at every site)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cancel", help="cancel a workload")
+    p.add_argument("workload_id")
+    add_target_args(p, "scheduler")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    address = target(args, "scheduler")
+
+    async def call():
+        async with channel(address) as ch:
+            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).CancelWorkload(
+                pb.CancelWorkloadRequest(workload_id=args.workload_id), timeout=10)
+
+    try:
+        w = asyncio.run(call()).workload
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
+    return 0

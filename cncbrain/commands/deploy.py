@@ -1,0 +1,64 @@
+"""`cncbrain deploy`: deploy an inference service through the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="deploy an inference service")
+    p.add_argument("--name", required=True, help="service name ([A-Za-z0-9_-])")
+    p.add_argument("--model", required=True, help="model, e.g. 7b, 13b, 70b")
+    p.add_argument("--params-b", type=float, default=None, help="size in billions (default: from --model)")
+    p.add_argument("--ttft-ms", type=float, default=1000.0)
+    p.add_argument("--tpot-ms", type=float, default=100.0)
+    p.add_argument("--rate", type=float, default=0.0, help="expected requests/s (0: the trace's own rate)")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=16)
+    p.add_argument("--gpus-per-replica", type=int, default=1)
+    p.add_argument("--gpu-type", action="append", default=[], help="allowed GPU type (repeatable; default any)")
+    p.add_argument("--ingress", default="", help="ingress site id (default: spread by population)")
+    p.add_argument("--trace", choices=["conv", "code"], default="conv", help="Azure trace that drives the load")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--request-id", default="", help="idempotency key")
+    add_target_args(p, "scheduler")
+    p.set_defaults(func=run)
+
+
+def params_from_model(model: str) -> float:
+    digits = "".join(c for c in model.lower().split("-")[-1] if c.isdigit() or c == ".")
+    try:
+        return float(digits)
+    except ValueError:
+        return 0.0
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    spec = common.InferenceServiceSpec(
+        name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
+        slo=common.SloTargets(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms), expected_rate_rps=args.rate,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
+        allowed_gpu_types=args.gpu_type, ingress_site_id=args.ingress, tenant=args.tenant, trace=args.trace)
+    address = target(args, "scheduler")
+
+    async def call():
+        async with channel(address) as ch:
+            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).DeployInferenceService(
+                pb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id), timeout=10)
+
+    try:
+        w = asyncio.run(call()).workload
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
+          f"(follow it: cncbrain watch --workload {w.workload_id})")
+    return 0

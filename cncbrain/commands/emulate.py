@@ -1,0 +1,53 @@
+"""`cncbrain emulate`: emulate the sites of a scenario with the digital twin in accelerated
+wall-clock time, for site agents with the `emulated` executor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from cncbrain import telemetry
+from cncbrain.commands._live import add_target_args, target
+
+log = logging.getLogger("emulator")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("emulate", help="emulate a scenario's sites (the twin, accelerated) for the site agents")
+    p.add_argument("--scenario", default="abilene", help="built-in scenario name or YAML path (default abilene)")
+    p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--horizon-s", type=float, default=24 * 3600.0, help="emulated time covered by the traces")
+    p.add_argument("--no-failures", action="store_true", help="ignore the scenario's scripted site failures")
+    add_target_args(p, "nats")
+    p.set_defaults(func=run)
+
+
+async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    from agents.executor_emulated import EmulatorHost
+    from cncbrain.bus import Bus
+    from cncbrain.grpcserver import stop_event_on_signals
+    from cncbrain.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    stop = stop or stop_event_on_signals()
+    bus = await Bus.connect(target(args, "nats"), "emulator")
+    host = EmulatorHost(bus, scenario, seed=args.seed, speed=args.speed, horizon_s=args.horizon_s,
+                        keep_failures=not args.no_failures)
+    await host.start()
+    try:
+        await stop.wait()
+    finally:
+        await host.stop()
+        await bus.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.speed <= 0:
+        from cncbrain.errors import CncError
+
+        raise CncError("--speed must be > 0")
+    telemetry.setup("emulator", log_level="INFO")
+    return asyncio.run(emulate(args))

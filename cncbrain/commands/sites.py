@@ -1,0 +1,56 @@
+"""`cncbrain sites`: the pool as perception sees it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sites", help="list the sites of a running brain")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_target_args(p, "perception")
+    p.set_defaults(func=run)
+
+
+async def fetch(address: str):
+    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+
+    async with channel(address) as ch:
+        return (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
+            perception_pb2.ListSitesRequest(), timeout=5)).sites
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from cnc.common.v1 import common_pb2 as common
+
+    address = target(args, "perception")
+    try:
+        sites = asyncio.run(fetch(address))
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    if args.json:
+        print(json.dumps([MessageToDict(s) for s in sites], indent=2))
+        return 0
+    table = Table(title=f"sites ({address})")
+    for col in ("site", "name", "region", "state", "GPUs used/total", "pools", "replicas", "shards"):
+        table.add_column(col)
+    for s in sites:
+        used = sum(p.used for p in s.gpu_pools)
+        total = sum(p.count for p in s.gpu_pools)
+        table.add_row(
+            s.site.site_id, s.site.name, s.site.region, common.SiteState.Name(s.state).removeprefix("SITE_STATE_"),
+            f"{used}/{total}", " ".join(f"{p.gpu_type}:{p.count}" for p in s.gpu_pools),
+            str(sum(x.replicas for x in s.services)), str(sum(j.shards_running for j in s.jobs)),
+        )
+    Console().print(table)
+    return 0

@@ -1,0 +1,52 @@
+"""`cncbrain submit`: submit a training job (gang-placed) through the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands.deploy import params_from_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="submit a training job")
+    p.add_argument("--name", required=True)
+    p.add_argument("--model", required=True, help="model, e.g. 1.3b, 7b, 13b")
+    p.add_argument("--params-b", type=float, default=None)
+    p.add_argument("--shards", type=int, default=2, help="data-parallel shards (all or none)")
+    p.add_argument("--gpus-per-shard", type=int, default=8)
+    p.add_argument("--tokens", type=float, default=2e9)
+    p.add_argument("--gpu-type", action="append", default=[])
+    p.add_argument("--gang-timeout-s", type=float, default=0.0, help="0: scheduler default")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--request-id", default="")
+    add_target_args(p, "scheduler")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    job = common.TrainingJobSpec(
+        name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
+        shards=args.shards, gpus_per_shard=args.gpus_per_shard, tokens=args.tokens,
+        allowed_gpu_types=args.gpu_type, tenant=args.tenant, gang_timeout_s=args.gang_timeout_s)
+    address = target(args, "scheduler")
+
+    async def call():
+        async with channel(address) as ch:
+            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).SubmitTrainingJob(
+                pb.SubmitTrainingJobRequest(job=job, request_id=args.request_id), timeout=10)
+
+    try:
+        w = asyncio.run(call()).workload
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
+          f"(follow it: cncbrain watch --workload {w.workload_id})")
+    return 0

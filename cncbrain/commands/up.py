@@ -1,0 +1,221 @@
+"""`cncbrain up`: the embedded brain on loopback — a nats-server with JetStream (or an existing
+server), the perception and scheduler services, the emulator of a scenario's sites and the site
+agents, each its own process with its log under the state folder.
+
+Default ports: NATS 4222, perception gRPC 50061, scheduler gRPC 50062. State folder: `.state/`
+(JetStream store in `jetstream/`, logs in `logs/`, `endpoints.json` for the client commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
+from cncbrain.errors import CncError
+from cncbrain.natsserver import NatsServer, port_in_use
+
+NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
+
+
+class Brain:
+    """The processes of an embedded brain; `start()` returns once every health check is SERVING
+    and every site agent has registered."""
+
+    def __init__(self, state_dir: Path = STATE_DIR, scenario: str = "abilene", *, nats_url: str | None = None,
+                 nats_port: int = NATS_PORT, perception_port: int = PERCEPTION_PORT,
+                 scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
+                 perception_tick_s: float = 1.0) -> None:
+        self.state_dir = Path(state_dir)
+        self.scenario = scenario
+        self.external_nats = nats_url
+        self.nats_port = nats_port
+        self.perception_port = perception_port
+        self.scheduler_port = scheduler_port
+        self.speed = speed
+        self.fresh = fresh
+        self.perception_tick_s = perception_tick_s
+        self.nats: NatsServer | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.healthy_after_s: float | None = None
+        self.sites: list[str] = []
+
+    @property
+    def nats_url(self) -> str:
+        if self.external_nats:
+            return self.external_nats
+        assert self.nats
+        return self.nats.url
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {"nats": self.nats_url, "perception": f"127.0.0.1:{self.perception_port}",
+                "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve())}
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+            start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
+        )
+
+    def start(self, timeout_s: float = 30.0) -> Brain:
+        from agents.executor_emulated import site_ids_of
+        from cncbrain.scenario import load_scenario
+
+        started = time.monotonic()
+        self.sites = site_ids_of(load_scenario(self.scenario))  # validates the scenario first
+        busy = [(n, p) for n, p in (("perception", self.perception_port), ("scheduler", self.scheduler_port))
+                if port_in_use(p)]
+        if not self.external_nats and port_in_use(self.nats_port):
+            busy.insert(0, ("nats", self.nats_port))
+        if busy:
+            raise CncError("port(s) in use: " + ", ".join(f"{n} {p}" for n, p in busy)
+                           + " — is another `cncbrain up` running? Stop it, or pick ports with "
+                           "--nats-port/--perception-port/--scheduler-port (or --nats-url for an existing NATS)")
+        if self.fresh and self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.external_nats:
+            self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
+                                   log_file=self.log_path("nats")).start()
+        url = self.nats_url
+        try:
+            self._spawn("perception", ["-m", "services.perception"], {
+                "CNC_PERCEPTION_NATS_URL": url, "CNC_PERCEPTION_GRPC_PORT": str(self.perception_port),
+                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s)})
+            self._spawn("scheduler", ["-m", "services.scheduler"], {
+                "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port)})
+            self._spawn("emulator", ["-m", "cncbrain.cli", "emulate", "--scenario", self.scenario,
+                                     "--speed", str(self.speed), "--nats-url", url], {})
+            self._spawn("agents", ["-m", "cncbrain.cli", "agent", "--all", "--scenario", self.scenario,
+                                   "--nats-url", url], {})
+            asyncio.run(self._wait_ready(timeout_s))
+        except BaseException:
+            self.stop()
+            raise
+        self.healthy_after_s = time.monotonic() - started
+        (self.state_dir / ENDPOINTS_FILE).write_text(json.dumps(self.endpoints, indent=2))
+        return self
+
+    def dead(self) -> str | None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = self.log_path(name).read_text(errors="replace").strip().splitlines()[-5:]
+                return f"{name} exited with code {proc.returncode}; last log lines:\n  " + "\n  ".join(tail)
+        return None
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        import grpc
+
+        from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+        from cncbrain.grpcserver import wait_healthy
+
+        deadline = time.monotonic() + timeout_s
+        for port in (self.perception_port, self.scheduler_port):
+            while True:
+                if (msg := self.dead()) is not None:
+                    raise CncError(msg)
+                try:
+                    await wait_healthy(f"127.0.0.1:{port}", timeout_s=0.5)
+                    break
+                except CncError:
+                    if time.monotonic() > deadline:
+                        raise CncError(f"127.0.0.1:{port} not healthy within {timeout_s:.0f} s "
+                                       f"(logs in {self.state_dir / 'logs'})") from None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.perception_port}") as ch:
+            stub = perception_pb2_grpc.PerceptionServiceStub(ch)
+            while True:
+                if (msg := self.dead()) is not None:
+                    raise CncError(msg)
+                sites = (await stub.ListSites(perception_pb2.ListSitesRequest())).sites
+                if len(sites) >= len(self.sites):
+                    return
+                if time.monotonic() > deadline:
+                    raise CncError(f"only {len(sites)} of {len(self.sites)} site agents registered "
+                                   f"within {timeout_s:.0f} s (logs in {self.state_dir / 'logs'})")
+                await asyncio.sleep(0.1)
+
+    def stop(self, grace_s: float = 8.0) -> None:
+        for name in ("agents", "emulator", "scheduler", "perception"):
+            proc = self.procs.get(name)
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.nats:
+            self.nats.stop()
+            self.nats = None
+        with_file = self.state_dir / ENDPOINTS_FILE
+        if with_file.exists():
+            with_file.unlink()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="bring the brain up on loopback (NATS, services, emulator, site agents)")
+    add_up_args(p)
+    p.set_defaults(func=run)
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", default="abilene", help="scenario whose sites are emulated (default abilene)")
+    p.add_argument("--nats-url", default=os.environ.get("CNC_NATS_URL"),
+                   help="use this NATS server (JetStream enabled) instead of starting one")
+    p.add_argument("--nats-port", type=int, default=NATS_PORT)
+    p.add_argument("--perception-port", type=int, default=PERCEPTION_PORT)
+    p.add_argument("--scheduler-port", type=int, default=SCHEDULER_PORT)
+    p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second")
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR)
+    p.add_argument("--fresh", action="store_true", help="wipe the state folder first")
+
+
+def run(args: argparse.Namespace) -> int:
+    brain = Brain(args.state_dir, args.scenario, nats_url=args.nats_url, nats_port=args.nats_port,
+                  perception_port=args.perception_port, scheduler_port=args.scheduler_port,
+                  speed=args.speed, fresh=args.fresh)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"starting CNC Brain ({args.scenario}) …", flush=True)
+    brain.start()
+    ep = brain.endpoints
+    print(f"healthy in {brain.healthy_after_s:.1f} s — {len(brain.sites)} site agents registered\n"
+          f"  NATS        {ep['nats']}{'  (embedded)' if not args.nats_url else ''}\n"
+          f"  perception  {ep['perception']}  (gRPC: cnc.perception.v1.PerceptionService, health, reflection)\n"
+          f"  scheduler   {ep['scheduler']}  (gRPC: cnc.scheduler.v1.SchedulerService, health, reflection)\n"
+          f"  state       {ep['state']}  (logs/, jetstream/)\n"
+          f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
+          f"Ctrl-C stops everything.", flush=True)
+    try:
+        while not stop["now"]:
+            msg = brain.dead()
+            if msg:
+                print(f"error: {msg}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        print("stopping …", flush=True)
+        brain.stop()
+        print("stopped.", flush=True)
+    return 0

@@ -1,0 +1,102 @@
+"""`cncbrain watch [SUBJECT]`: the live event stream over NATS (human-readable or --json), or one
+workload's lifecycle through the scheduler's WatchWorkload (--workload ID)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.errors import CncError
+
+DEFAULT_SUBJECT = "cnc.>"
+NOISY = (".heartbeat", ".telemetry", "cnc.emulator.state.", "cnc.perception.snapshot")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="live event stream (NATS subject filter, default: every event but telemetry)")
+    p.add_argument("subject", nargs="?", default=None, help="NATS subject filter, e.g. 'cnc.scheduler.>'")
+    p.add_argument("--workload", help="follow one workload's lifecycle (gRPC WatchWorkload) until it ends")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--count", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
+    add_target_args(p, "nats", "scheduler")
+    p.set_defaults(func=run)
+
+
+def line(subject: str, type_id: str, payload, as_json: bool) -> str:
+    body = MessageToDict(payload) if payload is not None else {}
+    if as_json:
+        return json.dumps({"subject": subject, "type": type_id, "event": body})
+    short = " ".join(f"{k}={v}" for k, v in body.items() if not isinstance(v, list | dict))
+    return f"{subject:<42} {type_id.rsplit('.', 1)[-1]:<18} {short}"[:220]
+
+
+async def watch_nats(args: argparse.Namespace) -> int:
+    import nats
+
+    from cncbrain.bus import envelope, subjects
+
+    url = target(args, "nats")
+    try:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=-1)
+    except Exception as exc:
+        raise CncError(f"cannot reach NATS at {url}: {exc}") from None
+    filt = args.subject or DEFAULT_SUBJECT
+    seen = 0
+    done = asyncio.Event()
+
+    async def on(msg) -> None:
+        nonlocal seen
+        if args.subject is None and any(n in msg.subject for n in NOISY):
+            return
+        if msg.subject.startswith("_INBOX") or msg.subject.startswith("$JS"):
+            return
+        type_id = (msg.headers or {}).get(envelope.TYPE, "?")
+        message_type = subjects.BY_TYPE.get(type_id)
+        payload = None
+        if message_type is not None:
+            try:
+                payload = message_type.FromString(msg.data)
+            except Exception:
+                payload = None
+        print(line(msg.subject, type_id, payload, args.json), flush=True)
+        seen += 1
+        if args.count and seen >= args.count:
+            done.set()
+
+    await nc.subscribe(filt, cb=on)
+    print(f"watching {filt} on {url} (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        await done.wait()
+    finally:
+        await nc.close()
+    return 0
+
+
+async def watch_workload(args: argparse.Namespace) -> int:
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    address = target(args, "scheduler")
+    try:
+        async with channel(address) as ch:
+            stream = scheduler_pb2_grpc.SchedulerServiceStub(ch).WatchWorkload(
+                pb.WatchWorkloadRequest(workload_id=args.workload))
+            async for resp in stream:
+                print(line(f"cnc.scheduler.workload.{args.workload}", "cnc.scheduler.v1.WorkloadEvent",
+                           resp.event, args.json), flush=True)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(watch_workload(args) if args.workload else watch_nats(args))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,64 @@
+"""`cncbrain workloads`: list (or show one of) the scheduler's workloads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("workloads", help="list workloads (or show one)")
+    p.add_argument("workload_id", nargs="?", help="show this workload in full")
+    p.add_argument("--json", action="store_true")
+    add_target_args(p, "scheduler")
+    p.set_defaults(func=run)
+
+
+def placements_text(w) -> str:
+    parts = []
+    for p in w.placements:
+        n = p.replicas or len(p.shard_indices)
+        if n:
+            parts.append(f"{p.site_id}:{n}×{p.gpu_type}")
+    return " ".join(parts) or "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    address = target(args, "scheduler")
+
+    async def call():
+        async with channel(address) as ch:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            if args.workload_id:
+                return [(await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=args.workload_id), timeout=5)).workload]
+            return list((await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=5)).workloads)
+
+    try:
+        items = asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    if args.json or args.workload_id:
+        out = [MessageToDict(w) for w in items]
+        print(json.dumps(out[0] if args.workload_id else out, indent=2))
+        return 0
+    table = Table(title=f"workloads ({address})")
+    for col in ("id", "kind", "name", "state", "gen", "placements", "progress", "message"):
+        table.add_column(col)
+    for w in items:
+        spec = getattr(w, w.WhichOneof("spec"))
+        table.add_row(w.workload_id, "training" if w.HasField("training_job") else "inference", spec.name,
+                      pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(w.generation),
+                      placements_text(w), f"{w.progress:.0%}" if w.HasField("training_job") else "", w.message)
+    Console().print(table)
+    return 0
