@@ -1,0 +1,111 @@
+"""deploy/docker-compose.yml + docker-compose.cluster.yml for real: three JetStream nodes with the
+brain's streams and KV buckets in 3 replicas. One node is stopped while deployments keep coming:
+the brain keeps accepting them, none that it accepted is lost, and the node rejoins and catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+from brain_client import PlacementWatch, deploy, monitor, scheduler_channel, wait_state
+from compose_stack import Stack
+
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
+
+PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
+# The node every service names as its server: losing it forces them all to fail over.
+VICTIM = "nats"
+
+
+async def brain_streams(servers: list[str]) -> list:
+    nc = await nats.connect(servers=servers)
+    try:
+        infos = await nc.jetstream().streams_info()
+    finally:
+        await nc.close()
+    return [s for s in infos if s.config.name.startswith(("CNC_", "KV_cnc-"))]
+
+
+async def wait_until(check, what: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+        except Exception as exc:  # a node still starting answers with errors
+            last = exc
+        else:
+            last = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout_s:.0f} s (last error: {last!r})")
+        await asyncio.sleep(0.5)
+
+
+async def test_cluster_survives_node_loss(image, log_dir):
+    stack = Stack(image, clustered=True, log_dir=log_dir)
+    watch = PlacementWatch()
+    try:
+        stack.up()
+        stack.wait_healthy()
+        for node in (1, 2, 3):
+            meta = monitor(stack.monitor(node), "/jsz")["meta_cluster"]
+            assert meta["cluster_size"] == 3, meta
+
+        async def created():
+            streams = await brain_streams(stack.nats_urls)
+            names = {s.config.name for s in streams}
+            return streams if names >= {"CNC_WORKLOADS", "CNC_PLACEMENTS", "KV_cnc-workloads"} else None
+
+        streams = await wait_until(created, "the brain's streams", 30)
+        assert {s.config.name: s.config.num_replicas for s in streams} == {s.config.name: 3 for s in streams}
+
+        await watch.start(stack.nats_urls)
+        accepted: list[str] = []
+        async with scheduler_channel(stack.scheduler) as channel:
+            stub = pb_grpc.SchedulerServiceStub(channel)
+            for i in range(3):
+                accepted.append(await deploy(stub, f"before-{i}"))
+
+            stack.stop(VICTIM)
+            down_at = time.monotonic()
+            for i in range(8):
+                # While streams elect new leaders a call may take longer; it must not fail.
+                accepted.append(await deploy(stub, f"during-{i}", timeout_s=30))
+            print(f"8 deployments accepted in {time.monotonic() - down_at:.1f} s with {VICTIM} down")
+
+            stack.start(VICTIM)
+            await wait_until(lambda: asyncio.to_thread(stack.healthy, VICTIM), f"{VICTIM} healthy again", 90)
+            for i in range(3):
+                accepted.append(await deploy(stub, f"after-{i}"))
+
+            await watch.wait_for(set(accepted), timeout_s=120)
+            listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+            assert set(accepted) <= {w.workload_id for w in listed}
+            for workload_id in accepted:
+                await wait_state(stub, workload_id, PLACED)
+
+        # Rejoined: routes to both peers, and every replica of the brain's streams current again.
+        routez = monitor(stack.monitor(1), "/routez")
+        assert routez["num_routes"] >= 2, routez
+
+        async def all_current():
+            streams = await brain_streams(stack.nats_urls)
+            return all(
+                s.cluster and len(s.cluster.replicas or []) == 2 and all(r.current for r in s.cluster.replicas)
+                for s in streams
+            )
+
+        await wait_until(all_current, "all stream replicas current", 60)
+    except BaseException:
+        print(f"stack logs: {log_dir}")
+        raise
+    finally:
+        await watch.close()
+        stack.down()
+    assert stack.leftovers() == {"containers": [], "volumes": [], "networks": []}
