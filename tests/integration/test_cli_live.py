@@ -1,0 +1,99 @@
+"""`cncbrain up`, the client commands and `cncbrain demo` as a user runs them (subprocesses)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cncbrain.natsserver import free_port
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "cncbrain.cli"]
+
+
+def cli(*args, env, timeout=60):
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def up(tmp_path):
+    env = {**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")}
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([*CLI, "up", "--nats-port", str(ports[0]), "--perception-port", str(ports[1]),
+                             "--scheduler-port", str(ports[2]), "--state-dir", str(tmp_path / "state"),
+                             "--speed", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C stops everything" in line or proc.poll() is not None:
+            break
+    assert any("healthy in" in x for x in lines), "".join(lines)
+    yield proc, env, ports, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
+    proc, env, ports, lines = up
+    text = "".join(lines)
+    assert f"127.0.0.1:{ports[2]}" in text and "11 site agents registered" in text
+    sites = cli("sites", "--json", env=env)
+    assert sites.returncode == 0, sites.stderr
+    assert sites.stdout.count('"siteId"') == 11
+    dep = cli("deploy", "--name", "chat", "--model", "7b", "--min-replicas", "2", env=env)
+    assert dep.returncode == 0, dep.stderr
+    wid = dep.stdout.split()[0]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        shown = cli("workloads", wid, env=env)
+        if '"WORKLOAD_STATE_RUNNING"' in shown.stdout or '"WORKLOAD_STATE_PLACED"' in shown.stdout:
+            break
+        time.sleep(0.5)
+    assert '"replicas"' in shown.stdout, shown.stdout
+    bad = cli("deploy", "--name", "bad name", "--model", "7b", env=env)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "service.name" in bad.stderr
+    missing = cli("cancel", "svc-doesnotexist", env=env)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    watcher = subprocess.Popen([*CLI, "watch", f"cnc.scheduler.workload.{wid}", "--count", "1", "--json"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # the watcher subscribes before the event it waits for
+    assert cli("cancel", wid, env=env).returncode == 0
+    out, _ = watcher.communicate(timeout=15)
+    assert '"WORKLOAD_EVENT_KIND_CANCELLED"' in out, out
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped." in out
+
+
+def test_up_refuses_a_port_in_use_with_a_clear_message(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "CNC_STATE_DIR": str(tmp_path / "s")}
+        res = cli("up", "--nats-port", str(port), "--perception-port", str(free_port()),
+                  "--scheduler-port", str(free_port()), "--state-dir", str(tmp_path / "s"), env=env)
+    assert res.returncode == 2
+    assert f"nats {port}" in res.stderr and "in use" in res.stderr
+
+
+def test_client_commands_say_when_no_brain_runs(tmp_path):
+    env = {**os.environ, "CNC_STATE_DIR": str(tmp_path), "CNC_SCHEDULER_ADDR": f"127.0.0.1:{free_port()}"}
+    res = cli("workloads", env=env)
+    assert res.returncode == 2 and "cncbrain up" in res.stderr
+
+
+@pytest.mark.smoke
+def test_demo_runs_end_to_end_and_reports(tmp_path):
+    env = {**os.environ, "CNC_STATE_DIR": str(tmp_path)}
+    res = cli("demo", "--duration", "8", "--state-dir", str(tmp_path / "demo"), env=env, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "closing report" in res.stdout and "SLO attainment: all services" in res.stdout
+    assert "placements committed" in res.stdout

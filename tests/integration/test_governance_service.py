@@ -1,0 +1,255 @@
+"""GovernanceService end to end: a real nats-server, the real gRPC server on loopback, real tokens.
+
+Covers the denied cases (no token, bad token, revoked token, tenant touching another tenant,
+tenant calling operator methods), admission refusals with their status codes, usage computed from
+the scheduler's placement events, restart from the ledger, and a ledger tampered in JetStream.
+"""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2_grpc
+from cnc.perception.v1 import perception_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cncbrain.auth import token_interceptors
+from cncbrain.bus import subjects
+from services.governance.ledger_store import LEDGER, STREAM
+from services.governance.server import GovernanceServer
+from services.governance.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+SITES = {  # site: (region, gpu type, count, price)
+    "ams": ("eu", "H100", 16, 4.0),
+    "fra": ("eu", "A100-80GB", 8, 2.5),
+    "nyc": ("us", "H100", 64, 3.0),
+    "sea": ("us", "L4", 32, 0.8),
+}
+
+
+def snapshot():
+    snap = perception_pb2.Snapshot(sequence=1)
+    for sid, (region, gpu, n, price) in SITES.items():
+        pool = common.GpuPool(gpu_type=gpu, count=n, price_usd_per_hour=price)
+        snap.sites.append(perception_pb2.SiteStatus(
+            site=common.Site(site_id=sid, region=region, gpu_pools=[pool]), state=common.SITE_STATE_UP))
+    return snap
+
+
+class Brain:
+    def __init__(self, server, operator_token):
+        self.server = server
+        self.operator_token = operator_token
+        self.target = f"127.0.0.1:{server.port}"
+        self.channels = []
+
+    def stub(self, token):
+        ch = grpc.aio.insecure_channel(self.target, interceptors=token_interceptors(token))
+        self.channels.append(ch)
+        return governance_pb2_grpc.GovernanceServiceStub(ch)
+
+    async def close(self):
+        for ch in self.channels:
+            await ch.close()
+
+
+async def start(nats_server, tmp_path, **kw):
+    settings = Settings(nats_url=nats_server.url, grpc_port=0, bootstrap_token_file=tmp_path / "operator.token",
+                        ledger_deny_delete=False, **kw)
+    server = await GovernanceServer(settings).start()
+    return Brain(server, (tmp_path / "operator.token").read_text().strip())
+
+
+@pytest.fixture
+async def brain(nats_server, bus, tmp_path):
+    b = await start(nats_server, tmp_path)
+    await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot())
+    for _ in range(100):
+        if b.server.governor.state.pool_known:
+            break
+        await asyncio.sleep(0.02)
+    yield b
+    await b.close()
+    await b.server.stop()
+
+
+async def code_of(call):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details()
+
+
+async def make_tenant(op, tenant_id, quota=None, policy=None):
+    await op.CreateTenant(pb.CreateTenantRequest(tenant_id=tenant_id, quota=quota or pb.Quota(),
+                                                 policy=policy or pb.PlacementPolicy()))
+    resp = await op.IssueToken(pb.IssueTokenRequest(role=pb.ROLE_TENANT, tenant_id=tenant_id))
+    return resp.token
+
+
+async def test_calls_without_a_valid_token_are_unauthenticated_but_health_is_open(brain):
+    code, detail = await code_of(brain.stub(None).ListTenants(pb.ListTenantsRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in detail
+    code, _ = await code_of(brain.stub("tok_0123456789abcdef.not-the-secret-of-any-token").WhoAmI(pb.WhoAmIRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await code_of(brain.stub("garbage").WhoAmI(pb.WhoAmIRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    async with grpc.aio.insecure_channel(brain.target) as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    who = await brain.stub(brain.operator_token).WhoAmI(pb.WhoAmIRequest())
+    assert who.role == pb.ROLE_OPERATOR
+
+
+async def test_tenants_are_isolated_and_revocation_is_immediate(brain):
+    op = brain.stub(brain.operator_token)
+    acme_token = await make_tenant(op, "acme")
+    await make_tenant(op, "globex")
+    acme = brain.stub(acme_token)
+    assert (await acme.WhoAmI(pb.WhoAmIRequest())).tenant_id == "acme"
+    assert (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant.tenant_id == "acme"
+    code, detail = await code_of(acme.GetTenant(pb.GetTenantRequest(tenant_id="globex")))
+    assert code is grpc.StatusCode.PERMISSION_DENIED and "globex" in detail
+    code, _ = await code_of(acme.CreateTenant(pb.CreateTenantRequest(tenant_id="evil")))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    code, _ = await code_of(acme.IssueToken(pb.IssueTokenRequest(role=pb.ROLE_OPERATOR)))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    code, _ = await code_of(acme.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="w", tenant_id="globex", gpus=1)))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    # Tokens are listed without secrets, then revoked.
+    listed = await acme.ListTokens(pb.ListTokensRequest())
+    assert [t.tenant_id for t in listed.tokens] == ["acme"]
+    assert acme_token.split(".")[1] not in str(listed)
+    await op.RevokeToken(pb.RevokeTokenRequest(token_id=acme_token.split(".")[0]))
+    code, detail = await code_of(acme.WhoAmI(pb.WhoAmIRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "revoked" in detail
+    code, _ = await code_of(op.CreateTenant(pb.CreateTenantRequest(tenant_id="acme")))
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    code, _ = await code_of(op.CreateTenant(pb.CreateTenantRequest(tenant_id="Not Valid")))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_admission_refuses_over_quota_and_outside_policy_with_reasons(brain):
+    op = brain.stub(brain.operator_token)
+    eu_only = pb.PlacementPolicy(allowed_regions=["eu"])
+    token = await make_tenant(op, "acme", pb.Quota(gpus=[pb.GpuQuota(gpu_type="H100", max_gpus=8)]), eu_only)
+    acme = brain.stub(token)
+
+    def admit(wid, gpus, types=("H100",)):
+        return acme.AdmitWorkload(pb.AdmitWorkloadRequest(
+            workload_id=wid, tenant_id="acme", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, gpus=gpus,
+            gpus_per_unit=1, gpu_types=list(types)))
+
+    ok = await admit("w1", 6)
+    assert ok.decision.verdict == pb.VERDICT_ADMITTED and list(ok.decision.eligible_sites) == ["ams"]
+    code, detail = await code_of(admit("w2", 4))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "H100 GPUs would be 10, quota is 8" in detail
+    code, detail = await code_of(admit("w3", 1, ("L4",)))  # L4 exists only in the US
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "no site" in detail
+    tenant = (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant
+    assert tenant.gpus_in_use == 6
+    kinds = [e.kind for e in (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(kind="admission"))).entries]
+    assert kinds == ["admission"] * 3  # refusals are audited too
+
+
+async def test_usage_and_quota_follow_the_schedulers_placement_events(brain, bus):
+    op = brain.stub(brain.operator_token)
+    token = await make_tenant(op, "acme", pb.Quota(gpus=[pb.GpuQuota(gpu_type="H100", max_gpus=4)]))
+    acme = brain.stub(token)
+    await acme.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="svc1", tenant_id="acme", gpus=2, gpu_types=["H100"],
+                                                     kind=common.WORKLOAD_KIND_INFERENCE_SERVICE))
+    t0 = time.time() - 7200
+
+    def event(state, placements, at):
+        ev = spb.WorkloadEvent(workload_id="svc1", state=state, placements=placements, generation=1)
+        ev.at.FromNanoseconds(int(at * 1e9))
+        return ev
+
+    placed = [common.Placement(workload_id="svc1", site_id="nyc", replicas=2, gpu_type="H100", gpus_per_unit=1),
+              common.Placement(workload_id="svc1", site_id="ams", replicas=1, gpu_type="H100", gpus_per_unit=1)]
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, event(spb.WORKLOAD_STATE_PLACED, placed, t0), workload="svc1")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, event(spb.WORKLOAD_STATE_RUNNING, placed[:1], t0 + 3600),
+                      workload="svc1")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, event(spb.WORKLOAD_STATE_CANCELLED, [], t0 + 5400), workload="svc1")
+    for _ in range(200):
+        if not brain.server.governor.state.holdings.get("acme"):
+            break
+        await asyncio.sleep(0.02)
+    usage = await acme.GetUsage(pb.GetUsageRequest(tenant_id="acme"))
+    (line,) = usage.tenants
+    # nyc: 2 GPUs x 1.5 h x $3; ams: 1 GPU x 1 h x $4
+    assert line.gpu_hours == pytest.approx(3.0 + 1.0, rel=1e-3)
+    assert line.cost_usd == pytest.approx(9.0 + 4.0, rel=1e-3)
+    assert [w.workload_id for w in usage.workloads] == ["svc1"]
+    code, _ = await code_of(acme.GetUsage(pb.GetUsageRequest(tenant_id="globex")))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    kinds = [e.kind for e in (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(subject="svc1"))).entries]
+    assert kinds == ["admission", "workload.ended"]
+    placements = (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(kind="placement.committed"))).entries
+    assert sorted(e.subject for e in placements) == ["svc1@ams", "svc1@nyc"]
+
+
+async def test_placement_check_keeps_residency(brain):
+    op = brain.stub(brain.operator_token)
+    token = await make_tenant(op, "acme", policy=pb.PlacementPolicy(allowed_sites=["ams"]))
+    acme = brain.stub(token)
+    outside = common.Placement(workload_id="w", site_id="nyc", replicas=1, gpu_type="H100", gpus_per_unit=1)
+    inside = common.Placement(workload_id="w", site_id="ams", replicas=2, gpu_type="H100", gpus_per_unit=1)
+    bad = await acme.CheckPlacement(pb.CheckPlacementRequest(workload_id="w", tenant_id="acme",
+                                                             placements=[inside, outside]))
+    assert bad.decision.verdict == pb.VERDICT_POLICY_VIOLATION and "nyc" in bad.decision.reasons[0]
+    good = await acme.CheckPlacement(pb.CheckPlacementRequest(workload_id="w", tenant_id="acme", placements=[inside]))
+    assert good.decision.verdict == pb.VERDICT_ADMITTED
+
+
+async def test_state_survives_a_restart_and_the_operator_token_is_kept(nats_server, tmp_path):
+    b = await start(nats_server, tmp_path)
+    op = b.stub(b.operator_token)
+    token = await make_tenant(op, "acme", pb.Quota(max_gpus=3))
+    await b.close()
+    await b.server.stop()
+    b2 = await start(nats_server, tmp_path)
+    try:
+        assert b2.operator_token == b.operator_token
+        acme = b2.stub(token)
+        tenant = (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant
+        assert tenant.quota.max_gpus == 3
+        result = await b2.stub(b2.operator_token).VerifyLedger(pb.VerifyLedgerRequest())
+        assert result.ok and result.length == 3  # operator token, tenant, tenant token
+    finally:
+        await b2.close()
+        await b2.server.stop()
+
+
+async def test_verify_ledger_names_the_tampered_entries(brain, bus):
+    op = brain.stub(brain.operator_token)
+    for i in range(6):
+        await op.CreateTenant(pb.CreateTenantRequest(tenant_id=f"tenant-{i}"))
+    clean = await op.VerifyLedger(pb.VerifyLedgerRequest())
+    assert clean.ok and clean.length == 7 and clean.entries_checked == 7
+    js = bus.js
+    # Change entry 3: take it out of the stream and put back a forged copy (a rewrite in place is
+    # what an attacker with JetStream access can do).
+    msg = await js.get_msg(STREAM, seq=4)
+    forged = pb.LedgerEntry()
+    forged.ParseFromString(msg.data)
+    assert forged.index == 3
+    forged.payload_json = forged.payload_json.replace("tenant-2", "tenant-x")
+    await js.delete_msg(STREAM, 4)
+    await js.publish(LEDGER.template, forged.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
+    result = await op.VerifyLedger(pb.VerifyLedgerRequest())
+    assert not result.ok
+    changed = {i.index for i in result.issues if i.kind == "changed"}
+    assert changed == {3}
+    # Remove entry 5 as well.
+    await js.delete_msg(STREAM, 6)
+    result = await op.VerifyLedger(pb.VerifyLedgerRequest())
+    assert {i.index for i in result.issues if i.kind == "removed"} == {5}
+    assert {i.index for i in result.issues if i.kind == "changed"} == {3}
+    code, _ = await code_of(brain.stub(None).VerifyLedger(pb.VerifyLedgerRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
