@@ -142,8 +142,11 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
     by_index: dict[int, list[LedgerEntry]] = {}
     highest_seen = -1
     count = 0
-    for entry in entries:
+    for position, entry in enumerate(entries):
         count += 1
+        if entry.index < 0:  # stored bytes that are not an entry at all
+            result.issues.append(LedgerIssue(-1, "changed", f"stored message {position} is not a readable entry"))
+            continue
         if entry.index < highest_seen:
             result.issues.append(
                 LedgerIssue(entry.index, "reordered", f"stored after entry {highest_seen}")

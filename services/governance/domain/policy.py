@@ -293,15 +293,24 @@ def check_placements(
     quota: Quota,
     policy: PlacementPolicy,
     holdings: Mapping[str, Holding],
+    replace_workload: bool = False,
 ) -> Decision:
     """The check before the scheduler commits: every placement inside its workload's policy and the
-    tenant inside its quota once they are all added. All or nothing, like a gang commit."""
+    tenant inside its quota once they are all added. All or nothing, like a gang commit.
+
+    replace_workload: `placements` are the workload's whole placement after the commit (absolute,
+    as the scheduler records it), not additions to what it holds.
+    """
     placements = list(placements)
     reasons: list[str] = []
     trial: dict[str, Holding] = {
         wid: Holding(h.workload_id, dict(h.reserved_gpus), h.reserved_cost_per_hour, dict(h.placed))
         for wid, h in holdings.items()
     }
+    if replace_workload:
+        for wid in {p.workload_id for p in placements}:
+            if wid in trial:
+                trial[wid].placed = {}
     for p in placements:
         for r in policy.site_reasons(p.site_id, p.region, p.gpu_type):
             reasons.append(f"{p.unit_id}: {r}")

@@ -247,7 +247,7 @@ class GovernanceState:
             payload["reserved_cost_per_hour"] = holding.reserved_cost_per_hour
         return decision, Record("admission", demand.workload_id, payload)
 
-    def check_placements(self, placements: list[Placement]) -> Decision:
+    def check_placements(self, placements: list[Placement], replace_workload: bool = False) -> Decision:
         """Check one workload's placements before commit (no record: the commit is recorded)."""
         if not placements:
             return Decision(Verdict.ADMITTED)
@@ -261,7 +261,7 @@ class GovernanceState:
             return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {tenant_id!r} does not exist",))
         return check_placements(
             placements, tenant.quota, self.effective_policy(tenant_id, workload_id),
-            self.holdings.get(tenant_id, {}))
+            self.holdings.get(tenant_id, {}), replace_workload)
 
     def placement_committed(self, p: Placement, at: float) -> Record:
         return Record("placement.committed", p.unit_id, {**placement_to_dict(p), "at": at})

@@ -1,0 +1,375 @@
+"""Governance's NATS side: the single writer of the ledger, and the consumers that feed it.
+
+`Governor` owns the state (folded from the ledger), the ledger store and the projections other
+processes read (token records, tenants' quotas and policies, holdings) in KV. Every change is a
+*command*, a function of the state that validates and returns the record(s) to append; commands
+run one at a time in a writer task, so validation always sees every earlier change (no two
+admissions can both take the last GPU). The writer applies a batch to the state as it builds it,
+stores the batch with one pipelined round trip and only then answers the callers; if storing
+fails, the state is rebuilt from what the ledger really holds.
+
+Consumers: perception snapshots (the pool: regions, prices, sites up) and the scheduler's workload
+events (durable consumer `governance`: committed placements and ends, for usage and quota), and
+adaptation's actions (audited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cncbrain.auth import TOKENS_BUCKET
+from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
+from cncbrain.identity import Role, TokenDirectory
+from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
+from services.governance.domain.ledger import LedgerEntry, LedgerHead, LedgerVerification, verify_chain
+from services.governance.domain.policy import Placement, SiteOffer
+from services.governance.domain.state import (
+    GovernanceState,
+    Record,
+    placement_to_dict,
+    policy_to_dict,
+    quota_to_dict,
+)
+from services.governance.ledger_store import GOVERNANCE_BUCKET, LedgerStore, LedgerWriteError
+from services.governance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[GovernanceState], tuple[Any, list[Record]]]
+ACTIVE_STATES = (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
+TERMINAL_STATES = (spb.WORKLOAD_STATE_COMPLETED, spb.WORKLOAD_STATE_FAILED, spb.WORKLOAD_STATE_CANCELLED)
+MAX_BATCH = 512
+
+
+@dataclass
+class _Pending:
+    command: Command
+    actor: str
+    future: asyncio.Future[tuple[Any, list[LedgerEntry]]]
+
+
+@dataclass
+class _Dirty:
+    tokens: set[str] = field(default_factory=set)
+    tenants: set[str] = field(default_factory=set)
+    workloads: set[str] = field(default_factory=set)
+    holdings: set[str] = field(default_factory=set)
+
+
+def unit_id(workload_id: str, site_id: str) -> str:
+    """A placement is one workload's share at one site: that pair is the unit quota and usage count."""
+    return f"{workload_id}@{site_id}"
+
+
+class Governor:
+    def __init__(self, bus: Bus, settings: Settings, directory: TokenDirectory | None = None) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.state = GovernanceState()
+        self.head = LedgerHead()
+        self.store = LedgerStore(bus, settings.ledger_deny_delete)
+        self.directory = directory if directory is not None else TokenDirectory()
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+        self.counters = bus.counters
+        self.pool_sites: dict[str, common.Site] = {}
+        self.load_verification: LedgerVerification | None = None
+
+    # ---- life cycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.ensure()
+        self.tokens_kv = await self.bus.kv(TOKENS_BUCKET)
+        self.kv = await self.bus.kv(GOVERNANCE_BUCKET)
+        await self._load()
+        await self._project_all()
+        self.writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
+        await self.bus.subscribe(subjects.SCHEDULER_WORKLOAD, self.on_workload_event, consumer="governance",
+                                 durable=True)
+        await self.bus.subscribe(ADAPTATION_ACTION, self.on_adaptation_action, consumer="governance-adaptation",
+                                 durable=True)
+        if self.settings.bootstrap_token_file:
+            await self.ensure_operator_token(self.settings.bootstrap_token_file)
+
+    async def stop(self) -> None:
+        if self.writer:
+            self.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.writer
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        entries = await self.store.read_all()
+        anchor = await self.store.read_head()
+        if self.settings.verify_on_start:
+            self.load_verification = verify_chain(entries, anchor)
+            for issue in self.load_verification.issues:
+                log.error("ledger entry %d %s: %s", issue.index, issue.kind, issue.detail)
+        state = GovernanceState()
+        by_index: dict[int, LedgerEntry] = {}
+        for e in entries:
+            if e.index >= 0:
+                by_index.setdefault(e.index, e)
+        for index in sorted(by_index):
+            e = by_index[index]
+            state.apply(e.kind, json.loads(e.payload_json))
+        if by_index:
+            last = by_index[max(by_index)]
+            self.head = LedgerHead(last.index + 1, last.hash)
+        else:
+            self.head = LedgerHead()
+        pool = self.state.pool
+        self.state = state
+        if pool:
+            self.state.update_pool(pool.values())
+        self.directory.records.clear()
+        for rec in state.tokens.values():
+            self.directory.put(rec)
+        log.info("governance: ledger of %d entries loaded in %.2f s", len(entries), time.perf_counter() - started)
+
+    # ---- the writer ------------------------------------------------------------------------------
+
+    async def submit(self, command: Command, actor: str) -> tuple[Any, list[LedgerEntry]]:
+        """Run `command` in order with every other change; return its result once its records are durable."""
+        future: asyncio.Future[tuple[Any, list[LedgerEntry]]] = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(command, actor, future))
+        return await future
+
+    async def record(self, records: list[Record], actor: str) -> list[LedgerEntry]:
+        _, entries = await self.submit(lambda _s: (None, records), actor)
+        return entries
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        head = self.head
+        entries: list[LedgerEntry] = []
+        done: list[tuple[_Pending, Any, list[LedgerEntry]]] = []
+        dirty = _Dirty()
+        for item in batch:
+            try:
+                result, records = item.command(self.state)
+            except Exception as exc:  # a refused command: nothing recorded
+                item.future.set_exception(exc)
+                continue
+            mine = []
+            for rec in records:
+                entry = head.next_entry(rec.kind, item.actor, rec.subject, rec.payload, time.time_ns())
+                head = head.after(entry)
+                self.state.apply(rec.kind, rec.payload)
+                self._mark(rec, dirty)
+                entries.append(entry)
+                mine.append(entry)
+            done.append((item, result, mine))
+        try:
+            await self.store.append(entries)
+        except LedgerWriteError as exc:
+            log.error("governance: %s; rebuilding state from the stored ledger", exc)
+            stored = {e.index for e in entries[: exc.stored]}
+            for item, result, mine in done:
+                if all(e.index in stored for e in mine):
+                    item.future.set_result((result, mine))
+                else:
+                    item.future.set_exception(RuntimeError(f"ledger unavailable: {exc.cause!r}"))
+            with contextlib.suppress(Exception):
+                await self._load()
+                await self._project_all()
+            return
+        except Exception as exc:
+            for item, _, _ in done:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError(f"ledger unavailable: {exc!r}"))
+            with contextlib.suppress(Exception):
+                await self._load()
+            return
+        self.head = head
+        self.counters["ledger_appended"] += len(entries)
+        for item, result, mine in done:
+            if not item.future.done():
+                item.future.set_result((result, mine))
+        try:
+            await self._project(dirty)
+            if entries:
+                await self.store.write_head(self.head)
+        except Exception as exc:  # projections are rebuilt at the next start; the ledger holds
+            log.warning("governance: projection update failed: %s", exc)
+
+    # ---- projections for the other processes ---------------------------------------------------
+
+    def _mark(self, rec: Record, dirty: _Dirty) -> None:
+        p = rec.payload
+        if rec.kind.startswith("token."):
+            dirty.tokens.add(p["token_id"])
+            rec_now = self.state.tokens.get(p["token_id"])
+            if rec_now is not None:
+                self.directory.put(rec_now)  # usable on this server at once
+        elif rec.kind.startswith("tenant."):
+            dirty.tenants.add(p["tenant_id"])
+        if rec.kind in ("workload.policy_set", "admission"):
+            dirty.workloads.add(p["workload_id"])
+        if rec.kind in ("admission", "placement.committed", "placement.released", "workload.ended"):
+            dirty.holdings.add(p["tenant_id"])
+
+    async def _project_all(self) -> None:
+        dirty = _Dirty(set(self.state.tokens), set(self.state.tenants), set(self.state.workload_policies),
+                       set(self.state.holdings))
+        await self._project(dirty)
+        with contextlib.suppress(Exception):
+            for key in await self.tokens_kv.keys():
+                if key not in self.state.tokens:
+                    await self.tokens_kv.delete(key)
+
+    async def _project(self, dirty: _Dirty) -> None:
+        for tid in dirty.tokens:
+            rec = self.state.tokens.get(tid)
+            if rec is not None:
+                await self.tokens_kv.put(tid, rec.to_json())
+        for tenant_id in dirty.tenants:
+            t = self.state.tenants.get(tenant_id)
+            if t is not None:
+                await self.kv.put(f"tenant.{tenant_id}", json.dumps(
+                    {"quota": quota_to_dict(t.quota), "policy": policy_to_dict(t.policy)}).encode())
+        for wid in dirty.workloads:
+            pol = self.state.workload_policies.get(wid)
+            await self.kv.put(f"workload.{wid}", json.dumps({
+                "tenant_id": self.state.workload_tenant.get(wid, ""),
+                "policy": policy_to_dict(pol) if pol is not None else None}).encode())
+        for tenant_id in dirty.holdings:
+            held = self.state.holdings.get(tenant_id, {})
+            await self.kv.put(f"holding.{tenant_id}", json.dumps({
+                wid: {"reserved_gpus": h.reserved_gpus, "reserved_cost_per_hour": h.reserved_cost_per_hour,
+                      "placed": {u: placement_to_dict(p) for u, p in h.placed.items()}}
+                for wid, h in held.items()}).encode())
+
+    # ---- bootstrap ----------------------------------------------------------------------------------
+
+    async def ensure_operator_token(self, path: Path) -> str:
+        """Make sure `path` holds a working operator token; issue one if not. Returns the token."""
+        if path.is_file():
+            token = path.read_text().strip()
+            with contextlib.suppress(Exception):
+                if self.directory.verify(token).role is Role.OPERATOR:
+                    return token
+        token_box: dict[str, str] = {}
+
+        def issue(state: GovernanceState) -> tuple[None, list[Record]]:
+            token, rec = state.issue_token(Role.OPERATOR, None, "bootstrap operator token")
+            token_box["token"] = token
+            return None, [rec]
+
+        await self.submit(issue, "governance")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token_box["token"] + "\n")
+        os.replace(tmp, path)
+        log.info("governance: operator token written to %s", path)
+        return token_box["token"]
+
+    # ---- consumers ---------------------------------------------------------------------------------
+
+    async def on_snapshot(self, event: Event) -> None:
+        offers = []
+        for s in event.payload.sites:
+            site = s.site
+            self.pool_sites[site.site_id] = site
+            pools = s.gpu_pools or site.gpu_pools
+            offers.append(SiteOffer(
+                site_id=site.site_id, region=site.region,
+                gpus_by_type={p.gpu_type: p.count for p in pools},
+                price_per_gpu_hour={p.gpu_type: p.price_usd_per_hour for p in pools},
+                up=s.state == common.SITE_STATE_UP))
+        self.state.update_pool(offers)
+
+    async def _tenant_of(self, workload_id: str) -> str | None:
+        tenant = self.state.workload_tenant.get(workload_id)
+        if tenant:
+            return tenant
+        try:
+            kv = await self.bus.kv(KV_WORKLOADS)
+            entry = await kv.get(workload_id)
+        except Exception:
+            return None
+        w = spb.Workload()
+        w.ParseFromString(entry.value)
+        spec = getattr(w, w.WhichOneof("spec")) if w.WhichOneof("spec") else None
+        return getattr(spec, "tenant", "") or None
+
+    def placement_of(self, workload_id: str, tenant_id: str, p: common.Placement) -> Placement:
+        units = p.replicas + len(p.shard_indices)
+        site = self.state.pool.get(p.site_id)
+        price = site.price_per_gpu_hour.get(p.gpu_type, 0.0) if site else 0.0
+        return Placement(workload_id, tenant_id, unit_id(workload_id, p.site_id), p.site_id,
+                         site.region if site else "", p.gpu_type, units * p.gpus_per_unit, price)
+
+    async def on_workload_event(self, event: Event) -> None:
+        ev: spb.WorkloadEvent = event.payload
+        wid = ev.workload_id
+        at = ev.at.ToNanoseconds() / 1e9 if ev.HasField("at") else time.time()
+        tenant = await self._tenant_of(wid) or "_unknown"
+        if ev.state in TERMINAL_STATES:
+            reason = spb.WorkloadState.Name(ev.state).removeprefix("WORKLOAD_STATE_").lower()
+
+            def end(state: GovernanceState) -> tuple[None, list[Record]]:
+                if wid not in state.holdings.get(tenant, {}) and not any(
+                        a.workload_id == wid for a in state.usage.open_allocations()):
+                    return None, []
+                return None, [state.workload_ended(wid, tenant, at, reason)]
+
+            await self.submit(end, "scheduler")
+            return
+        if ev.state not in ACTIVE_STATES:
+            return
+        new = {p.site_id: self.placement_of(wid, tenant, p) for p in ev.placements
+               if p.replicas or p.shard_indices}
+
+        def diff(state: GovernanceState) -> tuple[None, list[Record]]:
+            held = state.holdings.get(tenant, {}).get(wid)
+            old = dict(held.placed) if held else {}
+            records = []
+            for p in (new[k] for k in sorted(new)):
+                prev = old.get(p.unit_id)
+                if prev is None or (prev.gpu_type, prev.gpus) != (p.gpu_type, p.gpus):
+                    records.append(state.placement_committed(p, at))
+            for u, prev in sorted(old.items()):
+                if prev.site_id not in new:
+                    records.append(state.placement_released(u, wid, tenant, at, "not in the committed placement"))
+            return None, records
+
+        await self.submit(diff, "scheduler")
+
+    async def on_adaptation_action(self, event: Event) -> None:
+        a = event.payload
+        rec = Record("adaptation.action", a.workload_id or a.site_id or "pool",
+                     MessageToDict(a, preserving_proto_field_name=True))
+        await self.record([rec], "adaptation")
+
+    # ---- verification ------------------------------------------------------------------------------
+
+    async def verify(self, expected: LedgerHead | None = None) -> tuple[LedgerVerification, float]:
+        started = time.perf_counter()
+        entries = await self.store.read_all()
+        anchor = expected or await self.store.read_head()
+        # The anchor may lag the stream by the batch being written; never ask for more than was durable.
+        result = verify_chain(entries, anchor)
+        return result, time.perf_counter() - started

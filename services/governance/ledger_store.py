@@ -1,0 +1,167 @@
+"""The audit ledger kept durable in JetStream (stream CNC_LEDGER, subject `cnc.governance.ledger`).
+
+One message per entry, in order, written only by the governance service. Appends are pipelined
+(many entries in flight, one round trip per batch) and each carries `Nats-Expected-Last-Sequence`,
+so if one publish fails every later one in the batch fails too and the stored chain never gets a
+hole from a crash mid-batch. The head (length and last hash) is also written to KV
+(`cnc-governance`, key `ledger.head`) as the anchor that makes a removed tail visible.
+
+The stream has no age or size limit: an audit ledger is kept, not aged out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from cnc.governance.v1 import governance_pb2 as pb
+from cncbrain.bus import Bus, subjects
+from cncbrain.bus.subjects import Subject
+from services.governance.domain.ledger import LedgerEntry, LedgerHead
+
+log = logging.getLogger(__name__)
+
+STREAM = "CNC_LEDGER"
+LEDGER = subjects.register(Subject("cnc.governance.ledger", pb.LedgerEntry, STREAM, "audit ledger entries"))
+GOVERNANCE_BUCKET = "cnc-governance"
+HEAD_KEY = "ledger.head"
+
+
+def to_proto(e: LedgerEntry) -> pb.LedgerEntry:
+    return pb.LedgerEntry(index=e.index, time_ns=e.time_ns, kind=e.kind, actor=e.actor, subject=e.subject,
+                          payload_json=e.payload_json, prev_hash=e.prev_hash, hash=e.hash)
+
+
+def from_proto(m: pb.LedgerEntry) -> LedgerEntry:
+    return LedgerEntry(m.index, m.time_ns, m.kind, m.actor, m.subject, m.payload_json, m.prev_hash, m.hash)
+
+
+class LedgerStore:
+    def __init__(self, bus: Bus, deny_delete: bool = True) -> None:
+        self.bus = bus
+        self.js = bus.js
+        self.deny_delete = deny_delete
+        self.last_seq = 0  # stream sequence of the last stored entry
+
+    async def ensure(self) -> None:
+        config = api.StreamConfig(
+            name=STREAM, subjects=[LEDGER.template], storage=api.StorageType.FILE,
+            retention=api.RetentionPolicy.LIMITS, max_age=0, max_msgs=-1, max_bytes=-1,
+            duplicate_window=120.0, deny_delete=self.deny_delete, deny_purge=self.deny_delete,
+        )
+        try:
+            await self.js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+        info = await self.js.stream_info(STREAM)
+        self.last_seq = info.state.last_seq
+        self.kv = await self.bus.kv(GOVERNANCE_BUCKET)
+
+    async def read_all(self) -> list[LedgerEntry]:
+        """Every stored entry, in stream order (which `verify_chain` checks against index order)."""
+        info = await self.js.stream_info(STREAM)
+        total = info.state.messages
+        self.last_seq = info.state.last_seq
+        if total == 0:
+            return []
+        out: list[LedgerEntry] = []
+        done = asyncio.Event()
+        last_seq = info.state.last_seq
+
+        async def on_msg(msg) -> None:
+            m = pb.LedgerEntry()
+            try:
+                m.ParseFromString(msg.data)
+                out.append(from_proto(m))
+            except Exception:  # a garbled message is a changed entry of unknown index
+                out.append(LedgerEntry(-1, 0, "garbled", "", "", "", "", ""))
+            if msg.metadata.sequence.stream >= last_seq or msg.metadata.num_pending == 0:
+                done.set()
+
+        sub = await self.js.subscribe(
+            LEDGER.template, stream=STREAM, cb=on_msg, ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL, pending_msgs_limit=-1, pending_bytes_limit=-1,
+        )
+        try:
+            await asyncio.wait_for(done.wait(), timeout=max(30.0, total / 5_000))
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def append(self, entries: Sequence[LedgerEntry]) -> None:
+        """Store `entries` (consecutive, extending the stored chain) or raise; pipelined."""
+        if not entries:
+            return
+        futures = []
+        base = self.last_seq
+        for i, e in enumerate(entries):
+            headers = {
+                "Cnc-Type": pb.LedgerEntry.DESCRIPTOR.full_name,
+                "Cnc-Event-Id": f"ledger-{e.index}",
+                "Nats-Msg-Id": f"ledger-{e.index}-{e.hash[:16]}",
+                "Nats-Expected-Last-Sequence": str(base + i),
+            }
+            futures.append(await self.js.publish_async(LEDGER.template, to_proto(e).SerializeToString(),
+                                                       headers=headers, wait_stall=5.0))
+        try:
+            acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=10.0)
+        except TimeoutError as exc:
+            for f in futures:
+                f.cancel()
+            await self._resync()
+            raise LedgerWriteError(self.last_seq - base, exc) from None
+        stored = 0
+        for ack in acks:
+            if isinstance(ack, BaseException):
+                break
+            stored += 1
+            self.last_seq = ack.seq
+        if stored < len(entries):
+            failure = next(a for a in acks if isinstance(a, BaseException))
+            await self._resync()
+            raise LedgerWriteError(stored, failure)
+
+    async def _resync(self) -> None:
+        try:
+            info = await self.js.stream_info(STREAM)
+            self.last_seq = info.state.last_seq
+        except Exception as exc:  # NATS away: the next append fails on the expected sequence and resyncs
+            log.warning("ledger: cannot read the stream state after a failed append: %s", exc)
+
+    async def last_entry(self) -> LedgerEntry | None:
+        """The entry stored last (to resume the chain after a failed append)."""
+        info = await self.js.stream_info(STREAM)
+        self.last_seq = info.state.last_seq
+        if info.state.messages == 0:
+            return None
+        msg = await self.js.get_msg(STREAM, seq=info.state.last_seq)
+        m = pb.LedgerEntry()
+        m.ParseFromString(msg.data)
+        return from_proto(m)
+
+    async def write_head(self, head: LedgerHead) -> None:
+        await self.kv.put(HEAD_KEY, json.dumps({"length": head.length, "hash": head.hash,
+                                                "at": time.time()}).encode())
+
+    async def read_head(self) -> LedgerHead | None:
+        try:
+            entry = await self.kv.get(HEAD_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        d = json.loads(entry.value)
+        return LedgerHead(int(d["length"]), str(d["hash"]))
+
+
+class LedgerWriteError(Exception):
+    def __init__(self, stored: int, cause: BaseException) -> None:
+        super().__init__(f"ledger append stopped after {stored} entries: {cause!r}")
+        self.stored = stored
+        self.cause = cause
+

@@ -1,0 +1,350 @@
+"""GovernanceService: proto <-> domain, who may call what, and domain refusals -> status codes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2_grpc
+from cncbrain.auth import abort_for, current_principal
+from cncbrain.identity import AuthError, PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
+from services.governance.domain.ledger import LedgerHead
+from services.governance.domain.policy import (
+    Decision,
+    PlacementPolicy,
+    Quota,
+    Verdict,
+    WorkloadDemand,
+    tenant_usage,
+)
+from services.governance.domain.state import (
+    AlreadyExists,
+    GovernanceError,
+    GovernanceState,
+    InvalidArgument,
+    NotFound,
+    Record,
+    Tenant,
+    policy_from_dict,
+    policy_to_dict,
+)
+from services.governance.events import Governor
+from services.governance.ledger_store import to_proto
+
+SERVICE = "/cnc.governance.v1.GovernanceService/"
+OPERATOR_ONLY = frozenset(SERVICE + m for m in (
+    "CreateTenant", "ListTenants", "SetQuota", "IssueToken", "ListLedgerEntries", "VerifyLedger"))
+"""Methods the interceptor refuses to tenants outright; the rest check the tenant per request."""
+
+T = TypeVar("T")
+
+STATUS_OF = {NotFound: grpc.StatusCode.NOT_FOUND, AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+             InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT}
+VERDICT_PB = {Verdict.ADMITTED: pb.VERDICT_ADMITTED, Verdict.QUOTA_EXCEEDED: pb.VERDICT_QUOTA_EXCEEDED,
+              Verdict.POLICY_VIOLATION: pb.VERDICT_POLICY_VIOLATION, Verdict.UNKNOWN_TENANT: pb.VERDICT_UNKNOWN_TENANT}
+ADMISSION_STATUS = {Verdict.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Verdict.POLICY_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
+                    Verdict.UNKNOWN_TENANT: grpc.StatusCode.FAILED_PRECONDITION}
+
+
+# ---- proto <-> domain -----------------------------------------------------------------------------
+
+
+def quota_from_pb(q: pb.Quota) -> Quota:
+    by_type: dict[str, int] = {}
+    for g in q.gpus:
+        if not g.gpu_type:
+            raise InvalidArgument("quota.gpus.gpu_type: required")
+        by_type[g.gpu_type] = g.max_gpus
+    cost = q.max_cost_usd_per_hour if q.HasField("max_cost_usd_per_hour") else None
+    if cost is not None and cost < 0:
+        raise InvalidArgument("quota.max_cost_usd_per_hour: must be >= 0")
+    return Quota(by_type, q.max_gpus if q.HasField("max_gpus") else None, cost)
+
+
+def quota_to_pb(q: Quota) -> pb.Quota:
+    out = pb.Quota(gpus=[pb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in sorted(q.gpus_by_type.items())])
+    if q.max_gpus is not None:
+        out.max_gpus = q.max_gpus
+    if q.max_cost_per_hour is not None:
+        out.max_cost_usd_per_hour = q.max_cost_per_hour
+    return out
+
+
+def policy_from_pb(p: pb.PlacementPolicy) -> PlacementPolicy:
+    def pick(values: Any, restrict: bool) -> frozenset[str] | None:
+        return frozenset(values) if (values or restrict) else None
+
+    cost = p.max_cost_usd_per_hour if p.HasField("max_cost_usd_per_hour") else None
+    if cost is not None and cost < 0:
+        raise InvalidArgument("policy.max_cost_usd_per_hour: must be >= 0")
+    return PlacementPolicy(pick(p.allowed_regions, p.restrict_regions), pick(p.allowed_sites, p.restrict_sites),
+                           pick(p.allowed_gpu_types, p.restrict_gpu_types), cost)
+
+
+def policy_to_pb(p: PlacementPolicy) -> pb.PlacementPolicy:
+    out = pb.PlacementPolicy(
+        allowed_regions=sorted(p.allowed_regions or ()), allowed_sites=sorted(p.allowed_sites or ()),
+        allowed_gpu_types=sorted(p.allowed_gpu_types or ()), restrict_regions=p.allowed_regions is not None,
+        restrict_sites=p.allowed_sites is not None, restrict_gpu_types=p.allowed_gpu_types is not None)
+    if p.max_cost_per_hour is not None:
+        out.max_cost_usd_per_hour = p.max_cost_per_hour
+    return out
+
+
+def ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def token_to_pb(r: TokenRecord) -> pb.TokenInfo:
+    out = pb.TokenInfo(token_id=r.token_id, role=pb.ROLE_OPERATOR if r.role is Role.OPERATOR else pb.ROLE_TENANT,
+                       tenant_id=r.tenant_id or "", description=r.description, created_at=ts(r.created_at),
+                       revoked=r.revoked)
+    if r.revoked_at is not None:
+        out.revoked_at.CopyFrom(ts(r.revoked_at))
+    return out
+
+
+def decision_to_pb(d: Decision) -> pb.Decision:
+    return pb.Decision(verdict=VERDICT_PB[d.verdict], reasons=list(d.reasons), eligible_sites=list(d.eligible_sites))
+
+
+def tenant_to_pb(t: Tenant, state: GovernanceState) -> pb.Tenant:
+    _, gpus, cost = tenant_usage(state.holdings.get(t.tenant_id, {}).values())
+    return pb.Tenant(tenant_id=t.tenant_id, display_name=t.display_name, quota=quota_to_pb(t.quota),
+                     policy=policy_to_pb(t.policy), created_at=ts(t.created_at), gpus_in_use=gpus,
+                     cost_usd_per_hour_in_use=cost)
+
+
+# ---- the servicer -----------------------------------------------------------------------------------
+
+
+class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
+    def __init__(self, governor: Governor) -> None:
+        self.gov = governor
+
+    @property
+    def state(self) -> GovernanceState:
+        return self.gov.state
+
+    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn`, turning domain and auth refusals into the matching status."""
+        try:
+            return await fn()
+        except AuthError as exc:
+            await abort_for(context, exc)
+        except GovernanceError as exc:
+            await context.abort(STATUS_OF.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:  # the ledger could not be written: nothing changed
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")
+
+    async def _change(self, command: Callable[[GovernanceState], tuple[Any, list[Record]]]) -> Any:
+        result, _ = await self.gov.submit(command, current_principal().token_id)
+        return result
+
+    @staticmethod
+    def _tenant_scope(principal: Principal, asked: str) -> str | None:
+        """The tenant a listing covers: the asked one (checked), or all for an operator."""
+        if asked:
+            require_tenant_access(principal, asked)
+            return asked
+        return None if principal.is_operator else principal.tenant_id
+
+    # tenants ----------------------------------------------------------------------------------------
+
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
+        async def run() -> pb.CreateTenantResponse:
+            quota = quota_from_pb(request.quota)
+            policy = policy_from_pb(request.policy)
+            await self._change(lambda s: (None, [s.create_tenant(request.tenant_id, request.display_name, quota,
+                                                                 policy)]))
+            return pb.CreateTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+
+        return await self._guard(context, run)
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context) -> pb.GetTenantResponse:
+        async def run() -> pb.GetTenantResponse:
+            require_tenant_access(current_principal(), request.tenant_id)
+            return pb.GetTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+
+        return await self._guard(context, run)
+
+    async def ListTenants(self, request: pb.ListTenantsRequest, context) -> pb.ListTenantsResponse:
+        return pb.ListTenantsResponse(tenants=[tenant_to_pb(t, self.state) for _, t in sorted(self.state.tenants.items())])
+
+    async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.SetQuotaResponse:
+        async def run() -> pb.SetQuotaResponse:
+            quota = quota_from_pb(request.quota)
+            await self._change(lambda s: (None, [s.set_quota(request.tenant_id, quota)]))
+            return pb.SetQuotaResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+
+        return await self._guard(context, run)
+
+    async def SetPlacementPolicy(self, request: pb.SetPlacementPolicyRequest, context) -> pb.SetPlacementPolicyResponse:
+        async def run() -> pb.SetPlacementPolicyResponse:
+            principal = current_principal()
+            if request.workload_id:
+                require_tenant_access(principal, request.tenant_id)
+            elif not principal.is_operator:
+                raise PermissionDenied("only an operator sets a tenant's placement policy")
+            policy = policy_from_pb(request.policy)
+            await self._change(lambda s: (None, [s.set_policy(request.tenant_id, policy, request.workload_id)]))
+            effective = self.state.effective_policy(request.tenant_id, request.workload_id or None)
+            return pb.SetPlacementPolicyResponse(effective_policy=policy_to_pb(effective))
+
+        return await self._guard(context, run)
+
+    # tokens -----------------------------------------------------------------------------------------
+
+    async def IssueToken(self, request: pb.IssueTokenRequest, context) -> pb.IssueTokenResponse:
+        async def run() -> pb.IssueTokenResponse:
+            if request.role not in (pb.ROLE_TENANT, pb.ROLE_OPERATOR):
+                raise InvalidArgument("role: ROLE_TENANT or ROLE_OPERATOR")
+            role = Role.OPERATOR if request.role == pb.ROLE_OPERATOR else Role.TENANT
+
+            def issue(s: GovernanceState) -> tuple[str, list[Record]]:
+                token, rec = s.issue_token(role, request.tenant_id or None, request.description)
+                return token, [rec]
+
+            token = await self._change(issue)
+            token_id = token.split(".", 1)[0]
+            return pb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
+
+        return await self._guard(context, run)
+
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context) -> pb.RevokeTokenResponse:
+        async def run() -> pb.RevokeTokenResponse:
+            principal = current_principal()
+            rec = self.state.tokens.get(request.token_id)
+            if rec is None:
+                raise NotFound(f"token {request.token_id!r} does not exist")
+            if not principal.is_operator and rec.tenant_id != principal.tenant_id:
+                raise PermissionDenied("a tenant may revoke only its own tokens")
+            await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
+            return pb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
+
+        return await self._guard(context, run)
+
+    async def ListTokens(self, request: pb.ListTokensRequest, context) -> pb.ListTokensResponse:
+        async def run() -> pb.ListTokensResponse:
+            scope = self._tenant_scope(current_principal(), request.tenant_id)
+            records = [r for r in self.state.tokens_of(None) if scope is None or r.tenant_id == scope]
+            return pb.ListTokensResponse(tokens=[token_to_pb(r) for r in records])
+
+        return await self._guard(context, run)
+
+    async def WhoAmI(self, request: pb.WhoAmIRequest, context) -> pb.WhoAmIResponse:
+        p = current_principal()
+        return pb.WhoAmIResponse(token_id=p.token_id, role=pb.ROLE_OPERATOR if p.is_operator else pb.ROLE_TENANT,
+                                 tenant_id=p.tenant_id or "")
+
+    # admission and placement -----------------------------------------------------------------------
+
+    async def AdmitWorkload(self, request: pb.AdmitWorkloadRequest, context) -> pb.AdmitWorkloadResponse:
+        async def run() -> tuple[Decision, pb.AdmitWorkloadResponse]:
+            if not request.workload_id or not request.tenant_id:
+                raise InvalidArgument("workload_id and tenant_id: required")
+            require_tenant_access(current_principal(), request.tenant_id)
+            if request.gpus < 1:
+                raise InvalidArgument("gpus: a workload needs at least one GPU")
+            policy = policy_from_pb(request.policy) if request.HasField("policy") else None
+            gpu_type = request.gpu_types[0] if len(request.gpu_types) == 1 else None
+            if len(request.gpu_types) > 1:
+                policy = (policy or PlacementPolicy()).narrowed_by(
+                    PlacementPolicy(allowed_gpu_types=frozenset(request.gpu_types)))
+            kind = "training" if request.kind == common.WORKLOAD_KIND_TRAINING_JOB else "inference"
+            demand = WorkloadDemand(request.workload_id, request.tenant_id, kind, request.gpus, gpu_type, policy)
+
+            def admit(s: GovernanceState) -> tuple[Decision, list[Record]]:
+                decision, rec = s.admit(demand, max(request.gpus_per_unit, 1))
+                return decision, [rec]
+
+            decision = await self._change(admit)
+            return decision, pb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
+
+        decision, response = await self._guard(context, run)
+        if not decision.ok:
+            await context.abort(ADMISSION_STATUS[decision.verdict], f"{request.workload_id}: {decision.message}")
+        return response
+
+    async def CheckPlacement(self, request: pb.CheckPlacementRequest, context) -> pb.CheckPlacementResponse:
+        async def run() -> pb.CheckPlacementResponse:
+            require_tenant_access(current_principal(), request.tenant_id)
+            placements = [self.gov.placement_of(request.workload_id, request.tenant_id, p)
+                          for p in request.placements if p.replicas or p.shard_indices]
+            decision = self.state.check_placements(placements, replace_workload=True) if placements else Decision(
+                Verdict.ADMITTED)
+            return pb.CheckPlacementResponse(decision=decision_to_pb(decision))
+
+        return await self._guard(context, run)
+
+    # usage and ledger ------------------------------------------------------------------------------
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
+        async def run() -> pb.GetUsageResponse:
+            scope = self._tenant_scope(current_principal(), request.tenant_id)
+            now = time.time()
+            t0 = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else 0.0
+            t1 = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else now
+            if not principal_may_see_workload(current_principal(), request.workload_id, self.state):
+                raise PermissionDenied(f"workload {request.workload_id!r} belongs to another tenant")
+            tenants, workloads = self.state.usage.query(t0, t1, now, scope, request.workload_id or None,
+                                                        request.by_gpu_type)
+
+            def line(u: Any) -> pb.UsageLine:
+                return pb.UsageLine(tenant_id=u.tenant_id, workload_id=u.workload_id, gpu_type=u.gpu_type,
+                                    gpu_hours=u.gpu_hours, cost_usd=u.cost_usd)
+
+            return pb.GetUsageResponse(tenants=[line(u) for u in tenants], workloads=[line(u) for u in workloads],
+                                       start=ts(t0), end=ts(t1))
+
+        return await self._guard(context, run)
+
+    async def ListLedgerEntries(self, request: pb.ListLedgerEntriesRequest, context) -> pb.ListLedgerEntriesResponse:
+        limit = min(request.limit or 100, 1000)
+        entries = await self.gov.store.read_all()
+        picked = []
+        for e in sorted((e for e in entries if e.index >= request.from_index), key=lambda e: e.index):
+            if request.kind and e.kind != request.kind:
+                continue
+            if request.subject and e.subject != request.subject:
+                continue
+            picked.append(e)
+            if len(picked) >= limit:
+                break
+        return pb.ListLedgerEntriesResponse(entries=[to_proto(e) for e in picked], length=self.gov.head.length)
+
+    async def VerifyLedger(self, request: pb.VerifyLedgerRequest, context) -> pb.VerifyLedgerResponse:
+        expected = None
+        if request.expected_length:
+            if len(request.expected_head_hash) != 64:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected_head_hash: 64 hex characters")
+            expected = LedgerHead(request.expected_length, request.expected_head_hash)
+        result, seconds = await self.gov.verify(expected)
+        return pb.VerifyLedgerResponse(
+            ok=result.ok, entries_checked=result.entries_checked, length=result.head.length,
+            head_hash=result.head.hash, seconds=seconds,
+            issues=[pb.LedgerIssue(index=max(i.index, 0), kind=i.kind, detail=i.detail) for i in result.issues])
+
+
+def principal_may_see_workload(principal: Principal, workload_id: str, state: GovernanceState) -> bool:
+    if not workload_id or principal.is_operator:
+        return True
+    owner = state.workload_tenant.get(workload_id)
+    return owner is None or owner == principal.tenant_id
+
+
+__all__ = ["GovernanceServicer", "OPERATOR_ONLY", "policy_from_dict", "policy_to_dict"]
