@@ -50,6 +50,7 @@ class MemoryExecutor:
         self.fresh = True
         self.placements: dict[str, common.Placement] = {}
         self.started = time.monotonic()
+        self._telemetry: site_pb.SiteTelemetry | None = None
 
     async def start(self, on_telemetry: TelemetrySink) -> None:
         self.on_telemetry = on_telemetry
@@ -77,12 +78,19 @@ class MemoryExecutor:
             self.placements.pop(p.workload_id, None)
         else:
             self.placements[p.workload_id] = p
+        self._telemetry = None
         return True, ""
 
     def available(self) -> bool:
         return True
 
     def last_telemetry(self) -> site_pb.SiteTelemetry:
+        if self._telemetry is None:
+            self._telemetry = self._measure()
+        self._telemetry.sim_time_s = time.monotonic() - self.started
+        return self._telemetry
+
+    def _measure(self) -> site_pb.SiteTelemetry:
         used = self.used()
         t = site_pb.SiteTelemetry(site_id=self.site.site_id, available=True,
                                   sim_time_s=time.monotonic() - self.started)

@@ -46,11 +46,19 @@ def setup(service_name: str, exporter: str = "none", otlp_endpoint: str = "", lo
     if span_exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
+    _tracers.clear()
     _configured = True
 
 
+_tracers: dict[str, trace.Tracer] = {}
+
+
 def tracer(name: str = "cncbrain") -> trace.Tracer:
-    return trace.get_tracer(name)
+    """A cached tracer (get_tracer builds a new one per call, which costs on every event)."""
+    found = _tracers.get(name)
+    if found is None:
+        found = _tracers[name] = trace.get_tracer(name)
+    return found
 
 
 def inject(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:

@@ -56,6 +56,7 @@ class Coordinator:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
+        self.accepted: dict[str, asyncio.Future[None]] = {}
         self.counters = bus.counters
 
     # --- life ---------------------------------------------------------------------------------
@@ -67,6 +68,8 @@ class Coordinator:
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
         pending = [w for w in records if w.state == domain.PENDING]
         for w in pending:
+            # ACCEPTED may not have reached the stream before a crash; its id makes this a no-op if it did.
+            await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.spawn_placement(w.workload_id)
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
@@ -96,7 +99,8 @@ class Coordinator:
             if not domain.same_spec(existing, w):
                 raise domain.SpecError("request_id", "already used for a different spec") from None
             return existing
-        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
+        # The offer goes out while ACCEPTED is being stored; PLACED waits for it (event order).
+        self.accepted[w.workload_id] = asyncio.ensure_future(self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED))
         self.spawn_placement(w.workload_id)
         return w
 
@@ -240,6 +244,8 @@ class Coordinator:
         ])
 
     async def publish_event(self, w: pb.Workload, kind: int) -> None:
+        if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED and w.workload_id in self.accepted:
+            await self.accepted.pop(w.workload_id)
         ev = pb.WorkloadEvent(
             workload_id=w.workload_id, kind=kind, state=w.state, generation=w.generation,
             placements=[p for p in w.placements if p.replicas or p.shard_indices], message=w.message,

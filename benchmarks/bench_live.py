@@ -1,0 +1,170 @@
+"""Live-brain figures (print only; compare run to run on the same machine):
+
+1. `up`: seconds from start to every health check SERVING and every site agent registered.
+2. latency: gRPC DeployInferenceService call → its committed-placement event on NATS, over 200
+   sequential deployments against `up` (abilene, emulated sites, 11 site agents answering offers).
+3. throughput: replica placements committed per second over 10,000, with 20 memory-executor site
+   agents and 64 concurrent tenants deploying 10-replica services.
+
+    python -m benchmarks live            # all three
+    python -m benchmarks.bench_live latency|throughput|up
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.bus import Bus, subjects
+from cncbrain.commands.up import Brain
+from cncbrain.grpcserver import wait_healthy
+from cncbrain.natsserver import NatsServer, free_port
+
+N_LATENCY = 200
+N_REPLICAS = 10_000
+REPLICAS_PER_SERVICE = 10
+CONCURRENCY = 64
+THROUGHPUT_SITES = 20
+
+
+def spec(name: str, replicas: int) -> common.InferenceServiceSpec:
+    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
+                                       expected_rate_rps=0.05, min_replicas=replicas, max_replicas=replicas,
+                                       gpus_per_replica=1, trace="code")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def _latency(endpoints: dict[str, str]) -> list[float]:
+    bus = await Bus.connect(endpoints["nats"], "bench", ensure=False)
+    arrived: dict[str, float] = {}
+    waiters: dict[str, asyncio.Event] = {}
+
+    async def on_placement(ev):
+        wid = ev.payload.placement.workload_id
+        if ev.payload.placement.generation == 1 and wid not in arrived:
+            arrived[wid] = time.perf_counter()
+            if wid in waiters:
+                waiters[wid].set()
+
+    await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="bench-latency")
+    samples = []
+    async with grpc.aio.insecure_channel(endpoints["scheduler"]) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        for i in range(N_LATENCY + 5):  # 5 warm-up calls are not counted
+            t0 = time.perf_counter()
+            w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec(f"lat{i}", 1)))).workload
+            ev = waiters.setdefault(w.workload_id, asyncio.Event())
+            if w.workload_id in arrived:
+                ev.set()
+            await asyncio.wait_for(ev.wait(), 10)
+            if i >= 5:
+                samples.append((arrived[w.workload_id] - t0) * 1e3)
+            # keep the pool (and the emulator) light: the service goes away, untimed
+            await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=w.workload_id))
+    await bus.close()
+    return samples
+
+
+def bench_up_and_latency() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
+                      scheduler_port=free_port(), speed=30.0, fresh=True)
+        brain.start()
+        try:
+            print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
+            samples = asyncio.run(_latency(brain.endpoints))
+        finally:
+            brain.stop()
+    print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents): "
+          f"p50 {statistics.median(samples):.2f} ms, p90 {pct(samples, 90):.2f} ms, "
+          f"p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms")
+
+
+async def _throughput(url: str, scheduler: str) -> tuple[float, int]:
+    bus = await Bus.connect(url, "bench", ensure=False)
+    units = 0
+    done = asyncio.Event()
+    t_last = 0.0
+
+    async def on_placement(ev):
+        nonlocal units, t_last
+        units += ev.payload.placement.replicas
+        if units >= N_REPLICAS:
+            t_last = time.perf_counter()
+            done.set()
+
+    await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="bench-throughput")
+    n_services = N_REPLICAS // REPLICAS_PER_SERVICE
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n_services):
+        queue.put_nowait(i)
+    async with grpc.aio.insecure_channel(scheduler) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+
+        async def tenant() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+                    service=spec(f"tp{i}", REPLICAS_PER_SERVICE)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[tenant() for _ in range(CONCURRENCY)])
+        await asyncio.wait_for(done.wait(), 300)
+    await bus.close()
+    return t_last - t0, units
+
+
+def bench_throughput() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        nats = NatsServer(Path(tmp) / "js", log_file=Path(tmp) / "nats.log").start()
+        port, pport = free_port(), free_port()
+        env = {**os.environ, "CNC_SCHEDULER_NATS_URL": nats.url, "CNC_SCHEDULER_GRPC_PORT": str(port),
+               "CNC_PERCEPTION_NATS_URL": nats.url, "CNC_PERCEPTION_GRPC_PORT": str(pport),
+               "CNC_SCHEDULER_LOG_LEVEL": "WARNING", "CNC_PERCEPTION_LOG_LEVEL": "WARNING"}
+        sites = [arg for i in range(THROUGHPUT_SITES) for arg in ("--site", f"site{i}")]
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "services.perception"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen([sys.executable, "-m", "services.scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen([sys.executable, "-m", "cncbrain.cli", "agent", "--executor", "memory", "--gpus", "H100:1000",
+                              "--nats-url", nats.url, *sites], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        ]
+        try:
+            asyncio.run(wait_healthy(f"127.0.0.1:{port}", 30))
+            time.sleep(3.0)  # agents registered, first snapshot at the scheduler
+            seconds, units = asyncio.run(_throughput(nats.url, f"127.0.0.1:{port}"))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(10)
+            nats.stop()
+    print(f"commit path: {units} replica placements in {seconds:.2f} s = {units / seconds:.0f} placements/s "
+          f"({units // REPLICAS_PER_SERVICE} deploys × {REPLICAS_PER_SERVICE} replicas, {CONCURRENCY} concurrent "
+          f"tenants, {THROUGHPUT_SITES} memory-executor agents)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    which = argv or ["up", "throughput"]
+    if "up" in which or "latency" in which:
+        bench_up_and_latency()
+    if "throughput" in which:
+        bench_throughput()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
