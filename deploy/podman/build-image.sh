@@ -26,6 +26,8 @@ podman build --quiet --layers \
   -f "$root/deploy/Containerfile" --ignorefile "$root/deploy/Containerfile.dockerignore" \
   --build-arg BASE_IMAGE="$base" -t "$image" "$root" >/dev/null
 new="$(podman image inspect --format '{{.Id}}' "$image")"
-# The image this tag named before is garbage now (its layers below the code stay cached).
+# The image this tag named before, and the build stage's image of that build, are garbage now;
+# the layers below the code (the runtime dependencies) stay cached as parents of the new image.
 if [[ -n $old && $old != "$new" ]]; then podman rmi "$old" >/dev/null 2>&1 || true; fi
+podman image prune -f --filter label=io.cncbrain.image=1 >/dev/null 2>&1 || true
 echo "build-image: $image (${new:0:12}) in $((SECONDS - started)) s" >&2

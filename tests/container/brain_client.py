@@ -28,7 +28,7 @@ def inference_service(name: str = "chat") -> common.InferenceServiceSpec:
 
 
 def training_job(name: str = "pretrain") -> common.TrainingJobSpec:
-    return common.TrainingJobSpec(name=name, model="gpt-7b", params_b=7, shards=2, gpus_per_shard=1, tokens=1e9)
+    return common.TrainingJobSpec(name=name, model="gpt-7b", params_b=7, shards=2, gpus_per_shard=4, tokens=1e9)
 
 
 async def deploy(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:

@@ -15,7 +15,7 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
-SERVICES = {"nats", "perception", "scheduler"}
+SERVICES = {"nats", "perception", "scheduler", "emulator", "agents"}
 PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
 
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Health checks of the brain's containers (the HEALTHCHECK commands of deploy/docker-compose.yml).
+Installed in the image as `cnc-healthcheck`; exit 0 when healthy, 1 with the reason on stderr.
+
+    cnc-healthcheck grpc HOST:PORT   the process's standard gRPC health service answers SERVING
+    cnc-healthcheck emulator         the emulator answers an inventory request for every site of
+                                     $CNC_SCENARIO (over NATS at $CNC_NATS_URL)
+    cnc-healthcheck sites            perception ($CNC_PERCEPTION_ADDR) lists every site of
+                                     $CNC_SCENARIO as up: the site agents registered and beat
+
+The same words a user would check with `cncbrain sites`; nothing here is only for containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+TIMEOUT_S = 3.0
+
+
+def scenario_sites() -> list[str]:
+    from agents.executor_emulated import site_ids_of
+    from cncbrain.scenario import load_scenario
+
+    return site_ids_of(load_scenario(os.environ.get("CNC_SCENARIO", "abilene")))
+
+
+async def check_grpc(target: str) -> str | None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"{target} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return None
+
+
+async def check_emulator() -> str | None:
+    from cnc.site.v1 import events_pb2 as site
+    from cncbrain.bus import Bus, subjects
+
+    bus = await Bus.connect(os.environ.get("CNC_NATS_URL", "nats://nats:4222"), "healthcheck",
+                            ensure=False, timeout_s=TIMEOUT_S)
+    try:
+        for sid in scenario_sites():
+            await bus.request(subjects.EMULATOR_INVENTORY, site.EmulatorInventoryRequest(site_id=sid),
+                              site.EmulatorInventoryResponse, timeout_s=TIMEOUT_S, site=sid)
+    finally:
+        await bus.close()
+    return None
+
+
+async def check_sites() -> str | None:
+    import grpc
+
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+
+    target = os.environ.get("CNC_PERCEPTION_ADDR", "perception:50061")
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = perception_pb2_grpc.PerceptionServiceStub(channel)
+        listed = (await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=TIMEOUT_S)).sites
+    up = {s.site.site_id for s in listed if s.state == common.SITE_STATE_UP}
+    missing = sorted(set(scenario_sites()) - up)
+    return f"sites not up: {', '.join(missing)}" if missing else None
+
+
+def main(argv: list[str]) -> int:
+    checks = {
+        "grpc": lambda: check_grpc(argv[1]),
+        "emulator": check_emulator,
+        "sites": check_sites,
+    }
+    if not argv or argv[0] not in checks or (argv[0] == "grpc" and len(argv) != 2):
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        problem = asyncio.run(asyncio.wait_for(checks[argv[0]](), timeout=3 * TIMEOUT_S))
+    except Exception as exc:  # any failure to get an answer is "unhealthy", with its reason
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
