@@ -1,0 +1,286 @@
+"""What a site agent sees and how its discrete choices become the twin's `Actions`.
+
+Everything here is numpy over the policy interface (`PoolView`), shared by the PettingZoo
+environment (training), the numpy runtime (`agents.runtime`, the live brain) and the tests, so the
+features a policy was trained on are exactly the ones it decides from.
+
+Sizes never depend on the pool: services are padded to `K_MAX` (with an `active` flag), offered
+jobs to `MAX_OFFERS`, neighbours to `k` (the k nearest other sites by one-way latency). One policy
+therefore runs on any topology and any service mix of up to `K_MAX` services.
+
+Observation of site s (`obs_size(k)` floats, clipped to ±OBS_CLIP), in this order:
+
+| block         | per            | features                                                                 |
+|---------------|----------------|--------------------------------------------------------------------------|
+| site          | site (9)       | up, free GPU share, free GPUs/32, training GPU share, ingress weight × S, |
+|               |                | first-tick flag, share of neighbours down, mean neighbour latency/20 ms,  |
+|               |                | total GPUs/64                                                             |
+| service       | K_MAX × 18     | active, replicas/8, ready/8, demand, capacity, load, uncovered demand,    |
+|               |                | capacity of a new replica here, SLO last tick, pool wanted÷have capacity, |
+|               |                | pool replicas÷max, pool at min_replicas, neighbours' demand, capacity,    |
+|               |                | room and load, my share of pool capacity, my share of pool demand         |
+| offer         | MAX_OFFERS × 6 | present, GPUs asked/64, shards that fit here ÷ shards, whole gang fits    |
+|               |                | here, shards that fit at the neighbours ÷ shards, waiting/600 s           |
+| neighbour     | k × (2+K_MAX)  | latency/20 ms, up, spare capacity of each service                         |
+
+Demand and capacity are in "replica units": requests/s ÷ requests/s of one replica on the pool's
+best GPU type for that service (÷ 4). The pool-wide per-service figures (wanted÷have capacity,
+replica count, SLO last tick) are what the brain broadcasts per service — a handful of scalars,
+not the state of other sites; about other sites an agent only sees its k nearest neighbours.
+
+Action of site s: `len(nvec(k))` discrete heads, `nvec(k) = [3]*K_MAX + [2]*MAX_OFFERS +
+[k+1]*K_MAX`:
+
+| head             | values                                                                       |
+|------------------|------------------------------------------------------------------------------|
+| replicas of k    | 0: remove one, 1: keep, 2: add one                                           |
+| accept offer o   | 0: decline, 1: bid (strength from local fit: a site that takes the whole     |
+|                  | gang bids highest, tightest fit first — the twin gives the gang to the       |
+|                  | highest bidders)                                                             |
+| overflow of k    | 0: the twin's default (nearest site with room), j: the j-th nearest neighbour |
+
+The action mask (`mask_size(k)` 0/1 values, one block per head, same order) allows: remove only
+where the site has a replica and the pool is above min_replicas; add only where a replica fits and
+the pool is below max_replicas; bid only for a present offer of which a shard fits here;
+overflow only to a neighbour that is up. "Keep", "decline" and "default" are always allowed, and a
+down site (or a padded service) has only those. Infeasible choices that reach the twin anyway are
+ignored by its arbitration.
+
+The centralised state for the critic (`state_size(k)`) pools the sites' observations: their mean
+and their maximum, plus the episode's elapsed fraction and S/64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cncbrain.twin.view import Actions, PoolView
+
+K_MAX = 4
+"""Services an agent can manage (padded, with an `active` flag)."""
+MAX_OFFERS = 2
+"""Offered training jobs an agent bids for each tick (the twin offers the head of its queue)."""
+DEFAULT_NEIGHBOURS = 3
+OBS_CLIP = 10.0
+TARGET_UTIL = 0.7
+"""Utilisation at which "uncovered demand" and "wanted capacity" are computed (the autoscalers' target)."""
+F_SITE, F_SVC, F_OFFER = 9, 18, 6
+
+
+def obs_size(k: int = DEFAULT_NEIGHBOURS) -> int:
+    return F_SITE + K_MAX * F_SVC + MAX_OFFERS * F_OFFER + k * (2 + K_MAX)
+
+
+def nvec(k: int = DEFAULT_NEIGHBOURS) -> np.ndarray:
+    return np.array([3] * K_MAX + [2] * MAX_OFFERS + [k + 1] * K_MAX, dtype=np.int64)
+
+
+def mask_size(k: int = DEFAULT_NEIGHBOURS) -> int:
+    return int(nvec(k).sum())
+
+
+def state_size(k: int = DEFAULT_NEIGHBOURS) -> int:
+    return 2 * obs_size(k) + 2
+
+
+def neighbours(latency_s: np.ndarray, k: int) -> np.ndarray:
+    """[S, k] indices of each site's k nearest other sites by latency (−1 where the pool is smaller)."""
+    S = latency_s.shape[0]
+    lat = np.where(np.isfinite(latency_s), latency_s, 1e9).astype(float)
+    np.fill_diagonal(lat, np.inf)
+    order = np.argsort(lat, axis=1, kind="stable")[:, : max(S - 1, 0)]
+    out = np.full((S, k), -1, dtype=np.int64)
+    n = min(k, S - 1)
+    out[:, :n] = order[:, :n]
+    return out
+
+
+def _shard_room(view: PoolView) -> np.ndarray:
+    """[S, MAX_OFFERS] shards of each offered job that fit on one GPU type of each site."""
+    S = view.n_sites
+    room = np.zeros((S, MAX_OFFERS))
+    for o, off in enumerate(view.offers[:MAX_OFFERS]):
+        per = np.where(off.fits[None, :], view.free_gpus // max(off.shard_gpus, 1), 0)
+        room[:, o] = per.max(axis=1)
+    return room
+
+
+class Featurizer:
+    """Observations, masks and the centralised state of every site of a pool, from a `PoolView`.
+
+    Holds what is fixed for a pool (neighbour lists); `build(view)` is called once per tick."""
+
+    def __init__(self, latency_s: np.ndarray, k: int = DEFAULT_NEIGHBOURS):
+        self.k = k
+        self.nbrs = neighbours(latency_s, k)  # [S, k]
+        S = latency_s.shape[0]
+        self.S = S
+        valid = self.nbrs >= 0
+        nb = np.where(valid, self.nbrs, 0)
+        lat = np.where(np.isfinite(latency_s), latency_s, 1.0)
+        self.nbr_lat = np.where(valid, lat[np.arange(S)[:, None], nb], 0.1)  # [S, k] seconds
+        self.nbr_valid = valid
+        self._nb = nb
+        self.nvec = nvec(k)
+        self.obs_dim = obs_size(k)
+        self.mask_dim = mask_size(k)
+
+    # ------------------------------------------------------------------ observations and masks
+    def build(self, view: PoolView, elapsed: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(obs [S, obs_size], mask [S, mask_size] int8, state [state_size]) of the pool's sites."""
+        S, k, nb, valid = self.S, self.k, self._nb, self.nbr_valid
+        K = min(view.n_services, K_MAX)
+        up = view.site_up.astype(float)
+        total = view.total_gpus.sum(axis=1).astype(float)
+        free = view.free_gpus.sum(axis=1).astype(float)
+        obs = np.zeros((S, self.obs_dim))
+        mask = np.zeros((S, self.mask_dim), dtype=np.int8)
+
+        # --- site block
+        c = 0
+        obs[:, 0] = up
+        obs[:, 1] = free / np.maximum(total, 1)
+        obs[:, 2] = free / 32
+        obs[:, 3] = view.training_gpus / np.maximum(total, 1)
+        obs[:, 4] = view.population * S
+        obs[:, 5] = float(view.time_s < view.tick_s * 0.5)
+        nb_up = np.where(valid, up[nb], 0.0)
+        obs[:, 6] = np.where(valid, 1 - nb_up, 0).sum(axis=1) / max(k, 1)
+        obs[:, 7] = self.nbr_lat.mean(axis=1) / 0.02
+        obs[:, 8] = total / 64
+        c = F_SITE
+
+        # --- service block
+        best = view.best_mu()
+        per_rep = view.capacity_per_replica()  # [S, K]
+        spare_nb = np.zeros((S, k, K_MAX))
+        m_add = np.zeros((S, K_MAX), dtype=bool)
+        m_rem = np.zeros((S, K_MAX), dtype=bool)
+        m_svc = np.zeros((S, K_MAX), dtype=bool)
+        for j in range(K):
+            svc = view.services[j]
+            if not svc.active:
+                c += F_SVC
+                continue
+            unit = max(best[j], 1e-9)
+            dem = view.demand_rps[:, j] / unit
+            cap = view.capacity_rps[:, j] / unit
+            reps = view.replicas[:, j].astype(float)
+            room = per_rep[:, j] / unit
+            pool_dem, pool_cap = dem.sum(), cap.sum()
+            pool_reps = float(reps.sum())
+            nd = np.where(valid, dem[nb], 0.0)
+            ncap = np.where(valid, cap[nb], 0.0)
+            o = obs[:, c:c + F_SVC]
+            o[:, 0] = 1.0
+            o[:, 1] = reps / 8
+            o[:, 2] = view.ready[:, j] / 8
+            o[:, 3] = dem / 4
+            o[:, 4] = cap / 4
+            o[:, 5] = np.minimum(view.load[:, j], 3.0)
+            o[:, 6] = (dem / TARGET_UTIL - cap) / 4
+            o[:, 7] = room
+            o[:, 8] = view.slo_recent[j]
+            o[:, 9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
+            o[:, 10] = pool_reps / max(svc.max_replicas, 1)
+            o[:, 11] = float(pool_reps <= svc.min_replicas)
+            o[:, 12] = nd.sum(axis=1) / 4
+            o[:, 13] = ncap.sum(axis=1) / 4
+            o[:, 14] = np.where(valid, room[nb] > 0, 0).mean(axis=1)
+            o[:, 15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).mean(axis=1)
+            o[:, 16] = cap / max(pool_cap, 1e-6)
+            o[:, 17] = dem / max(pool_dem, 1e-6)
+            spare_nb[:, :, j] = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
+            m_svc[:, j] = True
+            m_add[:, j] = (room > 0) & (pool_reps < svc.max_replicas)
+            m_rem[:, j] = (reps > 0) & (pool_reps > svc.min_replicas)
+            c += F_SVC
+        c = F_SITE + K_MAX * F_SVC
+
+        # --- offer block
+        room_o = _shard_room(view)
+        m_acc = np.zeros((S, MAX_OFFERS), dtype=bool)
+        for o_i, off in enumerate(view.offers[:MAX_OFFERS]):
+            need = max(off.n_shards, 1)
+            o = obs[:, c + o_i * F_OFFER: c + (o_i + 1) * F_OFFER]
+            o[:, 0] = 1.0
+            o[:, 1] = off.n_shards * off.shard_gpus / 64
+            o[:, 2] = room_o[:, o_i] / need
+            o[:, 3] = room_o[:, o_i] >= need
+            o[:, 4] = np.where(valid, room_o[nb, o_i], 0).sum(axis=1) / need
+            o[:, 5] = off.waiting_s / 600
+            m_acc[:, o_i] = room_o[:, o_i] >= 1
+        c += MAX_OFFERS * F_OFFER
+
+        # --- neighbour block
+        blk = obs[:, c:].reshape(S, k, 2 + K_MAX)
+        blk[:, :, 0] = self.nbr_lat / 0.02
+        blk[:, :, 1] = nb_up
+        blk[:, :, 2:] = spare_nb
+        np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
+
+        # --- masks (a down site keeps only the no-op choices)
+        live = view.site_up[:, None]
+        m_add &= live
+        m_rem &= live
+        m_acc &= live
+        mask3 = np.stack([m_rem, np.ones_like(m_rem), m_add], axis=2).reshape(S, 3 * K_MAX)
+        acc2 = np.stack([np.ones_like(m_acc), m_acc], axis=2).reshape(S, 2 * MAX_OFFERS)
+        ov_nb = (nb_up > 0) & valid  # [S, k]
+        ov = np.concatenate([np.ones((S, K_MAX, 1), dtype=bool),
+                             (ov_nb[:, None, :] & m_svc[:, :, None] & live[:, :, None])], axis=2)
+        mask[:, : 3 * K_MAX] = mask3
+        mask[:, 3 * K_MAX: 3 * K_MAX + 2 * MAX_OFFERS] = acc2
+        mask[:, 3 * K_MAX + 2 * MAX_OFFERS:] = ov.reshape(S, K_MAX * (k + 1))
+        self._room_o = room_o
+        state = self.pooled_state(obs, elapsed)
+        return obs.astype(np.float32), mask, state
+
+    def pooled_state(self, obs: np.ndarray, elapsed: float) -> np.ndarray:
+        """The critic's size-independent view of the pool: mean and max over sites, elapsed, S."""
+        return np.concatenate([obs.mean(axis=0), obs.max(axis=0), [elapsed, self.S / 64]]).astype(np.float32)
+
+    # ------------------------------------------------------------------ actions
+    def to_actions(self, view: PoolView, choice: np.ndarray) -> Actions:
+        """Turn the sites' discrete choices [S, n_heads] into the twin's `Actions`."""
+        S, K = self.S, view.n_services
+        choice = np.asarray(choice, dtype=np.int64).reshape(S, len(self.nvec))
+        Km = min(K, K_MAX)
+        delta = np.zeros((S, K), np.int64)
+        delta[:, :Km] = choice[:, :Km] - 1
+        delta[~view.site_up] = 0
+        n_off = len(view.offers)
+        accept = np.zeros((S, n_off))
+        room = getattr(self, "_room_o", None)
+        if room is None or room.shape[0] != S:
+            room = _shard_room(view)
+        for o, off in enumerate(view.offers[:MAX_OFFERS]):
+            need = max(off.n_shards, 1)
+            r = room[:, o]
+            strength = np.where(r >= need, 1000.0 - (r - need), r)
+            accept[:, o] = np.where((choice[:, K_MAX + o] == 1) & view.site_up & (r >= 1), strength, 0.0)
+        ov_choice = choice[:, K_MAX + MAX_OFFERS: K_MAX + MAX_OFFERS + Km]
+        overflow = np.full((S, K), -1, np.int64)
+        tgt = np.take_along_axis(self._nb, np.maximum(ov_choice - 1, 0), axis=1)
+        ok = (ov_choice > 0) & np.take_along_axis(self.nbr_valid, np.maximum(ov_choice - 1, 0), axis=1)
+        overflow[:, :Km] = np.where(ok, tgt, -1)
+        return Actions(delta, accept, overflow)
+
+    def from_actions(self, view: PoolView, actions: Actions) -> np.ndarray:
+        """The per-site choices [S, n_heads] closest to a (centralised) policy's `Actions`: replica
+        deltas clipped to ±1, a positive bid as "bid", an overflow target as its neighbour slot
+        (0 when it is not among the k nearest). Used to imitate the baselines."""
+        S, K = self.S, view.n_services
+        Km = min(K, K_MAX)
+        out = np.zeros((S, len(self.nvec)), np.int64)
+        out[:, :K_MAX] = 1
+        out[:, :Km] = np.clip(np.asarray(actions.replica_delta)[:, :Km], -1, 1) + 1
+        if actions.accept is not None and len(view.offers):
+            acc = np.asarray(actions.accept)
+            n = min(acc.shape[1], MAX_OFFERS)
+            out[:, K_MAX:K_MAX + n] = (acc[:, :n] > 0).astype(np.int64)
+        if actions.overflow is not None:
+            ov = np.asarray(actions.overflow)[:, :Km]
+            hit = (self._nb[:, None, :] == ov[:, :, None]) & self.nbr_valid[:, None, :]  # [S, Km, k]
+            out[:, K_MAX + MAX_OFFERS: K_MAX + MAX_OFFERS + Km] = np.where(hit.any(axis=2), hit.argmax(axis=2) + 1, 0)
+        return out
