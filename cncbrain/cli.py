@@ -27,6 +27,7 @@ COMMANDS = [
     "workloads",
     "cancel",
     "watch",
+    "train",
 ]
 
 

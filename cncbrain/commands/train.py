@@ -1,0 +1,65 @@
+"""`cncbrain train`: train the per-site MARL policy (MAPPO, `agents.mappo`) on one or more scenarios.
+
+Needs the `train` extra (torch); without torch the command is simply absent from `cncbrain`.
+Writes into --out: checkpoint.pt (resumable), policy.npz (best greedy validation, what
+`--policy marl:PATH` loads), policy_last.npz, metrics.csv and learning_curve.png.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch  # noqa: F401 - the command exists only where torch is installed
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from agents.mappo import Args, train
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the per-site MARL policy (MAPPO) on the twin")
+    p.add_argument("--scenario", default="abilene", help="scenario name(s) or YAML path(s), comma-separated")
+    p.add_argument("--steps", type=int, default=Args.total_steps,
+                   help=f"MAPPO environment ticks over all env copies (default {Args.total_steps})")
+    p.add_argument("--seed", type=int, default=Args.seed)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="runs/marl", help="output folder (default runs/marl)")
+    p.add_argument("--resume", default="", help="checkpoint.pt to resume from")
+    p.add_argument("--envs", type=int, default=Args.num_envs, help="env copies stepped together")
+    p.add_argument("--teacher", default=Args.teacher, help="baseline imitated in the warm start ('' to skip)")
+    p.add_argument("--bc-rounds", type=int, default=Args.bc_rounds)
+    p.add_argument("--bc-episodes", type=int, default=Args.bc_episodes)
+    p.add_argument("--hours", type=float, default=None, help="episode length in simulated hours (default: scenario's)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    a = Args(scenarios=args.scenario, total_steps=args.steps, seed=args.seed, device=args.device, out=args.out,
+             resume=args.resume, num_envs=args.envs, teacher=args.teacher, bc_rounds=args.bc_rounds,
+             bc_episodes=args.bc_episodes, duration_s=args.hours * 3600 if args.hours else None)
+    console = Console()
+    console.print(f"training on [bold]{a.scenarios}[/] for {a.total_steps:,} ticks, device {a.device}, out {a.out}")
+    t0 = time.time()
+    last = {"score": math.nan, "val": math.nan, "ret": math.nan}
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:,.0f}/{task.total:,.0f} ticks"), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console) as progress:
+        task = progress.add_task("warm start", total=max(a.total_steps, 1), info="")
+
+        def on_update(row: dict) -> None:
+            phase = row.get("phase")
+            if phase == "val":
+                last["val"] = row["charts/val_score"]
+            elif not math.isnan(row.get("charts/score", math.nan)):
+                last["score"] = row["charts/score"]
+            if "charts/return" in row:
+                last["ret"] = row["charts/return"]
+            info = f"score {last['score']:.3f}  return {last['ret']:.2f}  val {last['val']:.3f}"
+            progress.update(task, completed=row["global_step"], info=info,
+                            description="warm start" if phase == "warm" else "MAPPO")
+
+        result = train(a, on_update)
+    console.print(f"done in {time.time() - t0:.0f} s: best validation score {result['best_val_score']:.4f}; "
+                  f"wrote {a.out}/policy.npz, checkpoint.pt, metrics.csv, learning_curve.png")
+    return 0
