@@ -20,6 +20,14 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 PLACEMENTS = "cnc.scheduler.placement.>"
 
 
+async def quiet(exc: Exception) -> None:
+    """nats-py prints every failed reconnect; a test that stops a node expects them."""
+
+
+async def connect(servers: list[str]) -> nats.NATS:
+    return await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=quiet)
+
+
 def inference_service(name: str = "chat") -> common.InferenceServiceSpec:
     return common.InferenceServiceSpec(
         name=name, model="llama-8b", params_b=8, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
@@ -52,7 +60,7 @@ class PlacementWatch:
         self._nc: nats.NATS | None = None
 
     async def start(self, servers: list[str]) -> PlacementWatch:
-        self._nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        self._nc = await connect(servers)
         js = self._nc.jetstream()
         await js.subscribe(PLACEMENTS, cb=self._on_msg, ordered_consumer=True,
                            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import nats
 import pytest
-from brain_client import PlacementWatch, deploy, monitor, scheduler_channel, wait_state
+from brain_client import PlacementWatch, connect, deploy, monitor, scheduler_channel, wait_state
 from compose_stack import Stack
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
@@ -23,7 +22,7 @@ VICTIM = "nats"
 
 
 async def brain_streams(servers: list[str]) -> list:
-    nc = await nats.connect(servers=servers)
+    nc = await connect(servers)
     try:
         infos = await nc.jetstream().streams_info()
     finally:
@@ -51,8 +50,10 @@ async def test_cluster_survives_node_loss(image, log_dir):
     stack = Stack(image, clustered=True, log_dir=log_dir)
     watch = PlacementWatch()
     try:
+        started = time.monotonic()
         stack.up()
         stack.wait_healthy()
+        print(f"{stack.project}: 3-node cluster stack up and healthy in {time.monotonic() - started:.1f} s")
         for node in (1, 2, 3):
             meta = monitor(stack.monitor(node), "/jsz")["meta_cluster"]
             assert meta["cluster_size"] == 3, meta
@@ -63,7 +64,10 @@ async def test_cluster_survives_node_loss(image, log_dir):
             return streams if names >= {"CNC_WORKLOADS", "CNC_PLACEMENTS", "KV_cnc-workloads"} else None
 
         streams = await wait_until(created, "the brain's streams", 30)
-        assert {s.config.name: s.config.num_replicas for s in streams} == {s.config.name: 3 for s in streams}
+        replicas = {s.config.name: s.config.num_replicas for s in streams}
+        assert replicas == dict.fromkeys(replicas, 3), (
+            f"streams not in 3 replicas: {replicas} (cncbrain.bus must create them with CNC_NATS_REPLICAS)"
+        )
 
         await watch.start(stack.nats_urls)
         accepted: list[str] = []
@@ -74,10 +78,14 @@ async def test_cluster_survives_node_loss(image, log_dir):
 
             stack.stop(VICTIM)
             down_at = time.monotonic()
+            during = []
             for i in range(8):
                 # While streams elect new leaders a call may take longer; it must not fail.
-                accepted.append(await deploy(stub, f"during-{i}", timeout_s=30))
-            print(f"8 deployments accepted in {time.monotonic() - down_at:.1f} s with {VICTIM} down")
+                during.append(await deploy(stub, f"during-{i}", timeout_s=30))
+            # Not only accepted: placed by the agents over the two remaining nodes.
+            await watch.wait_for(set(during), timeout_s=60)
+            accepted += during
+            print(f"8 deployments accepted and placed in {time.monotonic() - down_at:.1f} s with {VICTIM} down")
 
             stack.start(VICTIM)
             await wait_until(lambda: asyncio.to_thread(stack.healthy, VICTIM), f"{VICTIM} healthy again", 90)

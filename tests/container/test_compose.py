@@ -28,7 +28,7 @@ async def test_single_node_stack(image, log_dir):
         stack.wait_healthy()
         print(f"{stack.project}: up and healthy in {time.monotonic() - started:.1f} s")
         services = {name.removeprefix(f"{stack.project}_").rsplit("_", 1)[0] for name in stack.containers()}
-        assert SERVICES <= services
+        assert services >= SERVICES
 
         await watch.start(stack.nats_urls)
         async with scheduler_channel(stack.scheduler) as channel:
