@@ -91,6 +91,10 @@ class Args:
     """Passes over the aggregated warm-start data after each round."""
     bc_learning_rate: float = 1e-3
     """Adam step size of the warm start."""
+    sharpen: float = 4.0
+    """After the warm start, the actor's output layer is multiplied by this: the greedy choices stay
+    the same, but MAPPO explores near them instead of sampling the rare choices (add, remove, bid)
+    that the class-weighted imitation made likely."""
     val_seeds: str = "5000,5001"
     """Twin seeds of the greedy validation episodes that pick the best policy (per scenario)."""
     eval_every: int = 5
@@ -241,6 +245,7 @@ class Trainer:
         self.update = 0
         self.warm_done = not args.teacher
         self.best_score = -math.inf
+        self.best_state: dict | None = None
         self.history: list[dict] = []
         self.t0 = time.time()
 
@@ -258,7 +263,7 @@ class Trainer:
             on_update(row)
 
     # --- phase 1: warm start by imitation (DAgger)
-    def warm_start(self, on_update=None) -> None:
+    def warm_start(self, on_update=None, out: Path | None = None) -> None:
         a = self.args
         names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
         data = {"obs": [], "mask": [], "label": [], "vin": [], "ret": []}
@@ -324,6 +329,14 @@ class Trainer:
                                for h, lp in enumerate(self.actor.heads(obs_t, mask_t))])
             self.log({"phase": "warm", "charts/score": float(np.mean(scores)), "losses/bc": float(bc.item()),
                       "losses/value": float(vloss.item()), "charts/bc_accuracy": float(acc)}, on_update)
+            if out is not None:
+                self.consider_best(out, on_update)
+        if out is not None and self.best_state is not None:
+            self.actor.load_state_dict(self.best_state)  # MAPPO starts from the best imitation round
+        with torch.no_grad():
+            last = [m for m in self.actor.net if isinstance(m, nn.Linear)][-1]
+            last.weight.mul_(a.sharpen)
+            last.bias.mul_(a.sharpen)
         self.warm_done = True
 
     # --- validation: greedy episodes on held-out seeds
@@ -350,9 +363,8 @@ class Trainer:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         if not self.warm_done:
-            self.warm_start(on_update)
+            self.warm_start(on_update, out)
             self.save(out)
-            self.consider_best(out, on_update)
         team = self.team
         T, N = a.rollout_ticks, team.n
         batch = T * N
@@ -437,6 +449,7 @@ class Trainer:
         self.log({"phase": "val", "charts/val_score": score}, on_update)
         if score > self.best_score:
             self.best_score = score
+            self.best_state = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
             self.export(out / "policy.npz", val_score=score)
         self.export(out / "policy_last.npz", val_score=score)
 
