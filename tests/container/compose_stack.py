@@ -159,6 +159,9 @@ class Stack:
     def start(self, service: str) -> None:
         podman("start", self.container(service))
 
+    def exec(self, service: str, *command: str) -> str:
+        return podman("exec", self.container(service), *command)
+
     def healthy(self, service: str) -> bool:
         return subprocess.run(
             ["podman", "healthcheck", "run", self.container(service)], env=engine_env(), capture_output=True

@@ -4,6 +4,9 @@ gRPC port, see their placements on NATS, tear everything down and find nothing l
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,6 +44,19 @@ async def test_single_node_stack(image, log_dir):
             assert shards == [0, 1]  # gang: all shards or none
             for workload_id in (service_id, job_id):
                 await wait_state(stub, workload_id, PLACED)
+
+            # The README's way in: the CLI on the host, pointed at the published ports...
+            env = dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
+                       CNC_SCHEDULER_ADDR=stack.scheduler)
+            for args in (["sites"], ["deploy", "--name", "cli-chat", "--model", "8b", "--max-replicas", "2"],
+                         ["workloads", "--json"]):
+                out = subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], env=env,
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, f"cncbrain {' '.join(args)}: {out.stderr}"
+            assert service_id in out.stdout and job_id in out.stdout
+            # ...and the CLI inside the image, on the compose network.
+            inside = stack.exec("scheduler", "cncbrain", "workloads", "--json", "--scheduler", "scheduler:50062")
+            assert service_id in inside
     except BaseException:
         print(f"stack logs: {log_dir}")
         raise
