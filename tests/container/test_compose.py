@@ -18,7 +18,7 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
-SERVICES = {"nats", "perception", "scheduler", "emulator", "agents"}
+SERVICES = {"nats", "perception", "scheduler", "governance", "emulator", "agents"}
 PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
 
 
@@ -55,6 +55,8 @@ async def test_single_node_stack(image, log_dir):
                 assert out.returncode == 0, f"cncbrain {' '.join(args)}: {out.stderr}"
             assert service_id in out.stdout and job_id in out.stdout
             # ...and the CLI inside the image, on the compose network.
+            token = stack.exec("governance", "cat", "/var/lib/cncbrain/operator.token").strip()
+            assert token, "governance issued no operator token"
             inside = stack.exec("scheduler", "cncbrain", "workloads", "--json", "--scheduler", "scheduler:50062")
             assert service_id in inside
     except BaseException:
