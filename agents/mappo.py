@@ -95,7 +95,7 @@ class Args:
     """After the warm start, the actor's output layer is multiplied by this: the greedy choices stay
     the same, but MAPPO explores near them instead of sampling the rare choices (add, remove, bid)
     that the class-weighted imitation made likely."""
-    val_seeds: str = "5000,5001"
+    val_seeds: str = "5000,5001,5002,5003,5004"
     """Twin seeds of the greedy validation episodes that pick the best policy (per scenario)."""
     eval_every: int = 5
     """Validate every this many MAPPO updates (0: only at the end)."""
@@ -344,6 +344,8 @@ class Trainer:
         a = self.args
         names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
         seeds = [int(s) for s in a.val_seeds.split(",") if s.strip()]
+        if not seeds:
+            return math.nan
         scores = []
         for name in names:
             env = CncPoolEnv(scenario=name, neighbours=a.neighbours, duration_s=a.duration_s)
@@ -385,6 +387,7 @@ class Trainer:
             b_rew = np.zeros((T, N), np.float32)
             b_done = np.zeros((T, N), np.float32)
             n_scores = len(team.scores)
+            t_collect = time.time()
             for t in range(T):
                 vin = np.concatenate([obs, state], axis=1)
                 with torch.no_grad():
@@ -397,6 +400,7 @@ class Trainer:
                 self.global_step += len(team.envs)
             with torch.no_grad():
                 next_val = self.critic(self._value_in(obs, state)).cpu().numpy()
+            t_train = time.time()
             # compute returns
             adv, ret = gae(b_rew, b_val, b_done, next_val, a.gamma, a.gae_lambda)
             # train
@@ -425,6 +429,9 @@ class Trainer:
                     self.optim.step()
                 if a.target_kl and np.mean(kls[-a.num_minibatches:]) > a.target_kl:
                     break
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t_done = time.time()
             self.update += 1
             new_scores = team.scores[n_scores:]
             sps = (self.global_step - start_step) / max(time.time() - self.t0, 1e-9)
@@ -432,7 +439,8 @@ class Trainer:
                    "charts/return": float(b_rew.sum(0).mean()), "charts/learning_rate": lr, "charts/sps": sps,
                    "losses/policy": float(pg.item()), "losses/value": float(vloss.item()),
                    "losses/entropy": float(ent.mean().item()), "losses/approx_kl": float(np.mean(kls)),
-                   "losses/clipfrac": float(np.mean(clipfracs))}
+                   "losses/clipfrac": float(np.mean(clipfracs)),
+                   "perf/collect_s": t_train - t_collect, "perf/train_s": t_done - t_train}
             self.log(row, on_update)
             if a.eval_every and self.update % a.eval_every == 0:
                 self.consider_best(out, on_update)
@@ -447,7 +455,7 @@ class Trainer:
     def consider_best(self, out: Path, on_update=None) -> None:
         score = self.validate()
         self.log({"phase": "val", "charts/val_score": score}, on_update)
-        if score > self.best_score:
+        if score > self.best_score or (math.isnan(score) and self.best_state is None):
             self.best_score = score
             self.best_state = {k: v.detach().clone() for k, v in self.actor.state_dict().items()}
             self.export(out / "policy.npz", val_score=score)
