@@ -309,3 +309,18 @@ def token_interceptors(token: str | None) -> list[grpc.aio.ClientInterceptor]:
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((METADATA_KEY, f"Bearer {token}"),)
+
+
+async def server_auth(bus: Any, operator_only: Iterable[str] = (), *, enabled: bool = True) -> tuple[AuthInterceptor, TokenFeed | None]:
+    """The interceptor a service installs, with its directory following governance's token bucket.
+
+        interceptor, feed = await server_auth(bus, enabled=settings.auth_enabled)
+        await start_grpc_server(settings, register, names, interceptors=[interceptor])
+        ...
+        if feed: await feed.stop()
+    """
+    directory = TokenDirectory()
+    feed = None
+    if enabled:
+        feed = await TokenFeed(await bus.kv(TOKENS_BUCKET), directory).start()
+    return AuthInterceptor(directory, operator_only, enabled=enabled), feed

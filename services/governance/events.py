@@ -66,7 +66,7 @@ class _Dirty:
     tokens: set[str] = field(default_factory=set)
     tenants: set[str] = field(default_factory=set)
     workloads: set[str] = field(default_factory=set)
-    holdings: set[str] = field(default_factory=set)
+    holdings: set[tuple[str, str]] = field(default_factory=set)  # (tenant, workload)
 
 
 def unit_id(workload_id: str, site_id: str) -> str:
@@ -84,6 +84,9 @@ class Governor:
         self.directory = directory if directory is not None else TokenDirectory()
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
+        self.projector: asyncio.Task[None] | None = None
+        self._pending = _Dirty()
+        self._project_wanted = asyncio.Event()
         self.counters = bus.counters
         self.pool_sites: dict[str, common.Site] = {}
         self.load_verification: LedgerVerification | None = None
@@ -97,6 +100,7 @@ class Governor:
         await self._load()
         await self._project_all()
         self.writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
+        self.projector = asyncio.create_task(self._project_loop(), name="governance-projections")
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
         await self.bus.subscribe(subjects.SCHEDULER_WORKLOAD, self.on_workload_event, consumer="governance",
                                  durable=True)
@@ -106,10 +110,11 @@ class Governor:
             await self.ensure_operator_token(self.settings.bootstrap_token_file)
 
     async def stop(self) -> None:
-        if self.writer:
-            self.writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.writer
+        for task in (self.writer, self.projector):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -206,12 +211,42 @@ class Governor:
         for item, result, mine in done:
             if not item.future.done():
                 item.future.set_result((result, mine))
-        try:
-            await self._project(dirty)
-            if entries:
+        self._pending.tokens |= dirty.tokens
+        self._pending.tenants |= dirty.tenants
+        self._pending.workloads |= dirty.workloads
+        self._pending.holdings |= dirty.holdings
+        self._project_wanted.set()
+
+    async def _project_loop(self) -> None:
+        """Projections trail the ledger by a moment and coalesce under load: each pass writes the
+        current value of every key that changed since the last pass, then the head."""
+        while True:
+            await self._project_wanted.wait()
+            self._project_wanted.clear()
+            dirty, self._pending = self._pending, _Dirty()
+            try:
+                await self._project(dirty)
                 await self.store.write_head(self.head)
-        except Exception as exc:  # projections are rebuilt at the next start; the ledger holds
-            log.warning("governance: projection update failed: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: try again with the next change (or at the next start)
+                log.warning("governance: projection update failed: %s", exc)
+                self._pending.tokens |= dirty.tokens
+                self._pending.tenants |= dirty.tenants
+                self._pending.workloads |= dirty.workloads
+                self._pending.holdings |= dirty.holdings
+                await asyncio.sleep(0.5)
+
+    async def settled(self, timeout_s: float = 5.0) -> None:
+        """Wait until the projections show every change appended so far (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.queue.empty() and not self._project_wanted.is_set() and not any(
+                    (self._pending.tokens, self._pending.tenants, self._pending.workloads, self._pending.holdings)):
+                await asyncio.sleep(0.05)
+                if not self._project_wanted.is_set():
+                    return
+            await asyncio.sleep(0.01)
 
     # ---- projections for the other processes ---------------------------------------------------
 
@@ -227,11 +262,11 @@ class Governor:
         if rec.kind in ("workload.policy_set", "admission"):
             dirty.workloads.add(p["workload_id"])
         if rec.kind in ("admission", "placement.committed", "placement.released", "workload.ended"):
-            dirty.holdings.add(p["tenant_id"])
+            dirty.holdings.add((p["tenant_id"], p["workload_id"]))
 
     async def _project_all(self) -> None:
         dirty = _Dirty(set(self.state.tokens), set(self.state.tenants), set(self.state.workload_policies),
-                       set(self.state.holdings))
+                       {(t, w) for t, held in self.state.holdings.items() for w in held})
         await self._project(dirty)
         with contextlib.suppress(Exception):
             for key in await self.tokens_kv.keys():
@@ -239,26 +274,34 @@ class Governor:
                     await self.tokens_kv.delete(key)
 
     async def _project(self, dirty: _Dirty) -> None:
+        """Write what changed; puts go out together (one round trip for the lot)."""
+        puts: list[Any] = []
         for tid in dirty.tokens:
             rec = self.state.tokens.get(tid)
             if rec is not None:
-                await self.tokens_kv.put(tid, rec.to_json())
+                puts.append(self.tokens_kv.put(tid, rec.to_json()))
         for tenant_id in dirty.tenants:
             t = self.state.tenants.get(tenant_id)
             if t is not None:
-                await self.kv.put(f"tenant.{tenant_id}", json.dumps(
-                    {"quota": quota_to_dict(t.quota), "policy": policy_to_dict(t.policy)}).encode())
+                puts.append(self.kv.put(f"tenant.{tenant_id}", json.dumps(
+                    {"quota": quota_to_dict(t.quota), "policy": policy_to_dict(t.policy)}).encode()))
         for wid in dirty.workloads:
             pol = self.state.workload_policies.get(wid)
-            await self.kv.put(f"workload.{wid}", json.dumps({
+            puts.append(self.kv.put(f"workload.{wid}", json.dumps({
                 "tenant_id": self.state.workload_tenant.get(wid, ""),
-                "policy": policy_to_dict(pol) if pol is not None else None}).encode())
-        for tenant_id in dirty.holdings:
-            held = self.state.holdings.get(tenant_id, {})
-            await self.kv.put(f"holding.{tenant_id}", json.dumps({
-                wid: {"reserved_gpus": h.reserved_gpus, "reserved_cost_per_hour": h.reserved_cost_per_hour,
-                      "placed": {u: placement_to_dict(p) for u, p in h.placed.items()}}
-                for wid, h in held.items()}).encode())
+                "policy": policy_to_dict(pol) if pol is not None else None}).encode()))
+        for tenant_id, wid in dirty.holdings:
+            # One key per workload: a tenant's holdings can outgrow one message.
+            h = self.state.holdings.get(tenant_id, {}).get(wid)
+            key = f"holding.{tenant_id}.{wid}"
+            if h is None:
+                puts.append(self.kv.delete(key))
+            else:
+                puts.append(self.kv.put(key, json.dumps({
+                    "reserved_gpus": h.reserved_gpus, "reserved_cost_per_hour": h.reserved_cost_per_hour,
+                    "placed": {u: placement_to_dict(p) for u, p in h.placed.items()}}).encode()))
+        for i in range(0, len(puts), 256):
+            await asyncio.gather(*puts[i:i + 256])
 
     # ---- bootstrap ----------------------------------------------------------------------------------
 

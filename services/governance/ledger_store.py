@@ -1,9 +1,12 @@
 """The audit ledger kept durable in JetStream (stream CNC_LEDGER, subject `cnc.governance.ledger`).
 
-One message per entry, in order, written only by the governance service. Appends are pipelined
-(many entries in flight, one round trip per batch) and each carries `Nats-Expected-Last-Sequence`,
-so if one publish fails every later one in the batch fails too and the stored chain never gets a
-hole from a crash mid-batch. The head (length and last hash) is also written to KV
+Entries are stored in blocks: one message (`LedgerBlock`) holds the consecutive entries the writer
+appended together, up to BLOCK_ENTRIES, so a busy ledger costs one publish per batch rather than per
+entry, and reading 100,000 entries back is a few hundred messages. The hash chain runs across
+blocks; deleting a message removes a run of entries, which verification names. Only the
+governance service writes; blocks of one batch are pipelined and each carries
+`Nats-Expected-Last-Sequence`, so if one publish fails every later one fails too and the stored
+chain never gets a hole from a crash mid-batch. The head (length and last hash) is also written to KV
 (`cnc-governance`, key `ledger.head`) as the anchor that makes a removed tail visible.
 
 The stream has no age or size limit: an audit ledger is kept, not aged out.
@@ -29,7 +32,8 @@ from services.governance.domain.ledger import LedgerEntry, LedgerHead
 log = logging.getLogger(__name__)
 
 STREAM = "CNC_LEDGER"
-LEDGER = subjects.register(Subject("cnc.governance.ledger", pb.LedgerEntry, STREAM, "audit ledger entries"))
+LEDGER = subjects.register(Subject("cnc.governance.ledger", pb.LedgerBlock, STREAM, "audit ledger blocks"))
+BLOCK_ENTRIES = 256
 GOVERNANCE_BUCKET = "cnc-governance"
 HEAD_KEY = "ledger.head"
 
@@ -76,10 +80,10 @@ class LedgerStore:
         last_seq = info.state.last_seq
 
         async def on_msg(msg) -> None:
-            m = pb.LedgerEntry()
+            block = pb.LedgerBlock()
             try:
-                m.ParseFromString(msg.data)
-                out.append(from_proto(m))
+                block.ParseFromString(msg.data)
+                out.extend(from_proto(m) for m in block.entries)
             except Exception:  # a garbled message is a changed entry of unknown index
                 out.append(LedgerEntry(-1, 0, "garbled", "", "", "", "", ""))
             if msg.metadata.sequence.stream >= last_seq or msg.metadata.num_pending == 0:
@@ -101,14 +105,17 @@ class LedgerStore:
             return
         futures = []
         base = self.last_seq
-        for i, e in enumerate(entries):
+        blocks = [entries[i:i + BLOCK_ENTRIES] for i in range(0, len(entries), BLOCK_ENTRIES)]
+        for i, chunk in enumerate(blocks):
+            first, last = chunk[0], chunk[-1]
             headers = {
-                "Cnc-Type": pb.LedgerEntry.DESCRIPTOR.full_name,
-                "Cnc-Event-Id": f"ledger-{e.index}",
-                "Nats-Msg-Id": f"ledger-{e.index}-{e.hash[:16]}",
+                "Cnc-Type": pb.LedgerBlock.DESCRIPTOR.full_name,
+                "Cnc-Event-Id": f"ledger-{first.index}-{last.index}",
+                "Nats-Msg-Id": f"ledger-{first.index}-{last.hash[:16]}",
                 "Nats-Expected-Last-Sequence": str(base + i),
             }
-            futures.append(await self.js.publish_async(LEDGER.template, to_proto(e).SerializeToString(),
+            block = pb.LedgerBlock(entries=[to_proto(e) for e in chunk])
+            futures.append(await self.js.publish_async(LEDGER.template, block.SerializeToString(),
                                                        headers=headers, wait_stall=5.0))
         try:
             acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=10.0)
@@ -116,12 +123,13 @@ class LedgerStore:
             for f in futures:
                 f.cancel()
             await self._resync()
-            raise LedgerWriteError(self.last_seq - base, exc) from None
+            stored = sum(len(c) for c in blocks[: self.last_seq - base])
+            raise LedgerWriteError(stored, exc) from None
         stored = 0
-        for ack in acks:
+        for ack, chunk in zip(acks, blocks, strict=True):
             if isinstance(ack, BaseException):
                 break
-            stored += 1
+            stored += len(chunk)
             self.last_seq = ack.seq
         if stored < len(entries):
             failure = next(a for a in acks if isinstance(a, BaseException))
@@ -142,9 +150,9 @@ class LedgerStore:
         if info.state.messages == 0:
             return None
         msg = await self.js.get_msg(STREAM, seq=info.state.last_seq)
-        m = pb.LedgerEntry()
-        m.ParseFromString(msg.data)
-        return from_proto(m)
+        block = pb.LedgerBlock()
+        block.ParseFromString(msg.data)
+        return from_proto(block.entries[-1]) if block.entries else None
 
     async def write_head(self, head: LedgerHead) -> None:
         await self.kv.put(HEAD_KEY, json.dumps({"length": head.length, "hash": head.hash,

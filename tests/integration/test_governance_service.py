@@ -233,15 +233,16 @@ async def test_verify_ledger_names_the_tampered_entries(brain, bus):
     clean = await op.VerifyLedger(pb.VerifyLedgerRequest())
     assert clean.ok and clean.length == 7 and clean.entries_checked == 7
     js = bus.js
-    # Change entry 3: take it out of the stream and put back a forged copy (a rewrite in place is
-    # what an attacker with JetStream access can do).
+    # The six creations went in one at a time: one stored block per entry here. Change entry 3:
+    # take its block out of the stream and put back a forged copy (what an attacker with
+    # JetStream access can do; the ledger itself never rewrites).
     msg = await js.get_msg(STREAM, seq=4)
-    forged = pb.LedgerEntry()
-    forged.ParseFromString(msg.data)
-    assert forged.index == 3
-    forged.payload_json = forged.payload_json.replace("tenant-2", "tenant-x")
+    block = pb.LedgerBlock()
+    block.ParseFromString(msg.data)
+    assert [e.index for e in block.entries] == [3]
+    block.entries[0].payload_json = block.entries[0].payload_json.replace("tenant-2", "tenant-x")
     await js.delete_msg(STREAM, 4)
-    await js.publish(LEDGER.template, forged.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
+    await js.publish(LEDGER.template, block.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
     result = await op.VerifyLedger(pb.VerifyLedgerRequest())
     assert not result.ok
     changed = {i.index for i in result.issues if i.kind == "changed"}

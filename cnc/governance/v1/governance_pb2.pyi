@@ -326,6 +326,30 @@ class LedgerEntry(_message.Message):
 Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015
 
 @_typing.final
+class LedgerBlock(_message.Message):
+    """LedgerBlock is what one JetStream message of the ledger stream holds: consecutive entries
+    appended together (`cnc.governance.ledger`, stream CNC_LEDGER). Hashes chain across blocks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___LedgerEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerBlock: _TypeAlias = LedgerBlock  # noqa: Y015
+
+@_typing.final
 class LedgerIssue(_message.Message):
     """LedgerIssue names one entry that is wrong."""
 

@@ -23,7 +23,7 @@ def canonical_json(payload: Mapping[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen init costs 3x, and a verify builds 100,000 of them
 class LedgerEntry:
     """One recorded decision."""
 
@@ -40,10 +40,9 @@ class LedgerEntry:
     def compute_hash(
         index: int, time_ns: int, kind: str, actor: str, subject: str, payload_json: str, prev_hash: str
     ) -> str:
-        h = hashlib.sha256()
-        h.update(f"{index}\n{time_ns}\n{kind}\n{actor}\n{subject}\n{prev_hash}\n".encode())
-        h.update(payload_json.encode())
-        return h.hexdigest()
+        return hashlib.sha256(
+            f"{index}\n{time_ns}\n{kind}\n{actor}\n{subject}\n{prev_hash}\n{payload_json}".encode()
+        ).hexdigest()
 
     def recomputed_hash(self) -> str:
         return self.compute_hash(
@@ -139,25 +138,29 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
     - duplicate: two stored entries claim the same index (the one that chains is kept).
     """
     result = LedgerVerification()
-    by_index: dict[int, list[LedgerEntry]] = {}
+    by_index: dict[int, LedgerEntry] = {}
+    extra: dict[int, list[LedgerEntry]] = {}  # further entries claiming an index already seen
     highest_seen = -1
     count = 0
+    issues = result.issues
     for position, entry in enumerate(entries):
         count += 1
-        if entry.index < 0:  # stored bytes that are not an entry at all
-            result.issues.append(LedgerIssue(-1, "changed", f"stored message {position} is not a readable entry"))
+        index = entry.index
+        if index < 0:  # stored bytes that are not an entry at all
+            issues.append(LedgerIssue(-1, "changed", f"stored message {position} is not a readable entry"))
             continue
-        if entry.index < highest_seen:
-            result.issues.append(
-                LedgerIssue(entry.index, "reordered", f"stored after entry {highest_seen}")
-            )
+        if index < highest_seen:
+            issues.append(LedgerIssue(index, "reordered", f"stored after entry {highest_seen}"))
         else:
-            highest_seen = entry.index
-        by_index.setdefault(entry.index, []).append(entry)
+            highest_seen = index
+        if index in by_index:
+            extra.setdefault(index, []).append(entry)
+        else:
+            by_index[index] = entry
     result.entries_checked = count
     if not by_index:
         if expected_head is not None and expected_head.length > 0:
-            result.issues.append(
+            issues.append(
                 LedgerIssue(0, "removed", f"ledger is empty but its head says {expected_head.length} entries")
             )
         return result
@@ -167,16 +170,16 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
     changed: set[int] = set()
     prev_hash_stored = GENESIS_HASH
     for index in range(last + 1):
-        candidates = by_index.get(index)
-        if not candidates:
+        entry = by_index.get(index)
+        if entry is None:
             result.issues.append(LedgerIssue(index, "removed", "no entry with this index is stored"))
             expected_prev = None
             continue
-        entry = candidates[0]
-        if len(candidates) > 1:
+        if index in extra:
             # Keep the candidate that chains onto its predecessor; report the others.
+            candidates = [entry, *extra[index]]
             chaining = [c for c in candidates if c.prev_hash == expected_prev and c.hash == c.recomputed_hash()]
-            entry = chaining[0] if chaining else candidates[0]
+            entry = chaining[0] if chaining else entry
             for other in candidates:
                 if other is not entry:
                     result.issues.append(
@@ -208,7 +211,7 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
                 result.issues.append(LedgerIssue(index, "removed", "missing from the tail of the ledger"))
         elif expected_head.length >= 1:
             anchored = by_index.get(expected_head.length - 1)
-            if anchored and anchored[0].hash != expected_head.hash and expected_head.length - 1 not in changed:
+            if anchored and anchored.hash != expected_head.hash and expected_head.length - 1 not in changed:
                 result.issues.append(
                     LedgerIssue(expected_head.length - 1, "changed", "does not match the recorded head hash")
                 )

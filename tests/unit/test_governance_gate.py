@@ -1,0 +1,60 @@
+"""The scheduler-side placement check (GovernanceGate.check), fed as governance's KV would feed it."""
+
+import json
+from types import SimpleNamespace
+
+from cnc.common.v1 import common_pb2 as common
+from services.governance.client import GovernanceGate
+from services.governance.domain.policy import Verdict
+
+
+def kv(key, value):
+    return SimpleNamespace(key=key, value=json.dumps(value).encode() if value is not None else b"")
+
+
+def gate():
+    g = GovernanceGate(bus=None, target=None)
+    g._apply(kv("tenant.acme", {"quota": {"gpus_by_type": {"H100": 4}, "max_gpus": None, "max_cost_per_hour": None},
+                                "policy": {"allowed_regions": ["eu"]}}))
+    g.sites.update({"ams": ("eu", {"H100": 4.0}), "nyc": ("us", {"H100": 3.0})})
+    return g
+
+
+def at(site, replicas, wid="w1"):
+    return common.Placement(workload_id=wid, site_id=site, replicas=replicas, gpu_type="H100", gpus_per_unit=1)
+
+
+def test_policy_and_quota_are_enforced():
+    g = gate()
+    assert g.check("w1", "acme", [at("ams", 4)]).ok
+    d = g.check("w1", "acme", [at("ams", 2), at("nyc", 1)])
+    assert d.verdict is Verdict.POLICY_VIOLATION and "nyc" in d.message
+    d = g.check("w1", "acme", [at("ams", 5)])
+    assert d.verdict is Verdict.QUOTA_EXCEEDED
+    assert g.check("w1", "nobody", [at("ams", 1)]).verdict is Verdict.UNKNOWN_TENANT
+    assert g.check("w1", "", [at("nyc", 1)]).ok  # no tenant: nothing to enforce
+
+
+def test_holdings_of_other_workloads_count_and_own_is_replaced():
+    g = gate()
+    g._apply(kv("holding.acme.w0", {"reserved_gpus": {}, "reserved_cost_per_hour": 0, "placed": {
+        "w0@ams": {"workload_id": "w0", "tenant_id": "acme", "unit_id": "w0@ams", "site_id": "ams",
+                   "region": "eu", "gpu_type": "H100", "gpus": 3, "price_per_gpu_hour": 4.0}}}))
+    assert g.check("w1", "acme", [at("ams", 1)]).ok
+    assert g.check("w1", "acme", [at("ams", 2)]).verdict is Verdict.QUOTA_EXCEEDED
+    # w0 moving its own 3 GPUs is not growth
+    assert g.check("w0", "acme", [at("ams", 3, "w0")]).ok
+    g._apply(kv("holding.acme.w0", None))  # the workload ended
+    assert g.check("w1", "acme", [at("ams", 4)]).ok
+
+
+def test_a_commit_counts_until_governance_shows_it():
+    g = gate()
+    assert g.check("w1", "acme", [at("ams", 3)]).ok
+    g.committed("w1", "acme", [at("ams", 3)])
+    assert g.check("w2", "acme", [at("ams", 2, "w2")]).verdict is Verdict.QUOTA_EXCEEDED
+    g._apply(kv("holding.acme.w1", {"reserved_gpus": {}, "reserved_cost_per_hour": 0, "placed": {
+        "w1@ams": {"workload_id": "w1", "tenant_id": "acme", "unit_id": "w1@ams", "site_id": "ams",
+                   "region": "eu", "gpu_type": "H100", "gpus": 3, "price_per_gpu_hour": 4.0}}}))
+    assert "w1" not in g.overlay
+    assert g.check("w2", "acme", [at("ams", 1, "w2")]).ok
