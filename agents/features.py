@@ -236,6 +236,120 @@ class Featurizer:
         state = self.pooled_state(obs, elapsed)
         return obs.astype(np.float32), mask, state
 
+    def build_site(self, view: PoolView, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(obs [obs_size] float32, mask [mask_size] int8, shard room [MAX_OFFERS]) of site `s`
+        alone: the same values as row `s` of `build`, computed from the site and its neighbours
+        only (pool-wide sums aside) — the live site agent's path, a few times cheaper than `build`."""
+        k, nb, valid = self.k, self._nb[s], self.nbr_valid[s]
+        S = self.S
+        K = min(view.n_services, K_MAX)
+        up = view.site_up
+        live = bool(up[s])
+        obs = np.zeros(self.obs_dim)
+        mask = np.zeros(self.mask_dim, dtype=np.int8)
+        total = float(view.total_gpus[s].sum())
+        free = float(view.free_gpus[s].sum())
+        obs[0] = float(live)
+        obs[1] = free / max(total, 1)
+        obs[2] = free / 32
+        obs[3] = view.training_gpus[s] / max(total, 1)
+        obs[4] = view.population[s] * S
+        obs[5] = float(view.time_s < view.tick_s * 0.5)
+        nb_up = np.where(valid, up[nb], 0.0)
+        obs[6] = np.where(valid, 1 - nb_up, 0).sum() / max(k, 1)
+        obs[7] = self.nbr_lat[s].sum() / k / 0.02
+        obs[8] = total / 64
+        idx = np.concatenate([[s], nb])
+        free_sub = view.free_gpus[idx]
+        best = view.best_mu()
+        spare_nb = np.zeros((k, K_MAX))
+        c = F_SITE
+        mask[1:3 * K_MAX:3] = 1
+        for j in range(K):
+            svc = view.services[j]
+            if not svc.active:
+                c += F_SVC
+                continue
+            unit = max(best[j], 1e-9)
+            dem = view.demand_rps[:, j] / unit
+            cap = view.capacity_rps[:, j] / unit
+            reps_s = float(view.replicas[s, j])
+            fit = (svc.tp[None, :] > 0) & (free_sub >= svc.tp[None, :])
+            room = np.where(fit, svc.mu[None, :], 0.0).max(axis=1) / unit  # [1 + k]
+            pool_dem, pool_cap = dem.sum(), cap.sum()
+            pool_reps = float(view.replicas[:, j].sum())
+            nd = np.where(valid, dem[nb], 0.0)
+            ncap = np.where(valid, cap[nb], 0.0)
+            o = obs[c:c + F_SVC]
+            o[0] = 1.0
+            o[1] = reps_s / 8
+            o[2] = view.ready[s, j] / 8
+            o[3] = dem[s] / 4
+            o[4] = cap[s] / 4
+            o[5] = min(view.load[s, j], 3.0)
+            o[6] = (dem[s] / TARGET_UTIL - cap[s]) / 4
+            o[7] = room[0]
+            o[8] = view.slo_recent[j]
+            o[9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
+            o[10] = pool_reps / max(svc.max_replicas, 1)
+            o[11] = float(pool_reps <= svc.min_replicas)
+            o[12] = nd.sum() / 4
+            o[13] = ncap.sum() / 4
+            o[14] = np.where(valid, room[1:] > 0, 0).sum() / k
+            o[15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).sum() / k
+            o[16] = cap[s] / max(pool_cap, 1e-6)
+            o[17] = dem[s] / max(pool_dem, 1e-6)
+            spare_nb[:, j] = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
+            mask[3 * j] = live and reps_s > 0 and pool_reps > svc.min_replicas
+            mask[3 * j + 2] = live and room[0] > 0 and pool_reps < svc.max_replicas
+            ov = 3 * K_MAX + 2 * MAX_OFFERS + j * (k + 1)
+            mask[ov + 1: ov + 1 + k] = (nb_up > 0) & valid & live
+            c += F_SVC
+        c = F_SITE + K_MAX * F_SVC
+        room_o = np.zeros((1 + k, MAX_OFFERS))
+        for o_i, off in enumerate(view.offers[:MAX_OFFERS]):
+            room_o[:, o_i] = np.where(off.fits[None, :], free_sub // max(off.shard_gpus, 1), 0).max(axis=1)
+            need = max(off.n_shards, 1)
+            o = obs[c + o_i * F_OFFER: c + (o_i + 1) * F_OFFER]
+            o[0] = 1.0
+            o[1] = off.n_shards * off.shard_gpus / 64
+            o[2] = room_o[0, o_i] / need
+            o[3] = room_o[0, o_i] >= need
+            o[4] = np.where(valid, room_o[1:, o_i], 0).sum() / need
+            o[5] = off.waiting_s / 600
+            mask[3 * K_MAX + 2 * o_i + 1] = live and room_o[0, o_i] >= 1
+        c += MAX_OFFERS * F_OFFER
+        mask[3 * K_MAX: 3 * K_MAX + 2 * MAX_OFFERS: 2] = 1
+        mask[3 * K_MAX + 2 * MAX_OFFERS:: k + 1] = 1
+        blk = obs[c:].reshape(k, 2 + K_MAX)
+        blk[:, 0] = self.nbr_lat[s] / 0.02
+        blk[:, 1] = nb_up
+        blk[:, 2:] = spare_nb
+        np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
+        return obs.astype(np.float32), mask, room_o[0]
+
+    def site_action(self, view: PoolView, s: int, choice: np.ndarray,
+                    room: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One site's choice [n_heads] as (replica_delta [K], accept [O], overflow [K]) — row `s`
+        of `to_actions`; `room` is the site's shard room from `build_site`."""
+        K, Km = view.n_services, min(view.n_services, K_MAX)
+        live = bool(view.site_up[s])
+        delta = np.zeros(K, np.int64)
+        if live:
+            delta[:Km] = choice[:Km] - 1
+        accept = np.zeros(len(view.offers))
+        for o, off in enumerate(view.offers[:MAX_OFFERS]):
+            need = max(off.n_shards, 1)
+            r = room[o]
+            if choice[K_MAX + o] == 1 and live and r >= 1:
+                accept[o] = 1000.0 - (r - need) if r >= need else r
+        overflow = np.full(K, -1, np.int64)
+        for j in range(Km):
+            c = int(choice[K_MAX + MAX_OFFERS + j])
+            if c > 0 and self.nbr_valid[s, c - 1]:
+                overflow[j] = self._nb[s, c - 1]
+        return delta, accept, overflow
+
     def pooled_state(self, obs: np.ndarray, elapsed: float) -> np.ndarray:
         """The critic's size-independent view of the pool: mean and max over sites, elapsed, S."""
         return np.concatenate([obs.mean(axis=0), obs.max(axis=0), [elapsed, self.S / 64]]).astype(np.float32)

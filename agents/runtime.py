@@ -118,14 +118,12 @@ class MarlPolicy(Policy):
         return feat.to_actions(view, choice)
 
     def decide_site(self, view: PoolView, site_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One site's decision (see the module docstring)."""
+        """One site's decision (see the module docstring), from that site's features alone."""
         feat = self._featurizer(view)
-        obs, mask, _ = feat.build(view)
         s = int(site_index)
-        choice = feat.from_actions(view, Actions.noop(view))  # the other sites: no change
-        choice[s] = self.actor.choose(obs[s:s + 1], mask[s:s + 1])[0]
-        a = feat.to_actions(view, choice)
-        return a.replica_delta[s], a.accept[s], a.overflow[s]
+        obs, mask, room = feat.build_site(view, s)
+        choice = self.actor.choose(obs[None], mask[None])[0]
+        return feat.site_action(view, s, choice, room)
 
 
 def export_npz(path: str | Path, layers: list[tuple[np.ndarray, np.ndarray]], nvec: np.ndarray, k: int,
