@@ -206,7 +206,7 @@ class TokenFeed:
 
     def __init__(self, kv: Any, directory: TokenDirectory | None = None) -> None:
         self.kv = kv
-        self.directory = directory or TokenDirectory()
+        self.directory = directory if directory is not None else TokenDirectory()
         self._task: asyncio.Task[None] | None = None
         self._watcher: Any = None
 

@@ -232,6 +232,16 @@ class GovernanceGate:
         policy = view.policy.narrowed_by(self.workload_policies.get(workload_id))
         return check_workload(mine, view.quota, policy, (by_type, total, cost), holdings.get(workload_id))
 
+    def allows(self, workload_id: str, tenant_id: str, site_id: str, gpu_type: str) -> bool:
+        """Placement policy alone (no quota): may this workload run at this site on this GPU type?
+        A tenant governance does not know has no policy to enforce (it was never admitted)."""
+        view = self.tenants.get(tenant_id)
+        if not tenant_id or view is None or not view.known:
+            return True
+        region = self.sites.get(site_id, ("", {}))[0]
+        policy = view.policy.narrowed_by(self.workload_policies.get(workload_id))
+        return not policy.site_reasons(site_id, region, gpu_type)
+
     def committed(self, workload_id: str, tenant_id: str, placements: Sequence[common.Placement]) -> None:
         """Tell the gate a checked placement was committed (counted until governance has seen it)."""
         if tenant_id:

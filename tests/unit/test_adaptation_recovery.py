@@ -94,3 +94,29 @@ def test_unaffected_workloads_are_left_alone():
     sites = pool()
     w = WorkloadPlacement("other", WorkloadKind.INFERENCE, "acme", 1, {"b": SiteUnits("H100", 2)})
     assert plan_recovery("a", [w], sites) == []
+
+
+def test_scale_up_fills_own_sites_first_then_nearest():
+    from services.adaptation.domain.recovery import plan_scale
+
+    sites = pool()
+    w = WorkloadPlacement("s", WorkloadKind.INFERENCE, "acme", 1, {"c": SiteUnits("H100", 2)}, frozenset({"H100"}), "b")
+    new, short = plan_scale(w, 24, sites)
+    assert short == 0
+    assert new["c"].replicas == 18  # its own site first, to the brim (2 held + 16 free)
+    assert new["b"].replicas == 4  # then the ingress site
+    assert new["d"].replicas == 2  # then the next nearest to the ingress
+    assert sites["c"].free_by_type["H100"] == 0 and sites["d"].free_by_type["H100"] == 30
+
+
+def test_scale_down_drops_farthest_first_and_reports_shortfall():
+    from services.adaptation.domain.recovery import plan_scale
+
+    sites = pool()
+    w = WorkloadPlacement("s", WorkloadKind.INFERENCE, "acme", 1,
+                          {"b": SiteUnits("H100", 2), "d": SiteUnits("H100", 2)}, frozenset({"H100"}), "b")
+    new, _ = plan_scale(w, 3, sites)
+    assert new == {"b": SiteUnits("H100", 2), "d": SiteUnits("H100", 1)}
+    assert sites["d"].free_by_type["H100"] == 33  # the dropped replica's GPU is free again
+    new, short = plan_scale(w, 200, pool(), allowed=lambda w, s, g: s == "b")
+    assert new["b"].replicas == 6 and short == 200 - 6 - 2

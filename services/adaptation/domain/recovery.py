@@ -258,3 +258,48 @@ class CheckpointTracker:
     def forget(self, workload_id: str) -> None:
         self._last.pop(workload_id, None)
         self._now.pop(workload_id, None)
+
+
+def plan_scale(
+    w: WorkloadPlacement,
+    target_replicas: int,
+    sites: Mapping[str, SiteCapacity],
+    allowed: PolicyCheck = lambda w, s, g: True,
+) -> tuple[dict[str, SiteUnits], int]:
+    """A service's new placement with `target_replicas` replicas in all, and the replicas that found
+    no room. Growth goes to the nearest allowed sites with room (the service's own sites first);
+    shrinking removes replicas from the farthest, then dearest, sites first. `sites` is mutated."""
+    new = {s: u for s, u in w.sites.items() if u.replicas > 0}
+    have = sum(u.replicas for u in new.values())
+    origin = w.ingress_site_id or (min(new) if new else "")
+    if target_replicas > have:
+        need = target_replicas - have
+        cands = _candidates(w, "", sites, allowed)
+        cands.sort(key=lambda c: (c[0] not in new, _latency(sites, origin, c[0]) if origin else 0.0,
+                                  sites[c[0]].price_by_type.get(c[1], 0.0), c))
+        for site_id, gpu_type in cands:
+            if need == 0:
+                break
+            cur = new.get(site_id)
+            if cur is not None and cur.gpu_type != gpu_type:
+                continue
+            take = min(need, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit)
+            if take <= 0:
+                continue
+            sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
+            new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
+            need -= take
+        return new, need
+    drop = have - target_replicas
+    order = sorted(new, key=lambda s: (-(_latency(sites, origin, s) if origin else 0.0),
+                                       -(sites[s].price_by_type.get(new[s].gpu_type, 0.0) if s in sites else 0.0), s))
+    for site_id in order:
+        if drop == 0:
+            break
+        cur = new[site_id]
+        take = min(drop, cur.replicas)
+        new[site_id] = SiteUnits(cur.gpu_type, cur.replicas - take)
+        if site_id in sites:
+            sites[site_id].free_by_type[cur.gpu_type] = sites[site_id].free_by_type.get(cur.gpu_type, 0) + take * w.gpus_per_unit
+        drop -= take
+    return {s: u for s, u in new.items() if u.replicas > 0}, 0

@@ -1,0 +1,155 @@
+"""AdaptationService: proto <-> domain and refusals -> status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from cnc.adaptation.v1 import adaptation_pb2 as pb
+from cnc.adaptation.v1 import adaptation_pb2_grpc
+from cnc.common.v1 import common_pb2 as common
+from cncbrain.auth import abort_for, current_principal
+from cncbrain.identity import AuthError, PermissionDenied, require_tenant_access
+from services.adaptation.domain.parallelism import (
+    GpuGroup,
+    LinkSpec,
+    PlanError,
+    plan_inference,
+    plan_training,
+    resolve_model,
+)
+from services.adaptation.events import Adapter, policy_from_pb, policy_to_pb, spec_of
+
+SERVICE = "/cnc.adaptation.v1.AdaptationService/"
+OPERATOR_ONLY = frozenset({SERVICE + "TriggerRebalance"})
+COST_MODEL = "cncbrain.twin.physics (docs/cost-model.md)"
+
+
+def training_to_pb(p) -> pb.TrainingPlan:
+    return pb.TrainingPlan(
+        tensor_parallel=p.tp, pipeline_parallel=p.pp, data_parallel=p.dp, micro_batch_size=p.micro_batch,
+        micro_batches=p.micro_batches, zero1=p.zero1, precision=p.precision, layout=p.layout,
+        gpus_used=p.gpus_used, gpus=[pb.GpuGroup(site_id=s, count=n) for s, n in sorted(p.gpus_by_site.items())],
+        tokens_per_s=p.tokens_per_s, step_s=p.step_s, compute_s=p.compute_s, bubble_fraction=p.bubble_fraction,
+        allreduce_s=p.allreduce_s, wan_activation_s=p.wan_activation_s, memory_per_gpu_gb=p.memory_per_gpu_gb,
+        memory_limit_gb=p.memory_limit_gb, mfu=p.mfu, notes=list(p.notes))
+
+
+def inference_to_pb(p) -> pb.InferencePlan:
+    return pb.InferencePlan(
+        site_id=p.site_id, gpu_type=p.gpu_type, tensor_parallel=p.tp, pipeline_parallel=p.pp,
+        precision=p.precision, gpus_per_replica=p.gpus_per_replica, replicas=p.replicas, max_batch=p.max_batch,
+        tokens_per_s_per_replica=p.tokens_per_s_per_replica, tokens_per_s=p.tokens_per_s, ttft_s=p.ttft_s,
+        tpot_s=p.tpot_s, weights_gb=p.weights_gb, reason=p.reason, notes=list(p.notes))
+
+
+class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
+    def __init__(self, adapter: Adapter) -> None:
+        self.ad = adapter
+
+    def _owner_check(self, workload_id: str) -> None:
+        w = self.ad.workloads.get(workload_id)
+        tenant = getattr(spec_of(w), "tenant", "") if w is not None else ""
+        if tenant:
+            require_tenant_access(current_principal(), tenant)
+        elif not current_principal().is_operator and w is not None:
+            raise PermissionDenied(f"workload {workload_id} belongs to no tenant; only an operator may touch it")
+
+    async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
+        principal = current_principal()
+        if request.workload_id:
+            try:
+                self._owner_check(request.workload_id)
+            except AuthError as exc:
+                await abort_for(context, exc)
+        actions = self.ad.list_actions(
+            request.workload_id, request.site_id,
+            request.since.ToNanoseconds() if request.HasField("since") else 0,
+            request.until.ToNanoseconds() if request.HasField("until") else 0,
+            min(request.limit or 100, 10_000) * (1 if principal.is_operator else 4))
+        if not principal.is_operator:  # a tenant sees the actions on its own workloads
+            actions = [a for a in actions
+                       if getattr(spec_of(self.ad.workloads.get(a.workload_id)), "tenant", None) == principal.tenant_id]
+        return pb.ListActionsResponse(actions=actions[: request.limit or 100])
+
+    async def GetAutoscalingPolicy(self, request, context) -> pb.GetAutoscalingPolicyResponse:
+        if not request.workload_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+        try:
+            self._owner_check(request.workload_id)
+        except AuthError as exc:
+            await abort_for(context, exc)
+        policy, explicit = self.ad.get_policy(request.workload_id)
+        return pb.GetAutoscalingPolicyResponse(policy=policy_to_pb(policy), explicit=explicit)
+
+    async def SetAutoscalingPolicy(self, request, context) -> pb.SetAutoscalingPolicyResponse:
+        if not request.workload_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+        w = self.ad.workloads.get(request.workload_id)
+        if w is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {request.workload_id!r}")
+        if w.kind != common.WORKLOAD_KIND_INFERENCE_SERVICE:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only inference services scale")
+        try:
+            self._owner_check(request.workload_id)
+            policy = policy_from_pb(request.policy)
+        except AuthError as exc:
+            await abort_for(context, exc)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {exc}")
+        await self.ad.set_policy(request.workload_id, policy)
+        return pb.SetAutoscalingPolicyResponse(policy=policy_to_pb(policy))
+
+    async def PlanParallelism(self, request: pb.PlanParallelismRequest, context) -> pb.PlanParallelismResponse:
+        if request.kind not in (pb.PLAN_KIND_TRAINING, pb.PLAN_KIND_INFERENCE):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kind: PLAN_KIND_TRAINING or PLAN_KIND_INFERENCE")
+        try:
+            model = resolve_model(request.model, request.params_b)
+        except PlanError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
+        groups = [GpuGroup(g.site_id or "site", g.gpu_type, g.count) for g in request.gpus]
+        links = {(lk.site_a, lk.site_b): LinkSpec(lk.latency_ms, lk.bandwidth_gbps) for lk in request.links}
+        for lk in request.links:
+            if lk.bandwidth_gbps <= 0 or lk.latency_ms < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"links: {lk.site_a}-{lk.site_b} needs bandwidth > 0 and latency >= 0")
+        if not groups:  # the free GPUs of the pool as it stands
+            for cap in self.ad.capacity().values():
+                if cap.up:
+                    groups += [GpuGroup(cap.site_id, t, n) for t, n in sorted(cap.free_by_type.items()) if n > 0]
+        if not request.links and self.ad.snapshot is not None:
+            for s in self.ad.snapshot.sites:
+                for lk in s.site.links:
+                    links.setdefault((s.site.site_id, lk.peer_site_id), LinkSpec(lk.latency_ms, lk.bandwidth_gbps))
+        if not groups:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no GPUs given and none free in the pool")
+        top = max(1, min(request.top or 1, 20))
+        try:
+            if request.kind == pb.PLAN_KIND_TRAINING:
+                plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or 4 * 2**20,
+                                      seq_len=request.seq_len or 4096, top=top)
+                return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
+            slo = request.slo if request.HasField("slo") else None
+            plans = plan_inference(
+                model, groups, context_tokens=request.context_tokens or 2048, prompt_tokens=request.prompt_tokens or 1024,
+                ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
+                tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
+                allow_lower_precision=not request.bf16_only)
+            return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in plans[:top]], cost_model=COST_MODEL)
+        except PlanError as exc:
+            unknown = "unknown GPU type" in str(exc) or "global_batch_tokens" in str(exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if unknown else grpc.StatusCode.FAILED_PRECONDITION,
+                                str(exc))
+        raise AssertionError("unreachable")
+
+    async def TriggerRebalance(self, request: pb.TriggerRebalanceRequest, context) -> pb.TriggerRebalanceResponse:
+        if request.site_id and request.site_id not in self.ad.down:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"site {request.site_id} is not down")
+        actions = []
+        for site_id in [request.site_id] if request.site_id else sorted(self.ad.down):
+            actions += await self.ad.recover(site_id)
+        if not request.site_id and self.ad.snapshot is not None and self.ad.settings.guardrails_enabled:
+            actions += await self.ad.run_guardrails(self.ad.snapshot)
+        return pb.TriggerRebalanceResponse(actions=actions)
+
+
+__all__ = ["AdaptationServicer", "OPERATOR_ONLY"]
