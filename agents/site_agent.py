@@ -191,6 +191,9 @@ class SiteAgent:
     async def on_offer(self, event: Event) -> None:
         offer: sched.Offer = event.payload
         assert self.site is not None
+        if offer.HasField("deadline") and time.time() > offer.deadline.ToNanoseconds() / 1e9:
+            self.counters["offers_expired"] += 1  # shed load: the scheduler no longer listens
+            return
         units, gpu_type, cost, reason = self.policy.answer(
             offer, self.site, self.executor.last_telemetry(), self.executor.available())
         await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(

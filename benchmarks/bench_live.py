@@ -4,7 +4,7 @@
 2. latency: gRPC DeployInferenceService call → its committed-placement event on NATS, over 200
    sequential deployments against `up` (abilene, emulated sites, 11 site agents answering offers).
 3. throughput: replica placements committed per second over 10,000, with 20 memory-executor site
-   agents and 64 concurrent tenants deploying 10-replica services.
+   agents and 16 concurrent tenants deploying 50-replica services.
 
     python -m benchmarks live            # all three
     python -m benchmarks.bench_live latency|throughput|up
@@ -33,9 +33,10 @@ from cncbrain.natsserver import NatsServer, free_port
 
 N_LATENCY = 200
 N_REPLICAS = 10_000
-REPLICAS_PER_SERVICE = 10
-CONCURRENCY = 64
+REPLICAS_PER_SERVICE = 50
+CONCURRENCY = 16
 THROUGHPUT_SITES = 20
+AGENT_PROCESSES = 4
 
 
 def spec(name: str, replicas: int) -> common.InferenceServiceSpec:
@@ -136,12 +137,14 @@ def bench_throughput() -> None:
         env = {**os.environ, "CNC_SCHEDULER_NATS_URL": nats.url, "CNC_SCHEDULER_GRPC_PORT": str(port),
                "CNC_PERCEPTION_NATS_URL": nats.url, "CNC_PERCEPTION_GRPC_PORT": str(pport),
                "CNC_SCHEDULER_LOG_LEVEL": "WARNING", "CNC_PERCEPTION_LOG_LEVEL": "WARNING"}
-        sites = [arg for i in range(THROUGHPUT_SITES) for arg in ("--site", f"site{i}")]
+        groups = [[arg for i in range(g, THROUGHPUT_SITES, AGENT_PROCESSES) for arg in ("--site", f"site{i}")]
+                  for g in range(AGENT_PROCESSES)]
         procs = [
             subprocess.Popen([sys.executable, "-m", "services.perception"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             subprocess.Popen([sys.executable, "-m", "services.scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            subprocess.Popen([sys.executable, "-m", "cncbrain.cli", "agent", "--executor", "memory", "--gpus", "H100:1000",
-                              "--nats-url", nats.url, *sites], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            *[subprocess.Popen([sys.executable, "-m", "cncbrain.cli", "agent", "--executor", "memory", "--gpus",
+                                "H100:1000", "--nats-url", nats.url, *sites], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL) for sites in groups],
         ]
         try:
             asyncio.run(wait_healthy(f"127.0.0.1:{port}", 30))
@@ -155,7 +158,7 @@ def bench_throughput() -> None:
             nats.stop()
     print(f"commit path: {units} replica placements in {seconds:.2f} s = {units / seconds:.0f} placements/s "
           f"({units // REPLICAS_PER_SERVICE} deploys × {REPLICAS_PER_SERVICE} replicas, {CONCURRENCY} concurrent "
-          f"tenants, {THROUGHPUT_SITES} memory-executor agents)")
+          f"tenants, {THROUGHPUT_SITES} memory-executor agents in {AGENT_PROCESSES} processes)")
 
 
 def main(argv: list[str] | None = None) -> None:
