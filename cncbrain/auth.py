@@ -324,3 +324,13 @@ async def server_auth(bus: Any, operator_only: Iterable[str] = (), *, enabled: b
     if enabled:
         feed = await TokenFeed(await bus.kv(TOKENS_BUCKET), directory).start()
     return AuthInterceptor(directory, operator_only, enabled=enabled), feed
+
+
+def bearer_of(context: Any) -> str | None:
+    """The raw token a gRPC caller presented (to forward it to another service on its behalf)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == METADATA_KEY:
+            value = v if isinstance(v, str) else v.decode()
+            scheme, _, token = value.partition(" ")
+            return token if scheme.lower() == "bearer" and token else None
+    return None

@@ -7,6 +7,7 @@ import logging
 
 from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
 from cncbrain import telemetry
+from cncbrain.auth import server_auth
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
 from services.perception.domain import PoolPicture
@@ -36,10 +37,12 @@ class PerceptionServer:
         self.events = PerceptionEvents(self.bus, self.picture, self.settings.tick_s)
         await self.events.start()
         servicer = PerceptionServicer(self.picture, self.events)
+        interceptor, self.auth_feed = await server_auth(self.bus, enabled=self.settings.auth_enabled)
         self.grpc = await start_grpc_server(
             self.settings,
             lambda server: perception_pb2_grpc.add_PerceptionServiceServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            interceptors=[interceptor],
         )
         log.info("perception serving gRPC on %s:%d, NATS %s", self.settings.grpc_host, self.port, self.settings.nats_url)
         return self
@@ -49,6 +52,8 @@ class PerceptionServer:
             await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.events:
             await self.events.stop()
+        if getattr(self, "auth_feed", None):
+            await self.auth_feed.stop()
         if self.bus:
             await self.bus.close()
         log.info("perception stopped")

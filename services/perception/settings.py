@@ -12,6 +12,8 @@ class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CNC_PERCEPTION_", extra="ignore")
 
     grpc_port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    auth_enabled: bool = False
+    """Check bearer tokens (cncbrain.auth) on every RPC; `cncbrain up` and compose turn it on."""
     tick_s: float = Field(1.0, gt=0)
     """Wall-clock seconds between snapshots."""
     heartbeat_timeout_s: float = Field(3.0, gt=0)

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
@@ -23,6 +24,9 @@ from services.scheduler import domain
 from services.scheduler.domain import Ledger
 from services.scheduler.settings import Settings
 from services.scheduler.store import Conflict, WorkloadStore
+
+if TYPE_CHECKING:
+    from services.scheduler.governance import SchedulerGovernance
 
 log = logging.getLogger(__name__)
 EVENT_OF_STATE = {
@@ -56,6 +60,7 @@ class Coordinator:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
+        self.governance: SchedulerGovernance | None = None  # issue 5 hooks, set by the server
         self.accepted: dict[str, asyncio.Future[None]] = {}
         self.counters = bus.counters
 
@@ -137,10 +142,18 @@ class Coordinator:
                     current = self.store.get(workload_id)
                     if current is None or current.state != domain.PENDING:
                         return  # cancelled meanwhile
+                    if self.governance:  # proposals outside the workload's placement policy never count
+                        proposals = self.governance.proposals(current, proposals)
                     allocation = domain.arbitrate(need, proposals, self.ledger)
                     if allocation is not None:
                         w = self._copy(workload_id)
                         placements = domain.commit_placement(w, allocation, now_ns())
+                        verdict = self.governance.check(w, placements) if self.governance else None
+                        if verdict is not None and not verdict.ok:
+                            self.counters["placements_refused_by_governance"] += 1
+                            log.info("placement of %s refused by governance: %s", workload_id, verdict.message)
+                            allocation = None
+                    if allocation is not None:
                         for p in placements:
                             self.ledger.take(p)
                         try:
@@ -150,6 +163,8 @@ class Coordinator:
                                 self.ledger.take(p, -1)
                             raise
                         self.counters["placements_committed"] += 1
+                        if self.governance:
+                            self.governance.committed(w)
                         self.counters["units_placed"] += need.units
                         await self.publish_placements(w, placements)
                         await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
@@ -286,12 +301,20 @@ class Coordinator:
                 self.counters["scale_refused"] += 1
                 log.debug("scale of %s at %s refused: %s", p.workload_id, p.site_id, exc)
                 return
+            verdict = self.governance.check(w, w.placements) if self.governance else None
+            if verdict is not None and not verdict.ok:
+                self.ledger.rebuild(self.store.records.values())
+                self.counters["scale_refused_by_governance"] += 1
+                log.debug("scale of %s at %s refused by governance: %s", p.workload_id, p.site_id, verdict.message)
+                return
             try:
                 await self._write(w)
             except Exception:
                 self.ledger.rebuild(self.store.records.values())
                 raise
             self.counters["scale_committed"] += 1
+            if self.governance:
+                self.governance.committed(w)
             await self.publish_placements(w, [changed])
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
 

@@ -11,9 +11,12 @@ import grpc
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.auth import abort_for, bearer_of
 from cncbrain.bus import Event, subjects
+from cncbrain.identity import AuthError
 from services.scheduler import domain
 from services.scheduler.events import Coordinator
+from services.scheduler.governance import AdmissionRefused
 
 TERMINAL_EVENTS = (
     pb.WORKLOAD_EVENT_KIND_COMPLETED,
@@ -29,6 +32,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
         if request_id and not domain.TOKEN.match(request_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: 1..64 characters of [A-Za-z0-9_-]")
+        hooks = self.co.governance
+        if hooks:
+            try:
+                hooks.claim(spec)  # the workload belongs to the caller's tenant
+            except AuthError as exc:
+                await abort_for(context, exc)
         try:
             w = domain.new_workload(spec, request_id, time.time_ns())
             need = domain.need_of(w)
@@ -38,7 +47,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types",
                 )
+            if hooks and request_id and (known := self.co.store.get(w.workload_id)) is not None:
+                hooks.check_owner(known)  # an idempotency key names the caller's own workload only
+            if hooks:
+                await hooks.admit(w, bearer_of(context))
             return await self.co.accept(w)
+        except AuthError as exc:
+            await abort_for(context, exc)
+        except AdmissionRefused as exc:
+            await context.abort(exc.code, str(exc))
         except domain.SpecError as exc:
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.field == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))
@@ -64,6 +81,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         w = self.co.store.get(workload_id)
         if w is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {workload_id!r}")
+        if self.co.governance:
+            try:
+                self.co.governance.check_owner(w)
+            except AuthError as exc:
+                await abort_for(context, exc)
         return w
 
     async def GetWorkload(self, request: pb.GetWorkloadRequest, context) -> pb.GetWorkloadResponse:
@@ -75,6 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         items = [
             w for w in self.co.store.records.values()
             if request.state in (pb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
+            and (self.co.governance is None or self.co.governance.visible(w))
         ]
         items.sort(key=lambda w: w.created_at.ToNanoseconds(), reverse=True)
         return pb.ListWorkloadsResponse(workloads=items)

@@ -7,9 +7,11 @@ import logging
 
 from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from cncbrain import telemetry
+from cncbrain.auth import server_auth
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
 from services.scheduler.events import Coordinator
+from services.scheduler.governance import SchedulerGovernance
 from services.scheduler.rpc import SchedulerServicer
 from services.scheduler.settings import Settings
 
@@ -32,12 +34,17 @@ class SchedulerServer:
     async def start(self) -> SchedulerServer:
         self.bus = await Bus.connect(self.settings.nats_url, "scheduler")
         self.coordinator = Coordinator(self.bus, self.settings)
+        # Issue 5: governance (admission, placement check) and adaptation's actions, then auth.
+        self.coordinator.governance = await SchedulerGovernance.start(
+            self.coordinator, self.settings.governance_target, self.settings.governance_token)
         await self.coordinator.start()
+        interceptor, self.auth_feed = await server_auth(self.bus, enabled=self.settings.auth_enabled)
         servicer = SchedulerServicer(self.coordinator)
         self.grpc = await start_grpc_server(
             self.settings,
             lambda server: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server),
             [SERVICE_NAME],
+            interceptors=[interceptor],
         )
         log.info("scheduler serving gRPC on %s:%d, NATS %s", self.settings.grpc_host, self.port, self.settings.nats_url)
         return self
@@ -47,6 +54,10 @@ class SchedulerServer:
             await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.coordinator:
             await self.coordinator.stop()
+            if self.coordinator.governance:
+                await self.coordinator.governance.close()
+        if getattr(self, "auth_feed", None):
+            await self.auth_feed.stop()
         if self.bus:
             await self.bus.close()
         log.info("scheduler stopped")

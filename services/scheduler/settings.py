@@ -20,5 +20,12 @@ class Settings(ServiceSettings):
     """An inference service not placed within this fails."""
     default_gang_timeout_s: float = Field(30.0, gt=0)
     """A training job's gang timeout when its spec leaves it at 0."""
+    auth_enabled: bool = False
+    """Check bearer tokens (cncbrain.auth) on every RPC; `cncbrain up` and compose turn it on."""
+    governance_target: str = ""
+    """host:port of GovernanceService: admission at submit and the placement check before every
+    commit (services/scheduler/governance.py). Empty: no governance."""
+    governance_token: str = ""
+    """Token for admission calls made without a caller's token; empty: CNC_TOKEN / the token file."""
     republish_window_s: float = Field(600.0, ge=0)
     """After a restart, placements committed within this window are published again (deduplicated)."""

@@ -1,0 +1,201 @@
+"""The scheduler's side of issue 5, in one module the scheduler's own files only call into:
+
+- who may touch a workload: a tenant's workloads carry its id (`spec.tenant`, filled from the
+  caller's token), a tenant sees and changes only its own, an operator any (PERMISSION_DENIED);
+- admission at submit through governance (RESOURCE_EXHAUSTED / FAILED_PRECONDITION and the reason);
+- the placement-policy and quota check of every placement before it is committed (the gate is
+  in-process, fed by governance's KV), and site agents' proposals outside policy ignored;
+- applying adaptation's actions (`cnc.adaptation.action`): a workload's whole new placement, planned
+  from the generation it names, checked against capacity and governance, committed as a new
+  generation and published per site (sites it leaves get an empty placement).
+
+Governance is enforced when `governance_target` is set; auth when `auth_enabled` is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from cnc.adaptation.v1 import adaptation_pb2 as apb
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain.auth import load_token, optional_principal
+from cncbrain.bus import Event
+from cncbrain.identity import PermissionDenied, require_tenant_access
+from services.adaptation.subjects import ACTION
+from services.governance.client import AdmissionRefused, GovernanceGate
+from services.governance.domain.policy import Decision, Verdict
+from services.scheduler import domain
+
+if TYPE_CHECKING:
+    from services.scheduler.events import Coordinator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AdmissionRefused", "SchedulerGovernance", "tenant_of"]
+
+
+def tenant_of(w: pb.Workload) -> str:
+    which = w.WhichOneof("spec")
+    return getattr(getattr(w, which), "tenant", "") if which else ""
+
+
+class SchedulerGovernance:
+    def __init__(self, co: Coordinator, gate: GovernanceGate | None, token: str | None) -> None:
+        self.co = co
+        self.gate = gate
+        self.token = token
+
+    @classmethod
+    async def start(cls, co: Coordinator, governance_target: str, token: str = "") -> SchedulerGovernance:
+        gate = None
+        token = token or load_token(required=False) or ""
+        if governance_target:
+            gate = await GovernanceGate.start(co.bus, governance_target, token or None)
+        hooks = cls(co, gate, token or None)
+        await co.bus.subscribe(ACTION, hooks.on_action, consumer="scheduler-adaptation", durable=True)
+        return hooks
+
+    async def close(self) -> None:
+        if self.gate is not None:
+            await self.gate.close()
+
+    # ---- the tenant API ------------------------------------------------------------------------------
+
+    @staticmethod
+    def claim(spec: Any) -> None:
+        """Stamp a new workload with its tenant: a tenant's token decides it; an operator names it."""
+        p = optional_principal()
+        if p is None or p.is_operator:
+            return
+        if spec.tenant and spec.tenant != p.tenant_id:
+            raise PermissionDenied(f"tenant {p.tenant_id!r} may not submit work for tenant {spec.tenant!r}")
+        spec.tenant = p.tenant_id or ""
+
+    @staticmethod
+    def check_owner(w: pb.Workload) -> None:
+        p = optional_principal()
+        if p is None or p.is_operator:
+            return
+        tenant = tenant_of(w)
+        if not tenant:
+            raise PermissionDenied(f"workload {w.workload_id} belongs to no tenant; only an operator may touch it")
+        require_tenant_access(p, tenant)
+
+    @staticmethod
+    def visible(w: pb.Workload) -> bool:
+        p = optional_principal()
+        return p is None or p.is_operator or tenant_of(w) == p.tenant_id
+
+    async def admit(self, w: pb.Workload, caller_token: str | None) -> None:
+        """Raises `AdmissionRefused` (code + governance's reason) unless governance admits `w`."""
+        tenant = tenant_of(w)
+        if self.gate is None or not tenant:
+            return
+        need = domain.need_of(w)
+        await self.gate.admit(w.workload_id, tenant, w.kind, need.units * need.gpus_per_unit, need.gpus_per_unit,
+                              need.allowed_gpu_types, token=caller_token or self.token)
+
+    # ---- the commit path -----------------------------------------------------------------------------
+
+    def proposals(self, w: pb.Workload, proposals: Iterable[site_pb.Proposal]) -> list[site_pb.Proposal]:
+        """Proposals from sites the workload's placement policy allows (others are never used)."""
+        proposals = list(proposals)
+        tenant = tenant_of(w)
+        if self.gate is None or not tenant:
+            return proposals
+        return [p for p in proposals if self.gate.allows(w.workload_id, tenant, p.site_id, p.gpu_type)]
+
+    def check(self, w: pb.Workload, placements: Iterable[common.Placement]) -> Decision:
+        """May `w` hold exactly `placements` (its whole placement after the commit)?"""
+        if self.gate is None:
+            return Decision(Verdict.ADMITTED)
+        return self.gate.check(w.workload_id, tenant_of(w), list(placements))
+
+    def committed(self, w: pb.Workload) -> None:
+        if self.gate is not None:
+            self.gate.committed(w.workload_id, tenant_of(w), list(w.placements))
+
+    # ---- adaptation's actions --------------------------------------------------------------------------
+
+    async def on_action(self, event: Event) -> None:
+        action: apb.AdaptationAction = event.payload
+        if not action.placements:
+            return  # WAIT_FOR_CAPACITY and friends carry nothing to apply
+        co = self.co
+        wid = action.workload_id
+        if wid not in co.store.records:
+            co.counters["adaptation_unknown"] += 1
+            return
+        async with co.lock(wid):
+            w = co._copy(wid)
+            if w.state not in domain.ACTIVE:
+                return
+            if w.generation != action.base_generation:
+                co.counters["adaptation_stale"] += 1
+                log.info("adaptation action for %s planned from generation %d, record is at %d: ignored",
+                         wid, action.base_generation, w.generation)
+                return
+            refused = self._refusal(w, action)
+            if refused:
+                co.counters["adaptation_refused"] += 1
+                log.warning("adaptation action for %s refused: %s", wid, refused)
+                return
+            before = {p.site_id for p in w.placements}
+            for p in w.placements:
+                co.ledger.take(p, -1)
+            w.generation += 1
+            del w.placements[:]
+            changed = []
+            for p in action.placements:
+                entry = common.Placement()
+                entry.CopyFrom(p)
+                entry.workload_id, entry.kind, entry.generation = wid, w.kind, w.generation
+                if entry.replicas or entry.shard_indices:
+                    w.placements.append(entry)
+                    co.ledger.take(entry)
+                if entry.site_id in before or entry.replicas or entry.shard_indices:
+                    changed.append(entry)
+            if w.kind == domain.TRAINING and action.lost_progress > 0:
+                w.progress = max(0.0, w.progress - action.lost_progress)
+            w.message = action.reason + (f" (lost {action.lost_progress:.1%} of the job, {action.lost_tokens:,.0f} tokens)"
+                                         if action.lost_progress > 0 else "")
+            w.updated_at.FromNanoseconds(time.time_ns())
+            try:
+                await co._write(w)
+            except Exception:
+                co.ledger.rebuild(co.store.records.values())
+                raise
+            self.committed(w)
+            co.counters["adaptation_applied"] += 1
+        await co.publish_placements(w, changed)
+        await co.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+
+    def _refusal(self, w: pb.Workload, action: apb.AdaptationAction) -> str:
+        held: dict[tuple[str, str], int] = {}
+        for p in w.placements:
+            key = (p.site_id, p.gpu_type)
+            held[key] = held.get(key, 0) + (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
+        wanted = [p for p in action.placements if p.replicas or p.shard_indices]
+        if w.kind == domain.INFERENCE:
+            total = sum(p.replicas for p in wanted)
+            spec = w.inference_service
+            if spec.max_replicas and total > spec.max_replicas:
+                return f"{total} replicas is above the service's maximum of {spec.max_replicas}"
+        else:
+            shards = sorted(i for p in wanted for i in p.shard_indices)
+            if shards != list(range(w.training_job.shards)):
+                return "a training placement must hold every shard exactly once"
+        for p in wanted:
+            if p.site_id not in self.co.ledger.up:
+                return f"site {p.site_id} is not up"
+            need = (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
+            room = self.co.ledger.free(p.site_id, p.gpu_type) + held.get((p.site_id, p.gpu_type), 0)
+            if need > room:
+                return f"site {p.site_id} has {room} {p.gpu_type} for {need}"
+        decision = self.check(w, wanted)
+        return "" if decision.ok else decision.message
