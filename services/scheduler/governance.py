@@ -162,8 +162,7 @@ class SchedulerGovernance:
                     changed.append(entry)
             if w.kind == domain.TRAINING and action.lost_progress > 0:
                 w.progress = max(0.0, w.progress - action.lost_progress)
-            w.message = action.reason + (f" (lost {action.lost_progress:.1%} of the job, {action.lost_tokens:,.0f} tokens)"
-                                         if action.lost_progress > 0 else "")
+            w.message = action.reason + (f"; {action.lost_tokens:,.0f} tokens to redo" if action.lost_tokens > 0 else "")
             w.updated_at.FromNanoseconds(time.time_ns())
             try:
                 await co._write(w)
