@@ -28,6 +28,16 @@ COMMANDS = [
     "cancel",
     "watch",
     "train",
+    # issue 5: governance and adaptation
+    "tenants",
+    "quota",
+    "policy",
+    "tokens",
+    "usage",
+    "ledger",
+    "actions",
+    "plan",
+    "certs",
 ]
 
 

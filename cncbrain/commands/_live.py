@@ -16,7 +16,8 @@ from cncbrain.settings import DEFAULT_NATS_URL
 
 STATE_DIR = Path(os.environ.get("CNC_STATE_DIR", ".state"))
 ENDPOINTS_FILE = "endpoints.json"
-DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "scheduler": "127.0.0.1:50062"}
+DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "scheduler": "127.0.0.1:50062",
+            "adaptation": "127.0.0.1:50063", "governance": "127.0.0.1:50064"}
 
 
 def endpoints() -> dict[str, str]:
@@ -25,7 +26,8 @@ def endpoints() -> dict[str, str]:
     path = STATE_DIR / ENDPOINTS_FILE
     if path.exists():
         found.update(json.loads(path.read_text()))
-    env = {"nats": "CNC_NATS_URL", "perception": "CNC_PERCEPTION_ADDR", "scheduler": "CNC_SCHEDULER_ADDR"}
+    env = {"nats": "CNC_NATS_URL", "perception": "CNC_PERCEPTION_ADDR", "scheduler": "CNC_SCHEDULER_ADDR",
+           "adaptation": "CNC_ADAPTATION_ADDR", "governance": "CNC_GOVERNANCE_ADDR"}
     for key, var in env.items():
         if os.environ.get(var):
             found[key] = os.environ[var]
@@ -43,12 +45,22 @@ def target(args: argparse.Namespace, name: str) -> str:
     return getattr(args, f"target_{name}", None) or endpoints()[name]
 
 
-def channel(address: str) -> grpc.aio.Channel:
+def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
+    """A channel to a brain service with tracing, the API token (issue 5: `--token`, `CNC_TOKEN`,
+    `CNC_TOKEN_FILE` or the operator token `cncbrain up` wrote to the state folder) and TLS when
+    `CNC_TLS_CA` is set."""
+    from cncbrain.auth import load_token, token_interceptors
+    from cncbrain.certs import client_channel
+
     telemetry.setup("cncbrain-cli", os.environ.get("CNC_OTEL_EXPORTER", "none"), log_level="WARNING")
-    return grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors())
+    interceptors = [*telemetry.client_interceptors(), *token_interceptors(load_token(token, required=False))]
+    return client_channel(address, interceptors=interceptors)
 
 
 def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         return CncError(f"no brain answers at {address}: start one with `cncbrain up` (or pass the address)")
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return CncError(f"UNAUTHENTICATED: {exc.details()} (pass --token, set CNC_TOKEN, or use the operator "
+                        f"token `cncbrain up` wrote to {STATE_DIR}/operator.token)")
     return CncError(f"{exc.code().name}: {exc.details()}")

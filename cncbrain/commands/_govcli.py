@@ -1,0 +1,65 @@
+"""Helpers of the governance and adaptation commands: one call wrapper, token option, output."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.errors import CncError
+
+
+def add_common(p: argparse.ArgumentParser, service: str, json_flag: bool = True) -> None:
+    add_target_args(p, service)
+    p.add_argument("--token", default=None, help="API token (default: CNC_TOKEN, CNC_TOKEN_FILE, or the operator "
+                                                 "token of `cncbrain up`)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `fn(stub)` against `service` ("governance" or "adaptation"); gRPC errors become messages."""
+    address = target(args, service)
+    if service == "governance":
+        from cnc.governance.v1 import governance_pb2_grpc as mod
+
+        make = mod.GovernanceServiceStub
+    else:
+        from cnc.adaptation.v1 import adaptation_pb2_grpc as mod2
+
+        make = mod2.AdaptationServiceStub
+
+    async def run() -> Any:
+        async with channel(address, getattr(args, "token", None)) as ch:
+            return await fn(make(ch))
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+
+
+def dump(message: Any) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def parse_pairs(items: list[str] | None, what: str) -> dict[str, int]:
+    """`H100=8 L4=16` -> {"H100": 8, "L4": 16}."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CncError(f"{what}: expected TYPE=COUNT, got {item!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise CncError(f"{what}: {value!r} is not a whole number") from None
+        if out[key] < 0:
+            raise CncError(f"{what}: {item!r} must not be negative")
+    return out
