@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
     try:
         problem = asyncio.run(asyncio.wait_for(checks[argv[0]](), timeout=3 * TIMEOUT_S))
     except Exception as exc:  # any failure to get an answer is "unhealthy", with its reason
-        problem = f"{type(exc).__name__}: {exc}"
+        code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+        if callable(code) and callable(details):  # a gRPC error: its status says it all
+            problem = f"{code().name}: {details()}"
+        else:
+            problem = f"{type(exc).__name__}: {exc}"
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return 1
