@@ -142,7 +142,7 @@ def bench_throughput() -> None:
         procs = [
             subprocess.Popen([sys.executable, "-m", "services.perception"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             subprocess.Popen([sys.executable, "-m", "services.scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-            *[subprocess.Popen([sys.executable, "-m", "cncbrain.cli", "agent", "--executor", "memory", "--gpus",
+            *[subprocess.Popen([sys.executable, "-m", "cncbrain.commands.agent", "--executor", "memory", "--gpus",
                                 "H100:1000", "--nats-url", nats.url, *sites], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL) for sites in groups],
         ]

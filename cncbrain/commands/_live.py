@@ -64,3 +64,20 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
         return CncError(f"UNAUTHENTICATED: {exc.details()} (pass --token, set CNC_TOKEN, or use the operator "
                         f"token `cncbrain up` wrote to {STATE_DIR}/operator.token)")
     return CncError(f"{exc.code().name}: {exc.details()}")
+
+
+def run_alone(register, argv: list[str]) -> int:
+    """`python -m cncbrain.commands.<name>`: one command without importing every other one (the
+    full CLI imports torch for the training commands, seconds per call)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="cncbrain")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -86,3 +86,12 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
 def run(args: argparse.Namespace) -> int:
     telemetry.setup("agents", log_level="INFO")
     return asyncio.run(run_agents(args))
+
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["agent", *sys.argv[1:]]))

@@ -34,3 +34,11 @@ def run(args: argparse.Namespace) -> int:
         raise rpc_error(exc, address) from None
     print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["cancel", *sys.argv[1:]]))

@@ -251,3 +251,11 @@ def run(args: argparse.Namespace) -> int:
     if tally.placements == 0 or tally.applied == 0:
         raise CncError("the demo made no placements: see the logs in " + str(brain.state_dir / "logs"))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["demo", *sys.argv[1:]]))

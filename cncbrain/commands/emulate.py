@@ -9,6 +9,7 @@ import logging
 
 from cncbrain import telemetry
 from cncbrain.commands._live import add_target_args, target
+from cncbrain.errors import CncError
 
 log = logging.getLogger("emulator")
 
@@ -46,8 +47,15 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
 
 def run(args: argparse.Namespace) -> int:
     if args.speed <= 0:
-        from cncbrain.errors import CncError
-
         raise CncError("--speed must be > 0")
     telemetry.setup("emulator", log_level="INFO")
     return asyncio.run(emulate(args))
+
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["emulate", *sys.argv[1:]]))

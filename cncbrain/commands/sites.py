@@ -54,3 +54,11 @@ def run(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["sites", *sys.argv[1:]]))

@@ -50,3 +50,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
           f"(follow it: cncbrain watch --workload {w.workload_id})")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["submit", *sys.argv[1:]]))

@@ -97,9 +97,9 @@ class Brain:
                 "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s)})
             self._spawn("scheduler", ["-m", "services.scheduler"], {
                 "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port)})
-            self._spawn("emulator", ["-m", "cncbrain.cli", "emulate", "--scenario", self.scenario,
+            self._spawn("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
                                      "--speed", str(self.speed), "--nats-url", url], {})
-            self._spawn("agents", ["-m", "cncbrain.cli", "agent", "--all", "--scenario", self.scenario,
+            self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
                                    "--nats-url", url], {})
             asyncio.run(self._wait_ready(timeout_s))
         except BaseException:
@@ -219,3 +219,11 @@ def run(args: argparse.Namespace) -> int:
         brain.stop()
         print("stopped.", flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["up", *sys.argv[1:]]))

@@ -100,3 +100,11 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(watch_workload(args) if args.workload else watch_nats(args))
     except KeyboardInterrupt:
         return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["watch", *sys.argv[1:]]))

@@ -62,3 +62,11 @@ def run(args: argparse.Namespace) -> int:
                       placements_text(w), f"{w.progress:.0%}" if w.HasField("training_job") else "", w.message)
     Console().print(table)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["workloads", *sys.argv[1:]]))
