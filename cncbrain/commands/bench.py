@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import time
 
-from rich.console import Console
-from rich.table import Table
-
-from cncbrain.policies import make_policy
-from cncbrain.scenario import builtin_scenarios, load_scenario
-from cncbrain.twin.sim import Twin
-
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks of the core (e.g. `cncbrain bench twin`)")
@@ -23,6 +16,10 @@ def register(sub) -> None:
 
 def time_twin(name: str, policy: str, hours: float, seed: int = 0) -> tuple[float, float]:
     """Wall seconds to simulate `hours` of scenario `name` under `policy` (twin construction excluded)."""
+    from cncbrain.policies import make_policy
+    from cncbrain.scenario import load_scenario
+    from cncbrain.twin.sim import Twin
+
     sc = load_scenario(name)
     twin = Twin(sc, seed=seed, duration_s=hours * 3600.0)
     p = make_policy(policy)
@@ -35,6 +32,11 @@ def time_twin(name: str, policy: str, hours: float, seed: int = 0) -> tuple[floa
 
 
 def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cncbrain.scenario import builtin_scenarios
+
     names = args.scenario or list(builtin_scenarios())
     table = Table(title=f"twin speed ({args.policy}, {args.hours:g} simulated h, one process)")
     for col in ("scenario", "wall s", "simulated s / wall s"):

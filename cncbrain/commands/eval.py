@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import math
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from cncbrain.errors import CncError
-from cncbrain.evaluate import METRICS, evaluate, plot, summarise, write_json
-from cncbrain.policies import known_policies, make_policy
-from cncbrain.scenario import load_scenario
+
+KNOWN = "random, round-robin, least-loaded, greedy, kpa, ray-serve, marl, oracle"
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate scheduling policies on a scenario in the digital twin")
     p.add_argument("--scenario", default="abilene", help="built-in scenario name or YAML path (default: abilene)")
     p.add_argument("--policy", default="random,round-robin,least-loaded,greedy,kpa,ray-serve,oracle",
-                   help=f"comma-separated policies; known: {', '.join(known_policies())} (marl:PATH loads a policy file)")
+                   help=f"comma-separated policies; known: {KNOWN} (marl:PATH loads a policy file)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--seed-start", type=int, default=None, help="first seed (default: the scenario's seed)")
     p.add_argument("--hours", type=float, default=None, help="simulated hours (default: the scenario's duration)")
@@ -35,6 +30,15 @@ def _fmt(mean: float, std: float, metric: str) -> str:
 
 
 def run(args) -> int:
+    # heavy imports (scipy, matplotlib, pydantic models) only when the command runs
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from cncbrain.evaluate import METRICS, evaluate, plot, summarise, write_json
+    from cncbrain.policies import make_policy
+    from cncbrain.scenario import load_scenario
+
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if not policies:
         raise CncError("--policy: give at least one policy")

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
-
-from cncbrain.scenario import builtin_scenarios, load_scenario
-
 
 def register(sub) -> None:
     p = sub.add_parser("scenarios", help="list the built-in scenarios and where their YAML is")
@@ -14,14 +9,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from cncbrain.scenario import builtin_scenarios, load_scenario
+    from cncbrain.twin.pool import build_pool
+
     table = Table(title="built-in scenarios (use the name, or copy the YAML and pass its path)")
     for col in ("name", "topology", "sites", "services", "hours", "failures", "yaml"):
         table.add_column(col)
     for name, path in builtin_scenarios().items():
         sc = load_scenario(name)
-        import numpy as np
 
-        from cncbrain.twin.pool import build_pool  # noqa: PLC0415 - reads GraphML; only for the listing
 
         pool = build_pool(sc, np.random.default_rng(sc.seed))
         table.add_row(name, sc.topology.graphml, str(pool.net.size), ", ".join(s.name for s in sc.inference),
