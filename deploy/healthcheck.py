@@ -7,6 +7,7 @@ Installed in the image as `cnc-healthcheck`; exit 0 when healthy, 1 with the rea
                                      $CNC_SCENARIO (over NATS at $CNC_NATS_URL)
     cnc-healthcheck sites            perception ($CNC_PERCEPTION_ADDR) lists every site of
                                      $CNC_SCENARIO as up: the site agents registered and beat
+                                     (with the token of $CNC_TOKEN / $CNC_TOKEN_FILE, if any)
 
 The same words a user would check with `cncbrain sites`; nothing here is only for containers.
 """
@@ -58,9 +59,11 @@ async def check_sites() -> str | None:
 
     from cnc.common.v1 import common_pb2 as common
     from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cncbrain.auth import load_token, token_interceptors
 
     target = os.environ.get("CNC_PERCEPTION_ADDR", "perception:50061")
-    async with grpc.aio.insecure_channel(target) as channel:
+    interceptors = token_interceptors(load_token(required=False))  # perception may check tokens
+    async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
         stub = perception_pb2_grpc.PerceptionServiceStub(channel)
         listed = (await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=TIMEOUT_S)).sites
     up = {s.site.site_id for s in listed if s.state == common.SITE_STATE_UP}

@@ -16,6 +16,7 @@ from nats.js import api
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from cncbrain.auth import token_interceptors
 
 PLACEMENTS = "cnc.scheduler.placement.>"
 
@@ -103,5 +104,6 @@ def monitor(url: str, path: str) -> dict:
         return json.loads(reply.read())
 
 
-def scheduler_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target)
+def scheduler_channel(target: str, token: str) -> grpc.aio.Channel:
+    """A channel that sends `token` as the bearer token on every call (the stack checks tokens)."""
+    return grpc.aio.insecure_channel(target, interceptors=token_interceptors(token))

@@ -33,8 +33,10 @@ PORT_VARS = (
     "CNC_NATS_MONITOR_PORT",
     "CNC_PERCEPTION_PORT",
     "CNC_SCHEDULER_PORT",
+    "CNC_ADAPTATION_PORT",
     "CNC_GOVERNANCE_PORT",
 )
+TOKEN_FILE = "/var/lib/cncbrain/secrets/operator.token"
 CLUSTER_PORT_VARS = (
     "CNC_NATS2_PORT",
     "CNC_NATS2_MONITOR_PORT",
@@ -163,6 +165,10 @@ class Stack:
     def exec(self, service: str, *command: str) -> str:
         return podman("exec", self.container(service), *command)
 
+    def operator_token(self) -> str:
+        """The operator token governance issued on its first start."""
+        return self.exec("governance", "cat", TOKEN_FILE).strip()
+
     def healthy(self, service: str) -> bool:
         return subprocess.run(
             ["podman", "healthcheck", "run", self.container(service)], env=engine_env(), capture_output=True
@@ -199,6 +205,10 @@ class Stack:
     @property
     def scheduler(self) -> str:
         return f"127.0.0.1:{self.ports['CNC_SCHEDULER_PORT']}"
+
+    @property
+    def governance(self) -> str:
+        return f"127.0.0.1:{self.ports['CNC_GOVERNANCE_PORT']}"
 
     @property
     def perception(self) -> str:

@@ -71,7 +71,7 @@ async def test_cluster_survives_node_loss(image, log_dir):
 
         await watch.start(stack.nats_urls)
         accepted: list[str] = []
-        async with scheduler_channel(stack.scheduler) as channel:
+        async with scheduler_channel(stack.scheduler, stack.operator_token()) as channel:
             stub = pb_grpc.SchedulerServiceStub(channel)
             for i in range(3):
                 accepted.append(await deploy(stub, f"before-{i}"))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 from brain_client import PlacementWatch, deploy, scheduler_channel, submit, wait_state
 from compose_stack import Stack
@@ -18,7 +19,7 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
-SERVICES = {"nats", "perception", "scheduler", "governance", "emulator", "agents"}
+SERVICES = {"nats", "governance", "perception", "scheduler", "adaptation", "emulator", "agents"}
 PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
 
 
@@ -33,8 +34,15 @@ async def test_single_node_stack(image, log_dir):
         services = {name.removeprefix(f"{stack.project}_").rsplit("_", 1)[0] for name in stack.containers()}
         assert services >= SERVICES
 
+        token = stack.operator_token()
+        assert token, "governance issued no operator token"
+        async with grpc.aio.insecure_channel(stack.scheduler) as anonymous:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await deploy(pb_grpc.SchedulerServiceStub(anonymous), "no-token")
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
         await watch.start(stack.nats_urls)
-        async with scheduler_channel(stack.scheduler) as channel:
+        async with scheduler_channel(stack.scheduler, token) as channel:
             stub = pb_grpc.SchedulerServiceStub(channel)
             service_id = await deploy(stub, "chat")
             job_id = await submit(stub, "pretrain")
@@ -45,18 +53,27 @@ async def test_single_node_stack(image, log_dir):
             for workload_id in (service_id, job_id):
                 await wait_state(stub, workload_id, PLACED)
 
-            # The README's way in: the CLI on the host, pointed at the published ports...
-            env = dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
-                       CNC_SCHEDULER_ADDR=stack.scheduler)
-            for args in (["sites"], ["deploy", "--name", "cli-chat", "--model", "8b", "--max-replicas", "2"],
-                         ["workloads", "--json"]):
+            # The README's way in: the CLI on the host, pointed at the published ports. The operator
+            # makes a tenant and gives it a token; the tenant deploys with it.
+            def cli(*args: str, token: str) -> str:
+                env = dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
+                           CNC_SCHEDULER_ADDR=stack.scheduler, CNC_GOVERNANCE_ADDR=stack.governance,
+                           CNC_TOKEN=token)
                 out = subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], env=env,
                                      capture_output=True, text=True, timeout=60)
                 assert out.returncode == 0, f"cncbrain {' '.join(args)}: {out.stderr}"
-            assert service_id in out.stdout and job_id in out.stdout
+                return out.stdout
+
+            cli("sites", token=token)
+            cli("tenants", "create", "acme", "--name", "ACME", "--max-gpus", "64", token=token)
+            tenant_token = cli("tokens", "issue", "--tenant", "acme", token=token).strip()
+            cli("deploy", "--name", "cli-chat", "--model", "8b", "--max-replicas", "2", "--tenant", "acme",
+                token=tenant_token)
+            mine = cli("workloads", "--json", token=tenant_token)
+            assert "cli-chat" in mine and service_id not in mine  # a tenant sees its own work only
+            everything = cli("workloads", "--json", token=token)
+            assert service_id in everything and job_id in everything and "cli-chat" in everything
             # ...and the CLI inside the image, on the compose network.
-            token = stack.exec("governance", "cat", "/var/lib/cncbrain/operator.token").strip()
-            assert token, "governance issued no operator token"
             inside = stack.exec("scheduler", "cncbrain", "workloads", "--json", "--scheduler", "scheduler:50062")
             assert service_id in inside
     except BaseException:
