@@ -254,11 +254,8 @@ class EmulatorHost:
             t.submit_job(JobSpec(wid, t.time_s, m.name, spec.shards, spec.gpus_per_shard, spec.tokens,
                                  float(2**20 if m.params_b < 10 else 2**22), spec.tokens / rate, 600.0,
                                  spec.tenant or "default"))
-        job = t.jobs[t.job_index[wid]]
         if not p.shard_indices:  # cancelled or completed: stop it wherever it runs
-            if job.state == "running":
-                t._stop_job(job, lose=False)  # the twin has no public stop; completion/cancel ends the job
-            job.state = "done"
+            t.cancel_job(wid)
             self.job_sites.get(wid, set()).discard(sid)
             return True, ""
         gang = self.gangs.get(wid)
@@ -272,8 +269,6 @@ class EmulatorHost:
         for site_id, shards in gang.sites.items():
             for i in shards:
                 plan[i] = self.names[self.index[site_id]]
-        if job.state == "queued":
-            job.state = "pending"  # arrived now: the twin promotes arrivals only inside step()
         if not t.place_job(wid, plan):
             return False, f"gang of {spec.shards}×{spec.gpus_per_shard} GPUs does not fit the emulated sites"
         self.job_sites[wid] = set(gang.sites)

@@ -12,7 +12,6 @@ Requests are never Python objects: a tick's requests of one service are slices o
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -236,7 +235,18 @@ class Twin:
         if spec.job_id in self.job_index:
             raise ValueError(f"job {spec.job_id!r} exists")
         self.job_index[spec.job_id] = len(self.jobs)
-        self.jobs.append(_Job(spec))
+        job = _Job(spec)
+        if spec.arrival_s <= self.time_s:
+            job.state = "pending"  # it has arrived: offer it from this tick on
+        self.jobs.append(job)
+
+    def cancel_job(self, job_id: str) -> None:
+        """End a job for good (cancelled, or finished as far as the live brain is concerned): its
+        GPUs are freed, its progress so far is kept."""
+        job = self.jobs[self.job_index[job_id]]
+        if job.state == "running":
+            self._stop_job(job, lose=False)
+        job.state = "done"
 
     # ---------------------------------------------------------------- capacity bookkeeping
     @property
