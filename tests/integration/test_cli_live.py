@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,16 +27,18 @@ def cli(name, *args, env, timeout=60, full=False):
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_placed(address, wid, timeout=20.0):
+def wait_placed(address, wid, timeout=20.0, token=None):
     import asyncio
 
     import grpc
 
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
+    from cncbrain.auth import token_interceptors
 
     async def poll():
-        async with grpc.aio.insecure_channel(address) as ch:
+        # `up` runs with auth on: the caller passes the operator token it wrote to the state folder.
+        async with grpc.aio.insecure_channel(address, interceptors=token_interceptors(token)) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -54,7 +57,8 @@ def up(tmp_path):
     ports = [free_port() for _ in range(3)]
     proc = subprocess.Popen([*command("up"), "--nats-port", str(ports[0]), "--perception-port", str(ports[1]),
                              "--scheduler-port", str(ports[2]), "--state-dir", str(tmp_path / "state"),
-                             "--speed", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--speed", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: teardown reaches every child
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -64,9 +68,17 @@ def up(tmp_path):
             break
     assert any("healthy in" in x for x in lines), "".join(lines)
     yield proc, env, ports, lines
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    # a failed test must not leave nats-server, services or agents behind
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
@@ -79,7 +91,8 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     dep = cli("deploy", "--name", "chat", "--model", "7b", "--min-replicas", "2", env=env)
     assert dep.returncode == 0, dep.stderr
     wid = dep.stdout.split()[0]
-    assert wait_placed(f"127.0.0.1:{ports[2]}", wid)
+    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+    assert wait_placed(f"127.0.0.1:{ports[2]}", wid, token=token)
     shown = cli("workloads", wid, env=env)
     assert '"replicas"' in shown.stdout and '"WORKLOAD_STATE_' in shown.stdout, shown.stdout
     bad = cli("deploy", "--name", "bad name", "--model", "7b", env=env)
@@ -88,7 +101,10 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)  # the watcher subscribes before the event it waits for
     assert cli("cancel", wid, env=env).returncode == 0
-    out, _ = watcher.communicate(timeout=15)
+    try:
+        out, _ = watcher.communicate(timeout=15)
+    finally:
+        watcher.kill()
     assert '"WORKLOAD_EVENT_KIND_CANCELLED"' in out, out
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
