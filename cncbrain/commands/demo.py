@@ -139,15 +139,15 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     services = [
         common.InferenceServiceSpec(name="chat", model="13b", params_b=13, trace="conv", expected_rate_rps=rate("conv", 3.0),
                                     slo=common.SloTargets(ttft_ms=1000, tpot_ms=100), min_replicas=4, max_replicas=32,
-                                    gpus_per_replica=1, tenant="demo"),
+                                    gpus_per_replica=1, tenant=""),
         common.InferenceServiceSpec(name="code", model="7b", params_b=7, trace="code", expected_rate_rps=rate("code", 4.0),
                                     slo=common.SloTargets(ttft_ms=500, tpot_ms=50), min_replicas=3, max_replicas=32,
-                                    gpus_per_replica=1, tenant="demo"),
+                                    gpus_per_replica=1, tenant=""),
     ]
     m7 = physics.model("7b")
     tokens = physics.shard_tokens_per_s(m7, physics.gpu("A100-80GB"), 8) * 4 * 20 * 60  # ~20 emulated min
     job = common.TrainingJobSpec(name="finetune-7b", model="7b", params_b=7, shards=4, gpus_per_shard=8,
-                                 tokens=tokens, tenant="demo", gang_timeout_s=60)
+                                 tokens=tokens, tenant="", gang_timeout_s=60)
     for spec in services:
         w = (await scheduler.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec))).workload
         t.names[w.workload_id] = spec.name

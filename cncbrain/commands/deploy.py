@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-type", action="append", default=[], help="allowed GPU type (repeatable; default any)")
     p.add_argument("--ingress", default="", help="ingress site id (default: spread by population)")
     p.add_argument("--trace", choices=["conv", "code"], default="conv", help="Azure trace that drives the load")
-    p.add_argument("--tenant", default="default")
+    p.add_argument("--tenant", default="",
+                   help="tenant the workload belongs to (default: your token's tenant; an operator names one "
+                        "that governance knows, or none)")
     p.add_argument("--request-id", default="", help="idempotency key")
     add_target_args(p, "scheduler")
     p.set_defaults(func=run)

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=float, default=2e9)
     p.add_argument("--gpu-type", action="append", default=[])
     p.add_argument("--gang-timeout-s", type=float, default=0.0, help="0: scheduler default")
-    p.add_argument("--tenant", default="default")
+    p.add_argument("--tenant", default="",
+                   help="tenant the workload belongs to (default: your token's tenant; an operator names one "
+                        "that governance knows, or none)")
     p.add_argument("--request-id", default="")
     add_target_args(p, "scheduler")
     p.set_defaults(func=run)

@@ -2,8 +2,13 @@
 server), the perception and scheduler services, the emulator of a scenario's sites and the site
 agents, each its own process with its log under the state folder.
 
-Default ports: NATS 4222, perception gRPC 50061, scheduler gRPC 50062. State folder: `.state/`
-(JetStream store in `jetstream/`, logs in `logs/`, `endpoints.json` for the client commands).
+Default ports: NATS 4222, perception gRPC 50061, scheduler gRPC 50062, adaptation 50063,
+governance 50064. State folder: `.state/` (JetStream store in `jetstream/`, logs in `logs/`,
+`endpoints.json` for the client commands, `operator.token` — see below).
+
+Issue 5: governance and adaptation run beside perception and the scheduler. With `auth` (the
+`up` command's default; `--no-auth` turns it off) every gRPC service checks bearer tokens and
+governance issues an operator token into `<state>/operator.token`, which the CLI picks up.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from cncbrain.errors import CncError
 from cncbrain.natsserver import NatsServer, port_in_use
 
 NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
+ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
 
 
 class Brain:
@@ -33,7 +39,15 @@ class Brain:
     def __init__(self, state_dir: Path = STATE_DIR, scenario: str = "abilene", *, nats_url: str | None = None,
                  nats_port: int = NATS_PORT, perception_port: int = PERCEPTION_PORT,
                  scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
-                 perception_tick_s: float = 1.0) -> None:
+                 perception_tick_s: float = 1.0, governance_port: int | None = None,
+                 adaptation_port: int | None = None, auth: bool = False) -> None:
+        from cncbrain.natsserver import free_port
+
+        # Issue 5 services: unless given, their default port, or a free one when that is taken (another
+        # brain, a test running beside this one); endpoints.json tells the client commands.
+        self.governance_port = governance_port or (GOVERNANCE_PORT if not port_in_use(GOVERNANCE_PORT) else free_port())
+        self.adaptation_port = adaptation_port or (ADAPTATION_PORT if not port_in_use(ADAPTATION_PORT) else free_port())
+        self.auth = auth
         self.state_dir = Path(state_dir)
         self.scenario = scenario
         self.external_nats = nats_url
@@ -58,7 +72,12 @@ class Brain:
     @property
     def endpoints(self) -> dict[str, str]:
         return {"nats": self.nats_url, "perception": f"127.0.0.1:{self.perception_port}",
-                "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve())}
+                "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve()),
+                "governance": f"127.0.0.1:{self.governance_port}", "adaptation": f"127.0.0.1:{self.adaptation_port}"}
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "operator.token"
 
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -76,14 +95,16 @@ class Brain:
 
         started = time.monotonic()
         self.sites = site_ids_of(load_scenario(self.scenario))  # validates the scenario first
-        busy = [(n, p) for n, p in (("perception", self.perception_port), ("scheduler", self.scheduler_port))
+        busy = [(n, p) for n, p in (("perception", self.perception_port), ("scheduler", self.scheduler_port),
+                                    ("adaptation", self.adaptation_port), ("governance", self.governance_port))
                 if port_in_use(p)]
         if not self.external_nats and port_in_use(self.nats_port):
             busy.insert(0, ("nats", self.nats_port))
         if busy:
             raise CncError("port(s) in use: " + ", ".join(f"{n} {p}" for n, p in busy)
                            + " — is another `cncbrain up` running? Stop it, or pick ports with "
-                           "--nats-port/--perception-port/--scheduler-port (or --nats-url for an existing NATS)")
+                           "--nats-port/--perception-port/--scheduler-port/--adaptation-port/--governance-port "
+                           "(or --nats-url for an existing NATS)")
         if self.fresh and self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -91,12 +112,23 @@ class Brain:
             self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
                                    log_file=self.log_path("nats")).start()
         url = self.nats_url
+        auth = "true" if self.auth else "false"
+        token_file = str(self.token_file.resolve())
         try:
+            self._spawn("governance", ["-m", "services.governance"], {
+                "CNC_GOVERNANCE_NATS_URL": url, "CNC_GOVERNANCE_GRPC_PORT": str(self.governance_port),
+                "CNC_GOVERNANCE_AUTH_ENABLED": auth, "CNC_GOVERNANCE_BOOTSTRAP_TOKEN_FILE": token_file})
             self._spawn("perception", ["-m", "services.perception"], {
                 "CNC_PERCEPTION_NATS_URL": url, "CNC_PERCEPTION_GRPC_PORT": str(self.perception_port),
-                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s)})
+                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s), "CNC_PERCEPTION_AUTH_ENABLED": auth})
             self._spawn("scheduler", ["-m", "services.scheduler"], {
-                "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port)})
+                "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port),
+                "CNC_SCHEDULER_AUTH_ENABLED": auth, "CNC_SCHEDULER_GOVERNANCE_TARGET": f"127.0.0.1:{self.governance_port}",
+                "CNC_TOKEN_FILE": token_file})
+            self._spawn("adaptation", ["-m", "services.adaptation"], {
+                "CNC_ADAPTATION_NATS_URL": url, "CNC_ADAPTATION_GRPC_PORT": str(self.adaptation_port),
+                "CNC_ADAPTATION_AUTH_ENABLED": auth, "CNC_ADAPTATION_PERCEPTION_TARGET": f"127.0.0.1:{self.perception_port}",
+                "CNC_TOKEN_FILE": token_file})
             self._spawn("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
                                      "--speed", str(self.speed), "--nats-url", url], {})
             self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
@@ -123,7 +155,7 @@ class Brain:
         from cncbrain.grpcserver import wait_healthy
 
         deadline = time.monotonic() + timeout_s
-        for port in (self.perception_port, self.scheduler_port):
+        for port in (self.governance_port, self.perception_port, self.scheduler_port, self.adaptation_port):
             while True:
                 if (msg := self.dead()) is not None:
                     raise CncError(msg)
@@ -134,7 +166,11 @@ class Brain:
                     if time.monotonic() > deadline:
                         raise CncError(f"127.0.0.1:{port} not healthy within {timeout_s:.0f} s "
                                        f"(logs in {self.state_dir / 'logs'})") from None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.perception_port}") as ch:
+        from cncbrain.auth import token_interceptors
+
+        token = self.token_file.read_text().strip() if self.auth and self.token_file.exists() else None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.perception_port}",
+                                             interceptors=token_interceptors(token)) as ch:
             stub = perception_pb2_grpc.PerceptionServiceStub(ch)
             while True:
                 if (msg := self.dead()) is not None:
@@ -148,7 +184,7 @@ class Brain:
                 await asyncio.sleep(0.1)
 
     def stop(self, grace_s: float = 8.0) -> None:
-        for name in ("agents", "emulator", "scheduler", "perception"):
+        for name in ("agents", "emulator", "adaptation", "scheduler", "perception", "governance"):
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -181,6 +217,11 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-port", type=int, default=NATS_PORT)
     p.add_argument("--perception-port", type=int, default=PERCEPTION_PORT)
     p.add_argument("--scheduler-port", type=int, default=SCHEDULER_PORT)
+    p.add_argument("--adaptation-port", type=int, default=None,
+                   help=f"default {ADAPTATION_PORT}, or a free port when that one is taken")
+    p.add_argument("--governance-port", type=int, default=None,
+                   help=f"default {GOVERNANCE_PORT}, or a free port when that one is taken")
+    p.add_argument("--no-auth", action="store_true", help="run every service without token checks (local tries only)")
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second")
     p.add_argument("--state-dir", type=Path, default=STATE_DIR)
     p.add_argument("--fresh", action="store_true", help="wipe the state folder first")
@@ -189,7 +230,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     brain = Brain(args.state_dir, args.scenario, nats_url=args.nats_url, nats_port=args.nats_port,
                   perception_port=args.perception_port, scheduler_port=args.scheduler_port,
-                  speed=args.speed, fresh=args.fresh)
+                  speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
+                  adaptation_port=args.adaptation_port, auth=not args.no_auth)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -204,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
           f"  NATS        {ep['nats']}{'  (embedded)' if not args.nats_url else ''}\n"
           f"  perception  {ep['perception']}  (gRPC: cnc.perception.v1.PerceptionService, health, reflection)\n"
           f"  scheduler   {ep['scheduler']}  (gRPC: cnc.scheduler.v1.SchedulerService, health, reflection)\n"
+          f"  adaptation  {ep['adaptation']}  (gRPC: cnc.adaptation.v1.AdaptationService, health, reflection)\n"
+          f"  governance  {ep['governance']}  (gRPC: cnc.governance.v1.GovernanceService, health, reflection)\n"
+          + (f"  operator token  {brain.token_file.resolve()}  (the CLI picks it up; auth on for every service)\n"
+             if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
           f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
           f"Ctrl-C stops everything.", flush=True)
