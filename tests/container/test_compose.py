@@ -55,11 +55,13 @@ async def test_single_node_stack(image, log_dir):
 
             # The README's way in: the CLI on the host, pointed at the published ports. The operator
             # makes a tenant and gives it a token; the tenant deploys with it.
+            def cli_env(token: str) -> dict[str, str]:
+                return dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
+                            CNC_SCHEDULER_ADDR=stack.scheduler, CNC_GOVERNANCE_ADDR=stack.governance,
+                            CNC_TOKEN=token)
+
             def cli(*args: str, token: str) -> str:
-                env = dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
-                           CNC_SCHEDULER_ADDR=stack.scheduler, CNC_GOVERNANCE_ADDR=stack.governance,
-                           CNC_TOKEN=token)
-                out = subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], env=env,
+                out = subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], env=cli_env(token),
                                      capture_output=True, text=True, timeout=60)
                 assert out.returncode == 0, f"cncbrain {' '.join(args)}: {out.stderr}"
                 return out.stdout
@@ -67,10 +69,17 @@ async def test_single_node_stack(image, log_dir):
             cli("sites", token=token)
             cli("tenants", "create", "acme", "--name", "ACME", "--max-gpus", "64", token=token)
             tenant_token = cli("tokens", "issue", "--tenant", "acme", token=token).strip()
+            watcher = subprocess.Popen(
+                [sys.executable, "-m", "cncbrain.cli", "watch", "--count", "1", "--json", "cnc.scheduler.placement.>"],
+                env=cli_env(token), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             cli("deploy", "--name", "cli-chat", "--model", "8b", "--max-replicas", "2", "--tenant", "acme",
                 token=tenant_token)
+            cli("submit", "--name", "cli-train", "--model", "7b", "--shards", "2", "--gpus-per-shard", "4",
+                "--tenant", "acme", token=tenant_token)
+            watched, errors = watcher.communicate(timeout=60)
+            assert watcher.returncode == 0 and "placement" in watched, errors
             mine = cli("workloads", "--json", token=tenant_token)
-            assert "cli-chat" in mine and service_id not in mine  # a tenant sees its own work only
+            assert "cli-chat" in mine and "cli-train" in mine and service_id not in mine  # its own work only
             everything = cli("workloads", "--json", token=token)
             assert service_id in everything and job_id in everything and "cli-chat" in everything
             # ...and the CLI inside the image, on the compose network.
