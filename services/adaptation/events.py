@@ -380,14 +380,17 @@ class Adapter:
                 acc[1] += svc.requests
                 acc[2] += svc.requests_ok
         out = []
-        for wid, w in list(self.workloads.items()):
-            if w.state not in ACTIVE or w.kind != common.WORKLOAD_KIND_INFERENCE_SERVICE or self._busy(w):
-                continue
+        services = [w for w in self.workloads.values()
+                    if w.state in ACTIVE and w.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE and not self._busy(w)]
+        forecasts: list[float | None] = [None] * len(services)
+        if self.forecaster and services:  # one round of concurrent calls per tick, not one per service
+            forecasts = list(await asyncio.gather(*(self.forecaster(w.workload_id) for w in services)))
+        for w, forecast in zip(services, forecasts, strict=True):
+            wid = w.workload_id
             if wid not in self.explicit_policies:
                 self.guardrails.set_policy(wid, default_policy(w))
             rate, requests, ok = loads.get(wid, (0.0, 0.0, 0.0))
             replicas = sum(p.replicas for p in w.placements)
-            forecast = await self.forecaster(wid) if self.forecaster else None
             obs = ServiceObservation(wid, self.tick, replicas, rate, ok / requests if requests > 0 else 1.0, forecast)
             decision = self.guardrails.observe(obs)
             if decision is None:

@@ -33,6 +33,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import TOKENS_BUCKET
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
+from cncbrain.twin import physics as ph
 from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
 from services.governance.domain.ledger import LedgerEntry, LedgerHead, LedgerVerification, verify_chain
 from services.governance.domain.policy import Placement, SiteOffer
@@ -52,6 +53,8 @@ Command = Callable[[GovernanceState], tuple[Any, list[Record]]]
 ACTIVE_STATES = (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
 TERMINAL_STATES = (spb.WORKLOAD_STATE_COMPLETED, spb.WORKLOAD_STATE_FAILED, spb.WORKLOAD_STATE_CANCELLED)
 MAX_BATCH = 512
+NO_TENANT = "_none"
+"""Tenant under which workloads that belong to no tenant (an operator's) are accounted."""
 
 
 @dataclass
@@ -118,8 +121,10 @@ class Governor:
 
     async def _load(self) -> None:
         started = time.perf_counter()
-        entries = await self.store.read_all()
+        # The head is written after the entries it names are stored: read it first, so appends racing
+        # this read can only make the stream longer than the head, never shorter.
         anchor = await self.store.read_head()
+        entries = await self.store.read_all()
         if self.settings.verify_on_start:
             self.load_verification = verify_chain(entries, anchor)
             for issue in self.load_verification.issues:
@@ -362,6 +367,9 @@ class Governor:
         units = p.replicas + len(p.shard_indices)
         site = self.state.pool.get(p.site_id)
         price = site.price_per_gpu_hour.get(p.gpu_type, 0.0) if site else 0.0
+        if not price:  # the pool is not known yet (just started): the catalogue's price of the GPU type
+            with contextlib.suppress(KeyError):
+                price = ph.gpu(p.gpu_type).price_hr
         return Placement(workload_id, tenant_id, unit_id(workload_id, p.site_id), p.site_id,
                          site.region if site else "", p.gpu_type, units * p.gpus_per_unit, price)
 
@@ -369,7 +377,7 @@ class Governor:
         ev: spb.WorkloadEvent = event.payload
         wid = ev.workload_id
         at = ev.at.ToNanoseconds() / 1e9 if ev.HasField("at") else time.time()
-        tenant = await self._tenant_of(wid) or "_unknown"
+        tenant = await self._tenant_of(wid) or NO_TENANT
         if ev.state in TERMINAL_STATES:
             reason = spb.WorkloadState.Name(ev.state).removeprefix("WORKLOAD_STATE_").lower()
 
@@ -411,8 +419,7 @@ class Governor:
 
     async def verify(self, expected: LedgerHead | None = None) -> tuple[LedgerVerification, float]:
         started = time.perf_counter()
+        anchor = expected or await self.store.read_head()  # before the entries: see _load
         entries = await self.store.read_all()
-        anchor = expected or await self.store.read_head()
-        # The anchor may lag the stream by the batch being written; never ask for more than was durable.
         result = verify_chain(entries, anchor)
         return result, time.perf_counter() - started
