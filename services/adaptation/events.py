@@ -276,6 +276,14 @@ class Adapter:
             return True
         return self.gate.allows(w.workload_id, w.tenant_id, site_id, gpu_type)
 
+    def room(self, w: spb.Workload) -> dict[str, int]:
+        """GPUs by type the tenant's quota lets this workload hold in all (types not named: no bound)."""
+        tenant = getattr(spec_of(w), "tenant", "")
+        if self.gate is None or not tenant:
+            return {}
+        per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
+        return per_type
+
     def _busy(self, w: spb.Workload) -> bool:
         pending = self.inflight.get(w.workload_id)
         return (pending is not None and pending[1] == w.generation
@@ -323,7 +331,8 @@ class Adapter:
                     if c is not None:
                         ckpts[w.workload_id] = c
             by_id = {w.workload_id: w for w in hit}
-            planned = plan_recovery(site_id, [placement_view(w) for w in hit], caps, self.allowed, ckpts)
+            planned = plan_recovery(site_id, [placement_view(w) for w in hit], caps, self.allowed, ckpts,
+                                    {w.workload_id: self.room(w) for w in hit})
             out = []
             for act in planned:
                 w = by_id[act.workload_id]
@@ -397,7 +406,7 @@ class Adapter:
                 continue
             async with self._lock:
                 view = placement_view(w)
-                new, short = plan_scale(view, decision.to_replicas, self.capacity(), self.allowed)
+                new, short = plan_scale(view, decision.to_replicas, self.capacity(), self.allowed, self.room(w))
                 if sum(u.replicas for u in new.values()) == replicas:
                     continue  # nowhere to grow (or nothing to drop)
                 reason = decision.reason + (f"; {short} replica(s) found no room" if short else "")

@@ -232,6 +232,31 @@ class GovernanceGate:
         policy = view.policy.narrowed_by(self.workload_policies.get(workload_id))
         return check_workload(mine, view.quota, policy, (by_type, total, cost), holdings.get(workload_id))
 
+    def headroom(self, workload_id: str, tenant_id: str) -> tuple[dict[str, int], int | None, float | None]:
+        """What the tenant's quota (and the workload's cost cap) leaves for this workload's whole
+        placement: GPUs per limited type, GPUs in all (None: no bound), USD per hour (None)."""
+        view = self.tenants.get(tenant_id)
+        if not tenant_id or view is None or not view.known:
+            return {}, None, None
+        _, counted, (all_types, all_gpus, all_cost) = self._usage(tenant_id, view)
+        own = counted.get(workload_id, ({}, 0, 0.0))
+        q = view.quota
+        per_type = {t: limit - (all_types.get(t, 0) - own[0].get(t, 0)) for t, limit in q.gpus_by_type.items()}
+        total = None if q.max_gpus is None else q.max_gpus - (all_gpus - own[1])
+        cost = None if q.max_cost_per_hour is None else q.max_cost_per_hour - (all_cost - own[2])
+        cap = view.policy.narrowed_by(self.workload_policies.get(workload_id)).max_cost_per_hour
+        if cap is not None:
+            cost = cap if cost is None else min(cost, cap)
+        return per_type, total, cost
+
+    def policy_for(self, workload_id: str, tenant_id: str) -> PlacementPolicy:
+        view = self.tenants.get(tenant_id)
+        base = view.policy if view is not None and view.known else PlacementPolicy()
+        return base.narrowed_by(self.workload_policies.get(workload_id))
+
+    def price(self, site_id: str, gpu_type: str) -> float:
+        return self.sites.get(site_id, ("", {}))[1].get(gpu_type, 0.0)
+
     def allows(self, workload_id: str, tenant_id: str, site_id: str, gpu_type: str) -> bool:
         """Placement policy alone (no quota): may this workload run at this site on this GPU type?
         A tenant governance does not know has no policy to enforce (it was never admitted)."""

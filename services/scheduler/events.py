@@ -188,7 +188,9 @@ class Coordinator:
         deadline = time.time() + self.settings.offer_timeout_s
         offer = pb.Offer(
             offer_id=offer_id, workload_id=w.workload_id, kind=w.kind, units=need.units,
-            gpus_per_unit=need.gpus_per_unit, allowed_gpu_types=list(need.allowed_gpu_types),
+            gpus_per_unit=need.gpus_per_unit,
+            # Issue 5: only the GPU types the tenant's policy and quota leave room for are offered.
+            allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
             ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
         )
         offer.deadline.FromNanoseconds(int(deadline * 1e9))

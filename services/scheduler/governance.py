@@ -103,12 +103,72 @@ class SchedulerGovernance:
     # ---- the commit path -----------------------------------------------------------------------------
 
     def proposals(self, w: pb.Workload, proposals: Iterable[site_pb.Proposal]) -> list[site_pb.Proposal]:
-        """Proposals from sites the workload's placement policy allows (others are never used)."""
+        """The proposals arbitration may use: only sites the workload's placement policy allows, and
+        each capped by what the tenant's quota leaves, so the arbitrated placement passes the check.
+
+        Caps follow arbitration's own order (cheapest first, one proposal per site, within the
+        ledger's free GPUs), so a proposal is capped only by what earlier ones will really take.
+        """
         proposals = list(proposals)
         tenant = tenant_of(w)
         if self.gate is None or not tenant:
             return proposals
-        return [p for p in proposals if self.gate.allows(w.workload_id, tenant, p.site_id, p.gpu_type)]
+        allowed = [p for p in proposals if self.gate.allows(w.workload_id, tenant, p.site_id, p.gpu_type)]
+        per_type, total, cost = self.gate.headroom(w.workload_id, tenant)
+        if not per_type and total is None and cost is None:
+            return allowed
+        need = domain.need_of(w)
+        g = need.gpus_per_unit
+        remaining = need.units
+        seen: set[str] = set()
+        out = []
+        for p in sorted(allowed, key=lambda p: (p.cost, p.site_id)):
+            if (p.units == 0 or p.site_id in seen or p.site_id not in self.co.ledger.up
+                    or (need.allowed_gpu_types and p.gpu_type not in need.allowed_gpu_types)):
+                out.append(p)
+                continue
+            cap = p.units
+            if p.gpu_type in per_type:
+                cap = min(cap, max(0, per_type[p.gpu_type]) // g)
+            if total is not None:
+                cap = min(cap, max(0, total) // g)
+            price = self.gate.price(p.site_id, p.gpu_type)
+            if cost is not None and price > 0:
+                cap = min(cap, int(max(0.0, cost) // (price * g)))
+            if cap <= 0:
+                continue
+            take = min(cap, remaining, self.co.ledger.free(p.site_id, p.gpu_type) // g)
+            if take > 0:
+                seen.add(p.site_id)
+                remaining -= take
+                if p.gpu_type in per_type:
+                    per_type[p.gpu_type] -= take * g
+                if total is not None:
+                    total -= take * g
+                if cost is not None:
+                    cost -= take * g * price
+            capped = site_pb.Proposal()
+            capped.CopyFrom(p)
+            capped.units = cap
+            out.append(capped)
+        return out
+
+    def offer_types(self, w: pb.Workload) -> tuple[str, ...]:
+        """GPU types to offer the workload on: its own list (empty: every type in the pool), less the
+        types its placement policy excludes or its tenant's quota has no room for. Site agents then
+        answer with a type the tenant may actually use."""
+        need = domain.need_of(w)
+        tenant = tenant_of(w)
+        if self.gate is None or not tenant:
+            return need.allowed_gpu_types
+        types = set(need.allowed_gpu_types) or {t for pools in self.co.ledger.capacity.values() for t in pools}
+        allowed = self.gate.policy_for(w.workload_id, tenant).allowed_gpu_types
+        if allowed is not None:
+            types &= allowed
+        per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
+        types = {t for t in types if per_type.get(t, need.gpus_per_unit) >= need.gpus_per_unit}
+        # An empty list would mean "any type": offer a type no site has instead, so nothing is proposed.
+        return tuple(sorted(types)) or ("none-within-quota",)
 
     def check(self, w: pb.Workload, placements: Iterable[common.Placement]) -> Decision:
         """May `w` hold exactly `placements` (its whole placement after the commit)?"""

@@ -120,3 +120,13 @@ def test_scale_down_drops_farthest_first_and_reports_shortfall():
     assert sites["d"].free_by_type["H100"] == 33  # the dropped replica's GPU is free again
     new, short = plan_scale(w, 200, pool(), allowed=lambda w, s, g: s == "b")
     assert new["b"].replicas == 6 and short == 200 - 6 - 2
+
+
+def test_quota_room_steers_recovery_away_from_types_without_room():
+    sites = {"a": SiteCapacity("a", False, {}),
+             "b": SiteCapacity("b", True, {"L40S": 8, "H100": 8}, {"L40S": 1.0, "H100": 4.0}, {"a": 1})}
+    w = svc(replicas=3, types=frozenset(), extra={"b": SiteUnits("H100", 2)})
+    (act,) = plan_recovery("a", [w], sites, rooms={"svc": {"L40S": 0, "H100": 4}})
+    # L40S is cheaper but the tenant has no L40S quota; H100 room is 4, 2 already held at b.
+    assert dict(act.moved) == {"b": 2} and act.shortfall == 1
+    assert act.new_placement["b"] == SiteUnits("H100", 4)

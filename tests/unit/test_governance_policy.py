@@ -186,3 +186,15 @@ def test_usage_moving_a_unit_closes_its_old_interval_and_replay_is_idempotent():
     assert acme.gpu_hours == pytest.approx(2.0)
     assert acme.cost_usd == pytest.approx(4.0 + 3.0)
     assert book.stop_site("nyc", at=7200.0) == ["r1"]
+
+
+def test_untyped_demand_is_bounded_by_the_per_type_limits_it_could_use():
+    s = gov(quota=Quota(gpus_by_type={"H100": 4, "A100-80": 2, "L40S": 0, "L4": 0}),
+            policy=PlacementPolicy(allowed_sites=frozenset({"ams", "fra"})))
+    d, _ = s.admit(WorkloadDemand("w1", "acme", "inference", 7))
+    assert d.verdict is Verdict.QUOTA_EXCEEDED and "room for 6 GPUs" in d.message
+    d, rec = s.admit(WorkloadDemand("w1", "acme", "inference", 5))
+    assert d.ok  # within 4 H100 + 2 A100-80 at ams and fra
+    s.apply_record(rec)
+    d, _ = s.admit(WorkloadDemand("w2", "acme", "inference", 2))  # w1's untyped 5 leave room for 1
+    assert d.verdict is Verdict.QUOTA_EXCEEDED and "room for 1 GPUs" in d.message

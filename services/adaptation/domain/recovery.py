@@ -127,23 +127,48 @@ def plan_recovery(
     sites: Mapping[str, SiteCapacity],
     allowed: PolicyCheck = lambda w, s, g: True,
     checkpoints: Mapping[str, Checkpoint] | None = None,
+    rooms: Mapping[str, Mapping[str, int]] | None = None,
 ) -> list[RecoveryAction]:
-    """Re-place every unit that ran at `failed_site_id`. `sites` is mutated: free GPUs are taken."""
+    """Re-place every unit that ran at `failed_site_id`. `sites` is mutated: free GPUs are taken.
+
+    rooms: per workload, GPUs by type its new placement may hold in all (its tenant's quota less
+    what other workloads hold); a type not named is unbounded.
+    """
     checkpoints = checkpoints or {}
+    rooms = rooms or {}
     hit = [w for w in workloads if failed_site_id in w.sites and w.sites[failed_site_id].units > 0]
     hit.sort(key=lambda w: (w.kind is not WorkloadKind.INFERENCE, w.workload_id))
     actions = []
     for w in hit:
         if w.kind is WorkloadKind.INFERENCE:
-            actions.append(_replace_replicas(w, failed_site_id, sites, allowed))
+            actions.append(_replace_replicas(w, failed_site_id, sites, allowed, _spare(w, failed_site_id,
+                                                                                         rooms.get(w.workload_id))))
         else:
-            actions.append(_resume_shards(w, failed_site_id, sites, allowed, checkpoints.get(w.workload_id)))
+            actions.append(_resume_shards(w, failed_site_id, sites, allowed, checkpoints.get(w.workload_id),
+                                          _spare(w, failed_site_id, rooms.get(w.workload_id))))
     return actions
 
 
+def _spare(w: WorkloadPlacement, leaving: str, room: Mapping[str, int] | None) -> dict[str, int]:
+    """GPUs by type the moved units may take: the room less what the workload keeps elsewhere."""
+    spare = dict(room or {})
+    for site_id, u in w.sites.items():
+        if site_id != leaving and u.gpu_type in spare:
+            spare[u.gpu_type] -= u.units * w.gpus_per_unit
+    return spare
+
+
+def _fits(spare: Mapping[str, int], gpu_type: str, units: int, gpus_per_unit: int) -> int:
+    if gpu_type not in spare:
+        return units
+    return max(0, min(units, spare[gpu_type] // gpus_per_unit))
+
+
 def _replace_replicas(
-    w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck
+    w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck,
+    spare: dict[str, int] | None = None,
 ) -> RecoveryAction:
+    spare = spare if spare is not None else {}
     lost = w.sites[failed].replicas
     origin = w.ingress_site_id if w.ingress_site_id and w.ingress_site_id != failed else failed
     cands = _candidates(w, failed, sites, allowed)
@@ -157,11 +182,13 @@ def _replace_replicas(
         cur = new.get(site_id)
         if cur is not None and cur.gpu_type != gpu_type:
             continue  # one GPU type per workload per site, as placements are recorded
-        room = sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit
+        room = _fits(spare, gpu_type, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit, w.gpus_per_unit)
         take = min(room, need)
         if take <= 0:
             continue
         sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
+        if gpu_type in spare:
+            spare[gpu_type] -= take * w.gpus_per_unit
         new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
         moved[site_id] = moved.get(site_id, 0) + take
         need -= take
@@ -178,8 +205,9 @@ def _replace_replicas(
 
 def _resume_shards(
     w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck,
-    ckpt: Checkpoint | None,
+    ckpt: Checkpoint | None, spare: dict[str, int] | None = None,
 ) -> RecoveryAction:
+    spare = spare if spare is not None else {}
     shards = list(w.sites[failed].shard_indices)
     home = [s for s in w.sites if s != failed]
     cands = _candidates(w, failed, sites, allowed)
@@ -202,11 +230,13 @@ def _resume_shards(
         cur = new.get(site_id)
         if cur is not None and cur.gpu_type != gpu_type:
             continue
-        room = free[(site_id, gpu_type)] // w.gpus_per_unit
+        room = _fits(spare, gpu_type, free[(site_id, gpu_type)] // w.gpus_per_unit, w.gpus_per_unit)
         take, todo = todo[:room], todo[room:]
         if not take:
             continue
         free[(site_id, gpu_type)] -= len(take) * w.gpus_per_unit
+        if gpu_type in spare:
+            spare[gpu_type] -= len(take) * w.gpus_per_unit
         prev = cur.shard_indices if cur else ()
         new[site_id] = SiteUnits(gpu_type, 0, tuple(sorted((*prev, *take))))
         moved[site_id] = len(take)
@@ -265,6 +295,7 @@ def plan_scale(
     target_replicas: int,
     sites: Mapping[str, SiteCapacity],
     allowed: PolicyCheck = lambda w, s, g: True,
+    room: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, SiteUnits], int]:
     """A service's new placement with `target_replicas` replicas in all, and the replicas that found
     no room. Growth goes to the nearest allowed sites with room (the service's own sites first);
@@ -274,6 +305,7 @@ def plan_scale(
     origin = w.ingress_site_id or (min(new) if new else "")
     if target_replicas > have:
         need = target_replicas - have
+        spare = _spare(w, "", room)
         cands = _candidates(w, "", sites, allowed)
         cands.sort(key=lambda c: (c[0] not in new, _latency(sites, origin, c[0]) if origin else 0.0,
                                   sites[c[0]].price_by_type.get(c[1], 0.0), c))
@@ -283,10 +315,13 @@ def plan_scale(
             cur = new.get(site_id)
             if cur is not None and cur.gpu_type != gpu_type:
                 continue
-            take = min(need, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit)
+            take = min(need, _fits(spare, gpu_type, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit,
+                                   w.gpus_per_unit))
             if take <= 0:
                 continue
             sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
+            if gpu_type in spare:
+                spare[gpu_type] -= take * w.gpus_per_unit
             new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
             need -= take
         return new, need

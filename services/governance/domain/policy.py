@@ -283,6 +283,21 @@ def admit(
         # An untyped reservation counts against the total only; per-type limits bind at placement.
         by_type = {k: v for k, v in by_type.items() if k != "*"}
     reasons = quota_reasons(quota, by_type, total, cost)
+    if not reasons and demand.gpu_type is None and eligible and quota.gpus_by_type:
+        # Untyped demand: per-type limits still bound it, summed over the types it may use.
+        used, _, _ = tenant_usage(others)
+        room_by_type: dict[str, int] = {}
+        for s, t in eligible:
+            room_by_type[t] = room_by_type.get(t, 0) + s.gpus_by_type.get(t, 0)
+        room = -used.get("*", 0)  # other workloads' untyped reservations take from the same room
+        for t, capacity in room_by_type.items():
+            limit = quota.gpus_by_type.get(t)
+            room += capacity if limit is None else max(0, min(capacity, limit - used.get(t, 0)))
+        if room < demand.gpus:
+            parts = ", ".join(f"{t} {max(0, quota.gpus_by_type[t] - used.get(t, 0))}" for t in sorted(room_by_type)
+                              if t in quota.gpus_by_type)
+            reasons = [f"the quota leaves room for {room} GPUs of the types the workload may use ({parts}); "
+                       f"it needs {demand.gpus}"]
     if reasons:
         return Decision(Verdict.QUOTA_EXCEEDED, tuple(reasons)), None
     return Decision(Verdict.ADMITTED, eligible_sites=tuple(sorted({s.site_id for s, _ in eligible}))), holding
