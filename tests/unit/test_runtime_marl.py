@@ -103,7 +103,7 @@ def test_site_decision_p99_under_a_millisecond():
 def test_single_site_features_equal_the_pool_row(scenario):
     from agents.cnc_pool_v0 import CncPoolEnv
 
-    env = CncPoolEnv(scenario=scenario)
+    env = CncPoolEnv(scenario=scenario, duration_s=1800 if scenario == "abilene" else 600)
     env.reset_arrays(7)
     rng = np.random.default_rng(0)
     done, ticks = False, 0
