@@ -4,6 +4,7 @@ gRPC port, see their placements on NATS, tear everything down and find nothing l
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -72,6 +73,8 @@ async def test_single_node_stack(image, log_dir):
             watcher = subprocess.Popen(
                 [sys.executable, "-m", "cncbrain.cli", "watch", "--count", "1", "--json", "cnc.scheduler.placement.>"],
                 env=cli_env(token), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # It says so once subscribed (core NATS: what is published before that, it does not see).
+            assert "watching" in await asyncio.to_thread(watcher.stderr.readline)
             cli("deploy", "--name", "cli-chat", "--model", "8b", "--max-replicas", "2", "--tenant", "acme",
                 token=tenant_token)
             cli("submit", "--name", "cli-train", "--model", "7b", "--shards", "2", "--gpus-per-shard", "4",
