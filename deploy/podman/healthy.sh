@@ -14,6 +14,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$root/deploy/podman/containers.conf}"
 
 deadline=$((SECONDS + timeout_s))
+declare -A passed=()  # a check that passed once is not run again (each one starts a Python)
 while :; do
   pending=()
   names="$(podman ps -a --filter "label=io.podman.compose.project=$project" --format '{{.Names}}')"
@@ -24,12 +25,16 @@ while :; do
   for name in $names; do
     state="$(podman inspect --format '{{.State.Status}}' "$name")"
     if [[ $state != running ]]; then
+      unset "passed[$name]"
       pending+=("$name($state)")
       continue
     fi
+    [[ -n ${passed[$name]:-} ]] && continue
     has_check="$(podman inspect --format '{{if .Config.Healthcheck}}yes{{end}}' "$name")"
     if [[ -n $has_check ]] && ! podman healthcheck run "$name" >/dev/null 2>&1; then
       pending+=("$name(unhealthy)")
+    else
+      passed[$name]=1
     fi
   done
   if ((${#pending[@]} == 0)); then
