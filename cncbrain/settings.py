@@ -30,6 +30,15 @@ class CncSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class BusSettings(BaseSettings):
+    """How every process lays out JetStream (env prefix `CNC_NATS_`, the same for all processes)."""
+
+    model_config = SettingsConfigDict(env_prefix="CNC_NATS_", extra="ignore")
+
+    replicas: int = Field(1, ge=1, le=5)
+    """`CNC_NATS_REPLICAS`: replicas of every stream and KV bucket (3 on a 3-node cluster)."""
+
+
 class ServiceSettings(CncSettings):
     """A gRPC service: where it listens and how long it drains on shutdown."""
 

@@ -31,6 +31,7 @@ from cncbrain.bus import envelope, streams
 from cncbrain.bus.envelope import EnvelopeError, Event
 from cncbrain.bus.subjects import Subject, check_token, deadletter
 from cncbrain.errors import CncError
+from cncbrain.settings import BusSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Bus:
         self.nc = nc
         self.js = js
         self.name = name
+        # Replicas of every stream and KV bucket this process creates: 3 on a 3-node cluster.
+        self.replicas = load_settings(BusSettings).replicas
         self.counters: Counter[str] = Counter()
         self._kv: dict[str, KeyValue] = {}
         self._subs: list[Any] = []
@@ -105,7 +108,7 @@ class Bus:
         while True:
             try:
                 nc = await nats.connect(
-                    servers=[url],
+                    servers=[u.strip() for u in url.split(",")],
                     name=name,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -131,7 +134,7 @@ class Bus:
     async def ensure_streams(self) -> None:
         """Create (or update) every stream and KV bucket; safe to call from every process."""
         for spec in streams.STREAMS:
-            config = streams.stream_config(spec)
+            config = streams.stream_config(spec, self.replicas)
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
@@ -145,7 +148,7 @@ class Bus:
                 self._kv[bucket] = await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv[bucket] = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE)
+                    api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=self.replicas)
                 )
         return self._kv[bucket]
 

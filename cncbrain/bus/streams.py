@@ -46,8 +46,9 @@ def register_stream(spec: StreamSpec) -> None:
         STREAMS.append(spec)
 
 
-def stream_config(spec: StreamSpec) -> api.StreamConfig:
+def stream_config(spec: StreamSpec, replicas: int = 1) -> api.StreamConfig:
     return api.StreamConfig(
+        num_replicas=replicas,
         name=spec.name,
         subjects=list(spec.subjects),
         storage=api.StorageType.FILE,

@@ -56,7 +56,7 @@ class LedgerStore:
 
     async def ensure(self) -> None:
         config = api.StreamConfig(
-            name=STREAM, subjects=[LEDGER.template], storage=api.StorageType.FILE,
+            name=STREAM, subjects=[LEDGER.template], storage=api.StorageType.FILE, num_replicas=self.bus.replicas,
             retention=api.RetentionPolicy.LIMITS, max_age=0, max_msgs=-1, max_bytes=-1,
             duplicate_window=120.0, deny_delete=self.deny_delete, deny_purge=self.deny_delete,
         )
