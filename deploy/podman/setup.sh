@@ -11,7 +11,7 @@
 #
 # Settings (environment):
 #   CNC_BASE_IMAGE   name of the local base image   (default localhost/cnc-python:3.11-bookworm)
-#   CNC_DEBIAN_MIRROR  mirror for debootstrap       (default http://deb.debian.org/debian)
+#   CNC_DEBIAN_MIRROR  mirror for debootstrap       (default: the first Debian URI of the host's apt sources)
 #
 # Then build and start the stack with the base image standing in for python:3.11-slim:
 #   export CONTAINERS_CONF=$PWD/deploy/podman/containers.conf
@@ -22,7 +22,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 conf="${CONTAINERS_CONF:-$here/containers.conf}"
 base_image="${CNC_BASE_IMAGE:-localhost/cnc-python:3.11-bookworm}"
-mirror="${CNC_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+host_mirror() {  # the mirror this host's apt already uses (deb822 or one-line sources)
+  { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+    grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'
+  } | grep -v -- '-security' | head -n 1
+}
+mirror="${CNC_DEBIAN_MIRROR:-$(host_mirror)}"
 # Bump when the base image's recipe changes: an image with another recipe label is rebuilt.
 base_recipe="bookworm-minbase+python3,python3-venv,ca-certificates+host-cas/2"
 packages=(podman podman-compose runc debootstrap uidmap slirp4netns fuse-overlayfs
