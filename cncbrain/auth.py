@@ -334,3 +334,16 @@ def bearer_of(context: Any) -> str | None:
             scheme, _, token = value.partition(" ")
             return token if scheme.lower() == "bearer" and token else None
     return None
+
+
+async def subscribe_durable(bus: Any, spec: Any, handler: Any, consumer: str, timeout_s: float = 10.0) -> Any:
+    """`bus.subscribe(..., durable=True)`, riding out the moment after a restart when the server
+    still sees the previous process's subscription on the durable consumer ("already bound")."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await bus.subscribe(spec, handler, consumer=consumer, durable=True)
+        except Exception as exc:
+            if "already bound" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)

@@ -30,6 +30,7 @@ from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cncbrain.auth import subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from services.adaptation.domain.autoscale import AutoscalingPolicy, Guardrails, ScaleKind, ServiceObservation
 from services.adaptation.domain.recovery import (
@@ -163,8 +164,7 @@ class Adapter:
             self._apply_workload(entry)
         self._task = asyncio.create_task(self._follow_workloads(), name="adaptation-workloads")
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="adaptation")
-        await self.bus.subscribe(subjects.PERCEPTION_SITE_STATE, self.on_site_state, consumer="adaptation-sites",
-                                 durable=True)
+        await subscribe_durable(self.bus, subjects.PERCEPTION_SITE_STATE, self.on_site_state, "adaptation-sites")
 
     async def stop(self) -> None:
         if self._task:

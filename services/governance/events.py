@@ -30,7 +30,7 @@ from google.protobuf.json_format import MessageToDict
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cncbrain.auth import TOKENS_BUCKET
+from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.twin import physics as ph
@@ -105,10 +105,8 @@ class Governor:
         self.writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
         self.projector = asyncio.create_task(self._project_loop(), name="governance-projections")
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
-        await self.bus.subscribe(subjects.SCHEDULER_WORKLOAD, self.on_workload_event, consumer="governance",
-                                 durable=True)
-        await self.bus.subscribe(ADAPTATION_ACTION, self.on_adaptation_action, consumer="governance-adaptation",
-                                 durable=True)
+        await subscribe_durable(self.bus, subjects.SCHEDULER_WORKLOAD, self.on_workload_event, "governance")
+        await subscribe_durable(self.bus, ADAPTATION_ACTION, self.on_adaptation_action, "governance-adaptation")
         if self.settings.bootstrap_token_file:
             await self.ensure_operator_token(self.settings.bootstrap_token_file)
 

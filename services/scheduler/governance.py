@@ -23,7 +23,7 @@ from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain.auth import load_token, optional_principal
+from cncbrain.auth import load_token, optional_principal, subscribe_durable
 from cncbrain.bus import Event
 from cncbrain.identity import PermissionDenied, require_tenant_access
 from services.adaptation.subjects import ACTION
@@ -57,7 +57,7 @@ class SchedulerGovernance:
         if governance_target:
             gate = await GovernanceGate.start(co.bus, governance_target, token or None)
         hooks = cls(co, gate, token or None)
-        await co.bus.subscribe(ACTION, hooks.on_action, consumer="scheduler-adaptation", durable=True)
+        await subscribe_durable(co.bus, ACTION, hooks.on_action, "scheduler-adaptation")
         return hooks
 
     async def close(self) -> None:
