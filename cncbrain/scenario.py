@@ -21,6 +21,12 @@ from cncbrain.twin.traces import AZURE_TRACES
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+def _known_model(name: str) -> str:
+    if name.lower() not in physics.MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(physics.MODELS)}")
+    return name.lower()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,12 +86,7 @@ class InferenceSpec(_Strict):
     max_replicas: Annotated[int, Field(ge=1)] = 64
     precision: Literal["bf16", "fp8"] = "bf16"
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        if v.lower() not in physics.MODELS:
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(physics.MODELS)}")
-        return v.lower()
+    _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 
     @field_validator("trace")
     @classmethod
@@ -109,12 +110,7 @@ class ExplicitJob(_Strict):
     runtime_s: PositiveFloat
     checkpoint_interval_s: PositiveFloat = 600.0
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        if v.lower() not in physics.MODELS:
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(physics.MODELS)}")
-        return v.lower()
+    _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 
 
 class TrainingSpec(_Strict):
