@@ -139,6 +139,7 @@ class Twin:
         self.wan_bytes = 0.0
         self.history: list[TickReport] = []
         self._last = None
+        self._at_boundary()  # failures and arrivals at time 0
 
     # ---------------------------------------------------------------- set-up helpers
     def _scenario_jobs(self) -> list[JobSpec]:
@@ -500,12 +501,12 @@ class Twin:
         return self.time_s >= self.duration_s - 1e-9
 
     def step(self, actions: Actions | None = None) -> TickReport:
-        """Advance one tick, after applying `actions` (if any)."""
-        self._events()
+        """Advance one tick, after applying `actions` (if any). Failures, repairs, job arrivals and
+        replicas finishing their start-up take effect at the tick boundary, before the next `view()`,
+        so a policy always decides on the pool as it is."""
         if actions is not None:
             self.apply(actions)
         t0, dt = self.time_s, min(self.tick_s, self.duration_s - self.time_s)
-        self._promote_started(t0)
         report = self._serve(t0, dt)
         report.training_tokens = self._train(t0, dt)
         # cost and utilisation of what is allocated during the tick
@@ -519,9 +520,14 @@ class Twin:
         self.cost_usd += cost
         report.cost_usd = cost
         self.time_s = t0 + dt
+        self._at_boundary()
         self._last = report
         self.history.append(report)
         return report
+
+    def _at_boundary(self) -> None:
+        self._events()
+        self._promote_started(self.time_s)
 
     def _events(self) -> None:
         while self._fail_cursor < len(self.failures) and self.failures[self._fail_cursor][1] <= self.time_s + 1e-9:

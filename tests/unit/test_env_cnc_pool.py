@@ -73,9 +73,9 @@ def test_down_site_stays_an_agent_with_only_noop_allowed():
             assert (m == keep).all()
             assert obs[agent][0] == 0.0  # the "up" feature
             checked += 1
-    # down 1500–2100 s; the failure strikes during the tick that starts at 1500 s, so the agents see
-    # it from 1530 s on: 19 ticks
-    assert checked == 19
+    # down 1500–2100 s; the twin applies it at the 1500 s tick boundary, so the agents see it in the
+    # views of 1500, 1530, …, 2070 s: 20 ticks
+    assert checked == 20
 
 
 def test_team_reward_sums_to_the_twin_score():

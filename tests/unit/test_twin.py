@@ -105,14 +105,15 @@ def test_failure_drops_replicas_and_rolls_training_back_to_its_checkpoint():
     tw.submit_job(_job("j", runtime=3000, ckpt=600))
     tw.step()
     assert tw.place_job("j", [chi] * 4)
-    while tw.time_s < 900:
+    while tw.time_s < 870:
         tw.step()
     job = tw.jobs[0]
-    progress_before = job.progress
-    tw.step()  # the failure fires at the start of this tick
+    tw.step()  # runs 870–900 s; the failure fires at the 900 s boundary, before the next view
+    progress_before = job.progress + job.lost
     assert job.state == "pending"
     assert job.progress == pytest.approx(job.checkpoint) and job.progress < progress_before
-    assert job.lost == pytest.approx(progress_before - job.checkpoint)
+    assert job.lost == pytest.approx(progress_before - job.checkpoint) and job.lost > 0
+    assert not tw.view().site_up[chi]  # the policy sees the failure in the very next view
     assert tw.free_gpus()[chi].sum() == 0  # a down site offers nothing
     assert not tw.place_job("j", [chi] * 4)
     while tw.time_s < 1500:
@@ -125,12 +126,12 @@ def test_site_failure_removes_its_replicas():
     p = make_policy("greedy")
     p.reset(0)
     chi = tw.site_index["Chicago"]
-    while tw.time_s < 1500:
+    while tw.time_s < 1470:
         tw.step(p.act(tw.view()))
     tw.set_replicas("chat", "Chicago", 2)
     assert tw.replicas_by_type()[chi].sum() > 0
-    tw.step(p.act(tw.view()))  # Chicago fails at 1500 s in abilene
-    assert tw.replicas_by_type()[chi].sum() == 0
+    tw.step(p.act(tw.view()))
+    assert tw.replicas_by_type()[chi].sum() == 0  # Chicago failed at the 1500 s boundary
     assert not tw.site_up()[chi]
 
 
