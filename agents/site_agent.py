@@ -123,6 +123,51 @@ def make_site_policy(name: str) -> SitePolicy:
     return SitePolicy()
 
 
+class OfferDesk:
+    """The offer rounds of one process: one subscription per bus for every site agent it hosts.
+
+    A round is decoded once (one consumer span) and each local site answers it with one
+    `OfferAnswer` on its own subject, sent from inside that span. One process per site (production)
+    is the same path with one agent."""
+
+    _desks: dict[int, OfferDesk] = {}
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.agents: dict[str, SiteAgent] = {}
+        self.sub = None
+
+    @classmethod
+    def of(cls, bus: Bus) -> OfferDesk:
+        desk = cls._desks.get(id(bus))
+        if desk is None or desk.bus is not bus:
+            desk = cls._desks[id(bus)] = cls(bus)
+        return desk
+
+    async def add(self, agent: SiteAgent) -> None:
+        self.agents[agent.site_id] = agent
+        if self.sub is None:
+            self.sub = await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_round,
+                                                consumer=f"{agent.consumer}-offers")
+
+    async def remove(self, agent: SiteAgent) -> None:
+        if self.agents.get(agent.site_id) is agent:
+            del self.agents[agent.site_id]
+        if not self.agents and self.sub is not None:
+            await self.bus.unsubscribe(self.sub)
+            self.sub = None
+            self._desks.pop(id(self.bus), None)
+
+    async def on_round(self, event: Event) -> None:
+        rnd: sched.OfferRound = event.payload
+        if rnd.HasField("deadline") and time.time() > rnd.deadline.ToNanoseconds() / 1e9:
+            self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
+            return
+        for agent in list(self.agents.values()):
+            answer = agent.answer_round(rnd)
+            await self.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
+
+
 class SiteAgent:
     def __init__(self, bus: Bus, site_id: str, executor, policy: SitePolicy | None = None,
                  heartbeat_s: float = 1.0, agent_id: str | None = None) -> None:
@@ -152,7 +197,7 @@ class SiteAgent:
         if self.executor.fresh:
             # An executor without state gets its site's whole placement history again.
             await self.bus.delete_durable(subjects.SCHEDULER_PLACEMENT, self.consumer)
-        await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_offer, consumer=f"{self.consumer}-offers")
+        await OfferDesk.of(self.bus).add(self)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer=f"{self.consumer}-snapshot")
         await self.bus.subscribe(subjects.SCHEDULER_PLACEMENT, self.on_placement, consumer=self.consumer,
                                  durable=True, site=self.site_id)
@@ -162,6 +207,7 @@ class SiteAgent:
         return self
 
     async def stop(self) -> None:
+        await OfferDesk.of(self.bus).remove(self)
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -188,18 +234,18 @@ class SiteAgent:
         if telemetry.available:  # a failed site reports nothing
             await self.bus.publish(subjects.SITE_TELEMETRY, telemetry, site=self.site_id)
 
-    async def on_offer(self, event: Event) -> None:
-        offer: sched.Offer = event.payload
+    def answer_round(self, rnd: sched.OfferRound) -> site_pb.OfferAnswer:
+        """This site's answer to every offer of a round (units 0 declines)."""
         assert self.site is not None
-        if offer.HasField("deadline") and time.time() > offer.deadline.ToNanoseconds() / 1e9:
-            self.counters["offers_expired"] += 1  # shed load: the scheduler no longer listens
-            return
-        units, gpu_type, cost, reason = self.policy.answer(
-            offer, self.site, self.executor.last_telemetry(), self.executor.available())
-        await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
-            proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
-            offer_id=offer.offer_id, workload_id=offer.workload_id, units=units, gpu_type=gpu_type,
-            cost=cost, reason=reason), site=self.site_id)
+        telemetry, available = self.executor.last_telemetry(), self.executor.available()
+        answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
+        for offer in rnd.offers:
+            units, gpu_type, cost, reason = self.policy.answer(offer, self.site, telemetry, available)
+            answer.proposals.add(
+                site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
+                workload_id=offer.workload_id, units=units, gpu_type=gpu_type, cost=cost, reason=reason)
+        self.counters["offers_answered"] += len(rnd.offers)
+        return answer
 
     async def on_snapshot(self, event: Event) -> None:
         assert self.site is not None

@@ -184,14 +184,21 @@ class Bus:
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(
-        self, spec: Subject, message: Message, *, event_id: str | None = None, timeout_s: float = 30.0, **params: str
+        self, spec: Subject, message: Message, *, event_id: str | None = None, timeout_s: float = 30.0,
+        span: bool = True, **params: str
     ) -> str:
         """Publish an event; to JetStream (acknowledged, deduplicated by event id) when the subject
-        has a stream, else core NATS. Returns the event id."""
+        has a stream, else core NATS. Returns the event id.
+
+        span=False: no PRODUCER span of its own; the event carries the current span's traceparent
+        (an answer sent from inside the consumer span of what it answers — the hot offer path)."""
         if not isinstance(message, spec.message):
             raise TypeError(f"{spec.template} carries {spec.type_id}, not {type(message).__name__}")
         subject = spec.build(**params)
-        with telemetry.tracer("cncbrain.bus").start_as_current_span(f"send {spec.template}", kind=SpanKind.PRODUCER):
+        if span:
+            with telemetry.tracer("cncbrain.bus").start_as_current_span(f"send {spec.template}", kind=SpanKind.PRODUCER):
+                headers = envelope.make_headers(message, event_id)
+        else:
             headers = envelope.make_headers(message, event_id)
         data = message.SerializeToString()
         if spec.stream:

@@ -45,10 +45,15 @@ class Subject:
     """JetStream stream that stores it; None means core NATS (fire and forget)."""
     doc: str = ""
     params: tuple[str, ...] = field(init=False)
+    _pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)
         object.__setattr__(self, "params", names)
+        pattern = re.escape(self.template)
+        for p in names:
+            pattern = pattern.replace(re.escape("{" + p + "}"), f"(?P<{p}>[A-Za-z0-9_-]+)")
+        object.__setattr__(self, "_pattern", re.compile(pattern))  # match() runs on every event
         parts = self.template.split(".")
         if parts[0] != "cnc" or parts[1] not in BLOCKS or len(parts) < 3:
             raise SubjectError(f"subject {self.template!r} is not cnc.<block>.<event>[.<key>]")
@@ -71,10 +76,7 @@ class Subject:
         return self.template.format(**{p: check_token(params[p], p) if p in params else "*" for p in self.params})
 
     def match(self, subject: str) -> dict[str, str] | None:
-        pattern = re.escape(self.template)
-        for p in self.params:
-            pattern = pattern.replace(re.escape("{" + p + "}"), f"(?P<{p}>[A-Za-z0-9_-]+)")
-        m = re.fullmatch(pattern, subject)
+        m = self._pattern.fullmatch(subject)
         return m.groupdict() if m else None
 
 
@@ -82,7 +84,8 @@ class Subject:
 SITE_REGISTERED = Subject("cnc.site.{site}.registered", site.SiteRegistered, "CNC_SITES", "a site and its inventory")
 SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site.Heartbeat, None, "agent liveness")
 SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site.SiteTelemetry, None, "per-tick measurements")
-SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "agent decisions to the scheduler")
+SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "an agent's SCALE proposal to the scheduler")
+SITE_ANSWER = Subject("cnc.site.{site}.answer", site.OfferAnswer, None, "a site's answers to one offer round")
 SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, "CNC_SITES", "executor result")
 # --- perception --------------------------------------------------------------------------------
 PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", perception.Snapshot, None, "the pool, every tick")
@@ -90,7 +93,7 @@ PERCEPTION_SITE_STATE = Subject(
     "cnc.perception.site_state.{site}", perception.SiteStateChanged, "CNC_SITES", "site down / up"
 )
 # --- scheduler ---------------------------------------------------------------------------------
-SCHEDULER_OFFER = Subject("cnc.scheduler.offer", scheduler.Offer, None, "work offered to the site agents")
+SCHEDULER_OFFER = Subject("cnc.scheduler.offer", scheduler.OfferRound, None, "work offered to the site agents, per round")
 SCHEDULER_PLACEMENT = Subject(
     "cnc.scheduler.placement.{site}", scheduler.PlacementCommitted, "CNC_PLACEMENTS", "committed placement"
 )

@@ -3,6 +3,13 @@ arbitrates them (domain), commits placements to the state of record (store) and 
 site; it follows perception's snapshots (capacity, liveness, training progress) and the executors'
 reports. After a restart it recovers everything from the store.
 
+Offers go out in rounds: one placer task sends every workload waiting for placement as one
+`OfferRound`; each up site answers the whole round with one `OfferAnswer`; the round is arbitrated
+in arrival order (the ledger is updated synchronously, so one round never double-books a GPU) and
+each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
+slow write never holds the next round. A new workload's first round goes out while its record is
+still being stored; its commit waits for that write (nothing is placed that is not stored).
+
 Single writer: one scheduler owns the records (CAS on every write makes a second one fail loudly).
 """
 
@@ -16,9 +23,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain import telemetry
 from cncbrain.bus import Bus, Event, subjects
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
@@ -44,9 +55,24 @@ def now_ns() -> int:
 
 
 @dataclass
-class OpenOffer:
+class Waiting:
+    """A workload waiting for placement (in the placer's queue)."""
+
+    workload: pb.Workload
+    need: domain.Need
+    deadline: float
+    created: asyncio.Future[bool] | None = None
+    """Resolves True once the record is stored (False: it was not; never commit it). None: stored."""
+    context: otel_context.Context | None = None
+    """Trace of the call that submitted it; its first round is a child of it."""
+    not_before: float = 0.0
+    attempts: int = 0
+
+
+@dataclass
+class OpenRound:
     expected: set[str]
-    proposals: dict[str, site_pb.Proposal] = field(default_factory=dict)
+    answers: dict[str, site_pb.OfferAnswer] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -56,8 +82,11 @@ class Coordinator:
         self.settings = settings
         self.store = WorkloadStore(bus)
         self.ledger = Ledger()
-        self.offers: dict[str, OpenOffer] = {}
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.rounds: dict[str, OpenRound] = {}
+        self.waiting: dict[str, Waiting] = {}  # insertion order = offer order
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._placer: asyncio.Task[None] | None = None
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
         self.governance: SchedulerGovernance | None = None  # issue 5 hooks, set by the server
@@ -69,13 +98,15 @@ class Coordinator:
         records = await self.store.open()
         self.ledger.rebuild(records)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
-        await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-proposals")
+        await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
+        await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-scale")
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
         pending = [w for w in records if w.state == domain.PENDING]
         for w in pending:
             # ACCEPTED may not have reached the stream before a crash; its id makes this a no-op if it did.
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
-            self.spawn_placement(w.workload_id)
+            self.enqueue(w)
+        self._placer = asyncio.create_task(self._place_loop(), name="placer")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
@@ -83,9 +114,10 @@ class Coordinator:
                 await self.publish_placements(w, list(w.placements))
 
     async def stop(self) -> None:
-        for task in list(self.tasks.values()):
+        tasks = [*self.tasks, *([self._placer] if self._placer else [])]
+        for task in tasks:
             task.cancel()
-        for task in list(self.tasks.values()):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -94,19 +126,33 @@ class Coordinator:
 
     # --- tenant actions (called by rpc) -----------------------------------------------------
     async def accept(self, w: pb.Workload) -> pb.Workload:
-        """Store a new workload (idempotent on its id) and start placing it."""
+        """Store a new workload (idempotent on its id) and start placing it.
+
+        Its first offer round goes out while the record is being written; the commit waits for
+        the write, and a write that fails (or finds the id taken) drops the queued entry."""
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        mine = None
+        if w.workload_id not in self.waiting and self.store.get(w.workload_id) is None:
+            mine = self.enqueue(w, created)
         try:
             await self.store.create(w)
-        except Conflict:
+        except BaseException as exc:
+            created.set_result(False)
+            if mine is not None and self.waiting.get(w.workload_id) is mine:
+                del self.waiting[w.workload_id]
+            if not isinstance(exc, Conflict):
+                raise
             existing = self.store.get(w.workload_id) or await self.store.refresh(w.workload_id)
             if existing is None:
                 raise
             if not domain.same_spec(existing, w):
                 raise domain.SpecError("request_id", "already used for a different spec") from None
             return existing
-        # The offer goes out while ACCEPTED is being stored; PLACED waits for it (event order).
+        created.set_result(True)
+        # ACCEPTED is stored in the background; PLACED waits for it (event order).
         self.accepted[w.workload_id] = asyncio.ensure_future(self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED))
-        self.spawn_placement(w.workload_id)
+        if mine is None:
+            self.enqueue(w)
         return w
 
     async def cancel(self, workload_id: str) -> pb.Workload:
@@ -117,93 +163,176 @@ class Coordinator:
             return await self._end(w, domain.CANCELLED, "cancelled by the tenant")
 
     # --- placement ----------------------------------------------------------------------------
-    def spawn_placement(self, workload_id: str) -> None:
-        if workload_id not in self.tasks:
-            task = asyncio.create_task(self._place(workload_id), name=f"place-{workload_id}")
-            self.tasks[workload_id] = task
-            task.add_done_callback(lambda _t: self.tasks.pop(workload_id, None))
+    def enqueue(self, w: pb.Workload, created: asyncio.Future[bool] | None = None) -> Waiting:
+        entry = Waiting(w, domain.need_of(w), w.created_at.ToNanoseconds() / 1e9 + self._timeout_of(w),
+                        created, otel_context.get_current())
+        self.waiting[w.workload_id] = entry
+        self.wake.set()
+        return entry
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _timeout_of(self, w: pb.Workload) -> float:
         if w.kind == domain.TRAINING:
             return w.training_job.gang_timeout_s or self.settings.default_gang_timeout_s
         return self.settings.placement_timeout_s
 
-    async def _place(self, workload_id: str) -> None:
-        w = self.store.get(workload_id)
-        assert w is not None
-        need = domain.need_of(w)
-        deadline = w.created_at.ToNanoseconds() / 1e9 + self._timeout_of(w)
-        attempts = 0
+    async def _place_loop(self) -> None:
+        """One offer round at a time, each with every workload due; rounds follow each other at
+        once while work waits, so a burst is batched by how long one round takes."""
         while True:
-            attempts += 1
-            if self.ledger.up:
-                proposals = await self._offer(w, need)
-                async with self.lock(workload_id):
-                    current = self.store.get(workload_id)
-                    if current is None or current.state != domain.PENDING:
-                        return  # cancelled meanwhile
-                    if self.governance:  # proposals outside the workload's placement policy never count
-                        proposals = self.governance.proposals(current, proposals)
-                    allocation = domain.arbitrate(need, proposals, self.ledger)
-                    if allocation is not None:
-                        w = self._copy(workload_id)
-                        placements = domain.commit_placement(w, allocation, now_ns())
-                        verdict = self.governance.check(w, placements) if self.governance else None
-                        if verdict is not None and not verdict.ok:
-                            self.counters["placements_refused_by_governance"] += 1
-                            log.info("placement of %s refused by governance: %s", workload_id, verdict.message)
-                            allocation = None
-                    if allocation is not None:
-                        for p in placements:
-                            self.ledger.take(p)
-                        try:
-                            await self._write(w)
-                        except Exception:
-                            for p in placements:
-                                self.ledger.take(p, -1)
-                            raise
-                        self.counters["placements_committed"] += 1
-                        if self.governance:
-                            self.governance.committed(w)
-                        self.counters["units_placed"] += need.units
-                        await self.publish_placements(w, placements)
-                        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
-                        return
-            if time.time() > deadline:
-                async with self.lock(workload_id):
-                    w = self._copy(workload_id)
-                    if w.state == domain.PENDING:
-                        room = self.ledger.total(need.allowed_gpu_types)
-                        await self._end(
-                            w, domain.FAILED,
-                            f"could not place {need.units}×{need.gpus_per_unit} GPUs in {self._timeout_of(w):.0f} s "
-                            f"after {attempts} offers (pool has {room} GPUs of the allowed types, "
-                            f"{len(self.ledger.up)} sites up)",
-                        )
-                return
-            await asyncio.sleep(self.settings.retry_interval_s)
+            now = time.time()
+            due = [e for e in self.waiting.values() if e.not_before <= now]
+            if not due:
+                delay = min((e.not_before for e in self.waiting.values()), default=None)
+                self.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), None if delay is None else max(0.0, delay - now))
+                continue
+            try:
+                await self._round(due[: self.settings.max_offers_per_round])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a round that failed (NATS down) is retried after the pause
+                log.exception("offer round failed")
+                for e in due:
+                    e.not_before = time.time() + self.settings.retry_interval_s
 
-    async def _offer(self, w: pb.Workload, need: domain.Need) -> list[site_pb.Proposal]:
-        offer_id = uuid.uuid4().hex[:16]
+    async def _round(self, batch: list[Waiting]) -> None:
+        answers: list[site_pb.OfferAnswer] = []
+        if self.ledger.up:
+            answers = await self._offer(batch)
+        by_workload: dict[str, list[site_pb.Proposal]] = {}
+        for a in answers:
+            for p in a.proposals:
+                if p.site_id == a.site_id:
+                    by_workload.setdefault(p.workload_id, []).append(p)
+        now = time.time()
+        for entry in batch:
+            entry.attempts += 1
+            self._decide(entry, by_workload.get(entry.workload.workload_id, []), now)
+
+    async def _offer(self, batch: list[Waiting]) -> list[site_pb.OfferAnswer]:
+        round_id = uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.offer_timeout_s
-        offer = pb.Offer(
-            offer_id=offer_id, workload_id=w.workload_id, kind=w.kind, units=need.units,
-            gpus_per_unit=need.gpus_per_unit,
-            # Issue 5: only the GPU types the tenant's policy and quota leave room for are offered.
-            allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
-            ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
-        )
-        offer.deadline.FromNanoseconds(int(deadline * 1e9))
-        pending = OpenOffer(expected=set(self.ledger.up))
-        self.offers[offer_id] = pending
+        msg = pb.OfferRound(round_id=round_id)
+        msg.deadline.FromNanoseconds(int(deadline * 1e9))
+        for e in batch:
+            w, need = e.workload, e.need
+            msg.offers.add(
+                offer_id=f"{round_id}-{w.workload_id}", workload_id=w.workload_id, kind=w.kind, units=need.units,
+                gpus_per_unit=need.gpus_per_unit,
+                # Issue 5: only the GPU types the tenant's policy and quota leave room for are offered.
+                allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
+                ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
+            ).deadline.CopyFrom(msg.deadline)
+        pending = OpenRound(expected=set(self.ledger.up))
+        self.rounds[round_id] = pending
+        # The round belongs to the trace of its first workload's call; the others are linked.
+        links = [trace.Link(sc) for e in batch[1:] if e.context is not None
+                 and (sc := trace.get_current_span(e.context).get_span_context()).is_valid]
         try:
-            await self.bus.publish(subjects.SCHEDULER_OFFER, offer)
+            with telemetry.tracer("cncbrain.scheduler").start_as_current_span(
+                    "offer round", context=batch[0].context, links=links, kind=trace.SpanKind.PRODUCER,
+                    attributes={"cnc.offers": len(batch)}):
+                await self.bus.publish(subjects.SCHEDULER_OFFER, msg, span=False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pending.done.wait(), self.settings.offer_timeout_s)
         finally:
-            self.offers.pop(offer_id, None)
-        self.counters["offers"] += 1
-        return list(pending.proposals.values())
+            self.rounds.pop(round_id, None)
+        self.counters["offer_rounds"] += 1
+        self.counters["offers"] += len(batch)
+        return list(pending.answers.values())
+
+    def _decide(self, entry: Waiting, proposals: list[site_pb.Proposal], now: float) -> None:
+        """Arbitrate one workload of a round (no await: the ledger cannot change underneath); a
+        winning allocation is taken from the ledger at once and committed by its own task."""
+        wid = entry.workload.workload_id
+        if self.waiting.get(wid) is not entry:
+            return  # cancelled or ended meanwhile
+        current = self.store.get(wid) or entry.workload
+        if current.state != domain.PENDING:
+            del self.waiting[wid]
+            return
+        if self.governance:  # proposals outside the workload's placement policy never count
+            proposals = self.governance.proposals(current, proposals)
+        allocation = domain.arbitrate(entry.need, proposals, self.ledger) if proposals else None
+        if allocation is not None:
+            w = pb.Workload()
+            w.CopyFrom(current)
+            placements = domain.commit_placement(w, allocation, now_ns())
+            verdict = self.governance.check(w, placements) if self.governance else None
+            if verdict is not None and not verdict.ok:
+                self.counters["placements_refused_by_governance"] += 1
+                log.info("placement of %s refused by governance: %s", wid, verdict.message)
+            else:
+                for p in placements:
+                    self.ledger.take(p)
+                del self.waiting[wid]
+                self._spawn(self._commit(entry, w, placements), f"commit-{wid}")
+                return
+        if now > entry.deadline:
+            del self.waiting[wid]
+            self._spawn(self._fail(entry), f"fail-{wid}")
+            return
+        entry.not_before = now + self.settings.retry_interval_s
+
+    async def _commit(self, entry: Waiting, w: pb.Workload, placements: list[common.Placement]) -> None:
+        wid = w.workload_id
+
+        def undo() -> None:
+            for p in placements:
+                self.ledger.take(p, -1)
+
+        if entry.context is not None:  # the commit and its events belong to the submitting call's trace
+            otel_context.attach(entry.context)  # this task's own context copy
+        try:
+            if entry.created is not None and not await entry.created:
+                undo()
+                return
+            async with self.lock(wid):
+                current = self.store.get(wid)
+                if current is None or current.state != domain.PENDING:
+                    undo()  # cancelled between arbitration and commit
+                    return
+                try:
+                    await self._write(w)
+                except Exception:
+                    undo()
+                    if wid not in self.waiting and (still := self.store.get(wid)) is not None \
+                            and still.state == domain.PENDING:
+                        entry.not_before = time.time() + self.settings.retry_interval_s
+                        self.waiting[wid] = entry  # offered again
+                    raise
+                self.counters["placements_committed"] += 1
+                self.counters["units_placed"] += entry.need.units
+                if self.governance:
+                    self.governance.committed(w)
+                await self.publish_placements(w, placements)
+                await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("commit of %s failed", wid)
+
+    async def _fail(self, entry: Waiting) -> None:
+        wid = entry.workload.workload_id
+        if entry.created is not None and not await entry.created:
+            return
+        need = entry.need
+        async with self.lock(wid):
+            w = self._copy(wid)
+            if w.state == domain.PENDING:
+                room = self.ledger.total(need.allowed_gpu_types)
+                await self._end(
+                    w, domain.FAILED,
+                    f"could not place {need.units}×{need.gpus_per_unit} GPUs in {self._timeout_of(w):.0f} s "
+                    f"after {entry.attempts} offers (pool has {room} GPUs of the allowed types, "
+                    f"{len(self.ledger.up)} sites up)",
+                )
 
     async def _write(self, w: pb.Workload) -> None:
         try:
@@ -234,11 +363,9 @@ class Coordinator:
         await self._write(w)
         for p in before:
             self.ledger.take(p, -1)
+        self.waiting.pop(w.workload_id, None)
         await self.publish_placements(w, changed)
         await self.publish_event(w, EVENT_OF_STATE[state])
-        task = self.tasks.get(w.workload_id)
-        if task and task is not asyncio.current_task():
-            task.cancel()
         return w
 
     # --- publishing ---------------------------------------------------------------------------
@@ -276,20 +403,26 @@ class Coordinator:
         )
 
     # --- consumers ----------------------------------------------------------------------------
+    async def on_answer(self, event: Event) -> None:
+        a: site_pb.OfferAnswer = event.payload
+        if a.site_id != event.params["site"]:
+            raise ValueError(f"answer from {a.site_id} on {event.subject}")
+        rnd = self.rounds.get(a.round_id)
+        if rnd is None:
+            self.counters["late_answers"] += 1
+            return
+        rnd.answers[a.site_id] = a
+        if rnd.expected <= rnd.answers.keys():
+            rnd.done.set()
+
     async def on_proposal(self, event: Event) -> None:
         p: site_pb.Proposal = event.payload
         if p.site_id != event.params["site"]:
             raise ValueError(f"proposal from {p.site_id} on {event.subject}")
-        if p.kind == site_pb.PROPOSAL_KIND_ACCEPT_OFFER:
-            offer = self.offers.get(p.offer_id)
-            if offer is None:
-                self.counters["late_proposals"] += 1
-                return
-            offer.proposals[p.site_id] = p
-            if offer.expected <= offer.proposals.keys():
-                offer.done.set()
-        elif p.kind == site_pb.PROPOSAL_KIND_SCALE:
+        if p.kind == site_pb.PROPOSAL_KIND_SCALE:
             await self.on_scale(p)
+        else:
+            self.counters["proposals_ignored"] += 1  # offers are answered on cnc.site.<site>.answer
 
     async def on_scale(self, p: site_pb.Proposal) -> None:
         if p.workload_id not in self.store.records:

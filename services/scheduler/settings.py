@@ -13,7 +13,9 @@ class Settings(ServiceSettings):
 
     grpc_port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     offer_timeout_s: float = Field(0.25, gt=0)
-    """How long an offer waits for the up sites' answers before arbitrating what it has."""
+    """How long an offer round waits for the up sites' answers before arbitrating what it has."""
+    max_offers_per_round: int = Field(256, ge=1)
+    """Workloads offered in one round at most (the rest go in the next round, right after)."""
     retry_interval_s: float = Field(0.5, gt=0)
     """Pause before re-offering a workload that did not fit."""
     placement_timeout_s: float = Field(60.0, gt=0)

@@ -43,12 +43,15 @@ class FakeAgents:
         await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_offer, consumer="fake-agents")
 
     async def on_offer(self, ev):
-        self.offers.append(ev.payload)
+        self.offers.extend(ev.payload.offers)
         for sid in self.units:
-            await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
-                proposal_id=f"{ev.payload.offer_id}-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
-                offer_id=ev.payload.offer_id, workload_id=ev.payload.workload_id,
-                units=min(self.units[sid], ev.payload.units), gpu_type="H100", cost=self.cost[sid]), site=sid)
+            answer = site_pb.OfferAnswer(round_id=ev.payload.round_id, site_id=sid)
+            for offer in ev.payload.offers:
+                answer.proposals.add(
+                    proposal_id=f"{offer.offer_id}-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
+                    offer_id=offer.offer_id, workload_id=offer.workload_id,
+                    units=min(self.units[sid], offer.units), gpu_type="H100", cost=self.cost[sid])
+            await self.bus.publish(subjects.SITE_ANSWER, answer, site=sid)
 
 
 @pytest.fixture

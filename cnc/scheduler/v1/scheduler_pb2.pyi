@@ -240,7 +240,7 @@ Global___PlacementCommitted: _TypeAlias = PlacementCommitted  # noqa: Y015
 
 @_typing.final
 class Offer(_message.Message):
-    """Offer asks the site agents which of them can take units of a workload (`cnc.scheduler.offer`)."""
+    """Offer asks the site agents which of them can take units of a workload (one entry of an OfferRound)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -289,6 +289,41 @@ class Offer(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Offer: _TypeAlias = Offer  # noqa: Y015
+
+@_typing.final
+class OfferRound(_message.Message):
+    """OfferRound is one round of offers to the site agents (`cnc.scheduler.offer`): every workload
+    waiting for placement when the round starts. Each up site answers the whole round with one
+    `cnc.site.v1.OfferAnswer`, so a burst of deployments costs one message per site, not one per
+    workload and site.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    OFFERS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Offer]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Answer before this time; later answers are ignored."""
+
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        offers: _abc.Iterable[Global___Offer] | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "offers", b"offers", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferRound: _TypeAlias = OfferRound  # noqa: Y015
 
 @_typing.final
 class SubmitTrainingJobRequest(_message.Message):

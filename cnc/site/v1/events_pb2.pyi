@@ -235,7 +235,9 @@ Global___SiteTelemetry: _TypeAlias = SiteTelemetry  # noqa: Y015
 
 @_typing.final
 class Proposal(_message.Message):
-    """Proposal is a site agent's decision sent to the scheduler (`cnc.site.<site_id>.proposal`)."""
+    """Proposal is a site agent's decision sent to the scheduler: SCALE on `cnc.site.<site_id>.proposal`,
+    ACCEPT_OFFER inside an OfferAnswer on `cnc.site.<site_id>.answer`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -280,6 +282,36 @@ class Proposal(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Proposal: _TypeAlias = Proposal  # noqa: Y015
+
+@_typing.final
+class OfferAnswer(_message.Message):
+    """OfferAnswer is one site's answer to one offer round (`cnc.site.<site_id>.answer`): an
+    ACCEPT_OFFER proposal per offer of the round (units 0 declines).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    PROPOSALS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    site_id: _builtins.str
+    @_builtins.property
+    def proposals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Proposal]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+        proposals: _abc.Iterable[Global___Proposal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposals", b"proposals", "round_id", b"round_id", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferAnswer: _TypeAlias = OfferAnswer  # noqa: Y015
 
 @_typing.final
 class PlacementApplied(_message.Message):
