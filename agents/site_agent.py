@@ -86,6 +86,11 @@ class SitePolicy:
             cost = latency + 5.0 * busy
         return units, gpu_type, cost, f"{units}×{offer.gpus_per_unit} {gpu_type} free"
 
+    def answer_round(self, offers, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
+                     available: bool) -> list[tuple[int, str, float, str]]:
+        """(units, gpu_type, cost, reason) for each offer of a round."""
+        return [self.answer(o, site, telemetry, available) for o in offers]
+
     def scale(self, snapshot: perception_pb2.Snapshot, site: common.Site,
               telemetry: site_pb.SiteTelemetry | None, now: float) -> list[ScaleWish]:
         if telemetry is None or not telemetry.available:
@@ -117,10 +122,27 @@ class SitePolicy:
         return wishes
 
 
+def default_site_policy() -> str:
+    """`marl` when the shipped learned policy is there, else `greedy`."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent / "policies" / "marl_v0.npz"
+    return "marl" if shipped.exists() else "greedy"
+
+
 def make_site_policy(name: str) -> SitePolicy:
-    if name != "greedy":
-        raise ValueError(f"unknown site policy {name!r}; known: greedy")
-    return SitePolicy()
+    """`greedy`, `marl` (the shipped learned policy) or `marl:PATH` (a policy file)."""
+    if name == "greedy":
+        return SitePolicy()
+    if name == "marl" or name.startswith("marl:"):
+        from agents.marl_site import MarlSitePolicy
+
+        path = name.partition(":")[2] or None
+        try:
+            return MarlSitePolicy(path)
+        except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"policy {name!r}: {exc}") from None
+    raise ValueError(f"unknown site policy {name!r}; known: greedy, marl, marl:PATH")
 
 
 class OfferDesk:
@@ -239,8 +261,14 @@ class SiteAgent:
         assert self.site is not None
         telemetry, available = self.executor.last_telemetry(), self.executor.available()
         answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
-        for offer in rnd.offers:
-            units, gpu_type, cost, reason = self.policy.answer(offer, self.site, telemetry, available)
+        book = getattr(self.policy, "book", None)
+        if book is not None:  # a learned policy models the offered workloads from their specs
+            for offer in rnd.offers:
+                which = offer.WhichOneof("spec")
+                if which:
+                    book.learn(offer.workload_id, getattr(offer, which))
+        decisions = self.policy.answer_round(rnd.offers, self.site, telemetry, available)
+        for offer, (units, gpu_type, cost, reason) in zip(rnd.offers, decisions, strict=True):
             answer.proposals.add(
                 site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
                 workload_id=offer.workload_id, units=units, gpu_type=gpu_type, cost=cost, reason=reason)
@@ -249,6 +277,9 @@ class SiteAgent:
 
     async def on_snapshot(self, event: Event) -> None:
         assert self.site is not None
+        observe = getattr(self.policy, "observe", None)
+        if observe is not None:
+            await observe(self.bus, event.payload, self.site)
         for wish in self.policy.scale(event.payload, self.site, self.executor.last_telemetry(), time.monotonic()):
             await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
                 proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_SCALE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from cncbrain import telemetry
 from cncbrain.commands._live import add_target_args, target
@@ -20,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="abilene", help="scenario whose sites --all means (default abilene)")
     p.add_argument("--executor", choices=["emulated", "memory"], default="emulated")
     p.add_argument("--gpus", default="A100-80GB:16", help="memory executor inventory per site, TYPE:N[,TYPE:N]")
-    p.add_argument("--policy", default="greedy", help="site policy (greedy)")
+    p.add_argument("--policy", default=None,
+                   help="site policy: greedy, marl (the shipped learned policy) or marl:PATH (a policy .npz); "
+                        "default $CNC_AGENT_POLICY, else marl when the shipped policy file exists, else greedy")
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     add_target_args(p, "nats")
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def parse_gpus(text: str):
 async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     from agents.executor import MemoryExecutor
     from agents.executor_emulated import EmulatedExecutor, site_ids_of
-    from agents.site_agent import SiteAgent, make_site_policy
+    from agents.site_agent import SiteAgent, default_site_policy, make_site_policy
     from cnc.common.v1 import common_pb2 as common
     from cncbrain.bus import Bus
     from cncbrain.bus.subjects import SubjectError, check_token
@@ -56,7 +59,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     try:
         for s in sites:
             check_token(s, "site id")
-        policy_name = args.policy
+        policy_name = args.policy or os.environ.get("CNC_AGENT_POLICY") or default_site_policy()
         make_site_policy(policy_name)
     except (SubjectError, ValueError) as exc:
         raise CncError(str(exc)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second (default 30)")
     p.add_argument("--fail-site", default="chicago", help="site failed a third of the way in ('' for none)")
     p.add_argument("--state-dir", type=Path, default=STATE_DIR / "demo")
+    p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
+                   help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
+                        "when the shipped policy file exists, else greedy)")
     p.set_defaults(func=run)
 
 
@@ -235,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         raise CncError("--duration must be > 0")
     console = Console()
     brain = Brain(args.state_dir, args.scenario, nats_port=free_port(), perception_port=free_port(),
-                  scheduler_port=free_port(), speed=args.speed, fresh=True)
+                  scheduler_port=free_port(), speed=args.speed, fresh=True, policy=args.policy)
     console.print(f"starting CNC Brain ({args.scenario}, {args.speed:.0f}× emulated time) …")
     brain.start()
     console.print(f"healthy in {brain.healthy_after_s:.1f} s: {len(brain.sites)} sites, "

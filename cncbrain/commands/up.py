@@ -40,7 +40,7 @@ class Brain:
                  nats_port: int = NATS_PORT, perception_port: int = PERCEPTION_PORT,
                  scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
-                 adaptation_port: int | None = None, auth: bool = False) -> None:
+                 adaptation_port: int | None = None, auth: bool = False, policy: str | None = None) -> None:
         from cncbrain.natsserver import free_port
 
         # Issue 5 services: unless given, their default port, or a free one when that is taken (another
@@ -48,6 +48,8 @@ class Brain:
         self.governance_port = governance_port or (GOVERNANCE_PORT if not port_in_use(GOVERNANCE_PORT) else free_port())
         self.adaptation_port = adaptation_port or (ADAPTATION_PORT if not port_in_use(ADAPTATION_PORT) else free_port())
         self.auth = auth
+        self.policy = policy or os.environ.get("CNC_AGENT_POLICY") or None
+        """Site agents' policy (greedy, marl, marl:PATH); None: the agent's default (marl when shipped)."""
         self.state_dir = Path(state_dir)
         self.scenario = scenario
         self.external_nats = nats_url
@@ -132,7 +134,7 @@ class Brain:
             self._spawn("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
                                      "--speed", str(self.speed), "--nats-url", url], {})
             self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
-                                   "--nats-url", url], {})
+                                   "--nats-url", url, *(["--policy", self.policy] if self.policy else [])], {})
             asyncio.run(self._wait_ready(timeout_s))
         except BaseException:
             self.stop()
@@ -225,13 +227,16 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second")
     p.add_argument("--state-dir", type=Path, default=STATE_DIR)
     p.add_argument("--fresh", action="store_true", help="wipe the state folder first")
+    p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
+                   help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
+                        "when the shipped policy file exists, else greedy)")
 
 
 def run(args: argparse.Namespace) -> int:
     brain = Brain(args.state_dir, args.scenario, nats_url=args.nats_url, nats_port=args.nats_port,
                   perception_port=args.perception_port, scheduler_port=args.scheduler_port,
                   speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
-                  adaptation_port=args.adaptation_port, auth=not args.no_auth)
+                  adaptation_port=args.adaptation_port, auth=not args.no_auth, policy=args.policy)
     stop = {"now": False}
 
     def on_signal(signum, frame):

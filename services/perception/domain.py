@@ -154,6 +154,19 @@ class PoolPicture:
         for site_id in sorted(self.sites):
             snap.sites.append(self.site_status(self.sites[site_id]))
         snap.sites_up = sum(1 for e in self.sites.values() if e.state == UP)
+        summary: dict[str, perception_pb2.ServiceSummary] = {}
+        for entry in self.sites.values():
+            if entry.telemetry is None or entry.state != UP:
+                continue
+            for load in entry.telemetry.services:
+                agg = summary.get(load.workload_id)
+                if agg is None:
+                    agg = summary[load.workload_id] = perception_pb2.ServiceSummary(workload_id=load.workload_id)
+                agg.replicas += load.replicas
+                agg.request_rate_rps += load.request_rate_rps
+                agg.requests += load.requests
+                agg.requests_ok += load.requests_ok
+        snap.services.extend(summary[w] for w in sorted(summary))
         times = [e.telemetry.sim_time_s for e in self.sites.values() if e.telemetry is not None]
         snap.sim_time_s = max(times, default=0.0)
         return snap

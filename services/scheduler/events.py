@@ -222,13 +222,17 @@ class Coordinator:
         msg.deadline.FromNanoseconds(int(deadline * 1e9))
         for e in batch:
             w, need = e.workload, e.need
-            msg.offers.add(
+            offer = msg.offers.add(
                 offer_id=f"{round_id}-{w.workload_id}", workload_id=w.workload_id, kind=w.kind, units=need.units,
                 gpus_per_unit=need.gpus_per_unit,
                 # Issue 5: only the GPU types the tenant's policy and quota leave room for are offered.
                 allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
                 ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
-            ).deadline.CopyFrom(msg.deadline)
+            )
+            offer.deadline.CopyFrom(msg.deadline)
+            which = w.WhichOneof("spec")
+            if which:
+                getattr(offer, which).CopyFrom(getattr(w, which))
         pending = OpenRound(expected=set(self.ledger.up))
         self.rounds[round_id] = pending
         # The round belongs to the trace of its first workload's call; the others are linked.

@@ -27,7 +27,7 @@ from cnc.site.v1 import events_pb2 as cnc_dot_site_dot_v1_dot_events__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cnc/perception/v1/perception.proto\x12\x11\x63nc.perception.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x18\x63nc/site/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\nSiteStatus\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\x12\x32\n\x0elast_heartbeat\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fgpu_utilization\x18\x04 \x01(\x01\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.cnc.site.v1.ServiceLoad\x12&\n\x04jobs\x18\x06 \x03(\x0b\x32\x18.cnc.site.v1.JobProgress\x12)\n\tgpu_pools\x18\x07 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\"\x9e\x01\n\x08Snapshot\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05sites\x18\x03 \x03(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\x12\x10\n\x08sites_up\x18\x04 \x01(\r\x12\x12\n\nsim_time_s\x18\x05 \x01(\x01\"\x8c\x01\n\x10SiteStateChanged\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nchanged_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x08\x46orecast\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63urrent_rps\x18\x02 \x01(\x01\x12\x15\n\rpredicted_rps\x18\x03 \x03(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cobservations\x18\x05 \x01(\r\";\n\x10ListSitesRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\"A\n\x11ListSitesResponse\x12,\n\x05sites\x18\x01 \x03(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\"!\n\x0eGetSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\">\n\x0fGetSiteResponse\x12+\n\x04site\x18\x01 \x01(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\"\x14\n\x12GetSnapshotRequest\"D\n\x13GetSnapshotResponse\x12-\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Snapshot\"\x17\n\x15WatchSnapshotsRequest\"G\n\x16WatchSnapshotsResponse\x12-\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Snapshot\"@\n\x12GetForecastRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x15\n\rhorizon_ticks\x18\x02 \x01(\r\"D\n\x13GetForecastResponse\x12-\n\x08\x66orecast\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Forecast2\xe2\x03\n\x11PerceptionService\x12V\n\tListSites\x12#.cnc.perception.v1.ListSitesRequest\x1a$.cnc.perception.v1.ListSitesResponse\x12P\n\x07GetSite\x12!.cnc.perception.v1.GetSiteRequest\x1a\".cnc.perception.v1.GetSiteResponse\x12\\\n\x0bGetSnapshot\x12%.cnc.perception.v1.GetSnapshotRequest\x1a&.cnc.perception.v1.GetSnapshotResponse\x12g\n\x0eWatchSnapshots\x12(.cnc.perception.v1.WatchSnapshotsRequest\x1a).cnc.perception.v1.WatchSnapshotsResponse0\x01\x12\\\n\x0bGetForecast\x12%.cnc.perception.v1.GetForecastRequest\x1a&.cnc.perception.v1.GetForecastResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cnc/perception/v1/perception.proto\x12\x11\x63nc.perception.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x18\x63nc/site/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\nSiteStatus\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\x12\x32\n\x0elast_heartbeat\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fgpu_utilization\x18\x04 \x01(\x01\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.cnc.site.v1.ServiceLoad\x12&\n\x04jobs\x18\x06 \x03(\x0b\x32\x18.cnc.site.v1.JobProgress\x12)\n\tgpu_pools\x18\x07 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\"x\n\x0eServiceSummary\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x18\n\x10request_rate_rps\x18\x03 \x01(\x01\x12\x10\n\x08requests\x18\x04 \x01(\x01\x12\x13\n\x0brequests_ok\x18\x05 \x01(\x01\"\xd3\x01\n\x08Snapshot\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x08taken_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05sites\x18\x03 \x03(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\x12\x10\n\x08sites_up\x18\x04 \x01(\r\x12\x12\n\nsim_time_s\x18\x05 \x01(\x01\x12\x33\n\x08services\x18\x06 \x03(\x0b\x32!.cnc.perception.v1.ServiceSummary\"\x8c\x01\n\x10SiteStateChanged\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nchanged_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x08\x46orecast\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63urrent_rps\x18\x02 \x01(\x01\x12\x15\n\rpredicted_rps\x18\x03 \x03(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cobservations\x18\x05 \x01(\r\";\n\x10ListSitesRequest\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.cnc.common.v1.SiteState\"A\n\x11ListSitesResponse\x12,\n\x05sites\x18\x01 \x03(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\"!\n\x0eGetSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\">\n\x0fGetSiteResponse\x12+\n\x04site\x18\x01 \x01(\x0b\x32\x1d.cnc.perception.v1.SiteStatus\"\x14\n\x12GetSnapshotRequest\"D\n\x13GetSnapshotResponse\x12-\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Snapshot\"\x17\n\x15WatchSnapshotsRequest\"G\n\x16WatchSnapshotsResponse\x12-\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Snapshot\"@\n\x12GetForecastRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x15\n\rhorizon_ticks\x18\x02 \x01(\r\"D\n\x13GetForecastResponse\x12-\n\x08\x66orecast\x18\x01 \x01(\x0b\x32\x1b.cnc.perception.v1.Forecast2\xe2\x03\n\x11PerceptionService\x12V\n\tListSites\x12#.cnc.perception.v1.ListSitesRequest\x1a$.cnc.perception.v1.ListSitesResponse\x12P\n\x07GetSite\x12!.cnc.perception.v1.GetSiteRequest\x1a\".cnc.perception.v1.GetSiteResponse\x12\\\n\x0bGetSnapshot\x12%.cnc.perception.v1.GetSnapshotRequest\x1a&.cnc.perception.v1.GetSnapshotResponse\x12g\n\x0eWatchSnapshots\x12(.cnc.perception.v1.WatchSnapshotsRequest\x1a).cnc.perception.v1.WatchSnapshotsResponse0\x01\x12\\\n\x0bGetForecast\x12%.cnc.perception.v1.GetForecastRequest\x1a&.cnc.perception.v1.GetForecastResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SITESTATUS']._serialized_start=145
   _globals['_SITESTATUS']._serialized_end=437
-  _globals['_SNAPSHOT']._serialized_start=440
-  _globals['_SNAPSHOT']._serialized_end=598
-  _globals['_SITESTATECHANGED']._serialized_start=601
-  _globals['_SITESTATECHANGED']._serialized_end=741
-  _globals['_FORECAST']._serialized_start=743
-  _globals['_FORECAST']._serialized_end=855
-  _globals['_LISTSITESREQUEST']._serialized_start=857
-  _globals['_LISTSITESREQUEST']._serialized_end=916
-  _globals['_LISTSITESRESPONSE']._serialized_start=918
-  _globals['_LISTSITESRESPONSE']._serialized_end=983
-  _globals['_GETSITEREQUEST']._serialized_start=985
-  _globals['_GETSITEREQUEST']._serialized_end=1018
-  _globals['_GETSITERESPONSE']._serialized_start=1020
-  _globals['_GETSITERESPONSE']._serialized_end=1082
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1084
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1104
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1106
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1174
-  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_start=1176
-  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_end=1199
-  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_start=1201
-  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_end=1272
-  _globals['_GETFORECASTREQUEST']._serialized_start=1274
-  _globals['_GETFORECASTREQUEST']._serialized_end=1338
-  _globals['_GETFORECASTRESPONSE']._serialized_start=1340
-  _globals['_GETFORECASTRESPONSE']._serialized_end=1408
-  _globals['_PERCEPTIONSERVICE']._serialized_start=1411
-  _globals['_PERCEPTIONSERVICE']._serialized_end=1893
+  _globals['_SERVICESUMMARY']._serialized_start=439
+  _globals['_SERVICESUMMARY']._serialized_end=559
+  _globals['_SNAPSHOT']._serialized_start=562
+  _globals['_SNAPSHOT']._serialized_end=773
+  _globals['_SITESTATECHANGED']._serialized_start=776
+  _globals['_SITESTATECHANGED']._serialized_end=916
+  _globals['_FORECAST']._serialized_start=918
+  _globals['_FORECAST']._serialized_end=1030
+  _globals['_LISTSITESREQUEST']._serialized_start=1032
+  _globals['_LISTSITESREQUEST']._serialized_end=1091
+  _globals['_LISTSITESRESPONSE']._serialized_start=1093
+  _globals['_LISTSITESRESPONSE']._serialized_end=1158
+  _globals['_GETSITEREQUEST']._serialized_start=1160
+  _globals['_GETSITEREQUEST']._serialized_end=1193
+  _globals['_GETSITERESPONSE']._serialized_start=1195
+  _globals['_GETSITERESPONSE']._serialized_end=1257
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1259
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1279
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=1281
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=1349
+  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_start=1351
+  _globals['_WATCHSNAPSHOTSREQUEST']._serialized_end=1374
+  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_start=1376
+  _globals['_WATCHSNAPSHOTSRESPONSE']._serialized_end=1447
+  _globals['_GETFORECASTREQUEST']._serialized_start=1449
+  _globals['_GETFORECASTREQUEST']._serialized_end=1513
+  _globals['_GETFORECASTRESPONSE']._serialized_start=1515
+  _globals['_GETFORECASTRESPONSE']._serialized_end=1583
+  _globals['_PERCEPTIONSERVICE']._serialized_start=1586
+  _globals['_PERCEPTIONSERVICE']._serialized_end=2068
 # @@protoc_insertion_point(module_scope)

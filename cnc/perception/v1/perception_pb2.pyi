@@ -69,6 +69,43 @@ class SiteStatus(_message.Message):
 Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
 
 @_typing.final
+class ServiceSummary(_message.Message):
+    """ServiceSummary is one inference service pool-wide, summed over the sites' last telemetry: the
+    per-service broadcast a site agent's policy reads besides its own site and its nearest neighbours.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    REQUEST_RATE_RPS_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    REQUESTS_OK_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    replicas: _builtins.int
+    request_rate_rps: _builtins.float
+    """Requests arriving at the service's replicas, per second, pool-wide."""
+    requests: _builtins.float
+    """Requests served and requests that met both SLOs during the last tick, pool-wide."""
+    requests_ok: _builtins.float
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+        request_rate_rps: _builtins.float = ...,
+        requests: _builtins.float = ...,
+        requests_ok: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "request_rate_rps", b"request_rate_rps", "requests", b"requests", "requests_ok", b"requests_ok", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceSummary: _TypeAlias = ServiceSummary  # noqa: Y015
+
+@_typing.final
 class Snapshot(_message.Message):
     """Snapshot is the whole pool at one tick (`cnc.perception.snapshot`)."""
 
@@ -79,6 +116,7 @@ class Snapshot(_message.Message):
     SITES_FIELD_NUMBER: _builtins.int
     SITES_UP_FIELD_NUMBER: _builtins.int
     SIM_TIME_S_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     sites_up: _builtins.int
     sim_time_s: _builtins.float
@@ -87,6 +125,10 @@ class Snapshot(_message.Message):
     def taken_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatus]: ...
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceSummary]:
+        """Every inference service the sites report, pool-wide (ordered by workload id)."""
+
     def __init__(
         self,
         *,
@@ -95,10 +137,11 @@ class Snapshot(_message.Message):
         sites: _abc.Iterable[Global___SiteStatus] | None = ...,
         sites_up: _builtins.int = ...,
         sim_time_s: _builtins.float = ...,
+        services: _abc.Iterable[Global___ServiceSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["taken_at", b"taken_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "sim_time_s", b"sim_time_s", "sites", b"sites", "sites_up", b"sites_up", "taken_at", b"taken_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "services", b"services", "sim_time_s", b"sim_time_s", "sites", b"sites", "sites_up", b"sites_up", "taken_at", b"taken_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

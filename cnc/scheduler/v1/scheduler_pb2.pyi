@@ -253,6 +253,8 @@ class Offer(_message.Message):
     INGRESS_SITE_ID_FIELD_NUMBER: _builtins.int
     MIN_HBM_GB_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    TRAINING_JOB_FIELD_NUMBER: _builtins.int
+    INFERENCE_SERVICE_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     workload_id: _builtins.str
     kind: _common_pb2.WorkloadKind.ValueType
@@ -269,6 +271,10 @@ class Offer(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Answer before this time; later answers are ignored."""
 
+    @_builtins.property
+    def training_job(self) -> _common_pb2.TrainingJobSpec: ...
+    @_builtins.property
+    def inference_service(self) -> _common_pb2.InferenceServiceSpec: ...
     def __init__(
         self,
         *,
@@ -281,12 +287,16 @@ class Offer(_message.Message):
         ingress_site_id: _builtins.str = ...,
         min_hbm_gb: _builtins.float = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        training_job: _common_pb2.TrainingJobSpec | None = ...,
+        inference_service: _common_pb2.InferenceServiceSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "inference_service", b"inference_service", "spec", b"spec", "training_job", b"training_job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "deadline", b"deadline", "gpus_per_unit", b"gpus_per_unit", "ingress_site_id", b"ingress_site_id", "kind", b"kind", "min_hbm_gb", b"min_hbm_gb", "offer_id", b"offer_id", "units", b"units", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "deadline", b"deadline", "gpus_per_unit", b"gpus_per_unit", "inference_service", b"inference_service", "ingress_site_id", b"ingress_site_id", "kind", b"kind", "min_hbm_gb", b"min_hbm_gb", "offer_id", b"offer_id", "spec", b"spec", "training_job", b"training_job", "units", b"units", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_spec: _TypeAlias = _typing.Literal["training_job", "inference_service"]  # noqa: Y015
+    _WhichOneofArgType_spec: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_spec) -> _WhichOneofReturnType_spec | None: ...
 
 Global___Offer: _TypeAlias = Offer  # noqa: Y015
 
