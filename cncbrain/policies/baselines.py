@@ -222,8 +222,9 @@ class KpaPolicy(GreedyPolicy):
 
 
 class RayServePolicy(LeastLoadedPolicy):
-    """Ray Serve autoscaling: desired = total ongoing requests ÷ target_ongoing_requests per
-    replica (here half the replica's decode batch), averaged over a 30 s look-back; scale up only
+    """Ray Serve autoscaling: desired = total ongoing requests on the replicas ÷
+    target_ongoing_requests per replica (here half the replica's decode batch), over the last tick
+    (its 30 s look-back); scale up only
     after the wish persists for upscale_delay_s = 30 s, down after downscale_delay_s = 600 s.
     Replicas are spread (SPREAD placement, least-loaded)."""
 
@@ -242,10 +243,15 @@ class RayServePolicy(LeastLoadedPolicy):
         want = np.zeros(view.n_services)
         for k, svc in enumerate(view.services):
             best = int(np.argmax(svc.mu))
-            t_req = svc.bmax[best] / max(svc.mu[best], 1e-9)  # seconds a request is in flight
-            ongoing = view.demand_rps[:, k].sum() * t_req
-            desired = math.ceil(ongoing / max(svc.bmax[best] * self.target_share_of_batch, 1))
             cur = int(view.replicas[:, k].sum())
+            ready = view.ready[:, k]
+            if ready.sum() > 0:
+                # ongoing requests, measured on the replicas as Ray does: a replica at utilisation ρ
+                # holds ρ × its batch limit (more when it queues); in units of one replica's batch
+                ongoing = float((view.load[:, k] * ready).sum())
+            else:  # nothing serves yet: the demand, as if on the best GPU type
+                ongoing = view.demand_rps[:, k].sum() / max(svc.mu[best], 1e-9)
+            desired = math.ceil(ongoing / self.target_share_of_batch)
             now = view.time_s
             if desired > cur:
                 self.down_since.pop(k, None)

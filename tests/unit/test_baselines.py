@@ -77,8 +77,7 @@ def test_ray_serve_waits_its_upscale_delay():
     p = make_policy("ray-serve")
     p.reset(0)
     view = tw.view()
-    view.demand_rps[:, 0] = 0
-    view.demand_rps[0, 0] = 100.0
+    view.load[:, 0] = np.where(view.ready[:, 0] > 0, 3.0, 0.0)  # its replicas hold 3× their batch
     first = p.act(view)
     assert first.replica_delta[:, 0].sum() == 0  # the wish must persist for upscale_delay_s
     view.time_s += 30
