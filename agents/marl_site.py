@@ -31,6 +31,7 @@ the waiting time of an offer is 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -53,13 +54,19 @@ MAX_OFFERS = 2
 
 def service_model(spec: common.InferenceServiceSpec, gpu_types: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tp, mu, bmax) per GPU type of a service, as the twin computes them (mean prompt/output
-    lengths of its trace)."""
+    lengths of its trace); shared by every site of the process and every service of one model."""
+    return _service_model(spec.model, spec.params_b, spec.trace or "conv", tuple(gpu_types))
+
+
+@functools.lru_cache(maxsize=1024)
+def _service_model(model: str, params_b: float, trace_name: str,
+                   gpu_types: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from agents.executor_emulated import twin_model
     from cncbrain.twin import physics
     from cncbrain.twin.traces import load_azure
 
-    m = physics.model(twin_model(spec.model, spec.params_b))
-    trace = load_azure(spec.trace or "conv")
+    m = physics.model(twin_model(model, params_b))
+    trace = load_azure(trace_name)
     mp, mo = float(trace.prompt.mean()), float(trace.output.mean())
     ctx = mp + mo / 2
     gpus = [physics.gpu(t) for t in gpu_types]
@@ -118,7 +125,6 @@ class MarlSitePolicy(SitePolicy):
         self.k = self.runtime.actor.k
         self.book = SpecBook()
         self.snapshot: perception_pb2.Snapshot | None = None
-        self._models: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._latency: np.ndarray | None = None
         self._latency_key: tuple | None = None
         self.decisions = 0
@@ -145,11 +151,9 @@ class MarlSitePolicy(SitePolicy):
                 out.append(by_id[peer])
         return out
 
-    def _model(self, wid: str, spec: common.InferenceServiceSpec, gpu_types: list[str]):
-        key = (wid, tuple(gpu_types))
-        if key not in self._models:
-            self._models[key] = service_model(spec, gpu_types)
-        return self._models[key]
+    @staticmethod
+    def _model(wid: str, spec: common.InferenceServiceSpec, gpu_types: list[str]):
+        return service_model(spec, gpu_types)
 
     # --- the local view -------------------------------------------------------------------------
     def view(self, site: common.Site, telemetry: site_pb.SiteTelemetry | None, available: bool,

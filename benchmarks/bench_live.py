@@ -4,7 +4,11 @@
 2. latency: gRPC DeployInferenceService call → its committed-placement event on NATS, over 200
    sequential deployments against `up` (abilene, emulated sites, 11 site agents answering offers).
 3. throughput: replica placements committed per second over 10,000, with 20 memory-executor site
-   agents and 16 concurrent tenants deploying 50-replica services.
+   agents and 16 concurrent tenants, twice: 200 services of 50 replicas, and 2,000 services of 5
+   replicas (ten times the offers, arbitrations, KV writes and events per replica).
+
+The site agents' policy is `up`'s default (marl when the shipped policy exists) unless
+CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
 
     python -m benchmarks live            # all three
     python -m benchmarks.bench_live latency|throughput|up
@@ -33,7 +37,7 @@ from cncbrain.natsserver import NatsServer, free_port
 
 N_LATENCY = 200
 N_REPLICAS = 10_000
-REPLICAS_PER_SERVICE = 50
+REPLICAS_PER_SERVICE = (50, 5)
 CONCURRENCY = 16
 THROUGHPUT_SITES = 20
 AGENT_PROCESSES = 4
@@ -81,7 +85,18 @@ async def _latency(endpoints: dict[str, str]) -> list[float]:
     return samples
 
 
+def policy_name() -> str:
+    from agents.site_agent import default_site_policy
+
+    return os.environ.get("CNC_AGENT_POLICY") or default_site_policy()
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def bench_up_and_latency() -> None:
+    print(f"[{load()}]")
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
                       scheduler_port=free_port(), speed=30.0, fresh=True)
@@ -91,12 +106,12 @@ def bench_up_and_latency() -> None:
             samples = asyncio.run(_latency(brain.endpoints))
         finally:
             brain.stop()
-    print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents): "
-          f"p50 {statistics.median(samples):.2f} ms, p90 {pct(samples, 90):.2f} ms, "
-          f"p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms")
+    print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
+          f"{policy_name()} policy): p50 {statistics.median(samples):.2f} ms, p90 {pct(samples, 90):.2f} ms, "
+          f"p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
 
 
-async def _throughput(url: str, scheduler: str) -> tuple[float, int]:
+async def _throughput(url: str, scheduler: str, per_service: int) -> tuple[float, int]:
     bus = await Bus.connect(url, "bench", ensure=False)
     units = 0
     done = asyncio.Event()
@@ -110,7 +125,7 @@ async def _throughput(url: str, scheduler: str) -> tuple[float, int]:
             done.set()
 
     await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="bench-throughput")
-    n_services = N_REPLICAS // REPLICAS_PER_SERVICE
+    n_services = N_REPLICAS // per_service
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n_services):
         queue.put_nowait(i)
@@ -121,7 +136,7 @@ async def _throughput(url: str, scheduler: str) -> tuple[float, int]:
             while not queue.empty():
                 i = queue.get_nowait()
                 await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
-                    service=spec(f"tp{i}", REPLICAS_PER_SERVICE)))
+                    service=spec(f"tp{i}", per_service)))
 
         t0 = time.perf_counter()
         await asyncio.gather(*[tenant() for _ in range(CONCURRENCY)])
@@ -131,6 +146,16 @@ async def _throughput(url: str, scheduler: str) -> tuple[float, int]:
 
 
 def bench_throughput() -> None:
+    for per_service in REPLICAS_PER_SERVICE:
+        print(f"[{load()}]")
+        seconds, units = _run_throughput(per_service)
+        print(f"commit path: {units} replica placements in {seconds:.2f} s = {units / seconds:.0f} placements/s, "
+              f"{units / per_service / seconds:.0f} deployments/s ({units // per_service} deploys × {per_service} "
+              f"replicas, {CONCURRENCY} concurrent tenants, {THROUGHPUT_SITES} memory-executor agents in "
+              f"{AGENT_PROCESSES} processes, {policy_name()} policy) [{load()}]")
+
+
+def _run_throughput(per_service: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         nats = NatsServer(Path(tmp) / "js", log_file=Path(tmp) / "nats.log").start()
         port, pport = free_port(), free_port()
@@ -143,22 +168,32 @@ def bench_throughput() -> None:
             subprocess.Popen([sys.executable, "-m", "services.perception"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             subprocess.Popen([sys.executable, "-m", "services.scheduler"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             *[subprocess.Popen([sys.executable, "-m", "cncbrain.commands.agent", "--executor", "memory", "--gpus",
-                                "H100:1000", "--nats-url", nats.url, *sites], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL) for sites in groups],
+                                "H100:1000", "--nats-url", nats.url, "--policy", policy_name(), *sites], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for sites in groups],
         ]
         try:
             asyncio.run(wait_healthy(f"127.0.0.1:{port}", 30))
-            time.sleep(3.0)  # agents registered, first snapshot at the scheduler
-            seconds, units = asyncio.run(_throughput(nats.url, f"127.0.0.1:{port}"))
+            asyncio.run(_wait_sites(pport, THROUGHPUT_SITES, 30))
+            time.sleep(1.5)  # the scheduler has a snapshot with every site
+            return asyncio.run(_throughput(nats.url, f"127.0.0.1:{port}", per_service))
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(10)
             nats.stop()
-    print(f"commit path: {units} replica placements in {seconds:.2f} s = {units / seconds:.0f} placements/s "
-          f"({units // REPLICAS_PER_SERVICE} deploys × {REPLICAS_PER_SERVICE} replicas, {CONCURRENCY} concurrent "
-          f"tenants, {THROUGHPUT_SITES} memory-executor agents in {AGENT_PROCESSES} processes)")
+
+
+async def _wait_sites(port: int, n: int, timeout_s: float) -> None:
+    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = perception_pb2_grpc.PerceptionServiceStub(ch)
+        while len((await stub.ListSites(perception_pb2.ListSitesRequest())).sites) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {n} site agents registered within {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> None:
