@@ -69,6 +69,10 @@ class Tally:
         return ok / req if req else float("nan")
 
 
+def _pct(x: float) -> str:
+    return "—" if x != x else f"{x:.1%}"  # NaN before the first requests are counted
+
+
 def view(t: Tally, elapsed: float, duration: float):
     from cnc.scheduler.v1 import scheduler_pb2 as pb
 
@@ -89,10 +93,13 @@ def view(t: Tally, elapsed: float, duration: float):
     for w in t.workloads:
         spec = getattr(w, w.WhichOneof("spec"))
         n = sum(p.replicas or len(p.shard_indices) for p in w.placements)
-        figure = f"{w.progress:.0%} trained" if w.HasField("training_job") else f"{t.slo(w.workload_id):.1%} SLO met"
+        figure = f"{w.progress:.0%} trained" if w.HasField("training_job") else f"{_pct(t.slo(w.workload_id))} SLO met"
         work.add_row(spec.name, "training" if w.HasField("training_job") else "inference",
                      pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(n), figure)
-    return Group(sites, work, *t.log[-4:])
+    emulated = f"{t.last_sim / 60:.0f} min" if t.last_sim >= 0 else "—"
+    summary = (f"emulated {emulated} · placements committed {t.placements} ({t.units} units), "
+               f"applied {t.applied} · rescales {t.rescales} · SLO all services {_pct(t.slo())}")
+    return Group(sites, work, summary, *t.log[-4:])
 
 
 async def script(endpoints: dict[str, str], args: argparse.Namespace, console: Console) -> Tally:
@@ -187,7 +194,7 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
                     states = " ".join(f"{t.names.get(w.workload_id, '?')}={pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}"
                                       for w in t.workloads)
                     console.print(f"[{elapsed:4.0f}s] emulated {t.last_sim / 60:4.0f} min  SLO {t.slo():.1%}  "
-                                  f"placements {t.placements}  rescales {t.rescales}  {states}")
+                                  f"placements {t.placements}  rescales {t.rescales}  {states}", soft_wrap=True)  # one log line each
                 await asyncio.sleep(0.5)
         t.workloads = list((await scheduler.ListWorkloads(pb.ListWorkloadsRequest())).workloads)
     finally:
