@@ -23,11 +23,15 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 conf="${CONTAINERS_CONF:-$here/containers.conf}"
 base_image="${CNC_BASE_IMAGE:-localhost/cnc-python:3.11-bookworm}"
 host_mirror() {  # the mirror this host's apt already uses (deb822 or one-line sources)
-  { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
-    grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'
-  } | grep -v -- '-security' | head -n 1
+  { grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
+    grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' || true
+  } | { grep -v -- '-security' || true; } | head -n 1
 }
 mirror="${CNC_DEBIAN_MIRROR:-$(host_mirror)}"
+if [[ -z $mirror ]]; then
+  printf 'podman-setup: no Debian mirror in /etc/apt/sources*; set CNC_DEBIAN_MIRROR\n' >&2
+  exit 1
+fi
 # Bump when the base image's recipe changes: an image with another recipe label is rebuilt.
 base_recipe="bookworm-minbase+python3,python3-venv,ca-certificates+host-cas/2"
 packages=(podman podman-compose runc debootstrap uidmap slirp4netns fuse-overlayfs
