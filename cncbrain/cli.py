@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: its exit code; a user error is printed and exits 2, Ctrl-C 130."""
     try:
         return int(args.func(args) or 0)
     except CncError as exc:

@@ -69,15 +69,30 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
 def run_alone(register, argv: list[str]) -> int:
     """`python -m cncbrain.commands.<name>`: one command without importing every other one (the
     full CLI imports torch for the training commands, seconds per call)."""
-    import sys
+    from cncbrain.cli import run_command
 
     parser = argparse.ArgumentParser(prog="cncbrain")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv))
+
+
+def create_workload(args, rpc: str, request) -> int:
+    """Send a deploy/submit request to the scheduler and print the new workload's id and state."""
+    import asyncio
+
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+    address = target(args, "scheduler")
+
+    async def call():
+        async with channel(address) as ch:
+            return await getattr(scheduler_pb2_grpc.SchedulerServiceStub(ch), rpc)(request, timeout=10)
+
     try:
-        return int(args.func(args) or 0)
-    except CncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        w = asyncio.run(call()).workload
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address) from None
+    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
+          f"(follow it: cncbrain watch --workload {w.workload_id})")
+    return 0

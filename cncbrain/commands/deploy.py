@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-import grpc
-
-from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._live import add_target_args, create_workload
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,27 +40,13 @@ def params_from_model(model: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from cnc.common.v1 import common_pb2 as common
     from cnc.scheduler.v1 import scheduler_pb2 as pb
-    from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     spec = common.InferenceServiceSpec(
         name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
         slo=common.SloTargets(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms), expected_rate_rps=args.rate,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
         allowed_gpu_types=args.gpu_type, ingress_site_id=args.ingress, tenant=args.tenant, trace=args.trace)
-    address = target(args, "scheduler")
-
-    async def call():
-        async with channel(address) as ch:
-            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).DeployInferenceService(
-                pb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id), timeout=10)
-
-    try:
-        w = asyncio.run(call()).workload
-    except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
-    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
-          f"(follow it: cncbrain watch --workload {w.workload_id})")
-    return 0
+    return create_workload(args, "DeployInferenceService", pb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
-import grpc
-
-from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._live import add_target_args, create_workload
 from cncbrain.commands.deploy import params_from_model
 
 
@@ -32,26 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cnc.common.v1 import common_pb2 as common
     from cnc.scheduler.v1 import scheduler_pb2 as pb
-    from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     job = common.TrainingJobSpec(
         name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
         shards=args.shards, gpus_per_shard=args.gpus_per_shard, tokens=args.tokens,
         allowed_gpu_types=args.gpu_type, tenant=args.tenant, gang_timeout_s=args.gang_timeout_s)
-    address = target(args, "scheduler")
-
-    async def call():
-        async with channel(address) as ch:
-            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).SubmitTrainingJob(
-                pb.SubmitTrainingJobRequest(job=job, request_id=args.request_id), timeout=10)
-
-    try:
-        w = asyncio.run(call()).workload
-    except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
-    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
-          f"(follow it: cncbrain watch --workload {w.workload_id})")
-    return 0
+    return create_workload(args, "SubmitTrainingJob", pb.SubmitTrainingJobRequest(job=job, request_id=args.request_id))
 
 
 if __name__ == "__main__":
