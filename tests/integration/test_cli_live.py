@@ -1,11 +1,12 @@
 """`cncbrain up`, the client commands and `cncbrain demo` as a user runs them (subprocesses)."""
 
 import os
-import select
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,14 +105,18 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     try:
         time.sleep(1.5)  # the watcher subscribes before the event it waits for
         assert cli("cancel", wid, env=env).returncode == 0
+        # a reader thread: select() on a buffered pipe misses lines already read into its buffer
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in watcher.stdout], daemon=True).start()
         seen, deadline = [], time.monotonic() + 20
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([watcher.stdout], [], [], 0.5)
-            if ready:
-                line = watcher.stdout.readline()
-                seen.append(line)
-                if '"WORKLOAD_EVENT_KIND_CANCELLED"' in line:
-                    break
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                break
+            seen.append(line)
+            if '"WORKLOAD_EVENT_KIND_CANCELLED"' in line:
+                break
         assert any('"WORKLOAD_EVENT_KIND_CANCELLED"' in x for x in seen), "".join(seen)[-2000:]
     finally:
         watcher.kill()
