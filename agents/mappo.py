@@ -34,7 +34,7 @@ import torch.nn as nn
 from agents.cnc_pool_v0 import CncPoolEnv
 from agents.features import obs_size, state_size
 from agents.runtime import export_npz
-from cncbrain.policies import make_policy
+from agents.teachers import make_teacher
 
 
 @dataclass
@@ -81,8 +81,9 @@ class Args:
     """Stop an update's epochs early when the approximate KL passes this (None-like: 0 disables)."""
     reward_scale: float = 10.0
     """Team reward = reward_scale × Δscore."""
-    teacher: str = "ray-serve"
-    """Baseline imitated in the warm start ('' skips the warm start)."""
+    teacher: str = "pack"
+    """Policy imitated in the warm start: a teacher of `agents.teachers` (default `pack`) or any
+    baseline name ('' skips the warm start)."""
     bc_rounds: int = 3
     """Warm-start rounds: the first follows the teacher, later ones the student (DAgger)."""
     bc_episodes: int = 4
@@ -276,7 +277,7 @@ class Trainer:
                 for _ in range(a.bc_episodes):
                     seed = self.team.next_seed
                     self.team.next_seed += 1
-                    teacher = make_policy(a.teacher)
+                    teacher = make_teacher(a.teacher)
                     teacher.reset(seed)
                     obs, mask, state = env.reset_arrays(seed)
                     rows, rews = [], []

@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/marl", help="output folder (default runs/marl)")
     p.add_argument("--resume", default="", help="checkpoint.pt to resume from")
     p.add_argument("--envs", type=int, default=Args.num_envs, help="env copies stepped together")
-    p.add_argument("--teacher", default=Args.teacher, help="baseline imitated in the warm start ('' to skip)")
+    p.add_argument("--teacher", default=Args.teacher, help="policy imitated in the warm start: a teacher of agents.teachers (default pack) or a baseline; '' skips it")
     p.add_argument("--bc-rounds", type=int, default=Args.bc_rounds)
     p.add_argument("--bc-episodes", type=int, default=Args.bc_episodes)
     p.add_argument("--hours", type=float, default=None, help="episode length in simulated hours (default: scenario's)")

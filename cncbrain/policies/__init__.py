@@ -1,5 +1,6 @@
 """Scheduling policies behind one interface (`cncbrain.twin.view`): the baselines, and the learned
-MARL policy from `agents` (`marl` loads the shipped policy, `marl:PATH` another one)."""
+MARL policy from `agents` (`marl` loads the shipped policy, `marl:PATH` another one), and the
+warm-start teachers of `agents.teachers` (`teacher:NAME`), so they can be measured like any policy."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from cncbrain.policies.baselines import BASELINES, Policy
 
 
 def known_policies() -> list[str]:
-    return [*BASELINES, "marl", "oracle"]
+    from agents.teachers import TEACHERS
+
+    return [*BASELINES, "marl", "oracle", *(f"teacher:{t}" for t in TEACHERS)]
 
 
 def make_policy(name: str) -> Policy:
@@ -22,6 +25,12 @@ def make_policy(name: str) -> Policy:
         except ImportError as exc:
             raise CncError(f"policy {name!r} is not available: {exc}") from None
         return MarlPolicy(name.partition(":")[2] or None)
+    if name.startswith("teacher:"):
+        from agents.teachers import TEACHERS, make_teacher
+
+        if name.removeprefix("teacher:") not in TEACHERS:
+            raise CncError(f"unknown teacher {name!r}; known: {', '.join('teacher:' + t for t in TEACHERS)}")
+        return make_teacher(name)
     raise CncError(f"unknown policy {name!r}; known: {', '.join(known_policies())}")
 
 
