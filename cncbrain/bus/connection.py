@@ -196,7 +196,7 @@ class Bus:
             raise TypeError(f"{spec.template} carries {spec.type_id}, not {type(message).__name__}")
         subject = spec.build(**params)
         if span:
-            with telemetry.tracer("cncbrain.bus").start_as_current_span(f"send {spec.template}", kind=SpanKind.PRODUCER):
+            with telemetry.span("cncbrain.bus", f"send {spec.template}", kind=SpanKind.PRODUCER):
                 headers = envelope.make_headers(message, event_id)
         else:
             headers = envelope.make_headers(message, event_id)
@@ -257,11 +257,9 @@ class Bus:
                 if is_js and durable:
                     await msg.ack()
                 return
-            parent = telemetry.extract(event.headers)
             try:
-                with telemetry.tracer("cncbrain.bus").start_as_current_span(
-                    f"{consumer} {spec.template}", context=parent, kind=SpanKind.CONSUMER
-                ):
+                with telemetry.span("cncbrain.bus", f"{consumer} {spec.template}",
+                                    context=telemetry.extract(event.headers), kind=SpanKind.CONSUMER):
                     reply = await handler(event)
             except asyncio.CancelledError:
                 raise

@@ -237,11 +237,11 @@ class Coordinator:
         self.rounds[round_id] = pending
         # The round belongs to the trace of its first workload's call; the others are linked.
         links = [trace.Link(sc) for e in batch[1:] if e.context is not None
-                 and (sc := trace.get_current_span(e.context).get_span_context()).is_valid]
+                 and (sc := trace.get_current_span(e.context).get_span_context()).is_valid] \
+            if telemetry.recording() else None
         try:
-            with telemetry.tracer("cncbrain.scheduler").start_as_current_span(
-                    "offer round", context=batch[0].context, links=links, kind=trace.SpanKind.PRODUCER,
-                    attributes={"cnc.offers": len(batch)}):
+            with telemetry.span("cncbrain.scheduler", "offer round", context=batch[0].context, links=links,
+                                kind=trace.SpanKind.PRODUCER, attributes={"cnc.offers": len(batch)}):
                 await self.bus.publish(subjects.SCHEDULER_OFFER, msg, span=False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pending.done.wait(), self.settings.offer_timeout_s)
