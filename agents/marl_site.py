@@ -27,6 +27,15 @@ Mapping of the runtime's heads onto the live protocol:
 Approximations (documented in docs/live-brain.md): a site's capacity is its replicas × the
 requests/s of one replica on the best GPU type it has; ingress weight (population) is neutral (1);
 the waiting time of an offer is 0.
+
+Offer rounds are answered for all the sites of a process at once (`answer_sites`): one view whose
+rows are those sites, their k nearest neighbours and the rest of the pool, and one batched
+forward pass (`MarlPolicy.act`) per offered service (training offers: per MAX_OFFERS of them).
+Each site's decision is its own row: the runtime computes a row from that site, its k nearest
+neighbours and the pool-wide sums only, so each site still decides from its local observation;
+what the sites share is the list of services in view (the local sites' services first, then the
+pool's busiest) and the GPU types that set the demand unit. This costs about one site's decision
+for the whole process instead of one per site.
 """
 
 from __future__ import annotations
@@ -83,7 +92,16 @@ def _service_model(model: str, params_b: float, trace_name: str,
 
 
 class SpecBook:
-    """Specs of the pool's workloads, read once each from the state of record and cached."""
+    """Specs of the pool's workloads, read once each from the state of record and cached (one
+    book per process, shared by its site agents: `SpecBook.shared()`)."""
+
+    _shared: SpecBook | None = None
+
+    @classmethod
+    def shared(cls) -> SpecBook:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
 
     def __init__(self) -> None:
         self.specs: dict[str, common.InferenceServiceSpec | common.TrainingJobSpec] = {}
@@ -123,10 +141,11 @@ class MarlSitePolicy(SitePolicy):
 
         self.runtime = MarlPolicy(path)
         self.k = self.runtime.actor.k
-        self.book = SpecBook()
+        self.book = SpecBook.shared()
         self.snapshot: perception_pb2.Snapshot | None = None
         self._latency: np.ndarray | None = None
         self._latency_key: tuple | None = None
+        self._neighbours: dict[tuple[str, int], list[str]] = {}
         self.decisions = 0
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -139,8 +158,12 @@ class MarlSitePolicy(SitePolicy):
         await self.book.fetch(bus, wanted)
 
     def _neighbour_ids(self, site: common.Site) -> list[str]:
-        links = sorted((lk.latency_ms, lk.peer_site_id) for lk in site.links if lk.peer_site_id != site.site_id)
-        return [peer for _, peer in links[: self.k]]
+        key = (site.site_id, len(site.links))
+        found = self._neighbours.get(key)
+        if found is None:
+            links = sorted((lk.latency_ms, lk.peer_site_id) for lk in site.links if lk.peer_site_id != site.site_id)
+            found = self._neighbours[key] = [peer for _, peer in links[: self.k]]
+        return found
 
     def _local_sites(self, snapshot: perception_pb2.Snapshot | None, site: common.Site) -> list[perception_pb2.SiteStatus]:
         by_id = {s.site.site_id: s for s in snapshot.sites} if snapshot else {}
@@ -161,83 +184,118 @@ class MarlSitePolicy(SitePolicy):
              offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
         """This site's view: rows [me, k nearest neighbours, rest of the pool]; services: those at
         this site first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service)."""
+        return self.view_of([(site, telemetry, available)], extra, extra_id, offers)
+
+    def view_of(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]],
+                extra: common.InferenceServiceSpec | None = None, extra_id: str = "",
+                offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
+        """One view for the sites `mine` (site, its own telemetry, available) of this process: rows
+        [each of mine, their k nearest neighbours, rest of the pool]; services: those at my sites
+        first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service). Row i < len(mine)
+        is mine[i]; with one site this is that site's local view."""
         snap = self.snapshot
-        local = self._local_sites(snap, site)
-        if telemetry is not None:  # the agent's own telemetry is fresher than the snapshot's copy
-            me = perception_pb2.SiteStatus(site=site, state=common.SITE_STATE_UP if available else common.SITE_STATE_DOWN)
-            me.gpu_pools.extend(telemetry.gpu_pools)
-            me.services.extend(telemetry.services)
-            me.jobs.extend(telemetry.jobs)
-            local[0] = me
-        ids = [s.site.site_id for s in local]
-        S = len(local) + 1
-        gpu_types = sorted({p.gpu_type for s in local for p in (s.gpu_pools or s.site.gpu_pools)})
+        by_id = {s.site.site_id: s for s in snap.sites} if snap else {}
+        # rows: (site id, up, GPU pools, services, jobs, links or None)
+        rows: list[tuple] = []
+        ids: list[str] = []
+        for site, telemetry, available in mine:
+            if telemetry is not None:  # the agent's own telemetry is fresher than the snapshot's copy
+                rows.append((site.site_id, bool(available), telemetry.gpu_pools or site.gpu_pools,
+                             telemetry.services, telemetry.jobs, site.links))
+            elif (st := by_id.get(site.site_id)) is not None:
+                rows.append((site.site_id, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
+                             st.services, st.jobs, site.links))
+            else:
+                rows.append((site.site_id, True, site.gpu_pools, (), (), site.links))
+            ids.append(site.site_id)
+        n_mine = len(rows)
+        for site, _, _ in mine:
+            for peer in self._neighbour_ids(site):
+                if peer in by_id and peer not in ids:
+                    st = by_id[peer]
+                    rows.append((peer, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
+                                 st.services, st.jobs, None))
+                    ids.append(peer)
+        S = len(rows) + 1
+        gpu_types = sorted({p.gpu_type for r in rows for p in r[2]})
         G = len(gpu_types)
         gi = {t: i for i, t in enumerate(gpu_types)}
         total = np.zeros((S, G), np.int64)
         free = np.zeros((S, G), np.int64)
         up = np.zeros(S, bool)
-        for i, s in enumerate(local):
-            up[i] = s.state == common.SITE_STATE_UP
-            for p in (s.gpu_pools or s.site.gpu_pools):
+        for i, r in enumerate(rows):
+            up[i] = r[1]
+            for p in r[2]:
                 total[i, gi[p.gpu_type]] = p.count
                 free[i, gi[p.gpu_type]] = max(0, p.count - p.used) if up[i] else 0
-        # latency: my links; the aggregate row far away
-        lat = np.full((S, S), FAR_S)
-        np.fill_diagonal(lat, 0.0)
-        mine = {lk.peer_site_id: lk.latency_ms / 1e3 for lk in site.links}
-        for i, sid in enumerate(ids[1:], start=1):
-            lat[0, i] = lat[i, 0] = mine.get(sid, FAR_S)
+        # latency: my sites' links; the aggregate row (and whatever my sites do not measure) far away
         key = tuple(ids)
         if self._latency is None or self._latency_key != key:
-            self._latency, self._latency_key = lat, key  # same array while the neighbours stay
+            lat = np.full((S, S), FAR_S)
+            np.fill_diagonal(lat, 0.0)
+            index = {sid: i for i, sid in enumerate(ids)}
+            for a in range(n_mine):
+                for lk in rows[a][5]:
+                    b = index.get(lk.peer_site_id)
+                    if b is not None and b != a:
+                        lat[a, b] = lk.latency_ms / 1e3
+                        if b >= n_mine:
+                            lat[b, a] = lat[a, b]
+            self._latency, self._latency_key = lat, key  # same array while the rows stay
 
-        # services: at my site first, then the pool's busiest
+        # services: at my sites first, then the pool's busiest
         summaries = {x.workload_id: x for x in (snap.services if snap else [])}
-        here = [x.workload_id for x in local[0].services]
+        here = [x.workload_id for r in rows[:n_mine] for x in r[3]]
         order = list(dict.fromkeys(here + sorted(summaries, key=lambda w: -summaries[w].request_rate_rps)))
         wids = [w for w in order if isinstance(self.book.specs.get(w), common.InferenceServiceSpec)]
         if extra is not None:
             wids = [w for w in wids if w != extra_id][: K_MAX - 1] + [extra_id]
         wids = wids[:K_MAX]
         K = len(wids)
+        col = {w: j for j, w in enumerate(wids)}
         services = []
         reps = np.zeros((S, K))
         dem = np.zeros((S, K))
         load = np.zeros((S, K))
         cap = np.zeros((S, K))
         slo = np.ones(K)
+        for i, r in enumerate(rows):
+            for x in r[3]:
+                j = col.get(x.workload_id)
+                if j is not None:
+                    reps[i, j] = x.replicas
+                    dem[i, j] = x.request_rate_rps
+                    load[i, j] = x.utilization
+        row_types = [[gi[p.gpu_type] for p in r[2]] for r in rows]
         for j, wid in enumerate(wids):
             spec = extra if (extra is not None and wid == extra_id) else self.book.specs[wid]
             tp, mu, bmax = self._model(wid, spec, gpu_types)
             services.append(ServiceInfo(spec.name, spec.model, spec.slo.ttft_ms / 1e3, spec.slo.tpot_ms / 1e3,
                                         spec.min_replicas, spec.max_replicas, tp, mu, bmax))
-            for i, s in enumerate(local):
-                best = max((mu[gi[p.gpu_type]] for p in (s.gpu_pools or s.site.gpu_pools) if tp[gi[p.gpu_type]]),
-                           default=float(mu.max()) if len(mu) else 0.0)
-                for x in s.services:
-                    if x.workload_id == wid:
-                        reps[i, j] = x.replicas
-                        dem[i, j] = x.request_rate_rps
-                        load[i, j] = x.utilization
-                        cap[i, j] = x.replicas * best
+            mu_max = float(mu.max()) if len(mu) else 0.0
+            for i, types in enumerate(row_types):
+                if reps[i, j]:
+                    best = max((mu[g] for g in types if tp[g]), default=mu_max)
+                    cap[i, j] = reps[i, j] * best
             agg = summaries.get(wid)
             if agg is not None:  # the rest of the pool: pool-wide figure less the local rows
                 reps[-1, j] = max(0.0, agg.replicas - reps[:-1, j].sum())
                 dem[-1, j] = max(0.0, agg.request_rate_rps - dem[:-1, j].sum())
-                cap[-1, j] = reps[-1, j] * (float(mu.max()) if len(mu) else 0.0)
+                cap[-1, j] = reps[-1, j] * mu_max
                 slo[j] = agg.requests_ok / agg.requests if agg.requests > 0 else 1.0
             if extra is not None and wid == extra_id:
                 ingress = ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1
                 dem[ingress, j] = spec.expected_rate_rps
         job_offers = []
-        for o in offers:
-            fits = np.array([(not o.allowed_gpu_types or t in o.allowed_gpu_types)
-                             and self._hbm(site, t) >= o.min_hbm_gb for t in gpu_types], bool)
-            job_offers.append(JobOffer(o.workload_id, int(o.units), int(o.gpus_per_unit), fits, 0.0, ""))
+        if offers:
+            hbm = {p.gpu_type: p.hbm_gb for site, _, _ in mine for p in site.gpu_pools if p.hbm_gb}
+            for o in offers:
+                fits = np.array([(not o.allowed_gpu_types or t in o.allowed_gpu_types)
+                                 and hbm.get(t, 1e9) >= o.min_hbm_gb for t in gpu_types], bool)
+                job_offers.append(JobOffer(o.workload_id, int(o.units), int(o.gpus_per_unit), fits, 0.0, ""))
         training = np.zeros(S)
-        for i, s in enumerate(local):
-            for j in s.jobs:
+        for i, r in enumerate(rows):
+            for j in r[4]:
                 spec = self.book.specs.get(j.workload_id)
                 if isinstance(spec, common.TrainingJobSpec):
                     training[i] += j.shards_running * spec.gpus_per_shard
@@ -258,6 +316,72 @@ class MarlSitePolicy(SitePolicy):
         self.decisions += 1
         delta, accept, _overflow = self.runtime.decide_site(view, 0)
         return delta, accept
+
+    # --- a process's sites at once ---------------------------------------------------------------
+    @property
+    def batch_key(self) -> tuple[str, str]:
+        """Policies with the same key answer an offer round together (`answer_sites`)."""
+        return ("marl", str(self.runtime.path))
+
+    _batchers: dict[str, MarlSitePolicy] = {}
+
+    @classmethod
+    def _batcher(cls, path: str) -> MarlSitePolicy:
+        """The view builder and runtime of the batched path (one per policy file and process; its
+        own latency and featurizer caches, so the sites' own per-site views keep theirs)."""
+        found = cls._batchers.get(path)
+        if found is None:
+            found = cls._batchers[path] = cls(path)
+        return found
+
+    @classmethod
+    def answer_sites(cls, members: list[tuple[MarlSitePolicy, common.Site, site_pb.SiteTelemetry | None, bool]],
+                     offers) -> list[list[tuple[int, str, float, str]]]:
+        """`answer_round` of several sites of this process (policy, site, telemetry, available),
+        decided together: one view of all of them per offered service (per MAX_OFFERS training
+        offers) and one forward pass for every site; each site's answer comes from its own row."""
+        lead = cls._batcher(str(members[0][0].runtime.path))
+        snaps = [m[0].snapshot for m in members if m[0].snapshot is not None]
+        lead.snapshot = max(snaps, key=lambda x: x.sequence) if snaps else None
+        mine = [(site, telemetry, available) for _, site, telemetry, available in members]
+        n = len(members)
+        greedy = [[SitePolicy.answer(policy, o, site, telemetry, available) for o in offers]
+                  for policy, site, telemetry, available in members]
+        out: list[list[tuple[int, str, float, str]]] = [[] for _ in members]
+        decided: dict[int, np.ndarray] = {}  # offer index → [n] bid (training) or wants (inference)
+        training = [i for i, o in enumerate(offers) if o.kind == common.WORKLOAD_KIND_TRAINING_JOB]
+        for c in range(0, len(training), MAX_OFFERS):
+            chunk = training[c:c + MAX_OFFERS]
+            if not any(greedy[m][i][0] for m in range(n) for i in chunk):
+                continue
+            view, _ = lead.view_of(mine, offers=[offers[i] for i in chunk])
+            acts = lead.runtime.act(view)
+            for o_i, i in enumerate(chunk):
+                decided[i] = acts.accept[:n, o_i] if acts.accept is not None and o_i < acts.accept.shape[1] \
+                    else np.zeros(n)
+        for i, o in enumerate(offers):
+            if o.kind == common.WORKLOAD_KIND_TRAINING_JOB or not any(greedy[m][i][0] for m in range(n)):
+                continue
+            spec = lead.book.specs.get(o.workload_id)
+            if isinstance(spec, common.InferenceServiceSpec):
+                view, wids = lead.view_of(mine, extra=spec, extra_id=o.workload_id)
+                acts = lead.runtime.act(view)
+                decided[i] = acts.replica_delta[:n, wids.index(o.workload_id)] > 0
+        for m in range(n):
+            members[m][0].decisions += 1
+            for i, o in enumerate(offers):
+                units, gpu_type, cost, reason = greedy[m][i]
+                if o.kind == common.WORKLOAD_KIND_TRAINING_JOB:
+                    bid = float(decided[i][m]) if i in decided else 0.0
+                    out[m].append((units, gpu_type, -bid, f"marl bid {bid:.0f}: {reason}") if bid > 0 and units
+                                  else (0, "", 0.0, "marl declines"))
+                elif units:
+                    wants = bool(decided[i][m]) if i in decided else False
+                    out[m].append((units, gpu_type, cost + (0.0 if wants else RELUCTANT),
+                                   f"marl {'adds' if wants else 'keeps'}: {reason}"))
+                else:
+                    out[m].append((units, gpu_type, cost, reason))
+        return out
 
     # --- the SitePolicy interface ---------------------------------------------------------------
     def answer_round(self, offers, site: common.Site, telemetry: site_pb.SiteTelemetry | None,

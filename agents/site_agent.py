@@ -185,9 +185,27 @@ class OfferDesk:
         if rnd.HasField("deadline") and time.time() > rnd.deadline.ToNanoseconds() / 1e9:
             self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
             return
-        for agent in list(self.agents.values()):
-            answer = agent.answer_round(rnd)
+        for agent, answer in answer_round(list(self.agents.values()), rnd):
             await self.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
+
+
+def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:
+    """Every agent's answer to a round. Agents whose policies share a `batch_key` (the learned
+    policy from one file) are decided together by the policy class's `answer_sites`; the others
+    one by one."""
+    groups: dict[object, list[SiteAgent]] = {}
+    for agent in agents:
+        groups.setdefault(getattr(agent.policy, "batch_key", None) or id(agent), []).append(agent)
+    out = []
+    for members in groups.values():
+        if len(members) == 1 or not hasattr(members[0].policy, "answer_sites"):
+            out.extend((a, a.answer_round(rnd)) for a in members)
+            continue
+        members[0].learn_specs(rnd)
+        inputs = [(a.policy, a.site, a.executor.last_telemetry(), a.executor.available()) for a in members]
+        decisions = type(members[0].policy).answer_sites(inputs, rnd.offers)
+        out.extend((a, a.answer_from(rnd, d)) for a, d in zip(members, decisions, strict=True))
+    return out
 
 
 class SiteAgent:
@@ -256,18 +274,24 @@ class SiteAgent:
         if telemetry.available:  # a failed site reports nothing
             await self.bus.publish(subjects.SITE_TELEMETRY, telemetry, site=self.site_id)
 
-    def answer_round(self, rnd: sched.OfferRound) -> site_pb.OfferAnswer:
-        """This site's answer to every offer of a round (units 0 declines)."""
-        assert self.site is not None
-        telemetry, available = self.executor.last_telemetry(), self.executor.available()
-        answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
+    def learn_specs(self, rnd: sched.OfferRound) -> None:
         book = getattr(self.policy, "book", None)
         if book is not None:  # a learned policy models the offered workloads from their specs
             for offer in rnd.offers:
-                which = offer.WhichOneof("spec")
-                if which:
+                if offer.workload_id not in book.specs and (which := offer.WhichOneof("spec")):
                     book.learn(offer.workload_id, getattr(offer, which))
-        decisions = self.policy.answer_round(rnd.offers, self.site, telemetry, available)
+
+    def answer_round(self, rnd: sched.OfferRound) -> site_pb.OfferAnswer:
+        """This site's answer to every offer of a round (units 0 declines)."""
+        assert self.site is not None
+        self.learn_specs(rnd)
+        decisions = self.policy.answer_round(rnd.offers, self.site, self.executor.last_telemetry(),
+                                             self.executor.available())
+        return self.answer_from(rnd, decisions)
+
+    def answer_from(self, rnd: sched.OfferRound, decisions: list[tuple[int, str, float, str]]) -> site_pb.OfferAnswer:
+        """The `OfferAnswer` message of this site's (units, gpu_type, cost, reason) per offer."""
+        answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
         for offer, (units, gpu_type, cost, reason) in zip(rnd.offers, decisions, strict=True):
             answer.proposals.add(
                 site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
