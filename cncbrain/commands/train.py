@@ -7,37 +7,46 @@ Writes into --out: checkpoint.pt (resumable), policy.npz (best greedy validation
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 
-import torch  # noqa: F401 - the command exists only where torch is installed
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+if importlib.util.find_spec("torch") is None:  # the command exists only where torch is installed
+    raise ModuleNotFoundError("No module named 'torch'", name="torch")
+# torch and agents.mappo are imported when the command runs, not when `cncbrain --help` lists it
 
-from agents.mappo import Args, train
+DEFAULTS = "agents/mappo.py, Args"
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the per-site MARL policy (MAPPO) on the twin")
     p.add_argument("--scenario", default="abilene", help="scenario name(s) or YAML path(s), comma-separated")
-    p.add_argument("--steps", type=int, default=Args.total_steps,
-                   help=f"MAPPO environment ticks over all env copies (default {Args.total_steps})")
-    p.add_argument("--seed", type=int, default=Args.seed)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"MAPPO environment ticks over all env copies (default: total_steps in {DEFAULTS})")
+    p.add_argument("--seed", type=int, default=None, help=f"default: seed in {DEFAULTS}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/marl", help="output folder (default runs/marl)")
     p.add_argument("--resume", default="", help="checkpoint.pt to resume from")
-    p.add_argument("--envs", type=int, default=Args.num_envs, help="env copies stepped together")
-    p.add_argument("--teacher", default=Args.teacher, help="policy imitated in the warm start: a teacher of agents.teachers (default pack) or a baseline; '' skips it")
-    p.add_argument("--bc-rounds", type=int, default=Args.bc_rounds)
-    p.add_argument("--bc-episodes", type=int, default=Args.bc_episodes)
+    p.add_argument("--envs", type=int, default=None, help=f"env copies stepped together (default: num_envs in {DEFAULTS})")
+    p.add_argument("--teacher", default=None, help="policy imitated in the warm start: a teacher of agents.teachers "
+                   "(default pack) or a baseline; '' skips it")
+    p.add_argument("--bc-rounds", type=int, default=None, help=f"default: bc_rounds in {DEFAULTS}")
+    p.add_argument("--bc-episodes", type=int, default=None, help=f"default: bc_episodes in {DEFAULTS}")
     p.add_argument("--hours", type=float, default=None, help="episode length in simulated hours (default: scenario's)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    a = Args(scenarios=args.scenario, total_steps=args.steps, seed=args.seed, device=args.device, out=args.out,
-             resume=args.resume, num_envs=args.envs, teacher=args.teacher, bc_rounds=args.bc_rounds,
-             bc_episodes=args.bc_episodes, duration_s=args.hours * 3600 if args.hours else None)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from agents.mappo import Args, train
+
+    given = {"total_steps": args.steps, "seed": args.seed, "num_envs": args.envs, "teacher": args.teacher,
+             "bc_rounds": args.bc_rounds, "bc_episodes": args.bc_episodes}
+    a = Args(scenarios=args.scenario, device=args.device, out=args.out, resume=args.resume,
+             duration_s=args.hours * 3600 if args.hours else None,
+             **{k: v for k, v in given.items() if v is not None})
     console = Console()
     console.print(f"training on [bold]{a.scenarios}[/] for {a.total_steps:,} ticks, device {a.device}, out {a.out}")
     t0 = time.time()
