@@ -73,7 +73,8 @@ class Waiting:
 class OpenRound:
     expected: set[str]
     answers: dict[str, site_pb.OfferAnswer] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    """Resolved when every expected site has answered (a future: the placer resumes in one step)."""
 
 
 class Coordinator:
@@ -243,8 +244,12 @@ class Coordinator:
             with telemetry.span("cncbrain.scheduler", "offer round", context=batch[0].context, links=links,
                                 kind=trace.SpanKind.PRODUCER, attributes={"cnc.offers": len(batch)}):
                 await self.bus.publish(subjects.SCHEDULER_OFFER, msg, span=False)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pending.done.wait(), self.settings.offer_timeout_s)
+            timer = asyncio.get_running_loop().call_later(
+                self.settings.offer_timeout_s, lambda: pending.done.done() or pending.done.set_result(None))
+            try:
+                await pending.done  # every up site answered, or the timeout
+            finally:
+                timer.cancel()
         finally:
             self.rounds.pop(round_id, None)
         self.counters["offer_rounds"] += 1
@@ -416,8 +421,8 @@ class Coordinator:
             self.counters["late_answers"] += 1
             return
         rnd.answers[a.site_id] = a
-        if rnd.expected <= rnd.answers.keys():
-            rnd.done.set()
+        if rnd.expected <= rnd.answers.keys() and not rnd.done.done():
+            rnd.done.set_result(None)
 
     async def on_proposal(self, event: Event) -> None:
         p: site_pb.Proposal = event.payload
