@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ Command = Callable[[GovernanceState], tuple[Any, list[Record]]]
 ACTIVE_STATES = (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
 TERMINAL_STATES = (spb.WORKLOAD_STATE_COMPLETED, spb.WORKLOAD_STATE_FAILED, spb.WORKLOAD_STATE_CANCELLED)
 MAX_BATCH = 512
+TENANT_CACHE = 100_000
+"""Workloads whose tenant (read from their record) is remembered."""
 NO_TENANT = "_none"
 """Tenant under which workloads that belong to no tenant (an operator's) are accounted."""
 
@@ -93,6 +96,7 @@ class Governor:
         self.counters = bus.counters
         self.pool_sites: dict[str, common.Site] = {}
         self.load_verification: LedgerVerification | None = None
+        self._record_tenants: OrderedDict[str, str | None] = OrderedDict()
 
     # ---- life cycle ------------------------------------------------------------------------------
 
@@ -351,6 +355,9 @@ class Governor:
         tenant = self.state.workload_tenant.get(workload_id)
         if tenant:
             return tenant
+        if workload_id in self._record_tenants:  # a workload's tenant never changes: one read per workload
+            self._record_tenants.move_to_end(workload_id)
+            return self._record_tenants[workload_id]
         try:
             kv = await self.bus.kv(KV_WORKLOADS)
             entry = await kv.get(workload_id)
@@ -359,7 +366,11 @@ class Governor:
         w = spb.Workload()
         w.ParseFromString(entry.value)
         spec = getattr(w, w.WhichOneof("spec")) if w.WhichOneof("spec") else None
-        return getattr(spec, "tenant", "") or None
+        found = getattr(spec, "tenant", "") or None
+        self._record_tenants[workload_id] = found
+        if len(self._record_tenants) > TENANT_CACHE:
+            self._record_tenants.popitem(last=False)
+        return found
 
     def placement_of(self, workload_id: str, tenant_id: str, p: common.Placement) -> Placement:
         units = p.replicas + len(p.shard_indices)
