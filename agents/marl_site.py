@@ -41,6 +41,7 @@ for the whole process instead of one per site.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 
@@ -146,6 +147,8 @@ class MarlSitePolicy(SitePolicy):
         self._latency: np.ndarray | None = None
         self._latency_key: tuple | None = None
         self._neighbours: dict[tuple[str, int], list[str]] = {}
+        self._pool_key: perception_pb2.Snapshot | None = None
+        self._pool: tuple[dict, list[str]] = ({}, [])
         self.decisions = 0
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -243,14 +246,19 @@ class MarlSitePolicy(SitePolicy):
                             lat[b, a] = lat[a, b]
             self._latency, self._latency_key = lat, key  # same array while the rows stay
 
-        # services: at my sites first, then the pool's busiest
-        summaries = {x.workload_id: x for x in (snap.services if snap else [])}
-        here = [x.workload_id for r in rows[:n_mine] for x in r[3]]
-        order = list(dict.fromkeys(here + sorted(summaries, key=lambda w: -summaries[w].request_rate_rps)))
-        wids = [w for w in order if isinstance(self.book.specs.get(w), common.InferenceServiceSpec)]
+        # services: at my sites first, then the pool's busiest (the first K_MAX with a known spec)
+        summaries, busiest = self._pool_services(snap)
+        wids: list[str] = []
+        seen = {extra_id} if extra is not None else set()
+        for w in itertools.chain((x.workload_id for r in rows[:n_mine] for x in r[3]), busiest):
+            if w not in seen:
+                seen.add(w)
+                if isinstance(self.book.specs.get(w), common.InferenceServiceSpec):
+                    wids.append(w)
+                    if len(wids) == K_MAX:
+                        break
         if extra is not None:
-            wids = [w for w in wids if w != extra_id][: K_MAX - 1] + [extra_id]
-        wids = wids[:K_MAX]
+            wids = wids[: K_MAX - 1] + [extra_id]
         K = len(wids)
         col = {w: j for j, w in enumerate(wids)}
         services = []
@@ -308,6 +316,17 @@ class MarlSitePolicy(SitePolicy):
         )
         return view, wids
 
+    def _pool_services(self, snap: perception_pb2.Snapshot | None) -> tuple[dict, list[str]]:
+        """The snapshot's per-service summaries by id, and their ids busiest first (once per snapshot:
+        a pool of thousands of services must not cost that much per offer)."""
+        if snap is None:
+            return {}, []
+        if self._pool_key is not snap:
+            summaries = {x.workload_id: x for x in snap.services}
+            busiest = sorted(summaries, key=lambda w: -summaries[w].request_rate_rps)
+            self._pool_key, self._pool = snap, (summaries, busiest)
+        return self._pool
+
     @staticmethod
     def _hbm(site: common.Site, gpu_type: str) -> float:
         return next((p.hbm_gb for p in site.gpu_pools if p.gpu_type == gpu_type and p.hbm_gb), 1e9)
@@ -336,10 +355,17 @@ class MarlSitePolicy(SitePolicy):
 
     @classmethod
     def answer_sites(cls, members: list[tuple[MarlSitePolicy, common.Site, site_pb.SiteTelemetry | None, bool]],
-                     offers) -> list[list[tuple[int, str, float, str]]]:
+                     offers, deadline: float | None = None) -> list[list[tuple[int, str, float, str]]]:
         """`answer_round` of several sites of this process (policy, site, telemetry, available),
         decided together: one view of all of them per offered service (per MAX_OFFERS training
-        offers) and one forward pass for every site; each site's answer comes from its own row."""
+        offers) and one forward pass for every site; each site's answer comes from its own row.
+
+        deadline (unix seconds): when the scheduler stops listening. Offers the policy has not
+        reached by then less a margin are answered without it (training: declined, offered again
+        in the next round; inference: at the greedy price + RELUCTANT), so a big round is answered
+        in time instead of not at all."""
+        start = time.time()
+        cutoff = deadline - max(0.02, 0.2 * (deadline - start)) if deadline else float("inf")
         lead = cls._batcher(str(members[0][0].runtime.path))
         snaps = [m[0].snapshot for m in members if m[0].snapshot is not None]
         lead.snapshot = max(snaps, key=lambda x: x.sequence) if snaps else None
@@ -350,9 +376,13 @@ class MarlSitePolicy(SitePolicy):
         out: list[list[tuple[int, str, float, str]]] = [[] for _ in members]
         decided: dict[int, np.ndarray] = {}  # offer index → [n] bid (training) or wants (inference)
         training = [i for i, o in enumerate(offers) if o.kind == common.WORKLOAD_KIND_TRAINING_JOB]
+        late: set[int] = set()
         for c in range(0, len(training), MAX_OFFERS):
             chunk = training[c:c + MAX_OFFERS]
             if not any(greedy[m][i][0] for m in range(n) for i in chunk):
+                continue
+            if time.time() > cutoff:
+                late.update(chunk)
                 continue
             view, _ = lead.view_of(mine, offers=[offers[i] for i in chunk])
             acts = lead.runtime.act(view)
@@ -363,7 +393,9 @@ class MarlSitePolicy(SitePolicy):
             if o.kind == common.WORKLOAD_KIND_TRAINING_JOB or not any(greedy[m][i][0] for m in range(n)):
                 continue
             spec = lead.book.specs.get(o.workload_id)
-            if isinstance(spec, common.InferenceServiceSpec):
+            if time.time() > cutoff:
+                late.add(i)
+            elif isinstance(spec, common.InferenceServiceSpec):
                 view, wids = lead.view_of(mine, extra=spec, extra_id=o.workload_id)
                 acts = lead.runtime.act(view)
                 decided[i] = acts.replica_delta[:n, wids.index(o.workload_id)] > 0
@@ -374,11 +406,11 @@ class MarlSitePolicy(SitePolicy):
                 if o.kind == common.WORKLOAD_KIND_TRAINING_JOB:
                     bid = float(decided[i][m]) if i in decided else 0.0
                     out[m].append((units, gpu_type, -bid, f"marl bid {bid:.0f}: {reason}") if bid > 0 and units
-                                  else (0, "", 0.0, "marl declines"))
+                                  else (0, "", 0.0, "marl out of time" if i in late else "marl declines"))
                 elif units:
                     wants = bool(decided[i][m]) if i in decided else False
-                    out[m].append((units, gpu_type, cost + (0.0 if wants else RELUCTANT),
-                                   f"marl {'adds' if wants else 'keeps'}: {reason}"))
+                    verb = "out of time" if i in late else "adds" if wants else "keeps"
+                    out[m].append((units, gpu_type, cost + (0.0 if wants else RELUCTANT), f"marl {verb}: {reason}"))
                 else:
                     out[m].append((units, gpu_type, cost, reason))
         return out

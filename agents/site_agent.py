@@ -191,19 +191,20 @@ class OfferDesk:
 
 def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:
     """Every agent's answer to a round. Agents whose policies share a `batch_key` (the learned
-    policy from one file) are decided together by the policy class's `answer_sites`; the others
-    one by one."""
+    policy from one file) are decided together by the policy class's `answer_sites`, within the
+    round's deadline; the others one by one."""
     groups: dict[object, list[SiteAgent]] = {}
     for agent in agents:
         groups.setdefault(getattr(agent.policy, "batch_key", None) or id(agent), []).append(agent)
     out = []
+    deadline = rnd.deadline.ToNanoseconds() / 1e9 if rnd.HasField("deadline") else None
     for members in groups.values():
-        if len(members) == 1 or not hasattr(members[0].policy, "answer_sites"):
+        if not hasattr(members[0].policy, "answer_sites"):
             out.extend((a, a.answer_round(rnd)) for a in members)
             continue
         members[0].learn_specs(rnd)
         inputs = [(a.policy, a.site, a.executor.last_telemetry(), a.executor.available()) for a in members]
-        decisions = type(members[0].policy).answer_sites(inputs, rnd.offers)
+        decisions = type(members[0].policy).answer_sites(inputs, rnd.offers, deadline)
         out.extend((a, a.answer_from(rnd, d)) for a, d in zip(members, decisions, strict=True))
     return out
 

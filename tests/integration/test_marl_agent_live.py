@@ -64,6 +64,73 @@ def test_local_view_holds_the_site_its_neighbours_and_the_rest_of_the_pool():
     assert delta.shape == (1,) and delta[0] in (-1, 0, 1)
 
 
+def _pool_snapshot() -> perception_pb2.Snapshot:
+    snap = perception_pb2.Snapshot(sequence=1)
+    for i in range(len(SITES)):
+        status = perception_pb2.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status.gpu_pools.add(gpu_type="H100", count=16, used=2 + i, hbm_gb=80)
+        if i % 2 == 0:
+            status.services.add(workload_id="svc-1", replicas=2, request_rate_rps=1.0 + i, utilization=0.3 * i)
+        snap.sites.append(status)
+    snap.services.add(workload_id="svc-1", replicas=6, request_rate_rps=9.0, requests=100, requests_ok=80)
+    return snap
+
+
+def _offers() -> list[pb.Offer]:
+    offers = []
+    for n in range(3):
+        offer = pb.Offer(offer_id=f"o{n}", workload_id=f"svc-new{n}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
+                         units=2, gpus_per_unit=1)
+        offer.inference_service.CopyFrom(spec(f"new{n}"))
+        offers.append(offer)
+    return offers
+
+
+def test_sites_of_one_process_answer_a_round_together_as_each_would_alone():
+    """The batched path (one view of the process's sites, one forward pass) gives each site the
+    observation its own local view gives — where the two views hold the same information (one GPU
+    type, the same services) — and so the same answers."""
+    snap = _pool_snapshot()
+    policies = [make_site_policy("marl") for _ in SITES]
+    for policy in policies:
+        policy.snapshot = snap
+        policy.book.learn("svc-1", spec("chat"))
+    offers = _offers()
+    for o in offers:
+        policies[0].book.learn(o.workload_id, o.inference_service)
+    mine = [(site_of(i), None, True) for i in range(len(SITES))]
+    for extra in (None, offers[0]):
+        more = {"extra": extra.inference_service, "extra_id": extra.workload_id} if extra else {}
+        view, wids = policies[0].view_of(mine, **more)
+        assert view.site_ids == [*SITES, "_rest"]
+        feat, _ = policies[0].runtime.choices(view)
+        rows = feat.build(view)[0]
+        for i, policy in enumerate(policies):
+            own, own_wids = policy.view(site_of(i), None, True, **more)
+            own_feat, _ = policy.runtime.choices(own)
+            assert own_wids == wids
+            assert np.allclose(rows[i], own_feat.build(own)[0][0]), SITES[i]
+    members = [(policy, site_of(i), None, True) for i, policy in enumerate(policies)]
+    together = MarlSitePolicy.answer_sites(members, offers)
+    alone = [policy.answer_round(offers, site_of(i), None, True) for i, policy in enumerate(policies)]
+    assert together == alone
+    assert all(r.startswith("marl") for answers in together for *_, r in answers)
+
+
+def test_a_round_past_its_deadline_is_answered_without_the_policy():
+    snap = _pool_snapshot()
+    policy = make_site_policy("marl")
+    policy.snapshot = snap
+    offers = _offers()
+    for o in offers:
+        policy.book.learn(o.workload_id, o.inference_service)
+    import time
+
+    answers = MarlSitePolicy.answer_sites([(policy, site_of(0), None, True)], offers, deadline=time.time() - 1)[0]
+    assert [r.split(":")[0] for *_, r in answers] == ["marl out of time"] * len(offers)
+    assert all(units == 2 and cost >= 1000 for units, _, cost, _ in answers)  # greedy price + RELUCTANT
+
+
 def test_policy_names():
     from agents.runtime import shipped_policy_path
 
