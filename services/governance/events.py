@@ -386,6 +386,8 @@ class Governor:
         ev: spb.WorkloadEvent = event.payload
         wid = ev.workload_id
         at = ev.at.ToNanoseconds() / 1e9 if ev.HasField("at") else time.time()
+        if ev.state not in TERMINAL_STATES and ev.state not in ACTIVE_STATES:
+            return  # ACCEPTED (pending): nothing held yet
         tenant = await self._tenant_of(wid) or NO_TENANT
         if ev.state in TERMINAL_STATES:
             reason = spb.WorkloadState.Name(ev.state).removeprefix("WORKLOAD_STATE_").lower()
@@ -397,8 +399,6 @@ class Governor:
                 return None, [state.workload_ended(wid, tenant, at, reason)]
 
             await self.submit(end, "scheduler")
-            return
-        if ev.state not in ACTIVE_STATES:
             return
         new = {p.site_id: self.placement_of(wid, tenant, p) for p in ev.placements
                if p.replicas or p.shard_indices}
