@@ -126,8 +126,21 @@ _EMPTY = otel_context.Context()
 
 
 def extract(carrier: Mapping[str, str]) -> otel_context.Context:
-    """The trace context in `carrier` (an empty one, i.e. a new root, when it carries none)."""
-    if "traceparent" not in carrier:
+    """The trace context in `carrier` (an empty one, i.e. a new root, when it carries none).
+
+    A plain version-00 `traceparent` without `tracestate` (what every process of the brain sends)
+    is parsed here directly, several times cheaper than the propagator; anything else goes to it."""
+    value = carrier.get("traceparent")
+    if value is None:
+        return _EMPTY
+    if len(value) == 55 and value[:3] == "00-" and "tracestate" not in carrier:
+        try:
+            trace_id, span_id, flags = int(value[3:35], 16), int(value[36:52], 16), int(value[53:55], 16)
+        except ValueError:
+            return _EMPTY
+        if trace_id and span_id and value[35] == "-" and value[52] == "-":
+            sc = trace.SpanContext(trace_id, span_id, True, trace.TraceFlags(flags & 0xFF))
+            return trace.set_span_in_context(trace.NonRecordingSpan(sc), _EMPTY)
         return _EMPTY
     return _propagator.extract(carrier)
 

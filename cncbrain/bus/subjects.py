@@ -67,9 +67,13 @@ class Subject:
         return self.stream is not None
 
     def build(self, **params: str) -> str:
-        if set(params) != set(self.params):
+        if not params and not self.params:
+            return self.template
+        if len(params) != len(self.params) or any(p not in params for p in self.params):
             raise SubjectError(f"{self.template} needs {self.params}, got {tuple(params)}")
-        return self.template.format(**{k: check_token(v, k) for k, v in params.items()})
+        for k, v in params.items():
+            check_token(v, k)
+        return self.template.format(**params)
 
     def wildcard(self, **params: str) -> str:
         """Subject filter; parameters not given become `*`."""
