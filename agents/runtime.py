@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.features import Featurizer, obs_size
+from agents.features import Featurizer, nvec, obs_size
 from cncbrain.policies.baselines import Policy
 from cncbrain.twin.view import Actions, PoolView
 
@@ -58,6 +58,9 @@ class NumpyActor:
         if self.layers[0][0].shape[0] != obs_size(self.k):
             raise ValueError(f"policy expects {self.layers[0][0].shape[0]} observation features, "
                              f"this code builds {obs_size(self.k)} (k={self.k}); re-export the policy")
+        if not np.array_equal(self.nvec, nvec(self.k)):
+            raise ValueError(f"policy has action heads {self.nvec.tolist()}, this code has {nvec(self.k).tolist()} "
+                             f"(k={self.k}); retrain or re-export the policy")
         self.offsets = np.concatenate([[0], np.cumsum(self.nvec)])
 
     @classmethod

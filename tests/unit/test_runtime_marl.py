@@ -121,3 +121,14 @@ def test_single_site_features_equal_the_pool_row(scenario):
             assert (d == full.replica_delta[s]).all() and (acc == full.accept[s]).all() and (ov == full.overflow[s]).all()
         *_, done = env.step_arrays(choice)
         ticks += 1
+
+
+def test_a_policy_with_other_action_heads_is_refused_by_name(tmp_path):
+    heads = nvec(3).copy()
+    heads[:4] = 5  # e.g. a policy trained with a wider replica head
+    w = [(np.zeros((obs_size(3), 8), np.float32), np.zeros(8, np.float32)),
+         (np.zeros((8, int(heads.sum())), np.float32), np.zeros(int(heads.sum()), np.float32))]
+    path = export_npz(tmp_path / "other.npz", w, heads, 3, {})
+    with pytest.raises(ValueError, match=r"policy has action heads \[5, 5, 5, 5, 2, 2, 4, 4, 4, 4\], this code has "
+                                         r"\[3, 3, 3, 3, 2, 2, 4, 4, 4, 4\]"):
+        NumpyActor.load(path)
