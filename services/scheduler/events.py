@@ -8,7 +8,9 @@ Offers go out in rounds: one placer task sends every workload waiting for placem
 in arrival order (the ledger is updated synchronously, so one round never double-books a GPU) and
 each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
 slow write never holds the next round. A new workload's first round goes out while its record is
-still being stored; its commit waits for that write (nothing is placed that is not stored).
+still being stored; its commit waits for that write (nothing is placed that is not stored). Its
+ACCEPTED event goes out once that first round is arbitrated (right after the placement when the
+round places it), so the deploy's critical window carries no other event than the placement.
 
 Single writer: one scheduler owns the records (CAS on every write makes a second one fail loudly).
 """
@@ -92,6 +94,9 @@ class Coordinator:
         self.sites_known = asyncio.Event()
         self.governance: SchedulerGovernance | None = None  # issue 5 hooks, set by the server
         self.accepted: dict[str, asyncio.Future[None]] = {}
+        """ACCEPTED publishes in flight; later events of the workload wait for theirs (order)."""
+        self.unannounced: dict[str, pb.Workload] = {}
+        """Stored workloads whose ACCEPTED is not sent yet (the record as accepted)."""
         self.counters = bus.counters
 
     # --- life ---------------------------------------------------------------------------------
@@ -150,11 +155,19 @@ class Coordinator:
                 raise domain.SpecError("request_id", "already used for a different spec") from None
             return existing
         created.set_result(True)
-        # ACCEPTED is stored in the background; PLACED waits for it (event order).
-        self.accepted[w.workload_id] = asyncio.ensure_future(self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED))
+        # ACCEPTED goes out after the first round (`_announce`); every later event waits for it.
+        self.unannounced[w.workload_id] = w
+        if mine is not None and mine.attempts and self.waiting.get(w.workload_id) is mine:
+            self._announce(w.workload_id)  # its first round ended before the write did, unplaced
         if mine is None:
             self.enqueue(w)
         return w
+
+    def _announce(self, workload_id: str) -> None:
+        """Send the workload's ACCEPTED (in the background) unless it went out already."""
+        w = self.unannounced.pop(workload_id, None)
+        if w is not None:
+            self.accepted[workload_id] = asyncio.ensure_future(self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED))
 
     async def cancel(self, workload_id: str) -> pb.Workload:
         async with self.lock(workload_id):
@@ -214,7 +227,8 @@ class Coordinator:
         now = time.time()
         for entry in batch:
             entry.attempts += 1
-            self._decide(entry, by_workload.get(entry.workload.workload_id, []), now)
+            if not self._decide(entry, by_workload.get(entry.workload.workload_id, []), now):
+                self._announce(entry.workload.workload_id)  # its commit announces it otherwise
 
     async def _offer(self, batch: list[Waiting]) -> list[site_pb.OfferAnswer]:
         round_id = uuid.uuid4().hex[:16]
@@ -256,16 +270,16 @@ class Coordinator:
         self.counters["offers"] += len(batch)
         return list(pending.answers.values())
 
-    def _decide(self, entry: Waiting, proposals: list[site_pb.Proposal], now: float) -> None:
+    def _decide(self, entry: Waiting, proposals: list[site_pb.Proposal], now: float) -> bool:
         """Arbitrate one workload of a round (no await: the ledger cannot change underneath); a
-        winning allocation is taken from the ledger at once and committed by its own task."""
+        winning allocation is taken from the ledger at once and committed by its own task (True)."""
         wid = entry.workload.workload_id
         if self.waiting.get(wid) is not entry:
-            return  # cancelled or ended meanwhile
+            return False  # cancelled or ended meanwhile
         current = self.store.get(wid) or entry.workload
         if current.state != domain.PENDING:
             del self.waiting[wid]
-            return
+            return False
         if self.governance:  # proposals outside the workload's placement policy never count
             proposals = self.governance.proposals(current, proposals)
         allocation = domain.arbitrate(entry.need, proposals, self.ledger) if proposals else None
@@ -282,12 +296,13 @@ class Coordinator:
                     self.ledger.take(p)
                 del self.waiting[wid]
                 self._spawn(self._commit(entry, w, placements), f"commit-{wid}")
-                return
+                return True
         if now > entry.deadline:
             del self.waiting[wid]
             self._spawn(self._fail(entry), f"fail-{wid}")
-            return
+            return False
         entry.not_before = now + self.settings.retry_interval_s
+        return False
 
     async def _commit(self, entry: Waiting, w: pb.Workload, placements: list[common.Placement]) -> None:
         wid = w.workload_id
@@ -321,6 +336,7 @@ class Coordinator:
                 if self.governance:
                     self.governance.committed(w)
                 await self.publish_placements(w, placements)
+                self._announce(wid)
                 await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
         except asyncio.CancelledError:
             raise
@@ -397,8 +413,10 @@ class Coordinator:
         ])
 
     async def publish_event(self, w: pb.Workload, kind: int) -> None:
-        if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED and w.workload_id in self.accepted:
-            await self.accepted.pop(w.workload_id)
+        if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED:
+            self._announce(w.workload_id)
+            if w.workload_id in self.accepted:
+                await self.accepted.pop(w.workload_id)
         ev = pb.WorkloadEvent(
             workload_id=w.workload_id, kind=kind, state=w.state, generation=w.generation,
             placements=[p for p in w.placements if p.replicas or p.shard_indices], message=w.message,
