@@ -1,4 +1,5 @@
-"""Run the benchmarks: all of them, or those named on the command line (`twin`, `env`, …)."""
+"""Run the benchmarks: all of them, or those named on the command line (`twin`, `env`, …), each
+with its default options (run `python benchmarks/bench_NAME.py --help` for a benchmark's own)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def main(argv: list[str]) -> int:
     for name in wanted:
         print(f"\n=== benchmarks/bench_{name}.py ===", flush=True)
         module = importlib.import_module(f"benchmarks.bench_{name}")
-        module.main()
+        module.main([])  # defaults: the names given here are not the benchmark's own arguments
     return 0
 
 

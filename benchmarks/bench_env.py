@@ -43,12 +43,12 @@ def bench(scenario: str, episodes: int, api: str) -> float:
     return steps / wall
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenario", default="abilene")
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     res = {"scenario": a.scenario, "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
     for api in ("parallel", "arrays"):
         res[f"agent_steps_per_s_{api}"] = round(bench(a.scenario, a.episodes, api))

@@ -22,13 +22,13 @@ from cncbrain.scenario import load_scenario
 from cncbrain.twin.sim import Twin
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenario", default="abilene")
     ap.add_argument("--policy", default=None, help="policy .npz (default: the shipped one)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     t0 = time.perf_counter()
     p = MarlPolicy(a.policy)
     load_ms = (time.perf_counter() - t0) * 1e3
