@@ -119,6 +119,24 @@ def gpu_catalog() -> dict[str, GpuType]:
     return {g.name: g for g in cat}
 
 
+@dataclass(frozen=True)
+class GpuColumns:
+    """The fields of several GPU types (or of one type per site or per request) as arrays, so the
+    timing formulas below run over many sites or requests at once with the very same arithmetic."""
+
+    tflops: np.ndarray
+    tflops_fp8: np.ndarray
+    hbm_gbps: np.ndarray
+
+    @classmethod
+    def of(cls, gpus: list[GpuType]) -> GpuColumns:
+        return cls(np.array([g.tflops for g in gpus]), np.array([g.tflops_fp8 for g in gpus]),
+                   np.array([g.hbm_gbps for g in gpus]))
+
+    def take(self, idx: np.ndarray) -> GpuColumns:
+        return GpuColumns(self.tflops[idx], self.tflops_fp8[idx], self.hbm_gbps[idx])
+
+
 def gpu(name: str) -> GpuType:
     cat = gpu_catalog()
     if name not in cat:
@@ -166,7 +184,7 @@ def model(name: str) -> ModelSpec:
 PRECISION_BYTES = {"bf16": 2.0, "fp8": 1.0}
 
 
-def _peak(g: GpuType, precision: str) -> float:
+def _peak(g: GpuType | GpuColumns, precision: str):
     return (g.tflops_fp8 if precision == "fp8" else g.tflops) * 1e12
 
 
@@ -193,18 +211,20 @@ def kv_capacity_tokens(m: ModelSpec, g: GpuType, tp: int, precision: str = "bf16
     return max(free, 0.0) / (m.kv_bytes_per_token * PRECISION_BYTES[precision] / 2)
 
 
-def prefill_s(m: ModelSpec, g: GpuType, tp: int, prompt_tokens, precision: str = "bf16"):
+def prefill_s(m: ModelSpec, g: GpuType | GpuColumns, tp, prompt_tokens, precision: str = "bf16"):
     """Time to first token of a prompt at batch 1: the prefill forward (compute-bound, at least one
-    read of the weights) plus a fixed per-layer overhead. Vectorised over `prompt_tokens`."""
+    read of the weights) plus a fixed per-layer overhead. Vectorised over `prompt_tokens` (and over
+    `g`/`tp` given as `GpuColumns`/arrays of the same length)."""
     eff = tp_efficiency(tp)
     compute = 2.0 * m.params * np.asarray(prompt_tokens, dtype=float) / (tp * _peak(g, precision) * PREFILL_MFU * eff)
     weights = weight_bytes(m, precision) / (tp * g.hbm_gbps * GB * DECODE_BW_EFF * eff)
     return np.maximum(compute, weights) + PREFILL_OVERHEAD_S_PER_LAYER * m.layers
 
 
-def decode_step_s(m: ModelSpec, g: GpuType, tp: int, batch, ctx_tokens, precision: str = "bf16"):
+def decode_step_s(m: ModelSpec, g: GpuType | GpuColumns, tp, batch, ctx_tokens, precision: str = "bf16"):
     """Time of one decode step for `batch` sequences of mean context `ctx_tokens`: the larger of
-    reading weights + KV cache and the step's FLOPs, plus a per-layer overhead. Vectorised."""
+    reading weights + KV cache and the step's FLOPs, plus a per-layer overhead. Vectorised (over
+    `g`/`tp` too, given as `GpuColumns`/arrays)."""
     eff = tp_efficiency(tp)
     batch = np.asarray(batch, dtype=float)
     kv = batch * np.asarray(ctx_tokens, dtype=float) * m.kv_bytes_per_token * PRECISION_BYTES[precision] / 2

@@ -103,6 +103,7 @@ class Twin:
         self.total = self.pool.inventory.astype(np.int64)  # [S, G]
         self.price = np.array([g.price_hr for g in self.gpus])
         self.tflops = np.array([g.tflops for g in self.gpus])
+        self.gpu_cols = physics.GpuColumns.of(self.gpus)
         self.latency = net.latency_s
         self.bandwidth = net.bandwidth_gbps
         self.time_s = 0.0
@@ -617,27 +618,27 @@ class Twin:
             tpot_site = np.full(S, np.inf)
             wait0 = np.zeros(S)
             growth = np.zeros(S)
-            # per GPU type at once: the sites whose dominant type it is (a handful of types)
-            serving = np.nonzero(n_rep > 0)[0]
-            for g in np.unique(g_dom[serving]):
-                ss = serving[g_dom[serving] == g]
-                gt, tp = self.gpus[g], int(svc.tp[g])
-                b = np.ones(len(ss))
-                for _ in range(3):  # decode concurrency by Little's law, a fixed point
-                    step = physics.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision)
-                    b = np.clip(lam_rep[ss] * svc.mean_output * step, 1.0, svc.bmax[g])
-                pre_share = np.minimum(lam_rep[ss] * float(physics.prefill_s(svc.model, gt, tp, svc.mean_prompt,
-                                                                             svc.spec.precision)), 0.9)
-                tpot_site[ss] = step / (1.0 - pre_share)
-                # continuous batching: the site is n_rep·bmax slots, each holding a request for
-                # work·bmax seconds; Sakasegawa's M/G/c approximation of the queueing delay
-                r = np.minimum(rho[ss], 0.98)
-                w = svc.work_s[g]
-                slots = np.maximum((n_rep[ss] * svc.bmax[g]).astype(np.int64), 1)
-                wq = np.where(r > 0, r ** (np.sqrt(2 * (slots + 1)) - 1) / (slots * (1 - r)) * w * svc.bmax[g], 0.0)
-                c = np.maximum(n_rep[ss], 1)
-                wait0[ss] = self.backlog[ss, k] / c + wq
-                growth[ss] = np.maximum(lam[ss] * w - c, 0.0) / c  # queue growth, seconds of wait per second
+            # every serving site at once, each with its dominant GPU type's figures
+            ss = np.nonzero(n_rep > 0)[0]
+            g_ss = g_dom[ss]
+            gt, tp = self.gpu_cols.take(g_ss), svc.tp[g_ss]
+            bmax = svc.bmax[g_ss]
+            b = np.ones(len(ss))
+            for _ in range(3):  # decode concurrency by Little's law, a fixed point
+                step = physics.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision)
+                b = np.clip(lam_rep[ss] * svc.mean_output * step, 1.0, bmax)
+            pre_share = np.minimum(lam_rep[ss] * physics.prefill_s(svc.model, gt, tp, svc.mean_prompt,
+                                                                   svc.spec.precision), 0.9)
+            tpot_site[ss] = step / (1.0 - pre_share)
+            # continuous batching: the site is n_rep·bmax slots, each holding a request for
+            # work·bmax seconds; Sakasegawa's M/G/c approximation of the queueing delay
+            r = np.minimum(rho[ss], 0.98)
+            w = svc.work_s[g_ss]
+            slots = np.maximum((n_rep[ss] * bmax).astype(np.int64), 1)
+            wq = np.where(r > 0, r ** (np.sqrt(2 * (slots + 1)) - 1) / (slots * (1 - r)) * w * bmax, 0.0)
+            c = np.maximum(n_rep[ss], 1)
+            wait0[ss] = self.backlog[ss, k] / c + wq
+            growth[ss] = np.maximum(lam[ss] * w - c, 0.0) / c  # queue growth, seconds of wait per second
             # each request's serving site, drawn from its ingress row of the flow matrix
             tot = flow.sum(axis=1)[ing]
             served = tot > 0
@@ -647,11 +648,8 @@ class Twin:
             drop_after = max(30.0, DROP_FACTOR * svc.spec.slo.ttft_s)
             dropped = ~served | (wait > drop_after) | ~np.isfinite(tpot_site[j])
             gj = g_dom[j]
-            pre = np.empty(n)
-            for g in np.unique(gj):
-                sel = gj == g
-                tp = int(svc.tp[g]) or 1
-                pre[sel] = physics.prefill_s(svc.model, self.gpus[g], tp, p[sel], svc.spec.precision)
+            pre = physics.prefill_s(svc.model, self.gpu_cols.take(gj), np.maximum(svc.tp[gj], 1), p,
+                                    svc.spec.precision)
             ttft = 2 * self.latency[ing, j] + wait + pre
             tpot = tpot_site[j]
             ok = ~dropped & (ttft <= svc.spec.slo.ttft_s) & (tpot <= svc.spec.slo.tpot_s)
