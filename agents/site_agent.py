@@ -148,9 +148,10 @@ def make_site_policy(name: str) -> SitePolicy:
 class OfferDesk:
     """The offer rounds of one process: one subscription per bus for every site agent it hosts.
 
-    A round is decoded once (one consumer span) and each local site answers it with one
-    `OfferAnswer` on its own subject, sent from inside that span. One process per site (production)
-    is the same path with one agent."""
+    A round is decoded once (one consumer span) and answered from inside that span: the answers of
+    all local sites go out as one `OfferAnswers` on `cnc.site.<agent_id>.answers` (one message per
+    process and round); a process with one site (production: one process per site) sends its
+    `OfferAnswer` on the site's own subject."""
 
     _desks: dict[int, OfferDesk] = {}
 
@@ -158,6 +159,8 @@ class OfferDesk:
         self.bus = bus
         self.agents: dict[str, SiteAgent] = {}
         self.sub = None
+        self.agent_id = f"agents-{uuid.uuid4().hex[:12]}"
+        """This process's id on the bus (the token of its `answers` subject; never a site id)."""
 
     @classmethod
     def of(cls, bus: Bus) -> OfferDesk:
@@ -185,8 +188,14 @@ class OfferDesk:
         if rnd.HasField("deadline") and time.time() > rnd.deadline.ToNanoseconds() / 1e9:
             self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
             return
-        for agent, answer in answer_round(list(self.agents.values()), rnd):
+        answers = answer_round(list(self.agents.values()), rnd)
+        if len(answers) == 1:
+            agent, answer = answers[0]
             await self.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
+        elif answers:
+            batch = site_pb.OfferAnswers(round_id=rnd.round_id, agent_id=self.agent_id,
+                                         answers=[answer for _, answer in answers])
+            await self.bus.publish(subjects.SITE_ANSWERS, batch, agent=self.agent_id, span=False)
 
 
 def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:

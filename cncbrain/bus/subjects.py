@@ -90,6 +90,8 @@ SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site.Heartbeat, None, "age
 SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site.SiteTelemetry, None, "per-tick measurements")
 SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "an agent's SCALE proposal to the scheduler")
 SITE_ANSWER = Subject("cnc.site.{site}.answer", site.OfferAnswer, None, "a site's answers to one offer round")
+SITE_ANSWERS = Subject("cnc.site.{agent}.answers", site.OfferAnswers, None,
+                       "the answers of an agent process's sites to one offer round (agent = the process's id)")
 SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, "CNC_SITES", "executor result")
 # --- perception --------------------------------------------------------------------------------
 PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", perception.Snapshot, None, "the pool, every tick")

@@ -4,7 +4,8 @@ site; it follows perception's snapshots (capacity, liveness, training progress) 
 reports. After a restart it recovers everything from the store.
 
 Offers go out in rounds: one placer task sends every workload waiting for placement as one
-`OfferRound`; each up site answers the whole round with one `OfferAnswer`; the round is arbitrated
+`OfferRound`; each up site answers the whole round with one `OfferAnswer` (an agent process
+hosting several sites sends theirs together, as one `OfferAnswers`); the round is arbitrated
 in arrival order (the ledger is updated synchronously, so one round never double-books a GPU) and
 each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
 slow write never holds the next round. A new workload's first round goes out while its record is
@@ -105,6 +106,7 @@ class Coordinator:
         self.ledger.rebuild(records)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
+        await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
         await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-scale")
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
         pending = [w for w in records if w.state == domain.PENDING]
@@ -434,6 +436,23 @@ class Coordinator:
         a: site_pb.OfferAnswer = event.payload
         if a.site_id != event.params["site"]:
             raise ValueError(f"answer from {a.site_id} on {event.subject}")
+        self._take_answer(a)
+
+    async def on_answers(self, event: Event) -> None:
+        """Several sites' answers to one round from the agent process hosting them. Each counts only
+        for a site the scheduler knows (registered), and `_round` keeps only the proposals of an
+        answer's own site, as for answers on the sites' own subjects."""
+        batch: site_pb.OfferAnswers = event.payload
+        for a in batch.answers:
+            if a.site_id not in self.ledger.capacity or a.round_id != batch.round_id:
+                self.counters["answers_refused"] += 1
+                log.warning("answer for site %r (round %s) from agent %s refused: %s", a.site_id, a.round_id,
+                            event.params["agent"], "round mismatch" if a.site_id in self.ledger.capacity
+                            else "unknown site")
+                continue
+            self._take_answer(a)
+
+    def _take_answer(self, a: site_pb.OfferAnswer) -> None:
         rnd = self.rounds.get(a.round_id)
         if rnd is None:
             self.counters["late_answers"] += 1

@@ -157,12 +157,16 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
     async def on_answer(ev):
         reasons.extend(p.reason for p in ev.payload.proposals)
 
+    async def on_answers(ev):  # the agents of one process answer a round in one message
+        reasons.extend(p.reason for a in ev.payload.answers for p in a.proposals)
+
     placed: list[pb.PlacementCommitted] = []
 
     async def on_placement(ev):
         placed.append(ev.payload)
 
     await watcher.subscribe(subjects.SITE_ANSWER, on_answer, consumer="test-answers")
+    await watcher.subscribe(subjects.SITE_ANSWERS, on_answers, consumer="test-answers-batch")
     await watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)

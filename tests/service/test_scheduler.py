@@ -96,6 +96,29 @@ async def test_deploy_places_cheapest_sites_first_and_publishes_per_site(schedul
     assert w.state == pb.WORKLOAD_STATE_PLACED and w.generation == 1
 
 
+async def test_one_agent_process_answers_a_round_for_its_sites_in_one_message(scheduler, bus):
+    """`OfferAnswers` (one message per agent process and round): each answer counts for its own,
+    registered site only — an unknown site's answer and a proposal made for another site are refused."""
+    server, stub = scheduler
+
+    async def on_offer(ev):
+        batch = site_pb.OfferAnswers(round_id=ev.payload.round_id, agent_id="agents-1")
+        for sid, claimed, units, cost in (("a", "c", 4, 0.5), ("mallory", "mallory", 9, 0.1), ("b", "b", 4, 1.0),
+                                          ("c", "c", 2, 2.0)):
+            answer = site_pb.OfferAnswer(round_id=ev.payload.round_id, site_id=sid)
+            for offer in ev.payload.offers:
+                answer.proposals.add(site_id=claimed, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
+                                     workload_id=offer.workload_id, units=units, gpu_type="H100", cost=cost)
+            batch.answers.append(answer)
+        await bus.publish(subjects.SITE_ANSWERS, batch, agent="agents-1")
+
+    await bus.subscribe(subjects.SCHEDULER_OFFER, on_offer, consumer="fake-agent-process")
+    resp = await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    got = await placements_of(bus, resp.workload.workload_id, 2)
+    assert {m.placement.site_id: m.placement.replicas for m in got} == {"b": 4, "c": 1}
+    assert server.coordinator.counters["answers_refused"] >= 1  # mallory
+
+
 async def test_training_gang_is_all_or_none_then_fails_after_timeout(scheduler, bus):
     server, stub = scheduler
     agents = FakeAgents(bus, {"a": 2, "b": 1}, {"a": 1.0, "b": 1.0})  # 3 of the 4 shards on offer

@@ -314,6 +314,39 @@ class OfferAnswer(_message.Message):
 Global___OfferAnswer: _TypeAlias = OfferAnswer  # noqa: Y015
 
 @_typing.final
+class OfferAnswers(_message.Message):
+    """OfferAnswers carries the answers of the sites one agent process hosts to one offer round, on
+    `cnc.site.<agent_id>.answers`: one message per process and round instead of one per site. The
+    scheduler takes each answer only for a site it knows (registered), and each only for its own
+    site_id, exactly as if it had come on `cnc.site.<site_id>.answer`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    agent_id: _builtins.str
+    """The agent process that sent them (a subject token, not a site id)."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfferAnswer]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        answers: _abc.Iterable[Global___OfferAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "answers", b"answers", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferAnswers: _TypeAlias = OfferAnswers  # noqa: Y015
+
+@_typing.final
 class PlacementApplied(_message.Message):
     """PlacementApplied reports the executor's result for one placement (`cnc.site.<site_id>.applied`)."""
 
