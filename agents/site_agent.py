@@ -188,20 +188,21 @@ class OfferDesk:
         if rnd.HasField("deadline") and time.time() > rnd.deadline.ToNanoseconds() / 1e9:
             self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
             return
-        answers = answer_round(list(self.agents.values()), rnd)
-        if len(answers) == 1:
-            agent, answer = answers[0]
+        agents = list(self.agents.values())
+        if len(agents) == 1:
+            agent, answer = answer_round(agents, rnd)[0]
             await self.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
-        elif answers:
-            batch = site_pb.OfferAnswers(round_id=rnd.round_id, agent_id=self.agent_id,
-                                         answers=[answer for _, answer in answers])
+        elif agents:
+            batch = site_pb.OfferAnswers(round_id=rnd.round_id, agent_id=self.agent_id)
+            answer_round(agents, rnd, batch)  # each answer written straight into the batch
             await self.bus.publish(subjects.SITE_ANSWERS, batch, agent=self.agent_id, span=False)
 
 
-def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:
+def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound,
+                 into: site_pb.OfferAnswers | None = None) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:
     """Every agent's answer to a round. Agents whose policies share a `batch_key` (the learned
     policy from one file) are decided together by the policy class's `answer_sites`, within the
-    round's deadline; the others one by one."""
+    round's deadline; the others one by one. `into`: the answers are built inside that batch."""
     groups: dict[object, list[SiteAgent]] = {}
     for agent in agents:
         groups.setdefault(getattr(agent.policy, "batch_key", None) or id(agent), []).append(agent)
@@ -209,12 +210,12 @@ def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound) -> list[tuple[S
     deadline = rnd.deadline.ToNanoseconds() / 1e9 if rnd.HasField("deadline") else None
     for members in groups.values():
         if not hasattr(members[0].policy, "answer_sites"):
-            out.extend((a, a.answer_round(rnd)) for a in members)
+            out.extend((a, a.answer_round(rnd, into)) for a in members)
             continue
         members[0].learn_specs(rnd)
         inputs = [(a.policy, a.site, a.executor.last_telemetry(), a.executor.available()) for a in members]
         decisions = type(members[0].policy).answer_sites(inputs, rnd.offers, deadline)
-        out.extend((a, a.answer_from(rnd, d)) for a, d in zip(members, decisions, strict=True))
+        out.extend((a, a.answer_from(rnd, d, into)) for a, d in zip(members, decisions, strict=True))
     return out
 
 
@@ -291,20 +292,25 @@ class SiteAgent:
                 if offer.workload_id not in book.specs and (which := offer.WhichOneof("spec")):
                     book.learn(offer.workload_id, getattr(offer, which))
 
-    def answer_round(self, rnd: sched.OfferRound) -> site_pb.OfferAnswer:
+    def answer_round(self, rnd: sched.OfferRound, into: site_pb.OfferAnswers | None = None) -> site_pb.OfferAnswer:
         """This site's answer to every offer of a round (units 0 declines)."""
         assert self.site is not None
         self.learn_specs(rnd)
         decisions = self.policy.answer_round(rnd.offers, self.site, self.executor.last_telemetry(),
                                              self.executor.available())
-        return self.answer_from(rnd, decisions)
+        return self.answer_from(rnd, decisions, into)
 
-    def answer_from(self, rnd: sched.OfferRound, decisions: list[tuple[int, str, float, str]]) -> site_pb.OfferAnswer:
-        """The `OfferAnswer` message of this site's (units, gpu_type, cost, reason) per offer."""
-        answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
+    def answer_from(self, rnd: sched.OfferRound, decisions: list[tuple[int, str, float, str]],
+                    into: site_pb.OfferAnswers | None = None) -> site_pb.OfferAnswer:
+        """The `OfferAnswer` message of this site's (units, gpu_type, cost, reason) per offer (added
+        to the batch `into` when given, instead of built on its own and copied there)."""
+        if into is not None:
+            answer = into.answers.add(round_id=rnd.round_id, site_id=self.site_id)
+        else:
+            answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
+        add = answer.proposals.add
         for offer, (units, gpu_type, cost, reason) in zip(rnd.offers, decisions, strict=True):
-            answer.proposals.add(
-                site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
+            add(site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
                 workload_id=offer.workload_id, units=units, gpu_type=gpu_type, cost=cost, reason=reason)
         self.counters["offers_answered"] += len(rnd.offers)
         return answer
