@@ -6,15 +6,15 @@ import math
 
 from cncbrain.errors import CncError
 
-KNOWN = "random, round-robin, least-loaded, greedy, kpa, ray-serve, marl, oracle"
-
 
 def register(sub) -> None:
+    from cncbrain.policies import known_policies
+
     p = sub.add_parser("eval", help="evaluate scheduling policies on a scenario in the digital twin")
     p.add_argument("--scenario", default="abilene", help="built-in scenario name or YAML path (default: abilene)")
     p.add_argument("--policy", default="random,round-robin,least-loaded,greedy,kpa,ray-serve,oracle",
-                   help=f"comma-separated policies; known: {KNOWN} (marl:PATH loads a policy file; "
-                        "teacher:pack measures the MARL warm start's teacher)")
+                   help=f"comma-separated policies; known: {', '.join(known_policies())} (marl:PATH loads a "
+                        "policy file; teacher:NAME measures a MARL warm-start teacher)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--seed-start", type=int, default=None, help="first seed (default: the scenario's seed)")
     p.add_argument("--hours", type=float, default=None, help="simulated hours (default: the scenario's duration)")
