@@ -1,15 +1,17 @@
-"""Every baseline runs through the policy interface and behaves like its namesake."""
+"""Every baseline (and the MARL warm start's teachers) runs through the policy interface; each
+baseline behaves like its namesake."""
 
 import numpy as np
 import pytest
 
+from agents.teachers import TEACHERS
 from cncbrain.errors import CncError
 from cncbrain.policies import BASELINES, make_policy
 from cncbrain.scenario import load_scenario
 from cncbrain.twin.sim import Twin
 
 
-@pytest.mark.parametrize("name", list(BASELINES))
+@pytest.mark.parametrize("name", [*BASELINES, *(f"teacher:{t}" for t in TEACHERS)])
 def test_baseline_runs_and_produces_valid_actions(name):
     tw = Twin(load_scenario("abilene"), seed=2, duration_s=1200)
     p = make_policy(name)

@@ -1,9 +1,10 @@
-"""The warm-start teachers: measurable like any policy, and `pack` packs while Ray Serve spreads."""
+"""The warm-start teachers: measurable like any policy (they also run the episode check of
+test_baselines.py), and `pack` packs while Ray Serve spreads."""
 
 import numpy as np
 import pytest
 
-from agents.teachers import TEACHERS, make_teacher
+from agents.teachers import make_teacher
 from cncbrain.errors import CncError
 from cncbrain.policies import known_policies, make_policy
 from cncbrain.scenario import load_scenario
@@ -40,17 +41,3 @@ def test_pack_fills_few_sites_where_ray_serve_spreads():
     # it starts with the site that already runs the most replicas
     first = int(np.argmax(np.where(view.free_gpus.sum(axis=1) > 0, view.replicas.sum(axis=1), -1)))
     assert packed.replica_delta[first, 0] > 0
-
-
-@pytest.mark.parametrize("name", list(TEACHERS))
-def test_teacher_runs_an_episode(name):
-    tw = Twin(load_scenario("abilene"), seed=2, duration_s=1200)
-    p = make_teacher(name)
-    p.reset(2)
-    while not tw.done():
-        view = tw.view()
-        a = p.act(view)
-        assert not (a.accept[~view.site_up] > 0).any()
-        tw.step(a)
-    m = tw.metrics()
-    assert 0 < m["slo_attainment"] <= 1 and 0 <= m["training_goodput"] <= 1
