@@ -41,6 +41,7 @@ from cncbrain.identity import (
     require_operator,
     require_tenant_access,
 )
+from cncbrain.kvfeed import KvFollower
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +208,10 @@ class TokenFeed:
     def __init__(self, kv: Any, directory: TokenDirectory | None = None) -> None:
         self.kv = kv
         self.directory = directory if directory is not None else TokenDirectory()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: Any = None
+        self._follower = KvFollower(kv, self._apply, "token-feed")
 
     async def start(self) -> TokenFeed:
-        self._watcher = await self.kv.watchall()
-        # The watcher first yields every current value, then None, then live updates.
-        while True:
-            entry = await self._watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            self._apply(entry)
-        self._task = asyncio.create_task(self._follow(), name="token-feed")
+        await self._follower.start()
         return self
 
     def _apply(self, entry: Any) -> None:
@@ -231,26 +224,8 @@ class TokenFeed:
         except (ValueError, KeyError, TypeError) as exc:
             log.error("token feed: ignoring malformed record %s: %s", entry.key, exc)
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=3600.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a timeout without updates, or a reconnect: keep following
-                await asyncio.sleep(0.1)
-                continue
-            if entry is not None:
-                self._apply(entry)
-
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        await self._follower.stop()
 
 
 # ---- client side ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
+from cncbrain.kvfeed import KvFollower
 from services.adaptation.domain.autoscale import AutoscalingPolicy, Guardrails, ScaleKind, ServiceObservation
 from services.adaptation.domain.recovery import (
     ActionKind,
@@ -145,8 +146,7 @@ class Adapter:
         self._waiting: set[tuple[str, str]] = set()  # (workload, failed site) told to wait for room
         self.counters = bus.counters
         self._lock = asyncio.Lock()
-        self._watcher: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._follower: KvFollower | None = None
 
     # ---- life cycle ------------------------------------------------------------------------------
 
@@ -156,24 +156,14 @@ class Adapter:
         await self._load_policies()
         await self._load_actions()
         kv = await self.bus.kv(KV_WORKLOADS)
-        self._watcher = await kv.watchall()
-        while True:
-            entry = await self._watcher.updates(timeout=10.0)
-            if entry is None:
-                break
-            self._apply_workload(entry)
-        self._task = asyncio.create_task(self._follow_workloads(), name="adaptation-workloads")
+        self._follower = KvFollower(kv, self._apply_workload, "adaptation-workloads")
+        await self._follower.start(initial_timeout=10.0)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="adaptation")
         await subscribe_durable(self.bus, subjects.PERCEPTION_SITE_STATE, self.on_site_state, "adaptation-sites")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        if self._follower is not None:
+            await self._follower.stop()
 
     async def _load_policies(self) -> None:
         with contextlib.suppress(Exception):
@@ -213,18 +203,6 @@ class Adapter:
             await sub.unsubscribe()
 
     # ---- the scheduler's state of record ------------------------------------------------------------
-
-    async def _follow_workloads(self) -> None:
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=3600.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.1)
-                continue
-            if entry is not None:
-                self._apply_workload(entry)
 
     def _apply_workload(self, entry: Any) -> None:
         if not entry.value:

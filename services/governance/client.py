@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -34,6 +32,7 @@ from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.certs import client_channel
+from cncbrain.kvfeed import KvFollower
 from services.governance.domain.policy import (
     Decision,
     Holding,
@@ -78,8 +77,7 @@ class GovernanceGate:
         self.sites: dict[str, tuple[str, dict[str, float]]] = {}  # site -> (region, price by GPU type)
         self.overlay: dict[str, tuple[float, str, list[Placement]]] = {}  # workload -> (time, tenant, placements)
         self._totals: dict[str, tuple[dict[str, Holding], dict[str, tuple], tuple]] = {}
-        self._watcher: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._follower: KvFollower | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: governance_pb2_grpc.GovernanceServiceStub | None = None
 
@@ -87,13 +85,8 @@ class GovernanceGate:
     async def start(cls, bus: Bus, target: str | None, token: str | None = None) -> GovernanceGate:
         gate = cls(bus, target, token)
         kv = await bus.kv(GOVERNANCE_BUCKET)
-        gate._watcher = await kv.watchall()
-        while True:
-            entry = await gate._watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            gate._apply(entry)
-        gate._task = asyncio.create_task(gate._follow(), name="governance-gate")
+        gate._follower = KvFollower(kv, gate._apply, "governance-gate")
+        await gate._follower.start()
         await bus.subscribe(subjects.PERCEPTION_SNAPSHOT, gate._on_snapshot, consumer="governance-gate")
         if target:
             gate._channel = client_channel(target, interceptors=token_interceptors(token))
@@ -101,29 +94,12 @@ class GovernanceGate:
         return gate
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        if self._follower is not None:
+            await self._follower.stop()
         if self._channel is not None:
             await self._channel.close()
 
     # ---- following governance's projection -------------------------------------------------------
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                entry = await self._watcher.updates(timeout=3600.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.1)
-                continue
-            if entry is not None:
-                self._apply(entry)
 
     def _apply(self, entry: Any) -> None:
         key: str = entry.key

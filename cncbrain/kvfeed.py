@@ -1,0 +1,56 @@
+"""Follow a NATS KV bucket: every current value first, then each put and delete as it happens.
+
+One mechanism for every process that keeps a local projection of a bucket (tokens, governance's
+tenants and holdings, the scheduler's workload records). `kv` is a nats-py `KeyValue`; this module
+does not import NATS, so light modules (e.g. `cncbrain.auth`) can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+
+class KvFollower:
+    """`await start()` applies every current entry with `apply(entry)` and returns; a background
+    task then applies each update (a deleted key arrives as an entry with an empty value) until
+    `await stop()`. A timeout or a reconnect while following is waited out, never fatal."""
+
+    def __init__(self, kv: Any, apply: Callable[[Any], None], name: str) -> None:
+        self.kv = kv
+        self.apply = apply
+        self.name = name
+        self._watcher: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, initial_timeout: float = 5.0) -> None:
+        self._watcher = await self.kv.watchall()
+        while True:  # the watcher yields every current value, then None, then live updates
+            entry = await self._watcher.updates(timeout=initial_timeout)
+            if entry is None:
+                break
+            self.apply(entry)
+        self._task = asyncio.create_task(self._follow(), name=self.name)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                entry = await self._watcher.updates(timeout=3600.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a timeout without updates, or a reconnect: keep following
+                await asyncio.sleep(0.1)
+                continue
+            if entry is not None:
+                self.apply(entry)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
