@@ -8,10 +8,10 @@ ticks (perception snapshots) of the failure; the job resumes with its lost work 
 """
 
 import asyncio
-import time
 
 import grpc
 import pytest
+from waiting import until
 
 from agents.executor_emulated import EmulatedExecutor, EmulatorHost
 from agents.site_agent import SiteAgent
@@ -32,17 +32,6 @@ from services.scheduler.settings import Settings as SchedulerSettings
 
 pytestmark = pytest.mark.integration
 TICK_S = 0.5
-
-
-async def until(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await pred()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -6,11 +6,10 @@ deployment beyond its quota is refused with RESOURCE_EXHAUSTED; tenants cannot s
 workloads; calls without a token are refused; the ledger records the admissions and placements.
 """
 
-import asyncio
-import time
 
 import grpc
 import pytest
+from waiting import until
 
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
@@ -36,17 +35,6 @@ def spec(name, replicas, tenant=""):
     return common.InferenceServiceSpec(name=name, model="7b", params_b=7, min_replicas=replicas, max_replicas=replicas,
                                        slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
                                        gpus_per_replica=1, allowed_gpu_types=["H100"], tenant=tenant)
-
-
-async def until(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await pred()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import grpc
@@ -13,6 +12,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from waiting import until
 
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
@@ -51,17 +51,6 @@ async def stop_agents(bus, agents):
     for a in agents:
         await a.stop()
     await bus.close()
-
-
-async def until(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await pred()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 async def placement_stream(bus):
