@@ -97,17 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plan_locally(req):
-    """The planner without a brain (same code as the service)."""
-    from cnc.adaptation.v1 import adaptation_pb2 as pb
-    from services.adaptation.domain.parallelism import (
-        GpuGroup,
-        LinkSpec,
-        PlanError,
-        plan_inference,
-        plan_training,
-        resolve_model,
-    )
-    from services.adaptation.rpc import COST_MODEL, inference_to_pb, training_to_pb
+    """The planner without a brain: the service's own code (`services.adaptation.rpc.plan_on`) on the
+    GPUs and links given on the command line."""
+    from services.adaptation.domain.parallelism import GpuGroup, LinkSpec, PlanError, resolve_model
+    from services.adaptation.rpc import plan_on
 
     if not req.gpus:
         raise CncError("--local needs --gpus")
@@ -115,16 +108,7 @@ def plan_locally(req):
         model = resolve_model(req.model, req.params_b)
         groups = [GpuGroup(g.site_id, g.gpu_type, g.count) for g in req.gpus]
         links = {(lk.site_a, lk.site_b): LinkSpec(lk.latency_ms, lk.bandwidth_gbps) for lk in req.links}
-        if req.kind == pb.PLAN_KIND_INFERENCE:
-            slo = req.slo if req.HasField("slo") else None
-            plans = plan_inference(model, groups, ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
-                                   tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
-                                   allow_lower_precision=not req.bf16_only)
-            return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in plans[: max(req.top, 1)]],
-                                              cost_model=COST_MODEL)
-        plans = plan_training(model, groups, links, global_batch_tokens=req.global_batch_tokens or 4 * 2**20,
-                              seq_len=req.seq_len or 4096, top=max(req.top, 1))
-        return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
+        return plan_on(req, model, groups, links)
     except PlanError as exc:
         raise CncError(str(exc)) from None
 

@@ -24,6 +24,24 @@ OPERATOR_ONLY = frozenset({SERVICE + "TriggerRebalance"})
 COST_MODEL = "cncbrain.twin.physics (docs/cost-model.md)"
 
 
+def plan_on(request: pb.PlanParallelismRequest, model, groups: list[GpuGroup],
+            links: dict[tuple[str, str], LinkSpec]) -> pb.PlanParallelismResponse:
+    """The planner for `request` on explicit GPU groups and links — the service fills them from the
+    pool when the request names none; `cncbrain plan --local` passes the request's. Raises PlanError."""
+    top = max(1, min(request.top or 1, 20))
+    if request.kind == pb.PLAN_KIND_TRAINING:
+        plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or 4 * 2**20,
+                              seq_len=request.seq_len or 4096, top=top)
+        return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
+    slo = request.slo if request.HasField("slo") else None
+    plans = plan_inference(
+        model, groups, context_tokens=request.context_tokens or 2048, prompt_tokens=request.prompt_tokens or 1024,
+        ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
+        tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
+        allow_lower_precision=not request.bf16_only)
+    return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in plans[:top]], cost_model=COST_MODEL)
+
+
 def training_to_pb(p) -> pb.TrainingPlan:
     return pb.TrainingPlan(
         tensor_parallel=p.tp, pipeline_parallel=p.pp, data_parallel=p.dp, micro_batch_size=p.micro_batch,
@@ -122,19 +140,8 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
                     links.setdefault((s.site.site_id, lk.peer_site_id), LinkSpec(lk.latency_ms, lk.bandwidth_gbps))
         if not groups:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no GPUs given and none free in the pool")
-        top = max(1, min(request.top or 1, 20))
         try:
-            if request.kind == pb.PLAN_KIND_TRAINING:
-                plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or 4 * 2**20,
-                                      seq_len=request.seq_len or 4096, top=top)
-                return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
-            slo = request.slo if request.HasField("slo") else None
-            plans = plan_inference(
-                model, groups, context_tokens=request.context_tokens or 2048, prompt_tokens=request.prompt_tokens or 1024,
-                ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
-                tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
-                allow_lower_precision=not request.bf16_only)
-            return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in plans[:top]], cost_model=COST_MODEL)
+            return plan_on(request, model, groups, links)
         except PlanError as exc:
             unknown = "unknown GPU type" in str(exc) or "global_batch_tokens" in str(exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT if unknown else grpc.StatusCode.FAILED_PRECONDITION,
