@@ -164,6 +164,30 @@ def _fits(spare: Mapping[str, int], gpu_type: str, units: int, gpus_per_unit: in
     return max(0, min(units, spare[gpu_type] // gpus_per_unit))
 
 
+def _place_units(w: WorkloadPlacement, need: int, cands: list[tuple[str, str]], new: dict[str, SiteUnits],
+                 sites: Mapping[str, SiteCapacity], spare: dict[str, int], moved: dict[str, int]) -> int:
+    """Put up to `need` units of `w` on the candidate (site, GPU type) pairs in order, as many as fit
+    at each; updates `new`, the sites' free GPUs, `spare` and `moved` (units per site); returns the
+    units that found no room."""
+    for site_id, gpu_type in cands:
+        if need == 0:
+            break
+        cur = new.get(site_id)
+        if cur is not None and cur.gpu_type != gpu_type:
+            continue  # one GPU type per workload per site, as placements are recorded
+        take = min(need, _fits(spare, gpu_type, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit,
+                               w.gpus_per_unit))
+        if take <= 0:
+            continue
+        sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
+        if gpu_type in spare:
+            spare[gpu_type] -= take * w.gpus_per_unit
+        new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
+        moved[site_id] = moved.get(site_id, 0) + take
+        need -= take
+    return need
+
+
 def _replace_replicas(
     w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck,
     spare: dict[str, int] | None = None,
@@ -175,23 +199,7 @@ def _replace_replicas(
     cands.sort(key=lambda c: (_latency(sites, origin, c[0]), sites[c[0]].price_by_type.get(c[1], 0.0), c))
     new = {s: u for s, u in w.sites.items() if s != failed}
     moved: dict[str, int] = {}
-    need = lost
-    for site_id, gpu_type in cands:
-        if need == 0:
-            break
-        cur = new.get(site_id)
-        if cur is not None and cur.gpu_type != gpu_type:
-            continue  # one GPU type per workload per site, as placements are recorded
-        room = _fits(spare, gpu_type, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit, w.gpus_per_unit)
-        take = min(room, need)
-        if take <= 0:
-            continue
-        sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
-        if gpu_type in spare:
-            spare[gpu_type] -= take * w.gpus_per_unit
-        new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
-        moved[site_id] = moved.get(site_id, 0) + take
-        need -= take
+    need = _place_units(w, lost, cands, new, sites, spare, moved)
     if not moved:
         return RecoveryAction(w.workload_id, ActionKind.WAIT_FOR_CAPACITY, failed, {}, dict(w.sites),
                               f"site {failed} is down; no allowed site has room for its {lost} replica(s)",
@@ -309,21 +317,7 @@ def plan_scale(
         cands = _candidates(w, "", sites, allowed)
         cands.sort(key=lambda c: (c[0] not in new, _latency(sites, origin, c[0]) if origin else 0.0,
                                   sites[c[0]].price_by_type.get(c[1], 0.0), c))
-        for site_id, gpu_type in cands:
-            if need == 0:
-                break
-            cur = new.get(site_id)
-            if cur is not None and cur.gpu_type != gpu_type:
-                continue
-            take = min(need, _fits(spare, gpu_type, sites[site_id].free_by_type[gpu_type] // w.gpus_per_unit,
-                                   w.gpus_per_unit))
-            if take <= 0:
-                continue
-            sites[site_id].free_by_type[gpu_type] -= take * w.gpus_per_unit
-            if gpu_type in spare:
-                spare[gpu_type] -= take * w.gpus_per_unit
-            new[site_id] = SiteUnits(gpu_type, (cur.replicas if cur else 0) + take)
-            need -= take
+        need = _place_units(w, need, cands, new, sites, spare, {})
         return new, need
     drop = have - target_replicas
     order = sorted(new, key=lambda s: (-(_latency(sites, origin, s) if origin else 0.0),
