@@ -27,6 +27,7 @@ import grpc
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain import aio
 from cncbrain.auth import AuthInterceptor, token_interceptors
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import start_grpc_server
@@ -210,7 +211,7 @@ BENCHES = {"append": bench_append, "verify": bench_verify, "auth": bench_auth}
 def main(argv: list[str] | None = None) -> None:
     names = argv or list(BENCHES)
     for name in names:
-        asyncio.run(BENCHES[name]())
+        aio.run(BENCHES[name]())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import grpc
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain import aio
 from cncbrain.bus import Bus, subjects
 from cncbrain.commands.up import Brain
 from cncbrain.grpcserver import wait_healthy
@@ -103,7 +104,7 @@ def bench_up_and_latency() -> None:
         brain.start()
         try:
             print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
-            samples = asyncio.run(_latency(brain.endpoints))
+            samples = aio.run(_latency(brain.endpoints))
         finally:
             brain.stop()
     print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
@@ -172,10 +173,10 @@ def _run_throughput(per_service: int) -> tuple[float, int]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for sites in groups],
         ]
         try:
-            asyncio.run(wait_healthy(f"127.0.0.1:{port}", 30))
-            asyncio.run(_wait_sites(pport, THROUGHPUT_SITES, 30))
+            aio.run(wait_healthy(f"127.0.0.1:{port}", 30))
+            aio.run(_wait_sites(pport, THROUGHPUT_SITES, 30))
             time.sleep(1.5)  # the scheduler has a snapshot with every site
-            return asyncio.run(_throughput(nats.url, f"127.0.0.1:{port}", per_service))
+            return aio.run(_throughput(nats.url, f"127.0.0.1:{port}", per_service))
         finally:
             for p in procs:
                 p.terminate()

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cncbrain import telemetry
+from cncbrain import aio, telemetry
 from cncbrain.errors import CncError
 from cncbrain.settings import ServiceSettings
 
@@ -109,7 +109,7 @@ async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") 
 def run(main: Callable[[], Awaitable[int]]) -> int:
     """Entry-point helper: run `main` and turn a user error into a message and exit code 2."""
     try:
-        return asyncio.run(main())
+        return aio.run(main())
     except CncError as exc:
         log.error("%s", exc)
         print(f"error: {exc}")

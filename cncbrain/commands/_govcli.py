@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 from cncbrain.errors import CncError
 
@@ -40,7 +40,7 @@ def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[A
             return await fn(make(ch))
 
     try:
-        return asyncio.run(run())
+        return aio.run(run())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from cncbrain import telemetry
+from cncbrain import aio, telemetry
 from cncbrain.errors import CncError
 from cncbrain.settings import DEFAULT_NATS_URL
 
@@ -78,7 +78,6 @@ def run_alone(register, argv: list[str]) -> int:
 
 def create_workload(args, rpc: str, request) -> int:
     """Send a deploy/submit request to the scheduler and print the new workload's id and state."""
-    import asyncio
 
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
@@ -90,7 +89,7 @@ def create_workload(args, rpc: str, request) -> int:
             return await getattr(scheduler_pb2_grpc.SchedulerServiceStub(ch), rpc)(request, timeout=10)
 
     try:
-        w = asyncio.run(call()).workload
+        w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
     print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "

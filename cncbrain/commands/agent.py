@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 
-from cncbrain import telemetry
+from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
 from cncbrain.errors import CncError
 
@@ -88,7 +88,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
 
 def run(args: argparse.Namespace) -> int:
     telemetry.setup("agents", log_level="INFO")
-    return asyncio.run(run_agents(args))
+    return aio.run(run_agents(args))
 
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 
+from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
                 pb.CancelWorkloadRequest(workload_id=args.workload_id), timeout=10)
 
     try:
-        w = asyncio.run(call()).workload
+        w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
     print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")

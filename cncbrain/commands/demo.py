@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from cncbrain import aio
 from cncbrain.commands._live import STATE_DIR
 from cncbrain.errors import CncError
 
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
                   f"scheduler {brain.endpoints['scheduler']}, perception {brain.endpoints['perception']}, "
                   f"NATS {brain.endpoints['nats']}; logs in {brain.state_dir / 'logs'}")
     try:
-        tally = asyncio.run(script(brain.endpoints, args, console))
+        tally = aio.run(script(brain.endpoints, args, console))
         if (msg := brain.dead()) is not None:
             raise CncError(msg)
     finally:

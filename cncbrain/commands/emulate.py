@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import logging
 
-from cncbrain import telemetry
+from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
 from cncbrain.errors import CncError
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.speed <= 0:
         raise CncError("--speed must be > 0")
     telemetry.setup("emulator", log_level="INFO")
-    return asyncio.run(emulate(args))
+    return aio.run(emulate(args))
 
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     address = target(args, "perception")
     try:
-        sites = asyncio.run(fetch(address))
+        sites = aio.run(fetch(address))
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
     if args.json:

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from cncbrain import aio
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
 from cncbrain.errors import CncError
 from cncbrain.natsserver import NatsServer, port_in_use
@@ -135,7 +136,7 @@ class Brain:
                                      "--speed", str(self.speed), "--nats-url", url], {})
             self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
                                    "--nats-url", url, *(["--policy", self.policy] if self.policy else [])], {})
-            asyncio.run(self._wait_ready(timeout_s))
+            aio.run(self._wait_ready(timeout_s))
         except BaseException:
             self.stop()
             raise
@@ -256,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"  operator token  {brain.token_file.resolve()}  (the CLI picks it up; auth on for every service)\n"
              if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
+          f"  event loop  {aio.loop_name()}  (every process; CNC_EVENT_LOOP=asyncio for the standard one)\n"
           f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
           f"Ctrl-C stops everything.", flush=True)
     try:

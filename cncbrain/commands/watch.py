@@ -11,6 +11,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 from cncbrain.errors import CncError
 
@@ -97,7 +98,7 @@ async def watch_workload(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(watch_workload(args) if args.workload else watch_nats(args))
+        return aio.run(watch_workload(args) if args.workload else watch_nats(args))
     except KeyboardInterrupt:
         return 0
 

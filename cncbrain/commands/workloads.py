@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 
 import grpc
@@ -11,6 +10,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             return list((await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=5)).workloads)
 
     try:
-        items = asyncio.run(call())
+        items = aio.run(call())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
     if args.json or args.workload_id:

@@ -1,4 +1,4 @@
-"""`python -m services.scheduler`: run the scheduler service (settings from CNC_PERCEPTION_*)."""
+"""`python -m services.scheduler`: run the scheduler service (settings from CNC_SCHEDULER_*)."""
 
 import sys
 
