@@ -151,49 +151,14 @@ class Featurizer:
         c = F_SITE
 
         # --- service block
-        best = view.best_mu()
-        per_rep = view.capacity_per_replica()  # [S, K]
         spare_nb = np.zeros((S, k, K_MAX))
         m_add = np.zeros((S, K_MAX), dtype=bool)
         m_rem = np.zeros((S, K_MAX), dtype=bool)
         m_svc = np.zeros((S, K_MAX), dtype=bool)
         for j in range(K):
-            svc = view.services[j]
-            if not svc.active:
-                c += F_SVC
-                continue
-            unit = max(best[j], 1e-9)
-            dem = view.demand_rps[:, j] / unit
-            cap = view.capacity_rps[:, j] / unit
-            reps = view.replicas[:, j].astype(float)
-            room = per_rep[:, j] / unit
-            pool_dem, pool_cap = dem.sum(), cap.sum()
-            pool_reps = float(reps.sum())
-            nd = np.where(valid, dem[nb], 0.0)
-            ncap = np.where(valid, cap[nb], 0.0)
-            o = obs[:, c:c + F_SVC]
-            o[:, 0] = 1.0
-            o[:, 1] = reps / 8
-            o[:, 2] = view.ready[:, j] / 8
-            o[:, 3] = dem / 4
-            o[:, 4] = cap / 4
-            o[:, 5] = np.minimum(view.load[:, j], 3.0)
-            o[:, 6] = (dem / TARGET_UTIL - cap) / 4
-            o[:, 7] = room
-            o[:, 8] = view.slo_recent[j]
-            o[:, 9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
-            o[:, 10] = pool_reps / max(svc.max_replicas, 1)
-            o[:, 11] = float(pool_reps <= svc.min_replicas)
-            o[:, 12] = nd.sum(axis=1) / 4
-            o[:, 13] = ncap.sum(axis=1) / 4
-            o[:, 14] = np.where(valid, room[nb] > 0, 0).mean(axis=1)
-            o[:, 15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).mean(axis=1)
-            o[:, 16] = cap / max(pool_cap, 1e-6)
-            o[:, 17] = dem / max(pool_dem, 1e-6)
-            spare_nb[:, :, j] = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
-            m_svc[:, j] = True
-            m_add[:, j] = (room > 0) & (pool_reps < svc.max_replicas)
-            m_rem[:, j] = (reps > 0) & (pool_reps > svc.min_replicas)
+            if view.services[j].active:
+                spare_nb[:, :, j], m_add[:, j], m_rem[:, j] = self._service_block(view, j, obs[:, c:c + F_SVC])
+                m_svc[:, j] = True
             c += F_SVC
         c = F_SITE + K_MAX * F_SVC
 
@@ -235,6 +200,67 @@ class Featurizer:
         self._room_o = room_o
         state = self.pooled_state(obs, elapsed)
         return obs.astype(np.float32), mask, state
+
+    def _service_block(self, view: PoolView, j: int, o: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Write service j's block of every site into `o` [S, F_SVC] (float64, not yet clipped);
+        return its neighbour spare capacity [S, k] and the add / remove masks [S] (before liveness)."""
+        nb, valid = self._nb, self.nbr_valid
+        svc = view.services[j]
+        unit = max(float(svc.mu.max()) if len(svc.mu) else 0.0, 1e-9)
+        dem = view.demand_rps[:, j] / unit
+        cap = view.capacity_rps[:, j] / unit
+        reps = view.replicas[:, j].astype(float)
+        room = view.replica_capacity(j) / unit
+        pool_dem, pool_cap = dem.sum(), cap.sum()
+        pool_reps = float(reps.sum())
+        nd = np.where(valid, dem[nb], 0.0)
+        ncap = np.where(valid, cap[nb], 0.0)
+        o[:, 0] = 1.0
+        o[:, 1] = reps / 8
+        o[:, 2] = view.ready[:, j] / 8
+        o[:, 3] = dem / 4
+        o[:, 4] = cap / 4
+        o[:, 5] = np.minimum(view.load[:, j], 3.0)
+        o[:, 6] = (dem / TARGET_UTIL - cap) / 4
+        o[:, 7] = room
+        o[:, 8] = view.slo_recent[j]
+        o[:, 9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
+        o[:, 10] = pool_reps / max(svc.max_replicas, 1)
+        o[:, 11] = float(pool_reps <= svc.min_replicas)
+        o[:, 12] = nd.sum(axis=1) / 4
+        o[:, 13] = ncap.sum(axis=1) / 4
+        o[:, 14] = np.where(valid, room[nb] > 0, 0).mean(axis=1)
+        o[:, 15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).mean(axis=1)
+        o[:, 16] = cap / max(pool_cap, 1e-6)
+        o[:, 17] = dem / max(pool_dem, 1e-6)
+        spare = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
+        add = (room > 0) & (pool_reps < svc.max_replicas)
+        rem = (reps > 0) & (pool_reps > svc.min_replicas)
+        return spare, add, rem
+
+    def extend(self, obs: np.ndarray, mask: np.ndarray, view: PoolView, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(obs, mask) of `view` from those `build` gave for the same view without its service j —
+        service j was an empty (padded) slot there, every other input the same. Equal to
+        `build(view)[:2]` (test), at the cost of one service block: a live agent builds its view of
+        the pool once and adds each offered service to it (`agents.marl_site`)."""
+        S, k = self.S, self.k
+        if not j < min(view.n_services, K_MAX) or not view.services[j].active:
+            raise ValueError(f"service {j} is not an active service of the view")
+        block = np.zeros((S, F_SVC))
+        spare, add, rem = self._service_block(view, j, block)
+        obs = obs.copy()
+        mask = mask.copy()
+        c = F_SITE + j * F_SVC
+        obs[:, c:c + F_SVC] = np.clip(block, -OBS_CLIP, OBS_CLIP)
+        blk = obs[:, F_SITE + K_MAX * F_SVC + MAX_OFFERS * F_OFFER:].reshape(S, k, 2 + K_MAX)
+        blk[:, :, 2 + j] = np.clip(spare, -OBS_CLIP, OBS_CLIP)
+        live = view.site_up
+        mask[:, 3 * j] = rem & live
+        mask[:, 3 * j + 2] = add & live
+        ov = 3 * K_MAX + 2 * MAX_OFFERS + j * (k + 1)
+        nb_up = np.where(self.nbr_valid, live[self._nb], False)
+        mask[:, ov + 1: ov + 1 + k] = nb_up & live[:, None]
+        return obs, mask
 
     def build_site(self, view: PoolView, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(obs [obs_size] float32, mask [mask_size] int8, shard room [MAX_OFFERS]) of site `s`

@@ -40,6 +40,7 @@ for the whole process instead of one per site.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -90,6 +91,29 @@ def _service_model(model: str, params_b: float, trace_name: str,
             mu[i] = 1.0 / (pre + mo * step / bmax[i])
     tp = np.where(bmax == 0, 0, tp)
     return tp, mu, bmax
+
+
+@dataclasses.dataclass
+class _Rows:
+    """The sites of a live view, before the services are added (see `MarlSitePolicy._rows`)."""
+
+    rows: list[tuple]
+    ids: list[str]
+    n_mine: int
+    gpu_types: list[str]
+
+
+@dataclasses.dataclass
+class _OfferBase:
+    """A view of a process's sites without the offered service, and its observation (`wants`)."""
+
+    inputs: tuple
+    """The snapshot and each site's (telemetry, available) it was built from (compared by identity)."""
+    wids: list[str]
+    view: PoolView
+    feat: object
+    obs: np.ndarray
+    mask: np.ndarray
 
 
 class SpecBook:
@@ -149,6 +173,7 @@ class MarlSitePolicy(SitePolicy):
         self._neighbours: dict[tuple[str, int], list[str]] = {}
         self._pool_key: perception_pb2.Snapshot | None = None
         self._pool: tuple[dict, list[str]] = ({}, [])
+        self._base: _OfferBase | None = None
         self.decisions = 0
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -196,9 +221,19 @@ class MarlSitePolicy(SitePolicy):
         [each of mine, their k nearest neighbours, rest of the pool]; services: those at my sites
         first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service). Row i < len(mine)
         is mine[i]; with one site this is that site's local view."""
+        rows = self._rows(mine)
+        wids = self._service_ids(rows, K_MAX - 1 if extra is not None else K_MAX, extra_id if extra is not None else None)
+        view = self._assemble(mine, rows, wids, offers)
+        if extra is not None:
+            view = self._with_service(view, rows, extra_id, extra)
+            wids = [*wids, extra_id]
+        return view, wids
+
+    def _rows(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]]) -> _Rows:
+        """The view's sites: mine (from their own telemetry), their k nearest neighbours (from the
+        snapshot), each as (site id, up, GPU pools, services, jobs, links or None)."""
         snap = self.snapshot
         by_id = {s.site.site_id: s for s in snap.sites} if snap else {}
-        # rows: (site id, up, GPU pools, services, jobs, links or None)
         rows: list[tuple] = []
         ids: list[str] = []
         for site, telemetry, available in mine:
@@ -219,14 +254,34 @@ class MarlSitePolicy(SitePolicy):
                     rows.append((peer, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
                                  st.services, st.jobs, None))
                     ids.append(peer)
-        S = len(rows) + 1
-        gpu_types = sorted({p.gpu_type for r in rows for p in r[2]})
+        return _Rows(rows, ids, n_mine, sorted({p.gpu_type for r in rows for p in r[2]}))
+
+    def _service_ids(self, rows: _Rows, limit: int, exclude: str | None = None) -> list[str]:
+        """Services in view: those at my sites first, then the pool's busiest (the first `limit`
+        with a known inference spec), never `exclude`."""
+        _, busiest = self._pool_services(self.snapshot)
+        wids: list[str] = []
+        seen = {exclude} if exclude is not None else set()
+        for w in itertools.chain((x.workload_id for r in rows.rows[:rows.n_mine] for x in r[3]), busiest):
+            if w not in seen:
+                seen.add(w)
+                if isinstance(self.book.specs.get(w), common.InferenceServiceSpec):
+                    wids.append(w)
+                    if len(wids) == limit:
+                        break
+        return wids
+
+    def _assemble(self, mine, rows: _Rows, wids: list[str], offers: list[sched.Offer] = ()) -> PoolView:
+        """The `PoolView` of `rows` with the services `wids` (known specs) and training `offers`."""
+        snap = self.snapshot
+        rows_, ids, n_mine, gpu_types = rows.rows, rows.ids, rows.n_mine, rows.gpu_types
+        S = len(rows_) + 1
         G = len(gpu_types)
         gi = {t: i for i, t in enumerate(gpu_types)}
         total = np.zeros((S, G), np.int64)
         free = np.zeros((S, G), np.int64)
         up = np.zeros(S, bool)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows_):
             up[i] = r[1]
             for p in r[2]:
                 total[i, gi[p.gpu_type]] = p.count
@@ -238,7 +293,7 @@ class MarlSitePolicy(SitePolicy):
             np.fill_diagonal(lat, 0.0)
             index = {sid: i for i, sid in enumerate(ids)}
             for a in range(n_mine):
-                for lk in rows[a][5]:
+                for lk in rows_[a][5]:
                     b = index.get(lk.peer_site_id)
                     if b is not None and b != a:
                         lat[a, b] = lk.latency_ms / 1e3
@@ -246,54 +301,15 @@ class MarlSitePolicy(SitePolicy):
                             lat[b, a] = lat[a, b]
             self._latency, self._latency_key = lat, key  # same array while the rows stay
 
-        # services: at my sites first, then the pool's busiest (the first K_MAX with a known spec)
-        summaries, busiest = self._pool_services(snap)
-        wids: list[str] = []
-        seen = {extra_id} if extra is not None else set()
-        for w in itertools.chain((x.workload_id for r in rows[:n_mine] for x in r[3]), busiest):
-            if w not in seen:
-                seen.add(w)
-                if isinstance(self.book.specs.get(w), common.InferenceServiceSpec):
-                    wids.append(w)
-                    if len(wids) == K_MAX:
-                        break
-        if extra is not None:
-            wids = wids[: K_MAX - 1] + [extra_id]
         K = len(wids)
-        col = {w: j for j, w in enumerate(wids)}
-        services = []
-        reps = np.zeros((S, K))
-        dem = np.zeros((S, K))
-        load = np.zeros((S, K))
-        cap = np.zeros((S, K))
-        slo = np.ones(K)
-        for i, r in enumerate(rows):
-            for x in r[3]:
-                j = col.get(x.workload_id)
-                if j is not None:
-                    reps[i, j] = x.replicas
-                    dem[i, j] = x.request_rate_rps
-                    load[i, j] = x.utilization
-        row_types = [[gi[p.gpu_type] for p in r[2]] for r in rows]
-        for j, wid in enumerate(wids):
-            spec = extra if (extra is not None and wid == extra_id) else self.book.specs[wid]
-            tp, mu, bmax = self._model(wid, spec, gpu_types)
-            services.append(ServiceInfo(spec.name, spec.model, spec.slo.ttft_ms / 1e3, spec.slo.tpot_ms / 1e3,
-                                        spec.min_replicas, spec.max_replicas, tp, mu, bmax))
-            mu_max = float(mu.max()) if len(mu) else 0.0
-            for i, types in enumerate(row_types):
-                if reps[i, j]:
-                    best = max((mu[g] for g in types if tp[g]), default=mu_max)
-                    cap[i, j] = reps[i, j] * best
-            agg = summaries.get(wid)
-            if agg is not None:  # the rest of the pool: pool-wide figure less the local rows
-                reps[-1, j] = max(0.0, agg.replicas - reps[:-1, j].sum())
-                dem[-1, j] = max(0.0, agg.request_rate_rps - dem[:-1, j].sum())
-                cap[-1, j] = reps[-1, j] * mu_max
-                slo[j] = agg.requests_ok / agg.requests if agg.requests > 0 else 1.0
-            if extra is not None and wid == extra_id:
-                ingress = ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1
-                dem[ingress, j] = spec.expected_rate_rps
+        columns = [self._service_column(rows, wid, self.book.specs[wid]) for wid in wids]
+        services = [c[0] for c in columns]
+
+        def stack(i: int) -> np.ndarray:
+            return np.stack([c[i] for c in columns], axis=1) if columns else np.zeros((S, 0))
+
+        reps, dem, load, cap = stack(1), stack(2), stack(3), stack(4)
+        slo = np.array([c[5] for c in columns]) if columns else np.ones(0)
         job_offers = []
         if offers:
             hbm = {p.gpu_type: p.hbm_gb for site, _, _ in mine for p in site.gpu_pools if p.hbm_gb}
@@ -302,19 +318,66 @@ class MarlSitePolicy(SitePolicy):
                                  and hbm.get(t, 1e9) >= o.min_hbm_gb for t in gpu_types], bool)
                 job_offers.append(JobOffer(o.workload_id, int(o.units), int(o.gpus_per_unit), fits, 0.0, ""))
         training = np.zeros(S)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows_):
             for j in r[4]:
                 spec = self.book.specs.get(j.workload_id)
                 if isinstance(spec, common.TrainingJobSpec):
                     training[i] += j.shards_running * spec.gpus_per_shard
-        view = PoolView(
+        return PoolView(
             time_s=snap.sim_time_s if snap else 0.0, tick_s=1.0, site_ids=[*ids, "_rest"], site_up=up,
             latency_s=self._latency, bandwidth_gbps=np.zeros((S, S)), gpu_types=gpu_types,
             total_gpus=total, free_gpus=free, services=services, ready=reps.copy(), replicas=reps,
             capacity_rps=cap, demand_rps=dem, load=load, slo_recent=slo, overflow=np.full((S, K), -1),
             offers=job_offers, training_gpus=training, population=np.full(S, 1.0 / S),
         )
-        return view, wids
+
+    def _service_column(self, rows: _Rows, wid: str, spec: common.InferenceServiceSpec,
+                        offered: bool = False) -> tuple[ServiceInfo, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """One service of the view: (info, replicas, demand, load, capacity [S], SLO last tick).
+        Rows hold what the sites report; the aggregate row the pool-wide summary less the rows.
+        offered: a new service (not placed yet): no replicas, its declared rate at its ingress."""
+        rows_, ids, gpu_types = rows.rows, rows.ids, rows.gpu_types
+        S = len(rows_) + 1
+        reps, dem, load, cap = np.zeros(S), np.zeros(S), np.zeros(S), np.zeros(S)
+        for i, r in enumerate(rows_):
+            for x in r[3]:
+                if x.workload_id == wid:
+                    reps[i] = x.replicas
+                    dem[i] = x.request_rate_rps
+                    load[i] = x.utilization
+        tp, mu, bmax = self._model(wid, spec, gpu_types)
+        info = ServiceInfo(spec.name, spec.model, spec.slo.ttft_ms / 1e3, spec.slo.tpot_ms / 1e3,
+                           spec.min_replicas, spec.max_replicas, tp, mu, bmax)
+        mu_max = float(mu.max()) if len(mu) else 0.0
+        gi = {t: g for g, t in enumerate(gpu_types)}
+        for i, r in enumerate(rows_):
+            if reps[i]:
+                best = max((mu[gi[p.gpu_type]] for p in r[2] if tp[gi[p.gpu_type]]), default=mu_max)
+                cap[i] = reps[i] * best
+        slo = 1.0
+        agg = self._pool_services(self.snapshot)[0].get(wid)
+        if agg is not None:  # the rest of the pool: pool-wide figure less the local rows
+            reps[-1] = max(0.0, agg.replicas - reps[:-1].sum())
+            dem[-1] = max(0.0, agg.request_rate_rps - dem[:-1].sum())
+            cap[-1] = reps[-1] * mu_max
+            slo = agg.requests_ok / agg.requests if agg.requests > 0 else 1.0
+        if offered:
+            dem[ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1] = spec.expected_rate_rps
+        return info, reps, dem, load, cap, slo
+
+    def _with_service(self, view: PoolView, rows: _Rows, wid: str, spec: common.InferenceServiceSpec) -> PoolView:
+        """`view` with the offered service `wid` as one more service (its last)."""
+        info, reps, dem, load, cap, slo = self._service_column(rows, wid, spec, offered=True)
+
+        def more(a: np.ndarray, col: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, col[:, None]], axis=1)
+
+        return dataclasses.replace(
+            view, services=[*view.services, info], ready=more(view.ready, reps), replicas=more(view.replicas, reps),
+            capacity_rps=more(view.capacity_rps, cap), demand_rps=more(view.demand_rps, dem),
+            load=more(view.load, load), slo_recent=np.append(view.slo_recent, slo),
+            overflow=np.full((view.n_sites, view.n_services + 1), -1),
+        )
 
     def _pool_services(self, snap: perception_pb2.Snapshot | None) -> tuple[dict, list[str]]:
         """The snapshot's per-service summaries by id, and their ids busiest first (once per snapshot:
@@ -396,9 +459,7 @@ class MarlSitePolicy(SitePolicy):
             if time.time() > cutoff:
                 late.add(i)
             elif isinstance(spec, common.InferenceServiceSpec):
-                view, wids = lead.view_of(mine, extra=spec, extra_id=o.workload_id)
-                acts = lead.runtime.act(view)
-                decided[i] = acts.replica_delta[:n, wids.index(o.workload_id)] > 0
+                decided[i] = lead.wants(mine, o.workload_id, spec)
         for m in range(n):
             members[m][0].decisions += 1
             for i, o in enumerate(offers):
@@ -414,6 +475,34 @@ class MarlSitePolicy(SitePolicy):
                 else:
                     out[m].append((units, gpu_type, cost, reason))
         return out
+
+    def wants(self, mine, wid: str, spec: common.InferenceServiceSpec) -> np.ndarray:
+        """[len(mine)] whether each of the sites `mine` adds a replica of the offered service `wid`
+        — the policy's replica head for it in `view_of(mine, extra=spec, extra_id=wid)`.
+
+        The view without the offered service, and its observation, are kept while the snapshot,
+        the sites' telemetry and the services in view stay the same (executors replace a telemetry
+        message, they never change one); an offer then adds its service's column to them
+        (`Featurizer.extend`: one service block instead of the whole observation) and runs the
+        actor on my sites' rows only. The same decision as the whole view's (test)."""
+        rows = self._rows(mine)
+        wids = self._service_ids(rows, K_MAX - 1)
+        n = rows.n_mine
+        if wid in wids:  # the offered service is in view already: the whole view decides
+            view, all_wids = self.view_of(mine, extra=spec, extra_id=wid)
+            return self.runtime.act(view).replica_delta[:n, all_wids.index(wid)] > 0
+        inputs = (self.snapshot, *(x for _, t, a in mine for x in (t, a)))
+        base = self._base
+        if base is None or base.wids != wids or len(base.inputs) != len(inputs) \
+                or not all(a is b for a, b in zip(base.inputs, inputs, strict=True)):
+            view = self._assemble(mine, rows, wids)
+            feat = self.runtime._featurizer(view)
+            obs, mask, _ = feat.build(view)
+            base = self._base = _OfferBase(inputs, wids, view, feat, obs, mask)
+        view = self._with_service(base.view, rows, wid, spec)
+        j = len(wids)
+        obs, mask = base.feat.extend(base.obs, base.mask, view, j)
+        return (self.runtime.actor.choose_head(obs[:n], mask[:n], j) == 2) & view.site_up[:n]
 
     # --- the SitePolicy interface ---------------------------------------------------------------
     def answer_round(self, offers, site: common.Site, telemetry: site_pb.SiteTelemetry | None,

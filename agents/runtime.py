@@ -90,6 +90,11 @@ class NumpyActor:
             out[:, h] = z[:, self.offsets[h]:self.offsets[h + 1]].argmax(axis=1)
         return out
 
+    def choose_head(self, obs: np.ndarray, mask: np.ndarray, h: int) -> np.ndarray:
+        """[N] column `h` of `choose(obs, mask)`, without the other heads."""
+        z = self.logits(obs)[:, self.offsets[h]:self.offsets[h + 1]]
+        return np.where(mask[:, self.offsets[h]:self.offsets[h + 1]] > 0, z, -np.inf).argmax(axis=1)
+
 
 class MarlPolicy(Policy):
     """The learned per-site policy behind the `Policy` interface (`--policy marl[:PATH]`)."""

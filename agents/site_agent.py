@@ -51,38 +51,48 @@ class SitePolicy:
         self.slo_floor = slo_floor
         self.cooldown_s = cooldown_s
         self._last_change: dict[str, float] = {}
+        self._state: tuple | None = None
 
     @staticmethod
     def free_by_type(site: common.Site, telemetry: site_pb.SiteTelemetry | None) -> dict[str, int]:
         used = {g.gpu_type: g.used for g in telemetry.gpu_pools} if telemetry else {}
         return {g.gpu_type: g.count - used.get(g.gpu_type, 0) for g in site.gpu_pools}
 
+    def _site_state(self, site: common.Site, telemetry: site_pb.SiteTelemetry | None) -> tuple:
+        """(free GPUs by type, HBM by type, busy share, link latency by peer) of the site, worked
+        out once per telemetry message (executors replace the message, never change it)."""
+        state = self._state
+        if state is None or state[0] is not site or state[1] is not telemetry:
+            free = self.free_by_type(site, telemetry)
+            total = sum(g.count for g in site.gpu_pools) or 1
+            state = self._state = (site, telemetry, free, {g.gpu_type: g.hbm_gb for g in site.gpu_pools},
+                                   1.0 - sum(free.values()) / total,
+                                   {lk.peer_site_id: lk.latency_ms for lk in reversed(site.links)})
+        return state[2:]
+
     def answer(self, offer: sched.Offer, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
                available: bool) -> tuple[int, str, float, str]:
         """(units, gpu_type, cost, reason) this site offers for `offer`."""
         if not available:
             return 0, "", 0.0, "site unavailable"
-        free = self.free_by_type(site, telemetry)
-        hbm = {g.gpu_type: g.hbm_gb for g in site.gpu_pools}
+        free, hbm, busy, latency_to = self._site_state(site, telemetry)
+        allowed = offer.allowed_gpu_types
         candidates = [
             (free[t] // offer.gpus_per_unit, t) for t in free
-            if (not offer.allowed_gpu_types or t in offer.allowed_gpu_types)
-            and (not hbm.get(t) or hbm[t] >= offer.min_hbm_gb)
+            if (not allowed or t in allowed) and (not hbm.get(t) or hbm[t] >= offer.min_hbm_gb)
         ]
         candidates = [c for c in candidates if c[0] > 0]
         if not candidates:
             return 0, "", 0.0, "no free GPUs of an allowed type with enough HBM"
         room, gpu_type = max(candidates)
         units = min(room, offer.units)
-        total = sum(g.count for g in site.gpu_pools) or 1
-        busy = 1.0 - sum(free.values()) / total
         if offer.kind == common.WORKLOAD_KIND_TRAINING_JOB:
             # fewer, fuller sites keep a gang's all-reduce off the WAN
             cost = -float(units) + busy
         else:
             latency = 0.0
             if offer.ingress_site_id and offer.ingress_site_id != site.site_id:
-                latency = next((lk.latency_ms for lk in site.links if lk.peer_site_id == offer.ingress_site_id), 100.0)
+                latency = latency_to.get(offer.ingress_site_id, 100.0)
             cost = latency + 5.0 * busy
         return units, gpu_type, cost, f"{units}×{offer.gpus_per_unit} {gpu_type} free"
 

@@ -75,10 +75,15 @@ class PoolView:
     def capacity_per_replica(self) -> np.ndarray:
         """[S, K] requests/s a new replica at each site would sustain (best GPU type with room)."""
         out = np.zeros((self.n_sites, self.n_services))
-        for k, svc in enumerate(self.services):
-            room = (svc.tp[None, :] > 0) & (self.free_gpus >= svc.tp[None, :])
-            out[:, k] = np.where(room, svc.mu[None, :], 0.0).max(axis=1)
+        for k in range(self.n_services):
+            out[:, k] = self.replica_capacity(k)
         return out
+
+    def replica_capacity(self, k: int) -> np.ndarray:
+        """[S] column k of `capacity_per_replica`."""
+        svc = self.services[k]
+        room = (svc.tp[None, :] > 0) & (self.free_gpus >= svc.tp[None, :])
+        return np.where(room, svc.mu[None, :], 0.0).max(axis=1)
 
     def best_mu(self) -> np.ndarray:
         """[K] requests/s of one replica on the best GPU type of the pool."""

@@ -117,6 +117,40 @@ def test_sites_of_one_process_answer_a_round_together_as_each_would_alone():
     assert all(r.startswith("marl") for answers in together for *_, r in answers)
 
 
+def test_an_offered_service_is_decided_on_the_kept_view_as_on_a_fresh_one():
+    """`wants` (the offer path: the view without the offered service is kept and the service
+    added to it) decides as the whole view built for that offer does — on the first offer, on
+    the next ones (kept view), after a new snapshot (view rebuilt), and for a service already in
+    view (the whole view decides)."""
+    policy = make_site_policy("marl")
+    policy.book.learn("svc-1", spec("chat"))
+    mine = [(site_of(i), None, True) for i in range(len(SITES))]
+    offers = _offers()
+    for o in offers:
+        policy.book.learn(o.workload_id, o.inference_service)
+
+    def fresh(wid: str, s: common.InferenceServiceSpec) -> np.ndarray:
+        view, wids = policy.view_of(mine, extra=s, extra_id=wid)
+        return policy.runtime.act(view).replica_delta[: len(mine), wids.index(wid)] > 0
+
+    bases, seen = [], set()
+    for snap in (_pool_snapshot(), _pool_snapshot()):  # equal content, a new message: rebuilt
+        policy.snapshot = snap
+        for rate in (0.5, 20.0, 200.0):
+            for o in offers:
+                s = common.InferenceServiceSpec()
+                s.CopyFrom(o.inference_service)
+                s.expected_rate_rps = rate
+                got = policy.wants(mine, o.workload_id, s)
+                assert (got == fresh(o.workload_id, s)).all()
+                seen.update(got.tolist())
+                bases.append(policy._base)
+    assert bases[0] is bases[8] and bases[9] is bases[-1] and bases[0] is not bases[9]
+    assert seen == {True, False}  # a heavy service is wanted at its ingress, a light one nowhere
+    # svc-1 runs at three of the sites already: it is in the kept view's services
+    assert (policy.wants(mine, "svc-1", spec("chat")) == fresh("svc-1", spec("chat"))).all()
+
+
 def test_a_round_past_its_deadline_is_answered_without_the_policy():
     snap = _pool_snapshot()
     policy = make_site_policy("marl")
