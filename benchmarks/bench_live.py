@@ -11,7 +11,7 @@ The site agents' policy is `up`'s default (marl when the shipped policy exists) 
 CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
 
     python -m benchmarks live            # all three
-    python -m benchmarks.bench_live latency|throughput|up
+    python -m benchmarks.bench_live latency|throughput|up [--repeat N]   # N fresh `up`s for latency
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def bench_up_and_latency() -> None:
+def bench_up_and_latency() -> float:
+    """One `up` and 200 sequential deploys against it; returns the p50 (ms)."""
     print(f"[{load()}]")
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
@@ -108,8 +109,9 @@ def bench_up_and_latency() -> None:
         finally:
             brain.stop()
     print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
-          f"{policy_name()} policy): p50 {statistics.median(samples):.2f} ms, p90 {pct(samples, 90):.2f} ms, "
-          f"p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
+          f"{policy_name()} policy, {aio.loop_name()} loop): p50 {statistics.median(samples):.2f} ms, "
+          f"p90 {pct(samples, 90):.2f} ms, p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
+    return statistics.median(samples)
 
 
 async def _throughput(url: str, scheduler: str, per_service: int) -> tuple[float, int]:
@@ -198,9 +200,17 @@ async def _wait_sites(port: int, n: int, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    which = argv or ["up", "throughput"]
+    which = list(argv or ["up", "throughput"])
+    repeat = 1
+    if "--repeat" in which:  # a shared machine's latency moves from run to run: several fresh `up`s
+        i = which.index("--repeat")
+        repeat = int(which[i + 1])
+        del which[i:i + 2]
     if "up" in which or "latency" in which:
-        bench_up_and_latency()
+        p50s = [bench_up_and_latency() for _ in range(repeat)]
+        if repeat > 1:
+            print(f"p50 over {repeat} runs: median {statistics.median(p50s):.2f} ms, best {min(p50s):.2f} ms, "
+                  f"worst {max(p50s):.2f} ms ({', '.join(f'{x:.2f}' for x in p50s)})")
     if "throughput" in which:
         bench_throughput()
 

@@ -6,8 +6,9 @@ reports. After a restart it recovers everything from the store.
 Offers go out in rounds: one placer task sends every workload waiting for placement as one
 `OfferRound`; each up site answers the whole round with one `OfferAnswer` (an agent process
 hosting several sites sends theirs together, as one `OfferAnswers`); the round is arbitrated
-in arrival order (the ledger is updated synchronously, so one round never double-books a GPU) and
-each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
+in the handler of the answer that completes it (or by the placer when the offer times out), its
+workloads in offer order (the ledger is updated synchronously, so one round never double-books a
+GPU), and each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
 slow write never holds the next round. A new workload's first round goes out while its record is
 still being stored; its commit waits for that write (nothing is placed that is not stored). Its
 ACCEPTED event goes out once that first round is arbitrated (right after the placement when the
@@ -74,10 +75,14 @@ class Waiting:
 
 @dataclass
 class OpenRound:
+    round_id: str
+    batch: list[Waiting]
     expected: set[str]
     answers: dict[str, site_pb.OfferAnswer] = field(default_factory=dict)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    """Resolved when every expected site has answered (a future: the placer resumes in one step)."""
+    """Resolved when the round is over: every expected site answered, or the offer timed out."""
+    closed: bool = False
+    """Arbitrated (by the answer that completed it, or by the placer after the timeout)."""
 
 
 class Coordinator:
@@ -218,9 +223,27 @@ class Coordinator:
                     e.not_before = time.time() + self.settings.retry_interval_s
 
     async def _round(self, batch: list[Waiting]) -> None:
-        answers: list[site_pb.OfferAnswer] = []
-        if self.ledger.up:
-            answers = await self._offer(batch)
+        """Offer `batch` and arbitrate it: at once when the last up site's answer arrives (in that
+        answer's handler: no wait for the placer to resume), else when the offer times out."""
+        if not self.ledger.up:
+            self._arbitrate(batch, [])
+            return
+        rnd = await self._offer(batch)
+        self._close(rnd)  # the timeout, or nothing left to do
+
+    def _close(self, rnd: OpenRound) -> None:
+        if rnd.closed:
+            return
+        rnd.closed = True
+        self.rounds.pop(rnd.round_id, None)
+        try:
+            self._arbitrate(rnd.batch, list(rnd.answers.values()))
+        except Exception:  # as a failed round: offered again after the pause
+            log.exception("arbitration of round %s failed", rnd.round_id)
+            for e in rnd.batch:
+                e.not_before = time.time() + self.settings.retry_interval_s
+
+    def _arbitrate(self, batch: list[Waiting], answers: list[site_pb.OfferAnswer]) -> None:
         by_workload: dict[str, list[site_pb.Proposal]] = {}
         for a in answers:
             for p in a.proposals:
@@ -232,7 +255,8 @@ class Coordinator:
             if not self._decide(entry, by_workload.get(entry.workload.workload_id, []), now):
                 self._announce(entry.workload.workload_id)  # its commit announces it otherwise
 
-    async def _offer(self, batch: list[Waiting]) -> list[site_pb.OfferAnswer]:
+    async def _offer(self, batch: list[Waiting]) -> OpenRound:
+        """Send the round and wait until it is over (its answers are in the returned `OpenRound`)."""
         round_id = uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.offer_timeout_s
         msg = pb.OfferRound(round_id=round_id)
@@ -250,7 +274,7 @@ class Coordinator:
             which = w.WhichOneof("spec")
             if which:
                 getattr(offer, which).CopyFrom(getattr(w, which))
-        pending = OpenRound(expected=set(self.ledger.up))
+        pending = OpenRound(round_id, batch, expected=set(self.ledger.up))
         self.rounds[round_id] = pending
         # The round belongs to the trace of its first workload's call; the others are linked.
         links = [trace.Link(sc) for e in batch[1:] if e.context is not None
@@ -270,7 +294,7 @@ class Coordinator:
             self.rounds.pop(round_id, None)
         self.counters["offer_rounds"] += 1
         self.counters["offers"] += len(batch)
-        return list(pending.answers.values())
+        return pending
 
     def _decide(self, entry: Waiting, proposals: list[site_pb.Proposal], now: float) -> bool:
         """Arbitrate one workload of a round (no await: the ledger cannot change underneath); a
@@ -459,7 +483,10 @@ class Coordinator:
             return
         rnd.answers[a.site_id] = a
         if rnd.expected <= rnd.answers.keys() and not rnd.done.done():
-            rnd.done.set_result(None)
+            try:
+                self._close(rnd)
+            finally:
+                rnd.done.set_result(None)
 
     async def on_proposal(self, event: Event) -> None:
         p: site_pb.Proposal = event.payload
