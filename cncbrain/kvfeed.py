@@ -24,6 +24,7 @@ class KvFollower:
         self.name = name
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self, initial_timeout: float = 5.0) -> None:
         self._watcher = await self.kv.watchall()
@@ -35,7 +36,7 @@ class KvFollower:
         self._task = asyncio.create_task(self._follow(), name=self.name)
 
     async def _follow(self) -> None:
-        while True:
+        while not self._stopping:  # see stop()
             try:
                 entry = await self._watcher.updates(timeout=3600.0)
             except asyncio.CancelledError:
@@ -47,6 +48,9 @@ class KvFollower:
                 self.apply(entry)
 
     async def stop(self) -> None:
+        # Ends on the flag as well as the cancel: `updates()` is an `asyncio.wait_for`, which on
+        # Python 3.11 drops a cancel that lands as an update arrives; the loop then sees the flag.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -93,6 +93,7 @@ class Governor:
         self.projector: asyncio.Task[None] | None = None
         self._pending = _Dirty()
         self._project_wanted = asyncio.Event()
+        self._stopping = False
         self.counters = bus.counters
         self.pool_sites: dict[str, common.Site] = {}
         self.load_verification: LedgerVerification | None = None
@@ -115,6 +116,14 @@ class Governor:
             await self.ensure_operator_token(self.settings.bootstrap_token_file)
 
     async def stop(self) -> None:
+        # The loops also end on this flag, not on the cancel alone: on Python 3.11 `asyncio.wait_for`
+        # returns the result and drops a cancel that arrives as its future completes (fixed in 3.12),
+        # and every NATS request of nats-py awaits one. A cancel landing as, say, the head's KV put
+        # is answered is then lost, the loop goes round to wait for work that never comes and
+        # `await task` hangs. The flag is set before the cancel, so a loop that loses the cancel
+        # ends at its next turn.
+        self._stopping = True
+        self._project_wanted.set()
         for task in (self.writer, self.projector):
             if task:
                 task.cancel()
@@ -166,7 +175,7 @@ class Governor:
         return entries
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self._stopping:  # see stop()
             batch = [await self.queue.get()]
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
@@ -229,6 +238,8 @@ class Governor:
         current value of every key that changed since the last pass, then the head."""
         while True:
             await self._project_wanted.wait()
+            if self._stopping:  # see stop()
+                return
             self._project_wanted.clear()
             dirty, self._pending = self._pending, _Dirty()
             try:

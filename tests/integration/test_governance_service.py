@@ -6,7 +6,10 @@ the scheduler's placement events, restart from the ledger, and a ledger tampered
 """
 
 import asyncio
+import sys
 import time
+from collections import Counter
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -19,6 +22,8 @@ from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import subjects
+from cncbrain.kvfeed import KvFollower
+from services.governance.events import Governor
 from services.governance.ledger_store import LEDGER, STREAM
 from services.governance.server import GovernanceServer
 from services.governance.settings import Settings
@@ -254,3 +259,72 @@ async def test_verify_ledger_names_the_tampered_entries(brain, bus):
     assert {i.index for i in result.issues if i.kind == "changed"} == {3}
     code, _ = await code_of(brain.stub(None).VerifyLedger(pb.VerifyLedgerRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def ended_within(stop, timeout_s, loop_task):
+    """Run `stop` as a task; fail if it has not ended within `timeout_s` (not cancelling it: a
+    cancelled stop() would cancel the loop task again and pass)."""
+    stopping = asyncio.ensure_future(stop)
+    await asyncio.wait({stopping}, timeout=timeout_s)
+    hung = not stopping.done()
+    if hung:  # clean up the task that missed its cancel
+        loop_task.cancel()
+        await asyncio.wait({stopping}, timeout=1)
+    assert not hung, f"stop() still waiting after {timeout_s} s"
+    assert loop_task.done()
+
+
+async def test_stop_ends_although_a_nats_request_drops_the_cancel():
+    """On Python 3.11 `asyncio.wait_for` (which every nats-py request awaits) returns the result and
+    drops a cancel that lands in the turn its future completes. Governor.stop() used to hang when that
+    happened to the projection loop's KV put of the head (the loop went round and waited forever)."""
+    gov = Governor(SimpleNamespace(js=None, counters=Counter()), Settings(nats_url="nats://unused:4222"))
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    in_put = asyncio.Event()
+    swallowed = []
+
+    async def no_projection(dirty):
+        return None
+
+    async def write_head(head):  # as LedgerStore.write_head -> kv.put -> nc.request -> wait_for
+        in_put.set()
+        await asyncio.wait_for(reply, 30)
+        swallowed.append(True)  # reached only if the cancel was dropped
+
+    gov._project = no_projection
+    gov.store.write_head = write_head
+    gov.projector = asyncio.create_task(gov._project_loop())
+    gov._project_wanted.set()
+    await asyncio.wait_for(in_put.wait(), 5)
+    loop.call_soon(reply.set_result, None)  # the reply lands in the same turn as stop()'s cancel
+    await ended_within(gov.stop(), 5, gov.projector)
+    if sys.version_info < (3, 12):
+        assert swallowed, "the race was not reproduced"
+
+
+async def test_kv_follower_stop_ends_although_updates_drops_the_cancel():
+    """The same race in KvFollower: `KeyWatcher.updates()` is a `wait_for` on its queue."""
+    queue = asyncio.Queue()
+    applied = []
+
+    class Watcher:
+        async def updates(self, timeout):
+            return await asyncio.wait_for(queue.get(), timeout)
+
+        async def stop(self):
+            return None
+
+    class Kv:
+        async def watchall(self):
+            return Watcher()
+
+    queue.put_nowait(None)  # the initial load: no entries
+    follower = KvFollower(Kv(), applied.append, "test-follower")
+    await follower.start()
+    await asyncio.sleep(0)  # the follow task waits in updates()
+    loop = asyncio.get_running_loop()
+    loop.call_soon(queue.put_nowait, "an update")  # arrives in the same turn as stop()'s cancel
+    await ended_within(follower.stop(), 5, follower._task)
+    if sys.version_info < (3, 12):
+        assert applied == ["an update"], "the race was not reproduced"
