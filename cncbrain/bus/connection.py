@@ -152,6 +152,42 @@ class Bus:
                 )
         return self._kv[bucket]
 
+    async def kv_items(self, bucket: str) -> dict[str, tuple[bytes, int]]:
+        """Every live key of a KV bucket: key → (value, revision), read through a pull consumer on
+        the bucket's stream (last entry per key; deleted and purged keys left out).
+
+        Not nats-py's `KeyValue.keys()`: its push watcher ends the listing when the consumer-info
+        reply overtakes the entries already pushed, which under load reports a full bucket as
+        empty (nats-io/nats.py#842) — a restarted scheduler would recover no workloads."""
+        prefix = f"$KV.{bucket}."
+        stream = f"KV_{bucket}"
+        await self.kv(bucket)  # the bucket exists
+        sub = await self.js.pull_subscribe(f"{prefix}>", stream=stream, config=api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=60.0))
+        items: dict[str, tuple[bytes, int]] = {}
+        name = None
+        try:
+            info = await sub.consumer_info()
+            name, remaining = info.name, info.num_pending
+            while remaining > 0:
+                for msg in await sub.fetch(min(remaining, 1000), timeout=10.0):
+                    meta = msg.metadata
+                    remaining = meta.num_pending
+                    key = msg.subject[len(prefix):]
+                    headers = msg.headers or {}
+                    if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+                        items.pop(key, None)
+                    else:
+                        items[key] = (msg.data, meta.sequence.stream)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if name is not None:
+                with contextlib.suppress(Exception):
+                    await self.js.delete_consumer(stream, name)
+        return items
+
     async def close(self) -> None:
         self.closing = True
         for sub in self._subs:

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from nats.js import api
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
@@ -166,15 +167,18 @@ class Adapter:
             await self._follower.stop()
 
     async def _load_policies(self) -> None:
-        with contextlib.suppress(Exception):
-            for key in await self.kv.keys():
-                if key.startswith("policy."):
-                    entry = await self.kv.get(key)
-                    m = apb.AutoscalingPolicy()
-                    m.ParseFromString(entry.value)
-                    wid = key.removeprefix("policy.")
-                    self.guardrails.set_policy(wid, policy_from_pb(m))
-                    self.explicit_policies.add(wid)
+        items = await self.bus.retrying(lambda: self.bus.kv_items(ADAPTATION_BUCKET), "read the autoscaling policies")
+        for key, (value, _) in items.items():
+            if key.startswith("policy."):
+                m = apb.AutoscalingPolicy()
+                try:
+                    m.ParseFromString(value)
+                except DecodeError:
+                    log.error("autoscaling policy %s in %s is not an AutoscalingPolicy; ignored", key, ADAPTATION_BUCKET)
+                    continue
+                wid = key.removeprefix("policy.")
+                self.guardrails.set_policy(wid, policy_from_pb(m))
+                self.explicit_policies.add(wid)
 
     async def _load_actions(self) -> None:
         """The recent actions, replayed from the stream (ListActions survives a restart)."""

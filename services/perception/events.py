@@ -27,13 +27,10 @@ class PerceptionEvents:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        kv = await self.bus.kv(KV_SITES)
         now = time.time()
-        with contextlib.suppress(Exception):  # an empty bucket raises NoKeysError
-            for key in await kv.keys():
-                entry = await kv.get(key)
-                if entry.value:
-                    self.picture.restore(common_pb2.Site.FromString(entry.value), now)
+        for value, _ in (await self.bus.retrying(lambda: self.bus.kv_items(KV_SITES), "read the sites")).values():
+            if value:
+                self.picture.restore(common_pb2.Site.FromString(value), now)
         await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
         await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
         await self.bus.subscribe(subjects.SITE_TELEMETRY, self.on_telemetry, consumer="perception-telemetry")

@@ -3,8 +3,6 @@ compare-and-set on the revision so two writers can never both win."""
 
 from __future__ import annotations
 
-import contextlib
-
 import nats.js.errors
 from nats.js.kv import KeyValue
 
@@ -25,14 +23,11 @@ class WorkloadStore:
 
     async def open(self) -> list[pb.Workload]:
         self.kv = await self.bus.kv(KV_WORKLOADS)
-        keys: list[str] = []
-        with contextlib.suppress(nats.js.errors.NoKeysError):
-            keys = await self.kv.keys()
-        for key in keys:
-            entry = await self.kv.get(key)
-            if entry.value:
-                self.records[key] = pb.Workload.FromString(entry.value)
-                self.revisions[key] = entry.revision or 0
+        for key, (value, revision) in (await self.bus.retrying(
+                lambda: self.bus.kv_items(KV_WORKLOADS), "read the workload records")).items():
+            if value:
+                self.records[key] = pb.Workload.FromString(value)
+                self.revisions[key] = revision
         return list(self.records.values())
 
     def get(self, workload_id: str) -> pb.Workload | None:

@@ -112,3 +112,20 @@ async def test_kv_bucket_exists_after_connect(bus):
     kv = await bus.kv("cnc-workloads")
     await kv.put("k", b"v")
     assert (await kv.get("k")).value == b"v"
+
+
+async def test_kv_items_lists_every_live_key_with_its_latest_value(bus):
+    """The recovery read of a bucket (scheduler, perception, adaptation after a restart): every
+    live key once, its latest value and revision, deleted and purged keys left out — also past
+    one fetch batch, and with no consumer left behind."""
+    kv = await bus.js.create_key_value(bucket="t-items", history=5)
+    assert await bus.kv_items("t-items") == {}
+    for i in range(2500):
+        await kv.put(f"k{i}", f"v{i}".encode())
+    last = await kv.put("k7", b"newer")
+    await kv.delete("k8")
+    await kv.purge("k9")
+    items = await bus.kv_items("t-items")
+    assert len(items) == 2498 and "k8" not in items and "k9" not in items
+    assert items["k7"] == (b"newer", last) and items["k2499"][0] == b"v2499"
+    assert (await bus.js.stream_info("KV_t-items")).state.consumer_count == 0
