@@ -287,7 +287,9 @@ class Governor:
                        {(t, w) for t, held in self.state.holdings.items() for w in held})
         await self._project(dirty)
         with contextlib.suppress(Exception):
-            for key in await self.tokens_kv.keys():
+            # Bus.kv_items, not kv.keys(): that can report a full bucket as empty under load
+            # (nats-io/nats.py#842), and a record the ledger no longer has would be left usable.
+            for key in await self.bus.kv_items(TOKENS_BUCKET):
                 if key not in self.state.tokens:
                     await self.tokens_kv.delete(key)
 

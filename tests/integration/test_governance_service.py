@@ -20,7 +20,7 @@ from cnc.governance.v1 import governance_pb2 as pb
 from cnc.governance.v1 import governance_pb2_grpc
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cncbrain.auth import token_interceptors
+from cncbrain.auth import TOKENS_BUCKET, token_interceptors
 from cncbrain.bus import subjects
 from cncbrain.kvfeed import KvFollower
 from services.governance.events import Governor
@@ -229,6 +229,17 @@ async def test_state_survives_a_restart_and_the_operator_token_is_kept(nats_serv
     finally:
         await b2.close()
         await b2.server.stop()
+
+
+async def test_a_token_record_the_ledger_does_not_have_is_removed_at_start(nats_server, bus, tmp_path):
+    tokens = await bus.kv(TOKENS_BUCKET)
+    await tokens.put("tok_0123456789abcdef", b'{"role": "operator"}')
+    b = await start(nats_server, tmp_path)
+    try:
+        assert "tok_0123456789abcdef" not in await bus.kv_items(TOKENS_BUCKET)
+    finally:
+        await b.close()
+        await b.server.stop()
 
 
 async def test_verify_ledger_names_the_tampered_entries(brain, bus):
