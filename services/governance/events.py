@@ -231,7 +231,8 @@ class Governor:
         self._pending.tenants |= dirty.tenants
         self._pending.workloads |= dirty.workloads
         self._pending.holdings |= dirty.holdings
-        self._project_wanted.set()
+        if entries:  # nothing appended (an event that changed no holding): the projections stand
+            self._project_wanted.set()
 
     async def _project_loop(self) -> None:
         """Projections trail the ledger by a moment and coalesce under load: each pass writes the

@@ -361,9 +361,9 @@ class Coordinator:
                 self.counters["units_placed"] += entry.need.units
                 if self.governance:
                     self.governance.committed(w)
-                await self.publish_placements(w, placements)
-                self._announce(wid)
-                await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
+                # different streams, no order between them: both go out in one write
+                await asyncio.gather(self.publish_placements(w, placements),
+                                     self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -415,8 +415,7 @@ class Coordinator:
         for p in before:
             self.ledger.take(p, -1)
         self.waiting.pop(w.workload_id, None)
-        await self.publish_placements(w, changed)
-        await self.publish_event(w, EVENT_OF_STATE[state])
+        await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state]))
         return w
 
     # --- publishing ---------------------------------------------------------------------------
