@@ -141,12 +141,14 @@ class Coordinator:
     async def accept(self, w: pb.Workload) -> pb.Workload:
         """Store a new workload (idempotent on its id) and start placing it.
 
-        Its first offer round goes out while the record is being written; the commit waits for
-        the write, and a write that fails (or finds the id taken) drops the queued entry."""
+        Its first offer round goes out while the record is being written (the round first: the
+        placer, woken by `enqueue`, runs before this resumes); the commit waits for the write, and
+        a write that fails (or finds the id taken) drops the queued entry."""
         created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         mine = None
         if w.workload_id not in self.waiting and self.store.get(w.workload_id) is None:
             mine = self.enqueue(w, created)
+            await asyncio.sleep(0)
         try:
             await self.store.create(w)
         except BaseException as exc:
