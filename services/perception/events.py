@@ -25,6 +25,7 @@ class PerceptionEvents:
         self.watchers: set[asyncio.Queue[perception_pb2.Snapshot]] = set()
         self.latest = perception_pb2.Snapshot()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         now = time.time()
@@ -37,6 +38,9 @@ class PerceptionEvents:
         self._task = asyncio.create_task(self._ticker(), name="perception-tick")
 
     async def stop(self) -> None:
+        # The ticker also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's
+        # requests is answered is dropped by `asyncio.wait_for` (see Governor.stop).
+        self._stopping = True
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -83,7 +87,7 @@ class PerceptionEvents:
         return snap
 
     async def _ticker(self) -> None:
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             try:
                 await self.tick_once()

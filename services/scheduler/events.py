@@ -96,6 +96,7 @@ class Coordinator:
         self.wake = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self._placer: asyncio.Task[None] | None = None
+        self._stopping = False
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
         self.governance: SchedulerGovernance | None = None  # issue 5 hooks, set by the server
@@ -127,6 +128,10 @@ class Coordinator:
                 await self.publish_placements(w, list(w.placements))
 
     async def stop(self) -> None:
+        # The placer also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's
+        # requests is answered is dropped by `asyncio.wait_for` (see Governor.stop).
+        self._stopping = True
+        self.wake.set()
         tasks = [*self.tasks, *([self._placer] if self._placer else [])]
         for task in tasks:
             task.cancel()
@@ -206,7 +211,7 @@ class Coordinator:
     async def _place_loop(self) -> None:
         """One offer round at a time, each with every workload due; rounds follow each other at
         once while work waits, so a burst is batched by how long one round takes."""
-        while True:
+        while not self._stopping:
             now = time.time()
             due = [e for e in self.waiting.values() if e.not_before <= now]
             if not due:

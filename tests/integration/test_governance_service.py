@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import ended_within
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as pb
@@ -270,19 +271,6 @@ async def test_verify_ledger_names_the_tampered_entries(brain, bus):
     assert {i.index for i in result.issues if i.kind == "changed"} == {3}
     code, _ = await code_of(brain.stub(None).VerifyLedger(pb.VerifyLedgerRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
-
-
-async def ended_within(stop, timeout_s, loop_task):
-    """Run `stop` as a task; fail if it has not ended within `timeout_s` (not cancelling it: a
-    cancelled stop() would cancel the loop task again and pass)."""
-    stopping = asyncio.ensure_future(stop)
-    await asyncio.wait({stopping}, timeout=timeout_s)
-    hung = not stopping.done()
-    if hung:  # clean up the task that missed its cancel
-        loop_task.cancel()
-        await asyncio.wait({stopping}, timeout=1)
-    assert not hung, f"stop() still waiting after {timeout_s} s"
-    assert loop_task.done()
 
 
 async def test_stop_ends_although_a_nats_request_drops_the_cancel():

@@ -1,4 +1,4 @@
-"""Polling helper of the integration tests (imported as `waiting`: pytest puts this folder on the path)."""
+"""Waiting helpers of the integration tests (imported as `waiting`: pytest puts this folder on the path)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,16 @@ async def until(pred, timeout=20.0, what="condition", poll_s=0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(poll_s)
+
+
+async def ended_within(stop, timeout_s, loop_task):
+    """Run `stop` as a task; fail if it has not ended within `timeout_s` (not cancelling it: a
+    cancelled stop() would cancel the loop task again and pass)."""
+    stopping = asyncio.ensure_future(stop)
+    await asyncio.wait({stopping}, timeout=timeout_s)
+    hung = not stopping.done()
+    if hung:  # clean up the task that missed its cancel
+        loop_task.cancel()
+        await asyncio.wait({stopping}, timeout=1)
+    assert not hung, f"stop() still waiting after {timeout_s} s"
+    assert loop_task.done()
