@@ -87,6 +87,12 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     proc, env, ports, lines = up
     text = "".join(lines)
     assert f"127.0.0.1:{ports[2]}" in text and "11 site agents registered" in text
+    # adaptation and the emulated sites yield the CPU to the deploy path; the rest keep the default
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    nice = {Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[2].decode(): os.getpriority(os.PRIO_PROCESS, int(c))
+            for c in children if Path(f"/proc/{c}/cmdline").read_bytes().count(b"\0") > 2}
+    assert nice["services.adaptation"] == 19 and nice["cncbrain.commands.emulate"] == 19, nice
+    assert nice["services.scheduler"] == nice["services.perception"] == nice["cncbrain.commands.agent"] == 0, nice
     sites = cli("sites", "--json", env=env)
     assert sites.returncode == 0, sites.stderr
     assert sites.stdout.count('"siteId"') == 11
@@ -151,3 +157,9 @@ def test_demo_runs_end_to_end_and_reports(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "closing report" in res.stdout and "SLO attainment: all services" in res.stdout
     assert "placements committed" in res.stdout
+
+
+def test_up_refuses_a_background_nice_out_of_range(tmp_path):
+    res = cli("up", "--state-dir", str(tmp_path / "state"), "--background-nice", "25",
+              env={**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")})
+    assert res.returncode == 2 and "background nice 25: must be 0..19" in (res.stdout + res.stderr)
