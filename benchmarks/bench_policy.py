@@ -1,5 +1,9 @@
 """Decision latency of the shipped MARL policy on CPU (numpy, no torch): one site's decision
-(`MarlPolicy.decide_site`, what the live site agent calls) and the whole pool's (`act`).
+(`MarlPolicy.decide_site`, what the live site agent calls for its scale proposals), the whole
+pool's (`act`), and a live offer round: every site of the scenario answering one newly offered
+inference service together (`MarlSitePolicy.answer_sites`, what `up`'s agent process does on the
+deploy path), on sites emulated by the twin with two services running, through perception's
+snapshot.
 
     python benchmarks/bench_policy.py [--scenario geant] [--n 2000] [--json]
 
@@ -51,17 +55,75 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         p.act(v)
         pool.append(time.perf_counter() - t0)
+    rounds, rounds_cpu = offer_rounds(a.scenario, a.policy, min(a.n, 1000))
     ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 4)  # noqa: E731
     res = {"scenario": a.scenario, "sites": views[0].n_sites, "policy_load_ms": round(load_ms, 2),
            "site_decision_p50_ms": ms(site, 50), "site_decision_p99_ms": ms(site, 99),
            "site_decision_cpu_p50_ms": ms(site_cpu, 50), "site_decision_cpu_p99_ms": ms(site_cpu, 99),
            "pool_decision_p50_ms": ms(pool, 50), "pool_decision_p99_ms": ms(pool, 99),
+           "offer_round_p50_ms": ms(rounds, 50), "offer_round_p99_ms": ms(rounds, 99),
+           "offer_round_cpu_p50_ms": ms(rounds_cpu, 50),
            "load_avg_1m": os.getloadavg()[0]}
     if a.json:
         print(json.dumps(res))
     else:
         for k, v in res.items():
             print(f"{k:24s} {v}")
+
+
+def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float], list[float]]:
+    """Seconds (wall, CPU) of `n` offer rounds, each offering one new 7B inference service to every
+    site of `scenario` at once, as `up`'s agent process answers them. The sites are emulated by the
+    twin (two services placed, 30 ticks served); the snapshot is perception's."""
+    from agents.executor_emulated import EmulatorHost
+    from agents.marl_site import MarlSitePolicy
+    from agents.site_agent import make_site_policy
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.scheduler.v1 import scheduler_pb2 as sched
+    from services.perception.domain import PoolPicture
+
+    host = EmulatorHost(None, load_scenario(scenario))
+
+    def spec(name: str, trace: str, rate: float, ingress: str = "") -> common.InferenceServiceSpec:
+        return common.InferenceServiceSpec(name=name, model="7b", params_b=7, trace=trace, expected_rate_rps=rate,
+                                           slo=common.SloTargets(ttft_ms=500, tpot_ms=50), min_replicas=1,
+                                           max_replicas=8, gpus_per_replica=1, ingress_site_id=ingress)
+
+    running = {"svc-chat": spec("chat", "conv", 4.0), "svc-code": spec("code", "code", 2.0)}
+    for k, (wid, svc) in enumerate(running.items()):
+        for s in (k, k + 2):
+            host.apply(s, sched.PlacementCommitted(placement=common.Placement(
+                workload_id=wid, site_id=host.ids[s], kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, replicas=2,
+                gpus_per_unit=1, generation=1), inference_service=svc))
+    for _ in range(30):
+        host.report = host.twin.step()
+    picture = PoolPicture()
+    now = time.time()
+    telemetry = {sid: host.site_state(sid) for sid in host.ids}
+    for s, sid in enumerate(host.ids):
+        picture.register(host.site(s), now)
+        picture.telemetry(telemetry[sid])
+    snapshot = picture.tick(now)
+    members = []
+    for s, sid in enumerate(host.ids):
+        site_policy = make_site_policy(f"marl:{policy}" if policy else "marl")
+        site_policy.snapshot = snapshot
+        members.append((site_policy, host.site(s), telemetry[sid], True))
+    book = members[0][0].book
+    for wid, svc in running.items():
+        book.learn(wid, svc)
+    wall, cpu = [], []
+    for i in range(n + 20):  # 20 warm-up rounds (the first loads the service's trace)
+        offer = sched.Offer(offer_id=f"o{i}", workload_id=f"svc-new-{i}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
+                            units=1, gpus_per_unit=1)
+        offer.inference_service.CopyFrom(spec(f"new{i}", "code", 0.05))
+        book.learn(offer.workload_id, offer.inference_service)
+        c0, t0 = time.process_time(), time.perf_counter()
+        MarlSitePolicy.answer_sites(members, [offer])
+        if i >= 20:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return wall, cpu
 
 
 if __name__ == "__main__":
