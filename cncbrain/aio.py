@@ -3,9 +3,8 @@
 `run(coro)` runs a coroutine to completion on uvloop (libuv's event loop) when it is installed,
 else on the standard asyncio loop; `CNC_EVENT_LOOP=asyncio` forces the standard one (to compare,
 or where uvloop misbehaves). Every hop of the deploy path is an event-loop wake-up, a socket read
-and a write in some process, and uvloop does those with less Python: on this project's 2-core
-machine a NATS request/reply between two processes went from 0.53–0.56 to 0.35–0.45 ms (p50), and
-deploy → committed placement improved in 4 of 4 alternating runs (docs/live-brain.md, "Latency").
+and a write in some process, and uvloop does those with less Python. What it buys end to end is
+measured with `CNC_EVENT_LOOP=asyncio` against the default (docs/live-brain.md, fourth pass).
 
 grpc.aio and nats-py both run on it unchanged. Tests keep pytest-asyncio's standard loop, so both
 loops are exercised.
