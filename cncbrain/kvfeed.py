@@ -28,11 +28,20 @@ class KvFollower:
 
     async def start(self, initial_timeout: float = 5.0) -> None:
         self._watcher = await self.kv.watchall()
-        while True:  # the watcher yields every current value, then None, then live updates
+        # The watcher yields every current value, then None, then live updates — but its None can
+        # overtake values already on their way (nats-io/nats.py#842, under load). The bucket's last
+        # revision, read after the watch began, is one of the values it must yield (the stream's
+        # last message is the latest of its key) and values come in revision order, so the initial
+        # load ends once that one is applied.
+        last = (await self.kv.status()).stream_info.state.last_seq
+        seen, ended = 0, False
+        while not (ended and seen >= last):
             entry = await self._watcher.updates(timeout=initial_timeout)
             if entry is None:
-                break
+                ended = True
+                continue
             self.apply(entry)
+            seen = max(seen, entry.revision or 0)
         self._task = asyncio.create_task(self._follow(), name=self.name)
 
     async def _follow(self) -> None:

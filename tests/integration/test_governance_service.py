@@ -318,6 +318,9 @@ async def test_kv_follower_stop_ends_although_updates_drops_the_cancel():
         async def watchall(self):
             return Watcher()
 
+        async def status(self):  # an empty bucket
+            return SimpleNamespace(stream_info=SimpleNamespace(state=SimpleNamespace(last_seq=0)))
+
     queue.put_nowait(None)  # the initial load: no entries
     follower = KvFollower(Kv(), applied.append, "test-follower")
     await follower.start()
