@@ -17,6 +17,8 @@ CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
     python -m benchmarks live            # all three
     python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S]
         # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy
+    python -m benchmarks.bench_live cpu    # each process's CPU per deploy + cancel (Linux /proc)
+    python -m benchmarks.bench_live nice   # background priority 0 vs up's default, blocks in one brain
 """
 
 from __future__ import annotations
@@ -208,6 +210,74 @@ async def _wait_sites(port: int, n: int, timeout_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
+def _cpu_ms(pid: int) -> float:
+    """CPU time (user + system) of process `pid` so far, in ms (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cpu() -> None:
+    """Where the CPU of a deploy goes: each process's CPU time per deploy + cancel over the latency
+    loop, less what it uses idle (measured for 5 s before)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
+                      scheduler_port=free_port(), speed=30.0, fresh=True)
+        brain.start()
+        try:
+            pids = {name: proc.pid for name, proc in brain.procs.items()}
+            if brain.nats and brain.nats.proc:
+                pids["nats-server"] = brain.nats.proc.pid
+            pids["benchmark client"] = os.getpid()
+
+            def snap() -> dict[str, float]:
+                return {name: _cpu_ms(pid) for name, pid in pids.items()}
+
+            a, t0 = snap(), time.perf_counter()
+            time.sleep(5)
+            b, idle_s = snap(), time.perf_counter() - t0
+            samples = aio.run(_latency(brain.endpoints))
+            c, busy_s = snap(), time.perf_counter() - t0 - idle_s
+        finally:
+            brain.stop()
+    n = N_LATENCY + 5
+    per = {k: (c[k] - b[k] - (b[k] - a[k]) / idle_s * busy_s) / n for k in pids}
+    print(f"CPU per deploy + cancel over {n} ({policy_name()} policy, {aio.loop_name()} loop, p50 "
+          f"{statistics.median(samples):.2f} ms, one every {busy_s / n * 1e3:.1f} ms) [{load()}]:")
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:18s} {v:6.2f} ms")
+    print(f"  {'total':18s} {sum(per.values()):6.2f} ms = {sum(per.values()) / (busy_s / n * 1e3):.2f} cores busy")
+
+
+def bench_nice(blocks: int = 10, per_block: int = 60) -> None:
+    """Background priority A/B inside one brain: blocks of `per_block` deploys alternate between
+    the background processes (`up.BACKGROUND`) at nice 0 and at `up`'s default, so the machine's
+    drift hits both; prints the median of the blocks' p50s."""
+    global N_LATENCY
+    from cncbrain.commands.up import BACKGROUND, DEFAULT_BACKGROUND_NICE, lower_priority
+
+    saved, N_LATENCY = N_LATENCY, per_block
+    res: dict[int, list[float]] = {0: [], DEFAULT_BACKGROUND_NICE: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
+                      scheduler_port=free_port(), speed=30.0, fresh=True, background_nice=0)
+        brain.start()
+        try:
+            for blk in range(blocks):
+                order = list(res) if blk % 2 == 0 else list(res)[::-1]
+                for nice in order:
+                    for name in BACKGROUND:
+                        lower_priority(brain.procs[name].pid, nice)
+                    res[nice].append(statistics.median(aio.run(_latency(brain.endpoints))))
+        finally:
+            brain.stop()
+            N_LATENCY = saved
+    for nice, p50s in res.items():
+        print(f"background ({', '.join(BACKGROUND)}) at nice {nice:2d}: p50 of {blocks} blocks of {per_block} "
+              f"deploys: median {statistics.median(p50s):.2f} ms ({' '.join(f'{x:.1f}' for x in p50s)})")
+    lower = sum(b < a for a, b in zip(res[0], res[DEFAULT_BACKGROUND_NICE], strict=True))
+    print(f"lower at nice {DEFAULT_BACKGROUND_NICE} in {lower} of {blocks} pairs [{load()}]")
+
+
 def main(argv: list[str] | None = None) -> None:
     which = list(argv or ["up", "throughput"])
     repeat = 1
@@ -227,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"worst {max(p50s):.2f} ms ({', '.join(f'{x:.2f}' for x in p50s)})")
     if "throughput" in which:
         bench_throughput()
+    if "cpu" in which:
+        bench_cpu()
+    if "nice" in which:
+        bench_nice()
 
 
 if __name__ == "__main__":
