@@ -109,6 +109,8 @@ class _OfferBase:
 
     inputs: tuple
     """The snapshot and each site's (telemetry, available) it was built from (compared by identity)."""
+    jobs_learned: int
+    """Training specs known then (they set the view's training GPUs)."""
     wids: list[str]
     view: PoolView
     feat: object
@@ -131,9 +133,13 @@ class SpecBook:
     def __init__(self) -> None:
         self.specs: dict[str, common.InferenceServiceSpec | common.TrainingJobSpec] = {}
         self._tried: dict[str, float] = {}
+        self.jobs_learned = 0
+        """Training specs learned so far (a view's training GPUs depend on them; see `wants`)."""
 
     def learn(self, workload_id: str, spec: common.InferenceServiceSpec | common.TrainingJobSpec) -> None:
-        self.specs.setdefault(workload_id, spec)
+        if workload_id not in self.specs:
+            self.specs[workload_id] = spec
+            self.jobs_learned += isinstance(spec, common.TrainingJobSpec)
 
     async def fetch(self, bus, workload_ids) -> None:
         from cnc.scheduler.v1 import scheduler_pb2 as pb
@@ -152,7 +158,7 @@ class SpecBook:
             w = pb.Workload.FromString(entry.value or b"")
             which = w.WhichOneof("spec")
             if which:
-                self.specs[wid] = getattr(w, which)
+                self.learn(wid, getattr(w, which))
 
 
 class MarlSitePolicy(SitePolicy):
@@ -481,8 +487,8 @@ class MarlSitePolicy(SitePolicy):
         — the policy's replica head for it in `view_of(mine, extra=spec, extra_id=wid)`.
 
         The view without the offered service, and its observation, are kept while the snapshot,
-        the sites' telemetry and the services in view stay the same (executors replace a telemetry
-        message, they never change one); an offer then adds its service's column to them
+        the sites' telemetry, the services in view and the training specs known stay the same
+        (executors replace a telemetry message, they never change one); an offer then adds its service's column to them
         (`Featurizer.extend`: one service block instead of the whole observation) and runs the
         actor on my sites' rows only. The same decision as the whole view's (test)."""
         rows = self._rows(mine)
@@ -493,12 +499,12 @@ class MarlSitePolicy(SitePolicy):
             return self.runtime.act(view).replica_delta[:n, all_wids.index(wid)] > 0
         inputs = (self.snapshot, *(x for _, t, a in mine for x in (t, a)))
         base = self._base
-        if base is None or base.wids != wids or len(base.inputs) != len(inputs) \
-                or not all(a is b for a, b in zip(base.inputs, inputs, strict=True)):
+        if base is None or base.wids != wids or base.jobs_learned != self.book.jobs_learned \
+                or len(base.inputs) != len(inputs) or not all(a is b for a, b in zip(base.inputs, inputs, strict=True)):
             view = self._assemble(mine, rows, wids)
             feat = self.runtime._featurizer(view)
             obs, mask, _ = feat.build(view)
-            base = self._base = _OfferBase(inputs, wids, view, feat, obs, mask)
+            base = self._base = _OfferBase(inputs, self.book.jobs_learned, wids, view, feat, obs, mask)
         view = self._with_service(base.view, rows, wid, spec)
         j = len(wids)
         obs, mask = base.feat.extend(base.obs, base.mask, view, j)

@@ -146,6 +146,10 @@ def test_an_offered_service_is_decided_on_the_kept_view_as_on_a_fresh_one():
                 seen.update(got.tolist())
                 bases.append(policy._base)
     assert bases[0] is bases[8] and bases[9] is bases[-1] and bases[0] is not bases[9]
+    # a training spec learned (its shards count in the view's training GPUs): rebuilt
+    policy.book.learn("job-1", common.TrainingJobSpec(name="ft", model="7b", params_b=7, shards=2, gpus_per_shard=1))
+    policy.wants(mine, offers[0].workload_id, offers[0].inference_service)
+    assert policy._base is not bases[-1]
     assert seen == {True, False}  # a heavy service is wanted at its ingress, a light one nowhere
     # svc-1 runs at three of the sites already: it is in the kept view's services
     assert (policy.wants(mine, "svc-1", spec("chat")) == fresh("svc-1", spec("chat"))).all()
