@@ -24,12 +24,14 @@ CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -64,7 +66,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _latency(endpoints: dict[str, str]) -> list[float]:
+async def _latency(endpoints: dict[str, str], n: int = N_LATENCY) -> list[float]:
     bus = await Bus.connect(endpoints["nats"], "bench", ensure=False)
     arrived: dict[str, float] = {}
     waiters: dict[str, asyncio.Event] = {}
@@ -80,7 +82,7 @@ async def _latency(endpoints: dict[str, str]) -> list[float]:
     samples = []
     async with grpc.aio.insecure_channel(endpoints["scheduler"]) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        for i in range(N_LATENCY + 5):  # 5 warm-up calls are not counted
+        for i in range(n + 5):  # 5 warm-up calls are not counted
             t0 = time.perf_counter()
             w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec(f"lat{i}", 1)))).workload
             ev = waiters.setdefault(w.workload_id, asyncio.Event())
@@ -107,18 +109,25 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+@contextlib.contextmanager
+def running_brain(**kwargs) -> Iterator[Brain]:
+    """A started `up` (abilene, emulated sites at 30×, fresh state in a temporary folder), stopped after."""
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
+                      scheduler_port=free_port(), speed=30.0, fresh=True, **kwargs)
+        brain.start()
+        try:
+            yield brain
+        finally:
+            brain.stop()
+
+
 def bench_up_and_latency() -> float:
     """One `up` and 200 sequential deploys against it; returns the p50 (ms)."""
     print(f"[{load()}]")
-    with tempfile.TemporaryDirectory() as tmp:
-        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), speed=30.0, fresh=True)
-        brain.start()
-        try:
-            print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
-            samples = aio.run(_latency(brain.endpoints))
-        finally:
-            brain.stop()
+    with running_brain() as brain:
+        print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
+        samples = aio.run(_latency(brain.endpoints))
     print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
           f"{policy_name()} policy, {aio.loop_name()} loop, {PAUSE_S:g} s between deploys): p50 {statistics.median(samples):.2f} ms, "
           f"p90 {pct(samples, 90):.2f} ms, p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
@@ -219,26 +228,20 @@ def _cpu_ms(pid: int) -> float:
 def bench_cpu() -> None:
     """Where the CPU of a deploy goes: each process's CPU time per deploy + cancel over the latency
     loop, less what it uses idle (measured for 5 s before)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), speed=30.0, fresh=True)
-        brain.start()
-        try:
-            pids = {name: proc.pid for name, proc in brain.procs.items()}
-            if brain.nats and brain.nats.proc:
-                pids["nats-server"] = brain.nats.proc.pid
-            pids["benchmark client"] = os.getpid()
+    with running_brain() as brain:
+        pids = {name: proc.pid for name, proc in brain.procs.items()}
+        if brain.nats and brain.nats.proc:
+            pids["nats-server"] = brain.nats.proc.pid
+        pids["benchmark client"] = os.getpid()
 
-            def snap() -> dict[str, float]:
-                return {name: _cpu_ms(pid) for name, pid in pids.items()}
+        def snap() -> dict[str, float]:
+            return {name: _cpu_ms(pid) for name, pid in pids.items()}
 
-            a, t0 = snap(), time.perf_counter()
-            time.sleep(5)
-            b, idle_s = snap(), time.perf_counter() - t0
-            samples = aio.run(_latency(brain.endpoints))
-            c, busy_s = snap(), time.perf_counter() - t0 - idle_s
-        finally:
-            brain.stop()
+        a, t0 = snap(), time.perf_counter()
+        time.sleep(5)
+        b, idle_s = snap(), time.perf_counter() - t0
+        samples = aio.run(_latency(brain.endpoints))
+        c, busy_s = snap(), time.perf_counter() - t0 - idle_s
     n = N_LATENCY + 5
     per = {k: (c[k] - b[k] - (b[k] - a[k]) / idle_s * busy_s) / n for k in pids}
     print(f"CPU per deploy + cancel over {n} ({policy_name()} policy, {aio.loop_name()} loop, p50 "
@@ -252,25 +255,17 @@ def bench_nice(blocks: int = 10, per_block: int = 60) -> None:
     """Background priority A/B inside one brain: blocks of `per_block` deploys alternate between
     the background processes (`up.BACKGROUND`) at nice 0 and at `up`'s default, so the machine's
     drift hits both; prints the median of the blocks' p50s."""
-    global N_LATENCY
     from cncbrain.commands.up import BACKGROUND, DEFAULT_BACKGROUND_NICE, lower_priority
 
-    saved, N_LATENCY = N_LATENCY, per_block
     res: dict[int, list[float]] = {0: [], DEFAULT_BACKGROUND_NICE: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), speed=30.0, fresh=True, background_nice=0)
-        brain.start()
-        try:
-            for blk in range(blocks):
-                order = list(res) if blk % 2 == 0 else list(res)[::-1]
-                for nice in order:
-                    for name in BACKGROUND:
-                        lower_priority(brain.procs[name].pid, nice)
-                    res[nice].append(statistics.median(aio.run(_latency(brain.endpoints))))
-        finally:
-            brain.stop()
-            N_LATENCY = saved
+    with running_brain(background_nice=0) as brain:
+        for blk in range(blocks):
+            for nice in list(res) if blk % 2 == 0 else list(res)[::-1]:
+                for name in BACKGROUND:
+                    lower_priority(brain.procs[name].pid, nice)
+                res[nice].append(statistics.median(aio.run(_latency(brain.endpoints, per_block))))
+            print(f"  block {blk + 1}/{blocks}: p50 " + ", ".join(f"nice {k} {v[-1]:.2f} ms" for k, v in res.items()),
+                  flush=True)
     for nice, p50s in res.items():
         print(f"background ({', '.join(BACKGROUND)}) at nice {nice:2d}: p50 of {blocks} blocks of {per_block} "
               f"deploys: median {statistics.median(p50s):.2f} ms ({' '.join(f'{x:.1f}' for x in p50s)})")
