@@ -18,7 +18,7 @@ CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
     python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S]
         # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy
     python -m benchmarks.bench_live cpu    # each process's CPU per deploy + cancel (Linux /proc)
-    python -m benchmarks.bench_live nice   # background priority 0 vs up's default, blocks in one brain
+    python -m benchmarks.bench_live nice [A B]   # background at nice A vs B (0 vs up's default), in one brain
 """
 
 from __future__ import annotations
@@ -251,13 +251,14 @@ def bench_cpu() -> None:
     print(f"  {'total':18s} {sum(per.values()):6.2f} ms = {sum(per.values()) / (busy_s / n * 1e3):.2f} cores busy")
 
 
-def bench_nice(blocks: int = 10, per_block: int = 60) -> None:
+def bench_nice(a: int = 0, b: int | None = None, blocks: int = 10, per_block: int = 60) -> None:
     """Background priority A/B inside one brain: blocks of `per_block` deploys alternate between
-    the background processes (`up.BACKGROUND`) at nice 0 and at `up`'s default, so the machine's
-    drift hits both; prints the median of the blocks' p50s."""
+    the background processes (`up.BACKGROUND`) at nice `a` and at nice `b` (default: `up`'s), so the
+    machine's drift hits both; prints the median of the blocks' p50s."""
     from cncbrain.commands.up import BACKGROUND, DEFAULT_BACKGROUND_NICE, lower_priority
 
-    res: dict[int, list[float]] = {0: [], DEFAULT_BACKGROUND_NICE: []}
+    b = DEFAULT_BACKGROUND_NICE if b is None else b
+    res: dict[int, list[float]] = {a: [], b: []}
     with running_brain(background_nice=0) as brain:
         for blk in range(blocks):
             for nice in list(res) if blk % 2 == 0 else list(res)[::-1]:
@@ -269,8 +270,8 @@ def bench_nice(blocks: int = 10, per_block: int = 60) -> None:
     for nice, p50s in res.items():
         print(f"background ({', '.join(BACKGROUND)}) at nice {nice:2d}: p50 of {blocks} blocks of {per_block} "
               f"deploys: median {statistics.median(p50s):.2f} ms ({' '.join(f'{x:.1f}' for x in p50s)})")
-    lower = sum(b < a for a, b in zip(res[0], res[DEFAULT_BACKGROUND_NICE], strict=True))
-    print(f"lower at nice {DEFAULT_BACKGROUND_NICE} in {lower} of {blocks} pairs [{load()}]")
+    lower = sum(y < x for x, y in zip(res[a], res[b], strict=True))
+    print(f"lower at nice {b} than at nice {a} in {lower} of {blocks} pairs [{load()}]")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
         bench_throughput()
     if "cpu" in which:
         bench_cpu()
-    if "nice" in which:
-        bench_nice()
+    if "nice" in which:  # nice [A B]: the two nice values compared (default 0 and up's)
+        values = [int(x) for x in which[which.index("nice") + 1:][:2] if x.isdigit()]
+        bench_nice(*values)
 
 
 if __name__ == "__main__":
