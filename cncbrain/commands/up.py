@@ -35,9 +35,10 @@ ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
 BACKGROUND = ("adaptation", "emulator")
 """Processes off the deploy → placement path (adaptation's control loop, the emulated sites): they
 run at a lower CPU priority (`--background-nice`), so on a small machine the scheduler, the site
-agents, perception, governance (admission) and NATS get a core first. Measured on this project's
-2-core machine, in one brain, 10 interleaved blocks of 60 deploys each (docs/live-brain.md):
-deploy → placement p50 12.7 ms at nice 0, 10.9 at 10, 10.4–10.6 at 19 (median of the blocks)."""
+agents, perception, governance (admission) and NATS get a core first. `python -m benchmarks.bench_live
+nice` (10 interleaved blocks of 60 deploys in one brain) on this project's 2-core machine: deploy →
+placement p50 11.97 ms at nice 0 vs 10.20 at 19 (median of the blocks, 9 of 10 pairs lower);
+`... nice 10 19`: 8.12 vs 7.63 ms (6 of 10) at a faster hour (docs/live-brain.md)."""
 DEFAULT_BACKGROUND_NICE = 19
 
 
