@@ -44,5 +44,10 @@ def loop_name() -> str:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run(coro)` on the brain's event loop (see the module docstring)."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+    try:
+        factory = loop_factory()
+    except CncError:
+        coro.close()  # never started: no "coroutine was never awaited" warning beside the message
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)

@@ -72,8 +72,13 @@ class Brain:
         self.auth = auth
         self.policy = policy or os.environ.get("CNC_AGENT_POLICY") or None
         """Site agents' policy (greedy, marl, marl:PATH); None: the agent's default (marl when shipped)."""
-        self.background_nice = background_nice if background_nice is not None else \
-            int(os.environ.get("CNC_BACKGROUND_NICE", DEFAULT_BACKGROUND_NICE))
+        if background_nice is None:
+            raw = os.environ.get("CNC_BACKGROUND_NICE", str(DEFAULT_BACKGROUND_NICE))
+            try:
+                background_nice = int(raw)
+            except ValueError:
+                raise CncError(f"CNC_BACKGROUND_NICE: {raw!r} is not a whole number 0..19") from None
+        self.background_nice = background_nice
         """Nice value of the `BACKGROUND` processes (0: the same priority as the others)."""
         if not 0 <= self.background_nice <= 19:
             raise CncError(f"background nice {self.background_nice}: must be 0..19")

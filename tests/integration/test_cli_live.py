@@ -163,3 +163,13 @@ def test_up_refuses_a_background_nice_out_of_range(tmp_path):
     res = cli("up", "--state-dir", str(tmp_path / "state"), "--background-nice", "25",
               env={**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")})
     assert res.returncode == 2 and "background nice 25: must be 0..19" in (res.stdout + res.stderr)
+
+
+def test_bad_settings_of_the_loop_and_the_background_priority_get_a_clear_error(tmp_path):
+    env = {**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")}
+    res = cli("up", "--state-dir", str(tmp_path / "state"), env={**env, "CNC_BACKGROUND_NICE": "abc"})
+    assert res.returncode == 2 and "CNC_BACKGROUND_NICE: 'abc' is not a whole number 0..19" in res.stdout + res.stderr
+    res = cli("sites", env={**env, "CNC_EVENT_LOOP": "bogus"})
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and "CNC_EVENT_LOOP: 'bogus' is not one of uvloop, asyncio" in out
+    assert "never awaited" not in out
