@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -160,33 +161,55 @@ class Bus:
         reply overtakes the entries already pushed, which under load reports a full bucket as
         empty (nats-io/nats.py#842) — a restarted scheduler would recover no workloads."""
         prefix = f"$KV.{bucket}."
-        stream = f"KV_{bucket}"
         await self.kv(bucket)  # the bucket exists
-        sub = await self.js.pull_subscribe(f"{prefix}>", stream=stream, config=api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=60.0))
         items: dict[str, tuple[bytes, int]] = {}
+        for msg in await self._read_stream(f"KV_{bucket}", f"{prefix}>", api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=60.0)):
+            key = msg.subject[len(prefix):]
+            headers = msg.headers or {}
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+                items.pop(key, None)
+            else:
+                items[key] = (msg.data, msg.metadata.sequence.stream)
+        return items
+
+    async def events_since(self, spec: Subject, since_s: float, **params: str) -> list[Event]:
+        """The events of a JetStream subject stored since `since_s` (unix seconds, the server's
+        clock), oldest first, read through a pull consumer (as `kv_items`). Undecodable ones are
+        skipped and logged."""
+        assert spec.stream, f"{spec.template} is not kept in a stream"
+        start = datetime.datetime.fromtimestamp(max(since_s, 0.0), datetime.UTC)
+        out = []
+        for msg in await self._read_stream(spec.stream, spec.wildcard(**params), api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start,
+                ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0)):
+            try:
+                out.append(envelope.decode(msg.subject, msg.data, msg.headers, spec.message, spec.match(msg.subject) or {}))
+            except EnvelopeError as exc:
+                log.warning("skipped an undecodable event on %s: %s", msg.subject, exc)
+        return out
+
+    async def _read_stream(self, stream: str, subject: str, config: api.ConsumerConfig) -> list[Msg]:
+        """Every message a fresh pull consumer (`config`, filtered on `subject`) has pending, read
+        to the end in batches; the consumer is deleted after."""
+        sub = await self.js.pull_subscribe(subject, stream=stream, config=config)
+        out: list[Msg] = []
         name = None
         try:
             info = await sub.consumer_info()
             name, remaining = info.name, info.num_pending
             while remaining > 0:
                 for msg in await sub.fetch(min(remaining, 1000), timeout=10.0):
-                    meta = msg.metadata
-                    remaining = meta.num_pending
-                    key = msg.subject[len(prefix):]
-                    headers = msg.headers or {}
-                    if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
-                        items.pop(key, None)
-                    else:
-                        items[key] = (msg.data, meta.sequence.stream)
+                    remaining = msg.metadata.num_pending
+                    out.append(msg)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             if name is not None:
                 with contextlib.suppress(Exception):
                     await self.js.delete_consumer(stream, name)
-        return items
+        return out
 
     async def close(self) -> None:
         self.closing = True

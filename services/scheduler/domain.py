@@ -273,3 +273,16 @@ def end(w: pb.Workload, state: int, message: str, now_ns: int) -> list[common.Pl
     w.message = message
     w.updated_at.FromNanoseconds(now_ns)
     return list(w.placements)
+
+
+def withdraw(w: pb.Workload, message: str, now_ns: int) -> list[common.Placement]:
+    """Take back a first placement that was published but not recorded in full (a commit cut
+    short): every site's entry goes to zero in a new generation (returned, to publish) and the
+    workload waits for placement again, with no placements."""
+    released = []
+    for p in end(w, PENDING, message, now_ns):
+        copy = common.Placement()
+        copy.CopyFrom(p)
+        released.append(copy)
+    del w.placements[:]
+    return released

@@ -8,11 +8,15 @@ Offers go out in rounds: one placer task sends every workload waiting for placem
 hosting several sites sends theirs together, as one `OfferAnswers`); the round is arbitrated
 in the handler of the answer that completes it (or by the placer when the offer times out), its
 workloads in offer order (the ledger is updated synchronously, so one round never double-books a
-GPU), and each workload's commit (KV compare-and-set, then its placement events) runs as its own task, so a
-slow write never holds the next round. A new workload's first round goes out while its record is
-still being stored; its commit waits for that write (nothing is placed that is not stored). Its
-ACCEPTED event goes out once that first round is arbitrated (right after the placement when the
-round places it), so the deploy's critical window carries no other event than the placement.
+GPU), and each workload's commit runs as its own task, so a slow write never holds the next round.
+A new workload's first round goes out while its record is still being stored; its commit waits
+for that write (nothing is placed that is not stored). The commit then writes the placed record
+(KV compare-and-set) and publishes its placement events together, one round trip instead of two:
+from then on the commit is decided — what fails is retried, never re-offered — and a restart that
+finds placements of a pending record in the stream rolls that commit forward (every placement
+there) or takes it back (`_recover_commits`). Its ACCEPTED event goes out once that first round
+is arbitrated (right after the placement when the round places it), so the deploy's critical
+window carries no other event than the placement.
 
 Single writer: one scheduler owns the records (CAS on every write makes a second one fail loudly).
 """
@@ -52,6 +56,11 @@ EVENT_OF_STATE = {
     domain.FAILED: pb.WORKLOAD_EVENT_KIND_FAILED,
     domain.CANCELLED: pb.WORKLOAD_EVENT_KIND_CANCELLED,
 }
+
+
+RECOVERY_CLOCK_SKEW_S = 60.0
+"""How far before a pending record's creation (by the scheduler's clock) `_recover_commits` reads
+the placement stream (stamped by the NATS server's clock)."""
 
 
 def now_ns() -> int:
@@ -108,7 +117,7 @@ class Coordinator:
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        records = await self.store.open()
+        records = await self._recover_commits(await self.store.open())
         self.ledger.rebuild(records)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
@@ -355,22 +364,12 @@ class Coordinator:
                 if current is None or current.state != domain.PENDING:
                     undo()  # cancelled between arbitration and commit
                     return
-                try:
-                    await self._write(w)
-                except Exception:
-                    undo()
-                    if wid not in self.waiting and (still := self.store.get(wid)) is not None \
-                            and still.state == domain.PENDING:
-                        entry.not_before = time.time() + self.settings.retry_interval_s
-                        self.waiting[wid] = entry  # offered again
-                    raise
+                await self._write_and_publish(w, placements)
                 self.counters["placements_committed"] += 1
                 self.counters["units_placed"] += entry.need.units
                 if self.governance:
                     self.governance.committed(w)
-                # different streams, no order between them: both go out in one write
-                await asyncio.gather(self.publish_placements(w, placements),
-                                     self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED))
+                await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -401,6 +400,69 @@ class Coordinator:
             if stored != w:
                 raise
             log.info("write of %s had landed before the retry", w.workload_id)
+
+    async def _write_and_publish(self, w: pb.Workload, placements: list[common.Placement]) -> None:
+        """Write the placed record `w` and publish its `placements` at once (different streams, one
+        socket write). Both are idempotent — a write that landed is recognised on re-read
+        (`_write`), a placement carries its id (JetStream drops a duplicate) and sites apply a
+        generation once — so whichever fails is retried until both are done; the workload is never
+        offered again once its placements may be out. A restart in between is `_recover_commits`'s."""
+        todo = {"record": lambda: self._write(w), "placements": lambda: self.publish_placements(w, placements)}
+        while todo:
+            names = list(todo)
+            results = await asyncio.gather(*(todo[n]() for n in names), return_exceptions=True)
+            for name, result in zip(names, results, strict=True):
+                if not isinstance(result, BaseException):
+                    del todo[name]
+                elif isinstance(result, Conflict) or self._stopping:
+                    raise result  # another writer (a second scheduler): fail loudly
+                else:
+                    log.warning("commit of %s: %s not done yet (%r); retrying", w.workload_id, name, result)
+            if todo:
+                self.counters["commit_retries"] += 1
+                await asyncio.sleep(self.settings.retry_interval_s)
+
+    async def _recover_commits(self, records: list[pb.Workload]) -> list[pb.Workload]:
+        """Commits cut short by a stop between publishing a pending workload's placements and
+        writing its record: the placement stream holds placements of the generation its next commit
+        would have had. Rolled forward (record written as that commit wrote it) when they are the
+        whole commit — the workload's every unit, as arbitration places all or nothing — otherwise
+        taken back (zero placements at those sites in a new generation, then the record, still
+        pending, written with that generation) and offered again. Returns the records as now stored."""
+        pending = {w.workload_id: w for w in records if w.state == domain.PENDING}
+        if not pending:
+            return records
+        since = min(w.created_at.ToNanoseconds() for w in pending.values()) / 1e9 - RECOVERY_CLOCK_SKEW_S
+        events = await self.bus.retrying(lambda: self.bus.events_since(subjects.SCHEDULER_PLACEMENT, since),
+                                         "read the placements of pending workloads")
+        found: dict[str, dict[str, pb.PlacementCommitted]] = {}
+        for ev in events:
+            p = ev.payload.placement
+            w = pending.get(p.workload_id)
+            if w is not None and p.generation == w.generation + 1:
+                found.setdefault(p.workload_id, {})[p.site_id] = ev.payload
+        stored = {w.workload_id: w for w in records}
+        for wid, by_site in found.items():
+            placed = pb.Workload()
+            placed.CopyFrom(pending[wid])
+            allocation = {site: (m.placement.gpu_type, m.placement.replicas or len(m.placement.shard_indices))
+                          for site, m in by_site.items()}
+            at = max(m.committed_at.ToNanoseconds() for m in by_site.values())
+            placements = domain.commit_placement(placed, allocation, at)
+            if domain.units_of(placed) == domain.need_of(placed).units \
+                    and placements == [by_site[p.site_id].placement for p in placements]:
+                await self._write(placed)
+                self.counters["commits_rolled_forward"] += 1
+                log.warning("recovered the commit of %s: its placements were published, its record not", wid)
+            else:  # placed (in memory) holds the partial commit; take back every site of it
+                released = domain.withdraw(placed, "placement withdrawn after a restart (commit cut short)", now_ns())
+                await self.publish_placements(placed, released)
+                await self._write(placed)
+                self.counters["commits_withdrawn"] += 1
+                log.warning("withdrew the partial commit of %s (%d of %d units published); offering it again",
+                            wid, sum(units for _, units in allocation.values()), domain.need_of(placed).units)
+            stored[wid] = placed
+        return list(stored.values())
 
     def _copy(self, workload_id: str) -> pb.Workload:
         w = self.store.get(workload_id)
@@ -571,10 +633,11 @@ class Coordinator:
             log.warning("site %s could not apply %s: %s", a.placement.site_id, wid, a.error)
             self.counters["apply_failed"] += 1
             return
-        if w.state == domain.PLACED and a.placement.generation == w.generation:
+        if w.state in (domain.PENDING, domain.PLACED) and a.placement.generation >= w.generation:
+            # under the lock: a site may report before the commit's record write has returned
             async with self.lock(wid):
                 w = self._copy(wid)
-                if w.state != domain.PLACED:
+                if w.state != domain.PLACED or a.placement.generation != w.generation:
                     return
                 w.state = domain.RUNNING
                 w.updated_at.FromNanoseconds(now_ns())

@@ -210,3 +210,98 @@ async def test_scale_proposal_within_bounds_and_capacity(scheduler, bus):
     assert sum(per_site.values()) <= 6
     assert per_site["a"] == 2 and per_site["b"] == 4
     assert got[-1].placement.site_id == "b"
+
+
+async def _stored_pending(bus, spec):
+    """A pending record in the state of record, as the scheduler's accept writes it."""
+    import time
+
+    from cncbrain.bus import KV_WORKLOADS
+    from services.scheduler import domain
+
+    w = domain.new_workload(spec, "", time.time_ns())
+    await (await bus.kv(KV_WORKLOADS)).create(w.workload_id, w.SerializeToString())
+    return w
+
+
+async def _published_placement(bus, w, site, replicas, generation=1):
+    """A placement event as a commit cut short left it: published, its record never written."""
+    msg = pb.PlacementCommitted(placement=common.Placement(
+        workload_id=w.workload_id, kind=w.kind, site_id=site, generation=generation, gpu_type="H100",
+        gpus_per_unit=1, replicas=replicas), inference_service=w.inference_service)
+    msg.committed_at.GetCurrentTime()
+    await bus.publish(subjects.SCHEDULER_PLACEMENT, msg, event_id=f"{w.workload_id}/{generation}/{site}", site=site)
+
+
+async def _start_scheduler(nats_server, bus):
+    server = await SchedulerServer(Settings(nats_url=nats_server.url, grpc_port=0, offer_timeout_s=0.5,
+                                            retry_interval_s=0.1)).start()
+    await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot({"a": 4, "b": 4, "c": 2}))
+    await asyncio.wait_for(server.coordinator.sites_known.wait(), 5)
+    return server
+
+
+async def test_restart_rolls_forward_a_commit_whose_placements_went_out_but_not_its_record(nats_server, bus):
+    """The record and the placements of a commit are written together; a scheduler stopped in
+    between leaves the placements in the stream and the record pending. The next one adopts them
+    instead of placing the workload a second time."""
+    w = await _stored_pending(bus, service_spec(min_replicas=3))
+    await _published_placement(bus, w, "b", 3)
+    agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
+    await agents.start()
+    server = await _start_scheduler(nats_server, bus)
+    try:
+        co = server.coordinator
+        rec = co.store.get(w.workload_id)
+        assert rec.state == pb.WORKLOAD_STATE_PLACED and rec.generation == 1
+        assert [(p.site_id, p.replicas) for p in rec.placements] == [("b", 3)]
+        assert co.counters["commits_rolled_forward"] == 1
+        assert co.ledger.used["b"]["H100"] == 3  # its GPUs are taken
+        await asyncio.sleep(0.3)
+        assert all(o.workload_id != w.workload_id for o in agents.offers)  # never offered again
+        stored = await (await bus.kv("cnc-workloads")).get(w.workload_id)
+        assert pb.Workload.FromString(stored.value) == rec  # written, not only in memory
+    finally:
+        await server.stop()
+
+
+async def test_restart_withdraws_a_partial_commit_and_places_the_workload_again(nats_server, bus):
+    """Only part of a cut-short commit reached the stream (1 of 3 replicas): it is taken back (a
+    zero placement at that site in a new generation) and the workload is offered again, all or none."""
+    w = await _stored_pending(bus, service_spec(min_replicas=3))
+    await _published_placement(bus, w, "c", 1)
+    agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
+    await agents.start()
+    server = await _start_scheduler(nats_server, bus)
+    try:
+        co = server.coordinator
+        assert co.counters["commits_withdrawn"] == 1
+        got = await placements_of(bus, w.workload_id, 3)
+        by_gen = {(m.placement.generation, m.placement.site_id): m.placement.replicas for m in got}
+        assert by_gen[(1, "c")] == 1 and by_gen[(2, "c")] == 0  # the partial one, then its release
+        assert by_gen[(3, "a")] == 3  # placed again, whole, at the cheapest site
+        rec = co.store.get(w.workload_id)
+        assert rec.state == pb.WORKLOAD_STATE_PLACED and rec.generation == 3
+        assert co.ledger.used["c"]["H100"] == 0
+    finally:
+        await server.stop()
+
+
+async def test_a_site_reporting_before_the_record_write_returned_still_makes_it_running(scheduler, bus):
+    """Placements go out with the record's write, so a fast site can report `applied` before the
+    write has returned; the report waits for the commit (the workload lock) and still counts."""
+    server, stub = scheduler
+    agents = FakeAgents(bus, {"a": 4}, {"a": 1})
+    await agents.start()
+
+    async def on_placement(ev):  # a site that reports at once
+        report = site_pb.PlacementApplied(placement=ev.payload.placement, ok=True)
+        await bus.publish(subjects.SITE_APPLIED, report, site=ev.payload.placement.site_id)
+
+    await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-fast-site")
+    w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload
+    for _ in range(100):
+        if server.coordinator.store.get(w.workload_id).state == pb.WORKLOAD_STATE_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert server.coordinator.store.get(w.workload_id).state == pb.WORKLOAD_STATE_RUNNING
