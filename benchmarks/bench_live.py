@@ -12,10 +12,12 @@
    replicas (ten times the offers, arbitrations, KV writes and events per replica).
 
 The site agents' policy is `up`'s default (marl when the shipped policy exists) unless
-CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it.
+CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it. The brain runs as
+`cncbrain up` does, with auth on, and the benchmark calls with the operator's token (`--no-auth`:
+as `up --no-auth`, every call accepted without a token).
 
     python -m benchmarks live            # all three
-    python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S]
+    python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S] [--no-auth]
         # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy
     python -m benchmarks.bench_live cpu    # each process's CPU per deploy + cancel (Linux /proc)
     python -m benchmarks.bench_live nice [A B]   # background at nice A vs B (0 vs up's default), in one brain
@@ -40,6 +42,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import aio
+from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, subjects
 from cncbrain.commands.up import Brain
 from cncbrain.grpcserver import wait_healthy
@@ -53,6 +56,8 @@ THROUGHPUT_SITES = 20
 AGENT_PROCESSES = 4
 PAUSE_S = 0.0
 """`--pause S`: seconds between one deploy's cancel and the next deploy (0: back to back)."""
+AUTH = True
+"""The brain checks bearer tokens, as `cncbrain up` does by default (`--no-auth`: off)."""
 
 
 def spec(name: str, replicas: int) -> common.InferenceServiceSpec:
@@ -66,7 +71,8 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _latency(endpoints: dict[str, str], n: int = N_LATENCY) -> list[float]:
+async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
+    endpoints = brain.endpoints
     bus = await Bus.connect(endpoints["nats"], "bench", ensure=False)
     arrived: dict[str, float] = {}
     waiters: dict[str, asyncio.Event] = {}
@@ -80,7 +86,8 @@ async def _latency(endpoints: dict[str, str], n: int = N_LATENCY) -> list[float]
 
     await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="bench-latency")
     samples = []
-    async with grpc.aio.insecure_channel(endpoints["scheduler"]) as ch:
+    token = brain.token_file.read_text().strip() if brain.auth else None  # the operator's, as the CLI sends it
+    async with grpc.aio.insecure_channel(endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         for i in range(n + 5):  # 5 warm-up calls are not counted
             t0 = time.perf_counter()
@@ -114,7 +121,7 @@ def running_brain(**kwargs) -> Iterator[Brain]:
     """A started `up` (abilene, emulated sites at 30×, fresh state in a temporary folder), stopped after."""
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), speed=30.0, fresh=True, **kwargs)
+                      scheduler_port=free_port(), speed=30.0, fresh=True, auth=AUTH, **kwargs)
         brain.start()
         try:
             yield brain
@@ -127,9 +134,9 @@ def bench_up_and_latency() -> float:
     print(f"[{load()}]")
     with running_brain() as brain:
         print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
-        samples = aio.run(_latency(brain.endpoints))
+        samples = aio.run(_latency(brain))
     print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
-          f"{policy_name()} policy, {aio.loop_name()} loop, {PAUSE_S:g} s between deploys): p50 {statistics.median(samples):.2f} ms, "
+          f"{policy_name()} policy, {aio.loop_name()} loop, auth {'on' if AUTH else 'off'}, {PAUSE_S:g} s between deploys): p50 {statistics.median(samples):.2f} ms, "
           f"p90 {pct(samples, 90):.2f} ms, p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
     return statistics.median(samples)
 
@@ -240,7 +247,7 @@ def bench_cpu() -> None:
         a, t0 = snap(), time.perf_counter()
         time.sleep(5)
         b, idle_s = snap(), time.perf_counter() - t0
-        samples = aio.run(_latency(brain.endpoints))
+        samples = aio.run(_latency(brain))
         c, busy_s = snap(), time.perf_counter() - t0 - idle_s
     n = N_LATENCY + 5
     per = {k: (c[k] - b[k] - (b[k] - a[k]) / idle_s * busy_s) / n for k in pids}
@@ -264,7 +271,7 @@ def bench_nice(a: int = 0, b: int | None = None, blocks: int = 10, per_block: in
             for nice in list(res) if blk % 2 == 0 else list(res)[::-1]:
                 for name in BACKGROUND:
                     lower_priority(brain.procs[name].pid, nice)
-                res[nice].append(statistics.median(aio.run(_latency(brain.endpoints, per_block))))
+                res[nice].append(statistics.median(aio.run(_latency(brain, per_block))))
             print(f"  block {blk + 1}/{blocks}: p50 " + ", ".join(f"nice {k} {v[-1]:.2f} ms" for k, v in res.items()),
                   flush=True)
     for nice, p50s in res.items():
@@ -281,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
         i = which.index("--repeat")
         repeat = int(which[i + 1])
         del which[i:i + 2]
+    if "--no-auth" in which:
+        global AUTH
+        AUTH = False
+        which.remove("--no-auth")
     if "--pause" in which:
         global PAUSE_S
         i = which.index("--pause")
