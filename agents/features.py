@@ -52,9 +52,11 @@ and their maximum, plus the episode's elapsed fraction and S/64.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from cncbrain.twin.view import Actions, PoolView
+from cncbrain.twin.view import Actions, PoolView, ServiceInfo
 
 K_MAX = 4
 """Services an agent can manage (padded, with an `active` flag)."""
@@ -93,6 +95,32 @@ def neighbours(latency_s: np.ndarray, k: int) -> np.ndarray:
     n = min(k, S - 1)
     out[:, :n] = order[:, :n]
     return out
+
+
+class ServiceColumn(NamedTuple):
+    """One service of a view as the featurizer reads it: its `ServiceInfo` and its [S] columns
+    (`PoolView.replicas[:, j]` etc.). `of(view, j)` takes them from a view; a live agent builds
+    one for an offered service without building a view for it (`Featurizer.with_service`)."""
+
+    info: ServiceInfo
+    replicas: np.ndarray
+    ready: np.ndarray
+    demand_rps: np.ndarray
+    capacity_rps: np.ndarray
+    load: np.ndarray
+    slo_recent: float
+
+    @classmethod
+    def of(cls, view: PoolView, j: int) -> ServiceColumn:
+        return cls(view.services[j], view.replicas[:, j], view.ready[:, j], view.demand_rps[:, j],
+                   view.capacity_rps[:, j], view.load[:, j], view.slo_recent[j])
+
+
+def replica_room(svc: ServiceInfo, free_gpus: np.ndarray) -> np.ndarray:
+    """[rows] requests/s a new replica of `svc` sustains on the best GPU type with room at each row
+    of `free_gpus` [rows, G] (`PoolView.replica_capacity` of one service)."""
+    fit = (svc.tp[None, :] > 0) & (free_gpus >= svc.tp[None, :])
+    return np.where(fit, svc.mu[None, :], 0.0).max(axis=1)
 
 
 def _shard_room(view: PoolView) -> np.ndarray:
@@ -157,7 +185,8 @@ class Featurizer:
         m_svc = np.zeros((S, K_MAX), dtype=bool)
         for j in range(K):
             if view.services[j].active:
-                spare_nb[:, :, j], m_add[:, j], m_rem[:, j] = self._service_block(view, j, obs[:, c:c + F_SVC])
+                spare_nb[:, :, j], m_add[:, j], m_rem[:, j] = self._service_block(
+                    ServiceColumn.of(view, j), view.free_gpus, obs[:, c:c + F_SVC])
                 m_svc[:, j] = True
             c += F_SVC
         c = F_SITE + K_MAX * F_SVC
@@ -201,38 +230,44 @@ class Featurizer:
         state = self.pooled_state(obs, elapsed)
         return obs.astype(np.float32), mask, state
 
-    def _service_block(self, view: PoolView, j: int, o: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Write service j's block of every site into `o` [S, F_SVC] (float64, not yet clipped);
-        return its neighbour spare capacity [S, k] and the add / remove masks [S] (before liveness)."""
-        nb, valid = self._nb, self.nbr_valid
-        svc = view.services[j]
+    def _service_block(self, col: ServiceColumn, free_gpus: np.ndarray,
+                       o: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Write the block of service `col` of every site into `o` [S, F_SVC] (float64, not yet
+        clipped); return its neighbour spare capacity [S, k] and the add / remove masks [S] (before
+        liveness). `free_gpus` [S, G]: the view's free GPUs."""
+        nb, valid, k = self._nb, self.nbr_valid, self.k
+        svc = col.info
         unit = max(float(svc.mu.max()) if len(svc.mu) else 0.0, 1e-9)
-        dem = view.demand_rps[:, j] / unit
-        cap = view.capacity_rps[:, j] / unit
-        reps = view.replicas[:, j].astype(float)
-        room = view.replica_capacity(j) / unit
+        dem = col.demand_rps / unit
+        cap = col.capacity_rps / unit
+        reps = col.replicas.astype(float)
+        room = replica_room(svc, free_gpus) / unit
         pool_dem, pool_cap = dem.sum(), cap.sum()
         pool_reps = float(reps.sum())
         nd = np.where(valid, dem[nb], 0.0)
         ncap = np.where(valid, cap[nb], 0.0)
+        # each feature written in place (out=): the same values as `o[:, f] = ...`, fewer temporaries
         o[:, 0] = 1.0
-        o[:, 1] = reps / 8
-        o[:, 2] = view.ready[:, j] / 8
-        o[:, 3] = dem / 4
-        o[:, 4] = cap / 4
-        o[:, 5] = np.minimum(view.load[:, j], 3.0)
-        o[:, 6] = (dem / TARGET_UTIL - cap) / 4
+        np.divide(reps, 8, out=o[:, 1])
+        np.divide(col.ready, 8, out=o[:, 2])
+        np.divide(dem, 4, out=o[:, 3])
+        np.divide(cap, 4, out=o[:, 4])
+        np.minimum(col.load, 3.0, out=o[:, 5])
+        uncovered = dem / TARGET_UTIL
+        np.subtract(uncovered, cap, out=uncovered)
+        np.divide(uncovered, 4, out=o[:, 6])
         o[:, 7] = room
-        o[:, 8] = view.slo_recent[j]
+        o[:, 8] = col.slo_recent
         o[:, 9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
         o[:, 10] = pool_reps / max(svc.max_replicas, 1)
         o[:, 11] = float(pool_reps <= svc.min_replicas)
-        o[:, 12] = nd.sum(axis=1) / 4
-        o[:, 13] = ncap.sum(axis=1) / 4
-        o[:, 14] = np.where(valid, room[nb] > 0, 0).mean(axis=1)
-        o[:, 15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).mean(axis=1)
-        o[:, 16] = cap / max(pool_cap, 1e-6)
-        o[:, 17] = dem / max(pool_dem, 1e-6)
+        np.divide(nd.sum(axis=1), 4, out=o[:, 12])
+        np.divide(ncap.sum(axis=1), 4, out=o[:, 13])
+        # means over the k neighbour slots as sum / k (what ndarray.mean computes, without its overhead)
+        np.divide((valid & (room[nb] > 0)).sum(axis=1), k, out=o[:, 14])
+        np.divide(np.where(valid, np.minimum(col.load[nb], 3.0), 0).sum(axis=1), k, out=o[:, 15])
+        np.divide(cap, max(pool_cap, 1e-6), out=o[:, 16])
+        np.divide(dem, max(pool_dem, 1e-6), out=o[:, 17])
         spare = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
         add = (room > 0) & (pool_reps < svc.max_replicas)
         rem = (reps > 0) & (pool_reps > svc.min_replicas)
@@ -242,19 +277,30 @@ class Featurizer:
         """(obs, mask) of `view` from those `build` gave for the same view without its service j —
         service j was an empty (padded) slot there, every other input the same. Equal to
         `build(view)[:2]` (test), at the cost of one service block: a live agent builds its view of
-        the pool once and adds each offered service to it (`agents.marl_site`)."""
-        S, k = self.S, self.k
-        if not j < min(view.n_services, K_MAX) or not view.services[j].active:
+        the pool once and adds each offered service to it (`agents.marl_site`, through
+        `with_service`, the same without building the view that has service j)."""
+        if not j < min(view.n_services, K_MAX):
             raise ValueError(f"service {j} is not an active service of the view")
-        block = np.zeros((S, F_SVC))
-        spare, add, rem = self._service_block(view, j, block)
+        return self.with_service(obs, mask, view.site_up, view.free_gpus, j, ServiceColumn.of(view, j))
+
+    def with_service(self, obs: np.ndarray, mask: np.ndarray, site_up: np.ndarray, free_gpus: np.ndarray,
+                     j: int, col: ServiceColumn) -> tuple[np.ndarray, np.ndarray]:
+        """(obs, mask) that `build` gives for a view with service `col` in slot j, from those it
+        gave for the same view with slot j empty (padded, or past its last service); `site_up` [S]
+        and `free_gpus` [S, G] are that view's (new copies; `obs` and `mask` are not changed)."""
+        S, k = self.S, self.k
+        if not 0 <= j < K_MAX or not col.info.active:
+            raise ValueError(f"service {j} is not an active service of the view")
+        block = np.empty((S, F_SVC))  # every feature of the block is written
+        spare, add, rem = self._service_block(col, free_gpus, block)
         obs = obs.copy()
         mask = mask.copy()
         c = F_SITE + j * F_SVC
-        obs[:, c:c + F_SVC] = np.clip(block, -OBS_CLIP, OBS_CLIP)
+        # clipped as `build` clips (np.clip is min(max(x, lo), hi)), then to obs's float32
+        obs[:, c:c + F_SVC] = np.minimum(np.maximum(block, -OBS_CLIP, out=block), OBS_CLIP, out=block)
         blk = obs[:, F_SITE + K_MAX * F_SVC + MAX_OFFERS * F_OFFER:].reshape(S, k, 2 + K_MAX)
-        blk[:, :, 2 + j] = np.clip(spare, -OBS_CLIP, OBS_CLIP)
-        live = view.site_up
+        blk[:, :, 2 + j] = np.minimum(np.maximum(spare, -OBS_CLIP, out=spare), OBS_CLIP, out=spare)
+        live = site_up
         mask[:, 3 * j] = rem & live
         mask[:, 3 * j + 2] = add & live
         ov = 3 * K_MAX + 2 * MAX_OFFERS + j * (k + 1)
@@ -300,8 +346,7 @@ class Featurizer:
             dem = view.demand_rps[:, j] / unit
             cap = view.capacity_rps[:, j] / unit
             reps_s = float(view.replicas[s, j])
-            fit = (svc.tp[None, :] > 0) & (free_sub >= svc.tp[None, :])
-            room = np.where(fit, svc.mu[None, :], 0.0).max(axis=1) / unit  # [1 + k]
+            room = replica_room(svc, free_sub) / unit  # [1 + k]
             pool_dem, pool_cap = dem.sum(), cap.sum()
             pool_reps = float(view.replicas[:, j].sum())
             nd = np.where(valid, dem[nb], 0.0)

@@ -48,6 +48,7 @@ import time
 
 import numpy as np
 
+from agents.features import ServiceColumn
 from agents.site_agent import ScaleWish, SitePolicy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
@@ -101,6 +102,8 @@ class _Rows:
     ids: list[str]
     n_mine: int
     gpu_types: list[str]
+    placed: dict[str, list[tuple[int, object]]]
+    """Each service the rows report: [(row, its load message)] in row order."""
 
 
 @dataclasses.dataclass
@@ -108,14 +111,23 @@ class _OfferBase:
     """A view of a process's sites without the offered service, and its observation (`wants`)."""
 
     inputs: tuple
-    """The snapshot and each site's (telemetry, available) it was built from (compared by identity)."""
+    """The snapshot and each site's (site, telemetry, available) it was built from (compared by identity)."""
     jobs_learned: int
     """Training specs known then (they set the view's training GPUs)."""
+    unknown: list[str]
+    """The ids `_service_ids` passed over for want of a spec: one learned since may be in view now."""
+    rows: _Rows
     wids: list[str]
     view: PoolView
     feat: object
     obs: np.ndarray
     mask: np.ndarray
+
+    def holds(self, inputs: tuple, book: SpecBook) -> bool:
+        """Whether this is still the view of `inputs` (a spec, once learned, is never replaced)."""
+        return (self.jobs_learned == book.jobs_learned and len(self.inputs) == len(inputs)
+                and all(a is b for a, b in zip(self.inputs, inputs, strict=True))
+                and not any(w in book.specs for w in self.unknown))
 
 
 class SpecBook:
@@ -228,12 +240,13 @@ class MarlSitePolicy(SitePolicy):
         first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service). Row i < len(mine)
         is mine[i]; with one site this is that site's local view."""
         rows = self._rows(mine)
-        wids = self._service_ids(rows, K_MAX - 1 if extra is not None else K_MAX, extra_id if extra is not None else None)
-        view = self._assemble(mine, rows, wids, offers)
+        wids, _ = self._service_ids(rows, K_MAX - 1 if extra is not None else K_MAX,
+                                    extra_id if extra is not None else None)
+        columns = [self._service_column(rows, wid, self.book.specs[wid]) for wid in wids]
         if extra is not None:
-            view = self._with_service(view, rows, extra_id, extra)
+            columns.append(self._service_column(rows, extra_id, extra, offered=True))
             wids = [*wids, extra_id]
-        return view, wids
+        return self._assemble(mine, rows, columns, offers), wids
 
     def _rows(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]]) -> _Rows:
         """The view's sites: mine (from their own telemetry), their k nearest neighbours (from the
@@ -260,25 +273,34 @@ class MarlSitePolicy(SitePolicy):
                     rows.append((peer, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
                                  st.services, st.jobs, None))
                     ids.append(peer)
-        return _Rows(rows, ids, n_mine, sorted({p.gpu_type for r in rows for p in r[2]}))
+        placed: dict[str, list[tuple[int, object]]] = {}
+        for i, r in enumerate(rows):
+            for x in r[3]:
+                placed.setdefault(x.workload_id, []).append((i, x))
+        return _Rows(rows, ids, n_mine, sorted({p.gpu_type for r in rows for p in r[2]}), placed)
 
-    def _service_ids(self, rows: _Rows, limit: int, exclude: str | None = None) -> list[str]:
+    def _service_ids(self, rows: _Rows, limit: int, exclude: str | None = None) -> tuple[list[str], list[str]]:
         """Services in view: those at my sites first, then the pool's busiest (the first `limit`
-        with a known inference spec), never `exclude`."""
+        with a known inference spec), never `exclude`; and the ids passed over with no spec known."""
         _, busiest = self._pool_services(self.snapshot)
+        specs = self.book.specs
         wids: list[str] = []
+        unknown: list[str] = []
         seen = {exclude} if exclude is not None else set()
         for w in itertools.chain((x.workload_id for r in rows.rows[:rows.n_mine] for x in r[3]), busiest):
             if w not in seen:
                 seen.add(w)
-                if isinstance(self.book.specs.get(w), common.InferenceServiceSpec):
+                spec = specs.get(w)
+                if isinstance(spec, common.InferenceServiceSpec):
                     wids.append(w)
                     if len(wids) == limit:
                         break
-        return wids
+                elif spec is None:
+                    unknown.append(w)
+        return wids, unknown
 
-    def _assemble(self, mine, rows: _Rows, wids: list[str], offers: list[sched.Offer] = ()) -> PoolView:
-        """The `PoolView` of `rows` with the services `wids` (known specs) and training `offers`."""
+    def _assemble(self, mine, rows: _Rows, columns: list[ServiceColumn], offers: list[sched.Offer] = ()) -> PoolView:
+        """The `PoolView` of `rows` with the services `columns` (`_service_column`) and training `offers`."""
         snap = self.snapshot
         rows_, ids, n_mine, gpu_types = rows.rows, rows.ids, rows.n_mine, rows.gpu_types
         S = len(rows_) + 1
@@ -307,15 +329,14 @@ class MarlSitePolicy(SitePolicy):
                             lat[b, a] = lat[a, b]
             self._latency, self._latency_key = lat, key  # same array while the rows stay
 
-        K = len(wids)
-        columns = [self._service_column(rows, wid, self.book.specs[wid]) for wid in wids]
-        services = [c[0] for c in columns]
+        K = len(columns)
+        services = [c.info for c in columns]
 
         def stack(i: int) -> np.ndarray:
             return np.stack([c[i] for c in columns], axis=1) if columns else np.zeros((S, 0))
 
-        reps, dem, load, cap = stack(1), stack(2), stack(3), stack(4)
-        slo = np.array([c[5] for c in columns]) if columns else np.ones(0)
+        reps, dem, cap, load = stack(1), stack(3), stack(4), stack(5)
+        slo = np.array([c.slo_recent for c in columns]) if columns else np.ones(0)
         job_offers = []
         if offers:
             hbm = {p.gpu_type: p.hbm_gb for site, _, _ in mine for p in site.gpu_pools if p.hbm_gb}
@@ -338,28 +359,28 @@ class MarlSitePolicy(SitePolicy):
         )
 
     def _service_column(self, rows: _Rows, wid: str, spec: common.InferenceServiceSpec,
-                        offered: bool = False) -> tuple[ServiceInfo, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-        """One service of the view: (info, replicas, demand, load, capacity [S], SLO last tick).
-        Rows hold what the sites report; the aggregate row the pool-wide summary less the rows.
-        offered: a new service (not placed yet): no replicas, its declared rate at its ingress."""
+                        offered: bool = False) -> ServiceColumn:
+        """One service of the view: its info and replicas (= ready), demand, capacity, load [S] and
+        SLO last tick. Rows hold what the sites report; the aggregate row the pool-wide summary less
+        the rows. offered: a new service (not placed yet): its declared rate at its ingress."""
         rows_, ids, gpu_types = rows.rows, rows.ids, rows.gpu_types
         S = len(rows_) + 1
         reps, dem, load, cap = np.zeros(S), np.zeros(S), np.zeros(S), np.zeros(S)
-        for i, r in enumerate(rows_):
-            for x in r[3]:
-                if x.workload_id == wid:
-                    reps[i] = x.replicas
-                    dem[i] = x.request_rate_rps
-                    load[i] = x.utilization
+        here = rows.placed.get(wid, ())
+        for i, x in here:
+            reps[i] = x.replicas
+            dem[i] = x.request_rate_rps
+            load[i] = x.utilization
         tp, mu, bmax = self._model(wid, spec, gpu_types)
         info = ServiceInfo(spec.name, spec.model, spec.slo.ttft_ms / 1e3, spec.slo.tpot_ms / 1e3,
                            spec.min_replicas, spec.max_replicas, tp, mu, bmax)
         mu_max = float(mu.max()) if len(mu) else 0.0
-        gi = {t: g for g, t in enumerate(gpu_types)}
-        for i, r in enumerate(rows_):
-            if reps[i]:
-                best = max((mu[gi[p.gpu_type]] for p in r[2] if tp[gi[p.gpu_type]]), default=mu_max)
-                cap[i] = reps[i] * best
+        if here:
+            gi = {t: g for g, t in enumerate(gpu_types)}
+            for i in sorted({i for i, _ in here}):
+                if reps[i]:
+                    best = max((mu[gi[p.gpu_type]] for p in rows_[i][2] if tp[gi[p.gpu_type]]), default=mu_max)
+                    cap[i] = reps[i] * best
         slo = 1.0
         agg = self._pool_services(self.snapshot)[0].get(wid)
         if agg is not None:  # the rest of the pool: pool-wide figure less the local rows
@@ -369,21 +390,7 @@ class MarlSitePolicy(SitePolicy):
             slo = agg.requests_ok / agg.requests if agg.requests > 0 else 1.0
         if offered:
             dem[ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1] = spec.expected_rate_rps
-        return info, reps, dem, load, cap, slo
-
-    def _with_service(self, view: PoolView, rows: _Rows, wid: str, spec: common.InferenceServiceSpec) -> PoolView:
-        """`view` with the offered service `wid` as one more service (its last)."""
-        info, reps, dem, load, cap, slo = self._service_column(rows, wid, spec, offered=True)
-
-        def more(a: np.ndarray, col: np.ndarray) -> np.ndarray:
-            return np.concatenate([a, col[:, None]], axis=1)
-
-        return dataclasses.replace(
-            view, services=[*view.services, info], ready=more(view.ready, reps), replicas=more(view.replicas, reps),
-            capacity_rps=more(view.capacity_rps, cap), demand_rps=more(view.demand_rps, dem),
-            load=more(view.load, load), slo_recent=np.append(view.slo_recent, slo),
-            overflow=np.full((view.n_sites, view.n_services + 1), -1),
-        )
+        return ServiceColumn(info, reps, reps, dem, cap, load, slo)
 
     def _pool_services(self, snap: perception_pb2.Snapshot | None) -> tuple[dict, list[str]]:
         """The snapshot's per-service summaries by id, and their ids busiest first (once per snapshot:
@@ -444,7 +451,8 @@ class MarlSitePolicy(SitePolicy):
                   for policy, site, telemetry, available in members]
         out: list[list[tuple[int, str, float, str]]] = [[] for _ in members]
         decided: dict[int, np.ndarray] = {}  # offer index → [n] bid (training) or wants (inference)
-        training = [i for i, o in enumerate(offers) if o.kind == common.WORKLOAD_KIND_TRAINING_JOB]
+        is_training = [o.kind == common.WORKLOAD_KIND_TRAINING_JOB for o in offers]
+        training = [i for i, t in enumerate(is_training) if t]
         late: set[int] = set()
         for c in range(0, len(training), MAX_OFFERS):
             chunk = training[c:c + MAX_OFFERS]
@@ -459,23 +467,24 @@ class MarlSitePolicy(SitePolicy):
                 decided[i] = acts.accept[:n, o_i] if acts.accept is not None and o_i < acts.accept.shape[1] \
                     else np.zeros(n)
         for i, o in enumerate(offers):
-            if o.kind == common.WORKLOAD_KIND_TRAINING_JOB or not any(greedy[m][i][0] for m in range(n)):
+            if is_training[i] or not any(greedy[m][i][0] for m in range(n)):
                 continue
             spec = lead.book.specs.get(o.workload_id)
             if time.time() > cutoff:
                 late.add(i)
             elif isinstance(spec, common.InferenceServiceSpec):
                 decided[i] = lead.wants(mine, o.workload_id, spec)
+        per_site = {i: d.tolist() for i, d in decided.items()}  # python floats / bools, read per site
         for m in range(n):
             members[m][0].decisions += 1
-            for i, o in enumerate(offers):
+            for i in range(len(offers)):
                 units, gpu_type, cost, reason = greedy[m][i]
-                if o.kind == common.WORKLOAD_KIND_TRAINING_JOB:
-                    bid = float(decided[i][m]) if i in decided else 0.0
+                if is_training[i]:
+                    bid = float(per_site[i][m]) if i in per_site else 0.0
                     out[m].append((units, gpu_type, -bid, f"marl bid {bid:.0f}: {reason}") if bid > 0 and units
                                   else (0, "", 0.0, "marl out of time" if i in late else "marl declines"))
                 elif units:
-                    wants = bool(decided[i][m]) if i in decided else False
+                    wants = bool(per_site[i][m]) if i in per_site else False
                     verb = "out of time" if i in late else "adds" if wants else "keeps"
                     out[m].append((units, gpu_type, cost + (0.0 if wants else RELUCTANT), f"marl {verb}: {reason}"))
                 else:
@@ -486,29 +495,31 @@ class MarlSitePolicy(SitePolicy):
         """[len(mine)] whether each of the sites `mine` adds a replica of the offered service `wid`
         — the policy's replica head for it in `view_of(mine, extra=spec, extra_id=wid)`.
 
-        The view without the offered service, and its observation, are kept while the snapshot,
-        the sites' telemetry, the services in view and the training specs known stay the same
-        (executors replace a telemetry message, they never change one); an offer then adds its service's column to them
-        (`Featurizer.extend`: one service block instead of the whole observation) and runs the
-        actor on my sites' rows only. The same decision as the whole view's (test)."""
-        rows = self._rows(mine)
-        wids = self._service_ids(rows, K_MAX - 1)
-        n = rows.n_mine
-        if wid in wids:  # the offered service is in view already: the whole view decides
-            view, all_wids = self.view_of(mine, extra=spec, extra_id=wid)
-            return self.runtime.act(view).replica_delta[:n, all_wids.index(wid)] > 0
-        inputs = (self.snapshot, *(x for _, t, a in mine for x in (t, a)))
+        The view without the offered service (its rows and services too), and its observation,
+        are kept while the snapshot, the sites and their telemetry stay the same (executors replace
+        a telemetry message, they never change one), no training spec is learned and none of the
+        services passed over for want of a spec has one now (`_OfferBase.holds`); an offer then
+        adds its service's block to the kept observation (`Featurizer.with_service`: one service
+        block from the service's columns, no view built) and runs the actor on my sites' rows only.
+        The same decision as the whole view's (tests)."""
+        inputs = (self.snapshot, *(x for m in mine for x in m))
         base = self._base
-        if base is None or base.wids != wids or base.jobs_learned != self.book.jobs_learned \
-                or len(base.inputs) != len(inputs) or not all(a is b for a, b in zip(base.inputs, inputs, strict=True)):
-            view = self._assemble(mine, rows, wids)
+        if base is None or not base.holds(inputs, self.book):
+            rows = self._rows(mine)
+            wids, unknown = self._service_ids(rows, K_MAX - 1)
+            view = self._assemble(mine, rows, [self._service_column(rows, w, self.book.specs[w]) for w in wids])
             feat = self.runtime._featurizer(view)
             obs, mask, _ = feat.build(view)
-            base = self._base = _OfferBase(inputs, self.book.jobs_learned, wids, view, feat, obs, mask)
-        view = self._with_service(base.view, rows, wid, spec)
-        j = len(wids)
-        obs, mask = base.feat.extend(base.obs, base.mask, view, j)
-        return (self.runtime.actor.choose_head(obs[:n], mask[:n], j) == 2) & view.site_up[:n]
+            base = self._base = _OfferBase(inputs, self.book.jobs_learned, unknown, rows, wids, view, feat, obs, mask)
+        n = base.rows.n_mine
+        if wid in base.wids:  # the offered service is in view already: the whole view decides
+            view, all_wids = self.view_of(mine, extra=spec, extra_id=wid)
+            return self.runtime.act(view).replica_delta[:n, all_wids.index(wid)] > 0
+        j = len(base.wids)
+        up = base.view.site_up
+        obs, mask = base.feat.with_service(base.obs, base.mask, up, base.view.free_gpus, j,
+                                           self._service_column(base.rows, wid, spec, offered=True))
+        return (self.runtime.actor.choose_head(obs[:n], mask[:n], j) == 2) & up[:n]
 
     # --- the SitePolicy interface ---------------------------------------------------------------
     def answer_round(self, offers, site: common.Site, telemetry: site_pb.SiteTelemetry | None,

@@ -1,0 +1,107 @@
+"""The offer path of the learned site policy (`MarlSitePolicy.wants`): the view kept between offers
+and when it no longer holds, and the offered service's features added without building its view."""
+
+import numpy as np
+
+from agents.marl_site import K_MAX, MarlSitePolicy
+from agents.site_agent import make_site_policy
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2
+
+SITES = ("ua", "ub", "uc", "ud", "ue")  # a line, 5 ms apart
+
+
+def site_of(i: int) -> common.Site:
+    site = common.Site(site_id=SITES[i], gpu_pools=[common.GpuPool(gpu_type="H100", count=16, hbm_gb=80)])
+    for j, peer in enumerate(SITES):
+        if j != i:
+            site.links.append(common.Link(peer_site_id=peer, latency_ms=5.0 * abs(i - j), bandwidth_gbps=100))
+    return site
+
+
+def spec(name: str, rate: float = 2.0) -> common.InferenceServiceSpec:
+    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, trace="code", expected_rate_rps=rate,
+                                       slo=common.SloTargets(ttft_ms=500, tpot_ms=50), min_replicas=2,
+                                       max_replicas=8, gpus_per_replica=1, ingress_site_id="uc")
+
+
+def snapshot(known: str, late: str) -> perception_pb2.Snapshot:
+    """`known` runs at ua, uc, ue; `late` at ub and ud (its spec is not known at first)."""
+    snap = perception_pb2.Snapshot(sequence=1)
+    for i in range(len(SITES)):
+        status = perception_pb2.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status.gpu_pools.add(gpu_type="H100", count=16, used=2 + i, hbm_gb=80)
+        wid = known if i % 2 == 0 else late
+        status.services.add(workload_id=wid, replicas=2, request_rate_rps=1.0 + 3 * i, utilization=0.2 * i)
+        snap.sites.append(status)
+    snap.services.add(workload_id=known, replicas=6, request_rate_rps=9.0, requests=100, requests_ok=80)
+    snap.services.add(workload_id=late, replicas=4, request_rate_rps=20.0, requests=100, requests_ok=60)
+    return snap
+
+
+def fresh(policy: MarlSitePolicy, mine, wid: str, s: common.InferenceServiceSpec) -> np.ndarray:
+    view, wids = policy.view_of(mine, extra=s, extra_id=wid)
+    return policy.runtime.act(view).replica_delta[: len(mine), wids.index(wid)] > 0
+
+
+def test_a_service_whose_spec_is_learned_after_the_kept_view_enters_it():
+    """A service of the snapshot passed over for want of a spec: once its spec is learned the kept
+    view no longer holds (it would now be in view), and the offer is decided as on a fresh view."""
+    policy = make_site_policy("marl")
+    known, late = "svc-u-known", "svc-u-late"
+    policy.book.learn(known, spec("known"))
+    policy.snapshot = snapshot(known, late)
+    mine = [(site_of(i), None, True) for i in range(len(SITES))]
+    offered = [(f"svc-u-new{n}", spec(f"new{n}", rate)) for n, rate in enumerate((0.5, 20.0, 200.0))]
+    for wid, s in offered:
+        policy.book.learn(wid, s)
+    got = [policy.wants(mine, wid, s) for wid, s in offered]
+    base = policy._base
+    assert base.wids == [known] and late in base.unknown
+    assert all((g == fresh(policy, mine, wid, s)).all() for g, (wid, s) in zip(got, offered, strict=True))
+    policy.wants(mine, *offered[0])
+    assert policy._base is base  # nothing changed: kept
+
+    policy.book.learn(late, spec("late", 20.0))
+    for wid, s in offered:
+        assert (policy.wants(mine, wid, s) == fresh(policy, mine, wid, s)).all()
+    assert policy._base is not base and policy._base.wids == [known, late]
+    # the offered service's block, added to the kept observation, is the fresh view's observation
+    rebuilt, n = policy._base, len(mine)
+    for wid, s in offered:
+        view, wids = policy.view_of(mine, extra=s, extra_id=wid)
+        obs, mask, _ = policy.runtime._featurizer(view).build(view)
+        col = policy._service_column(rebuilt.rows, wid, s, offered=True)
+        e_obs, e_mask = rebuilt.feat.with_service(rebuilt.obs, rebuilt.mask, rebuilt.view.site_up,
+                                                  rebuilt.view.free_gpus, wids.index(wid), col)
+        assert np.array_equal(e_obs[:n], obs[:n]) and np.array_equal(e_mask[:n], mask[:n])
+
+
+def test_an_offered_service_of_the_snapshot_learned_with_its_offer_is_decided_by_the_whole_view():
+    """The offer of a service the kept view passed over (no spec then; the offer brings it) is
+    in view once its spec is known: the whole view decides, as a fresh one does."""
+    policy = make_site_policy("marl")
+    known, late = "svc-v-known", "svc-v-late"
+    policy.book.learn(known, spec("known"))
+    policy.snapshot = snapshot(known, late)
+    mine = [(site_of(i), None, True) for i in range(len(SITES))]
+    policy.book.learn("svc-v-new", spec("new"))
+    policy.wants(mine, "svc-v-new", spec("new"))
+    assert late in policy._base.unknown
+    policy.book.learn(late, spec("late", 20.0))  # as `learn_specs` does for a round's offers
+    assert (policy.wants(mine, late, spec("late", 20.0)) == fresh(policy, mine, late, spec("late", 20.0))).all()
+    assert late in policy._base.wids and len(policy._base.wids) <= K_MAX - 1
+
+
+def test_a_new_site_message_rebuilds_the_kept_view():
+    """The kept view is of the sites' messages it was built from (compared by identity)."""
+    policy = make_site_policy("marl")
+    policy.book.learn("svc-w-known", spec("known"))
+    policy.book.learn("svc-w-new", spec("new"))
+    policy.snapshot = snapshot("svc-w-known", "svc-w-late")
+    mine = [(site_of(i), None, True) for i in range(len(SITES))]
+    policy.wants(mine, "svc-w-new", spec("new"))
+    base = policy._base
+    mine[2] = (site_of(2), None, True)  # equal content, a new message
+    assert (policy.wants(mine, "svc-w-new", spec("new")) == fresh(policy, mine, "svc-w-new", spec("new"))).all()
+    assert policy._base is not base
