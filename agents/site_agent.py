@@ -77,14 +77,16 @@ class SitePolicy:
             return 0, "", 0.0, "site unavailable"
         free, hbm, busy, latency_to = self._site_state(site, telemetry)
         allowed = offer.allowed_gpu_types
-        candidates = [
-            (free[t] // offer.gpus_per_unit, t) for t in free
-            if (not allowed or t in allowed) and (not hbm.get(t) or hbm[t] >= offer.min_hbm_gb)
-        ]
-        candidates = [c for c in candidates if c[0] > 0]
-        if not candidates:
+        per_unit, min_hbm = offer.gpus_per_unit, offer.min_hbm_gb  # read once (protobuf fields)
+        best = None  # the largest (units that fit, GPU type) of an allowed type with enough HBM
+        for t, n in free.items():
+            if (not allowed or t in allowed) and (not hbm.get(t) or hbm[t] >= min_hbm):
+                c = (n // per_unit, t)
+                if c[0] > 0 and (best is None or c > best):
+                    best = c
+        if best is None:
             return 0, "", 0.0, "no free GPUs of an allowed type with enough HBM"
-        room, gpu_type = max(candidates)
+        room, gpu_type = best
         units = min(room, offer.units)
         if offer.kind == common.WORKLOAD_KIND_TRAINING_JOB:
             # fewer, fuller sites keep a gang's all-reduce off the WAN
