@@ -280,12 +280,13 @@ class Governor:
             dirty.tenants.add(p["tenant_id"])
         if rec.kind in ("workload.policy_set", "admission"):
             dirty.workloads.add(p["workload_id"])
-        if rec.kind in ("admission", "placement.committed", "placement.released", "workload.ended"):
+        if rec.kind in ("admission", "placement.committed", "placement.released", "workload.ended") \
+                and p["tenant_id"] != NO_TENANT:  # no gate checks a workload without a tenant
             dirty.holdings.add((p["tenant_id"], p["workload_id"]))
 
     async def _project_all(self) -> None:
         dirty = _Dirty(set(self.state.tokens), set(self.state.tenants), set(self.state.workload_policies),
-                       {(t, w) for t, held in self.state.holdings.items() for w in held})
+                       {(t, w) for t, held in self.state.holdings.items() if t != NO_TENANT for w in held})
         await self._project(dirty)
         with contextlib.suppress(Exception):
             # Bus.kv_items, not kv.keys(): that can report a full bucket as empty under load
@@ -293,6 +294,10 @@ class Governor:
             for key in await self.bus.kv_items(TOKENS_BUCKET):
                 if key not in self.state.tokens:
                     await self.tokens_kv.delete(key)
+            # holdings of workloads without a tenant are no longer projected (an older brain did)
+            for key in await self.bus.kv_items(GOVERNANCE_BUCKET):
+                if key.startswith(f"holding.{NO_TENANT}."):
+                    await self.kv.delete(key)
 
     async def _project(self, dirty: _Dirty) -> None:
         """Write what changed; puts go out together (one round trip for the lot)."""

@@ -7,7 +7,11 @@ blocks; deleting a message removes a run of entries, which verification names. O
 governance service writes; blocks of one batch are pipelined and each carries
 `Nats-Expected-Last-Sequence`, so if one publish fails every later one fails too and the stored
 chain never gets a hole from a crash mid-batch. The head (length and last hash) is also written to KV
-(`cnc-governance`, key `ledger.head`) as the anchor that makes a removed tail visible.
+(bucket `cnc-ledger-head`, key `ledger.head`) as the anchor that makes a removed tail visible. It has
+a bucket of its own, not `cnc-governance`: the processes that follow that bucket (the scheduler's
+and adaptation's governance gates) read tenants, policies and holdings, and every batch's head
+write used to wake each of them for nothing (a head kept in `cnc-governance` by an older brain is
+moved on start).
 
 The stream has no age or size limit: an audit ledger is kept, not aged out.
 """
@@ -35,6 +39,7 @@ STREAM = "CNC_LEDGER"
 LEDGER = subjects.register(Subject("cnc.governance.ledger", pb.LedgerBlock, STREAM, "audit ledger blocks"))
 BLOCK_ENTRIES = 256
 GOVERNANCE_BUCKET = "cnc-governance"
+HEAD_BUCKET = "cnc-ledger-head"
 HEAD_KEY = "ledger.head"
 
 
@@ -66,7 +71,8 @@ class LedgerStore:
             await self.js.add_stream(config)
         info = await self.js.stream_info(STREAM)
         self.last_seq = info.state.last_seq
-        self.kv = await self.bus.kv(GOVERNANCE_BUCKET)
+        self.kv = await self.bus.kv(HEAD_BUCKET)
+        await self._move_old_head()
 
     async def read_all(self) -> list[LedgerEntry]:
         """Every stored entry, in stream order (which `verify_chain` checks against index order)."""
@@ -165,6 +171,21 @@ class LedgerStore:
             return None
         d = json.loads(entry.value)
         return LedgerHead(int(d["length"]), str(d["hash"]))
+
+    async def _move_old_head(self) -> None:
+        """A head an older brain kept in `cnc-governance` moves to `cnc-ledger-head` (unless that
+        one has a head already), so the anchor is not lost."""
+        old = await self.bus.kv(GOVERNANCE_BUCKET)
+        try:
+            entry = await old.get(HEAD_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return
+        try:
+            await self.kv.create(HEAD_KEY, entry.value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # this bucket has a head already: it is the newer one
+        await old.delete(HEAD_KEY)
+        log.info("governance: moved the ledger head from %s to %s", GOVERNANCE_BUCKET, HEAD_BUCKET)
 
 
 class LedgerWriteError(Exception):

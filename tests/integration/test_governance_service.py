@@ -330,3 +330,56 @@ async def test_kv_follower_stop_ends_although_updates_drops_the_cancel():
     await ended_within(follower.stop(), 5, follower._task)
     if sys.version_info < (3, 12):
         assert applied == ["an update"], "the race was not reproduced"
+
+
+async def test_only_tenants_holdings_are_projected_for_the_gates(brain, bus):
+    """The gates (scheduler, adaptation) follow `cnc-governance` for tenants' quotas, policies and
+    holdings; a workload without a tenant (an operator's) is never checked, so its holding is not
+    written there — nor is the ledger head, which has a bucket of its own."""
+    from services.governance.ledger_store import GOVERNANCE_BUCKET, HEAD_BUCKET, HEAD_KEY
+
+    op = brain.stub(brain.operator_token)
+    await make_tenant(op, "acme")
+    await op.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="svc-t", tenant_id="acme", gpus=1, gpu_types=["H100"],
+                                                   kind=common.WORKLOAD_KIND_INFERENCE_SERVICE))
+    for wid in ("svc-t", "svc-op"):  # svc-op: no admission, no tenant (an operator's deploy)
+        placed = common.Placement(workload_id=wid, site_id="nyc", replicas=1, gpu_type="H100", gpus_per_unit=1)
+        ev = spb.WorkloadEvent(workload_id=wid, state=spb.WORKLOAD_STATE_PLACED, generation=1, placements=[placed])
+        ev.at.GetCurrentTime()
+        await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, workload=wid)
+    for _ in range(200):
+        held = brain.server.governor.state.holdings
+        if "svc-t" in held.get("acme", {}) and "svc-op" in held.get("_none", {}):
+            break
+        await asyncio.sleep(0.02)
+    await brain.server.governor.settled()
+    keys = set(await bus.kv_items(GOVERNANCE_BUCKET))
+    assert "holding.acme.svc-t" in keys
+    assert not any(k.startswith("holding._none.") for k in keys) and HEAD_KEY not in keys
+    assert HEAD_KEY in await bus.kv_items(HEAD_BUCKET)
+
+
+async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats_server, bus, tmp_path):
+    """Before the head had a bucket of its own it was `ledger.head` in `cnc-governance`: the anchor
+    moves (tampering with the tail stays visible), and stale operator holdings go."""
+    from services.governance.ledger_store import GOVERNANCE_BUCKET, HEAD_BUCKET, HEAD_KEY
+
+    b = await start(nats_server, tmp_path)
+    length = (await b.stub(b.operator_token).VerifyLedger(pb.VerifyLedgerRequest())).length
+    await b.close()
+    await b.server.stop()
+    head = (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value
+    await (await bus.kv(HEAD_BUCKET)).delete(HEAD_KEY)
+    old = await bus.kv(GOVERNANCE_BUCKET)
+    await old.put(HEAD_KEY, head)
+    await old.put("holding._none.svc-old", b'{"reserved_gpus": {}, "reserved_cost_per_hour": 0, "placed": {}}')
+    b2 = await start(nats_server, tmp_path)
+    try:
+        result = await b2.stub(b2.operator_token).VerifyLedger(pb.VerifyLedgerRequest())
+        assert result.ok and result.length == length
+        assert (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value == head
+        keys = set(await bus.kv_items(GOVERNANCE_BUCKET))
+        assert HEAD_KEY not in keys and "holding._none.svc-old" not in keys
+    finally:
+        await b2.close()
+        await b2.server.stop()
