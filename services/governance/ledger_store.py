@@ -19,6 +19,7 @@ The stream has no age or size limit: an audit ledger is kept, not aged out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -180,10 +181,8 @@ class LedgerStore:
             entry = await old.get(HEAD_KEY)
         except nats.js.errors.KeyNotFoundError:
             return
-        try:
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # a head here already is the newer one
             await self.kv.create(HEAD_KEY, entry.value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # this bucket has a head already: it is the newer one
         await old.delete(HEAD_KEY)
         log.info("governance: moved the ledger head from %s to %s", GOVERNANCE_BUCKET, HEAD_BUCKET)
 
