@@ -20,6 +20,7 @@ as `up --no-auth`, every call accepted without a token).
     python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S] [--no-auth]
         # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy
     python -m benchmarks.bench_live cpu    # each process's CPU per deploy + cancel (Linux /proc)
+    python -m benchmarks.bench_live msgs   # bus messages per deploy + cancel, by subject
     python -m benchmarks.bench_live nice [A B]   # background at nice A vs B (0 vs up's default), in one brain
 """
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,6 +263,39 @@ def bench_cpu() -> None:
     print(f"  {'total':18s} {sum(per.values()):6.2f} ms = {sum(per.values()) / (busy_s / n * 1e3):.2f} cores busy")
 
 
+def bench_msgs(n: int = 100) -> None:
+    """Bus traffic of a deploy + cancel: messages per deploy over the latency loop, by subject (its
+    first tokens; `$KV` by bucket), as a client subscribed to `>` sees them — a JetStream push
+    delivery to a consumer counts as one more message on the stored subject, so a KV write that two
+    processes follow counts three times. Replies (`_INBOX`) and acks are counted too."""
+    import nats
+
+    async def run(brain: Brain) -> tuple[Counter[str], list[float]]:
+        nc = await nats.connect(brain.endpoints["nats"])
+        seen: Counter[str] = Counter()
+
+        async def count(msg) -> None:
+            t = msg.subject.split(".")
+            seen[t[0] if t[0] == "_INBOX" else ".".join(t[:4] if t[0] in ("$KV", "$JS") else t[:3])] += 1
+
+        await nc.subscribe(">", cb=count, pending_msgs_limit=1_000_000)
+        samples = await _latency(brain, n)
+        await nc.flush()
+        await asyncio.sleep(0.5)  # the last deploy's follow-up work
+        await nc.close()
+        return seen, samples
+
+    with running_brain() as brain:
+        seen, samples = aio.run(run(brain))
+    per = n + 5
+    print(f"messages per deploy + cancel over {per} ({policy_name()} policy, auth {'on' if AUTH else 'off'}, "
+          f"p50 {statistics.median(samples):.2f} ms; idle traffic included) [{load()}]:")
+    for k, v in seen.most_common():
+        if v / per >= 0.2:
+            print(f"  {v / per:6.2f}  {k}")
+    print(f"  {sum(seen.values()) / per:6.2f}  in all")
+
+
 def bench_nice(a: int = 0, b: int | None = None, blocks: int = 10, per_block: int = 60) -> None:
     """Background priority A/B inside one brain: blocks of `per_block` deploys alternate between
     the background processes (`up.BACKGROUND`) at nice `a` and at nice `b` (default: `up`'s), so the
@@ -309,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_throughput()
     if "cpu" in which:
         bench_cpu()
+    if "msgs" in which:
+        bench_msgs()
     if "nice" in which:  # nice [A B]: the two nice values compared (default 0 and up's)
         values = [int(x) for x in which[which.index("nice") + 1:][:2] if x.isdigit()]
         bench_nice(*values)
