@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -263,6 +264,9 @@ def bench_cpu() -> None:
     print(f"  {'total':18s} {sum(per.values()):6.2f} ms = {sum(per.values()) / (busy_s / n * 1e3):.2f} cores busy")
 
 
+WORKLOAD_ID = re.compile(r"^(svc|job)-[0-9a-f]{6,}$")
+
+
 def bench_msgs(n: int = 100) -> None:
     """Bus traffic of a deploy + cancel: messages per deploy over the latency loop, by subject (its
     first tokens; `$KV` by bucket), as a client subscribed to `>` sees them — a JetStream push
@@ -275,7 +279,7 @@ def bench_msgs(n: int = 100) -> None:
         seen: Counter[str] = Counter()
 
         async def count(msg) -> None:
-            t = msg.subject.split(".")
+            t = ["<id>" if WORKLOAD_ID.match(x) else x for x in msg.subject.split(".")]
             seen[t[0] if t[0] == "_INBOX" else ".".join(t[:4] if t[0] in ("$KV", "$JS") else t[:3])] += 1
 
         await nc.subscribe(">", cb=count, pending_msgs_limit=1_000_000)
