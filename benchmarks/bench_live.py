@@ -257,7 +257,7 @@ def bench_cpu() -> None:
         c, busy_s = snap(), time.perf_counter() - t0 - idle_s
     n = N_LATENCY + 5
     per = {k: (c[k] - b[k] - (b[k] - a[k]) / idle_s * busy_s) / n for k in pids}
-    print(f"CPU per deploy + cancel over {n} ({policy_name()} policy, {aio.loop_name()} loop, p50 "
+    print(f"CPU per deploy + cancel over {n} ({policy_name()} policy, {aio.loop_name()} loop, auth {'on' if AUTH else 'off'}, p50 "
           f"{statistics.median(samples):.2f} ms, one every {busy_s / n * 1e3:.1f} ms) [{load()}]:")
     for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {k:18s} {v:6.2f} ms")
