@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from line_pool import line_site
 
 from agents.executor import MemoryExecutor
 from agents.marl_site import MarlSitePolicy
@@ -27,11 +28,7 @@ SITES = ("a", "b", "c", "d", "e")
 
 
 def site_of(i: int) -> common.Site:
-    site = common.Site(site_id=SITES[i], gpu_pools=[common.GpuPool(gpu_type="H100", count=16, hbm_gb=80)])
-    for j, peer in enumerate(SITES):
-        if j != i:
-            site.links.append(common.Link(peer_site_id=peer, latency_ms=5.0 * abs(i - j), bandwidth_gbps=100))
-    return site
+    return line_site(SITES, i)
 
 
 def spec(name: str) -> common.InferenceServiceSpec:

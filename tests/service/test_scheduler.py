@@ -233,23 +233,25 @@ async def _published_placement(bus, w, site, replicas, generation=1):
     await bus.publish(subjects.SCHEDULER_PLACEMENT, msg, event_id=f"{w.workload_id}/{generation}/{site}", site=site)
 
 
-async def _start_scheduler(nats_server, bus):
+async def _restart_after_cut_short_commit(nats_server, bus, site, replicas):
+    """A pending 3-replica service whose commit got `replicas` at `site` into the placement stream
+    and no further; then a scheduler starts (agents answering: a cheapest, then b, then c)."""
+    w = await _stored_pending(bus, service_spec(min_replicas=3))
+    await _published_placement(bus, w, site, replicas)
+    agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
+    await agents.start()
     server = await SchedulerServer(Settings(nats_url=nats_server.url, grpc_port=0, offer_timeout_s=0.5,
                                             retry_interval_s=0.1)).start()
     await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot({"a": 4, "b": 4, "c": 2}))
     await asyncio.wait_for(server.coordinator.sites_known.wait(), 5)
-    return server
+    return w, agents, server
 
 
 async def test_restart_rolls_forward_a_commit_whose_placements_went_out_but_not_its_record(nats_server, bus):
     """The record and the placements of a commit are written together; a scheduler stopped in
     between leaves the placements in the stream and the record pending. The next one adopts them
     instead of placing the workload a second time."""
-    w = await _stored_pending(bus, service_spec(min_replicas=3))
-    await _published_placement(bus, w, "b", 3)
-    agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
-    await agents.start()
-    server = await _start_scheduler(nats_server, bus)
+    w, agents, server = await _restart_after_cut_short_commit(nats_server, bus, "b", 3)
     try:
         co = server.coordinator
         rec = co.store.get(w.workload_id)
@@ -268,11 +270,7 @@ async def test_restart_rolls_forward_a_commit_whose_placements_went_out_but_not_
 async def test_restart_withdraws_a_partial_commit_and_places_the_workload_again(nats_server, bus):
     """Only part of a cut-short commit reached the stream (1 of 3 replicas): it is taken back (a
     zero placement at that site in a new generation) and the workload is offered again, all or none."""
-    w = await _stored_pending(bus, service_spec(min_replicas=3))
-    await _published_placement(bus, w, "c", 1)
-    agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
-    await agents.start()
-    server = await _start_scheduler(nats_server, bus)
+    w, _, server = await _restart_after_cut_short_commit(nats_server, bus, "c", 1)
     try:
         co = server.coordinator
         assert co.counters["commits_withdrawn"] == 1

@@ -2,6 +2,7 @@
 and when it no longer holds, and the offered service's features added without building its view."""
 
 import numpy as np
+from line_pool import line_site
 
 from agents.marl_site import K_MAX, MarlSitePolicy
 from agents.site_agent import make_site_policy
@@ -12,11 +13,7 @@ SITES = ("ua", "ub", "uc", "ud", "ue")  # a line, 5 ms apart
 
 
 def site_of(i: int) -> common.Site:
-    site = common.Site(site_id=SITES[i], gpu_pools=[common.GpuPool(gpu_type="H100", count=16, hbm_gb=80)])
-    for j, peer in enumerate(SITES):
-        if j != i:
-            site.links.append(common.Link(peer_site_id=peer, latency_ms=5.0 * abs(i - j), bandwidth_gbps=100))
-    return site
+    return line_site(SITES, i)
 
 
 def spec(name: str, rate: float = 2.0) -> common.InferenceServiceSpec:
