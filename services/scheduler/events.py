@@ -407,6 +407,7 @@ class Coordinator:
         (`_write`), a placement carries its id (JetStream drops a duplicate) and sites apply a
         generation once — so whichever fails is retried until both are done; the workload is never
         offered again once its placements may be out. A restart in between is `_recover_commits`'s."""
+        self.store.assume(w)  # readers (GetWorkload after the placement event) see it placed
         todo = {"record": lambda: self._write(w), "placements": lambda: self.publish_placements(w, placements)}
         while todo:
             names = list(todo)

@@ -54,6 +54,12 @@ class WorkloadStore:
         self.revisions[workload_id] = entry.revision or 0
         return w
 
+    def assume(self, w: pb.Workload) -> None:
+        """Serve `w` as the record from now on, before its write has returned — for a write that is
+        decided and retried until it lands (a commit whose placements are going out with it). The
+        compare-and-set still expects the revision last written."""
+        self.records[w.workload_id] = w
+
     async def update(self, w: pb.Workload) -> None:
         """Write `w` if nobody wrote since our last read; raise Conflict otherwise."""
         assert self.kv

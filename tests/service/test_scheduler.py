@@ -303,3 +303,34 @@ async def test_a_site_reporting_before_the_record_write_returned_still_makes_it_
             break
         await asyncio.sleep(0.05)
     assert server.coordinator.store.get(w.workload_id).state == pb.WORKLOAD_STATE_RUNNING
+
+
+async def test_the_record_reads_placed_once_its_placement_event_is_out(scheduler, bus):
+    """The record's write and the placement events go out together; a client that reads the
+    workload as soon as its placement arrives finds it placed, not still pending — even while the
+    write is slow to return (here: held back 0.3 s)."""
+    server, stub = scheduler
+    agents = FakeAgents(bus, {"a": 4}, {"a": 1})
+    await agents.start()
+    states = []
+    store = server.coordinator.store
+    write = store.update
+
+    async def slow_update(w):
+        await asyncio.sleep(0.3)
+        await write(w)
+
+    store.update = slow_update
+
+    async def on_placement(ev):
+        got = await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=ev.payload.placement.workload_id))
+        states.append(got.workload.state)
+
+    await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-read-on-placement")
+    for i in range(4):  # site a's 4 GPUs
+        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(name=f"s{i}", min_replicas=1)))
+    for _ in range(100):
+        if len(states) == 4:
+            break
+        await asyncio.sleep(0.05)
+    assert states == [pb.WORKLOAD_STATE_PLACED] * 4
