@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cncbrain import aio
+from cncbrain import aio, telemetry
 from cncbrain.natsserver import NatsServer
 
 MODES = ("raw", "nats-py", "bus")
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gap-ms", type=float, default=10.0)
     ap.add_argument("--echo", nargs=2, metavar=("MODE", "URL"), help=argparse.SUPPRESS)  # the echo process
     a = ap.parse_args(argv)
+    telemetry.setup("bench-bus", log_level="WARNING")  # as every process of the brain (no exporter)
     if a.echo:
         aio.run(_echo(*a.echo))
         return
