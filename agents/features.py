@@ -116,13 +116,6 @@ class ServiceColumn(NamedTuple):
                    view.capacity_rps[:, j], view.load[:, j], view.slo_recent[j])
 
 
-def replica_room(svc: ServiceInfo, free_gpus: np.ndarray) -> np.ndarray:
-    """[rows] requests/s a new replica of `svc` sustains on the best GPU type with room at each row
-    of `free_gpus` [rows, G] (`PoolView.replica_capacity` of one service)."""
-    fit = (svc.tp[None, :] > 0) & (free_gpus >= svc.tp[None, :])
-    return np.where(fit, svc.mu[None, :], 0.0).max(axis=1)
-
-
 def _shard_room(view: PoolView) -> np.ndarray:
     """[S, MAX_OFFERS] shards of each offered job that fit on one GPU type of each site."""
     S = view.n_sites
@@ -241,7 +234,7 @@ class Featurizer:
         dem = col.demand_rps / unit
         cap = col.capacity_rps / unit
         reps = col.replicas.astype(float)
-        room = replica_room(svc, free_gpus) / unit
+        room = svc.replica_room(free_gpus) / unit
         pool_dem, pool_cap = dem.sum(), cap.sum()
         pool_reps = float(reps.sum())
         nd = np.where(valid, dem[nb], 0.0)
@@ -346,7 +339,7 @@ class Featurizer:
             dem = view.demand_rps[:, j] / unit
             cap = view.capacity_rps[:, j] / unit
             reps_s = float(view.replicas[s, j])
-            room = replica_room(svc, free_sub) / unit  # [1 + k]
+            room = svc.replica_room(free_sub) / unit  # [1 + k]
             pool_dem, pool_cap = dem.sum(), cap.sum()
             pool_reps = float(view.replicas[:, j].sum())
             nd = np.where(valid, dem[nb], 0.0)

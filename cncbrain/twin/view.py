@@ -27,6 +27,12 @@ class ServiceInfo:
     """[G] decode batch limit of one replica on each type."""
     active: bool = True
 
+    def replica_room(self, free_gpus: np.ndarray) -> np.ndarray:
+        """[rows] requests/s one more replica sustains on the best GPU type with room for it, at each
+        row of `free_gpus` [rows, G] (0: no room)."""
+        fit = (self.tp[None, :] > 0) & (free_gpus >= self.tp[None, :])
+        return np.where(fit, self.mu[None, :], 0.0).max(axis=1)
+
 
 @dataclass
 class JobOffer:
@@ -81,9 +87,7 @@ class PoolView:
 
     def replica_capacity(self, k: int) -> np.ndarray:
         """[S] column k of `capacity_per_replica`."""
-        svc = self.services[k]
-        room = (svc.tp[None, :] > 0) & (self.free_gpus >= svc.tp[None, :])
-        return np.where(room, svc.mu[None, :], 0.0).max(axis=1)
+        return self.services[k].replica_room(self.free_gpus)
 
     def best_mu(self) -> np.ndarray:
         """[K] requests/s of one replica on the best GPU type of the pool."""
