@@ -634,11 +634,12 @@ class Coordinator:
             log.warning("site %s could not apply %s: %s", a.placement.site_id, wid, a.error)
             self.counters["apply_failed"] += 1
             return
-        if w.state in (domain.PENDING, domain.PLACED) and a.placement.generation >= w.generation:
-            # under the lock: a site may report before the commit's record write has returned
+        if w.state == domain.PLACED and a.placement.generation == w.generation:
+            # The record reads PLACED from the moment its commit is sent (`WorkloadStore.assume`);
+            # the lock waits for the commit, as a site may report before the write has returned.
             async with self.lock(wid):
                 w = self._copy(wid)
-                if w.state != domain.PLACED or a.placement.generation != w.generation:
+                if w.state != domain.PLACED:
                     return
                 w.state = domain.RUNNING
                 w.updated_at.FromNanoseconds(now_ns())
