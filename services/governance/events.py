@@ -74,6 +74,12 @@ class _Dirty:
     workloads: set[str] = field(default_factory=set)
     holdings: set[tuple[str, str]] = field(default_factory=set)  # (tenant, workload)
 
+    def absorb(self, other: _Dirty) -> None:
+        self.tokens |= other.tokens
+        self.tenants |= other.tenants
+        self.workloads |= other.workloads
+        self.holdings |= other.holdings
+
 
 def unit_id(workload_id: str, site_id: str) -> str:
     """A placement is one workload's share at one site: that pair is the unit quota and usage count."""
@@ -227,10 +233,7 @@ class Governor:
         for item, result, mine in done:
             if not item.future.done():
                 item.future.set_result((result, mine))
-        self._pending.tokens |= dirty.tokens
-        self._pending.tenants |= dirty.tenants
-        self._pending.workloads |= dirty.workloads
-        self._pending.holdings |= dirty.holdings
+        self._pending.absorb(dirty)
         if entries:  # nothing appended (an event that changed no holding): the projections stand
             self._project_wanted.set()
 
@@ -250,10 +253,7 @@ class Governor:
                 raise
             except Exception as exc:  # NATS away: try again with the next change (or at the next start)
                 log.warning("governance: projection update failed: %s", exc)
-                self._pending.tokens |= dirty.tokens
-                self._pending.tenants |= dirty.tenants
-                self._pending.workloads |= dirty.workloads
-                self._pending.holdings |= dirty.holdings
+                self._pending.absorb(dirty)
                 await asyncio.sleep(0.5)
 
     async def settled(self, timeout_s: float = 5.0) -> None:
