@@ -3,11 +3,16 @@ compare-and-set on the revision so two writers can never both win."""
 
 from __future__ import annotations
 
+import logging
+
 import nats.js.errors
+from google.protobuf.message import DecodeError
 from nats.js.kv import KeyValue
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cncbrain.bus import KV_WORKLOADS, Bus
+
+log = logging.getLogger(__name__)
 
 
 class Conflict(Exception):
@@ -20,14 +25,22 @@ class WorkloadStore:
         self.kv: KeyValue | None = None
         self.records: dict[str, pb.Workload] = {}
         self.revisions: dict[str, int] = {}
+        self.unreadable: list[str] = []
+        """Keys whose record could not be decoded at `open` (logged; kept in the bucket as they are)."""
 
     async def open(self) -> list[pb.Workload]:
         self.kv = await self.bus.kv(KV_WORKLOADS)
         for key, (value, revision) in (await self.bus.retrying(
                 lambda: self.bus.kv_items(KV_WORKLOADS), "read the workload records")).items():
-            if value:
+            if not value:
+                continue
+            try:
                 self.records[key] = pb.Workload.FromString(value)
-                self.revisions[key] = revision
+            except DecodeError:  # left where it is, untouched: the scheduler starts without it
+                self.unreadable.append(key)
+                log.error("workload record %s in %s is not a Workload (%d bytes); skipped", key, KV_WORKLOADS, len(value))
+                continue
+            self.revisions[key] = revision
         return list(self.records.values())
 
     def get(self, workload_id: str) -> pb.Workload | None:

@@ -334,3 +334,19 @@ async def test_the_record_reads_placed_once_its_placement_event_is_out(scheduler
             break
         await asyncio.sleep(0.05)
     assert states == [pb.WORKLOAD_STATE_PLACED] * 4
+
+
+async def test_a_garbled_record_is_skipped_with_its_key_named_and_left_in_place(nats_server, bus, caplog):
+    """A record that is not a Workload does not keep the scheduler from starting with the others;
+    the log names its key and the bytes stay in the bucket untouched."""
+    good = await _stored_pending(bus, service_spec(min_replicas=1))
+    kv = await bus.kv("cnc-workloads")
+    await kv.put("svc-garbled", b"\xff\x00 not a workload")
+    server = await SchedulerServer(Settings(nats_url=nats_server.url, grpc_port=0)).start()
+    try:
+        store = server.coordinator.store
+        assert store.unreadable == ["svc-garbled"] and store.get(good.workload_id) is not None
+        assert "svc-garbled" in caplog.text
+        assert (await kv.get("svc-garbled")).value == b"\xff\x00 not a workload"
+    finally:
+        await server.stop()
