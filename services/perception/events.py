@@ -9,6 +9,8 @@ import contextlib
 import logging
 import time
 
+from google.protobuf.message import DecodeError
+
 from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
@@ -29,9 +31,15 @@ class PerceptionEvents:
 
     async def start(self) -> None:
         now = time.time()
-        for value, _ in (await self.bus.retrying(lambda: self.bus.kv_items(KV_SITES), "read the sites")).values():
-            if value:
-                self.picture.restore(common_pb2.Site.FromString(value), now)
+        for key, (value, _) in (await self.bus.retrying(lambda: self.bus.kv_items(KV_SITES), "read the sites")).items():
+            if not value:
+                continue
+            try:
+                site = common_pb2.Site.FromString(value)
+            except DecodeError:  # left in the bucket untouched; the site registers again when its agent starts
+                log.error("site record %s in %s is not a Site (%d bytes); skipped", key, KV_SITES, len(value))
+                continue
+            self.picture.restore(site, now)
         await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
         await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
         await self.bus.subscribe(subjects.SITE_TELEMETRY, self.on_telemetry, consumer="perception-telemetry")

@@ -126,6 +126,22 @@ async def test_restart_remembers_registered_sites(nats_server, bus):
         await second.stop()
 
 
+async def test_a_garbled_site_record_is_skipped_with_its_key_named(nats_server, bus, caplog):
+    settings = Settings(nats_url=nats_server.url, grpc_port=0, tick_s=0.1)
+    first = await PerceptionServer(settings).start()
+    await register(bus, "north")
+    await eventually(lambda: _assert("north" in first.picture.sites))
+    await first.stop()
+    kv = await bus.kv("cnc-sites")
+    await kv.put("south", b"\xff\x00 not a site")
+    second = await PerceptionServer(settings).start()
+    try:
+        assert "north" in second.picture.sites and "south" not in second.picture.sites
+        assert "south" in caplog.text and (await kv.get("south")).value == b"\xff\x00 not a site"
+    finally:
+        await second.stop()
+
+
 def test_holt_follows_a_ramp_and_never_goes_negative():
     f = HoltForecaster(0.5, 0.3)
     for x in range(0, 100, 10):
