@@ -14,7 +14,7 @@ digital twin (`cncbrain.twin`).
 | action mask    | `infos[agent]["action_mask"]`: int8, one 0/1 per value of each head (same order);  |
 |                | infeasible choices that are sent anyway are ignored by the twin                    |
 | state          | `state()`: pooled centralised state for the critic (`agents.features`)            |
-| reward         | team reward, the same for every agent: `reward_scale` × the change of the §6       |
+| reward         | team reward, the same for every agent: `reward_scale` × the change of the          |
 |                | `score` of the episode so far (its sum over an episode is `reward_scale` × final   |
 |                | score), minus `shaping` × the share of sites whose chosen add/remove was masked    |
 |                | (default 0: no shaping)                                                             |
@@ -44,7 +44,7 @@ from cncbrain.twin.sim import Twin
 
 
 class ScoreTracker:
-    """The §6 `score` of a twin's episode so far, as `Twin.metrics()["score"]` computes it, without
+    """The `score` (docs/twin.md, Metrics) of a twin's episode so far, as `Twin.metrics()["score"]` computes it, without
     its percentile work (called every tick)."""
 
     def __init__(self, twin: Twin):
@@ -135,7 +135,7 @@ class CncPoolEnv(ParallelEnv):
 
     @property
     def score(self) -> float:
-        """The episode's §6 score so far."""
+        """The episode's score so far."""
         return self._score
 
     # ------------------------------------------------------------------ PettingZoo API

@@ -8,7 +8,7 @@ masked categorical heads (`agents.features`). Training runs in two phases:
    decides for the whole pool; each site learns to predict the teacher's decision for it from its
    own observation. The first round follows the teacher, later rounds follow the student and ask
    the teacher what it would have done. The critic learns the returns of those episodes.
-2. MAPPO fine-tuning on the team reward (the change of the §6 score), from the warm start.
+2. MAPPO fine-tuning on the team reward (the change of the score), from the warm start.
 
 collect → compute returns → train → save, then repeat. `cncbrain train` is the command line;
 `train(args, on_update)` is the API (used by tests and `benchmarks/train_device.py`).
@@ -544,7 +544,7 @@ def plot_learning_curve(out: Path, history: list[dict]) -> Path:
                      "val": "greedy validation"}[phase]
             ax[0].plot(x, y, style, label=label, ms=4)
     ax[0].set_xlabel("environment ticks (MAPPO)")
-    ax[0].set_ylabel("episode score (§6)")
+    ax[0].set_ylabel("episode score")
     ax[0].legend(fontsize=8)
     ax[0].grid(alpha=0.3)
     rows = [r for r in history if r.get("phase") == "mappo"]

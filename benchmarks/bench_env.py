@@ -3,7 +3,7 @@ through the PettingZoo parallel API and through the trainer's array API.
 
     python benchmarks/bench_env.py [--scenario abilene] [--episodes 3] [--json]
 
-Target (issue 3): ≥ 2,000 agent-steps/s on abilene. Pin to one core with `taskset -c 0` to measure
+Target: ≥ 2,000 agent-steps/s on abilene. Pin to one core with `taskset -c 0` to measure
 "one core"; the figure depends on what else the machine runs (the load is printed).
 """
 

@@ -7,7 +7,7 @@ snapshot.
 
     python benchmarks/bench_policy.py [--scenario geant] [--n 2000] [--json]
 
-Target (issue 3): p99 ≤ 1 ms per site decision. The views are real twin states along an episode.
+Target: p99 ≤ 1 ms per site decision. The views are real twin states along an episode.
 Reported twice: wall-clock and the process's CPU time per decision (`*_cpu_*`); on a shared machine
 the wall-clock tail mostly measures waiting for a core, the CPU time what the decision costs.
 """

@@ -28,7 +28,7 @@ COMMANDS = [
     "cancel",
     "watch",
     "train",
-    # issue 5: governance and adaptation
+    # governance and adaptation
     "tenants",
     "quota",
     "policy",

@@ -1,4 +1,4 @@
-"""Policy evaluation on the twin: run policies × seeds on a scenario, aggregate the §6 metrics,
+"""Policy evaluation on the twin: run policies × seeds on a scenario, aggregate the metrics of docs/twin.md,
 print a table, write JSON and draw the comparison."""
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def target(args: argparse.Namespace, name: str) -> str:
 
 
 def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
-    """A channel to a brain service with tracing, the API token (issue 5: `--token`, `CNC_TOKEN`,
+    """A channel to a brain service with tracing, the API token (`--token`, `CNC_TOKEN`,
     `CNC_TOKEN_FILE` or the operator token `cncbrain up` wrote to the state folder) and TLS when
     `CNC_TLS_CA` is set."""
     from cncbrain.auth import load_token, token_interceptors

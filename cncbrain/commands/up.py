@@ -6,7 +6,7 @@ Default ports: NATS 4222, perception gRPC 50061, scheduler gRPC 50062, adaptatio
 governance 50064. State folder: `.state/` (JetStream store in `jetstream/`, logs in `logs/`,
 `endpoints.json` for the client commands, `operator.token` — see below).
 
-Issue 5: governance and adaptation run beside perception and the scheduler. With `auth` (the
+Governance and adaptation run beside perception and the scheduler. With `auth` (the
 `up` command's default; `--no-auth` turns it off) every gRPC service checks bearer tokens and
 governance issues an operator token into `<state>/operator.token`, which the CLI picks up.
 """
@@ -65,7 +65,7 @@ class Brain:
                  background_nice: int | None = None) -> None:
         from cncbrain.natsserver import free_port
 
-        # Issue 5 services: unless given, their default port, or a free one when that is taken (another
+        # Governance and adaptation: unless given, their default port, or a free one when that is taken (another
         # brain, a test running beside this one); endpoints.json tells the client commands.
         self.governance_port = governance_port or (GOVERNANCE_PORT if not port_in_use(GOVERNANCE_PORT) else free_port())
         self.adaptation_port = adaptation_port or (ADAPTATION_PORT if not port_in_use(ADAPTATION_PORT) else free_port())

@@ -35,7 +35,7 @@ MAX_BATCH = 64
 USABLE_MEMORY = 0.90
 """Share of GPU memory usable for weights + KV cache (the rest: runtime, fragmentation)."""
 TRAIN_MFU = 0.40
-"""Training MFU (Llama-2 on A100 ≈ 38–43 %, Llama-3 on H100 38–43 %; physics.md §2)."""
+"""Training MFU (Llama-2 on A100 ≈ 38–43 %, Llama-3 on H100 38–43 %; docs/cost-model.md)."""
 TRAIN_BYTES_PER_PARAM = 16
 """Mixed-precision Adam model state: 2 + 2 + 12 bytes per parameter (ZeRO paper)."""
 INTRA_SITE_BW_GBPS = 400.0
@@ -74,7 +74,7 @@ def _specs() -> tuple[dict, dict]:
     return specs, cfgs
 
 
-# Prices: physics.md §2, AWS on-demand snapshot (khaderz.com) where quoted; H200 from the e2enetworks
+# Prices: docs/cost-model.md, AWS on-demand snapshot (khaderz.com) where quoted; H200 from the e2enetworks
 # quote; V100 and T4 have no quote in the sources and are set by the assumption written beside them.
 _PRICES = {
     "H100": 8.22,
@@ -100,9 +100,9 @@ def gpu_catalog() -> dict[str, GpuType]:
     cat = [
         GpuType("H100", h100["peak_fp16_TFLOPS"], h100["peak_i8_TFLOPS"], h100["mem_per_GPU_in_GB"],
                 h100["hbm_bandwidth_in_GB_per_sec"], _PRICES["H100"], 700, 450, "llm-analysis h100-sxm-80gb"),
-        # H200: same die as H100 (physics.md §2), 141 GB HBM3e at 4.8 TB/s
+        # H200: same die as H100 (docs/cost-model.md), 141 GB HBM3e at 4.8 TB/s
         GpuType("H200", h100["peak_fp16_TFLOPS"], h100["peak_i8_TFLOPS"], 141, 4800, _PRICES["H200"], 700, 450,
-                "physics.md §2 (aiwiki H200)"),
+                "docs/cost-model.md (aiwiki H200)"),
         GpuType("A100-80GB", a80["peak_fp16_TFLOPS"], a80["peak_i8_TFLOPS"] / 1, a80["mem_per_GPU_in_GB"],
                 a80["hbm_bandwidth_in_GB_per_sec"], _PRICES["A100-80GB"], 400, 300, "llm-analysis a100-sxm-80gb"),
         GpuType("A100-40GB", a40["peak_fp16_TFLOPS"], a40["peak_i8_TFLOPS"], a40["mem_per_GPU_in_GB"],
@@ -113,8 +113,8 @@ def gpu_catalog() -> dict[str, GpuType]:
                 _PRICES["L4"], 72, 32, "gpu-specs l4 (PCIe Gen4)"),
         GpuType("V100", v100["peak_fp16_TFLOPS"], v100["peak_fp16_TFLOPS"], v100["mem_per_GPU_in_GB"],
                 v100["hbm_bandwidth_in_GB_per_sec"], _PRICES["V100"], 300, 150, "llm-analysis v100-sxm-32gb"),
-        # T4: gpu-specs lists no FP16 tensor figure; 65 TFLOP/s FP16 and 320 GB/s from physics.md §2
-        GpuType("T4", 65.0, 130.0, t4["gpu_memory"], 320.0, _PRICES["T4"], 70, 16, "gpu-specs t4 + physics.md §2"),
+        # T4: gpu-specs lists no FP16 tensor figure; 65 TFLOP/s FP16 and 320 GB/s from docs/cost-model.md
+        GpuType("T4", 65.0, 130.0, t4["gpu_memory"], 320.0, _PRICES["T4"], 70, 16, "gpu-specs t4 + docs/cost-model.md"),
     ]
     return {g.name: g for g in cat}
 
@@ -160,8 +160,8 @@ class ModelSpec:
         return self.params_b * 1e9
 
 
-# KV per token: Llama-2-7B 0.52 MB, Llama-2-13B 0.82 MB (MHA, [D] in physics.md), Llama-3.1-70B
-# 327,680 B (GQA, [V] in physics.md). 1.3B: GPT3-XL shape (24 layers, hidden 2048, MHA).
+# KV per token: Llama-2-7B 0.52 MB, Llama-2-13B 0.82 MB (MHA, derived, docs/cost-model.md), Llama-3.1-70B
+# 327,680 B (GQA, read, docs/cost-model.md). 1.3B: GPT3-XL shape (24 layers, hidden 2048, MHA).
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [

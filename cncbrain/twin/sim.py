@@ -695,7 +695,7 @@ class Twin:
 
     # ---------------------------------------------------------------- results
     def metrics(self) -> dict[str, float]:
-        """The evaluation metrics of ARCHITECTURE.md §6 over the horizon so far."""
+        """The evaluation metrics of docs/twin.md (Metrics) over the horizon so far."""
         ttft = np.concatenate(self._ttft) if self._ttft else np.zeros(0)
         tpot = np.concatenate(self._tpot) if self._tpot else np.zeros(0)
         slo = self.n_met / self.n_requests if self.n_requests else 1.0

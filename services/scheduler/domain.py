@@ -29,7 +29,7 @@ ENDED = (COMPLETED, FAILED, CANCELLED)
 MAX_UNITS = 4096
 MAX_GPUS_PER_UNIT = 64
 BYTES_PER_PARAM_SERVE = 2.0  # bf16 weights
-BYTES_PER_PARAM_TRAIN = 16.0  # weights, grads, Adam state (physics.md)
+BYTES_PER_PARAM_TRAIN = 16.0  # weights, grads, Adam state (docs/cost-model.md)
 
 
 class SpecError(ValueError):

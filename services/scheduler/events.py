@@ -108,7 +108,7 @@ class Coordinator:
         self._stopping = False
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
-        self.governance: SchedulerGovernance | None = None  # issue 5 hooks, set by the server
+        self.governance: SchedulerGovernance | None = None  # admission and placement checks, set by the server
         self.accepted: dict[str, asyncio.Future[None]] = {}
         """ACCEPTED publishes in flight; later events of the workload wait for theirs (order)."""
         self.unannounced: dict[str, pb.Workload] = {}
@@ -282,7 +282,7 @@ class Coordinator:
             offer = msg.offers.add(
                 offer_id=f"{round_id}-{w.workload_id}", workload_id=w.workload_id, kind=w.kind, units=need.units,
                 gpus_per_unit=need.gpus_per_unit,
-                # Issue 5: only the GPU types the tenant's policy and quota leave room for are offered.
+                # Only the GPU types the tenant's policy and quota leave room for are offered.
                 allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
                 ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
             )

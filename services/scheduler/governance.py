@@ -1,4 +1,4 @@
-"""The scheduler's side of issue 5, in one module the scheduler's own files only call into:
+"""The scheduler's side of governance, in one module the scheduler's own files only call into:
 
 - who may touch a workload: a tenant's workloads carry its id (`spec.tenant`, filled from the
   caller's token), a tenant sees and changes only its own, an operator any (PERMISSION_DENIED);

@@ -34,7 +34,7 @@ class SchedulerServer:
     async def start(self) -> SchedulerServer:
         self.bus = await Bus.connect(self.settings.nats_url, "scheduler")
         self.coordinator = Coordinator(self.bus, self.settings)
-        # Issue 5: governance (admission, placement check) and adaptation's actions, then auth.
+        # Governance (admission, placement check) and adaptation's actions, then auth.
         self.coordinator.governance = await SchedulerGovernance.start(
             self.coordinator, self.settings.governance_target, self.settings.governance_token)
         await self.coordinator.start()

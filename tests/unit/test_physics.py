@@ -1,4 +1,4 @@
-"""The cost model against the reference figures of physics.md §5 (TensorRT-LLM, NIM, derived
+"""The cost model against the reference figures of docs/cost-model.md (TensorRT-LLM, NIM, derived
 decode latencies): each within a factor of 1.5."""
 
 import pytest

@@ -13,7 +13,7 @@ estimated tokens/s. Two layouts are weighed when more than one site is used:
 
 Step time = 6·N·tokens / (GPUs · peak · MFU · TP efficiency) / (1 − bubble) + all-reduce + WAN
 activation traffic; the bubble is (p−1)/(m+p−1), the all-reduce 2(n−1)/n · S/B over the slowest
-link (physics.md §4). Memory per GPU = model state (16 B/param, or 4 + 12/DP with ZeRO-1) / (TP·PP)
+link (docs/cost-model.md). Memory per GPU = model state (16 B/param, or 4 + 12/DP with ZeRO-1) / (TP·PP)
 + activations 34·s·b·h/TP per layer (TP + sequence parallel + selective recompute, Korthikanti
 et al.) for the PP micro-batches a 1F1B stage holds.
 
@@ -99,7 +99,7 @@ class TrainingPlan:
 
     @property
     def mfu(self) -> float:
-        """Achieved share of peak (of the slowest GPU type), for comparison with physics.md §2."""
+        """Achieved share of peak (of the slowest GPU type), for comparison with docs/cost-model.md."""
         return self.compute_s / self.step_s * ph.TRAIN_MFU * float(ph.tp_efficiency(self.tp))
 
 
