@@ -12,6 +12,8 @@ Site ids are the twin's site names made subject-safe ("New York" → `new-york`)
 
 `EmulatedExecutor` is the agent's side: inventory and apply by request/reply, telemetry from the
 state subject of its site.
+A workload's template (what a real site would run) is ignored: the twin models the workload from
+its spec.
 """
 
 from __future__ import annotations

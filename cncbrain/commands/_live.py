@@ -95,3 +95,29 @@ def create_workload(args, rpc: str, request) -> int:
     print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
           f"(follow it: cncbrain watch --workload {w.workload_id})")
     return 0
+
+
+def add_template_args(parser: argparse.ArgumentParser, unit: str) -> None:
+    """`--command`, `--arg`, `--env`, `--image`: what each replica or shard runs at a site whose
+    executor starts real processes (Slurm); the emulated sites ignore them."""
+    g = parser.add_argument_group(f"what each {unit} runs (sites with a real executor; docs/executors.md)")
+    g.add_argument("--command", default="", help=f"program each {unit} runs (a path or a name on the site's PATH)")
+    g.add_argument("--arg", action="append", default=[], metavar="ARG",
+                   help="an argument of --command (repeatable, in order; write --arg=-x for one starting with -)")
+    g.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"an environment variable of each {unit} (repeatable)")
+    g.add_argument("--image", default="", help="container image, for executors that run images")
+
+
+def template_from_args(args: argparse.Namespace):
+    """The `WorkloadTemplate` of the template flags (the scheduler validates it; this only splits
+    NAME=VALUE)."""
+    from cnc.common.v1 import common_pb2 as common
+
+    t = common.WorkloadTemplate(command=args.command, args=args.arg, image=args.image)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CncError(f"--env {item!r}: expected NAME=VALUE")
+        t.env.add(name=name, value=value)
+    return t

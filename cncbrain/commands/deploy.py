@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cncbrain.commands._live import add_target_args, create_workload
+from cncbrain.commands._live import add_target_args, add_template_args, create_workload, template_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tenant the workload belongs to (default: your token's tenant; an operator names one "
                         "that governance knows, or none)")
     p.add_argument("--request-id", default="", help="idempotency key")
+    add_template_args(p, "replica")
     add_target_args(p, "scheduler")
     p.set_defaults(func=run)
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
         slo=common.SloTargets(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms), expected_rate_rps=args.rate,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
-        allowed_gpu_types=args.gpu_type, ingress_site_id=args.ingress, tenant=args.tenant, trace=args.trace)
+        allowed_gpu_types=args.gpu_type, ingress_site_id=args.ingress, tenant=args.tenant, trace=args.trace,
+        template=template_from_args(args))
     return create_workload(args, "DeployInferenceService", pb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id))
 
 

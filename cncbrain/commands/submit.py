@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cncbrain.commands._live import add_target_args, create_workload
+from cncbrain.commands._live import add_target_args, add_template_args, create_workload, template_from_args
 from cncbrain.commands.deploy import params_from_model
 
 
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tenant the workload belongs to (default: your token's tenant; an operator names one "
                         "that governance knows, or none)")
     p.add_argument("--request-id", default="")
+    add_template_args(p, "shard")
     add_target_args(p, "scheduler")
     p.set_defaults(func=run)
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     job = common.TrainingJobSpec(
         name=args.name, model=args.model, params_b=args.params_b or params_from_model(args.model),
         shards=args.shards, gpus_per_shard=args.gpus_per_shard, tokens=args.tokens,
-        allowed_gpu_types=args.gpu_type, tenant=args.tenant, gang_timeout_s=args.gang_timeout_s)
+        allowed_gpu_types=args.gpu_type, tenant=args.tenant, gang_timeout_s=args.gang_timeout_s,
+        template=template_from_args(args))
     return create_workload(args, "SubmitTrainingJob", pb.SubmitTrainingJobRequest(job=job, request_id=args.request_id))
 
 

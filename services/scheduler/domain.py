@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -65,6 +66,7 @@ def validate_inference(spec: common.InferenceServiceSpec) -> None:
         _name(spec.ingress_site_id, "service.ingress_site_id")
     if spec.trace not in ("", "conv", "code"):
         raise SpecError("service.trace", f"{spec.trace!r} is not 'conv' or 'code'")
+    validate_template(spec.template, "service.template")
 
 
 def validate_training(spec: common.TrainingJobSpec) -> None:
@@ -81,6 +83,71 @@ def validate_training(spec: common.TrainingJobSpec) -> None:
         raise SpecError("job.tokens", "must be a finite number > 0")
     if spec.gang_timeout_s < 0:
         raise SpecError("job.gang_timeout_s", "must be >= 0 (0: the scheduler's default)")
+    validate_template(spec.template, "job.template")
+
+
+# What a replica or shard runs (`WorkloadTemplate`): bounds that keep a batch script small and every
+# value passable to exec() and a shell (no NUL), names the executors reserve left to them.
+TEMPLATE_MAX_COMMAND = 1024
+TEMPLATE_MAX_ARGS = 256
+TEMPLATE_MAX_ENV = 128
+TEMPLATE_MAX_VALUE = 4096
+TEMPLATE_MAX_TOTAL = 65_536
+TEMPLATE_MAX_IMAGE = 512
+TEMPLATE_RESERVED_ENV = ("CNC_", "SLURM_")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REF = re.compile(rf"(?:{_HOST}/)?{_PATH}(?:/{_PATH})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+                       r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
+
+
+def _quote(value: str, limit: int = 60) -> str:
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def _template_text(value: str, field_name: str, max_len: int, *, lines: bool) -> None:
+    """At most `max_len` characters, no control characters (tab and newline too when `lines`)."""
+    if len(value) > max_len:
+        raise SpecError(field_name, f"{_quote(value)} is longer than {max_len} characters")
+    allowed = "\t\n" if lines else ""
+    for c in value:
+        if not c.isprintable() and c not in allowed and c != " ":
+            raise SpecError(field_name, f"{_quote(value)} holds the control character {c!r}")
+
+
+def validate_template(t: common.WorkloadTemplate, prefix: str) -> None:
+    """A workload template a site can run: a command (or an image) with bounded arguments and a
+    unique, well-formed environment that leaves the executor's own variables alone."""
+    _template_text(t.command, f"{prefix}.command", TEMPLATE_MAX_COMMAND, lines=False)
+    if t.command and t.command != t.command.strip():
+        raise SpecError(f"{prefix}.command", f"{_quote(t.command)} starts or ends with white space")
+    if t.image and (len(t.image) > TEMPLATE_MAX_IMAGE or not IMAGE_REF.fullmatch(t.image)):
+        raise SpecError(f"{prefix}.image", f"{_quote(t.image)} is not an image reference "
+                                           f"([registry/]name[:tag][@digest], at most {TEMPLATE_MAX_IMAGE} characters)")
+    if (t.args or t.env) and not (t.command or t.image):
+        raise SpecError(f"{prefix}.command", "required when args or env are given (or name an image)")
+    if len(t.args) > TEMPLATE_MAX_ARGS:
+        raise SpecError(f"{prefix}.args", f"{len(t.args)} arguments; at most {TEMPLATE_MAX_ARGS}")
+    for i, a in enumerate(t.args):
+        _template_text(a, f"{prefix}.args[{i}]", TEMPLATE_MAX_VALUE, lines=True)
+    if len(t.env) > TEMPLATE_MAX_ENV:
+        raise SpecError(f"{prefix}.env", f"{len(t.env)} variables; at most {TEMPLATE_MAX_ENV}")
+    seen: set[str] = set()
+    for i, e in enumerate(t.env):
+        where = f"{prefix}.env[{i}]"
+        if not ENV_NAME.fullmatch(e.name):
+            raise SpecError(f"{where}.name", f"{_quote(e.name)} is not [A-Za-z_][A-Za-z0-9_]* of at most 128 characters")
+        if e.name.upper().startswith(TEMPLATE_RESERVED_ENV):
+            raise SpecError(f"{where}.name", f"{e.name!r}: names starting with "
+                                             f"{' or '.join(TEMPLATE_RESERVED_ENV)} are set by the executor")
+        if e.name in seen:
+            raise SpecError(f"{where}.name", f"{e.name!r} is given twice")
+        seen.add(e.name)
+        _template_text(e.value, f"{where}.value", TEMPLATE_MAX_VALUE, lines=True)
+    total = len(t.command) + len(t.image) + sum(map(len, t.args)) + sum(len(e.name) + len(e.value) for e in t.env)
+    if total > TEMPLATE_MAX_TOTAL:
+        raise SpecError(prefix, f"{total} characters in all; at most {TEMPLATE_MAX_TOTAL}")
 
 
 def workload_id(kind: int, request_id: str = "") -> str:

@@ -105,6 +105,16 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     assert '"replicas"' in shown.stdout and '"WORKLOAD_STATE_' in shown.stdout, shown.stdout
     bad = cli("deploy", "--name", "bad name", "--model", "7b", env=env)
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "service.name" in bad.stderr
+    # the workload template: carried as given, checked by the scheduler, NAME=VALUE split by the CLI
+    sub = cli("submit", "--name", "ft", "--model", "1b", "--shards", "1", "--gpus-per-shard", "1", "--command",
+              "python3", "--arg=-c", "--arg", "print(1)", "--env", "A=x=y", env=env)
+    assert sub.returncode == 0, sub.stderr
+    shown = cli("workloads", sub.stdout.split()[0], env=env)
+    assert '"command": "python3"' in shown.stdout and '"-c"' in shown.stdout and '"value": "x=y"' in shown.stdout
+    bad = cli("deploy", "--name", "t", "--model", "7b", "--command", "x", "--env", "CNC_SITE_ID=forged", env=env)
+    assert bad.returncode == 2 and "service.template.env[0].name" in bad.stderr, bad.stderr
+    bad = cli("deploy", "--name", "t", "--model", "7b", "--command", "x", "--env", "NOVALUE", env=env)
+    assert bad.returncode == 2 and "expected NAME=VALUE" in bad.stderr, bad.stderr
     # the workload's own events (rescales by the agents or adaptation may come first) until CANCELLED
     watcher = subprocess.Popen([*command("watch"), f"cnc.scheduler.workload.{wid}", "--json"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -143,6 +143,23 @@ async def test_training_gang_placed_across_sites_with_shard_indices(scheduler, b
     assert {m.placement.site_id for m in got} == {"a", "b"}  # a has room for 2 shards of 2 GPUs
 
 
+async def test_the_workload_template_reaches_each_site_with_its_placement(scheduler, bus):
+    _, stub = scheduler
+    await FakeAgents(bus, {"a": 2, "b": 2}, {"a": 1.0, "b": 2.0}).start()
+    t = common.WorkloadTemplate(command="python3", args=["-m", "serve", "--port=0"], image="")
+    t.env.add(name="MODEL_DIR", value="/models/llama")
+    job = common.TrainingJobSpec(name="ft", model="m", params_b=1, shards=3, gpus_per_shard=1, tokens=1e9, template=t)
+    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    got = await placements_of(bus, wid, 2)
+    assert [m.training_job.template for m in got] == [t, t]
+    bad = common.WorkloadTemplate(command="x")
+    bad.env.add(name="CNC_WORKLOAD_ID", value="someone-else")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(template=bad)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "service.template.env[0].name" in err.value.details()
+
+
 @pytest.mark.parametrize("field,value,code", [
     ("min_replicas", 0, grpc.StatusCode.INVALID_ARGUMENT),
     ("name", "bad name!", grpc.StatusCode.INVALID_ARGUMENT),

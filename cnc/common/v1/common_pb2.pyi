@@ -216,6 +216,7 @@ class InferenceServiceSpec(_message.Message):
     INGRESS_SITE_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human name, unique per tenant is advised but not enforced."""
     model: _builtins.str
@@ -238,6 +239,12 @@ class InferenceServiceSpec(_message.Message):
     def allowed_gpu_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """GPU types a replica may run on; empty means any."""
 
+    @_builtins.property
+    def template(self) -> Global___WorkloadTemplate:
+        """What each replica runs at a site whose executor starts real processes (Slurm); the emulated
+        executor ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -253,10 +260,11 @@ class InferenceServiceSpec(_message.Message):
         ingress_site_id: _builtins.str = ...,
         tenant: _builtins.str = ...,
         trace: _builtins.str = ...,
+        template: Global___WorkloadTemplate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["slo", b"slo"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slo", b"slo", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "expected_rate_rps", b"expected_rate_rps", "gpus_per_replica", b"gpus_per_replica", "ingress_site_id", b"ingress_site_id", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "model", b"model", "name", b"name", "params_b", b"params_b", "slo", b"slo", "tenant", b"tenant", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "expected_rate_rps", b"expected_rate_rps", "gpus_per_replica", b"gpus_per_replica", "ingress_site_id", b"ingress_site_id", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "model", b"model", "name", b"name", "params_b", b"params_b", "slo", b"slo", "template", b"template", "tenant", b"tenant", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,6 +285,7 @@ class TrainingJobSpec(_message.Message):
     ALLOWED_GPU_TYPES_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     GANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     params_b: _builtins.float
@@ -290,6 +299,12 @@ class TrainingJobSpec(_message.Message):
     """How long the scheduler keeps trying to gang-place the job before failing it, seconds."""
     @_builtins.property
     def allowed_gpu_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def template(self) -> Global___WorkloadTemplate:
+        """What each shard runs at a site whose executor starts real processes (Slurm); the emulated
+        executor ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -302,14 +317,88 @@ class TrainingJobSpec(_message.Message):
         allowed_gpu_types: _abc.Iterable[_builtins.str] | None = ...,
         tenant: _builtins.str = ...,
         gang_timeout_s: _builtins.float = ...,
+        template: Global___WorkloadTemplate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "gang_timeout_s", b"gang_timeout_s", "gpus_per_shard", b"gpus_per_shard", "model", b"model", "name", b"name", "params_b", b"params_b", "shards", b"shards", "tenant", b"tenant", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_gpu_types", b"allowed_gpu_types", "gang_timeout_s", b"gang_timeout_s", "gpus_per_shard", b"gpus_per_shard", "model", b"model", "name", b"name", "params_b", b"params_b", "shards", b"shards", "template", b"template", "tenant", b"tenant", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingJobSpec: _TypeAlias = TrainingJobSpec  # noqa: Y015
+
+@_typing.final
+class EnvVar(_message.Message):
+    """EnvVar is one environment variable of a workload template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[A-Za-z_][A-Za-z0-9_]*, at most 128 characters; names starting with CNC_ or SLURM_ are the
+    executor's (it sets them per replica or shard).
+    """
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvVar: _TypeAlias = EnvVar  # noqa: Y015
+
+@_typing.final
+class WorkloadTemplate(_message.Message):
+    """WorkloadTemplate is what runs for each replica of a service or shard of a training job: a
+    command with its arguments and environment, or a container image for executors that run images.
+    The executor adds CNC_WORKLOAD_ID, CNC_SITE_ID, CNC_UNIT_INDEX and, for a training shard,
+    CNC_SHARD_INDEX, CNC_WORLD_SIZE and CNC_PEERS to the environment (docs/executors.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    command: _builtins.str
+    """Program to run: an absolute path or a name found on the site's PATH. Empty with an image: the
+    image's own entry point.
+    """
+    image: _builtins.str
+    """Container image reference (e.g. "registry.example/llm/serve:1.4"), for executors that run
+    images; empty: the command runs on the site's nodes as it is.
+    """
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Arguments, passed as they are (no shell)."""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvVar]:
+        """Added to each replica's or shard's environment, in order; names are unique."""
+
+    def __init__(
+        self,
+        *,
+        command: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Iterable[Global___EnvVar] | None = ...,
+        image: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "env", b"env", "image", b"image"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkloadTemplate: _TypeAlias = WorkloadTemplate  # noqa: Y015
 
 @_typing.final
 class Placement(_message.Message):
