@@ -30,6 +30,7 @@ import numpy as np
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain import metrics
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
 from cncbrain.twin import Twin, physics
@@ -126,9 +127,19 @@ class EmulatorHost:
     async def step(self) -> None:
         self.report = self.twin.step()
         self.ticks += 1
+        self._export()
         await asyncio.gather(*[
             self.bus.publish(subjects.EMULATOR_STATE, self.site_state(sid), site=sid) for sid in self.ids
         ])
+
+    def _export(self) -> None:
+        t = self.twin
+        metrics.EMULATOR_SIM_TIME.set(t.time_s)
+        metrics.EMULATOR_SPEED.set(self.speed)
+        used = t.used_gpus()
+        metrics.replace_gauge(metrics.EMULATOR_GPUS_USED, {
+            (sid, gpu.name): float(used[s, g]) for s, sid in enumerate(self.ids)
+            for g, gpu in enumerate(t.gpus) if t.total[s, g] > 0})
 
     def _site_index(self, event: Event) -> int:
         sid = event.params["site"]

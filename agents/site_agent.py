@@ -26,6 +26,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
+from cncbrain import metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,35 @@ class OfferDesk:
             self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
             return
         agents = list(self.agents.values())
+        started = time.perf_counter()
+        try:
+            await self._answer(rnd, agents)
+        finally:
+            if agents:
+                metrics.AGENT_ANSWER.labels(agents[0].policy.name).observe(time.perf_counter() - started)
+
+    async def _answer(self, rnd: sched.OfferRound, agents: list[SiteAgent]) -> None:
         if len(agents) == 1:
-            agent, answer = answer_round(agents, rnd)[0]
-            await self.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
+            answers = answer_round(agents, rnd)
+            trace_answers(answers)
+            await self.bus.publish(subjects.SITE_ANSWER, answers[0][1], site=answers[0][0].site_id, span=False)
         elif agents:
             batch = site_pb.OfferAnswers(round_id=rnd.round_id, agent_id=self.agent_id)
-            answer_round(agents, rnd, batch)  # each answer written straight into the batch
+            trace_answers(answer_round(agents, rnd, batch))  # each answer written straight into the batch
             await self.bus.publish(subjects.SITE_ANSWERS, batch, agent=self.agent_id, span=False)
+
+
+def trace_answers(answers: list[tuple[SiteAgent, site_pb.OfferAnswer]]) -> None:
+    """One `answer <site>` span per answering site in the round's trace, when spans are recorded
+    (sites are decided together, so each span covers the round's decision, not one site's share)."""
+    if not telemetry.recording():
+        return
+    for agent, answer in answers:
+        accepted = [p.workload_id for p in answer.proposals if p.units]
+        with telemetry.span("cncbrain.agent", f"answer {agent.site_id}", attributes={
+                "cnc.site": agent.site_id, "cnc.policy": agent.policy.name, "cnc.offers": len(answer.proposals),
+                "cnc.accepted": accepted}):
+            pass
 
 
 def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound,
@@ -321,10 +344,16 @@ class SiteAgent:
         else:
             answer = site_pb.OfferAnswer(round_id=rnd.round_id, site_id=self.site_id)
         add = answer.proposals.add
+        accepted = 0
         for offer, (units, gpu_type, cost, reason) in zip(rnd.offers, decisions, strict=True):
             add(site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER, offer_id=offer.offer_id,
                 workload_id=offer.workload_id, units=units, gpu_type=gpu_type, cost=cost, reason=reason)
+            accepted += units > 0
         self.counters["offers_answered"] += len(rnd.offers)
+        if accepted:
+            metrics.AGENT_OFFERS.labels(self.site_id, "accept").inc(accepted)
+        if len(rnd.offers) > accepted:
+            metrics.AGENT_OFFERS.labels(self.site_id, "decline").inc(len(rnd.offers) - accepted)
         return answer
 
     async def on_snapshot(self, event: Event) -> None:
@@ -346,9 +375,13 @@ class SiteAgent:
         if p.generation <= self.applied.get(p.workload_id, 0):
             self.counters["placements_stale"] += 1
             return
-        ok, error = await self.executor.apply(msg)
+        with telemetry.span("cncbrain.agent", f"apply {self.site_id}", attributes={
+                "cnc.site": self.site_id, "cnc.workload_id": p.workload_id, "cnc.generation": p.generation,
+                "cnc.executor": self.executor.kind}):
+            ok, error = await self.executor.apply(msg)
         self.applied[p.workload_id] = p.generation
         self.counters["placements_applied" if ok else "placements_failed"] += 1
+        metrics.AGENT_APPLIED.labels(self.site_id, "ok" if ok else "error").inc()
         report = site_pb.PlacementApplied(placement=p, ok=ok, error=error)
         report.applied_at.GetCurrentTime()
         await self.bus.publish(subjects.SITE_APPLIED, report, event_id=f"{p.workload_id}/{p.generation}/{self.site_id}",

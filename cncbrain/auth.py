@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from cncbrain import metrics
 from cncbrain.errors import CncError
 from cncbrain.identity import (
     AuthError,
@@ -100,16 +101,22 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: AuthError | None):
-    """Same handler kind, run with the principal set, or refusing with the auth status."""
+def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: AuthError | None, method: str = ""):
+    """Same handler kind, run with the principal set, or refusing with the auth status (logged, in
+    the call's trace)."""
     code = status_for(refusal) if refusal is not None else None
     message = str(refusal) if refusal is not None else ""
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        assert code is not None
+        log.warning("refused %s: %s %s (peer %s)", method, code.name, message, context.peer())
+        await context.abort(code, message)
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if code is not None:
-                await context.abort(code, message)
+                await refuse(context)
             token = _principal.set(principal)
             try:
                 return await inner_uu(request, context)
@@ -123,7 +130,7 @@ def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: 
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if code is not None:
-                await context.abort(code, message)
+                await refuse(context)
             _principal.set(principal)  # the generator runs in its own context copy
             async for item in inner_us(request, context):
                 yield item
@@ -135,7 +142,7 @@ def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: 
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             if code is not None:
-                await context.abort(code, message)
+                await refuse(context)
             _principal.set(principal)
             return await inner_su(requests, context)
 
@@ -145,7 +152,7 @@ def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: 
 
     async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if code is not None:
-            await context.abort(code, message)
+            await refuse(context)
         _principal.set(principal)
         async for item in inner_ss(requests, context):
             yield item
@@ -189,8 +196,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             principal = self.authenticate(method, _metadata_value(details, METADATA_KEY))
         except AuthError as exc:
-            self.counters["permission_denied" if isinstance(exc, PermissionDenied) else "unauthenticated"] += 1
-            return _wrap(handler, None, exc)
+            reason = "permission_denied" if isinstance(exc, PermissionDenied) else "unauthenticated"
+            self.counters[reason] += 1
+            metrics.AUTH_DENIALS.labels(method.lstrip("/").split("/")[0], reason).inc()
+            return _wrap(handler, None, exc, method)
         self.counters["allowed"] += 1
         return _wrap(handler, principal, None)
 

@@ -2,7 +2,8 @@
 
 One mechanism for every process that keeps a local projection of a bucket (tokens, governance's
 tenants and holdings, the scheduler's workload records). `kv` is a nats-py `KeyValue`; this module
-does not import NATS, so light modules (e.g. `cncbrain.auth`) can use it.
+does not import NATS, so light modules (e.g. `cncbrain.auth`) can use it. Each follower exports how
+many revisions of its bucket it has not applied yet (`cnc_kv_follower_lag`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
+
+from cncbrain import metrics
+
+LAG_POLL_S = 5.0
 
 
 class KvFollower:
@@ -24,7 +29,10 @@ class KvFollower:
         self.name = name
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.revision = 0
+        """The highest revision applied."""
 
     async def start(self, initial_timeout: float = 5.0) -> None:
         self._watcher = await self.kv.watchall()
@@ -42,7 +50,17 @@ class KvFollower:
                 continue
             self.apply(entry)
             seen = max(seen, entry.revision or 0)
+        self.revision = max(self.revision, seen)
         self._task = asyncio.create_task(self._follow(), name=self.name)
+        self._lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.name}-lag")
+
+    async def _poll_lag(self) -> None:
+        bucket = getattr(self.kv, "_name", None) or "?"
+        while not self._stopping:
+            with contextlib.suppress(Exception):  # NATS away: try again next time
+                last = (await self.kv.status()).stream_info.state.last_seq
+                metrics.KV_LAG.labels(bucket, self.name).set(max(0, last - self.revision))
+            await asyncio.sleep(LAG_POLL_S)
 
     async def _follow(self) -> None:
         while not self._stopping:  # see stop()
@@ -55,11 +73,16 @@ class KvFollower:
                 continue
             if entry is not None:
                 self.apply(entry)
+                self.revision = max(self.revision, entry.revision or 0)
 
     async def stop(self) -> None:
         # Ends on the flag as well as the cancel: `updates()` is an `asyncio.wait_for`, which on
         # Python 3.11 drops a cancel that lands as an update arrives; the loop then sees the flag.
         self._stopping = True
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._lag_task
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

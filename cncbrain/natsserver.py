@@ -7,6 +7,7 @@ Which binary runs: `$CNC_NATS_SERVER_BIN` if set, else `nats-server` on PATH, el
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -59,8 +60,12 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 class NatsServer:
     """A child `nats-server -js` on loopback with its store under `store_dir`."""
 
-    def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None):
+    def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None,
+                 monitor: bool = True):
         self.store_dir = Path(store_dir)
+        self.monitor = monitor
+        """Serve nats-server's HTTP monitoring (/varz, /jsz, /connz, ...) on a free port (`monitor_url`)."""
+        self.monitor_url: str | None = None
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
@@ -80,16 +85,22 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting nats-server %s (from %s) on %s", self.binary, self.origin, self.url)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [self.binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [self.binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
+        if self.monitor:  # -1: a free port, which the server writes to its ports file once bound
+            argv += ["-m", "-1", "--ports_file_dir", str(self.store_dir)]
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        ports_file = self.store_dir / f"{Path(self.binary).name}_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise CncError(f"nats-server exited with code {self.proc.returncode} at start (see {self.log_file})")
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+                if self.monitor:
+                    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                        self.monitor_url = json.loads(ports_file.read_text())["monitoring"][0]
+                    if self.monitor_url is None:
+                        time.sleep(0.05)
+                        continue
                 return self
             time.sleep(0.05)
         self.stop()

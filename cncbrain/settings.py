@@ -24,10 +24,17 @@ class CncSettings(BaseSettings):
 
     nats_url: str = Field(DEFAULT_NATS_URL, description="NATS server URL (JetStream enabled)")
     """Where the bus is; `cncbrain up` passes its embedded server's URL."""
-    otel_exporter: Literal["none", "console", "otlp"] = Field("none", description="where spans go")
-    """`console` prints spans to stderr; `otlp` sends them to `otlp_endpoint`."""
-    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector endpoint")
+    otel_exporter: Literal["none", "console", "otlp", "otlp,console", "console,otlp"] | None = None
+    """Where spans go: `console` prints them to stderr, `otlp` sends them to an OTLP/gRPC collector.
+    Unset: the OpenTelemetry SDK's own variables decide — `OTEL_TRACES_EXPORTER`, else `otlp` when
+    `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, else none."""
+    otlp_endpoint: str = ""
+    """OTLP/gRPC collector endpoint. Empty: the SDK's `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` (default
+    http://localhost:4317); TLS follows the scheme and `OTEL_EXPORTER_OTLP_INSECURE` / `..._CERTIFICATE`."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of the process's log."""
+    log_format: Literal["text", "json"] | None = None
+    """`json`: one JSON object per line with `trace_id` and `span_id`. Unset: `CNC_LOG_FORMAT`, else text."""
 
 
 class BusSettings(BaseSettings):

@@ -16,8 +16,11 @@ project pins.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -81,28 +84,112 @@ def span(tracer_name: str, name: str, *, kind: SpanKind = SpanKind.INTERNAL,
         otel_context.detach(token)
 
 
-def setup(service_name: str, exporter: str = "none", otlp_endpoint: str = "", log_level: str = "INFO") -> None:
-    """Install the tracer provider (once per process) and configure logging."""
+def setup(service_name: str, exporter: str | None = None, otlp_endpoint: str = "", log_level: str = "INFO",
+          log_format: str | None = None) -> None:
+    """Install the tracer provider (once per process) and configure logging.
+
+    exporter: `none`, `console`, `otlp` (several: comma-separated); None: the SDK's own variables —
+    `OTEL_TRACES_EXPORTER`, else `otlp` when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, else none; `OTEL_SDK_DISABLED=true` turns it off.
+    otlp_endpoint: empty leaves the endpoint, TLS (`OTEL_EXPORTER_OTLP_INSECURE`, `..._CERTIFICATE`)
+    and headers to the OTLP exporter's own `OTEL_EXPORTER_OTLP_*` variables.
+    The resource's `service.name` is `service_name` unless `OTEL_SERVICE_NAME` (or
+    `OTEL_RESOURCE_ATTRIBUTES`) names one; `cnc.process` always carries `service_name`.
+    log_format: `text` or `json` (None: `CNC_LOG_FORMAT`, else text); see `configure_logging`."""
     global _configured
-    logging.basicConfig(
-        level=getattr(logging, log_level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level, log_format, service_name)
     if _configured:
         return
-    provider = _Provider(resource=Resource.create({"service.name": service_name}))
-    span_exporter: SpanExporter | None = None
-    if exporter == "console":
-        span_exporter = ConsoleSpanExporter()
-    elif exporter == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    attributes = {"cnc.process": service_name, "service.namespace": "cncbrain"}
+    if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attributes["service.name"] = service_name
+    provider = _Provider(resource=Resource.create(attributes))
+    for name in exporter_names(exporter):
+        span_exporter: SpanExporter
+        if name == "console":
+            span_exporter = ConsoleSpanExporter()
+        elif name == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        span_exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)
-    if span_exporter is not None:
+            span_exporter = OTLPSpanExporter(endpoint=otlp_endpoint or None)
+        else:
+            raise ValueError(f"trace exporter {name!r}: expected none, console or otlp")
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     _tracers.clear()
     _configured = True
+
+
+def setup_process(process: str, settings: Any) -> str | None:
+    """What every long-running process of the brain does first: tracing and logging from its
+    settings (a `CncSettings`), then its `/metrics` endpoint. Returns that endpoint's URL."""
+    from cncbrain import metrics
+
+    setup(process, settings.otel_exporter, settings.otlp_endpoint, settings.log_level, settings.log_format)
+    return metrics.serve(process)
+
+
+def exporter_names(exporter: str | None) -> list[str]:
+    """The span exporters to install (see `setup`)."""
+    env = os.environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    if exporter is None:
+        exporter = env.get("OTEL_TRACES_EXPORTER") or (
+            "otlp" if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") else "none")
+    names = [n.strip().lower() for n in exporter.split(",") if n.strip()]
+    return [n for n in dict.fromkeys(names) if n != "none"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, process, and the trace and span ids of
+    the span current when the record was made (empty outside any span); `exc_info` when there is one."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": self.process,
+            "pid": record.process,
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            out["trace_id"] = trace.format_trace_id(ctx.trace_id)
+            out["span_id"] = trace.format_span_id(ctx.span_id)
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+JsonFormatter.converter = time.gmtime  # type: ignore[assignment]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str = "INFO", log_format: str | None = None, process: str = "cncbrain") -> None:
+    """Root logging to stderr: `text` (one readable line) or `json` (`JsonFormatter`). `log_format`
+    None: `CNC_LOG_FORMAT`, else text. A bad name is refused with the accepted ones."""
+    chosen = (log_format or os.environ.get("CNC_LOG_FORMAT") or "text").strip().lower()
+    if chosen not in LOG_FORMATS:
+        raise ValueError(f"log format {chosen!r}: expected one of {', '.join(LOG_FORMATS)} (CNC_LOG_FORMAT, --log-format)")
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_cnc", False)), None)
+    if handler is None:
+        if root.handlers:  # someone configured logging first (pytest's capture): theirs, untouched
+            return
+        handler = logging.StreamHandler()
+        handler._cnc = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    handler.setFormatter(JsonFormatter(process) if chosen == "json" else logging.Formatter(TEXT_FORMAT))
+    root.setLevel(getattr(logging, level, logging.INFO))
 
 
 _tracers: dict[str, trace.Tracer] = {}

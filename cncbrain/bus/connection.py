@@ -27,7 +27,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
-from cncbrain import telemetry
+from cncbrain import metrics, telemetry
 from cncbrain.bus import envelope, streams
 from cncbrain.bus.envelope import EnvelopeError, Event
 from cncbrain.bus.subjects import Subject, check_token, deadletter
@@ -43,6 +43,8 @@ M = TypeVar("M", bound=Message)
 PENDING_MSGS_LIMIT = 1_000_000
 PENDING_BYTES_LIMIT = 512 * 1024 * 1024
 MAX_DELIVER = 5
+LAG_POLL_S = 5.0
+"""How often the lag of this process's durable consumers is read for `cnc_bus_consumer_pending`."""
 RETRYABLE = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
@@ -85,6 +87,10 @@ class Bus:
         self._kv: dict[str, KeyValue] = {}
         self._subs: list[Any] = []
         self.closing = False
+        self._durables: dict[str, str] = {}
+        """Durable consumers of this process: name -> stream (their lag is exported)."""
+        self._lag_task: asyncio.Task[None] | None = None
+        metrics.track_bus(self)
 
     # --- connection ---------------------------------------------------------------------------
     @classmethod
@@ -211,8 +217,24 @@ class Bus:
                     await self.js.delete_consumer(stream, name)
         return out
 
+    async def _poll_lag(self) -> None:
+        """Export the lag of this process's durable consumers every `LAG_POLL_S` seconds."""
+        while not self.closing:
+            for consumer, stream in list(self._durables.items()):
+                try:
+                    info = await self.js.consumer_info(stream, consumer, timeout=2.0)
+                except Exception:  # NATS away or the consumer deleted: try again next time
+                    continue
+                metrics.CONSUMER_PENDING.labels(self.name, consumer).set(info.num_pending or 0)
+                metrics.CONSUMER_ACK_PENDING.labels(self.name, consumer).set(info.num_ack_pending or 0)
+            await asyncio.sleep(LAG_POLL_S)
+
     async def close(self) -> None:
         self.closing = True
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._lag_task
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -359,6 +381,9 @@ class Bus:
                 pending_msgs_limit=PENDING_MSGS_LIMIT,
                 pending_bytes_limit=PENDING_BYTES_LIMIT,
             )
+            self._durables[consumer] = spec.stream
+            if self._lag_task is None:
+                self._lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.name}-consumer-lag")
         elif is_js:
             sub = await self.js.subscribe(
                 subject,

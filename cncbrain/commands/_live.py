@@ -52,7 +52,7 @@ def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
     from cncbrain.auth import load_token, token_interceptors
     from cncbrain.certs import client_channel
 
-    telemetry.setup("cncbrain-cli", os.environ.get("CNC_OTEL_EXPORTER", "none"), log_level="WARNING")
+    telemetry.setup("cncbrain-cli", os.environ.get("CNC_OTEL_EXPORTER") or None, log_level="WARNING")
     interceptors = [*telemetry.client_interceptors(), *token_interceptors(load_token(token, required=False))]
     return client_channel(address, interceptors=interceptors)
 

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="site policy: greedy, marl (the shipped learned policy) or marl:PATH (a policy .npz); "
                         "default $CNC_AGENT_POLICY, else marl when the shipped policy file exists, else greedy")
     p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--log-format", choices=telemetry.LOG_FORMATS, default=None,
+                   help="text or json (one object per line, with trace and span ids); default $CNC_LOG_FORMAT, else text")
     add_target_args(p, "nats")
     p.set_defaults(func=run)
 
@@ -87,7 +89,9 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
 
 
 def run(args: argparse.Namespace) -> int:
-    telemetry.setup("agents", log_level="INFO")
+    from cncbrain.settings import CncSettings, load_settings
+
+    telemetry.setup_process("agents", load_settings(CncSettings, log_format=args.log_format))
     return aio.run(run_agents(args))
 
 

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--horizon-s", type=float, default=24 * 3600.0, help="emulated time covered by the traces")
     p.add_argument("--no-failures", action="store_true", help="ignore the scenario's scripted site failures")
+    p.add_argument("--log-format", choices=telemetry.LOG_FORMATS, default=None,
+                   help="text or json (one object per line, with trace and span ids); default $CNC_LOG_FORMAT, else text")
     add_target_args(p, "nats")
     p.set_defaults(func=run)
 
@@ -48,7 +50,9 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
 def run(args: argparse.Namespace) -> int:
     if args.speed <= 0:
         raise CncError("--speed must be > 0")
-    telemetry.setup("emulator", log_level="INFO")
+    from cncbrain.settings import CncSettings, load_settings
+
+    telemetry.setup_process("emulator", load_settings(CncSettings, log_format=args.log_format))
     return aio.run(emulate(args))
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from cncbrain import aio
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
@@ -32,6 +33,8 @@ from cncbrain.natsserver import NatsServer, port_in_use
 
 NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
 ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
+PROMETHEUS_FILE = "prometheus.yml"
+"""A Prometheus scrape configuration for this brain, written by `up` (`prometheus --config.file=...`)."""
 BACKGROUND = ("adaptation", "emulator")
 """Processes off the deploy → placement path (adaptation's control loop, the emulated sites): they
 run at a lower CPU priority (`--background-nice`), so on a small machine the scheduler, the site
@@ -40,6 +43,19 @@ nice` (10 interleaved blocks of 60 deploys in one brain) on this project's 2-cor
 placement p50 11.97 ms at nice 0 vs 10.20 at 19 (median of the blocks, 9 of 10 pairs lower);
 `... nice 10 19`: 8.12 vs 7.63 ms (6 of 10) at a faster hour (docs/live-brain.md)."""
 DEFAULT_BACKGROUND_NICE = 19
+
+
+def prometheus_config(endpoints: dict[str, Any], interval_s: float = 5.0) -> str:
+    """A Prometheus configuration scraping every process of a brain (`endpoints` as `up` writes
+    them): one job `cncbrain`, each target labelled with its `process`."""
+    from urllib.parse import urlsplit
+
+    lines = ["# written by `cncbrain up`: prometheus --config.file=THIS_FILE", "global:",
+             f"  scrape_interval: {interval_s:g}s", f"  evaluation_interval: {interval_s:g}s", "scrape_configs:",
+             "  - job_name: cncbrain", "    metrics_path: /metrics", "    static_configs:"]
+    for process, url in sorted(endpoints.get("metrics", {}).items()):
+        lines += [f"      - targets: ['{urlsplit(url).netloc}']", f"        labels: {{process: {process}}}"]
+    return "\n".join(lines) + "\n"
 
 
 def lower_priority(pid: int, nice: int) -> None:
@@ -62,7 +78,7 @@ class Brain:
                  scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
                  adaptation_port: int | None = None, auth: bool = False, policy: str | None = None,
-                 background_nice: int | None = None) -> None:
+                 background_nice: int | None = None, log_format: str | None = None) -> None:
         from cncbrain.natsserver import free_port
 
         # Governance and adaptation: unless given, their default port, or a free one when that is taken (another
@@ -95,6 +111,10 @@ class Brain:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.healthy_after_s: float | None = None
         self.sites: list[str] = []
+        self.log_format = log_format
+        """`text` or `json` for every child (CNC_LOG_FORMAT); None: the environment's."""
+        self.metrics: dict[str, str] = {}
+        """Each child's /metrics URL, as the child reported it once bound."""
 
     @property
     def nats_url(self) -> str:
@@ -104,10 +124,21 @@ class Brain:
         return self.nats.url
 
     @property
-    def endpoints(self) -> dict[str, str]:
-        return {"nats": self.nats_url, "perception": f"127.0.0.1:{self.perception_port}",
-                "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve()),
-                "governance": f"127.0.0.1:{self.governance_port}", "adaptation": f"127.0.0.1:{self.adaptation_port}"}
+    def endpoints(self) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "nats": self.nats_url, "perception": f"127.0.0.1:{self.perception_port}",
+            "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve()),
+            "governance": f"127.0.0.1:{self.governance_port}", "adaptation": f"127.0.0.1:{self.adaptation_port}"}
+        if self.metrics:
+            found["metrics"] = dict(self.metrics)
+        if self.nats and self.nats.monitor_url:
+            found["nats_monitor"] = self.nats.monitor_url
+        return found
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the children report the ports they bound (`<name>.metrics`)."""
+        return self.state_dir / "run"
 
     @property
     def token_file(self) -> Path:
@@ -118,6 +149,10 @@ class Brain:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
+        report = self.run_dir / f"{name}.metrics"
+        report.unlink(missing_ok=True)
+        env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
+               **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
         self.procs[name] = subprocess.Popen(
             [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
             start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
@@ -144,6 +179,7 @@ class Brain:
         if self.fresh and self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.external_nats:
             self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
                                    log_file=self.log_path("nats")).start()
@@ -170,12 +206,32 @@ class Brain:
             self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
                                    "--nats-url", url, *(["--policy", self.policy] if self.policy else [])], {})
             aio.run(self._wait_ready(timeout_s))
+            self.metrics = self._read_reports(max(1.0, timeout_s - (time.monotonic() - started)))
         except BaseException:
             self.stop()
             raise
         self.healthy_after_s = time.monotonic() - started
         (self.state_dir / ENDPOINTS_FILE).write_text(json.dumps(self.endpoints, indent=2))
+        (self.state_dir / PROMETHEUS_FILE).write_text(prometheus_config(self.endpoints))
         return self
+
+    def _read_reports(self, timeout_s: float) -> dict[str, str]:
+        """The /metrics URL each child wrote once its endpoint was bound (they bind before serving)."""
+        deadline = time.monotonic() + timeout_s
+        found: dict[str, str] = {}
+        while True:
+            for name in self.procs:
+                path = self.run_dir / f"{name}.metrics"
+                if name not in found and path.exists():
+                    found[name] = path.read_text().strip()
+            if len(found) == len(self.procs):
+                return {name: found[name] for name in self.procs}
+            if (msg := self.dead()) is not None:
+                raise CncError(msg)
+            if time.monotonic() > deadline:
+                missing = ", ".join(sorted(set(self.procs) - set(found)))
+                raise CncError(f"no metrics endpoint reported by {missing} (logs in {self.state_dir / 'logs'})")
+            time.sleep(0.05)
 
     def dead(self) -> str | None:
         for name, proc in self.procs.items():
@@ -264,6 +320,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--background-nice", type=int, default=None, metavar="N",
                    help=f"CPU nice value (0..19) of {' and '.join(BACKGROUND)}, off the deploy path (default "
                         f"$CNC_BACKGROUND_NICE, else {DEFAULT_BACKGROUND_NICE}; 0: same priority as the rest)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="every process's log: text, or json (one object per line with trace and span ids); "
+                        "default $CNC_LOG_FORMAT, else text")
     p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
                    help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
                         "when the shipped policy file exists, else greedy)")
@@ -274,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
                   perception_port=args.perception_port, scheduler_port=args.scheduler_port,
                   speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
                   adaptation_port=args.adaptation_port, auth=not args.no_auth, policy=args.policy,
-                  background_nice=args.background_nice)
+                  background_nice=args.background_nice, log_format=args.log_format)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -294,6 +353,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"  operator token  {brain.token_file.resolve()}  (the CLI picks it up; auth on for every service)\n"
              if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
+          + "".join(f"  metrics     {url}  ({name})\n" for name, url in ep.get("metrics", {}).items())
+          + (f"  NATS monitoring  {ep['nats_monitor']}/varz  (/jsz, /connz, /healthz)\n" if ep.get("nats_monitor") else "")
+          + f"  Prometheus  prometheus --config.file={brain.state_dir.resolve() / PROMETHEUS_FILE}\n" +
           f"  event loop  {aio.loop_name()}  (every process; CNC_EVENT_LOOP=asyncio for the standard one)\n"
           f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
           f"Ctrl-C stops everything.", flush=True)

@@ -31,6 +31,7 @@ from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cncbrain import metrics
 from cncbrain.auth import subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.kvfeed import KvFollower
@@ -279,6 +280,7 @@ class Adapter:
             action.at.FromNanoseconds(time.time_ns())
         action.snapshot_sequence = self.tick
         await self.bus.publish(ACTION, action, event_id=action.action_id)
+        metrics.ACTIONS.labels(apb.ActionKind.Name(action.kind).removeprefix("ACTION_KIND_").lower()).inc()
         self.actions.append(action)
         self.counters[f"adaptation.{apb.ActionKind.Name(action.kind).lower()}"] += 1
         log.info("adaptation: %s %s: %s", apb.ActionKind.Name(action.kind), action.workload_id, action.reason)

@@ -92,7 +92,7 @@ class AdaptationServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup("adaptation", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    telemetry.setup_process("adaptation", settings)
     stop = stop or stop_event_on_signals()
     server = await AdaptationServer(settings).start()
     try:

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as pb
 from cnc.governance.v1 import governance_pb2_grpc
+from cncbrain import metrics
 from cncbrain.auth import abort_for, current_principal
 from cncbrain.identity import AuthError, PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
 from services.governance.domain.ledger import LedgerHead
@@ -276,6 +277,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             return decision, pb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
 
         decision, response = await self._guard(context, run)
+        metrics.ADMISSIONS.labels("admitted" if decision.ok else "refused", decision.verdict.name.lower()).inc()
         if not decision.ok:
             await context.abort(ADMISSION_STATUS[decision.verdict], f"{request.workload_id}: {decision.message}")
         return response

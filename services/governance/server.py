@@ -64,7 +64,7 @@ class GovernanceServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup("governance", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    telemetry.setup_process("governance", settings)
     stop = stop or stop_event_on_signals()
     server = await GovernanceServer(settings).start()
     try:

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2
+from cncbrain import metrics
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
 from services.perception.domain import PoolPicture, StateChange
 
@@ -71,7 +72,11 @@ class PerceptionEvents:
     async def on_telemetry(self, event: Event) -> None:
         if event.payload.site_id != event.params["site"]:
             raise ValueError(f"telemetry for {event.payload.site_id} on {event.subject}")
-        self.picture.telemetry(event.payload)
+        if self.picture.telemetry(event.payload):
+            for load in event.payload.services:  # each telemetry message reports one emulated tick
+                if load.requests:
+                    metrics.SERVICE_REQUESTS.labels(load.workload_id, "met").inc(load.requests_ok)
+                    metrics.SERVICE_REQUESTS.labels(load.workload_id, "missed").inc(max(0.0, load.requests - load.requests_ok))
 
     async def publish_change(self, change: StateChange) -> None:
         msg = perception_pb2.SiteStateChanged(site_id=change.site_id, state=change.state, reason=change.reason)
@@ -86,6 +91,7 @@ class PerceptionEvents:
             await self.publish_change(change)
         snap = self.picture.tick(now)
         self.latest = snap
+        export_snapshot(snap)
         await self.bus.publish(subjects.PERCEPTION_SNAPSHOT, snap)
         for q in list(self.watchers):
             if q.full():
@@ -104,3 +110,26 @@ class PerceptionEvents:
             except Exception:  # keep ticking through a NATS outage
                 log.exception("perception tick failed")
             await asyncio.sleep(max(0.0, self.tick_s - (time.monotonic() - started)))
+
+
+def export_snapshot(snap: perception_pb2.Snapshot) -> None:
+    """The pool's picture as gauges: sites up, GPUs used/free per site and type, services' replicas,
+    request rates and SLO attainment, training progress (series of what is gone disappear)."""
+    up, gpus, progress = {}, {}, {}
+    for s in snap.sites:
+        sid = s.site.site_id
+        up[(sid,)] = 1.0 if s.state == common_pb2.SITE_STATE_UP else 0.0
+        for pool in s.gpu_pools:
+            gpus[(sid, pool.gpu_type, "used")] = float(pool.used)
+            gpus[(sid, pool.gpu_type, "free")] = float(max(0, pool.count - pool.used))
+        for j in s.jobs:
+            key = (j.workload_id,)
+            progress[key] = max(progress.get(key, 0.0), 1.0 if j.finished else j.progress)
+    metrics.replace_gauge(metrics.SITE_UP, up)
+    metrics.replace_gauge(metrics.SITE_GPUS, gpus)
+    metrics.replace_gauge(metrics.TRAINING_PROGRESS, progress)
+    metrics.replace_gauge(metrics.SERVICE_REPLICAS, {(v.workload_id,): float(v.replicas) for v in snap.services})
+    metrics.replace_gauge(metrics.SERVICE_RATE, {(v.workload_id,): v.request_rate_rps for v in snap.services})
+    metrics.replace_gauge(metrics.SERVICE_SLO, {(v.workload_id,): v.requests_ok / v.requests if v.requests else 1.0
+                                                for v in snap.services})
+    metrics.SNAPSHOT_SEQUENCE.set(snap.sequence)

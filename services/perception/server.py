@@ -60,7 +60,7 @@ class PerceptionServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup("perception", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    telemetry.setup_process("perception", settings)
     stop = stop or stop_event_on_signals()
     server = await PerceptionServer(settings).start()
     try:

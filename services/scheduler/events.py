@@ -37,7 +37,7 @@ from opentelemetry import trace
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain import telemetry
+from cncbrain import metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
@@ -57,6 +57,8 @@ EVENT_OF_STATE = {
     domain.CANCELLED: pb.WORKLOAD_EVENT_KIND_CANCELLED,
 }
 
+
+KIND_LABEL = {domain.TRAINING: "training", domain.INFERENCE: "inference"}
 
 RECOVERY_CLOCK_SKEW_S = 60.0
 """How far before a pending record's creation (by the scheduler's clock) `_recover_commits` reads
@@ -114,6 +116,16 @@ class Coordinator:
         self.unannounced: dict[str, pb.Workload] = {}
         """Stored workloads whose ACCEPTED is not sent yet (the record as accepted)."""
         self.counters = bus.counters
+        metrics.on_scrape(self._export)
+
+    def _export(self) -> None:
+        """`cnc_scheduler_workloads` and `cnc_scheduler_waiting` (run by the metrics endpoint at scrape)."""
+        counts: dict[tuple[str, str], float] = {}
+        for w in list(self.store.records.values()):
+            key = (KIND_LABEL.get(w.kind, "other"), pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower())
+            counts[key] = counts.get(key, 0.0) + 1
+        metrics.replace_gauge(metrics.WORKLOADS, counts)
+        metrics.WAITING.set(len(self.waiting))
 
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +152,7 @@ class Coordinator:
         # The placer also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's
         # requests is answered is dropped by `asyncio.wait_for` (see Governor.stop).
         self._stopping = True
+        metrics.off_scrape(self._export)
         self.wake.set()
         tasks = [*self.tasks, *([self._placer] if self._placer else [])]
         for task in tasks:
@@ -364,7 +377,12 @@ class Coordinator:
                 if current is None or current.state != domain.PENDING:
                     undo()  # cancelled between arbitration and commit
                     return
-                await self._write_and_publish(w, placements)
+                with telemetry.span("cncbrain.scheduler", "commit", attributes={
+                        "cnc.workload_id": wid, "cnc.generation": w.generation,
+                        "cnc.sites": [p.site_id for p in placements]} if telemetry.recording() else None):
+                    await self._write_and_publish(w, placements)
+                metrics.DEPLOY_TO_COMMIT.labels(KIND_LABEL.get(w.kind, "other")).observe(
+                    max(0.0, time.time() - w.created_at.ToNanoseconds() / 1e9))
                 self.counters["placements_committed"] += 1
                 self.counters["units_placed"] += entry.need.units
                 if self.governance:

@@ -11,6 +11,7 @@ import grpc
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain import metrics
 from cncbrain.auth import abort_for, bearer_of
 from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
@@ -23,6 +24,11 @@ TERMINAL_EVENTS = (
     pb.WORKLOAD_EVENT_KIND_FAILED,
     pb.WORKLOAD_EVENT_KIND_CANCELLED,
 )
+
+
+ADMISSION_REASONS = {grpc.StatusCode.RESOURCE_EXHAUSTED: "quota", grpc.StatusCode.FAILED_PRECONDITION: "policy",
+                     grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.PERMISSION_DENIED: "permission"}
+"""`cnc_scheduler_admission_denials_total{reason}` by the status governance refused with."""
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -55,6 +61,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except AuthError as exc:
             await abort_for(context, exc)
         except AdmissionRefused as exc:
+            metrics.ADMISSION_DENIALS.labels(ADMISSION_REASONS.get(exc.code, "other")).inc()
             await context.abort(exc.code, str(exc))
         except domain.SpecError as exc:
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.field == "request_id" else grpc.StatusCode.INVALID_ARGUMENT

@@ -64,7 +64,7 @@ class SchedulerServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup("scheduler", settings.otel_exporter, settings.otlp_endpoint, settings.log_level)
+    telemetry.setup_process("scheduler", settings)
     stop = stop or stop_event_on_signals()
     server = await SchedulerServer(settings).start()
     try:

@@ -1,0 +1,239 @@
+"""Operating a running brain as a platform engineer does, on one embedded brain (`cncbrain up`'s
+processes, auth on): the real Prometheus server scrapes every process's /metrics; one deploy's trace
+is followed from the CLI call through the scheduler, the offer round, every answering site agent,
+the commit and the executor's apply, as exported over OTLP by each process (an in-process OTLP
+collector, configured only through the standard OTEL_* variables); logs as JSON carry trace ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from cncbrain.commands.up import Brain, prometheus_config
+from cncbrain.natsserver import free_port
+
+pytestmark = pytest.mark.integration
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace collector keeping every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for rs in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for sp in ss.spans:
+                        self.spans.append({
+                            "service": resource.get("service.name"), "process": resource.get("cnc.process"),
+                            "name": sp.name, "trace_id": sp.trace_id.hex(), "span_id": sp.span_id.hex(),
+                            "parent": sp.parent_span_id.hex(),
+                            "attributes": {a.key: a.value for a in sp.attributes}})
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return list(self.spans)
+
+
+@pytest.fixture(scope="module")
+def collector():
+    servicer = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.endpoint = f"http://127.0.0.1:{port}"
+    yield servicer
+    server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory, collector):
+    state = tmp_path_factory.mktemp("ops") / "state"
+    with pytest.MonkeyPatch.context() as mp:
+        # Only the OpenTelemetry SDK's own variables: every process (and the CLI) exports over OTLP.
+        mp.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        mp.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+        mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+        mp.delenv("OTEL_SERVICE_NAME", raising=False)
+        brain = Brain(state, "abilene", nats_port=free_port(), perception_port=free_port(),
+                      scheduler_port=free_port(), governance_port=free_port(), adaptation_port=free_port(),
+                      auth=True, policy="greedy", speed=60, log_format="json")
+        brain.start(90)
+        try:
+            yield brain
+        finally:
+            brain.stop()
+
+
+def cli(brain, name, *args, env=None, timeout=60):
+    env = {**os.environ, "CNC_STATE_DIR": str(brain.state_dir), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"cncbrain.commands.{name}", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def workload(brain, wid):
+    import asyncio
+
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+    from cncbrain.auth import token_interceptors
+
+    async def get():
+        token = brain.token_file.read_text().strip()
+        async with grpc.aio.insecure_channel(brain.endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
+            return (await scheduler_pb2_grpc.SchedulerServiceStub(ch).GetWorkload(
+                pb.GetWorkloadRequest(workload_id=wid))).workload
+
+    return asyncio.run(get())
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = pred()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def deployed(brain, collector):
+    """One service deployed with the CLI, as a user would (its trace is exported like the brain's)."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    out = cli(brain, "deploy", "--name", "observed", "--model", "7b", "--min-replicas", "3", env=env)
+    assert out.returncode == 0, out.stderr + out.stdout
+    wid = out.stdout.split()[0]
+    wait_for(lambda: workload(brain, wid).state == 3, 30, "the service RUNNING")  # WORKLOAD_STATE_RUNNING
+    return wid
+
+
+def prom_query(base, query):
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    body = json.loads(urllib.request.urlopen(url, timeout=5).read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_scrapes_every_process_of_a_running_brain(brain, deployed, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no `prometheus` binary (Debian package prometheus; .ci/run installs it)")
+    # the configuration `up` wrote, at a 1 s interval so the test waits less
+    assert (brain.state_dir / "prometheus.yml").read_text() == prometheus_config(brain.endpoints)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(prometheus_config(brain.endpoints, interval_s=1))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # a call with a forged token, counted by the scheduler as an auth denial
+        bad = cli(brain, "workloads", env={"CNC_TOKEN": "cnc_forged_0000"})
+        assert bad.returncode != 0
+
+        def every_target_up():
+            try:
+                up = prom_query(base, 'up{job="cncbrain"}')
+            except OSError:
+                return None
+            return {r["metric"]["process"] for r in up if r["value"][1] == "1"} == set(brain.metrics)
+
+        wait_for(every_target_up, 60, "Prometheus scraping all six processes")
+
+        def series(query, at_least=1):
+            def found():
+                with_values = prom_query(base, query)
+                return with_values if len(with_values) >= at_least else None
+            return wait_for(found, 30, f"{query} in Prometheus")
+
+        assert {r["metric"]["site"] for r in series("cnc_site_up == 1", len(brain.sites))} == set(brain.sites)
+        used = series('sum(cnc_site_gpus{state="used"}) > 0')
+        assert float(used[0]["value"][1]) >= 3
+        assert series(f'cnc_service_replicas{{workload_id="{deployed}"}} >= 3')
+        assert series('cnc_scheduler_deploy_to_commit_seconds_count{kind="inference"} >= 1')
+        assert series("cnc_scheduler_commits_total >= 1")
+        assert series("cnc_scheduler_offer_rounds_total >= 1")
+        assert series('cnc_scheduler_workloads{kind="inference",state="running"} >= 1')
+        assert series('cnc_agent_offers_answered_total{answer="accept"} >= 1')
+        assert series('cnc_agent_placements_applied_total{result="ok"} >= 1')
+        assert series('cnc_auth_denials_total{reason="unauthenticated"} >= 1')
+        assert series("cnc_emulator_sim_time_seconds > 0")
+        assert series('cnc_bus_consumer_pending{process="scheduler",consumer="scheduler-applied"}')
+        assert series('cnc_kv_follower_lag{follower="token-feed"}')
+        assert series('cnc_build_info{process="governance"}')
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_one_trace_from_the_cli_through_offer_agents_commit_and_apply(brain, deployed, collector):
+    def trace_of_deploy():
+        spans = collector.snapshot()
+        root = [s for s in spans if s["service"] == "cncbrain-cli" and s["name"].endswith("/DeployInferenceService")]
+        return root[0] if root else None
+
+    root = wait_for(trace_of_deploy, 30, "the CLI's span at the collector")
+    tid = root["trace_id"]
+
+    def complete():
+        spans = [s for s in collector.snapshot() if s["trace_id"] == tid]
+        names = {(s["process"], s["name"]) for s in spans}
+        applied = {n.removeprefix("apply ") for p, n in names if p == "agents" and n.startswith("apply ")}
+        emulated = [n for p, n in names if p == "emulator" and "cnc.emulator.apply" in n]
+        return (spans, names, applied) if applied and len(emulated) >= len(applied) else None
+
+    spans, names, applied = wait_for(complete, 30, "every apply of the deploy in its trace")
+    processes = {s["process"] for s in spans}
+    assert {"cncbrain-cli", "scheduler", "governance", "agents", "emulator"} <= processes, processes
+    assert ("scheduler", "cnc.scheduler.v1.SchedulerService/DeployInferenceService") in names
+    assert ("scheduler", "offer round") in names
+    assert ("scheduler", "commit") in names
+    # every site agent answered the round, each with its own span in the trace
+    answered = {n.removeprefix("answer ") for p, n in names if p == "agents" and n.startswith("answer ")}
+    assert answered == set(brain.sites), answered
+    commit = next(s for s in spans if s["name"] == "commit")
+    placed = {v.string_value for v in commit["attributes"]["cnc.sites"].array_value.values}
+    assert applied == placed, (applied, placed)
+    # each span's parent is in the trace: nothing points to a span that never arrived
+    ids = {s["span_id"] for s in spans}
+    orphans = [s["name"] for s in spans if s["parent"] and s["parent"] not in ids]
+    assert not orphans, orphans
+
+
+def test_every_process_logs_json_with_trace_ids(brain, deployed):
+    for name in brain.metrics:
+        lines = [x for x in brain.log_path(name).read_text().splitlines() if x.startswith("{")]
+        assert lines, f"{name}: no JSON log lines"
+        records = [json.loads(x) for x in lines]
+        assert all({"time", "level", "logger", "message", "process"} <= r.keys() for r in records)
+    # the refused call of the Prometheus test (or this one) is logged inside its server span
+    cli(brain, "workloads", env={"CNC_TOKEN": "cnc_forged_0001"})
+
+    def refusal_logged():
+        records = [json.loads(x) for x in brain.log_path("scheduler").read_text().splitlines() if x.startswith("{")]
+        return [r for r in records if r["message"].startswith("refused ") and "UNAUTHENTICATED" in r["message"]]
+
+    refused = wait_for(refusal_logged, 10, "the refused call in the scheduler's JSON log")
+    assert all(len(r["trace_id"]) == 32 and len(r["span_id"]) == 16 for r in refused), refused
