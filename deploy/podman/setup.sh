@@ -50,16 +50,7 @@ exec 9>/run/lock/cnc-podman-setup.lock
 flock 9
 
 # 1. packages
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$here/../apt-ensure.sh" "${packages[@]}"
 
 # 2. containers.conf
 if [[ ! -f $conf ]] || ! grep -q '^runtime *= *"runc"' "$conf"; then
