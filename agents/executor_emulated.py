@@ -46,11 +46,9 @@ def slug(name: str) -> str:
 
 def site_ids_of(scenario: Scenario) -> list[str]:
     """Subject-safe site ids of a scenario, without building a twin."""
-    from cncbrain.twin.topology import load_graphml
+    from cncbrain.twin.pool import load_network
 
-    net = load_graphml(scenario.graphml_path(), scenario.topology.default_bandwidth_gbps,
-                       scenario.topology.per_hop_ms / 1000.0)
-    return [slug(n) for n in net.names]
+    return [slug(n) for n in load_network(scenario).names]
 
 
 def twin_model(name: str, params_b: float) -> str:

@@ -31,14 +31,68 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SiteSpec(_Strict):
+    """One site of a topology given inline (no GraphML file): where it is and who lives there."""
+
+    name: Annotated[str, Field(min_length=1, max_length=80)]
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+    country: str = ""
+    """ISO country code; the region of the site when `sites.region_by` is `country`."""
+    population_m: PositiveFloat | None = None
+    """People served from this site (millions): its `population` ingress weight. Unset: looked up
+    by name in the built-in population table, else the mean of the others."""
+
+
+class LinkSpec(_Strict):
+    """One physical link of an inline topology, between two of its sites."""
+
+    a: str
+    b: str
+    bandwidth_gbps: PositiveFloat | None = None
+    """Unset: the topology's `default_bandwidth_gbps`."""
+
+
 class TopologySpec(_Strict):
-    graphml: str
+    graphml: str | None = None
     """A Topology Zoo GraphML file: a name in the built-in data folder, or a path (relative to the
-    scenario file)."""
+    scenario file). Give either this or `sites` (+ `links`)."""
+    sites: list[SiteSpec] = Field(default_factory=list)
+    """An inline topology: the sites with their coordinates (instead of `graphml`)."""
+    links: list[LinkSpec] = Field(default_factory=list)
+    """The links of an inline topology (latency from great-circle distance, as for GraphML)."""
     default_bandwidth_gbps: PositiveFloat = 10.0
-    """Bandwidth of links whose GraphML gives no speed."""
+    """Bandwidth of links whose GraphML (or link entry) gives no speed."""
     per_hop_ms: Annotated[float, Field(ge=0)] = 0.5
     """Latency added per hop (routers, switching) on top of fibre propagation."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.graphml is None) == (not self.sites):
+            raise ValueError("give either graphml (a GraphML file) or sites (an inline topology), not both or neither")
+        if self.graphml is not None and self.links:
+            raise ValueError("links belong to an inline topology (sites); a GraphML file brings its own")
+        names = [s.name for s in self.sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
+        known = set(names)
+        pairs = set()
+        for n, link in enumerate(self.links):
+            bad = [x for x in (link.a, link.b) if x not in known]
+            if bad:
+                raise ValueError(f"links.{n}: unknown site(s) {', '.join(map(repr, bad))}")
+            if link.a == link.b:
+                raise ValueError(f"links.{n}: a link joins two different sites, not {link.a!r} to itself")
+            pair = frozenset((link.a, link.b))
+            if pair in pairs:
+                raise ValueError(f"links.{n}: {link.a!r}–{link.b!r} is listed twice")
+            pairs.add(pair)
+        return self
+
+    def site_names(self) -> list[str] | None:
+        """The inline sites' names (None for a GraphML topology)."""
+        return [s.name for s in self.sites] if self.sites else None
 
 
 Inventory = dict[str, Annotated[int, Field(ge=0)]]
@@ -75,12 +129,27 @@ class SloSpec(_Strict):
     tpot_s: PositiveFloat
 
 
+class RegionSpec(_Strict):
+    """Demand concentrated around one site: `share` of it enters at the sites within `radius_km`
+    of `around` (by population among them), the rest at every site by population."""
+
+    around: str
+    radius_km: PositiveFloat = 1000.0
+    share: Annotated[float, Field(ge=0, le=1)] = 0.8
+
+
+class RegionIngress(_Strict):
+    region: RegionSpec
+
+
 class InferenceSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,40}$")]
     model: str
     trace: str
     rate_scale: PositiveFloat = 1.0
-    ingress: Literal["population", "uniform"] | dict[str, Annotated[float, Field(ge=0)]] = "population"
+    ingress: Literal["population", "uniform"] | RegionIngress | dict[str, Annotated[float, Field(ge=0)]] = "population"
+    """Where requests enter: `population` (sites weighted by population), `uniform`, a mapping of
+    site → weight, or `{region: {around: SITE, radius_km: R, share: F}}`."""
     slo: SloSpec
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 64
@@ -150,9 +219,42 @@ class Scenario(_Strict):
             raise ValueError(f"inference service names must be unique; repeated: {', '.join(sorted(dup))}")
         if self.tick_s > self.duration_s:
             raise ValueError(f"tick_s ({self.tick_s}) is longer than duration_s ({self.duration_s})")
+        inline = self.topology.site_names()
+        if inline is not None:
+            problems = self.site_reference_errors(inline)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
+    def site_reference_errors(self, names: list[str]) -> list[str]:
+        """Every place the scenario names a site that `names` (the topology's sites) lacks, as
+        'field path: problem' lines. Inline topologies are checked on load; GraphML ones when the
+        pool is built (their site names are in the file)."""
+        known = set(names)
+        shown = ", ".join(names) if len(names) <= 60 else ", ".join(names[:60]) + f", … ({len(names)} sites)"
+        out = []
+        unknown = [n for n in self.sites.overrides if n not in known]
+        if unknown:
+            out.append(f"sites.overrides: unknown site(s) {', '.join(unknown)}; sites of this topology: {shown}")
+        for n, f in enumerate(self.failures):
+            if f.site not in known:
+                out.append(f"failures.{n}.site: unknown site {f.site!r}; sites of this topology: {shown}")
+        for n, svc in enumerate(self.inference):
+            if isinstance(svc.ingress, RegionIngress):
+                bad = [] if svc.ingress.region.around in known else [svc.ingress.region.around]
+                field = f"inference.{n}.ingress.region.around"
+            elif isinstance(svc.ingress, dict):
+                bad = [x for x in svc.ingress if x not in known]
+                field = f"inference.{n}.ingress"
+            else:
+                bad = []
+            if bad:
+                out.append(f"{field}: unknown site(s) {', '.join(map(repr, bad))}; sites of this topology: {shown}")
+        return out
+
     def graphml_path(self) -> Path:
+        if self.topology.graphml is None:
+            raise ScenarioError(f"{self.source or self.name}: topology: inline sites, no GraphML file")
         p = Path(self.topology.graphml)
         if not p.is_absolute() and self.source and (Path(self.source).parent / p).exists():
             return Path(self.source).parent / p
@@ -196,9 +298,17 @@ def parse_scenario(data: object, source: str = "<scenario>") -> Scenario:
     return sc
 
 
+FAMILY_PREFIX = "family:"
+
+
 def load_scenario(name_or_path: str | Path) -> Scenario:
-    """A built-in scenario by name (`abilene`, `geant`, …) or a YAML file by path."""
+    """A built-in scenario by name (`abilene`, `geant`, …), a generated one as `family:NAME:SEED`
+    (`cncbrain.families`), or a YAML file by path."""
     key = str(name_or_path)
+    if key.startswith(FAMILY_PREFIX):
+        from cncbrain import families  # the generator builds on this module
+
+        return families.from_key(key)
     builtin = builtin_scenarios()
     if key in builtin:
         path = builtin[key]
@@ -206,7 +316,8 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
         path = Path(key)
         if not path.exists():
             raise ScenarioError(
-                f"scenario {key!r}: no such file and not a built-in scenario (built-in: {', '.join(builtin)})"
+                f"scenario {key!r}: no such file, not a built-in scenario (built-in: {', '.join(builtin)}) and "
+                f"not a generated one ({FAMILY_PREFIX}NAME:SEED; `cncbrain scenarios families` lists the families)"
             )
     try:
         data = yaml.safe_load(path.read_text())

@@ -239,6 +239,26 @@ def max_batch(m: ModelSpec, g: GpuType, tp: int, ctx_tokens: float, precision: s
     return int(max(0, min(MAX_BATCH, math.floor(kv_fit))))
 
 
+def replica_figures(m: ModelSpec, gpus: list[GpuType], precision: str, mean_prompt: float,
+                    mean_output: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One replica of `m` serving requests of mean prompt/output length, per GPU type: its
+    tensor-parallel degree (0 where it does not fit), its decode batch limit, and the replica-seconds
+    of work per request at that batch (prefill + output × step ÷ batch; inf where it does not fit).
+    1 / work is the request rate a replica sustains at full utilisation."""
+    ctx = mean_prompt + mean_output / 2
+    tp = np.array([min_tp(m, g, precision) for g in gpus], dtype=np.int64)
+    bmax = np.array([max_batch(m, g, max(t, 1), ctx, precision) if t else 0
+                     for g, t in zip(gpus, tp, strict=True)], dtype=np.int64)
+    work = np.full(len(gpus), np.inf)
+    for i, g in enumerate(gpus):
+        if tp[i] and bmax[i] > 0:
+            pre = float(prefill_s(m, g, tp[i], mean_prompt, precision))
+            step = float(decode_step_s(m, g, tp[i], bmax[i], ctx, precision))
+            work[i] = pre + mean_output * step / bmax[i]
+    tp[bmax == 0] = 0
+    return tp, bmax, work
+
+
 def replica_startup_s(m: ModelSpec, precision: str = "bf16") -> float:
     """Cold start of a replica: container + engine start (20 s) plus loading weights at 2 GB/s."""
     return 20.0 + weight_bytes(m, precision) / (2.0 * GB)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cncbrain.scenario import InferenceSpec, Scenario
 from cncbrain.twin import physics
-from cncbrain.twin.pool import build_pool
+from cncbrain.twin.pool import build_pool, ingress_weights
 from cncbrain.twin.traces import JobSpec, jobs_from_trace, replay
 from cncbrain.twin.view import Actions, JobOffer, PoolView, ServiceInfo
 
@@ -163,19 +163,7 @@ class Twin:
         return sorted(jobs, key=lambda j: j.arrival_s)
 
     def _ingress_weights(self, spec: InferenceSpec) -> np.ndarray:
-        if spec.ingress == "uniform":
-            w = np.ones(self.S)
-        elif spec.ingress == "population":
-            w = self.pool.population.copy()
-        else:
-            w = np.zeros(self.S)
-            for name, weight in spec.ingress.items():
-                if name not in self.site_index:
-                    raise KeyError(f"inference {spec.name}: ingress site {name!r} is not in the topology")
-                w[self.site_index[name]] = weight
-        if w.sum() <= 0:
-            w = np.ones(self.S)
-        return w / w.sum()
+        return ingress_weights(self.pool, spec.ingress, f"inference {spec.name}")
 
     def add_service(self, spec: InferenceSpec) -> int:
         """Add an inference service; its demand replays the spec's trace from now on."""
@@ -186,17 +174,7 @@ class Twin:
         ingress = self.rng.choice(self.S, size=len(trace), p=self._ingress_weights(spec))
         start = int(np.searchsorted(trace.t, self.time_s))
         mp, mo = float(trace.prompt.mean()), float(trace.output.mean())
-        ctx = mp + mo / 2
-        tp = np.array([physics.min_tp(m, g, spec.precision) for g in self.gpus])
-        bmax = np.array([physics.max_batch(m, g, max(t, 1), ctx, spec.precision) if t else 0
-                         for g, t in zip(self.gpus, tp, strict=True)])
-        work = np.full(self.G, np.inf)
-        for i, g in enumerate(self.gpus):
-            if tp[i] and bmax[i] > 0:
-                pre = float(physics.prefill_s(m, g, tp[i], mp, spec.precision))
-                step = float(physics.decode_step_s(m, g, tp[i], bmax[i], ctx, spec.precision))
-                work[i] = pre + mo * step / bmax[i]
-        tp[bmax == 0] = 0
+        tp, bmax, work = physics.replica_figures(m, self.gpus, spec.precision, mp, mo)
         svc = _Service(spec, m, tp, np.where(np.isfinite(work), 1.0 / work, 0.0), work, bmax,
                        physics.replica_startup_s(m, spec.precision), mp, mo,
                        trace.t, trace.prompt, trace.output, ingress, cursor=start)

@@ -1,4 +1,4 @@
-"""Wide-area networks from Topology Zoo GraphML: one site per node, link latency from great-circle
+"""Wide-area networks from Topology Zoo GraphML (or from sites and links given inline): one site per node, link latency from great-circle
 distance (5 µs per km of fibre) plus a per-hop constant, link bandwidth from the GraphML speed where
 given, shortest-path (by latency) routing between every pair of sites.
 """
@@ -112,23 +112,30 @@ def load_graphml(path: str | Path, default_bandwidth_gbps: float = 10.0, per_hop
     lat = np.array([pos[n][0] for n in nodes])
     lon = np.array([pos[n][1] for n in nodes])
     country = [str(g.nodes[n].get("Country", "")) for n in nodes]
+    edges = [(idx[a], idx[b], link_speed_gbps(d, default_bandwidth_gbps)) for a, b, d in g.edges(data=True)]
+    return build_network(names, lat, lon, country, edges, per_hop_s)
 
+
+def build_network(names: list[str], lat: np.ndarray, lon: np.ndarray, country: list[str],
+                  edges: list[tuple[int, int, float]], per_hop_s: float = 0.5e-3) -> Network:
+    """A `Network` from sites (names, coordinates, countries) and links (site index, site index,
+    bandwidth Gb/s): link latency from great-circle distance plus `per_hop_s`; parallel links keep
+    the fastest; shortest paths by latency, each pair's bandwidth the path's bottleneck."""
+    lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
     links = []
     wg = nx.Graph()
-    wg.add_nodes_from(range(len(nodes)))
-    for a, b, d in g.edges(data=True):
-        if a == b:
+    wg.add_nodes_from(range(len(names)))
+    for i, j, bw in edges:
+        if i == j:
             continue
-        i, j = idx[a], idx[b]
         lat_s = great_circle_km(lat[i], lon[i], lat[j], lon[j]) * FIBRE_S_PER_KM + per_hop_s
-        bw = link_speed_gbps(d, default_bandwidth_gbps)
         if wg.has_edge(i, j) and wg[i][j]["bw"] >= bw:
             continue
         wg.add_edge(i, j, lat=lat_s, bw=bw)
     for i, j, d in wg.edges(data=True):
         links.append((i, j, d["lat"], d["bw"]))
 
-    s = len(nodes)
+    s = len(names)
     latency = np.full((s, s), np.inf)
     bandwidth = np.zeros((s, s))
     hops = np.zeros((s, s), dtype=int)
@@ -138,8 +145,8 @@ def load_graphml(path: str | Path, default_bandwidth_gbps: float = 10.0, per_hop
                 latency[src, dst] = 0.0
                 bandwidth[src, dst] = np.inf
                 continue
-            edges = list(zip(p[:-1], p[1:], strict=False))
-            latency[src, dst] = sum(wg[u][v]["lat"] for u, v in edges)
-            bandwidth[src, dst] = min(wg[u][v]["bw"] for u, v in edges)
-            hops[src, dst] = len(edges)
-    return Network(names, lat, lon, country, latency, bandwidth, hops, links)
+            edges_on = list(zip(p[:-1], p[1:], strict=False))
+            latency[src, dst] = sum(wg[u][v]["lat"] for u, v in edges_on)
+            bandwidth[src, dst] = min(wg[u][v]["bw"] for u, v in edges_on)
+            hops[src, dst] = len(edges_on)
+    return Network(list(names), lat, lon, list(country), latency, bandwidth, hops, links)

@@ -52,3 +52,42 @@ def test_bench_twin_prints_speed():
     r = cnc("bench", "twin", "--scenario", "abilene", "--hours", "0.1")
     assert r.returncode == 0, r.stderr
     assert "abilene" in r.stdout and "×" in r.stdout
+
+
+def test_eval_suite_smoke_end_to_end(tmp_path):
+    out, png = tmp_path / "deep" / "s.json", tmp_path / "deep" / "s.png"
+    r = cnc("eval", "--suite", "smoke", "--policy", "greedy,least-loaded,oracle", "--workers", "2",
+            "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "edge-9002" in r.stdout and "zoo-9002" in r.stdout and "best on" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["suite"] == "smoke" and data["seeds"] == 1 and data["hours"] == 0.25
+    assert set(data["policies"]) == {"greedy", "least-loaded", "oracle"}
+    for name, entry in data["policies"].items():
+        assert set(METRICS) <= set(entry) and set(entry["std"]) == set(METRICS)
+        assert (entry["best_share"] is None) == (name == "oracle")
+    assert sum(data["policies"][p]["best_share"] for p in ("greedy", "least-loaded")) >= 1.0
+    assert [(s["family"], s["seed"]) for s in data["scenarios"]] == [("edge", 9002), ("zoo", 9002)]
+    for s in data["scenarios"]:
+        assert s["best_baseline"] in ("greedy", "least-loaded")
+        assert s["policies"]["oracle"]["score"] >= s["policies"][s["best_baseline"]]["score"]
+        assert [x["seed"] for x in s["policies"]["greedy"]["per_seed"]] == [9002]
+    assert set(data["families"]) == {"edge", "zoo"}
+    assert data["families"]["edge"]["policies"][data["scenarios"][0]["best_baseline"]]["gap_closed"] == 0.0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scenarios_generate_and_errors(tmp_path):
+    out = tmp_path / "a" / "e.yaml"
+    r = cnc("scenarios", "generate", "--family", "edge", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r2 = cnc("scenarios", "generate", "--family", "edge", "--seed", "3")
+    assert r2.stdout == out.read_text() and "name: edge-3" in r2.stdout
+    r = cnc("scenarios", "families")
+    assert r.returncode == 0 and "continental" in r.stdout
+    for args, listed in [(("scenarios", "generate", "--family", "nope", "--seed", "1"), "edge"),
+                         (("scenarios", "generate", "--family", "edge", "--seed", "-4"), "2147483647"),
+                         (("eval", "--suite", "nope"), "smoke"),
+                         (("eval", "--scenario", "family:nope:1"), "edge")]:
+        r = cnc(*args)
+        assert r.returncode == 2 and listed in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

@@ -63,7 +63,7 @@ def test_unknown_site_in_overrides_or_failures(tmp_path):
     data = _base()
     data["failures"] = [{"site": "Atlantis", "at_s": 10, "duration_s": 10}]
     sc = load_scenario(_write(tmp_path, data))
-    with pytest.raises(ScenarioError, match="failures: unknown site 'Atlantis'"):
+    with pytest.raises(ScenarioError, match="failures.0.site: unknown site 'Atlantis'"):
         Twin(sc)
 
 
