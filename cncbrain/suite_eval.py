@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -67,9 +68,21 @@ def _scenario(key: str):
     return _CACHE[key]
 
 
+@contextmanager
+def _quiet_topology():
+    """Cogent's nodes without coordinates are logged at every load: once is enough (the table says it)."""
+    log = logging.getLogger("cncbrain.twin.topology")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _episode(key: str, policy: str, seed: int, duration_s: float | None) -> tuple[str, str, RunResult]:
-    logging.getLogger("cncbrain.twin.topology").setLevel(logging.ERROR)  # Cogent's unplaced nodes, once per load
-    return key, policy, run_policy(_scenario(key), policy, seed, duration_s)
+    with _quiet_topology():
+        return key, policy, run_policy(_scenario(key), policy, seed, duration_s)
 
 
 def _cost(sites: int, scenario, policy: str) -> float:
@@ -90,10 +103,10 @@ def evaluate_suite(
     keys = [f"family:{f}:{s}" for f, s in members]
     out = {}
     tasks = []
-    logging.getLogger("cncbrain.twin.topology").setLevel(logging.ERROR)
     for (family, seed), key in zip(members, keys, strict=True):
         sc = _scenario(key)
-        n = len(sc.topology.sites) or load_network(sc).size
+        with _quiet_topology():
+            n = len(sc.topology.sites) or load_network(sc).size
         out[key] = ScenarioRuns(family, seed, sc.name, n, {p: [] for p in policies})
         for p in policies:
             for s in range(sc.seed, sc.seed + seeds):

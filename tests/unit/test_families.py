@@ -18,7 +18,11 @@ SEEDS_PER_FAMILY = 10
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    logging.getLogger("cncbrain.twin.topology").setLevel(logging.ERROR)
+    log = logging.getLogger("cncbrain.twin.topology")
+    level = log.level
+    log.setLevel(logging.ERROR)  # Cogent's nodes without coordinates, at every load
+    yield
+    log.setLevel(level)
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
