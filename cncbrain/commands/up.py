@@ -58,6 +58,14 @@ def prometheus_config(endpoints: dict[str, Any], interval_s: float = 5.0) -> str
     return "\n".join(lines) + "\n"
 
 
+def web_link(brain: Brain) -> str:
+    """The page's URL; with auth on, with the operator token in the fragment (never sent to the
+    server, kept by the page in the tab's session storage), as notebook servers print theirs."""
+    if brain.auth and brain.token_file.exists():
+        return f"{brain.web_url}#token={brain.token_file.read_text().strip()}"
+    return brain.web_url
+
+
 def lower_priority(pid: int, nice: int) -> None:
     """Have process `pid` yield the CPU to the others (nice value `nice`). Also where the kernel
     shares CPU time by session first (Linux autogroup: each `up` child starts its own session, and a
@@ -113,6 +121,8 @@ class Brain:
         self.sites: list[str] = []
         self.log_format = log_format
         """`text` or `json` for every child (CNC_LOG_FORMAT); None: the environment's."""
+        self.web_url = ""
+        """The live web page (served by perception), as perception reported it once bound."""
         self.metrics: dict[str, str] = {}
         """Each child's /metrics URL, as the child reported it once bound."""
 
@@ -133,6 +143,8 @@ class Brain:
             found["metrics"] = dict(self.metrics)
         if self.nats and self.nats.monitor_url:
             found["nats_monitor"] = self.nats.monitor_url
+        if self.web_url:
+            found["web"] = self.web_url
         return found
 
     @property
@@ -151,6 +163,8 @@ class Brain:
         log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
         report = self.run_dir / f"{name}.metrics"
         report.unlink(missing_ok=True)
+        if name == "perception":
+            (self.run_dir / "web.url").unlink(missing_ok=True)
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
         self.procs[name] = subprocess.Popen(
@@ -192,7 +206,8 @@ class Brain:
                 "CNC_GOVERNANCE_AUTH_ENABLED": auth, "CNC_GOVERNANCE_BOOTSTRAP_TOKEN_FILE": token_file})
             self._spawn("perception", ["-m", "services.perception"], {
                 "CNC_PERCEPTION_NATS_URL": url, "CNC_PERCEPTION_GRPC_PORT": str(self.perception_port),
-                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s), "CNC_PERCEPTION_AUTH_ENABLED": auth})
+                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s), "CNC_PERCEPTION_AUTH_ENABLED": auth,
+                "CNC_PERCEPTION_WEB_PORT": "0", "CNC_PERCEPTION_WEB_PORT_FILE": str((self.run_dir / "web.url").resolve())})
             self._spawn("scheduler", ["-m", "services.scheduler"], {
                 "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port),
                 "CNC_SCHEDULER_AUTH_ENABLED": auth, "CNC_SCHEDULER_GOVERNANCE_TARGET": f"127.0.0.1:{self.governance_port}",
@@ -224,13 +239,18 @@ class Brain:
                 path = self.run_dir / f"{name}.metrics"
                 if name not in found and path.exists():
                     found[name] = path.read_text().strip()
-            if len(found) == len(self.procs):
+            web = self.run_dir / "web.url"
+            if not self.web_url and web.exists():
+                self.web_url = web.read_text().strip()
+            if len(found) == len(self.procs) and self.web_url:
                 return {name: found[name] for name in self.procs}
             if (msg := self.dead()) is not None:
                 raise CncError(msg)
             if time.monotonic() > deadline:
-                missing = ", ".join(sorted(set(self.procs) - set(found)))
-                raise CncError(f"no metrics endpoint reported by {missing} (logs in {self.state_dir / 'logs'})")
+                missing = [f"{n}'s metrics endpoint" for n in sorted(set(self.procs) - set(found))]
+                missing += [] if self.web_url else ["perception's web page"]
+                raise CncError(f"not reported within {timeout_s:.0f} s: {', '.join(missing)} "
+                               f"(logs in {self.state_dir / 'logs'})")
             time.sleep(0.05)
 
     def dead(self) -> str | None:
@@ -355,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
           + "".join(f"  metrics     {url}  ({name})\n" for name, url in ep.get("metrics", {}).items())
           + (f"  NATS monitoring  {ep['nats_monitor']}/varz  (/jsz, /connz, /healthz)\n" if ep.get("nats_monitor") else "")
-          + f"  Prometheus  prometheus --config.file={brain.state_dir.resolve() / PROMETHEUS_FILE}\n" +
+          + f"  Prometheus  prometheus --config.file={brain.state_dir.resolve() / PROMETHEUS_FILE}\n"
+          + f"  web page    {web_link(brain)}\n" +
           f"  event loop  {aio.loop_name()}  (every process; CNC_EVENT_LOOP=asyncio for the standard one)\n"
           f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
           f"Ctrl-C stops everything.", flush=True)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -27,6 +28,8 @@ class PerceptionEvents:
         self.tick_s = tick_s
         self.watchers: set[asyncio.Queue[perception_pb2.Snapshot]] = set()
         self.latest = perception_pb2.Snapshot()
+        self.on_tick: list[Callable[[perception_pb2.Snapshot], None]] = []
+        """Called with each new snapshot (the web page's history)."""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -92,6 +95,8 @@ class PerceptionEvents:
         snap = self.picture.tick(now)
         self.latest = snap
         export_snapshot(snap)
+        for hook in self.on_tick:
+            hook(snap)
         await self.bus.publish(subjects.PERCEPTION_SNAPSHOT, snap)
         for q in list(self.watchers):
             if q.full():

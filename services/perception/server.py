@@ -14,6 +14,7 @@ from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
 from services.perception.rpc import PerceptionServicer
 from services.perception.settings import Settings
+from services.perception.web import ConsoleView, WebServer
 
 log = logging.getLogger("perception")
 SERVICE_NAME = perception_pb2.DESCRIPTOR.services_by_name["PerceptionService"].full_name
@@ -26,6 +27,8 @@ class PerceptionServer:
         self.bus: Bus | None = None
         self.events: PerceptionEvents | None = None
         self.grpc: GrpcServer | None = None
+        self.console: ConsoleView | None = None
+        self.web: WebServer | None = None
 
     @property
     def port(self) -> int:
@@ -44,10 +47,20 @@ class PerceptionServer:
             [SERVICE_NAME],
             interceptors=[interceptor],
         )
+        if self.settings.web_enabled:
+            self.console = ConsoleView(self.bus, self.settings.web_history)
+            await self.console.start()
+            self.events.on_tick.append(self.console.on_tick)
+            self.web = await WebServer(self.console, interceptor, self.settings.web_host,
+                                       self.settings.web_port).start(self.settings.web_port_file)
         log.info("perception serving gRPC on %s:%d, NATS %s", self.settings.grpc_host, self.port, self.settings.nats_url)
         return self
 
     async def stop(self) -> None:
+        if self.web:
+            await self.web.stop()
+        if self.console:
+            await self.console.stop()
         if self.grpc:
             await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.events:

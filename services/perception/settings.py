@@ -22,3 +22,13 @@ class Settings(ServiceSettings):
     """Level smoothing of the Holt forecaster."""
     forecast_beta: float = Field(0.3, ge=0, le=1)
     """Trend smoothing of the Holt forecaster."""
+    web_enabled: bool = True
+    """Serve the live web page (services/perception/web.py)."""
+    web_host: str = "127.0.0.1"
+    """Interface of the web page; `0.0.0.0` in containers (compose publishes it on loopback)."""
+    web_port: int = Field(0, ge=0, le=65535)
+    """0: a free port, reported through `web_port_file` and the log (`cncbrain up`); compose fixes 8080."""
+    web_port_file: str = ""
+    """When set, the page's URL is written there once it is bound (`cncbrain up` reads it)."""
+    web_history: int = Field(600, ge=10, le=100_000)
+    """Ticks of history the page's charts keep (SLO attainment and placements over time)."""
