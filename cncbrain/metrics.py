@@ -168,7 +168,8 @@ DEPLOY_TO_COMMIT = _histogram(
 ADMISSION_DENIALS = _counter("cnc_scheduler_admission_denials", "deploys and submits governance refused, by reason "
                              "(quota, policy, permission, unavailable, other)", ["reason"], "scheduler")
 PLACEMENT_FAILURES = _counter("cnc_scheduler_placement_failures", "workloads that failed to place, by reason "
-                              "(fits_no_gpu, no_capacity, gang_incomplete)", ["reason"], "scheduler")
+                              "(fits_no_gpu, quota, policy, no_gpu_type, no_site_up, no_capacity, gang_incomplete, "
+                              "declined)", ["reason"], "scheduler")
 WORKLOADS = _gauge("cnc_scheduler_workloads", "workloads of record by kind and state", ["kind", "state"], "scheduler")
 WAITING = _process_gauge("cnc_scheduler_waiting", "workloads waiting for placement", "scheduler")
 SCHEDULER_COUNTERS = {

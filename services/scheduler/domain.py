@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cnc.common.v1 import common_pb2 as common
@@ -256,6 +256,78 @@ def arbitrate(need: Need, proposals: Iterable[site_pb.Proposal], ledger: Ledger)
             allocation[p.site_id] = (p.gpu_type, grant)
             remaining -= grant
     return allocation if remaining == 0 else None
+
+
+NO_TYPE_WITHIN_QUOTA = "none-within-quota"
+"""The type offered when a tenant's quota or policy leaves none (no site has it, so none answers)."""
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """Why a workload waits, for a person (`text`) and for metrics (`code`: fits_no_gpu, quota,
+    no_gpu_type, no_site_up, no_capacity, gang_incomplete, declined)."""
+
+    code: str
+    text: str
+
+
+def _types(names: Iterable[str]) -> str:
+    names = sorted(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def why_unplaced(need: Need, ledger: Ledger, proposals: Iterable[site_pb.Proposal], *, training: bool,
+                 offered_types: Iterable[str] = (),
+                 allowed: Callable[[str, str], bool] | None = None) -> Unplaced:
+    """Why the last offer round did not place a workload, the most basic cause first: the GPU types
+    the tenant may use; whether a unit fits any of their memories; sites up; free GPUs at the sites
+    within policy (a unit's GPUs at one site, one type per site, as arbitration places them); then
+    what the site agents answered. `offered_types`: the types offered (spec, policy and quota);
+    `allowed(site, gpu_type)`: the placement policy (None: every site)."""
+    unit = "shard" if training else "replica"
+    g, n = need.gpus_per_unit, need.units
+    gang = f"waiting for a gang of {n} shards: " if training else ""
+    in_pool = {t for pools in ledger.capacity.values() for t, c in pools.items() if c > 0}
+    types = set(offered_types) or set(need.allowed_gpu_types) or in_pool
+    if NO_TYPE_WITHIN_QUOTA in types:
+        return Unplaced("quota", f"the tenant's quota or placement policy leaves no GPU type with room for a "
+                                 f"{unit} of {g} GPU(s)")
+    present = types & in_pool
+    if not present:
+        return Unplaced("no_gpu_type", f"no site has GPUs of type {_types(types)}")
+    fitting = {t for t in present if ledger.hbm_gb.get(t, math.inf) >= need.min_hbm_gb}
+    if not fitting:
+        biggest = max(present, key=lambda t: ledger.hbm_gb.get(t, 0.0))
+        gb = ledger.hbm_gb[biggest]
+        whole = need.min_hbm_gb * g
+        return Unplaced("fits_no_gpu", f"fits no GPU's memory: a {unit} needs {whole:,.0f} GB "
+                                       f"({need.min_hbm_gb:,.0f} GB on each of its {g} GPU(s)) and the largest allowed "
+                                       f"GPU, {biggest}, has {gb:,.0f} GB; a {unit} needs at least "
+                                       f"{math.ceil(whole / gb)} GPUs (at most {MAX_GPUS_PER_UNIT})")
+    if not ledger.up:
+        return Unplaced("no_site_up", f"{gang}no site is up ({len(ledger.capacity)} known)")
+    room = 0
+    for site in ledger.up:
+        room += max((ledger.free(site, t) // g for t in fitting if allowed is None or allowed(site, t)), default=0)
+    if room == 0:
+        return Unplaced("no_capacity", f"{gang}no site within policy has {g} free {_types(fitting)} GPU(s)")
+    if room < n:
+        if training:
+            return Unplaced("gang_incomplete", f"{gang}the sites within policy have room for {room} now "
+                                               f"(all or none, {g} {_types(fitting)} GPU(s) each)")
+        return Unplaced("no_capacity", f"waiting for capacity: the sites within policy have room for {room} of "
+                                       f"{n} replicas of {g} {_types(fitting)} GPU(s)")
+    proposals = list(proposals)
+    if not proposals:
+        return Unplaced("declined", f"{gang}no site agent answered the last offer in time")
+    offered = sum(p.units for p in proposals)
+    declines: dict[str, int] = {}
+    for p in proposals:
+        if not p.units and p.reason:
+            declines[p.reason] = declines.get(p.reason, 0) + 1
+    top = f"; most said: {max(declines, key=declines.__getitem__)}" if declines else ""
+    return Unplaced("gang_incomplete" if training else "declined",
+                    f"{gang}the site agents offered {offered} of {n} {unit}s{top}")
 
 
 def commit_placement(w: pb.Workload, allocation: dict[str, tuple[str, int]], now_ns: int) -> list[common.Placement]:

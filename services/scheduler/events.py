@@ -82,6 +82,8 @@ class Waiting:
     """Trace of the call that submitted it; its first round is a child of it."""
     not_before: float = 0.0
     attempts: int = 0
+    why: domain.Unplaced | None = None
+    """Why the last round did not place it (kept on the pending record as its message)."""
 
 
 @dataclass
@@ -346,18 +348,45 @@ class Coordinator:
             if verdict is not None and not verdict.ok:
                 self.counters["placements_refused_by_governance"] += 1
                 log.info("placement of %s refused by governance: %s", wid, verdict.message)
+                self._note(entry, domain.Unplaced("policy", f"placement refused by governance: {verdict.message}"))
             else:
                 for p in placements:
                     self.ledger.take(p)
                 del self.waiting[wid]
                 self._spawn(self._commit(entry, w, placements), f"commit-{wid}")
                 return True
+        else:
+            self._note(entry, domain.why_unplaced(
+                entry.need, self.ledger, proposals, training=current.kind == domain.TRAINING,
+                offered_types=self.governance.offer_types(current) if self.governance else (),
+                allowed=self.governance.site_filter(current) if self.governance else None))
         if now > entry.deadline:
             del self.waiting[wid]
             self._spawn(self._fail(entry), f"fail-{wid}")
             return False
         entry.not_before = now + self.settings.retry_interval_s
         return False
+
+    def _note(self, entry: Waiting, why: domain.Unplaced) -> None:
+        """Keep why `entry` waits; a new reason goes on its pending record (written only on change)."""
+        if entry.why != why:
+            entry.why = why
+            self._spawn(self._write_reason(entry, why), f"reason-{entry.workload.workload_id}")
+
+    async def _write_reason(self, entry: Waiting, why: domain.Unplaced) -> None:
+        wid = entry.workload.workload_id
+        if entry.created is not None and not await entry.created:
+            return
+        async with self.lock(wid):
+            w = self.store.get(wid)
+            if w is None or w.state != domain.PENDING or entry.why != why or w.message == why.text:
+                return  # placed, ended or reasoned anew meanwhile
+            w = self._copy(wid)
+            w.message = why.text
+            try:
+                await self._write(w)
+            except Exception:  # the next change of reason, or the placement, writes again
+                log.warning("could not record why %s waits", wid, exc_info=True)
 
     async def _commit(self, entry: Waiting, w: pb.Workload, placements: list[common.Placement]) -> None:
         wid = w.workload_id
@@ -401,12 +430,12 @@ class Coordinator:
         async with self.lock(wid):
             w = self._copy(wid)
             if w.state == domain.PENDING:
-                room = self.ledger.total(need.allowed_gpu_types)
+                why = entry.why or domain.Unplaced("no_capacity", "no offer round placed it")
+                metrics.PLACEMENT_FAILURES.labels(why.code).inc()
                 await self._end(
                     w, domain.FAILED,
-                    f"could not place {need.units}×{need.gpus_per_unit} GPUs in {self._timeout_of(w):.0f} s "
-                    f"after {entry.attempts} offers (pool has {room} GPUs of the allowed types, "
-                    f"{len(self.ledger.up)} sites up)",
+                    f"not placed within {self._timeout_of(w):.0f} s ({entry.attempts} offers of "
+                    f"{need.units}×{need.gpus_per_unit} GPUs): {why.text}",
                 )
 
     async def _write(self, w: pb.Workload) -> None:

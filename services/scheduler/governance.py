@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
@@ -168,7 +168,15 @@ class SchedulerGovernance:
         per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
         types = {t for t in types if per_type.get(t, need.gpus_per_unit) >= need.gpus_per_unit}
         # An empty list would mean "any type": offer a type no site has instead, so nothing is proposed.
-        return tuple(sorted(types)) or ("none-within-quota",)
+        return tuple(sorted(types)) or (domain.NO_TYPE_WITHIN_QUOTA,)
+
+    def site_filter(self, w: pb.Workload) -> Callable[[str, str], bool] | None:
+        """The workload's placement policy as `allowed(site, gpu_type)`; None when it has none."""
+        tenant = tenant_of(w)
+        if self.gate is None or not tenant:
+            return None
+        gate, wid = self.gate, w.workload_id
+        return lambda site, gpu_type: gate.allows(wid, tenant, site, gpu_type)
 
     def check(self, w: pb.Workload, placements: Iterable[common.Placement]) -> Decision:
         """May `w` hold exactly `placements` (its whole placement after the commit)?"""

@@ -127,9 +127,35 @@ async def test_training_gang_is_all_or_none_then_fails_after_timeout(scheduler, 
     wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
     events = [r.event async for r in stub.WatchWorkload(pb.WatchWorkloadRequest(workload_id=wid))]
     assert [e.kind for e in events] == [pb.WORKLOAD_EVENT_KIND_ACCEPTED, pb.WORKLOAD_EVENT_KIND_FAILED]
-    assert "could not place 4×1 GPUs" in events[-1].message
+    assert events[-1].message.startswith("not placed within 2 s (")
+    assert events[-1].message.endswith("4×1 GPUs): waiting for a gang of 4 shards: the site agents offered 3 of 4 shards")
     assert len(agents.offers) >= 2  # re-offered while waiting
     assert server.coordinator.ledger.used["a"]["H100"] == 0  # nothing held by the failed gang
+
+
+async def pending_message(stub, wid, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+        if w.message or loop.time() > deadline:
+            return w
+        await asyncio.sleep(0.05)
+
+
+async def test_a_pending_workload_says_why_it_waits(scheduler, bus):
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 0, "b": 0, "c": 0}, {"a": 1.0, "b": 1.0, "c": 1.0}).start()
+    giant = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+        service=service_spec(name="giant", model="9000b", params_b=9000, min_replicas=1)))).workload.workload_id
+    shy = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+        service=service_spec(name="shy", min_replicas=2)))).workload.workload_id
+    w = await pending_message(stub, giant)
+    assert w.state == pb.WORKLOAD_STATE_PENDING
+    assert w.message == ("fits no GPU's memory: a replica needs 21,600 GB (21,600 GB on each of its 1 GPU(s)) and "
+                         "the largest allowed GPU, H100, has 80 GB; a replica needs at least 270 GPUs (at most 64)")
+    w = await pending_message(stub, shy)
+    assert w.message == "the site agents offered 0 of 2 replicas"
 
 
 async def test_training_gang_placed_across_sites_with_shard_indices(scheduler, bus):
