@@ -307,7 +307,7 @@ class EmulatedExecutor:
         await self.bus.subscribe(subjects.EMULATOR_STATE, on_state, consumer=f"agent-{self.site_id}-state",
                                  site=self.site_id)
 
-    async def inventory(self, timeout_s: float = 15.0) -> common.Site:
+    async def inventory(self, timeout_s: float = 60.0) -> common.Site:
         deadline = time.monotonic() + timeout_s
         while True:
             try:

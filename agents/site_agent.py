@@ -159,12 +159,14 @@ def make_site_policy(name: str) -> SitePolicy:
 
 
 class OfferDesk:
-    """The offer rounds of one process: one subscription per bus for every site agent it hosts.
+    """The offer rounds of one process: one subscription for every site agent it hosts.
 
-    A round is decoded once (one consumer span) and answered from inside that span: the answers of
-    all local sites go out as one `OfferAnswers` on `cnc.site.<agent_id>.answers` (one message per
-    process and round); a process with one site (production: one process per site) sends its
-    `OfferAnswer` on the site's own subject."""
+    A round is decoded once (one consumer span) and answered from inside that span, every local
+    site's decision made together (`answer_round`). Where the agents share one unauthenticated
+    connection, the answers of all local sites go out as one `OfferAnswers` on
+    `cnc.site.<agent_id>.answers` (one message per process and round). Where each agent speaks
+    with its own site's NATS identity (`cncbrain up`, production), each answer goes out on its own
+    site's subject over its own connection: a batch could not be tied to the sites it speaks for."""
 
     _desks: dict[int, OfferDesk] = {}
 
@@ -172,6 +174,7 @@ class OfferDesk:
         self.bus = bus
         self.agents: dict[str, SiteAgent] = {}
         self.sub = None
+        self._sub_bus: Bus | None = None
         self.agent_id = f"agents-{uuid.uuid4().hex[:12]}"
         """This process's id on the bus (the token of its `answers` subject; never a site id)."""
 
@@ -185,15 +188,22 @@ class OfferDesk:
     async def add(self, agent: SiteAgent) -> None:
         self.agents[agent.site_id] = agent
         if self.sub is None:
-            self.sub = await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_round,
-                                                consumer=f"{agent.consumer}-offers")
+            await self._subscribe(agent)
+
+    async def _subscribe(self, agent: SiteAgent) -> None:
+        self._sub_bus = agent.bus
+        self.sub = await agent.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_round,
+                                             consumer=f"{agent.consumer}-offers")
 
     async def remove(self, agent: SiteAgent) -> None:
         if self.agents.get(agent.site_id) is agent:
             del self.agents[agent.site_id]
-        if not self.agents and self.sub is not None:
-            await self.bus.unsubscribe(self.sub)
+        if self.sub is not None and (not self.agents or self._sub_bus is agent.bus):
+            await self._sub_bus.unsubscribe(self.sub)
             self.sub = None
+            if self.agents:  # the subscription was on the removed agent's own connection
+                await self._subscribe(next(iter(self.agents.values())))
+        if not self.agents:
             self._desks.pop(id(self.bus), None)
 
     async def on_round(self, event: Event) -> None:
@@ -210,10 +220,11 @@ class OfferDesk:
                 metrics.AGENT_ANSWER.labels(agents[0].policy.name).observe(time.perf_counter() - started)
 
     async def _answer(self, rnd: sched.OfferRound, agents: list[SiteAgent]) -> None:
-        if len(agents) == 1:
+        if len(agents) == 1 or any(a.bus.identity is not None for a in agents):
             answers = answer_round(agents, rnd)
             trace_answers(answers)
-            await self.bus.publish(subjects.SITE_ANSWER, answers[0][1], site=answers[0][0].site_id, span=False)
+            for agent, answer in answers:
+                await agent.bus.publish(subjects.SITE_ANSWER, answer, site=agent.site_id, span=False)
         elif agents:
             batch = site_pb.OfferAnswers(round_id=rnd.round_id, agent_id=self.agent_id)
             trace_answers(answer_round(agents, rnd, batch))  # each answer written straight into the batch
@@ -256,8 +267,10 @@ def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound,
 
 class SiteAgent:
     def __init__(self, bus: Bus, site_id: str, executor, policy: SitePolicy | None = None,
-                 heartbeat_s: float = 1.0, agent_id: str | None = None) -> None:
+                 heartbeat_s: float = 1.0, agent_id: str | None = None, desk: OfferDesk | None = None) -> None:
         self.bus = bus
+        self.desk = desk or OfferDesk.of(bus)
+        """Where this agent's offer rounds come from (shared by the agents of one process)."""
         self.site_id = site_id
         self.executor = executor
         self.policy = policy or SitePolicy()
@@ -283,7 +296,7 @@ class SiteAgent:
         if self.executor.fresh:
             # An executor without state gets its site's whole placement history again.
             await self.bus.delete_durable(subjects.SCHEDULER_PLACEMENT, self.consumer)
-        await OfferDesk.of(self.bus).add(self)
+        await self.desk.add(self)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer=f"{self.consumer}-snapshot")
         await self.bus.subscribe(subjects.SCHEDULER_PLACEMENT, self.on_placement, consumer=self.consumer,
                                  durable=True, site=self.site_id)
@@ -293,7 +306,7 @@ class SiteAgent:
         return self
 
     async def stop(self) -> None:
-        await OfferDesk.of(self.bus).remove(self)
+        await self.desk.remove(self)
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -76,7 +76,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
     endpoints = brain.endpoints
-    bus = await Bus.connect(endpoints["nats"], "bench", ensure=False)
+    bus = await Bus.connect(endpoints["nats"], "bench", ensure=False, identity="admin",
+                            secrets_dir=Path(endpoints["secrets"]))
     arrived: dict[str, float] = {}
     waiters: dict[str, asyncio.Event] = {}
 

@@ -7,9 +7,10 @@ field named (`load_settings` turns pydantic's error into a `CncError`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cncbrain.errors import CncError
@@ -44,6 +45,9 @@ class BusSettings(BaseSettings):
 
     replicas: int = Field(1, ge=1, le=5)
     """`CNC_NATS_REPLICAS`: replicas of every stream and KV bucket (3 on a 3-node cluster)."""
+    secrets_dir: Path | None = Field(None, validation_alias=AliasChoices("CNC_SECRETS_DIR"))
+    """`CNC_SECRETS_DIR`: the folder with this process's NATS credentials (`nats/<identity>.nk`) and
+    governance's public key (`cncbrain.bus.credentials`); unset: connect without credentials."""
 
 
 class ServiceSettings(CncSettings):

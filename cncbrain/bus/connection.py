@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -29,7 +30,9 @@ from opentelemetry.trace import SpanKind
 
 from cncbrain import metrics, telemetry
 from cncbrain.bus import envelope, streams
+from cncbrain.bus.credentials import client_options
 from cncbrain.bus.envelope import EnvelopeError, Event
+from cncbrain.bus.permissions import may_create
 from cncbrain.bus.subjects import Subject, check_token, deadletter
 from cncbrain.errors import CncError
 from cncbrain.settings import BusSettings, load_settings
@@ -77,10 +80,12 @@ class _Seen:
 class Bus:
     """A process's connection to NATS. Build with `await Bus.connect(url, name)`."""
 
-    def __init__(self, nc: Client, js: JetStreamContext, name: str) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, name: str, identity: str | None = None) -> None:
         self.nc = nc
         self.js = js
         self.name = name
+        self.identity = identity
+        """The NATS identity this connection authenticated as (None: no credentials)."""
         # Replicas of every stream and KV bucket this process creates: 3 on a 3-node cluster.
         self.replicas = load_settings(BusSettings).replicas
         self.counters: Counter[str] = Counter()
@@ -94,8 +99,18 @@ class Bus:
 
     # --- connection ---------------------------------------------------------------------------
     @classmethod
-    async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float = 10.0) -> Bus:
+    async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float = 10.0,
+                      identity: str | None = None, secrets_dir: Path | None = None) -> Bus:
+        """Connect as `identity` (a role of `cncbrain.bus.permissions`: `scheduler`, `site-<id>`, …)
+        with its nkey from `secrets_dir` (default `CNC_SECRETS_DIR`); without a secrets folder, or
+        without an identity, the connection carries no credentials (a server without auth)."""
         holder: dict[str, Bus] = {}
+        secrets_dir = secrets_dir or load_settings(BusSettings).secrets_dir
+        auth: dict[str, Any] = {}
+        if identity is not None and secrets_dir is not None:
+            auth = client_options(identity, secrets_dir)
+        else:
+            identity = None
 
         async def on_error(exc: Exception) -> None:
             log.debug("nats %s: %s", name, exc)
@@ -126,37 +141,60 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
+                    **auth,
                 )
                 break
             except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
                 if time.monotonic() > deadline:
                     raise CncError(f"cannot reach NATS at {url}: {exc}") from None
                 await asyncio.sleep(0.2)
-        bus = cls(nc, nc.jetstream(timeout=5.0), name)
+            except nats.errors.Error as exc:
+                if "authorization" in str(exc).lower():
+                    who = f"as {identity!r}" if identity else "without credentials"
+                    raise CncError(f"NATS at {url} refused the connection {who}: {exc}") from None
+                raise
+        bus = cls(nc, nc.jetstream(timeout=5.0), name, identity)
         holder["bus"] = bus
         if ensure:
             await bus.ensure_streams()
         return bus
 
     async def ensure_streams(self) -> None:
-        """Create (or update) every stream and KV bucket; safe to call from every process."""
+        """Create every stream and KV bucket this identity owns (all of them without auth, or as
+        admin, which also updates a stream whose configuration changed); safe from every process.
+        The others are their owners' to create: using one waits for it (`kv`, `subscribe`)."""
         for spec in streams.STREAMS:
+            if not may_create(self.identity, spec.name):
+                continue
             config = streams.stream_config(spec, self.replicas)
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
+                if self.identity is not None and self.identity != "admin":
+                    log.warning("%s: stream %s exists with another configuration; the admin identity "
+                                "updates it (`cncbrain up` does at start)", self.name, spec.name)
+                    continue
                 await self.js.update_stream(config)
         for bucket in streams.BUCKETS:
-            await self.kv(bucket)
+            if may_create(self.identity, f"KV_{bucket}"):
+                await self.kv(bucket)
 
-    async def kv(self, bucket: str) -> KeyValue:
+    async def kv(self, bucket: str, wait_s: float = 30.0) -> KeyValue:
+        """The bucket, created when missing if this identity owns it, else waited for (`wait_s`)."""
         if bucket not in self._kv:
-            try:
-                self._kv[bucket] = await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv[bucket] = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=self.replicas)
-                )
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    self._kv[bucket] = await self.js.key_value(bucket)
+                    break
+                except nats.js.errors.BucketNotFoundError:
+                    if may_create(self.identity, f"KV_{bucket}"):
+                        self._kv[bucket] = await self.js.create_key_value(api.KeyValueConfig(
+                            bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=self.replicas))
+                        break
+                    if time.monotonic() > deadline:
+                        raise CncError(f"KV bucket {bucket} does not exist (its owner creates it at start)") from None
+                    await asyncio.sleep(0.2)
         return self._kv[bucket]
 
     async def kv_items(self, bucket: str) -> dict[str, tuple[bytes, int]]:
@@ -364,6 +402,7 @@ class Bus:
 
         if is_js and durable:
             config = api.ConsumerConfig(
+                name=consumer,  # named: the create request's subject carries the filter (permissions)
                 durable_name=consumer,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=30.0,
@@ -371,7 +410,7 @@ class Bus:
                 deliver_policy=api.DeliverPolicy.ALL,
                 max_ack_pending=20_000,
             )
-            sub = await self.js.subscribe(
+            sub = await self._when_stream(spec.stream, lambda: self.js.subscribe(
                 subject,
                 durable=consumer,
                 stream=spec.stream,
@@ -380,12 +419,12 @@ class Bus:
                 manual_ack=True,
                 pending_msgs_limit=PENDING_MSGS_LIMIT,
                 pending_bytes_limit=PENDING_BYTES_LIMIT,
-            )
+            ))
             self._durables[consumer] = spec.stream
             if self._lag_task is None:
                 self._lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.name}-consumer-lag")
         elif is_js:
-            sub = await self.js.subscribe(
+            sub = await self._when_stream(spec.stream, lambda: self.js.subscribe(
                 subject,
                 stream=spec.stream,
                 cb=dispatch,
@@ -393,7 +432,7 @@ class Bus:
                 deliver_policy=api.DeliverPolicy.ALL,
                 pending_msgs_limit=PENDING_MSGS_LIMIT,
                 pending_bytes_limit=PENDING_BYTES_LIMIT,
-            )
+            ))
         else:
             sub = await self.nc.subscribe(
                 subject,
@@ -404,6 +443,18 @@ class Bus:
             )
         self._subs.append(sub)
         return sub
+
+    async def _when_stream(self, stream: str, op: Callable[[], Awaitable[T]], wait_s: float = 30.0) -> T:
+        """Run `op` (a subscription on `stream`), waiting up to `wait_s` for the stream's owner to
+        have created it (services start in any order)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await op()
+            except nats.js.errors.NotFoundError:
+                if time.monotonic() > deadline:
+                    raise CncError(f"stream {stream} does not exist (its owner creates it at start)") from None
+                await asyncio.sleep(0.2)
 
     async def unsubscribe(self, sub: Any) -> None:
         with contextlib.suppress(Exception):

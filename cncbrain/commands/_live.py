@@ -34,6 +34,24 @@ def endpoints() -> dict[str, str]:
     return found
 
 
+def secrets_dir() -> Path | None:
+    """The NATS credentials the operator's tools use (`admin`): `CNC_SECRETS_DIR`, else the state
+    folder's `secrets/` that `cncbrain up` made; None when there are none (a server without auth)."""
+    if os.environ.get("CNC_SECRETS_DIR"):
+        return Path(os.environ["CNC_SECRETS_DIR"])
+    found = Path(endpoints().get("secrets") or STATE_DIR / "secrets")
+    return found if found.is_dir() else None
+
+
+async def admin_bus(url: str, name: str, folder: Path | None = None, **kwargs):
+    """A `Bus` for the operator's tools: the `admin` identity when credentials are at hand (`folder`,
+    else `secrets_dir()`)."""
+    from cncbrain.bus import Bus
+
+    folder = folder or secrets_dir()
+    return await Bus.connect(url, name, identity="admin" if folder else None, secrets_dir=folder, **kwargs)
+
+
 def add_target_args(parser: argparse.ArgumentParser, *which: str) -> None:
     for name in which:
         flag = "--nats-url" if name == "nats" else f"--{name}"

@@ -46,12 +46,14 @@ def parse_gpus(text: str):
 async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     from agents.executor import MemoryExecutor
     from agents.executor_emulated import EmulatedExecutor, site_ids_of
-    from agents.site_agent import SiteAgent, default_site_policy, make_site_policy
+    from agents.site_agent import OfferDesk, SiteAgent, default_site_policy, make_site_policy
     from cnc.common.v1 import common_pb2 as common
     from cncbrain.bus import Bus
+    from cncbrain.bus.permissions import site_identity
     from cncbrain.bus.subjects import SubjectError, check_token
     from cncbrain.grpcserver import stop_event_on_signals
     from cncbrain.scenario import load_scenario
+    from cncbrain.settings import BusSettings, load_settings
 
     sites = list(args.site)
     if args.all:
@@ -66,15 +68,27 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     except (SubjectError, ValueError) as exc:
         raise CncError(str(exc)) from None
     stop = stop or stop_event_on_signals()
-    bus = await Bus.connect(target(args, "nats"), "agents")
+    url = target(args, "nats")
+    authenticated = load_settings(BusSettings).secrets_dir is not None
+    # With credentials each site agent speaks for its own site only, on its own connection (its
+    # site's NATS identity); the process still takes each offer round once (one shared desk).
+    shared = None if authenticated else await Bus.connect(url, "agents")
+    buses = [] if shared is None else [shared]
+    desk = None
     agents = []
     try:
         for sid in sites:
+            bus = shared
+            if bus is None:
+                bus = await Bus.connect(url, f"agent-{sid}", identity=site_identity(sid), ensure=False)
+                buses.append(bus)
+            desk = desk or OfferDesk(bus)
             if args.executor == "emulated":
                 executor = EmulatedExecutor(bus, sid)
             else:
                 executor = MemoryExecutor(common.Site(site_id=sid, name=sid, gpu_pools=parse_gpus(args.gpus)))
-            agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s)
+            agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s,
+                              desk=desk)
             try:
                 agents.append(await agent.start())
             except Exception as exc:
@@ -84,7 +98,8 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     finally:
         for a in agents:
             await a.stop()
-        await bus.close()
+        for bus in buses:
+            await bus.close()
     return 0
 
 

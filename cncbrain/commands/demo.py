@@ -111,12 +111,13 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cnc.site.v1 import events_pb2 as site_pb
-    from cncbrain.bus import Bus, subjects
+    from cncbrain.bus import subjects
+    from cncbrain.commands._live import admin_bus
     from cncbrain.twin import physics
     from cncbrain.twin.traces import load_azure
 
     t = Tally()
-    bus = await Bus.connect(endpoints["nats"], "demo")
+    bus = await admin_bus(endpoints["nats"], "demo", Path(endpoints["secrets"]) if endpoints.get("secrets") else None)
 
     async def on_placement(ev):
         t.placements += 1

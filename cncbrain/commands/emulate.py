@@ -35,7 +35,7 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
 
     scenario = load_scenario(args.scenario)
     stop = stop or stop_event_on_signals()
-    bus = await Bus.connect(target(args, "nats"), "emulator")
+    bus = await Bus.connect(target(args, "nats"), "emulator", identity="emulator")
     host = EmulatorHost(bus, scenario, seed=args.seed, speed=args.speed, horizon_s=args.horizon_s,
                         keep_failures=not args.no_failures)
     await host.start()

@@ -6,9 +6,15 @@ Default ports: NATS 4222, perception gRPC 50061, scheduler gRPC 50062, adaptatio
 governance 50064. State folder: `.state/` (JetStream store in `jetstream/`, logs in `logs/`,
 `endpoints.json` for the client commands, `operator.token` — see below).
 
-Governance and adaptation run beside perception and the scheduler. With `auth` (the
-`up` command's default; `--no-auth` turns it off) every gRPC service checks bearer tokens and
-governance issues an operator token into `<state>/operator.token`, which the CLI picks up.
+Governance and adaptation run beside perception and the scheduler. With `auth` (the `up` command's
+default; `--no-auth` turns it off) every gRPC service checks bearer tokens and governance issues an
+operator token into `<state>/operator.token`, which the CLI picks up.
+
+NATS is always authenticated (`--no-auth` or not): at first start `up` gives every process its own
+NATS identity (nkeys in `<state>/secrets/nats/`, mode 0600; `cncbrain.bus.credentials`) with the
+least privilege of `cncbrain.bus.permissions` — perception, scheduler, adaptation, governance, the
+emulator, each site agent, and `admin` for `up` itself and the operator's tools (`cncbrain watch`).
+A restart reuses them. Anonymous clients are refused. The server stays plain on loopback.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
 from cncbrain.errors import CncError
 from cncbrain.natsserver import NatsServer, port_in_use
 
+SECRETS_DIR = "secrets"
+"""Sub-folder of the state folder with the NATS credentials (`cncbrain.bus.credentials`)."""
 NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
 ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
 PROMETHEUS_FILE = "prometheus.yml"
@@ -138,7 +146,8 @@ class Brain:
         found: dict[str, Any] = {
             "nats": self.nats_url, "perception": f"127.0.0.1:{self.perception_port}",
             "scheduler": f"127.0.0.1:{self.scheduler_port}", "state": str(self.state_dir.resolve()),
-            "governance": f"127.0.0.1:{self.governance_port}", "adaptation": f"127.0.0.1:{self.adaptation_port}"}
+            "governance": f"127.0.0.1:{self.governance_port}", "adaptation": f"127.0.0.1:{self.adaptation_port}",
+            "secrets": str(self.secrets_dir.resolve())}
         if self.metrics:
             found["metrics"] = dict(self.metrics)
         if self.nats and self.nats.monitor_url:
@@ -156,6 +165,24 @@ class Brain:
     def token_file(self) -> Path:
         return self.state_dir / "operator.token"
 
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / SECRETS_DIR
+
+    def _credentials(self) -> None:
+        """Every process's NATS identity (kept across restarts; new sites get theirs)."""
+        from cncbrain.bus.credentials import ensure_identities
+        from cncbrain.bus.permissions import ADMIN, SERVICES, site_identity
+
+        ensure_identities(self.secrets_dir, [ADMIN, *SERVICES, *(site_identity(s) for s in self.sites)])
+
+    async def _provision(self) -> None:
+        """Create (or update) the shared streams and buckets as admin before the services start."""
+        from cncbrain.bus import Bus
+
+        bus = await Bus.connect(self.nats_url, "up", identity="admin", secrets_dir=self.secrets_dir)
+        await bus.close()
+
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
@@ -168,7 +195,8 @@ class Brain:
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
         self.procs[name] = subprocess.Popen(
-            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
             start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
         )
         if name in BACKGROUND and self.background_nice:
@@ -194,13 +222,17 @@ class Brain:
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._credentials()
         if not self.external_nats:
-            self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
-                                   log_file=self.log_path("nats")).start()
+            from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
+
+            self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port, log_file=self.log_path("nats"),
+                                   auth=self.secrets_dir / NATS_DIR / AUTH_FILE).start()
         url = self.nats_url
         auth = "true" if self.auth else "false"
         token_file = str(self.token_file.resolve())
         try:
+            aio.run(self._provision())
             self._spawn("governance", ["-m", "services.governance"], {
                 "CNC_GOVERNANCE_NATS_URL": url, "CNC_GOVERNANCE_GRPC_PORT": str(self.governance_port),
                 "CNC_GOVERNANCE_AUTH_ENABLED": auth, "CNC_GOVERNANCE_BOOTSTRAP_TOKEN_FILE": token_file})

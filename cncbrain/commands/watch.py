@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from cncbrain import aio
-from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._live import add_target_args, channel, rpc_error, secrets_dir, target
 from cncbrain.errors import CncError
 
 DEFAULT_SUBJECT = "cnc.>"
@@ -41,10 +41,13 @@ async def watch_nats(args: argparse.Namespace) -> int:
     import nats
 
     from cncbrain.bus import envelope, subjects
+    from cncbrain.bus.credentials import client_options
 
     url = target(args, "nats")
+    folder = secrets_dir()
+    auth = client_options("admin", folder) if folder else {}
     try:
-        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=-1)
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=-1, **auth)
     except Exception as exc:
         raise CncError(f"cannot reach NATS at {url}: {exc}") from None
     filt = args.subject or DEFAULT_SUBJECT

@@ -59,7 +59,7 @@ class AdaptationServer:
         return forecast
 
     async def start(self) -> AdaptationServer:
-        self.bus = await Bus.connect(self.settings.nats_url, "adaptation")
+        self.bus = await Bus.connect(self.settings.nats_url, "adaptation", identity="adaptation")
         self.gate = await GovernanceGate.start(self.bus, None)
         self.adapter = Adapter(self.bus, self.settings, self.gate, self._forecaster())
         await self.adapter.start()

@@ -36,7 +36,7 @@ class GovernanceServer:
         return self.grpc.port
 
     async def start(self) -> GovernanceServer:
-        self.bus = await Bus.connect(self.settings.nats_url, "governance")
+        self.bus = await Bus.connect(self.settings.nats_url, "governance", identity="governance")
         self.governor = Governor(self.bus, self.settings, self.directory)
         await self.governor.start()
         servicer = GovernanceServicer(self.governor)

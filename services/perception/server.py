@@ -36,7 +36,7 @@ class PerceptionServer:
         return self.grpc.port
 
     async def start(self) -> PerceptionServer:
-        self.bus = await Bus.connect(self.settings.nats_url, "perception")
+        self.bus = await Bus.connect(self.settings.nats_url, "perception", identity="perception")
         self.events = PerceptionEvents(self.bus, self.picture, self.settings.tick_s)
         await self.events.start()
         servicer = PerceptionServicer(self.picture, self.events)

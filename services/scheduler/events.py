@@ -135,7 +135,10 @@ class Coordinator:
         self.ledger.rebuild(records)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
-        await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
+        if self.bus.identity is None:
+            # A batch of several sites' answers cannot be tied to the sites it speaks for; on an
+            # authenticated bus each site answers on its own subject, which only it may publish.
+            await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
         await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-scale")
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
         pending = [w for w in records if w.state == domain.PENDING]
@@ -651,6 +654,9 @@ class Coordinator:
         progress: dict[str, tuple[float, bool]] = {}
         for s in snap.sites:
             for j in s.jobs:
+                w = self.store.get(j.workload_id)
+                if w is None or not any(p.site_id == s.site.site_id and p.shard_indices for p in w.placements):
+                    continue  # only a site that runs shards of the job reports its progress
                 old = progress.get(j.workload_id, (0.0, False))
                 progress[j.workload_id] = (max(old[0], j.progress), old[1] or j.finished)
         for wid, (value, finished) in progress.items():

@@ -32,7 +32,7 @@ class SchedulerServer:
         return self.grpc.port
 
     async def start(self) -> SchedulerServer:
-        self.bus = await Bus.connect(self.settings.nats_url, "scheduler")
+        self.bus = await Bus.connect(self.settings.nats_url, "scheduler", identity="scheduler")
         self.coordinator = Coordinator(self.bus, self.settings)
         # Governance (admission, placement check) and adaptation's actions, then auth.
         self.coordinator.governance = await SchedulerGovernance.start(

@@ -1,0 +1,50 @@
+"""The permission table against the bus's registries: every stream and bucket has an owner that
+creates it; every subject a role publishes is granted; nats-server accepts the rendered config."""
+
+import subprocess
+
+import services.adaptation.subjects  # noqa: F401  (registers its stream)
+import services.governance.ledger_store as ledger_store
+from cncbrain.auth import TOKENS_BUCKET
+from cncbrain.bus import streams
+from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR, ensure_identities, load_identities, seed_file
+from cncbrain.bus.permissions import BUCKET_OWNERS, STREAM_OWNERS, grant_for, may_create
+from cncbrain.natsserver import find_nats_server
+from services.adaptation.events import ADAPTATION_BUCKET
+
+
+def test_every_stream_and_bucket_has_an_owner_that_creates_it():
+    names = {s.name for s in streams.STREAMS} | {ledger_store.STREAM}
+    assert names == set(STREAM_OWNERS)
+    buckets = {*streams.BUCKETS, TOKENS_BUCKET, ledger_store.GOVERNANCE_BUCKET, ledger_store.HEAD_BUCKET,
+               ADAPTATION_BUCKET}
+    assert buckets == set(BUCKET_OWNERS)
+    for stream, owner in STREAM_OWNERS.items():
+        assert may_create(owner, stream)
+        assert not may_create("site-x", stream)
+    for bucket, owner in BUCKET_OWNERS.items():
+        assert may_create(owner, f"KV_{bucket}")
+        others = {o for o in BUCKET_OWNERS.values() if o != owner}
+        assert not any(may_create(o, f"KV_{bucket}") for o in others)
+
+
+def test_a_site_publishes_only_its_own_subjects():
+    g = grant_for("site-chicago")
+    own = [s for s in g.publish if s.startswith("cnc.site.")]
+    assert own and all(s.startswith("cnc.site.chicago.") for s in own)
+    assert not any(s.startswith(("$KV.", "cnc.scheduler", "cnc.perception", "cnc.governance")) for s in g.publish)
+    assert not any("STREAM.CREATE" in s or "STREAM.DELETE" in s for s in g.publish)
+    assert "cnc.scheduler.placement.>" not in g.subscribe
+
+
+def test_credentials_are_kept_private_and_reused(tmp_path):
+    first = ensure_identities(tmp_path, ["admin", "scheduler", "site-a"])
+    assert seed_file(tmp_path, "scheduler").stat().st_mode & 0o777 == 0o600
+    again = ensure_identities(tmp_path, ["scheduler", "site-b"])
+    assert again["scheduler"] == first["scheduler"]  # a restart authenticates as before
+    assert set(load_identities(tmp_path)) == {"admin", "scheduler", "site-a", "site-b"}
+    binary, _ = find_nats_server()
+    conf = tmp_path / "server.conf"
+    conf.write_text("listen: 127.0.0.1:4222\njetstream {}\n" + (tmp_path / NATS_DIR / AUTH_FILE).read_text())
+    check = subprocess.run([binary, "-c", str(conf), "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
