@@ -177,11 +177,20 @@ class Brain:
         ensure_identities(self.secrets_dir, [ADMIN, *SERVICES, *(site_identity(s) for s in self.sites)])
 
     async def _provision(self) -> None:
-        """Create (or update) the shared streams and buckets as admin before the services start."""
+        """Create (or update) every stream and bucket as admin before the services start, so no
+        service waits for another's (each would create only its own)."""
+        import services.adaptation.subjects  # noqa: F401  (registers the adaptation stream)
         from cncbrain.bus import Bus
+        from cncbrain.bus.permissions import BUCKET_OWNERS
+        from services.governance.ledger_store import LedgerStore
 
         bus = await Bus.connect(self.nats_url, "up", identity="admin", secrets_dir=self.secrets_dir)
-        await bus.close()
+        try:
+            await LedgerStore(bus).ensure()
+            for bucket in BUCKET_OWNERS:
+                await bus.kv(bucket)
+        finally:
+            await bus.close()
 
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
