@@ -30,7 +30,7 @@ import numpy as np
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain import metrics
+from cncbrain import aio, metrics
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
 from cncbrain.twin import Twin, physics
@@ -99,7 +99,7 @@ class EmulatorHost:
         await self.bus.subscribe(subjects.EMULATOR_INVENTORY, self.on_inventory, consumer="emulator-inventory")
         await self.bus.subscribe(subjects.EMULATOR_APPLY, self.on_apply, consumer="emulator-apply")
         await self.bus.subscribe(subjects.EMULATOR_FAIL, self.on_fail, consumer="emulator-fail")
-        self._task = asyncio.create_task(self._run(), name="emulator")
+        self._task = aio.background(self._run(), "emulator")
         log.info("emulating %d sites of %s at %.0f× (tick %.0f s every %.2f s wall)",
                  len(self.ids), self.twin.scenario.name, self.speed, self.tick_s, self.tick_s / self.speed)
 

@@ -26,7 +26,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain import metrics, telemetry
+from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class SiteAgent:
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer=f"{self.consumer}-snapshot")
         await self.bus.subscribe(subjects.SCHEDULER_PLACEMENT, self.on_placement, consumer=self.consumer,
                                  durable=True, site=self.site_id)
-        self._tasks.append(asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.site_id}"))
+        self._tasks.append(aio.background(self._heartbeat(), f"heartbeat-{self.site_id}"))
         log.info("agent %s up for site %s (%s executor, %s policy)", self.agent_id, self.site_id,
                  self.executor.kind, self.policy.name)
         return self

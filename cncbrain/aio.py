@@ -51,3 +51,52 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
+
+
+# --- background tasks that must not die silently ------------------------------------------------
+
+_fatal: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+
+
+def fatal_event() -> asyncio.Event:
+    """Set when a `background` task of this process (this event loop) died of an exception: the
+    process's main coroutine waits on it beside its stop signal and ends with a non-zero status
+    (`cncbrain.grpcserver.wait_for_stop`), so a supervisor restarts it instead of it running on
+    without the task."""
+    loop = asyncio.get_running_loop()
+    event = _fatal.get(loop)
+    if event is None:
+        for old in [lp for lp in _fatal if lp.is_closed()]:
+            del _fatal[old]
+        event = _fatal[loop] = asyncio.Event()
+    return event
+
+
+def background(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Run `coro` as a task that lives as long as its process. Its loop must handle its own errors
+    (log and go on); an exception that still ends it is logged as CRITICAL with its traceback and
+    takes the process down (`fatal_event`). Ending by returning or by a cancel is normal."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    fatal = fatal_event()
+
+    def ended(t: asyncio.Task[Any]) -> None:
+        if t.cancelled() or t.exception() is None:
+            return
+        exc = t.exception()
+        log.critical("background task %s died: %r; stopping the process", name, exc, exc_info=exc)
+        fatal.set()
+
+    task.add_done_callback(ended)
+    return task
+
+
+def settle(future: asyncio.Future[T], result: T | None = None, exc: BaseException | None = None) -> bool:
+    """Resolve `future` with `exc` or `result` unless it is resolved already — e.g. cancelled by a
+    caller that gave up waiting (a gRPC deadline). Returns whether it was resolved here."""
+    if future.done():
+        return False
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+    return True

@@ -9,15 +9,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cncbrain import aio, telemetry
+from cncbrain import aio, limits, telemetry
 from cncbrain.errors import CncError
-from cncbrain.settings import ServiceSettings
+from cncbrain.settings import CncSettings, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,40 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
+class LimitsInterceptor(grpc.aio.ServerInterceptor):
+    """Every request of every service is checked against the limits that hold for any field
+    (`cncbrain.limits.check_message`: finite floats, bounded strings and lists) before its handler
+    runs; a failing one is answered INVALID_ARGUMENT naming the field. Field-specific bounds are the
+    handlers' (e.g. `services/scheduler/domain.py`)."""
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if (problem := limits.check_message(request)) is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if (problem := limits.check_message(request)) is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
 async def start_grpc_server(
     settings: ServiceSettings,
     register: Callable[[grpc.aio.Server], None],
@@ -50,11 +85,12 @@ async def start_grpc_server(
 ) -> GrpcServer:
     """Build, bind and start the server; `register` adds the block's servicer.
 
-    interceptors: run after tracing, e.g. `cncbrain.auth.AuthInterceptor` (see cncbrain/auth.py).
+    interceptors: run after tracing, e.g. `cncbrain.auth.AuthInterceptor` (see cncbrain/auth.py);
+    the request limits (`LimitsInterceptor`) are checked after them.
     credentials: TLS server credentials (`cncbrain.certs.server_credentials`); None: plaintext.
     """
     server = grpc.aio.server(
-        interceptors=[telemetry.TracingServerInterceptor(), *interceptors],
+        interceptors=[telemetry.TracingServerInterceptor(), *interceptors, LimitsInterceptor()],
         options=[
             ("grpc.max_pending_requests", settings.max_pending_requests),
             ("grpc.so_reuseport", 0),
@@ -87,6 +123,39 @@ def stop_event_on_signals() -> asyncio.Event:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def wait_for_stop(stop: asyncio.Event) -> int:
+    """Wait for `stop` (a signal) or for a background task of this process to die
+    (`aio.fatal_event`): the exit status the process should end with, 0 or 1."""
+    fatal = aio.fatal_event()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(fatal.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if fatal.is_set():
+        log.critical("stopping: a background task died (see above)")
+        return 1
+    return 0
+
+
+class Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+async def serve(name: str, settings: CncSettings, start: Callable[[], Awaitable[Stoppable]],
+                stop: asyncio.Event | None = None) -> int:
+    """Run a service process: telemetry, `start()`, then wait for SIGTERM/SIGINT (or `stop`) or a
+    dead background task, and stop the service. Returns the exit status."""
+    telemetry.setup_process(name, settings)
+    stop = stop or stop_event_on_signals()
+    server = await start()
+    try:
+        return await wait_for_stop(stop)
+    finally:
+        await server.stop()
 
 
 async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") -> None:

@@ -21,6 +21,8 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
+from cncbrain.limits import quote
+
 TOKEN_ID_PREFIX = "tok_"
 _TOKEN_RE = re.compile(r"^(tok_[0-9a-f]{16})\.([A-Za-z0-9_-]{20,})$")
 TENANT_ID_RE = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
@@ -183,7 +185,7 @@ class TokenDirectory:
 def validate_tenant_id(tenant_id: str) -> str:
     if not TENANT_ID_RE.match(tenant_id or ""):
         raise ValueError(
-            f"tenant id {tenant_id!r} must be 3-40 characters of a-z, 0-9 and '-', "
+            f"tenant id {quote(tenant_id)} must be 3-40 characters of a-z, 0-9 and '-', "
             "starting with a letter and not ending with '-'"
         )
     return tenant_id

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from cncbrain import metrics
+from cncbrain import aio, metrics
 
 LAG_POLL_S = 5.0
+log = logging.getLogger(__name__)
 
 
 class KvFollower:
@@ -51,8 +53,8 @@ class KvFollower:
             self.apply(entry)
             seen = max(seen, entry.revision or 0)
         self.revision = max(self.revision, seen)
-        self._task = asyncio.create_task(self._follow(), name=self.name)
-        self._lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.name}-lag")
+        self._task = aio.background(self._follow(), self.name)
+        self._lag_task = aio.background(self._poll_lag(), f"{self.name}-lag")
 
     async def _poll_lag(self) -> None:
         bucket = getattr(self.kv, "_name", None) or "?"
@@ -72,7 +74,10 @@ class KvFollower:
                 await asyncio.sleep(0.1)
                 continue
             if entry is not None:
-                self.apply(entry)
+                try:
+                    self.apply(entry)
+                except Exception:  # one bad value must not end the projection
+                    log.exception("%s: could not apply %s (revision %s); skipped", self.name, entry.key, entry.revision)
                 self.revision = max(self.revision, entry.revision or 0)
 
     async def stop(self) -> None:

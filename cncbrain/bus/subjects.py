@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from cnc.perception.v1 import perception_pb2 as perception
 from cnc.scheduler.v1 import scheduler_pb2 as scheduler
 from cnc.site.v1 import events_pb2 as site
+from cncbrain.limits import quote
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """A site id, workload id or any other token put into a subject."""
@@ -29,7 +30,7 @@ class SubjectError(ValueError):
 
 def check_token(value: str, what: str = "token") -> str:
     if not isinstance(value, str) or not TOKEN.match(value):
-        raise SubjectError(f"{what} {value!r} is not a valid subject token ([A-Za-z0-9_-], 1..64 chars)")
+        raise SubjectError(f"{what} {quote(value)} is not a valid subject token ([A-Za-z0-9_-], 1..64 chars)")
     return value
 
 

@@ -51,7 +51,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     from cncbrain.bus import Bus
     from cncbrain.bus.permissions import site_identity
     from cncbrain.bus.subjects import SubjectError, check_token
-    from cncbrain.grpcserver import stop_event_on_signals
+    from cncbrain.grpcserver import stop_event_on_signals, wait_for_stop
     from cncbrain.scenario import load_scenario
     from cncbrain.settings import BusSettings, load_settings
 
@@ -94,13 +94,12 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             except Exception as exc:
                 raise CncError(f"agent for {sid} could not start: {exc!r} (is `cncbrain emulate` running?)") from None
         log.info("%d site agents running", len(agents))
-        await stop.wait()
+        return await wait_for_stop(stop)
     finally:
         for a in agents:
             await a.stop()
         for bus in buses:
             await bus.close()
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     from agents.executor_emulated import EmulatorHost
     from cncbrain.bus import Bus
-    from cncbrain.grpcserver import stop_event_on_signals
+    from cncbrain.grpcserver import stop_event_on_signals, wait_for_stop
     from cncbrain.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -40,11 +40,10 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
                         keep_failures=not args.no_failures)
     await host.start()
     try:
-        await stop.wait()
+        return await wait_for_stop(stop)
     finally:
         await host.stop()
         await bus.close()
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,11 +11,11 @@ import grpc
 
 from cnc.adaptation.v1 import adaptation_pb2, adaptation_pb2_grpc
 from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-from cncbrain import telemetry
+from cncbrain import grpcserver
 from cncbrain.auth import load_token, server_auth, token_interceptors
 from cncbrain.bus import Bus
 from cncbrain.certs import client_channel, server_credentials
-from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.adaptation.events import Adapter
 from services.adaptation.rpc import OPERATOR_ONLY, AdaptationServicer
 from services.adaptation.settings import Settings
@@ -92,11 +92,4 @@ class AdaptationServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup_process("adaptation", settings)
-    stop = stop or stop_event_on_signals()
-    server = await AdaptationServer(settings).start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-    return 0
+    return await grpcserver.serve("adaptation", settings, AdaptationServer(settings).start, stop)

@@ -33,6 +33,7 @@ from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.certs import client_channel
 from cncbrain.kvfeed import KvFollower
+from cncbrain.limits import quote
 from services.governance.domain.policy import (
     Decision,
     Holding,
@@ -193,7 +194,7 @@ class GovernanceGate:
             return Decision(Verdict.ADMITTED)  # no tenant: a brain running without governance's tenants
         view = self.tenants.get(tenant_id)
         if view is None or not view.known:
-            return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {tenant_id!r} does not exist",))
+            return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {quote(tenant_id)} does not exist",))
         mine = [self.placement(workload_id, tenant_id, p) for p in placements if p.replicas or p.shard_indices]
         if not mine:
             return Decision(Verdict.ADMITTED)

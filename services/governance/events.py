@@ -31,6 +31,7 @@ from google.protobuf.json_format import MessageToDict
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cncbrain import aio
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
@@ -113,8 +114,8 @@ class Governor:
         self.kv = await self.bus.kv(GOVERNANCE_BUCKET)
         await self._load()
         await self._project_all()
-        self.writer = asyncio.create_task(self._write_loop(), name="ledger-writer")
-        self.projector = asyncio.create_task(self._project_loop(), name="governance-projections")
+        self.writer = aio.background(self._write_loop(), "ledger-writer")
+        self.projector = aio.background(self._project_loop(), "governance-projections")
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
         await subscribe_durable(self.bus, subjects.SCHEDULER_WORKLOAD, self.on_workload_event, "governance")
         await subscribe_durable(self.bus, ADAPTATION_ACTION, self.on_adaptation_action, "governance-adaptation")
@@ -185,7 +186,16 @@ class Governor:
             batch = [await self.queue.get()]
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            await self._write_batch(batch)
+            try:
+                await self._write_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in a batch must not end the writer: every later change would hang
+                log.exception("governance: writing a batch of %d changes failed; reloading the stored ledger", len(batch))
+                for item in batch:
+                    aio.settle(item.future, exc=RuntimeError(f"ledger write failed: {exc!r}"))
+                with contextlib.suppress(Exception):
+                    await self._load()
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         head = self.head
@@ -196,7 +206,7 @@ class Governor:
             try:
                 result, records = item.command(self.state)
             except Exception as exc:  # a refused command: nothing recorded
-                item.future.set_exception(exc)
+                aio.settle(item.future, exc=exc)
                 continue
             mine = []
             for rec in records:
@@ -212,27 +222,27 @@ class Governor:
         except LedgerWriteError as exc:
             log.error("governance: %s; rebuilding state from the stored ledger", exc)
             stored = {e.index for e in entries[: exc.stored]}
+            # A caller may have given up meanwhile (its gRPC deadline is shorter than the append's
+            # timeout): its future is cancelled, and `settle` leaves it so.
             for item, result, mine in done:
                 if all(e.index in stored for e in mine):
-                    item.future.set_result((result, mine))
+                    aio.settle(item.future, (result, mine))
                 else:
-                    item.future.set_exception(RuntimeError(f"ledger unavailable: {exc.cause!r}"))
+                    aio.settle(item.future, exc=RuntimeError(f"ledger unavailable: {exc.cause!r}"))
             with contextlib.suppress(Exception):
                 await self._load()
                 await self._project_all()
             return
         except Exception as exc:
             for item, _, _ in done:
-                if not item.future.done():
-                    item.future.set_exception(RuntimeError(f"ledger unavailable: {exc!r}"))
+                aio.settle(item.future, exc=RuntimeError(f"ledger unavailable: {exc!r}"))
             with contextlib.suppress(Exception):
                 await self._load()
             return
         self.head = head
         self.counters["ledger_appended"] += len(entries)
         for item, result, mine in done:
-            if not item.future.done():
-                item.future.set_result((result, mine))
+            aio.settle(item.future, (result, mine))
         self._pending.absorb(dirty)
         if entries:  # nothing appended (an event that changed no holding): the projections stand
             self._project_wanted.set()

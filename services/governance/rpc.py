@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as pb
 from cnc.governance.v1 import governance_pb2_grpc
-from cncbrain import metrics
+from cncbrain import limits, metrics
 from cncbrain.auth import abort_for, current_principal
 from cncbrain.identity import AuthError, PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
 from services.governance.domain.ledger import LedgerHead
@@ -59,14 +59,16 @@ ADMISSION_STATUS = {Verdict.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 
 def quota_from_pb(q: pb.Quota) -> Quota:
     by_type: dict[str, int] = {}
+    limits.entries("quota.gpus.gpu_type", [g.gpu_type for g in q.gpus])
     for g in q.gpus:
         if not g.gpu_type:
             raise InvalidArgument("quota.gpus.gpu_type: required")
-        by_type[g.gpu_type] = g.max_gpus
+        by_type[g.gpu_type] = limits.integer(f"quota.gpus[{g.gpu_type}].max_gpus", g.max_gpus, 0, limits.MAX_GPUS)
     cost = q.max_cost_usd_per_hour if q.HasField("max_cost_usd_per_hour") else None
-    if cost is not None and cost < 0:
-        raise InvalidArgument("quota.max_cost_usd_per_hour: must be >= 0")
-    return Quota(by_type, q.max_gpus if q.HasField("max_gpus") else None, cost)
+    if cost is not None:
+        limits.number("quota.max_cost_usd_per_hour", cost, 0, limits.MAX_COST_PER_HOUR, unit=" USD/h")
+    max_gpus = limits.integer("quota.max_gpus", q.max_gpus, 0, limits.MAX_GPUS) if q.HasField("max_gpus") else None
+    return Quota(by_type, max_gpus, cost)
 
 
 def quota_to_pb(q: Quota) -> pb.Quota:
@@ -83,8 +85,10 @@ def policy_from_pb(p: pb.PlacementPolicy) -> PlacementPolicy:
         return frozenset(values) if (values or restrict) else None
 
     cost = p.max_cost_usd_per_hour if p.HasField("max_cost_usd_per_hour") else None
-    if cost is not None and cost < 0:
-        raise InvalidArgument("policy.max_cost_usd_per_hour: must be >= 0")
+    if cost is not None:
+        limits.number("policy.max_cost_usd_per_hour", cost, 0, limits.MAX_COST_PER_HOUR, unit=" USD/h")
+    for name in ("allowed_regions", "allowed_sites", "allowed_gpu_types"):
+        limits.entries(f"policy.{name}", getattr(p, name), max_len=limits.MAX_REPEATED)
     return PlacementPolicy(pick(p.allowed_regions, p.restrict_regions), pick(p.allowed_sites, p.restrict_sites),
                            pick(p.allowed_gpu_types, p.restrict_gpu_types), cost)
 
@@ -168,6 +172,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
 
     async def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
         async def run() -> pb.CreateTenantResponse:
+            limits.text("display_name", request.display_name, required=False)
             quota = quota_from_pb(request.quota)
             policy = policy_from_pb(request.policy)
             await self._change(lambda s: (None, [s.create_tenant(request.tenant_id, request.display_name, quota,
@@ -215,6 +220,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             if request.role not in (pb.ROLE_TENANT, pb.ROLE_OPERATOR):
                 raise InvalidArgument("role: ROLE_TENANT or ROLE_OPERATOR")
             role = Role.OPERATOR if request.role == pb.ROLE_OPERATOR else Role.TENANT
+            limits.text("description", request.description, required=False)
 
             def issue(s: GovernanceState) -> tuple[str, list[Record]]:
                 token, rec = s.issue_token(role, request.tenant_id or None, request.description)
@@ -231,7 +237,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             principal = current_principal()
             rec = self.state.tokens.get(request.token_id)
             if rec is None:
-                raise NotFound(f"token {request.token_id!r} does not exist")
+                raise NotFound(f"token {limits.quote(request.token_id)} does not exist")
             if not principal.is_operator and rec.tenant_id != principal.tenant_id:
                 raise PermissionDenied("a tenant may revoke only its own tokens")
             await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
@@ -302,7 +308,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             t0 = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else 0.0
             t1 = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else now
             if not principal_may_see_workload(current_principal(), request.workload_id, self.state):
-                raise PermissionDenied(f"workload {request.workload_id!r} belongs to another tenant")
+                raise PermissionDenied(f"workload {limits.quote(request.workload_id)} belongs to another tenant")
             tenants, workloads = self.state.usage.query(t0, t1, now, scope, request.workload_id or None,
                                                         request.by_gpu_type)
 

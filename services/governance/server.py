@@ -7,11 +7,11 @@ import asyncio
 import logging
 
 from cnc.governance.v1 import governance_pb2, governance_pb2_grpc
-from cncbrain import telemetry
+from cncbrain import grpcserver
 from cncbrain.auth import AuthInterceptor
 from cncbrain.bus import Bus
 from cncbrain.certs import server_credentials
-from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from cncbrain.identity import TokenDirectory
 from services.governance.events import Governor
 from services.governance.rpc import OPERATOR_ONLY, GovernanceServicer
@@ -64,11 +64,4 @@ class GovernanceServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup_process("governance", settings)
-    stop = stop or stop_event_on_signals()
-    server = await GovernanceServer(settings).start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-    return 0
+    return await grpcserver.serve("governance", settings, GovernanceServer(settings).start, stop)

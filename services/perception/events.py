@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2
-from cncbrain import metrics
+from cncbrain import aio, metrics
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
 from services.perception.domain import PoolPicture, StateChange
 
@@ -47,7 +47,7 @@ class PerceptionEvents:
         await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
         await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
         await self.bus.subscribe(subjects.SITE_TELEMETRY, self.on_telemetry, consumer="perception-telemetry")
-        self._task = asyncio.create_task(self._ticker(), name="perception-tick")
+        self._task = aio.background(self._ticker(), "perception-tick")
 
     async def stop(self) -> None:
         # The ticker also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's

@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-from cncbrain import telemetry
+from cncbrain import grpcserver
 from cncbrain.auth import server_auth
 from cncbrain.bus import Bus
-from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
 from services.perception.rpc import PerceptionServicer
@@ -73,11 +73,4 @@ class PerceptionServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup_process("perception", settings)
-    stop = stop or stop_event_on_signals()
-    server = await PerceptionServer(settings).start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-    return 0
+    return await grpcserver.serve("perception", settings, PerceptionServer(settings).start, stop)

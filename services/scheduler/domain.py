@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain.bus.subjects import TOKEN
+from cncbrain import limits
+from cncbrain.twin import physics
 
 TRAINING = common.WORKLOAD_KIND_TRAINING_JOB
 INFERENCE = common.WORKLOAD_KIND_INFERENCE_SERVICE
@@ -27,62 +28,53 @@ PENDING, PLACED, RUNNING = pb.WORKLOAD_STATE_PENDING, pb.WORKLOAD_STATE_PLACED, 
 COMPLETED, FAILED, CANCELLED = pb.WORKLOAD_STATE_COMPLETED, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_CANCELLED
 ACTIVE = (PLACED, RUNNING)
 ENDED = (COMPLETED, FAILED, CANCELLED)
-MAX_UNITS = 4096
-MAX_GPUS_PER_UNIT = 64
+MAX_UNITS = limits.MAX_UNITS
+MAX_GPUS_PER_UNIT = limits.MAX_GPUS_PER_UNIT
 BYTES_PER_PARAM_SERVE = 2.0  # bf16 weights
+SERVE_OVERHEAD = 1.2  # weights plus ~20 % for KV cache and activations
 BYTES_PER_PARAM_TRAIN = 16.0  # weights, grads, Adam state (docs/cost-model.md)
+TRACES = ("", "conv", "code")
+
+SpecError = limits.LimitError
+"""A workload spec is malformed; `field` names the offending field."""
 
 
-class SpecError(ValueError):
-    """A workload spec is malformed; `field` names the offending field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-def _name(value: str, field_name: str) -> None:
-    if not value or not TOKEN.match(value):
-        raise SpecError(field_name, f"{value!r} must be 1..64 characters of [A-Za-z0-9_-]")
+def _common(spec: common.InferenceServiceSpec | common.TrainingJobSpec, prefix: str) -> None:
+    limits.name(f"{prefix}.name", spec.name)
+    limits.text(f"{prefix}.model", spec.model)
+    limits.number(f"{prefix}.params_b", spec.params_b, 0, limits.MAX_PARAMS_B, lo_open=True,
+                  unit=" billion parameters")
+    limits.entries(f"{prefix}.allowed_gpu_types", spec.allowed_gpu_types)
+    if spec.tenant:
+        limits.name(f"{prefix}.tenant", spec.tenant)
 
 
 def validate_inference(spec: common.InferenceServiceSpec) -> None:
-    _name(spec.name, "service.name")
-    if not spec.model:
-        raise SpecError("service.model", "required")
-    if not 0 < spec.params_b <= 10_000:
-        raise SpecError("service.params_b", f"{spec.params_b} is not in (0, 10000] billion parameters")
-    if not spec.HasField("slo") or spec.slo.ttft_ms <= 0 or spec.slo.tpot_ms <= 0:
-        raise SpecError("service.slo", "ttft_ms and tpot_ms must both be > 0")
-    if spec.expected_rate_rps < 0 or not math.isfinite(spec.expected_rate_rps):
-        raise SpecError("service.expected_rate_rps", "must be a finite number >= 0")
-    if spec.min_replicas < 1:
-        raise SpecError("service.min_replicas", "must be >= 1")
-    if spec.max_replicas < spec.min_replicas or spec.max_replicas > MAX_UNITS:
-        raise SpecError("service.max_replicas", f"must be in [min_replicas, {MAX_UNITS}]")
-    if not 1 <= spec.gpus_per_replica <= MAX_GPUS_PER_UNIT:
-        raise SpecError("service.gpus_per_replica", f"must be in 1..{MAX_GPUS_PER_UNIT}")
+    _common(spec, "service")
+    if not spec.HasField("slo"):
+        raise SpecError("service.slo", "required (ttft_ms and tpot_ms)")
+    limits.number("service.slo.ttft_ms", spec.slo.ttft_ms, 0, limits.MAX_TTFT_MS, lo_open=True, unit=" ms")
+    limits.number("service.slo.tpot_ms", spec.slo.tpot_ms, 0, limits.MAX_TPOT_MS, lo_open=True, unit=" ms")
+    limits.number("service.expected_rate_rps", spec.expected_rate_rps, 0, limits.MAX_RATE_RPS, unit=" requests/s")
+    limits.integer("service.min_replicas", spec.min_replicas, 1, MAX_UNITS)
+    if not spec.min_replicas <= spec.max_replicas <= MAX_UNITS:
+        raise SpecError("service.max_replicas", f"{spec.max_replicas} is not in min_replicas..{MAX_UNITS} "
+                                                f"({spec.min_replicas}..{MAX_UNITS})")
+    limits.integer("service.gpus_per_replica", spec.gpus_per_replica, 1, MAX_GPUS_PER_UNIT)
     if spec.ingress_site_id:
-        _name(spec.ingress_site_id, "service.ingress_site_id")
-    if spec.trace not in ("", "conv", "code"):
-        raise SpecError("service.trace", f"{spec.trace!r} is not 'conv' or 'code'")
+        limits.name("service.ingress_site_id", spec.ingress_site_id)
+    if spec.trace not in TRACES:
+        raise SpecError("service.trace", f"{limits.quote(spec.trace)} is not 'conv' or 'code'")
     validate_template(spec.template, "service.template")
 
 
 def validate_training(spec: common.TrainingJobSpec) -> None:
-    _name(spec.name, "job.name")
-    if not spec.model:
-        raise SpecError("job.model", "required")
-    if not 0 < spec.params_b <= 10_000:
-        raise SpecError("job.params_b", f"{spec.params_b} is not in (0, 10000] billion parameters")
-    if not 1 <= spec.shards <= MAX_UNITS:
-        raise SpecError("job.shards", f"must be in 1..{MAX_UNITS}")
-    if not 1 <= spec.gpus_per_shard <= MAX_GPUS_PER_UNIT:
-        raise SpecError("job.gpus_per_shard", f"must be in 1..{MAX_GPUS_PER_UNIT}")
-    if not spec.tokens > 0 or not math.isfinite(spec.tokens):
-        raise SpecError("job.tokens", "must be a finite number > 0")
-    if spec.gang_timeout_s < 0:
-        raise SpecError("job.gang_timeout_s", "must be >= 0 (0: the scheduler's default)")
+    _common(spec, "job")
+    limits.integer("job.shards", spec.shards, 1, MAX_UNITS)
+    limits.integer("job.gpus_per_shard", spec.gpus_per_shard, 1, MAX_GPUS_PER_UNIT)
+    limits.number("job.tokens", spec.tokens, 0, limits.MAX_TOKENS, lo_open=True, unit=" tokens")
+    limits.number("job.gang_timeout_s", spec.gang_timeout_s, 0, limits.MAX_GANG_TIMEOUT_S,
+                  unit=" s (0: the scheduler's default)")
     validate_template(spec.template, "job.template")
 
 
@@ -102,8 +94,7 @@ IMAGE_REF = re.compile(rf"(?:{_HOST}/)?{_PATH}(?:/{_PATH})*(?::[A-Za-z0-9_][A-Za
                        r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
 
 
-def _quote(value: str, limit: int = 60) -> str:
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
+_quote = limits.quote
 
 
 def _template_text(value: str, field_name: str, max_len: int, *, lines: bool) -> None:
@@ -148,6 +139,50 @@ def validate_template(t: common.WorkloadTemplate, prefix: str) -> None:
     total = len(t.command) + len(t.image) + sum(map(len, t.args)) + sum(len(e.name) + len(e.value) for e in t.env)
     if total > TEMPLATE_MAX_TOTAL:
         raise SpecError(prefix, f"{total} characters in all; at most {TEMPLATE_MAX_TOTAL}")
+
+
+def gpu_memory(ledger: Ledger) -> dict[str, float]:
+    """The GPU types a workload may name and their memory in GB: the twin's catalogue and every
+    type the pool reports (math.inf where a site did not say)."""
+    memory = {name: g.mem_gb for name, g in physics.gpu_catalog().items()}
+    for pools in ledger.capacity.values():
+        for t in pools:
+            memory.setdefault(t, ledger.hbm_gb.get(t) or math.inf)
+    memory.update({t: gb for t, gb in ledger.hbm_gb.items() if gb})
+    return memory
+
+
+def check_placeable(w: pb.Workload, ledger: Ledger) -> None:
+    """Refuse (SpecError) a workload no pool like this one could ever run: an unknown GPU type, an
+    ingress site the pool does not have, or a model whose replica (with its GPUs) or training shard
+    (weights, gradients and optimizer state over its GPUs) fits the memory of no allowed GPU type."""
+    spec = getattr(w, w.WhichOneof("spec"))
+    field = "job" if w.kind == TRAINING else "service"
+    memory = gpu_memory(ledger)
+    unknown = [t for t in spec.allowed_gpu_types if t not in memory]
+    if unknown:
+        raise SpecError(f"{field}.allowed_gpu_types", f"unknown GPU type {limits.quote(unknown[0])}; known: "
+                                                      f"{', '.join(sorted(memory))}")
+    if w.kind == INFERENCE and spec.ingress_site_id and ledger.capacity \
+            and spec.ingress_site_id not in ledger.capacity:
+        raise SpecError("service.ingress_site_id", f"{limits.quote(spec.ingress_site_id)} is not a site of the pool")
+    need = need_of(w)
+    # No list: any type of the pool (of the catalogue while the pool is not known yet).
+    types = list(spec.allowed_gpu_types) or sorted({t for pools in ledger.capacity.values() for t in pools}) \
+        or list(memory)
+    largest = max(types, key=lambda t: memory[t])
+    if need.min_hbm_gb <= memory[largest]:
+        return
+    total_gb = need.min_hbm_gb * need.gpus_per_unit
+    unit = "shard" if w.kind == TRAINING else "replica"
+    what = ("weights, gradients and optimizer state" if w.kind == TRAINING else "weights and KV cache")
+    least = math.ceil(total_gb / memory[largest])
+    fix = (f"give it at least {least} GPUs per {unit}" if least <= MAX_GPUS_PER_UNIT
+           else f"no {unit} of at most {MAX_GPUS_PER_UNIT} GPUs holds it")
+    raise SpecError(f"{field}.gpus_per_{unit}",
+                    f"a {unit} of a {spec.params_b:g} B model needs {total_gb:,.0f} GB ({what}), "
+                    f"{need.min_hbm_gb:,.0f} GB on each of its {need.gpus_per_unit} GPU(s), but the largest "
+                    f"allowed GPU type ({largest}) has {memory[largest]:g} GB: {fix}")
 
 
 def workload_id(kind: int, request_id: str = "") -> str:
@@ -196,7 +231,7 @@ def need_of(w: pb.Workload) -> Need:
         return Need(j.shards, j.gpus_per_shard, tuple(j.allowed_gpu_types), hbm)
     s = w.inference_service
     # Weights plus ~20 % for KV cache and activations, spread over the replica's GPUs.
-    hbm = s.params_b * 1e9 * BYTES_PER_PARAM_SERVE * 1.2 / s.gpus_per_replica / 1e9
+    hbm = s.params_b * 1e9 * BYTES_PER_PARAM_SERVE * SERVE_OVERHEAD / s.gpus_per_replica / 1e9
     return Need(s.min_replicas, s.gpus_per_replica, tuple(s.allowed_gpu_types), hbm, s.ingress_site_id)
 
 

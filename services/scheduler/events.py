@@ -37,7 +37,7 @@ from opentelemetry import trace
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain import metrics, telemetry
+from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
@@ -146,7 +146,7 @@ class Coordinator:
             # ACCEPTED may not have reached the stream before a crash; its id makes this a no-op if it did.
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.enqueue(w)
-        self._placer = asyncio.create_task(self._place_loop(), name="placer")
+        self._placer = aio.background(self._place_loop(), "placer")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
@@ -208,7 +208,16 @@ class Coordinator:
         """Send the workload's ACCEPTED (in the background) unless it went out already."""
         w = self.unannounced.pop(workload_id, None)
         if w is not None:
-            self.accepted[workload_id] = asyncio.ensure_future(self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED))
+            self.accepted[workload_id] = asyncio.ensure_future(self._send_accepted(w))
+
+    async def _send_accepted(self, w: pb.Workload) -> None:
+        try:
+            await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # informational only (the record is stored): later events still go out
+            self.counters["accepted_events_lost"] += 1
+            log.warning("ACCEPTED event of %s not sent: %r", w.workload_id, exc)
 
     async def cancel(self, workload_id: str) -> pb.Workload:
         async with self.lock(workload_id):
@@ -226,9 +235,17 @@ class Coordinator:
         return entry
 
     def _spawn(self, coro, name: str) -> None:
+        """A task of one workload (its commit, its failure): an error it does not handle is logged
+        (the reconciler then finds the workload where it was left, see `reconcile`)."""
         task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.counters["task_errors"] += 1
+            log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
 
     def _timeout_of(self, w: pb.Workload) -> float:
         if w.kind == domain.TRAINING:
@@ -430,16 +447,26 @@ class Coordinator:
         if entry.created is not None and not await entry.created:
             return
         need = entry.need
-        async with self.lock(wid):
-            w = self._copy(wid)
-            if w.state == domain.PENDING:
-                why = entry.why or domain.Unplaced("no_capacity", "no offer round placed it")
-                metrics.PLACEMENT_FAILURES.labels(why.code).inc()
-                await self._end(
-                    w, domain.FAILED,
-                    f"not placed within {self._timeout_of(w):.0f} s ({entry.attempts} offers of "
-                    f"{need.units}×{need.gpus_per_unit} GPUs): {why.text}",
-                )
+        try:
+            async with self.lock(wid):
+                w = self._copy(wid)
+                if w.state == domain.PENDING:
+                    why = entry.why or domain.Unplaced("no_capacity", "no offer round placed it")
+                    metrics.PLACEMENT_FAILURES.labels(why.code).inc()
+                    await self._end(
+                        w, domain.FAILED,
+                        f"not placed within {self._timeout_of(w):.0f} s ({entry.attempts} offers of "
+                        f"{need.units}×{need.gpus_per_unit} GPUs): {why.text}",
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # NATS away: the record is still PENDING; fail it again after the pause
+            log.warning("could not record the failure of %s (%r); trying again", wid, exc)
+            if wid not in self.waiting and not self._stopping:
+                entry.created = None
+                entry.not_before = time.time() + self.settings.retry_interval_s
+                self.waiting[wid] = entry
+                self.wake.set()
 
     async def _write(self, w: pb.Workload) -> None:
         try:

@@ -11,7 +11,7 @@ import grpc
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
-from cncbrain import metrics
+from cncbrain import limits, metrics
 from cncbrain.auth import abort_for, bearer_of
 from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
@@ -36,8 +36,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.co = coordinator
 
     async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
-        if request_id and not domain.TOKEN.match(request_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: 1..64 characters of [A-Za-z0-9_-]")
+        if request_id:
+            try:
+                limits.name("request_id", request_id)
+            except limits.LimitError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         hooks = self.co.governance
         if hooks:
             try:
@@ -46,6 +49,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 await abort_for(context, exc)
         try:
             w = domain.new_workload(spec, request_id, time.time_ns())
+            if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.ledger.capacity:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "scheduler: the pool is not known yet (no snapshot from perception); retry")
+            domain.check_placeable(w, self.co.ledger)
             need = domain.need_of(w)
             total = self.co.ledger.total(need.allowed_gpu_types)
             if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
@@ -87,7 +94,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
         w = self.co.store.get(workload_id)
         if w is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {workload_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {limits.quote(workload_id)}")
         if self.co.governance:
             try:
                 self.co.governance.check_owner(w)

@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from cncbrain import telemetry
+from cncbrain import grpcserver
 from cncbrain.auth import server_auth
 from cncbrain.bus import Bus
-from cncbrain.grpcserver import GrpcServer, start_grpc_server, stop_event_on_signals
+from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.scheduler.events import Coordinator
 from services.scheduler.governance import SchedulerGovernance
 from services.scheduler.rpc import SchedulerServicer
@@ -64,11 +64,4 @@ class SchedulerServer:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    telemetry.setup_process("scheduler", settings)
-    stop = stop or stop_event_on_signals()
-    server = await SchedulerServer(settings).start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-    return 0
+    return await grpcserver.serve("scheduler", settings, SchedulerServer(settings).start, stop)

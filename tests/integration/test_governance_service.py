@@ -112,6 +112,29 @@ async def test_calls_without_a_valid_token_are_unauthenticated_but_health_is_ope
     assert who.role == pb.ROLE_OPERATOR
 
 
+async def test_absurd_quotas_names_and_texts_are_refused_naming_the_field_quoting_little(brain):
+    op = brain.stub(brain.operator_token)
+    big = "x" * 10_000
+    cases = [
+        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_cost_usd_per_hour=float("nan"))),
+         "quota.max_cost_usd_per_hour"),
+        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_cost_usd_per_hour=1e300)),
+         "quota.max_cost_usd_per_hour"),
+        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_gpus=4_000_000_000)), "quota.max_gpus"),
+        (pb.CreateTenantRequest(tenant_id="lab", policy=pb.PlacementPolicy(max_cost_usd_per_hour=-1)),
+         "policy.max_cost_usd_per_hour"),
+        (pb.CreateTenantRequest(tenant_id=big), "10000 characters"),
+        (pb.CreateTenantRequest(tenant_id="lab", display_name=big), "display_name"),
+    ]
+    for request, says in cases:
+        code, detail = await code_of(op.CreateTenant(request))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and says in detail, detail
+        assert len(detail) < 400
+    code, detail = await code_of(op.GetTenant(pb.GetTenantRequest(tenant_id=big)))
+    assert len(detail) < 300
+    assert not (await op.ListTenants(pb.ListTenantsRequest())).tenants
+
+
 async def test_tenants_are_isolated_and_revocation_is_immediate(brain):
     op = brain.stub(brain.operator_token)
     acme_token = await make_tenant(op, "acme")

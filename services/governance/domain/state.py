@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
+from cncbrain.limits import quote
 from services.governance.domain.policy import (
     Decision,
     Holding,
@@ -141,7 +142,7 @@ class GovernanceState:
     def tenant(self, tenant_id: str) -> Tenant:
         t = self.tenants.get(tenant_id)
         if t is None:
-            raise NotFound(f"tenant {tenant_id!r} does not exist")
+            raise NotFound(f"tenant {quote(tenant_id)} does not exist")
         return t
 
     def effective_policy(self, tenant_id: str, workload_id: str | None = None) -> PlacementPolicy:
@@ -170,7 +171,7 @@ class GovernanceState:
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         if tenant_id in self.tenants:
-            raise AlreadyExists(f"tenant {tenant_id!r} already exists")
+            raise AlreadyExists(f"tenant {quote(tenant_id)} already exists")
         return Record("tenant.created", tenant_id, {
             "tenant_id": tenant_id, "display_name": display_name or tenant_id,
             "quota": quota_to_dict(quota or Quota()), "policy": policy_to_dict(policy or PlacementPolicy()),
@@ -186,7 +187,7 @@ class GovernanceState:
         if workload_id:
             owner = self.workload_tenant.get(workload_id)
             if owner is not None and owner != tenant_id:
-                raise InvalidArgument(f"workload {workload_id!r} belongs to tenant {owner!r}")
+                raise InvalidArgument(f"workload {quote(workload_id)} belongs to tenant {owner!r}")
             return Record("workload.policy_set", workload_id, {
                 "tenant_id": tenant_id, "workload_id": workload_id, "policy": policy_to_dict(policy)})
         return Record("tenant.policy_set", tenant_id, {"tenant_id": tenant_id, "policy": policy_to_dict(policy)})
@@ -209,7 +210,7 @@ class GovernanceState:
     def revoke_token(self, token_id: str, now: float | None = None) -> Record:
         rec = self.tokens.get(token_id)
         if rec is None:
-            raise NotFound(f"token {token_id!r} does not exist")
+            raise NotFound(f"token {quote(token_id)} does not exist")
         return Record("token.revoked", token_id, {
             "token_id": token_id, "tenant_id": rec.tenant_id,
             "revoked_at": time.time() if now is None else now})
@@ -218,13 +219,13 @@ class GovernanceState:
         """Admission always produces a record: refusals are audited too."""
         tenant = self.tenants.get(demand.tenant_id)
         if tenant is None:
-            decision = Decision(Verdict.UNKNOWN_TENANT, (f"tenant {demand.tenant_id!r} does not exist",))
+            decision = Decision(Verdict.UNKNOWN_TENANT, (f"tenant {quote(demand.tenant_id)} does not exist",))
             holding = None
         else:
             owner = self.workload_tenant.get(demand.workload_id)
             if owner is not None and owner != demand.tenant_id:
                 decision = Decision(Verdict.POLICY_VIOLATION,
-                                    (f"workload id {demand.workload_id!r} belongs to another tenant",))
+                                    (f"workload id {quote(demand.workload_id)} belongs to another tenant",))
                 holding = None
             else:
                 wl_policy = self.workload_policies.get(demand.workload_id)
@@ -258,7 +259,7 @@ class GovernanceState:
         tenant_id, workload_id = tenant_ids.pop(), workload_ids.pop()
         tenant = self.tenants.get(tenant_id)
         if tenant is None:
-            return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {tenant_id!r} does not exist",))
+            return Decision(Verdict.UNKNOWN_TENANT, (f"tenant {quote(tenant_id)} does not exist",))
         return check_placements(
             placements, tenant.quota, self.effective_policy(tenant_id, workload_id),
             self.holdings.get(tenant_id, {}), replace_workload)
