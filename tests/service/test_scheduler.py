@@ -146,14 +146,14 @@ async def pending_message(stub, wid, timeout=5.0):
 async def test_a_pending_workload_says_why_it_waits(scheduler, bus):
     server, stub = scheduler
     await FakeAgents(bus, {"a": 0, "b": 0, "c": 0}, {"a": 1.0, "b": 1.0, "c": 1.0}).start()
-    giant = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
-        service=service_spec(name="giant", model="9000b", params_b=9000, min_replicas=1)))).workload.workload_id
+    # a model no allowed GPU type can hold is refused at the API (tests/service/test_limits.py), never pending
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+            service=service_spec(name="giant", model="9000b", params_b=9000, min_replicas=1)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs 21,600 GB" in err.value.details() and "no replica of at most 64 GPUs holds it" in err.value.details()
     shy = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
         service=service_spec(name="shy", min_replicas=2)))).workload.workload_id
-    w = await pending_message(stub, giant)
-    assert w.state == pb.WORKLOAD_STATE_PENDING
-    assert w.message == ("fits no GPU's memory: a replica needs 21,600 GB (21,600 GB on each of its 1 GPU(s)) and "
-                         "the largest allowed GPU, H100, has 80 GB; a replica needs at least 270 GPUs (at most 64)")
     w = await pending_message(stub, shy)
     assert w.message == "the site agents offered 0 of 2 replicas"
 
