@@ -165,6 +165,8 @@ def perception() -> Grant:
     g.pub("cnc.perception.>")
     g.sub("cnc.site.*.heartbeat", "cnc.site.*.telemetry")
     g.read_bucket("cnc-governance")  # enrolled sites
+    # the live web page: the workload records, recent and new adaptation actions
+    g.read_bucket("cnc-workloads").read_stream("CNC_ADAPTATION").sub("cnc.adaptation.action")
     return g
 
 
