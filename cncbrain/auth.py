@@ -9,7 +9,9 @@ and grpcurl work without credentials. The caller is then available to the servic
 `require_tenant_access(current_principal(), owner)` and maps `PermissionDenied` with `abort_for`.
 
 Tokens are checked against an in-process `TokenDirectory` (cncbrain.identity), fed from the KV
-bucket governance writes (`TokenFeed`), so a check costs a dict lookup and one sha256.
+bucket governance writes (`TokenFeed`), so a check costs a dict lookup and one sha256. A record
+counts only with governance's signature (`cncbrain.signing`), checked once when it arrives; a
+revoked token stays revoked.
 
 Client: `token_interceptors(token)` adds the header to every call of a channel; `load_token()`
 finds the token the way the CLI does (argument, `CNC_TOKEN`, `CNC_TOKEN_FILE`, the bring-up's file).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -43,6 +46,7 @@ from cncbrain.identity import (
     require_tenant_access,
 )
 from cncbrain.kvfeed import KvFollower
+from cncbrain.signing import SignatureError, Verifier, verifier_from_env
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +218,13 @@ class TokenFeed:
     direct NATS import so that it can be used by any process that has a bus.
     """
 
-    def __init__(self, kv: Any, directory: TokenDirectory | None = None) -> None:
+    def __init__(self, kv: Any, directory: TokenDirectory | None = None, verifier: Verifier | None = None) -> None:
         self.kv = kv
         self.directory = directory if directory is not None else TokenDirectory()
+        self.verifier = verifier
+        """Governance's public key(s): a record it did not sign is never honoured (None: no check,
+        a brain without NATS credentials)."""
+        self.refused = 0
         self._follower = KvFollower(kv, self._apply, "token-feed")
 
     async def start(self) -> TokenFeed:
@@ -229,9 +237,18 @@ class TokenFeed:
             self.directory.remove(entry.key)
             return
         try:
-            self.directory.put(TokenRecord.from_json(entry.value))
+            data = self.verifier.unseal(entry.value) if self.verifier else json.loads(entry.value)
+            record = TokenRecord.from_dict(data)
+            if record.token_id != entry.key:
+                raise SignatureError(f"record of {record.token_id} stored under {entry.key}")
+        except SignatureError as exc:
+            self.refused += 1
+            log.error("token feed: refusing record %s, not vouched for by governance: %s", entry.key, exc)
+            return
         except (ValueError, KeyError, TypeError) as exc:
             log.error("token feed: ignoring malformed record %s: %s", entry.key, exc)
+            return
+        self.directory.put(record)
 
     async def stop(self) -> None:
         await self._follower.stop()
@@ -306,7 +323,7 @@ async def server_auth(bus: Any, operator_only: Iterable[str] = (), *, enabled: b
     directory = TokenDirectory()
     feed = None
     if enabled:
-        feed = await TokenFeed(await bus.kv(TOKENS_BUCKET), directory).start()
+        feed = await TokenFeed(await bus.kv(TOKENS_BUCKET), directory, verifier_from_env()).start()
     return AuthInterceptor(directory, operator_only, enabled=enabled), feed
 
 

@@ -99,16 +99,23 @@ class TokenRecord:
     def principal(self) -> Principal:
         return Principal(token_id=self.token_id, role=self.role, tenant_id=self.tenant_id)
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict:
         data = asdict(self)
         data["role"] = self.role.value
-        return json.dumps(data, sort_keys=True).encode()
+        return data
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenRecord:
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        data["role"] = Role(data["role"])
+        return cls(**data)
 
     @classmethod
     def from_json(cls, raw: bytes) -> TokenRecord:
-        data = json.loads(raw)
-        data["role"] = Role(data["role"])
-        return cls(**data)
+        return cls.from_dict(json.loads(raw))
 
 
 def hash_secret(secret: str) -> str:
@@ -161,6 +168,9 @@ class TokenDirectory:
     records: dict[str, TokenRecord] = field(default_factory=dict)
 
     def put(self, record: TokenRecord) -> None:
+        known = self.records.get(record.token_id)
+        if known is not None and known.revoked and not record.revoked:
+            return  # a revoked token stays revoked: an older record replayed cannot bring it back
         self.records[record.token_id] = record
 
     def remove(self, token_id: str) -> None:

@@ -34,6 +34,7 @@ from cncbrain.bus import Bus, Event, subjects
 from cncbrain.certs import client_channel
 from cncbrain.kvfeed import KvFollower
 from cncbrain.limits import quote
+from cncbrain.signing import SignatureError, Verifier, verifier_from_env
 from services.governance.domain.policy import (
     Decision,
     Holding,
@@ -69,8 +70,13 @@ def unit_id(workload_id: str, site_id: str) -> str:
 
 
 class GovernanceGate:
-    def __init__(self, bus: Bus, target: str | None, token: str | None = None) -> None:
+    def __init__(self, bus: Bus, target: str | None, token: str | None = None,
+                 verifier: Verifier | None = None) -> None:
         self.bus = bus
+        self.verifier = verifier
+        """Governance's public key(s): a tenant or workload policy it did not sign is refused (None:
+        no check, a brain without NATS credentials)."""
+        self.refused = 0
         self.target = target
         self.token = token
         self.tenants: dict[str, _TenantView] = {}
@@ -84,7 +90,7 @@ class GovernanceGate:
 
     @classmethod
     async def start(cls, bus: Bus, target: str | None, token: str | None = None) -> GovernanceGate:
-        gate = cls(bus, target, token)
+        gate = cls(bus, target, token, verifier_from_env())
         kv = await bus.kv(GOVERNANCE_BUCKET)
         gate._follower = KvFollower(kv, gate._apply, "governance-gate")
         await gate._follower.start()
@@ -111,7 +117,18 @@ class GovernanceGate:
                 self.tenants.get(tenant, _TenantView()).holdings.pop(wid, None)
             return
         try:
-            data = json.loads(entry.value)
+            if key.startswith(("tenant.", "workload.")) and self.verifier is not None:
+                try:
+                    data = self.verifier.unseal(entry.value)
+                    named = data.get("tenant_id") if key.startswith("tenant.") else data.get("workload_id")
+                    if key.partition(".")[2] != named:
+                        raise SignatureError(f"record of {named!r} stored under {key}")
+                except SignatureError as exc:
+                    self.refused += 1
+                    log.error("governance gate: refusing %s, not vouched for by governance: %s", key, exc)
+                    return
+            else:
+                data = json.loads(entry.value)
             if key.startswith("tenant."):
                 view = self.tenants.setdefault(key.removeprefix("tenant."), _TenantView())
                 view.quota = quota_from_dict(data.get("quota"))

@@ -35,6 +35,7 @@ from cncbrain import aio
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
+from cncbrain.signing import signer_from_env
 from cncbrain.twin import physics as ph
 from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
 from services.governance.domain.ledger import LedgerEntry, LedgerHead, LedgerVerification, verify_chain
@@ -103,6 +104,9 @@ class Governor:
         self._stopping = False
         self.counters = bus.counters
         self.pool_sites: dict[str, common.Site] = {}
+        self.signer = signer_from_env()
+        """Governance's signing key: what it projects for others to trust is sealed with it (None:
+        a brain without NATS credentials, nothing signed)."""
         self.load_verification: LedgerVerification | None = None
         self._record_tenants: OrderedDict[str, str | None] = OrderedDict()
 
@@ -313,19 +317,18 @@ class Governor:
         """Write what changed; puts go out together (one round trip for the lot)."""
         puts: list[Any] = []
         for tid in dirty.tokens:
-            rec = self.state.tokens.get(tid)
-            if rec is not None:
-                puts.append(self.tokens_kv.put(tid, rec.to_json()))
+            if tid in self.state.tokens:
+                puts.append(self.tokens_kv.put(tid, self._token_value(tid)))
         for tenant_id in dirty.tenants:
             t = self.state.tenants.get(tenant_id)
             if t is not None:
-                puts.append(self.kv.put(f"tenant.{tenant_id}", json.dumps(
-                    {"quota": quota_to_dict(t.quota), "policy": policy_to_dict(t.policy)}).encode()))
+                puts.append(self.kv.put(f"tenant.{tenant_id}", self.seal(
+                    {"tenant_id": tenant_id, "quota": quota_to_dict(t.quota), "policy": policy_to_dict(t.policy)})))
         for wid in dirty.workloads:
             pol = self.state.workload_policies.get(wid)
-            puts.append(self.kv.put(f"workload.{wid}", json.dumps({
-                "tenant_id": self.state.workload_tenant.get(wid, ""),
-                "policy": policy_to_dict(pol) if pol is not None else None}).encode()))
+            puts.append(self.kv.put(f"workload.{wid}", self.seal({
+                "workload_id": wid, "tenant_id": self.state.workload_tenant.get(wid, ""),
+                "policy": policy_to_dict(pol) if pol is not None else None})))
         for tenant_id, wid in dirty.holdings:
             # One key per workload: a tenant's holdings can outgrow one message.
             h = self.state.holdings.get(tenant_id, {}).get(wid)
@@ -338,6 +341,18 @@ class Governor:
                     "placed": {u: placement_to_dict(p) for u, p in h.placed.items()}}).encode()))
         for i in range(0, len(puts), 256):
             await asyncio.gather(*puts[i:i + 256])
+
+    def seal(self, data: dict[str, Any]) -> bytes:
+        """A record others trust only from governance: signed when governance holds its key."""
+        return self.signer.seal(data) if self.signer else json.dumps(data).encode()
+
+    def _token_value(self, token_id: str) -> bytes:
+        return self.seal(self.state.tokens[token_id].to_dict())
+
+    async def publish_token(self, token_id: str) -> None:
+        """Write a token's record now (not with the trailing projections): an issued token works,
+        and a revoked one stops working, on every service as soon as their feeds see it."""
+        await self.tokens_kv.put(token_id, self._token_value(token_id))
 
     # ---- bootstrap ----------------------------------------------------------------------------------
 

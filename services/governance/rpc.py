@@ -228,6 +228,7 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
 
             token = await self._change(issue)
             token_id = token.split(".", 1)[0]
+            await self.gov.publish_token(token_id)
             return pb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
 
         return await self._guard(context, run)
@@ -241,6 +242,8 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             if not principal.is_operator and rec.tenant_id != principal.tenant_id:
                 raise PermissionDenied("a tenant may revoke only its own tokens")
             await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
+            # Written before answering: every service's feed gets the revocation right away.
+            await self.gov.publish_token(request.token_id)
             return pb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
 
         return await self._guard(context, run)
