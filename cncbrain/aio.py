@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,7 +28,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop factory, or None for the standard loop (setting, or uvloop not installed)."""
     choice = os.environ.get("CNC_EVENT_LOOP", "uvloop").strip().lower()
     if choice not in ("uvloop", "asyncio"):
-        raise CncError(f"CNC_EVENT_LOOP: {choice!r} is not one of uvloop, asyncio")
+        raise UsageError(f"CNC_EVENT_LOOP: {choice!r} is not one of uvloop, asyncio")
     if choice == "asyncio":
         return None
     try:

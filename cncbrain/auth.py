@@ -257,9 +257,10 @@ class TokenFeed:
 # ---- client side ---------------------------------------------------------------------------------
 
 
-def load_token(explicit: str | None = None, *, required: bool = True) -> str | None:
+def load_token(explicit: str | None = None, *, required: bool = True, state_dir: Path | None = None) -> str | None:
     """The token a client sends: `explicit`, else `$CNC_TOKEN`, else the file named by
-    `$CNC_TOKEN_FILE`, else the bring-up's operator token file in `$CNC_STATE_DIR` (default .state)."""
+    `$CNC_TOKEN_FILE`, else the bring-up's operator token in `state_dir` (default `$CNC_STATE_DIR`,
+    else .state)."""
     if explicit:
         return explicit.strip()
     env = os.environ.get("CNC_TOKEN")
@@ -268,14 +269,14 @@ def load_token(explicit: str | None = None, *, required: bool = True) -> str | N
     candidates = []
     if os.environ.get("CNC_TOKEN_FILE"):
         candidates.append(Path(os.environ["CNC_TOKEN_FILE"]))
-    candidates.append(Path(os.environ.get("CNC_STATE_DIR", ".state")) / "operator.token")
+    candidates.append(Path(state_dir or os.environ.get("CNC_STATE_DIR") or ".state") / "operator.token")
     for path in candidates:
         if path.is_file():
             return path.read_text().strip()
     if required:
         raise CncError(
             "no API token: pass --token, set CNC_TOKEN or CNC_TOKEN_FILE, or run `cncbrain up`, which "
-            f"writes the operator token to {candidates[-1]}"
+            f"writes the operator token to {candidates[-1]} (--state-dir names another state folder)"
         )
     return None
 

@@ -11,7 +11,12 @@ import argparse
 import importlib
 import sys
 
-from cncbrain.errors import CncError
+from cncbrain import __version__
+from cncbrain.errors import CncError, UsageError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+"""Exit codes of every command: 0 done, 1 it failed (the brain refused, is unreachable, ...), 2 the
+command line or a setting is wrong (argparse's own code for a malformed command line)."""
 
 COMMANDS = [
     "scenarios",
@@ -22,6 +27,7 @@ COMMANDS = [
     "agent",
     "emulate",
     "sites",
+    "status",
     "deploy",
     "submit",
     "workloads",
@@ -45,6 +51,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand, or with just `only` (so that running one command does not
     import the others' dependencies, e.g. torch for `train`)."""
     parser = argparse.ArgumentParser(prog="cncbrain", description="CNC Brain control plane")
+    parser.add_argument("--version", action="version", version=f"cncbrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only else COMMANDS:
         try:
@@ -69,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command: its exit code; a user error is printed and exits 2, Ctrl-C 130."""
+    """Run a parsed command: its exit code (`EXIT_*`); an error is printed on stderr, Ctrl-C 130."""
+    from cncbrain.commands._live import configure
+
     try:
+        configure(args)
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CncError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 from scipy.sparse.csgraph import minimum_spanning_tree
 
-from cncbrain.errors import CncError, ScenarioError
+from cncbrain.errors import ScenarioError, UsageError
 from cncbrain.scenario import FAMILY_PREFIX, Scenario, parse_scenario
 from cncbrain.twin import physics
 from cncbrain.twin.topology import EARTH_RADIUS_KM, load_graphml
@@ -573,9 +573,9 @@ FAMILIES: dict[str, Family] = {
 
 def _check(family: str, seed: object) -> int:
     if family not in FAMILIES:
-        raise CncError(f"unknown scenario family {family!r}; families: {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown scenario family {family!r}; families: {', '.join(FAMILIES)}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**31:
-        raise CncError(f"seed must be an integer from 0 to {2**31 - 1}, got {seed!r}")
+        raise UsageError(f"seed must be an integer from 0 to {2**31 - 1}, got {seed!r}")
     return int(seed)
 
 
@@ -636,13 +636,13 @@ def from_key(key: str) -> Scenario:
     """`family:NAME:SEED` → the generated scenario (what `load_scenario` calls)."""
     parts = key.split(":")
     if len(parts) != 3 or parts[0] + ":" != FAMILY_PREFIX:
-        raise CncError(f"scenario {key!r}: a generated scenario is {FAMILY_PREFIX}NAME:SEED; families: {', '.join(FAMILIES)}")
+        raise UsageError(f"scenario {key!r}: a generated scenario is {FAMILY_PREFIX}NAME:SEED; families: {', '.join(FAMILIES)}")
     _, family, seed = parts
     if family not in FAMILIES:
-        raise CncError(f"scenario {key!r}: unknown scenario family {family!r}; families: {', '.join(FAMILIES)}")
+        raise UsageError(f"scenario {key!r}: unknown scenario family {family!r}; families: {', '.join(FAMILIES)}")
     try:
         n = int(seed)
     except ValueError:
-        raise CncError(f"scenario {key!r}: seed {seed!r} is not an integer") from None
+        raise UsageError(f"scenario {key!r}: seed {seed!r} is not an integer") from None
     _check(family, n)
     return generate(family, n)

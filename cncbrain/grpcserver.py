@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cncbrain import aio, limits, telemetry
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 from cncbrain.settings import CncSettings, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,12 @@ async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") 
 
 
 def run(main: Callable[[], Awaitable[int]]) -> int:
-    """Entry-point helper: run `main` and turn a user error into a message and exit code 2."""
+    """Entry-point helper: run `main`; a bad setting exits 2, another error 1, each with its message."""
     try:
         return aio.run(main())
     except CncError as exc:
         log.error("%s", exc)
         print(f"error: {exc}")
-        return 2
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         return 130

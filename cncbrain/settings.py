@@ -13,7 +13,7 @@ from typing import Literal, TypeVar
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cncbrain.errors import CncError
+from cncbrain.errors import UsageError
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -75,4 +75,4 @@ def load_settings(cls: type[S], **overrides: object) -> S:
         problems = "; ".join(
             f"{prefix}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
-        raise CncError(f"bad settings for {cls.__name__}: {problems}") from None
+        raise UsageError(f"bad settings for {cls.__name__}: {problems}") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cncbrain.errors import CncError
+from cncbrain.errors import UsageError
 from cncbrain.families import FAMILIES, generate
 from cncbrain.scenario import Scenario
 
@@ -51,7 +51,7 @@ SUITES: dict[str, Suite] = {
 
 def get(name: str) -> Suite:
     if name not in SUITES:
-        raise CncError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite {name!r}; suites: {', '.join(SUITES)}")
     return SUITES[name]
 
 

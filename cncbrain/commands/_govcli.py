@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
-from cncbrain.errors import CncError
+from cncbrain.commands._output import add_output_arg, print_json
+from cncbrain.errors import UsageError
 
 
 def add_common(p: argparse.ArgumentParser, service: str, json_flag: bool = True) -> None:
     add_target_args(p, service)
-    p.add_argument("--token", default=None, help="API token (default: CNC_TOKEN, CNC_TOKEN_FILE, or the operator "
-                                                 "token of `cncbrain up`)")
     if json_flag:
-        p.add_argument("--json", action="store_true", help="print the response as JSON")
+        add_output_arg(p)
 
 
 def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -46,7 +43,7 @@ def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[A
 
 
 def dump(message: Any) -> None:
-    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+    print_json(message)
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, int]:
@@ -55,11 +52,11 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, int]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CncError(f"{what}: expected TYPE=COUNT, got {item!r}")
+            raise UsageError(f"{what}: expected TYPE=COUNT, got {item!r}")
         try:
             out[key] = int(value)
         except ValueError:
-            raise CncError(f"{what}: {value!r} is not a whole number") from None
+            raise UsageError(f"{what}: {value!r} is not a whole number") from None
         if out[key] < 0:
-            raise CncError(f"{what}: {item!r} must not be negative")
+            raise UsageError(f"{what}: {item!r} must not be negative")
     return out

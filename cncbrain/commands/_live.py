@@ -1,5 +1,10 @@
-"""Helpers shared by the live-brain commands: where the brain is (endpoints), gRPC channels with
-tracing, and turning gRPC errors into user messages."""
+"""Helpers shared by the live-brain commands: where the brain is (endpoints), the one token lookup,
+gRPC channels with tracing, and turning gRPC errors into user messages.
+
+Where the brain is, for every client command: `--state-dir DIR`, else `$CNC_STATE_DIR`, else
+`.state` — the folder `cncbrain up` writes `endpoints.json` and `operator.token` to. The token:
+`--token`, else `$CNC_TOKEN`, else the file `$CNC_TOKEN_FILE`, else `operator.token` in that
+state folder (`cncbrain.auth.load_token`)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from cncbrain import aio, telemetry
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 from cncbrain.settings import DEFAULT_NATS_URL
 
 STATE_DIR = Path(os.environ.get("CNC_STATE_DIR", ".state"))
@@ -20,10 +25,43 @@ DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "schedule
             "adaptation": "127.0.0.1:50063", "governance": "127.0.0.1:50064"}
 
 
+_chosen: dict[str, object] = {}
+"""What the command line chose (`configure`): the state folder and the token."""
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Take `--state-dir` and `--token` from a parsed command line (called once per command)."""
+    _chosen.clear()
+    if getattr(args, "state_dir", None):
+        _chosen["state_dir"] = Path(args.state_dir)
+    if getattr(args, "token", None):
+        _chosen["token"] = args.token
+
+
+def default_state_dir() -> Path:
+    """Where a command looks without `--state-dir`: `$CNC_STATE_DIR`, else `.state`."""
+    return Path(os.environ.get("CNC_STATE_DIR") or ".state")
+
+
+def state_dir() -> Path:
+    """The state folder of the brain the command talks to: `--state-dir`, `$CNC_STATE_DIR`, `.state`."""
+    chosen = _chosen.get("state_dir")
+    return chosen if isinstance(chosen, Path) else default_state_dir()
+
+
+def api_token(explicit: str | None = None, *, required: bool = False) -> str | None:
+    """The one token lookup of the CLI (see the module's doc)."""
+    from cncbrain.auth import load_token
+
+    chosen = _chosen.get("token")
+    return load_token(explicit or (chosen if isinstance(chosen, str) else None), required=required,
+                      state_dir=state_dir())
+
+
 def endpoints() -> dict[str, str]:
     """Endpoints of the running brain: env, then the state folder `cncbrain up` wrote, then defaults."""
     found = dict(DEFAULTS)
-    path = STATE_DIR / ENDPOINTS_FILE
+    path = state_dir() / ENDPOINTS_FILE
     if path.exists():
         found.update(json.loads(path.read_text()))
     env = {"nats": "CNC_NATS_URL", "perception": "CNC_PERCEPTION_ADDR", "scheduler": "CNC_SCHEDULER_ADDR",
@@ -53,10 +91,18 @@ async def admin_bus(url: str, name: str, folder: Path | None = None, **kwargs):
 
 
 def add_target_args(parser: argparse.ArgumentParser, *which: str) -> None:
+    """Where the brain is (one flag per service the command calls, `--state-dir`) and, for commands
+    that call a gRPC service, `--token`."""
     for name in which:
         flag = "--nats-url" if name == "nats" else f"--{name}"
         parser.add_argument(flag, dest=f"target_{name}", default=None,
-                            help=f"{name} endpoint (default: from {STATE_DIR}/{ENDPOINTS_FILE} or {DEFAULTS[name]})")
+                            help=f"{name} endpoint (default: from STATE_DIR/{ENDPOINTS_FILE}, else {DEFAULTS[name]})")
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="the state folder of `cncbrain up` (endpoints, operator token); default $CNC_STATE_DIR, "
+                             "else .state")
+    if set(which) - {"nats"}:
+        parser.add_argument("--token", default=None,
+                            help="API token (default $CNC_TOKEN, else the file $CNC_TOKEN_FILE, else STATE_DIR/operator.token)")
 
 
 def target(args: argparse.Namespace, name: str) -> str:
@@ -67,11 +113,11 @@ def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
     """A channel to a brain service with tracing, the API token (`--token`, `CNC_TOKEN`,
     `CNC_TOKEN_FILE` or the operator token `cncbrain up` wrote to the state folder) and TLS when
     `CNC_TLS_CA` is set."""
-    from cncbrain.auth import load_token, token_interceptors
+    from cncbrain.auth import token_interceptors
     from cncbrain.certs import client_channel
 
     telemetry.setup("cncbrain-cli", os.environ.get("CNC_OTEL_EXPORTER") or None, log_level="WARNING")
-    interceptors = [*telemetry.client_interceptors(), *token_interceptors(load_token(token, required=False))]
+    interceptors = [*telemetry.client_interceptors(), *token_interceptors(api_token(token))]
     return client_channel(address, interceptors=interceptors)
 
 
@@ -80,7 +126,7 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
         return CncError(f"no brain answers at {address}: start one with `cncbrain up` (or pass the address)")
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return CncError(f"UNAUTHENTICATED: {exc.details()} (pass --token, set CNC_TOKEN, or use the operator "
-                        f"token `cncbrain up` wrote to {STATE_DIR}/operator.token)")
+                        f"token `cncbrain up` wrote to {state_dir() / 'operator.token'}; --state-dir names its folder)")
     return CncError(f"{exc.code().name}: {exc.details()}")
 
 
@@ -110,8 +156,13 @@ def create_workload(args, rpc: str, request) -> int:
         w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
-    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
-          f"(follow it: cncbrain watch --workload {w.workload_id})")
+    from cncbrain.commands._output import print_json, wants_json
+
+    if wants_json(args):
+        print_json(w)
+    else:
+        print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
+              f"(follow it: cncbrain watch --workload {w.workload_id})")
     return 0
 
 
@@ -136,6 +187,6 @@ def template_from_args(args: argparse.Namespace):
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise CncError(f"--env {item!r}: expected NAME=VALUE")
+            raise UsageError(f"--env {item!r}: expected NAME=VALUE")
         t.env.add(name=name, value=value)
     return t

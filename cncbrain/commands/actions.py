@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
+from cncbrain.commands._output import show, wants_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     req = pb.ListActionsRequest(workload_id=args.workload, site_id=args.site, limit=args.limit)
     resp = call(args, "adaptation", lambda s: s.ListActions(req, timeout=10))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     table = Table(title="adaptation actions (newest first)")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     for a in resp.actions:
         table.add_row(a.at.ToDatetime().strftime("%H:%M:%S"), pb.ActionKind.Name(a.kind).removeprefix("ACTION_KIND_").lower(),
                       a.workload_id, a.site_id or "-", a.reason)
-    Console().print(table)
+    show(table)
     return 0
 
 
@@ -67,7 +67,7 @@ def run_autoscale(args: argparse.Namespace) -> int:
         policy.enabled = not args.disable
         policy = call(args, "adaptation", lambda s: s.SetAutoscalingPolicy(
             pb.SetAutoscalingPolicyRequest(workload_id=args.workload_id, policy=policy), timeout=10)).policy
-    if args.json:
+    if wants_json(args):
         dump(policy)
     else:
         print(f"{args.workload_id}: replicas {policy.min_replicas}..{policy.max_replicas}, scale up below "

@@ -9,7 +9,7 @@ import os
 
 from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 
 log = logging.getLogger("agents")
 
@@ -38,7 +38,7 @@ def parse_gpus(text: str):
     for part in text.split(","):
         name, _, count = part.partition(":")
         if not name or not count.isdigit():
-            raise CncError(f"--gpus: {part!r} is not TYPE:N")
+            raise UsageError(f"--gpus: {part!r} is not TYPE:N")
         pools.append(common.GpuPool(gpu_type=name, count=int(count)))
     return pools
 
@@ -59,14 +59,14 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     if args.all:
         sites += [s for s in site_ids_of(load_scenario(args.scenario)) if s not in sites]
     if not sites:
-        raise CncError("name the sites: --site ID (repeatable) or --all --scenario NAME")
+        raise UsageError("name the sites: --site ID (repeatable) or --all --scenario NAME")
     try:
         for s in sites:
             check_token(s, "site id")
         policy_name = args.policy or os.environ.get("CNC_AGENT_POLICY") or default_site_policy()
         make_site_policy(policy_name)
     except (SubjectError, ValueError) as exc:
-        raise CncError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     stop = stop or stop_event_on_signals()
     url = target(args, "nats")
     authenticated = load_settings(BusSettings).secrets_dir is not None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from cncbrain.commands._output import show
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks of the core (e.g. `cncbrain bench twin`)")
@@ -32,7 +34,6 @@ def time_twin(name: str, policy: str, hours: float, seed: int = 0) -> tuple[floa
 
 
 def run(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from cncbrain.scenario import builtin_scenarios
@@ -44,5 +45,5 @@ def run(args) -> int:
     for name in names:
         wall, speed = time_twin(name, args.policy, args.hours)
         table.add_row(name, f"{wall:.2f}", f"{speed:,.0f}×")
-    Console().print(table)
+    show(table)
     return 0

@@ -8,12 +8,14 @@ import grpc
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._output import add_output_arg, print_json, wants_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cancel", help="cancel a workload")
     p.add_argument("workload_id")
     add_target_args(p, "scheduler")
+    add_output_arg(p)
     p.set_defaults(func=run)
 
 
@@ -32,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
         w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
-    print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
+    if wants_json(args):
+        print_json(w)
+    else:
+        print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
     return 0
 
 

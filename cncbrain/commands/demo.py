@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cncbrain import aio
 from cncbrain.commands._live import STATE_DIR
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     from cncbrain.natsserver import free_port
 
     if args.duration <= 0:
-        raise CncError("--duration must be > 0")
+        raise UsageError("--duration must be > 0")
     console = Console()
     brain = Brain(args.state_dir, args.scenario, nats_port=free_port(), perception_port=free_port(),
                   scheduler_port=free_port(), speed=args.speed, fresh=True, policy=args.policy)

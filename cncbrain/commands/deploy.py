@@ -7,7 +7,8 @@ import re
 
 from cncbrain import limits
 from cncbrain.commands._live import add_target_args, add_template_args, create_workload, template_from_args
-from cncbrain.errors import CncError
+from cncbrain.commands._output import add_output_arg
+from cncbrain.errors import UsageError
 from cncbrain.limits import arg_float, arg_int, quote
 
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-id", default="", help="idempotency key")
     add_template_args(p, "replica")
     add_target_args(p, "scheduler")
+    add_output_arg(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def model_size(args: argparse.Namespace) -> float:
     """--params-b, else the size --model names; a usage error when neither says."""
     size = args.params_b or params_from_model(args.model)
     if not size:
-        raise CncError(f"cannot tell the size of --model {quote(args.model)}: give it with --params-b "
+        raise UsageError(f"cannot tell the size of --model {quote(args.model)}: give it with --params-b "
                        "(billions of parameters)")
     return size
 

@@ -9,7 +9,7 @@ import logging
 
 from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
-from cncbrain.errors import CncError
+from cncbrain.errors import UsageError
 
 log = logging.getLogger("emulator")
 
@@ -48,7 +48,7 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
 
 def run(args: argparse.Namespace) -> int:
     if args.speed <= 0:
-        raise CncError("--speed must be > 0")
+        raise UsageError("--speed must be > 0")
     from cncbrain.settings import CncSettings, load_settings
 
     telemetry.setup_process("emulator", load_settings(CncSettings, log_format=args.log_format))

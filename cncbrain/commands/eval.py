@@ -6,7 +6,8 @@ import math
 import time
 from pathlib import Path
 
-from cncbrain.errors import CncError
+from cncbrain.commands._output import OUTPUTS, print_json, show, wants_json
+from cncbrain.errors import UsageError
 
 
 def register(sub) -> None:
@@ -25,7 +26,16 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON to this file")
     p.add_argument("--plot", default=None, help="draw the comparison as a PNG to this file")
     p.add_argument("--workers", type=int, default=None, help="worker processes for --suite (default: CPU count)")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="table",
+                   help="table (default), or json: the results as --json writes them, on stdout (progress on stderr)")
     p.set_defaults(func=run)
+
+
+def _console(args):
+    """Tables on stdout, wide enough on a pipe; with -o json everything but the JSON goes to stderr."""
+    from rich.console import Console
+
+    return Console(stderr=wants_json(args), width=None if Console().is_terminal else 250)
 
 
 def _fmt(mean: float, std: float, metric: str) -> str:
@@ -37,7 +47,6 @@ def _fmt(mean: float, std: float, metric: str) -> str:
 
 def run(args) -> int:
     # heavy imports (scipy, matplotlib, pydantic models) only when the command runs
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -47,28 +56,28 @@ def run(args) -> int:
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if not policies:
-        raise CncError("--policy: give at least one policy")
+        raise UsageError("--policy: give at least one policy")
     if len(set(policies)) != len(policies):
-        raise CncError("--policy: a policy is named twice")
+        raise UsageError("--policy: a policy is named twice")
     for name in policies:
         if name != "oracle":
             make_policy(name)
     if args.seeds is not None and args.seeds < 1:
-        raise CncError("--seeds must be at least 1")
+        raise UsageError("--seeds must be at least 1")
     if args.hours is not None and args.hours <= 0:
-        raise CncError("--hours must be positive")
+        raise UsageError("--hours must be positive")
     if args.suite is not None:
         if args.scenario is not None:
-            raise CncError("give --scenario or --suite, not both")
+            raise UsageError("give --scenario or --suite, not both")
         if args.seed_start is not None:
-            raise CncError("--seed-start: a suite runs each scenario from its own seed")
+            raise UsageError("--seed-start: a suite runs each scenario from its own seed")
         return _run_suite(args, policies)
     args.seeds = args.seeds or 3
     scenario = load_scenario(args.scenario or "abilene")
     start = scenario.seed if args.seed_start is None else args.seed_start
     seeds = list(range(start, start + args.seeds))
     duration = args.hours * 3600.0 if args.hours else None
-    console = Console(width=None if Console().is_terminal else 200)
+    console = _console(args)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"{scenario.name}: {policies[0]} seed {seeds[0]}", total=len(policies) * len(seeds))
@@ -79,6 +88,10 @@ def run(args) -> int:
 
         results = evaluate(scenario, policies, seeds, duration, on_done=done)
     summary = summarise(results)
+    if wants_json(args):
+        from cncbrain.evaluate import to_json
+
+        print_json(to_json(scenario.name, results))
     table = Table(title=f"{scenario.name}: mean ± std over seeds {seeds[0]}–{seeds[-1]}")
     table.add_column("policy", style="bold")
     for m in METRICS:
@@ -87,7 +100,8 @@ def run(args) -> int:
     for p in policies:
         style = "green" if p == best else ("dim" if p == "oracle" else None)
         table.add_row(p, *[_fmt(summary[p][m]["mean"], summary[p][m]["std"], m) for m in METRICS], style=style)
-    console.print(table)
+    if not wants_json(args):
+        show(table)
     if "oracle" in policies:
         console.print("[dim]oracle: LP upper bound on score (fluid relaxation); metrics it does not model are —[/dim]")
     if args.json_out:
@@ -104,7 +118,6 @@ def run(args) -> int:
 def _run_suite(args, policies: list[str]) -> int:
     import os
 
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -125,8 +138,8 @@ def _run_suite(args, policies: list[str]) -> int:
     hours = args.hours if args.hours is not None else suite.hours
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
-        raise CncError("--workers must be at least 1")
-    console = Console(width=None if Console().is_terminal else 200)
+        raise UsageError("--workers must be at least 1")
+    console = _console(args)
     total = len(members) * len(policies) * seeds
     t0 = time.time()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -188,6 +201,8 @@ def _run_suite(args, policies: list[str]) -> int:
                   "Σ(policy − best baseline) / Σ(oracle − best baseline) over the family's scenarios. "
                   f"{total} episodes in {wall:.0f} s with {workers} worker(s).[/dim]")
     extra = {"seeds": seeds, "hours": hours, "workers": workers, "wall_s": round(wall, 1)}
+    if wants_json(args):
+        print_json({"suite": suite.name, **extra, **summary})
     if args.json_out:
         write_suite_json(args.json_out, suite.name, summary, extra)
         console.print(f"wrote {args.json_out}")

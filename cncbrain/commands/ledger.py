@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
-from cncbrain.errors import CncError
+from cncbrain.commands._output import show, wants_json
+from cncbrain.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
         if args.expect:
             length, _, digest = args.expect.partition(":")
             if not length.isdigit() or len(digest) != 64:
-                raise CncError("--expect wants LENGTH:HASH as printed by `cncbrain ledger head`")
+                raise UsageError("--expect wants LENGTH:HASH as printed by `cncbrain ledger head`")
             req.expected_length, req.expected_head_hash = int(length), digest
         resp = call(args, "governance", lambda s: s.VerifyLedger(req, timeout=120))
-        if args.json:
+        if wants_json(args):
             dump(resp)
             return 0 if resp.ok else 1
         if args.action == "head":
@@ -50,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  entry {issue.index}: {issue.kind} — {issue.detail}")
         return 1
     if args.limit < 1:
-        raise CncError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     req = pb.ListLedgerEntriesRequest(from_index=args.from_index, limit=args.limit, kind=args.kind,
                                       subject=args.subject)
     resp = call(args, "governance", lambda s: s.ListLedgerEntries(req, timeout=60))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     table = Table(title=f"audit ledger ({resp.length} entries)")
@@ -65,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
     for e in resp.entries:
         when = dt.datetime.fromtimestamp(e.time_ns / 1e9, dt.UTC).strftime("%H:%M:%S")
         table.add_row(str(e.index), when, e.kind, e.actor, e.subject, e.payload_json[:80], e.hash[:12])
-    Console().print(table)
+    show(table)
     return 0

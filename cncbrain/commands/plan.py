@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 
 from cncbrain.commands._govcli import add_common, call, dump
-from cncbrain.errors import CncError
+from cncbrain.commands._output import wants_json
+from cncbrain.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def _groups(items: list[str]):
     for item in items:
         parts = item.split(":")
         if len(parts) != 3 or not parts[2].isdigit():
-            raise CncError(f"--gpus: expected SITE:TYPE:COUNT, got {item!r}")
+            raise UsageError(f"--gpus: expected SITE:TYPE:COUNT, got {item!r}")
         out.append((parts[0], parts[1], int(parts[2])))
     return out
 
@@ -52,9 +53,9 @@ def _links(items: list[str]):
         try:
             a, b, lat, bw = parts[0], parts[1], float(parts[2]), float(parts[3])
         except (IndexError, ValueError):
-            raise CncError(f"--link: expected A:B:LATENCY_MS:GBPS, got {item!r}") from None
+            raise UsageError(f"--link: expected A:B:LATENCY_MS:GBPS, got {item!r}") from None
         if bw <= 0 or lat < 0:
-            raise CncError(f"--link {item}: bandwidth must be > 0 and latency >= 0")
+            raise UsageError(f"--link {item}: bandwidth must be > 0 and latency >= 0")
         out.append((a, b, lat, bw))
     return out
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ttft_ms or args.tpot_ms:
         req.slo.CopyFrom(common.SloTargets(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms))
     resp = plan_locally(req) if args.local else call(args, "adaptation", lambda s: s.PlanParallelism(req, timeout=30))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     for t in resp.training:
@@ -103,12 +104,12 @@ def plan_locally(req):
     from services.adaptation.rpc import plan_on
 
     if not req.gpus:
-        raise CncError("--local needs --gpus")
+        raise UsageError("--local needs --gpus")
     try:
         model = resolve_model(req.model, req.params_b)
         groups = [GpuGroup(g.site_id, g.gpu_type, g.count) for g in req.gpus]
         links = {(lk.site_a, lk.site_b): LinkSpec(lk.latency_ms, lk.bandwidth_gbps) for lk in req.links}
         return plan_on(req, model, groups, links)
     except PlanError as exc:
-        raise CncError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 

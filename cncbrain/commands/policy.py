@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from cncbrain.commands._govcli import add_common, call, dump
+from cncbrain.commands._output import wants_json
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     req = pb.SetPlacementPolicyRequest(tenant_id=args.tenant_id, workload_id=args.workload,
                                        policy=policy_from_args(args))
     resp = call(args, "governance", lambda s: s.SetPlacementPolicy(req, timeout=10))
-    if args.json:
+    if wants_json(args):
         dump(resp)
     else:
         who = f"{args.tenant_id}/{args.workload}" if args.workload else args.tenant_id

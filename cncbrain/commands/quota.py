@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cncbrain.commands._govcli import add_common, call, dump, parse_pairs
+from cncbrain.commands._output import wants_json
 
 
 def add_quota_args(p: argparse.ArgumentParser) -> None:
@@ -15,16 +16,16 @@ def add_quota_args(p: argparse.ArgumentParser) -> None:
 
 def quota_from_args(args: argparse.Namespace):
     from cnc.governance.v1 import governance_pb2 as pb
-    from cncbrain.errors import CncError
+    from cncbrain.errors import UsageError
 
     q = pb.Quota(gpus=[pb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in parse_pairs(args.gpus, "--gpus").items()])
     if args.max_gpus is not None:
         if args.max_gpus < 0:
-            raise CncError("--max-gpus must not be negative")
+            raise UsageError("--max-gpus must not be negative")
         q.max_gpus = args.max_gpus
     if args.max_cost is not None:
         if args.max_cost < 0:
-            raise CncError("--max-cost must not be negative")
+            raise UsageError("--max-cost must not be negative")
         q.max_cost_usd_per_hour = args.max_cost
     return q
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     req = pb.SetQuotaRequest(tenant_id=args.tenant_id, quota=quota_from_args(args))
     resp = call(args, "governance", lambda s: s.SetQuota(req, timeout=10))
-    if args.json:
+    if wants_json(args):
         dump(resp)
     else:
         print(f"{resp.tenant.tenant_id}: quota {quota_text(resp.tenant.quota)}")

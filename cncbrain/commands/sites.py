@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._output import add_output_arg, print_json, show, wants_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sites", help="list the sites of a running brain")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_output_arg(p)
     add_target_args(p, "perception")
     p.set_defaults(func=run)
 
@@ -29,7 +28,6 @@ async def fetch(address: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
 
     from cnc.common.v1 import common_pb2 as common
 
@@ -38,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         sites = aio.run(fetch(address))
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
-    if args.json:
-        print(json.dumps([MessageToDict(s) for s in sites], indent=2))
+    if wants_json(args):
+        print_json(list(sites))
         return 0
     table = Table(title=f"sites ({address})")
     for col in ("site", "name", "region", "state", "GPUs used/total", "pools", "replicas", "shards"):
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             f"{used}/{total}", " ".join(f"{p.gpu_type}:{p.count}" for p in s.gpu_pools),
             str(sum(x.replicas for x in s.services)), str(sum(j.shards_running for j in s.jobs)),
         )
-    Console().print(table)
+    show(table)
     return 0
 
 

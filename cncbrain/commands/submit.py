@@ -6,6 +6,7 @@ import argparse
 
 from cncbrain import limits
 from cncbrain.commands._live import add_target_args, add_template_args, create_workload, template_from_args
+from cncbrain.commands._output import add_output_arg
 from cncbrain.commands.deploy import model_size
 from cncbrain.limits import arg_float, arg_int
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-id", default="")
     add_template_args(p, "shard")
     add_target_args(p, "scheduler")
+    add_output_arg(p)
     p.set_defaults(func=run)
 
 

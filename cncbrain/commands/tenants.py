@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
+from cncbrain.commands._output import show, wants_json
 from cncbrain.commands.policy import add_policy_args, policy_from_args
 from cncbrain.commands.quota import add_quota_args, quota_from_args
 
@@ -25,15 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc.governance.v1 import governance_pb2 as pb
-    from cncbrain.errors import CncError
+    from cncbrain.errors import UsageError
 
     if args.action in ("show", "create") and not args.tenant_id:
-        raise CncError(f"tenants {args.action} needs a tenant id")
+        raise UsageError(f"tenants {args.action} needs a tenant id")
     if args.action == "create":
         req = pb.CreateTenantRequest(tenant_id=args.tenant_id, display_name=args.name,
                                      quota=quota_from_args(args), policy=policy_from_args(args))
         resp = call(args, "governance", lambda s: s.CreateTenant(req, timeout=10))
-        if args.json:
+        if wants_json(args):
             dump(resp)
         else:
             print(f"created tenant {resp.tenant.tenant_id}; issue it a token with "
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         dump(resp.tenant)
         return 0
     resp = call(args, "governance", lambda s: s.ListTenants(pb.ListTenantsRequest(), timeout=10))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     table = Table(title="tenants")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for t in resp.tenants:
         table.add_row(t.tenant_id, t.display_name, quota_text(t.quota), policy_text(t.policy),
                       f"{t.gpus_in_use} GPUs, ${t.cost_usd_per_hour_in_use:.2f}/h")
-    Console().print(table)
+    show(table)
     return 0
 
 

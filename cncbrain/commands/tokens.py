@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
-from cncbrain.errors import CncError
+from cncbrain.commands._output import show, wants_json
+from cncbrain.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "issue":
         if args.operator == bool(args.tenant):
-            raise CncError("tokens issue needs exactly one of --tenant ID or --operator")
+            raise UsageError("tokens issue needs exactly one of --tenant ID or --operator")
         req = pb.IssueTokenRequest(role=pb.ROLE_OPERATOR if args.operator else pb.ROLE_TENANT,
                                    tenant_id=args.tenant, description=args.description)
         resp = call(args, "governance", lambda s: s.IssueToken(req, timeout=10))
@@ -44,19 +44,19 @@ def run(args: argparse.Namespace) -> int:
             with os.fdopen(fd, "w") as f:
                 f.write(resp.token + "\n")
             print(f"token {resp.info.token_id} written to {args.out} (it is shown only once)")
-        elif args.json:
+        elif wants_json(args):
             dump(resp)
         else:
             print(resp.token)
         return 0
     if args.action == "revoke":
         if not args.token_id:
-            raise CncError("tokens revoke needs the token id (tok_…)")
+            raise UsageError("tokens revoke needs the token id (tok_…)")
         resp = call(args, "governance", lambda s: s.RevokeToken(pb.RevokeTokenRequest(token_id=args.token_id), timeout=10))
         print(f"revoked {resp.info.token_id}")
         return 0
     resp = call(args, "governance", lambda s: s.ListTokens(pb.ListTokensRequest(tenant_id=args.tenant), timeout=10))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     table = Table(title="API tokens (secrets are never stored)")
@@ -66,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(t.token_id, pb.Role.Name(t.role).removeprefix("ROLE_").lower(), t.tenant_id or "-",
                       t.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
                       t.revoked_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if t.revoked else "-", t.description)
-    Console().print(table)
+    show(table)
     return 0

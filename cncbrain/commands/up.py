@@ -34,7 +34,7 @@ from typing import Any
 
 from cncbrain import aio
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 from cncbrain.natsserver import NatsServer, port_in_use
 
 SECRETS_DIR = "secrets"
@@ -64,6 +64,16 @@ def prometheus_config(endpoints: dict[str, Any], interval_s: float = 5.0) -> str
     for process, url in sorted(endpoints.get("metrics", {}).items()):
         lines += [f"      - targets: ['{urlsplit(url).netloc}']", f"        labels: {{process: {process}}}"]
     return "\n".join(lines) + "\n"
+
+
+def cli_hint(brain: Brain) -> str:
+    """How the client commands find this brain's endpoints and token: by themselves when its state
+    folder is the one they look in ($CNC_STATE_DIR, else .state), else with --state-dir or the variable."""
+    from cncbrain.commands._live import default_state_dir
+
+    if default_state_dir().resolve() == brain.state_dir.resolve():
+        return "the CLI picks it up"
+    return f"the CLI picks it up with --state-dir {brain.state_dir} or export CNC_STATE_DIR={brain.state_dir}"
 
 
 def web_link(brain: Brain) -> str:
@@ -109,11 +119,11 @@ class Brain:
             try:
                 background_nice = int(raw)
             except ValueError:
-                raise CncError(f"CNC_BACKGROUND_NICE: {raw!r} is not a whole number 0..19") from None
+                raise UsageError(f"CNC_BACKGROUND_NICE: {raw!r} is not a whole number 0..19") from None
         self.background_nice = background_nice
         """Nice value of the `BACKGROUND` processes (0: the same priority as the others)."""
         if not 0 <= self.background_nice <= 19:
-            raise CncError(f"background nice {self.background_nice}: must be 0..19")
+            raise UsageError(f"background nice {self.background_nice}: must be 0..19")
         self.state_dir = Path(state_dir)
         self.scenario = scenario
         self.external_nats = nats_url
@@ -414,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
           f"  scheduler   {ep['scheduler']}  (gRPC: cnc.scheduler.v1.SchedulerService, health, reflection)\n"
           f"  adaptation  {ep['adaptation']}  (gRPC: cnc.adaptation.v1.AdaptationService, health, reflection)\n"
           f"  governance  {ep['governance']}  (gRPC: cnc.governance.v1.GovernanceService, health, reflection)\n"
-          + (f"  operator token  {brain.token_file.resolve()}  (the CLI picks it up; auth on for every service)\n"
+          + (f"  operator token  {brain.token_file.resolve()}  ({cli_hint(brain)}; auth on for every service)\n"
              if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
           + "".join(f"  metrics     {url}  ({name})\n" for name, url in ep.get("metrics", {}).items())

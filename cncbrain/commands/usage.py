@@ -6,11 +6,11 @@ import argparse
 import re
 import time
 
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
-from cncbrain.errors import CncError
+from cncbrain.commands._output import show, wants_json
+from cncbrain.errors import UsageError
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 
@@ -31,7 +31,7 @@ def when(text: str | None, default: float) -> float:
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise CncError(f"time {text!r}: give e.g. 2h, 30m, an epoch second or an ISO time") from None
+        raise UsageError(f"time {text!r}: give e.g. 2h, 30m, an epoch second or an ISO time") from None
     return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
 
 
@@ -52,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     req = pb.GetUsageRequest(tenant_id=args.tenant, workload_id=args.workload, by_gpu_type=args.by_gpu_type)
     t0, t1 = when(args.since, 0.0), when(args.until, time.time())
     if t1 < t0:
-        raise CncError("--until is before --since")
+        raise UsageError("--until is before --since")
     req.start.FromNanoseconds(int(t0 * 1e9))
     req.end.FromNanoseconds(int(t1 * 1e9))
     resp = call(args, "governance", lambda s: s.GetUsage(req, timeout=30))
-    if args.json:
+    if wants_json(args):
         dump(resp)
         return 0
     table = Table(title="usage")
@@ -65,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
     for line in [*resp.tenants, *resp.workloads]:
         table.add_row(line.tenant_id, line.workload_id or "(all)", line.gpu_type or "-", f"{line.gpu_hours:.3f}",
                       f"{line.cost_usd:.2f}")
-    Console().print(table)
+    show(table)
     return 0

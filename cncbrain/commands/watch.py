@@ -9,10 +9,10 @@ import json
 import sys
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, secrets_dir, target
+from cncbrain.commands._output import add_output_arg, to_dict, wants_json
 from cncbrain.errors import CncError
 
 DEFAULT_SUBJECT = "cnc.>"
@@ -23,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="live event stream (NATS subject filter, default: every event but telemetry)")
     p.add_argument("subject", nargs="?", default=None, help="NATS subject filter, e.g. 'cnc.scheduler.>'")
     p.add_argument("--workload", help="follow one workload's lifecycle (gRPC WatchWorkload) until it ends")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_output_arg(p)
     p.add_argument("--count", type=int, default=0, help="stop after this many events (0: until Ctrl-C)")
     add_target_args(p, "nats", "scheduler")
     p.set_defaults(func=run)
 
 
 def line(subject: str, type_id: str, payload, as_json: bool) -> str:
-    body = MessageToDict(payload) if payload is not None else {}
+    body = to_dict(payload) if payload is not None else {}
     if as_json:
         return json.dumps({"subject": subject, "type": type_id, "event": body})
     short = " ".join(f"{k}={v}" for k, v in body.items() if not isinstance(v, list | dict))
@@ -68,7 +68,7 @@ async def watch_nats(args: argparse.Namespace) -> int:
                 payload = message_type.FromString(msg.data)
             except Exception:
                 payload = None
-        print(line(msg.subject, type_id, payload, args.json), flush=True)
+        print(line(msg.subject, type_id, payload, wants_json(args)), flush=True)
         seen += 1
         if args.count and seen >= args.count:
             done.set()
@@ -93,7 +93,7 @@ async def watch_workload(args: argparse.Namespace) -> int:
                 pb.WatchWorkloadRequest(workload_id=args.workload))
             async for resp in stream:
                 print(line(f"cnc.scheduler.workload.{args.workload}", "cnc.scheduler.v1.WorkloadEvent",
-                           resp.event, args.json), flush=True)
+                           resp.event, wants_json(args)), flush=True)
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
     return 0

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.table import Table
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._output import add_output_arg, print_json, show, wants_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("workloads", help="list workloads (or show one)")
     p.add_argument("workload_id", nargs="?", help="show this workload in full")
-    p.add_argument("--json", action="store_true")
+    add_output_arg(p)
     add_target_args(p, "scheduler")
     p.set_defaults(func=run)
 
@@ -48,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
         items = aio.run(call())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(exc, address) from None
-    if args.json or args.workload_id:
-        out = [MessageToDict(w) for w in items]
-        print(json.dumps(out[0] if args.workload_id else out, indent=2))
+    if wants_json(args) or args.workload_id:
+        print_json(items[0] if args.workload_id else items)
         return 0
     table = Table(title=f"workloads ({address})")
     for col in ("id", "kind", "name", "state", "gen", "placements", "progress", "message"):
@@ -60,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(w.workload_id, "training" if w.HasField("training_job") else "inference", spec.name,
                       pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(w.generation),
                       placements_text(w), f"{w.progress:.0%}" if w.HasField("training_job") else "", w.message)
-    Console().print(table)
+    show(table)
     return 0
 
 

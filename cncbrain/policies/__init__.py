@@ -4,7 +4,7 @@ warm-start teachers of `agents.teachers` (`teacher:NAME`), so they can be measur
 
 from __future__ import annotations
 
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, UsageError
 from cncbrain.policies.baselines import BASELINES, Policy
 
 
@@ -29,9 +29,9 @@ def make_policy(name: str) -> Policy:
         from agents.teachers import TEACHERS, make_teacher
 
         if name.removeprefix("teacher:") not in TEACHERS:
-            raise CncError(f"unknown teacher {name!r}; known: {', '.join('teacher:' + t for t in TEACHERS)}")
+            raise UsageError(f"unknown teacher {name!r}; known: {', '.join('teacher:' + t for t in TEACHERS)}")
         return make_teacher(name)
-    raise CncError(f"unknown policy {name!r}; known: {', '.join(known_policies())}")
+    raise UsageError(f"unknown policy {name!r}; known: {', '.join(known_policies())}")
 
 
 __all__ = ["BASELINES", "Policy", "known_policies", "make_policy"]

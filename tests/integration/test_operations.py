@@ -282,3 +282,58 @@ def test_the_web_page_shows_the_sites_and_updates_after_a_deploy(brain, deployed
 
     asyncio.run(drive())
     assert (tmp_path / "web-page.png").stat().st_size > 10_000
+
+
+def test_status_shows_the_pool_and_why_a_workload_waits(brain, deployed):
+    out = cli(brain, "deploy", "--name", "giant", "--model", "9000b", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    giant = json.loads(out.stdout)
+    assert giant["workload_id"].startswith("svc-") and giant["state"] == "WORKLOAD_STATE_PENDING"
+    assert "inference_service" in giant and "created_at" in giant  # snake_case, as the protos name fields
+
+    def waiting_with_reason():
+        res = cli(brain, "status", "-o", "json")
+        assert res.returncode == 0, res.stderr
+        data = json.loads(res.stdout)
+        rows = [w for w in data["waiting"] if w["workload_id"] == giant["workload_id"] and w["reason"]]
+        return (data, rows[0]) if rows else None
+
+    data, row = wait_for(waiting_with_reason, 20, "the giant model waiting with a reason")
+    assert row["reason"].startswith("fits no GPU's memory: a replica needs 21,600 GB"), row
+    assert data["sites"] == {"total": len(brain.sites), "up": len(brain.sites), "down": []}
+    assert sum(g["used"] for g in data["gpus"]) >= 3 and all(g["count"] == g["used"] + g["free"] + g["down"]
+                                                             for g in data["gpus"])
+    assert data["workloads"]["running"] >= 1 and data["web"] == brain.web_url
+    table = cli(brain, "status")  # a pipe: plain columns, nothing cut
+    assert table.returncode == 0 and giant["workload_id"] in table.stdout and "fits no GPU's memory" in table.stdout
+    assert "21,600 GB" in table.stdout
+    cancel = cli(brain, "cancel", giant["workload_id"], "--json")
+    assert cancel.returncode == 0 and json.loads(cancel.stdout)["state"] == "WORKLOAD_STATE_CANCELLED"
+
+
+def test_the_cli_is_scriptable(brain, deployed, tmp_path):
+    # nothing truncated on a pipe: the full id, every site, one line per row
+    listed = cli(brain, "workloads")
+    assert listed.returncode == 0 and deployed in listed.stdout, listed.stdout
+    assert listed.stdout.splitlines()[0].split() == ["id", "kind", "name", "state", "gen", "placements", "progress",
+                                                     "message"]
+    sites = cli(brain, "sites")
+    assert all(s in sites.stdout for s in brain.sites) and len(sites.stdout.splitlines()) == len(brain.sites) + 1
+    # one key style everywhere
+    for name, args in (("sites", ["-o", "json"]), ("workloads", ["--json"]), ("workloads", [deployed, "-o", "json"])):
+        text = cli(brain, name, *args).stdout
+        assert "siteId" not in text and "workloadId" not in text and ("site_id" in text or "workload_id" in text)
+    # the token and the state folder: --state-dir finds both, from anywhere; --token wins over the file
+    elsewhere = {"CNC_STATE_DIR": str(tmp_path / "nothing-here")}
+    lost = cli(brain, "workloads", env=elsewhere)
+    assert lost.returncode == 1 and "no brain answers" in lost.stderr
+    found = cli(brain, "workloads", "--state-dir", str(brain.state_dir), "-o", "json", env=elsewhere)
+    assert found.returncode == 0 and any(w["workload_id"] == deployed for w in json.loads(found.stdout))
+    forged = cli(brain, "workloads", "--token", "tok_0123456789abcdef.forgedforgedforgedforged")
+    assert forged.returncode == 1 and "UNAUTHENTICATED" in forged.stderr
+    # exit codes: 0 done, 1 failed, 2 usage
+    assert cli(brain, "workloads", "svc-0000000000000000").returncode == 1
+    assert cli(brain, "deploy", "--name", "x").returncode == 2  # --model missing (argparse)
+    assert cli(brain, "deploy", "--name", "x", "--model", "7b", "--env", "NOVALUE").returncode == 2
+    version = subprocess.run([sys.executable, "-m", "cncbrain.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("cncbrain ")
