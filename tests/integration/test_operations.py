@@ -285,7 +285,9 @@ def test_the_web_page_shows_the_sites_and_updates_after_a_deploy(brain, deployed
 
 
 def test_status_shows_the_pool_and_why_a_workload_waits(brain, deployed):
-    out = cli(brain, "deploy", "--name", "giant", "--model", "9000b", "-o", "json")
+    # one replica on 40 H100s: the pool has 64, no site more than 32
+    out = cli(brain, "deploy", "--name", "wide", "--model", "7b", "--gpus-per-replica", "40", "--gpu-type", "H100",
+              "-o", "json")
     assert out.returncode == 0, out.stderr
     giant = json.loads(out.stdout)
     assert giant["workload_id"].startswith("svc-") and giant["state"] == "WORKLOAD_STATE_PENDING"
@@ -298,15 +300,15 @@ def test_status_shows_the_pool_and_why_a_workload_waits(brain, deployed):
         rows = [w for w in data["waiting"] if w["workload_id"] == giant["workload_id"] and w["reason"]]
         return (data, rows[0]) if rows else None
 
-    data, row = wait_for(waiting_with_reason, 20, "the giant model waiting with a reason")
-    assert row["reason"].startswith("fits no GPU's memory: a replica needs 21,600 GB"), row
+    data, row = wait_for(waiting_with_reason, 20, "the wide service waiting with a reason")
+    assert row["reason"] == "no site within policy has 40 free H100 GPU(s)", row
     assert data["sites"] == {"total": len(brain.sites), "up": len(brain.sites), "down": []}
     assert sum(g["used"] for g in data["gpus"]) >= 3 and all(g["count"] == g["used"] + g["free"] + g["down"]
                                                              for g in data["gpus"])
     assert data["workloads"]["running"] >= 1 and data["web"] == brain.web_url
     table = cli(brain, "status")  # a pipe: plain columns, nothing cut
-    assert table.returncode == 0 and giant["workload_id"] in table.stdout and "fits no GPU's memory" in table.stdout
-    assert "21,600 GB" in table.stdout
+    assert table.returncode == 0 and giant["workload_id"] in table.stdout
+    assert "no site within policy has 40 free H100 GPU(s)" in table.stdout
     cancel = cli(brain, "cancel", giant["workload_id"], "--json")
     assert cancel.returncode == 0 and json.loads(cancel.stdout)["state"] == "WORKLOAD_STATE_CANCELLED"
 
