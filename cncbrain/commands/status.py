@@ -29,19 +29,18 @@ def collect(args: argparse.Namespace) -> dict:
 
     perception, scheduler = target(args, "perception"), target(args, "scheduler")
 
+    async def ask(address: str, fn):
+        async with channel(address) as ch:
+            try:
+                return await fn(ch)
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, address) from None
+
     async def call():
-        async with channel(perception) as ch:
-            try:
-                snap = (await perception_pb2_grpc.PerceptionServiceStub(ch).GetSnapshot(
-                    perception_pb2.GetSnapshotRequest(), timeout=5)).snapshot
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, perception) from None
-        async with channel(scheduler) as ch:
-            try:
-                workloads = (await scheduler_pb2_grpc.SchedulerServiceStub(ch).ListWorkloads(
-                    pb.ListWorkloadsRequest(), timeout=5)).workloads
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, scheduler) from None
+        snap = (await ask(perception, lambda ch: perception_pb2_grpc.PerceptionServiceStub(ch).GetSnapshot(
+            perception_pb2.GetSnapshotRequest(), timeout=5))).snapshot
+        workloads = (await ask(scheduler, lambda ch: scheduler_pb2_grpc.SchedulerServiceStub(ch).ListWorkloads(
+            pb.ListWorkloadsRequest(), timeout=5))).workloads
         return snap, list(workloads)
 
     snap, workloads = aio.run(call())
