@@ -20,9 +20,9 @@ one replica sustains (the twin's own `physics.replica_figures`), at the twin's 8
 utilisation — and sets each service's `rate_scale` so that its demand is a drawn share of that.
 Training adds its expected GPU-seconds (Alibaba trace, `gpu_scale`, runtimes) over the horizon as a
 share of the pool's GPUs. `load` = inference shares + training share: 1.0 is a pool that a perfect
-fluid packing could just serve; "overloaded" families draw 1.1–1.6. Inference demand is capped at
-`MAX_RPS` requests/s (the twin simulates every request); where the cap binds, the figures in the
-YAML header say so.
+fluid packing could just serve; "overloaded" families draw 1.1–1.6. The twin simulates about
+`SIM_RPS` requests/s per scenario: a service with more demand than its part of that gets a
+`request_weight` (each simulated request stands for that many).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from cncbrain.twin import physics
 from cncbrain.twin.topology import EARTH_RADIUS_KM, load_graphml
 from cncbrain.twin.traces import load_alibaba, load_azure
 
-MAX_RPS = 300.0
-"""Ceiling on a scenario's total inference demand (requests/s): about 1.1 M requests an hour, which
-the twin serves in a few seconds per episode."""
+SIM_RPS = 200.0
+"""Requests/s the twin simulates per scenario (about 720,000 an hour, a few seconds per episode):
+a service whose demand is larger than its part of this gets a `request_weight` (one simulated
+request stands for that many)."""
 ROUTE_UTIL = 0.80
 """The twin's routing fills replicas to this utilisation (`sim.ROUTE_UTIL`); capacity counts it."""
 HORIZON_S = 3600.0
@@ -277,8 +278,10 @@ def _synthetic(rng: np.random.Generator, family: str, seed: int, n: int, regions
     return d
 
 
-def _zoo(rng: np.random.Generator, family: str, seed: int, keys: list[str]) -> _Draft:
-    key = str(rng.choice(keys))
+def _zoo(rng: np.random.Generator, family: str, seed: int, keys: list[str], cycle: bool = False) -> _Draft:
+    """A Topology Zoo network: drawn from `keys`, or (cycle) the seed's turn through them, so any
+    len(keys) consecutive seeds hold every network."""
+    key = keys[seed % len(keys)] if cycle else str(rng.choice(keys))
     names, lat, lon = _zoo_sites(key)
     topo = {"graphml": ZOO[key], "default_bandwidth_gbps": float(rng.choice([10.0, 40.0, 100.0])), "per_hop_ms": 0.5}
     d = _Draft(family, seed, list(names), np.asarray(lat), np.asarray(lon), topo, [])
@@ -286,7 +289,7 @@ def _zoo(rng: np.random.Generator, family: str, seed: int, keys: list[str]) -> _
     return d
 
 
-def _region_region(rng: np.random.Generator, size: int) -> list[str]:
+def _regions(rng: np.random.Generator, size: int) -> list[str]:
     """One region, or North America + Europe for some of the larger pools."""
     if size >= 40 and rng.random() < 0.3:
         return ["north-america", "europe"]
@@ -341,29 +344,25 @@ def _calibrate(rng: np.random.Generator, d: _Draft, load: tuple[float, float], t
     for svc, share in zip(d.inference, shares, strict=True):
         cap, reps = d.capacity(svc["model"], svc["precision"], svc["trace"], (svc["slo"]["ttft_s"], svc["slo"]["tpot_s"]))
         demand.append((share * cap, cap, reps))
-    total = sum(x for x, _, _ in demand)
-    capped = total > MAX_RPS
-    factor = MAX_RPS / total if capped else 1.0
     realised = 0.0
     for svc, (rps, cap, reps) in zip(d.inference, demand, strict=True):
-        rps *= factor
         base, _, _ = _trace_rps(svc["trace"])
         svc["rate_scale"] = round(float(max(rps / base, 0.05)), 4)
+        svc["request_weight"] = int(min(1000, max(1, round(rps / (SIM_RPS / len(d.inference))))))
         realised += svc["rate_scale"] * base / cap
         # room to scale: 3 × the replicas the demand needs on the pool's average replica (bursts,
         # failures, slower GPU types), at least 8
         svc["min_replicas"] = int(rng.integers(1, 3))
         svc["max_replicas"] = int(max(8, math.ceil(3 * rps / (cap / reps))))
-    if capped:
-        tr_share = min(tr_share + (inf_share - realised), 0.95 * target) if training[1] > 0 else tr_share
     if tr_share > 0:
         per_job = _training_gpu_s(gpu_scale)
         jobs = tr_share * d.total_gpus * HORIZON_S / per_job
         d.training = {"trace": "alibaba", "jobs_per_hour": round(float(jobs), 2), "gpu_scale": gpu_scale,
                       "load_scale": 1.0, "checkpoint_interval_s": 600.0}
-    d.notes.append(f"load: {realised + tr_share:.2f} of the pool (inference {realised:.2f}, training {tr_share:.2f}; "
-                   f"drawn {target:.2f}{f'; inference capped at {MAX_RPS:g} req/s' if capped else ''})")
-    d.notes.append(f"GPUs: {d.total_gpus}; inference demand {sum(s['rate_scale'] * _trace_rps(s['trace'])[0] for s in d.inference):.1f} req/s")
+    d.notes.append(f"load: {realised + tr_share:.2f} of the pool (inference {realised:.2f}, training {tr_share:.2f})")
+    rps = sum(s["rate_scale"] * _trace_rps(s["trace"])[0] for s in d.inference)
+    sim = sum(s["rate_scale"] * _trace_rps(s["trace"])[0] / s["request_weight"] for s in d.inference)
+    d.notes.append(f"GPUs: {d.total_gpus}; inference demand {rps:.1f} req/s, {sim:.1f} simulated")
 
 
 def _failures(rng: np.random.Generator, d: _Draft, count: tuple[int, int]) -> None:
@@ -396,10 +395,11 @@ def _level(rng: np.random.Generator, levels: list[str], table: dict) -> tuple[fl
 
 def zoo(rng: np.random.Generator, seed: int) -> _Draft:
     """Real backbones: the bundled Topology Zoo networks (Abilene 11, AT&T 25, GEANT 34, SURFnet 50,
-    Cogent 197 sites) with mixed datacentre inventories (1–3 GPU types of 8–32 per site), 1–4
+    Cogent 197 sites; seed mod 5 picks one, so five consecutive seeds hold all five) with mixed
+    datacentre inventories (1–2 GPU types of 4–16 per site), 1–4
     services of 1.3B–70B, population or uniform ingress, load light to heavy, training none to
     heavy, 0–2 failures. Why: the networks operators actually run, beyond the three built-ins."""
-    d = _zoo(rng, "zoo", seed, list(ZOO))
+    d = _zoo(rng, "zoo", seed, list(ZOO), cycle=True)
     d.inventory = [_mixed_inventory(rng, MIXED_GPUS, (1, 2), [4, 8, 16]) for _ in d.names]
     _services(rng, d, (1, 4), {"1.3b": 1, "7b": 3, "13b": 3, "34b": 2, "70b": 1.5}, 0.3, _mostly_population)
     _calibrate(rng, d, _level(rng, ["light", "moderate", "heavy"], LOAD_LEVELS),
@@ -438,7 +438,7 @@ def halls(rng: np.random.Generator, seed: int) -> _Draft:
     moderate to heavy with big gangs, 0–2 failures (a hall may fail). Why: the common shape of a
     real GPU estate — a few concentrated halls and a long tail of small rooms near users."""
     n = int(rng.integers(10, 121))
-    d = _synthetic(rng, "halls", seed, n, _region_region(rng, n), [10.0, 40.0, 100.0])
+    d = _synthetic(rng, "halls", seed, n, _regions(rng, n), [10.0, 40.0, 100.0])
     big = set(rng.choice(n, size=int(rng.integers(2, 6)), replace=False).tolist())
     for i in range(n):
         if i in big:
@@ -467,7 +467,7 @@ def alibaba(rng: np.random.Generator, seed: int) -> _Draft:
         d = _zoo(rng, "alibaba", seed, ["geant", "surfnet"])
     else:
         n = int(rng.integers(20, 81))
-        d = _synthetic(rng, "alibaba", seed, n, _region_region(rng, n), [10.0, 40.0, 100.0])
+        d = _synthetic(rng, "alibaba", seed, n, _regions(rng, n), [10.0, 40.0, 100.0])
     d.inventory = [_alibaba_inventory(rng, (2, 8)) for _ in d.names]
     force = [("34b", "fp8")] if rng.random() < 0.5 else []
     _services(rng, d, (2, 4), {"1.3b": 1, "7b": 3, "13b": 3, "34b": 1, "70b": 1}, 0.3, _population_ingress, force)
@@ -487,7 +487,7 @@ def hotspot(rng: np.random.Generator, seed: int) -> _Draft:
         d = _zoo(rng, "hotspot", seed, ["att", "geant", "surfnet"])
     else:
         n = int(rng.integers(15, 101))
-        d = _synthetic(rng, "hotspot", seed, n, _region_region(rng, n), [10.0, 40.0, 100.0])
+        d = _synthetic(rng, "hotspot", seed, n, _regions(rng, n), [10.0, 40.0, 100.0])
     d.inventory = [_mixed_inventory(rng, MIXED_GPUS, (1, 2), [4, 8, 16]) for _ in d.names]
     center = int(rng.integers(0, len(d.names)))
     radius = float(rng.choice([300.0, 500.0, 800.0, 1000.0, 1500.0]))
@@ -511,7 +511,7 @@ def overload(rng: np.random.Generator, seed: int) -> _Draft:
         d = _zoo(rng, "overload", seed, ["abilene", "att", "geant", "surfnet"])
     else:
         n = int(rng.integers(10, 81))
-        d = _synthetic(rng, "overload", seed, n, _region_region(rng, n), [10.0, 40.0, 100.0])
+        d = _synthetic(rng, "overload", seed, n, _regions(rng, n), [10.0, 40.0, 100.0])
     d.inventory = [_mixed_inventory(rng, MIXED_GPUS, (1, 2), [4, 8, 16]) for _ in d.names]
     _services(rng, d, (2, 5), {"1.3b": 1, "7b": 3, "13b": 3, "34b": 2, "70b": 1}, 0.3, _mostly_population)
     _calibrate(rng, d, LOAD_LEVELS["overloaded"], TRAINING_LEVELS["moderate"], 8)

@@ -25,10 +25,16 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from cncbrain.twin import physics
+from cncbrain.twin.pool import distances_km
 from cncbrain.twin.sim import Twin
 
 WINDOW_S = 300.0
 CAPACITY_SLACK = 1.25
+EXACT_SITES = 50
+"""Up to this many sites every ingress site has its own flows in the LP (all built-in scenarios)."""
+INGRESS_GROUPS = 24
+"""Above EXACT_SITES, ingress sites are taken together in this many groups of neighbours (see
+`ingress_groups`): the LP grows with groups × sites instead of sites², still an upper bound."""
 
 
 @dataclass
@@ -66,6 +72,28 @@ class _Vars:
         return idx
 
 
+def ingress_groups(twin: Twin, exact_sites: int = EXACT_SITES, n_groups: int = INGRESS_GROUPS) -> list[list[int]]:
+    """Ingress sites taken together in the LP: each site alone up to `exact_sites` sites; above,
+    `n_groups` groups of nearby sites (farthest-point centres by great-circle distance, each site
+    with its nearest centre). A group's flow to a site may be at most the sum of its members' SLO-
+    feasible requests there and at most their demand: a relaxation of the per-site constraints (a
+    run's per-site flows, summed per group, satisfy it), so the optimum stays an upper bound."""
+    if len(twin.site_ids) <= exact_sites:
+        return [[i] for i in range(twin.S)]
+    net = twin.pool.net
+    centres = [int(np.argmax(twin.pool.population))]
+    nearest = distances_km(net, centres[0])
+    while len(centres) < n_groups:
+        c = int(np.argmax(nearest))
+        if nearest[c] <= 0:
+            break
+        centres.append(c)
+        nearest = np.minimum(nearest, distances_km(net, c))
+    dist = np.stack([distances_km(net, c) for c in centres])  # [C, S]
+    owner = np.argmin(dist, axis=0)
+    return [np.nonzero(owner == c)[0].tolist() for c in range(len(centres)) if (owner == c).any()]
+
+
 def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
     """Solve the LP for a freshly built twin (same scenario, seed and horizon as the runs)."""
     H = twin.duration_s
@@ -80,6 +108,10 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
             if hi > lo:
                 up_share[s, t] -= (hi - lo) / wlen[t]
     avail = twin.total[:, :, None] * up_share[:, None, :]  # [S, G, T]
+    groups = ingress_groups(twin)
+    group_of = np.empty(S, dtype=np.int64)
+    for gi, members in enumerate(groups):
+        group_of[members] = gi
     V = _Vars()
     rows, cols, vals, rhs = [], [], [], []
     nrow = 0
@@ -102,7 +134,8 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
     for k, svc in enumerate(twin.services):
         if not svc.active:
             continue
-        n_req += len(svc.t)
+        rw = svc.spec.request_weight
+        n_req += len(svc.t) * rw
         types = [g for g in range(G) if svc.tp[g] > 0]
         for j in range(S):
             for g in types:
@@ -116,31 +149,41 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
                                                    svc.spec.precision)) <= svc.spec.slo.tpot_s for g in types}
         win = np.minimum((svc.t // window_s).astype(int), T - 1)
         rtt = 2 * twin.latency
+        grp = group_of[svc.ingress]
         for t in range(T):
             in_w = win == t
-            for i in range(S):
-                sel = in_w & (svc.ingress == i)
-                d = int(sel.sum())
-                if d == 0:
+            for gi, members in enumerate(groups):
+                in_g = in_w & (grp == gi)
+                if not in_g.any():
                     continue
-                phi = np.zeros(S)
-                thresh = svc.spec.slo.ttft_s - rtt[i]  # [S]
-                for g in types:
-                    if not tpot_ok[g]:
+                reach = np.zeros(S)  # requests of the group that could meet the SLOs at each site
+                demand = 0
+                for i in members:
+                    sel = in_g & (svc.ingress == i) if len(members) > 1 else in_g
+                    d = int(sel.sum())
+                    if d == 0:
                         continue
-                    sorted_pre = np.sort(pre[g][sel])
-                    frac = np.searchsorted(sorted_pre, np.where(np.isfinite(thresh), thresh, -1.0), side="right") / d
-                    has = twin.total[:, g] >= svc.tp[g]
-                    phi = np.maximum(phi, np.where(has, frac, 0.0))
-                js = np.nonzero(phi > 0)[0]
+                    d_w = d * rw  # the requests the simulated ones stand for
+                    demand += d_w
+                    phi = np.zeros(S)
+                    thresh = svc.spec.slo.ttft_s - rtt[i]  # [S]
+                    for g in types:
+                        if not tpot_ok[g]:
+                            continue
+                        sorted_pre = np.sort(pre[g][sel])
+                        frac = np.searchsorted(sorted_pre, np.where(np.isfinite(thresh), thresh, -1.0), side="right") / d
+                        has = twin.total[:, g] >= svc.tp[g]
+                        phi = np.maximum(phi, np.where(has, frac, 0.0))
+                    reach += phi * d_w
+                js = np.nonzero(reach > 0)[0]
                 if len(js) == 0:
                     continue
                 x = V.block(len(js))
                 for v, j in zip(x, js, strict=True):
                     served.append(v)
-                    upper[v] = phi[j] * d  # requests of this group that can meet the SLOs at j
+                    upper[v] = reach[j]  # requests of this group that can meet the SLOs at j
                     site_flows.setdefault((k, j, t), []).append(v)
-                add_row(x, np.ones(len(x)), d)  # routed ≤ demand
+                add_row(x, np.ones(len(x)), demand)  # routed ≤ demand
     # capacity of each site's replicas per window
     for (k, j, t), xs in site_flows.items():
         svc = twin.services[k]

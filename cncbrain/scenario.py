@@ -154,6 +154,10 @@ class InferenceSpec(_Strict):
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 64
     precision: Literal["bf16", "fp8"] = "bf16"
+    request_weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    """The twin simulates one request in `request_weight` of the (rate-scaled) trace and counts each
+    as that many — demand, queues, SLO counts and WAN bytes — so a pool with thousands of requests/s
+    stays fast to simulate; 1 simulates every request."""
 
     _model = field_validator("model")(classmethod(lambda cls, v: _known_model(v)))
 

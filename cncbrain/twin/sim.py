@@ -32,6 +32,19 @@ DROP_FACTOR = 8.0
 """A request whose queueing delay would exceed max(30 s, DROP_FACTOR × TTFT SLO) is dropped."""
 
 
+def _first_above(cum: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """For each i: how many entries of cum[rows[i]] are ≤ u[i] (rows of `cum` are non-decreasing),
+    i.e. the column whose cumulative share first exceeds u[i]. One binary search per request,
+    grouped by row, instead of comparing every request with every column."""
+    out = np.empty(len(u), dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(cum.shape[0] + 1))
+    for r in np.nonzero(np.diff(bounds))[0]:
+        idx = order[bounds[r]:bounds[r + 1]]
+        out[idx] = np.searchsorted(cum[r], u[idx], side="right")
+    return out
+
+
 @dataclass
 class _Service:
     """An inference service's static data and per-type serving constants."""
@@ -132,6 +145,7 @@ class Twin:
         # accounting
         self._ttft: list[np.ndarray] = []
         self._tpot: list[np.ndarray] = []
+        self._lat_weight: list[int] = []  # request weight of each _ttft/_tpot chunk
         self.n_requests = 0
         self.n_met = 0
         self.cost_usd = 0.0
@@ -170,7 +184,7 @@ class Twin:
         if spec.name in self.service_index and self.services[self.service_index[spec.name]].active:
             raise ValueError(f"service {spec.name!r} exists")
         m = physics.model(spec.model)
-        trace = replay(spec.trace, self.duration_s, spec.rate_scale, self.rng)
+        trace = replay(spec.trace, self.duration_s, spec.rate_scale / spec.request_weight, self.rng)
         ingress = self.rng.choice(self.S, size=len(trace), p=self._ingress_weights(spec))
         start = int(np.searchsorted(trace.t, self.time_s))
         mp, mo = float(trace.prompt.mean()), float(trace.output.mean())
@@ -577,7 +591,10 @@ class Twin:
                 continue
             t, p, o, ing = svc.t[lo:hi], svc.prompt[lo:hi], svc.output[lo:hi], svc.ingress[lo:hi]
             n = hi - lo
+            rw = svc.spec.request_weight  # each simulated request stands for rw of the trace
             demand = np.bincount(ing, minlength=S) / dt
+            if rw != 1:
+                demand = demand * rw
             ready = self.ready[:, k, :]  # [S, G]
             n_rep = ready.sum(axis=1)
             cap = (ready * svc.mu[None, :]).sum(axis=1)
@@ -621,7 +638,7 @@ class Twin:
             tot = flow.sum(axis=1)[ing]
             served = tot > 0
             u = self.rng.random(n) * tot
-            j = np.minimum((u[:, None] >= np.cumsum(flow, axis=1)[ing]).sum(axis=1), S - 1)
+            j = np.minimum(_first_above(np.cumsum(flow, axis=1), ing, u), S - 1)
             wait = wait0[j] + growth[j] * (t - t0)
             drop_after = max(30.0, DROP_FACTOR * svc.spec.slo.ttft_s)
             dropped = ~served | (wait > drop_after) | ~np.isfinite(tpot_site[j])
@@ -631,12 +648,13 @@ class Twin:
             ttft = 2 * self.latency[ing, j] + wait + pre
             tpot = tpot_site[j]
             ok = ~dropped & (ttft <= svc.spec.slo.ttft_s) & (tpot <= svc.spec.slo.tpot_s)
-            rep.requests[k] = n
-            rep.met_slo[k] = int(ok.sum())
-            rep.dropped[k] = int(dropped.sum())
+            rep.requests[k] = n * rw
+            rep.met_slo[k] = int(ok.sum()) * rw
+            rep.dropped[k] = int(dropped.sum()) * rw
             keep = ~dropped
             self._ttft.append(ttft[keep])
             self._tpot.append(tpot[keep])
+            self._lat_weight.append(rw)
             # backlog carried to the next tick (dropped work leaves the queue)
             c = np.maximum(n_rep, 1)
             w_site = svc.work_s[g_dom]
@@ -644,7 +662,7 @@ class Twin:
             self.backlog[:, k] = np.minimum(new_backlog, drop_after * c) * (n_rep > 0)
             # requests served away from their ingress cross the WAN: prompt + output tokens, 4 B each
             away = keep & (j != ing)
-            self.wan_bytes += float(((p[away] + o[away]) * 4).sum())
+            self.wan_bytes += float(((p[away] + o[away]) * 4).sum()) * rw
         self.n_requests += int(rep.requests.sum())
         self.n_met += int(rep.met_slo.sum())
         return rep
@@ -696,14 +714,25 @@ class Twin:
         return {
             "score": 0.5 * slo + 0.4 * goodput + 0.1 * (1.0 - cost_share),
             "slo_attainment": slo,
-            "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ttft) else 0.0,
-            "tpot_p99_s": float(np.percentile(tpot, 99)) if len(tpot) else 0.0,
+            "ttft_p99_s": self._p99(ttft, self._ttft),
+            "tpot_p99_s": self._p99(tpot, self._tpot),
             "training_goodput": goodput,
             "mean_jct_slowdown": float(np.mean(slowdowns)) if slowdowns else float("nan"),
             "gpu_utilization": self.busy_gpu_s / self.avail_gpu_s if self.avail_gpu_s else 0.0,
             "cost_usd": self.cost_usd,
             "wan_gb": self.wan_bytes / 1e9,
         }
+
+    def _p99(self, values: np.ndarray, chunks: list[np.ndarray]) -> float:
+        """99th percentile over served requests, each counted by its request weight."""
+        if not len(values):
+            return 0.0
+        if len(set(self._lat_weight)) <= 1:  # one weight for all: the plain percentile
+            return float(np.percentile(values, 99))
+        weights = np.concatenate([np.full(len(c), w, dtype=float) for c, w in zip(chunks, self._lat_weight, strict=True)])
+        order = np.argsort(values, kind="stable")
+        cum = np.cumsum(weights[order])
+        return float(values[order][np.searchsorted(cum, 0.99 * cum[-1])])
 
     def slo_series(self) -> tuple[np.ndarray, np.ndarray]:
         """SLO attainment per tick (time s, share met), for plots."""

@@ -139,14 +139,24 @@ def build_network(names: list[str], lat: np.ndarray, lon: np.ndarray, country: l
     latency = np.full((s, s), np.inf)
     bandwidth = np.zeros((s, s))
     hops = np.zeros((s, s), dtype=int)
+    elat = {(i, j): d["lat"] for i, j, d in wg.edges(data=True)}
+    ebw = {(i, j): d["bw"] for i, j, d in wg.edges(data=True)}
+    elat.update({(j, i): v for (i, j), v in list(elat.items())})
+    ebw.update({(j, i): v for (i, j), v in list(ebw.items())})
     for src, paths in nx.all_pairs_dijkstra_path(wg, weight="lat"):
-        for dst, p in paths.items():
-            if src == dst:
-                latency[src, dst] = 0.0
-                bandwidth[src, dst] = np.inf
+        # a source's shortest paths form a tree: each path is its predecessor's plus one link, so
+        # the sums and minima along it extend the predecessor's (the same additions, in order)
+        lat_row, bw_row, hop_row = latency[src], bandwidth[src], hops[src]
+        lat_row[src], bw_row[src] = 0.0, np.inf
+        for dst, p in sorted(paths.items(), key=lambda item: len(item[1])):
+            if dst == src:
                 continue
-            edges_on = list(zip(p[:-1], p[1:], strict=False))
-            latency[src, dst] = sum(wg[u][v]["lat"] for u, v in edges_on)
-            bandwidth[src, dst] = min(wg[u][v]["bw"] for u, v in edges_on)
-            hops[src, dst] = len(edges_on)
+            pred = p[-2]
+            if pred == src:
+                lat_row[dst] = 0 + elat[src, dst]
+                bw_row[dst] = ebw[src, dst]
+            else:
+                lat_row[dst] = lat_row[pred] + elat[pred, dst]
+                bw_row[dst] = min(bw_row[pred], ebw[pred, dst])
+            hop_row[dst] = len(p) - 1
     return Network(list(names), lat, lon, list(country), latency, bandwidth, hops, links)

@@ -149,3 +149,52 @@ def test_region_ingress_on_a_graphml_topology_checks_the_site():
     with pytest.raises(ScenarioError, match="inference.0.ingress.region.around: unknown site"):
         Twin(sc)
     assert yaml.safe_load(families.to_yaml("hotspot", 0))["inference"][0]["ingress"]["region"]["share"] > 0.5
+
+
+def test_request_weight_counts_each_simulated_request_as_many():
+    base = load_scenario("abilene")
+    chat = base.inference[0].model_copy(update={"rate_scale": 8.0})
+    runs = {}
+    for w in (1, 4):
+        sc = base.model_copy(update={"inference": [chat.model_copy(update={"request_weight": w})], "failures": []})
+        twin = Twin(sc, seed=3, duration_s=1800)
+        simulated = len(twin.services[0].t)
+        p = __import__("cncbrain.policies", fromlist=["make_policy"]).make_policy("least-loaded")
+        p.reset(3)
+        while not twin.done():
+            twin.step(p.act(twin.view()))
+        runs[w] = (simulated, twin.n_requests, twin.metrics()["slo_attainment"],
+                   float(np.mean([r.demand_rps.sum() for r in twin.history])))
+    (sim1, n1, slo1, dem1), (sim4, n4, slo4, dem4) = runs[1], runs[4]
+    assert sim4 == pytest.approx(sim1 / 4, rel=0.1)
+    assert n4 == pytest.approx(n1, rel=0.1) and dem4 == pytest.approx(dem1, rel=0.1)
+    assert slo4 == pytest.approx(slo1, abs=0.05)
+    with pytest.raises(ScenarioError, match="request_weight"):
+        parse_scenario(_inline(inference=[{"name": "c", "model": "7b", "trace": "conv", "request_weight": 0,
+                                           "slo": {"ttft_s": 1, "tpot_s": 0.1}}]))
+
+
+def test_p99_weighs_requests_by_their_weight():
+    twin = Twin(parse_scenario(_inline()), seed=0, duration_s=60)
+    light, heavy = np.arange(1.0, 100.0), np.full(10, 500.0)  # 99 requests of weight 1, 10 of weight 9
+    twin._lat_weight = [1, 9]
+    assert twin._p99(np.concatenate([light, heavy]), [light, heavy]) == 500.0
+    twin._lat_weight = [1, 1]
+    assert twin._p99(np.concatenate([light, heavy]), [light, heavy]) == pytest.approx(
+        np.percentile(np.concatenate([light, heavy]), 99))
+
+
+def test_oracle_groups_ingress_above_fifty_sites_and_stays_an_upper_bound():
+    from cncbrain.evaluate import run_policy
+    from cncbrain.oracle import INGRESS_GROUPS, ingress_groups
+
+    sc = families.generate("halls", 3002)  # 79 sites
+    twin = Twin(sc, seed=sc.seed, duration_s=900)
+    groups = ingress_groups(twin)
+    assert 1 < len(groups) <= INGRESS_GROUPS
+    assert sorted(i for g in groups for i in g) == list(range(twin.S))
+    assert ingress_groups(Twin(load_scenario("geant"), seed=0, duration_s=60)) == [[i] for i in range(34)]
+    bound = run_policy(sc, "oracle", sc.seed, 900).metrics
+    for policy in ("greedy", "least-loaded"):
+        m = run_policy(sc, policy, sc.seed, 900).metrics
+        assert bound["score"] >= m["score"] and bound["slo_attainment"] >= m["slo_attainment"] - 1e-9
