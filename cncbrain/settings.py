@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cncbrain.errors import UsageError
@@ -36,6 +36,12 @@ class CncSettings(BaseSettings):
     """Level of the process's log."""
     log_format: Literal["text", "json"] | None = None
     """`json`: one JSON object per line with `trace_id` and `span_id`. Unset: `CNC_LOG_FORMAT`, else text."""
+
+    @field_validator("otel_exporter", "log_format", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable counts as unset (compose passes `${X:-}` through)."""
+        return None if value == "" else value
 
 
 class BusSettings(BaseSettings):

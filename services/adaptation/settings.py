@@ -28,8 +28,12 @@ class Settings(ServiceSettings):
     token: str = ""
     """API token adaptation sends to perception (with auth on); empty: `CNC_TOKEN` / the token file."""
     forecast_horizon_ticks: int = Field(5, ge=1, le=60)
+    """Ticks ahead of the demand forecast the surge scale-up looks at."""
     max_actions_kept: int = Field(10_000, ge=100)
     """Actions kept in memory for ListActions (all are in the CNC_ADAPTATION stream)."""
     tls_cert_file: Path | None = None
+    """Server certificate (PEM). With `tls_key_file` the gRPC port speaks TLS only."""
     tls_key_file: Path | None = None
+    """The certificate's private key (PEM)."""
     tls_client_ca_file: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mutual TLS)."""

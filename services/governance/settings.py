@@ -28,5 +28,6 @@ class Settings(ServiceSettings):
     tls_cert_file: Path | None = None
     """Server certificate (PEM). With `tls_key_file` the gRPC port speaks TLS only."""
     tls_key_file: Path | None = None
+    """The certificate's private key (PEM)."""
     tls_client_ca_file: Path | None = None
     """When set, clients must present a certificate signed by this CA (mutual TLS)."""

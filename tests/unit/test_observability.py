@@ -99,3 +99,27 @@ def test_the_endpoint_binds_a_free_port_and_reports_it(tmp_path):
         assert 'cnc_build_info{process="tester"' in body
     finally:
         metrics.stop()
+
+
+def test_composes_prometheus_scrapes_every_process_as_up_configures_it():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    from cncbrain.commands.up import prometheus_config
+
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "deploy" / "docker-compose.yml").read_text())
+    exporting = sorted(n for n, svc in compose["services"].items()
+                       if (svc.get("environment") or {}).get("CNC_METRICS_PORT") == "9464")
+    assert exporting == ["adaptation", "agents", "emulator", "governance", "perception", "scheduler"]
+    deployed = (root / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    wanted = prometheus_config({"metrics": {p: f"http://{p}:9464/metrics" for p in exporting}}, interval_s=15)
+    strip = lambda text: [x for x in text.splitlines() if not x.startswith("#")]  # noqa: E731
+    assert strip(deployed) == strip(wanted)
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "config", str(root / "deploy" / "prometheus" / "prometheus.yml")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
