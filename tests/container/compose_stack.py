@@ -35,6 +35,7 @@ PORT_VARS = (
     "CNC_SCHEDULER_PORT",
     "CNC_ADAPTATION_PORT",
     "CNC_GOVERNANCE_PORT",
+    "CNC_WEB_PORT",
 )
 TOKEN_FILE = "/var/lib/cncbrain/secrets/operator.token"
 CLUSTER_PORT_VARS = (
@@ -209,6 +210,10 @@ class Stack:
     @property
     def governance(self) -> str:
         return f"127.0.0.1:{self.ports['CNC_GOVERNANCE_PORT']}"
+
+    @property
+    def web(self) -> str:
+        return f"http://127.0.0.1:{self.ports['CNC_WEB_PORT']}/"
 
     @property
     def perception(self) -> str:

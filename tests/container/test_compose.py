@@ -5,10 +5,12 @@ gRPC port, see their placements on NATS, tear everything down and find nothing l
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -88,6 +90,17 @@ async def test_single_node_stack(image, log_dir):
             # ...and the CLI inside the image, on the compose network.
             inside = stack.exec("scheduler", "cncbrain", "workloads", "--json", "--scheduler", "scheduler:50062")
             assert service_id in inside
+            # Operations: every process's /metrics inside the network, the web page on loopback.
+            for service in ("scheduler", "perception", "agents", "emulator", "governance", "adaptation"):
+                text = stack.exec(service, "python3", "-c", "import urllib.request as u; print(u.urlopen("
+                                  "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())")
+                assert f'cnc_build_info{{process="{service}"' in text, (service, text[:500])
+                assert service != "scheduler" or "cnc_scheduler_commits_total" in text
+            page = urllib.request.urlopen(stack.web, timeout=10).read().decode()
+            assert "CNC Brain" in page
+            request = urllib.request.Request(stack.web + "api/state", headers={"Authorization": f"Bearer {token}"})
+            state = json.loads(urllib.request.urlopen(request, timeout=10).read())
+            assert len(state["sites"]) == 11 and any(w["workload_id"] == service_id for w in state["workloads"])
     except BaseException:
         print(f"stack logs: {log_dir}")
         raise
