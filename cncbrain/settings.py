@@ -27,8 +27,8 @@ class CncSettings(BaseSettings):
     """Where the bus is; `cncbrain up` passes its embedded server's URL."""
     otel_exporter: Literal["none", "console", "otlp", "otlp,console", "console,otlp"] | None = None
     """Where spans go: `console` prints them to stderr, `otlp` sends them to an OTLP/gRPC collector.
-    Unset: the OpenTelemetry SDK's own variables decide — `OTEL_TRACES_EXPORTER`, else `otlp` when
-    `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, else none."""
+    Unset (or `auto`): the OpenTelemetry SDK's own variables decide — `OTEL_TRACES_EXPORTER`, else
+    `otlp` when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set, else none."""
     otlp_endpoint: str = ""
     """OTLP/gRPC collector endpoint. Empty: the SDK's `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` (default
     http://localhost:4317); TLS follows the scheme and `OTEL_EXPORTER_OTLP_INSECURE` / `..._CERTIFICATE`."""
@@ -40,8 +40,8 @@ class CncSettings(BaseSettings):
     @field_validator("otel_exporter", "log_format", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        """An empty variable counts as unset (compose passes `${X:-}` through)."""
-        return None if value == "" else value
+        """An empty variable, or `auto`, counts as unset (compose files pass `${X:-auto}` through)."""
+        return None if value in ("", "auto") else value
 
 
 class BusSettings(BaseSettings):

@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from cncbrain.errors import UsageError
+
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 
@@ -113,7 +115,8 @@ def setup(service_name: str, exporter: str | None = None, otlp_endpoint: str = "
 
             span_exporter = OTLPSpanExporter(endpoint=otlp_endpoint or None)
         else:
-            raise ValueError(f"trace exporter {name!r}: expected none, console or otlp")
+            raise UsageError(f"trace exporter {name!r} (OTEL_TRACES_EXPORTER or the process's OTEL_EXPORTER "
+                             "setting): expected none, console or otlp")
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     _tracers.clear()
@@ -179,7 +182,7 @@ def configure_logging(level: str = "INFO", log_format: str | None = None, proces
     None: `CNC_LOG_FORMAT`, else text. A bad name is refused with the accepted ones."""
     chosen = (log_format or os.environ.get("CNC_LOG_FORMAT") or "text").strip().lower()
     if chosen not in LOG_FORMATS:
-        raise ValueError(f"log format {chosen!r}: expected one of {', '.join(LOG_FORMATS)} (CNC_LOG_FORMAT, --log-format)")
+        raise UsageError(f"log format {chosen!r}: expected one of {', '.join(LOG_FORMATS)} (CNC_LOG_FORMAT, --log-format)")
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, "_cnc", False)), None)
     if handler is None:

@@ -2,6 +2,7 @@
 
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -87,6 +88,12 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     proc, env, ports, lines = up
     text = "".join(lines)
     assert f"127.0.0.1:{ports[2]}" in text and "11 site agents registered" in text
+    # each process's metrics endpoint, NATS monitoring, the web page and how the CLI finds the token
+    for process in ("governance", "perception", "scheduler", "adaptation", "emulator", "agents"):
+        assert re.search(rf"metrics     http://127\.0\.0\.1:\d+/metrics  \({process}\)", text), text
+    assert re.search(r"NATS monitoring  http://127\.0\.0\.1:\d+/varz", text), text
+    assert re.search(r"web page    http://127\.0\.0\.1:\d+/#token=tok_", text), text
+    assert "(the CLI picks it up;" in text  # its state folder is $CNC_STATE_DIR
     # adaptation and the emulated sites yield the CPU to the deploy path; the rest keep the default
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     nice = {Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[2].decode(): os.getpriority(os.PRIO_PROCESS, int(c))

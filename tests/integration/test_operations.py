@@ -183,6 +183,9 @@ def test_prometheus_scrapes_every_process_of_a_running_brain(brain, deployed, tm
         assert series('cnc_bus_consumer_pending{process="scheduler",consumer="scheduler-applied"}')
         assert series('cnc_kv_follower_lag{follower="token-feed"}')
         assert series('cnc_build_info{process="governance"}')
+        # the embedded nats-server's monitoring port, reported like the rest
+        varz = json.loads(urllib.request.urlopen(brain.endpoints["nats_monitor"] + "/varz", timeout=5).read())
+        assert varz["server_id"] and varz["jetstream"]
     finally:
         proc.terminate()
         proc.wait(10)

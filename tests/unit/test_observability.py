@@ -64,9 +64,15 @@ def test_json_log_lines_carry_the_current_trace_and_span_ids():
     assert "ValueError: boom" in failed["exc_info"]
 
 
-def test_a_bad_log_format_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="text, json"):
+def test_a_bad_log_format_or_trace_exporter_is_refused_naming_the_choices(monkeypatch):
+    from cncbrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="text, json"):
         telemetry.configure_logging("INFO", "yaml")
+    monkeypatch.setattr(telemetry, "_configured", False)
+    monkeypatch.setattr(trace, "set_tracer_provider", lambda provider: None)  # the tests' provider stays
+    with pytest.raises(UsageError, match="'jaeger'.*expected none, console or otlp"):
+        telemetry.setup("tester", "jaeger")
 
 
 def test_every_metric_is_prefixed_catalogued_once_and_every_exported_one_catalogued():
