@@ -88,6 +88,11 @@ def run_command(args: argparse.Namespace) -> int:
     except CncError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `cncbrain workloads | head -1`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
     except KeyboardInterrupt:
         return 130
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cncbrain.commands._output import show
+from cncbrain.commands._output import add_output_arg, print_json, show, wants_json
 
 
 def register(sub) -> None:
@@ -13,6 +13,7 @@ def register(sub) -> None:
     p.add_argument("--policy", default="least-loaded")
     p.add_argument("--hours", type=float, default=1.0)
     p.add_argument("--scenario", action="append", default=None, help="scenario(s) to time (default: all built-in)")
+    add_output_arg(p)
     p.set_defaults(func=run)
 
 
@@ -42,8 +43,14 @@ def run(args) -> int:
     table = Table(title=f"twin speed ({args.policy}, {args.hours:g} simulated h, one process)")
     for col in ("scenario", "wall s", "simulated s / wall s"):
         table.add_column(col, justify="right")
+    rows = []
     for name in names:
         wall, speed = time_twin(name, args.policy, args.hours)
+        rows.append({"scenario": name, "policy": args.policy, "simulated_hours": args.hours, "wall_s": wall,
+                     "speedup": speed})
         table.add_row(name, f"{wall:.2f}", f"{speed:,.0f}×")
-    show(table)
+    if wants_json(args):
+        print_json(rows)
+    else:
+        show(table)
     return 0

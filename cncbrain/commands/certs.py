@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cncbrain.commands._output import add_output_arg, print_json, wants_json
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("certs", help="make a local CA and TLS certificates for the gRPC services")
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", nargs="*", default=[], help="extra DNS names or IPs for the server certificate")
     p.add_argument("--days", type=int, default=365)
     p.add_argument("--force", action="store_true", help="replace an existing CA")
+    add_output_arg(p)
     p.set_defaults(func=run)
 
 
@@ -25,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
     from cncbrain.certs import make_local_pki
 
     pki = make_local_pki(args.out, args.host, args.days, args.force)
+    if wants_json(args):
+        print_json({"folder": str(pki.folder), "ca": str(pki.ca), "server_cert": str(pki.server_cert),
+                    "server_key": str(pki.server_key), "client_cert": str(pki.client_cert),
+                    "client_key": str(pki.client_key)})
+        return 0
     print(f"local CA and certificates in {pki.folder}:\n"
           f"  CA            {pki.ca}\n"
           f"  server        {pki.server_cert} / {pki.server_key}\n"
