@@ -308,7 +308,10 @@ class EmulatedExecutor:
                                  site=self.site_id)
 
     async def inventory(self, timeout_s: float = 60.0) -> common.Site:
+        """The site as the emulator has it; waits for the emulator (starting beside the agents, or
+        restarting), saying so every few seconds."""
         deadline = time.monotonic() + timeout_s
+        said = time.monotonic()
         while True:
             try:
                 resp = await self.bus.request(subjects.EMULATOR_INVENTORY,
@@ -316,9 +319,12 @@ class EmulatedExecutor:
                                               site_pb.EmulatorInventoryResponse, timeout_s=1.0, site=self.site_id)
                 self.tick_s = resp.tick_s
                 return resp.site
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline:
                     raise
+                if time.monotonic() - said > 5.0:
+                    log.warning("site %s: the emulator does not answer yet (%r); still waiting", self.site_id, exc)
+                    said = time.monotonic()
                 await asyncio.sleep(0.2)
 
     async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]:

@@ -127,8 +127,8 @@ def load() -> str:
 def running_brain(**kwargs) -> Iterator[Brain]:
     """A started `up` (abilene, emulated sites at 30×, fresh state in a temporary folder), stopped after."""
     with tempfile.TemporaryDirectory() as tmp:
-        brain = Brain(Path(tmp), "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), speed=30.0, fresh=True, auth=AUTH, **kwargs)
+        brain = Brain(Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
+                      adaptation_port=0, speed=30.0, fresh=True, auth=AUTH, **kwargs)
         brain.start()
         try:
             yield brain

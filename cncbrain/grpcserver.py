@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from cncbrain import aio, limits, telemetry
 from cncbrain.errors import CncError, UsageError
 from cncbrain.settings import CncSettings, ServiceSettings
+from cncbrain.supervise import EXIT_PORT_IN_USE
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +104,34 @@ async def start_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    address = f"{settings.grpc_host}:{settings.grpc_port or reported_port(settings.port_file)}"
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise CncError(f"cannot listen on {address}: port in use or address unavailable ({exc})") from None
+        raise PortInUse(f"cannot listen on {address}: port in use or address unavailable ({exc})") from None
     if port == 0:
-        raise CncError(f"cannot listen on {address}: port in use or address unavailable")
+        raise PortInUse(f"cannot listen on {address}: port in use or address unavailable")
     await server.start()
+    if settings.port_file is not None:
+        settings.port_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = settings.port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(settings.port_file)
     started = GrpcServer(server, port, health_servicer, names)
     await started.set_serving(True)
     return started
+
+
+class PortInUse(CncError):
+    """The gRPC port could not be bound; the process exits with `supervise.EXIT_PORT_IN_USE`."""
+
+
+def reported_port(path: Path | None) -> int:
+    """The port written to `path` by a service that listened before (0: none)."""
+    try:
+        return int(path.read_text().strip()) if path is not None else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -182,6 +201,8 @@ def run(main: Callable[[], Awaitable[int]]) -> int:
     except CncError as exc:
         log.error("%s", exc)
         print(f"error: {exc}")
+        if isinstance(exc, PortInUse):
+            return EXIT_PORT_IN_USE
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         return 130

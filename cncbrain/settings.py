@@ -62,7 +62,11 @@ class ServiceSettings(CncSettings):
     grpc_host: str = "127.0.0.1"
     """Interface to bind; `0.0.0.0` in containers."""
     grpc_port: int = Field(0, ge=0, le=65535)
-    """0 picks a free port (tests); `cncbrain up` uses the documented defaults."""
+    """0: the port `port_file` names (a predecessor's, when this is a restart or a standby taking
+    over), else any free port (tests; `cncbrain up` when a port is not given)."""
+    port_file: Path | None = None
+    """Where the bound port is written once listening (bind, then report: nothing can take the port
+    between a check and the bind); `cncbrain up` reads it."""
     shutdown_grace_s: float = Field(2.0, ge=0)
     """Seconds in-flight RPCs get to finish after SIGTERM."""
     max_pending_requests: int = Field(10_000, ge=1)

@@ -39,7 +39,7 @@ def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[A
     try:
         return aio.run(run())
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, service) from None
 
 
 def dump(message: Any) -> None:

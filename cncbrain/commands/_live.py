@@ -9,8 +9,11 @@ state folder (`cncbrain.auth.load_token`)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -121,13 +124,71 @@ def channel(address: str, token: str | None = None) -> grpc.aio.Channel:
     return client_channel(address, interceptors=interceptors)
 
 
-def rpc_error(exc: grpc.aio.AioRpcError, address: str) -> CncError:
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return CncError(f"no brain answers at {address}: start one with `cncbrain up` (or pass the address)")
+NO_ANSWER = ("failed to connect", "connection refused", "socket closed", "connection reset", "dns resolution",
+             "no route to host", "network is unreachable", "deadline exceeded while waiting for connections",
+             "unavailable to connect", "connections to all backends failing")
+"""Details gRPC gives when nothing answered at the address (as opposed to a server answering
+UNAVAILABLE because something behind it is down)."""
+
+
+def unanswered(exc: grpc.aio.AioRpcError) -> bool:
+    """Did the call fail because nothing answered at the address?"""
+    details = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and (not details or any(t in details for t in NO_ANSWER))
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, address: str, component: str = "") -> CncError:
+    """The user's message for a failed call to `component` (scheduler, governance, …) at `address`:
+    nothing answering there is not the same as that service answering that something it needs is
+    down (governance unavailable behind the scheduler)."""
+    who = f"{component} at {address}" if component else address
+    if unanswered(exc):
+        return CncError(f"no brain answers at {address}{f' (the {component})' if component else ''}: start one "
+                        f"with `cncbrain up` (or pass the address)")
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return CncError(f"UNAUTHENTICATED: {exc.details()} (pass --token, set CNC_TOKEN, or use the operator "
                         f"token `cncbrain up` wrote to {state_dir() / 'operator.token'}; --state-dir names its folder)")
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CncError(f"{who} answered {exc.code().name}: {exc.details()}")
     return CncError(f"{exc.code().name}: {exc.details()}")
+
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def retry_window_s() -> float:
+    """How long a change the CLI sends (deploy, submit, cancel) is retried while the service is
+    unavailable (restarting, failing over): `CNC_RETRY_S`, default 20 s."""
+    raw = os.environ.get("CNC_RETRY_S", "20")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"CNC_RETRY_S: {raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise UsageError(f"CNC_RETRY_S: {value:g} is not in 0..3600 seconds")
+    return value
+
+
+async def call_retrying(call, what: str, window_s: float | None = None):
+    """`await call()` until it succeeds, fails for a reason retrying cannot fix, or the window ends.
+    Safe only for calls that are idempotent (a deploy with its request id, a cancel)."""
+    import sys
+
+    window_s = retry_window_s() if window_s is None else window_s
+    deadline = time.monotonic() + window_s
+    delay, said = 0.2, False
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE or time.monotonic() + delay > deadline:
+                raise
+            if not said:
+                print(f"{what}: {exc.code().name} ({(exc.details() or '')[:200]}); retrying for up to "
+                      f"{window_s:.0f} s", file=sys.stderr, flush=True)
+                said = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def run_alone(register, argv: list[str]) -> int:
@@ -141,21 +202,27 @@ def run_alone(register, argv: list[str]) -> int:
 
 
 def create_workload(args, rpc: str, request) -> int:
-    """Send a deploy/submit request to the scheduler and print the new workload's id and state."""
+    """Send a deploy/submit request to the scheduler and print the new workload's id and state.
+    Without --request-id the CLI makes one, so that it can send the request again while the
+    scheduler is unavailable (a restart, a failover) without creating the workload twice."""
 
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     address = target(args, "scheduler")
+    if not request.request_id:
+        request.request_id = f"cli-{uuid.uuid4().hex}"
 
     async def call():
         async with channel(address) as ch:
-            return await getattr(scheduler_pb2_grpc.SchedulerServiceStub(ch), rpc)(request, timeout=10)
+            stub = getattr(scheduler_pb2_grpc.SchedulerServiceStub(ch), rpc)
+            return await call_retrying(lambda: stub(request, timeout=10),
+                                       f"scheduler at {address} (request id {request.request_id})")
 
     try:
         w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, "scheduler") from None
     from cncbrain.commands._output import print_json, wants_json
 
     if wants_json(args):

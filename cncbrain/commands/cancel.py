@@ -7,7 +7,7 @@ import argparse
 import grpc
 
 from cncbrain import aio
-from cncbrain.commands._live import add_target_args, channel, rpc_error, target
+from cncbrain.commands._live import add_target_args, call_retrying, channel, rpc_error, target
 from cncbrain.commands._output import add_output_arg, print_json, wants_json
 
 
@@ -27,13 +27,21 @@ def run(args: argparse.Namespace) -> int:
 
     async def call():
         async with channel(address) as ch:
-            return await scheduler_pb2_grpc.SchedulerServiceStub(ch).CancelWorkload(
-                pb.CancelWorkloadRequest(workload_id=args.workload_id), timeout=10)
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            request = pb.CancelWorkloadRequest(workload_id=args.workload_id)
+            try:
+                return await call_retrying(lambda: stub.CancelWorkload(request, timeout=10),
+                                           f"scheduler at {address}")
+            except grpc.aio.AioRpcError as exc:
+                # sent again after a lost answer: the first one may have cancelled it already
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "already CANCELLED" not in (exc.details() or ""):
+                    raise
+                return await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=args.workload_id), timeout=10)
 
     try:
         w = aio.run(call()).workload
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, "scheduler") from None
     if wants_json(args):
         print_json(w)
     else:
@@ -44,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    from cncbrain.commands._live import run_alone
+    from cncbrain.commands._live import call_retrying, run_alone
 
     sys.exit(run_alone(register, ["cancel", *sys.argv[1:]]))

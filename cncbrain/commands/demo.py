@@ -242,13 +242,12 @@ def report(t: Tally, console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cncbrain.commands.up import Brain
-    from cncbrain.natsserver import free_port
 
     if args.duration <= 0:
         raise UsageError("--duration must be > 0")
     console = Console()
-    brain = Brain(args.state_dir, args.scenario, nats_port=free_port(), perception_port=free_port(),
-                  scheduler_port=free_port(), speed=args.speed, fresh=True, policy=args.policy)
+    brain = Brain(args.state_dir, args.scenario, nats_port=0, perception_port=0, scheduler_port=0,
+                  governance_port=0, adaptation_port=0, speed=args.speed, fresh=True, policy=args.policy)
     console.print(f"starting CNC Brain ({args.scenario}, {args.speed:.0f}× emulated time) …")
     brain.start()
     console.print(f"healthy in {brain.healthy_after_s:.1f} s: {len(brain.sites)} sites, "

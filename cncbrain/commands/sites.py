@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sites = aio.run(fetch(address))
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, "perception") from None
     if wants_json(args):
         print_json(list(sites))
         return 0

@@ -35,7 +35,9 @@ from typing import Any
 from cncbrain import aio
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
 from cncbrain.errors import CncError, UsageError
+from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
+from cncbrain.supervise import GaveUp, Supervisor
 
 SECRETS_DIR = "secrets"
 """Sub-folder of the state folder with the NATS credentials (`cncbrain.bus.credentials`)."""
@@ -43,13 +45,16 @@ NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
 ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
 PROMETHEUS_FILE = "prometheus.yml"
 """A Prometheus scrape configuration for this brain, written by `up` (`prometheus --config.file=...`)."""
-BACKGROUND = ("adaptation", "emulator")
-"""Processes off the deploy → placement path (adaptation's control loop, the emulated sites): they
-run at a lower CPU priority (`--background-nice`), so on a small machine the scheduler, the site
-agents, perception, governance (admission) and NATS get a core first. `python -m benchmarks.bench_live
-nice` (10 interleaved blocks of 60 deploys in one brain) on this project's 2-core machine: deploy →
-placement p50 11.97 ms at nice 0 vs 10.20 at 19 (median of the blocks, 9 of 10 pairs lower);
-`... nice 10 19`: 8.12 vs 7.63 ms (6 of 10) at a faster hour (docs/live-brain.md)."""
+BACKGROUND = ("adaptation",)
+"""Processes off the deploy → placement path (adaptation's control loop): they run at a lower CPU
+priority (`--background-nice`), so on a small machine the scheduler, the site agents, perception,
+governance (admission) and NATS get a core first. `python -m benchmarks.bench_live nice` (10
+interleaved blocks of 60 deploys in one brain) on this project's 2-core machine, with the emulator
+niced too: deploy → placement p50 11.97 ms at nice 0 vs 10.20 at 19 (median of the blocks, 9 of 10
+pairs lower); `... nice 10 19`: 8.12 vs 7.63 ms (6 of 10) at a faster hour (docs/live-brain.md).
+The emulated sites are no longer niced: they apply placements, whose confirmation the scheduler's
+reconciler waits for, and a starved emulator (nice 19 on a loaded machine) left sites unable to
+confirm within the reconciler's ticks."""
 DEFAULT_BACKGROUND_NICE = 19
 
 
@@ -95,22 +100,37 @@ def lower_priority(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
+SERVICES = ("governance", "perception", "scheduler", "adaptation")
+"""In start order: the scheduler needs governance's address, adaptation perception's."""
+STOP_ORDER = ("agents", "emulator", "adaptation", "scheduler", "perception", "governance", "nats")
+
+
 class Brain:
-    """The processes of an embedded brain; `start()` returns once every health check is SERVING
-    and every site agent has registered."""
+    """The processes of an embedded brain, supervised (`cncbrain.supervise`): `start()` returns once
+    every health check is SERVING and every site agent has registered; `poll()` (called by `up`
+    every 0.1 s) restarts what crashed and raises `GaveUp` when something keeps crashing.
+
+    Ports: a port given as 0 is bound by the service itself, which then reports it (bind, then
+    report: two brains started at the same moment never collide); its restarts and its standby
+    reuse it. `standby`: two instances of each service, one active by a lease in NATS KV
+    (`cncbrain.lease`); the other takes over the same port when the active dies."""
 
     def __init__(self, state_dir: Path = STATE_DIR, scenario: str = "abilene", *, nats_url: str | None = None,
                  nats_port: int = NATS_PORT, perception_port: int = PERCEPTION_PORT,
                  scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
                  adaptation_port: int | None = None, auth: bool = False, policy: str | None = None,
-                 background_nice: int | None = None, log_format: str | None = None) -> None:
-        from cncbrain.natsserver import free_port
-
-        # Governance and adaptation: unless given, their default port, or a free one when that is taken (another
-        # brain, a test running beside this one); endpoints.json tells the client commands.
-        self.governance_port = governance_port or (GOVERNANCE_PORT if not port_in_use(GOVERNANCE_PORT) else free_port())
-        self.adaptation_port = adaptation_port or (ADAPTATION_PORT if not port_in_use(ADAPTATION_PORT) else free_port())
+                 background_nice: int | None = None, log_format: str | None = None, standby: bool = False,
+                 say=None) -> None:
+        # Governance and adaptation: unless given, their default port, or any free port (bound and
+        # reported by the service) when that is taken; endpoints.json tells the client commands.
+        if governance_port is None:
+            governance_port = GOVERNANCE_PORT if not port_in_use(GOVERNANCE_PORT) else 0
+        if adaptation_port is None:
+            adaptation_port = ADAPTATION_PORT if not port_in_use(ADAPTATION_PORT) else 0
+        self.ports = {"perception": perception_port, "scheduler": scheduler_port,
+                      "governance": governance_port, "adaptation": adaptation_port}
+        """Ports asked for (0: any); the bound ones once started."""
         self.auth = auth
         self.policy = policy or os.environ.get("CNC_AGENT_POLICY") or None
         """Site agents' policy (greedy, marl, marl:PATH); None: the agent's default (marl when shipped)."""
@@ -128,21 +148,37 @@ class Brain:
         self.scenario = scenario
         self.external_nats = nats_url
         self.nats_port = nats_port
-        self.perception_port = perception_port
-        self.scheduler_port = scheduler_port
         self.speed = speed
         self.fresh = fresh
         self.perception_tick_s = perception_tick_s
+        self.standby = standby
         self.nats: NatsServer | None = None
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.supervisor = Supervisor(say=say)
         self.healthy_after_s: float | None = None
         self.sites: list[str] = []
+        self._lowered: set[int] = set()
         self.log_format = log_format
         """`text` or `json` for every child (CNC_LOG_FORMAT); None: the environment's."""
         self.web_url = ""
         """The live web page (served by perception), as perception reported it once bound."""
         self.metrics: dict[str, str] = {}
         """Each child's /metrics URL, as the child reported it once bound."""
+
+    @property
+    def perception_port(self) -> int:
+        return self.ports["perception"]
+
+    @property
+    def scheduler_port(self) -> int:
+        return self.ports["scheduler"]
+
+    @property
+    def governance_port(self) -> int:
+        return self.ports["governance"]
+
+    @property
+    def adaptation_port(self) -> int:
+        return self.ports["adaptation"]
 
     @property
     def nats_url(self) -> str:
@@ -168,8 +204,13 @@ class Brain:
 
     @property
     def run_dir(self) -> Path:
-        """Where the children report the ports they bound (`<name>.metrics`)."""
+        """Where the children report the ports they bound (`<service>.port`, `<name>.metrics`)."""
         return self.state_dir / "run"
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The running children by name, nats-server aside (`nats`)."""
+        return {n: c.proc for n, c in self.supervisor.children.items() if n != "nats" and c.proc is not None}
 
     @property
     def token_file(self) -> Path:
@@ -208,84 +249,103 @@ class Brain:
     def log_path(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
+    def port_file(self, service: str) -> Path:
+        return self.run_dir / f"{service}.port"
+
+    def instances(self, service: str) -> list[str]:
+        return [service, f"{service}-2"] if self.standby else [service]
+
+    def _add(self, name: str, argv: list[str], env: dict[str, str], dependents: tuple[str, ...] = ()) -> None:
         report = self.run_dir / f"{name}.metrics"
-        report.unlink(missing_ok=True)
-        if name == "perception":
-            (self.run_dir / "web.url").unlink(missing_ok=True)
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
-            start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
-        )
-        if name in BACKGROUND and self.background_nice:
-            lower_priority(self.procs[name].pid, self.background_nice)
 
-    def start(self, timeout_s: float = 30.0) -> Brain:
+        def popen() -> subprocess.Popen[bytes]:
+            report.unlink(missing_ok=True)
+            if name == "perception":
+                (self.run_dir / "web.url").unlink(missing_ok=True)
+            log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
+                    start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
+                )
+            finally:
+                log.close()
+            return proc
+
+        self.supervisor.add(name, popen, self.log_path(name), dependents)
+
+    def _add_service(self, service: str, env: dict[str, str], raw_env: dict[str, str] | None = None) -> None:
+        prefix = f"CNC_{service.upper()}_"
+        for instance in self.instances(service):
+            self._add(instance, ["-m", f"services.{service}"], {
+                **(raw_env or {}), **{prefix + k: v for k, v in env.items()},
+                prefix + "NATS_URL": self.nats_url, prefix + "GRPC_PORT": str(self.ports[service]),
+                prefix + "PORT_FILE": str(self.port_file(service).resolve()), prefix + "INSTANCE": instance,
+                prefix + "AUTH_ENABLED": "true" if self.auth else "false"})
+            self.supervisor.start(instance)
+
+    def start(self, timeout_s: float = 90.0) -> Brain:
         from agents.executor_emulated import site_ids_of
         from cncbrain.scenario import load_scenario
 
         started = time.monotonic()
         self.sites = site_ids_of(load_scenario(self.scenario))  # validates the scenario first
-        busy = [(n, p) for n, p in (("perception", self.perception_port), ("scheduler", self.scheduler_port),
-                                    ("adaptation", self.adaptation_port), ("governance", self.governance_port))
-                if port_in_use(p)]
-        if not self.external_nats and port_in_use(self.nats_port):
+        busy = [(n, p) for n, p in self.ports.items() if p and port_in_use(p)]
+        if not self.external_nats and self.nats_port and port_in_use(self.nats_port):
             busy.insert(0, ("nats", self.nats_port))
         if busy:
             raise CncError("port(s) in use: " + ", ".join(f"{n} {p}" for n, p in busy)
                            + " — is another `cncbrain up` running? Stop it, or pick ports with "
                            "--nats-port/--perception-port/--scheduler-port/--adaptation-port/--governance-port "
-                           "(or --nats-url for an existing NATS)")
+                           "(0: any free port; or --nats-url for an existing NATS)")
         if self.fresh and self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)  # ports reported by an earlier brain
+        self.run_dir.mkdir(parents=True)
         self._credentials()
-        if not self.external_nats:
-            from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
-
-            self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port, log_file=self.log_path("nats"),
-                                   auth=self.secrets_dir / NATS_DIR / AUTH_FILE).start()
-        url = self.nats_url
-        auth = "true" if self.auth else "false"
-        token_file = str(self.token_file.resolve())
         try:
+            if not self.external_nats:
+                from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
+
+                nats = self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
+                                              log_file=self.log_path("nats"),
+                                              auth=self.secrets_dir / NATS_DIR / AUTH_FILE)
+                self.supervisor.add("nats", lambda: nats.start().proc, self.log_path("nats"))
+                self.supervisor.start("nats")
             aio.run(self._provision())
-            self._spawn("governance", ["-m", "services.governance"], {
-                "CNC_GOVERNANCE_NATS_URL": url, "CNC_GOVERNANCE_GRPC_PORT": str(self.governance_port),
-                "CNC_GOVERNANCE_AUTH_ENABLED": auth, "CNC_GOVERNANCE_BOOTSTRAP_TOKEN_FILE": token_file})
-            self._spawn("perception", ["-m", "services.perception"], {
-                "CNC_PERCEPTION_NATS_URL": url, "CNC_PERCEPTION_GRPC_PORT": str(self.perception_port),
-                "CNC_PERCEPTION_TICK_S": str(self.perception_tick_s), "CNC_PERCEPTION_AUTH_ENABLED": auth,
-                "CNC_PERCEPTION_WEB_PORT": "0", "CNC_PERCEPTION_WEB_PORT_FILE": str((self.run_dir / "web.url").resolve())})
-            self._spawn("scheduler", ["-m", "services.scheduler"], {
-                "CNC_SCHEDULER_NATS_URL": url, "CNC_SCHEDULER_GRPC_PORT": str(self.scheduler_port),
-                "CNC_SCHEDULER_AUTH_ENABLED": auth, "CNC_SCHEDULER_GOVERNANCE_TARGET": f"127.0.0.1:{self.governance_port}",
-                "CNC_TOKEN_FILE": token_file})
-            self._spawn("adaptation", ["-m", "services.adaptation"], {
-                "CNC_ADAPTATION_NATS_URL": url, "CNC_ADAPTATION_GRPC_PORT": str(self.adaptation_port),
-                "CNC_ADAPTATION_AUTH_ENABLED": auth, "CNC_ADAPTATION_PERCEPTION_TARGET": f"127.0.0.1:{self.perception_port}",
-                "CNC_TOKEN_FILE": token_file})
-            self._spawn("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
-                                     "--speed", str(self.speed), "--nats-url", url], {})
-            self._spawn("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
-                                   "--nats-url", url, *(["--policy", self.policy] if self.policy else [])], {})
-            aio.run(self._wait_ready(timeout_s))
+            token_file = str(self.token_file.resolve())
+            self._add_service("governance", {"BOOTSTRAP_TOKEN_FILE": token_file})
+            self._add_service("perception", {"TICK_S": str(self.perception_tick_s), "WEB_PORT": "0",
+                                             "WEB_PORT_FILE": str((self.run_dir / "web.url").resolve())})
+            aio.run(self._wait_listening(("governance", "perception"), started + timeout_s))
+            self._add_service("scheduler", {"GOVERNANCE_TARGET": f"127.0.0.1:{self.governance_port}"},
+                              {"CNC_TOKEN_FILE": token_file})
+            self._add_service("adaptation", {"PERCEPTION_TARGET": f"127.0.0.1:{self.perception_port}"},
+                              {"CNC_TOKEN_FILE": token_file})
+            self._add("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
+                                   "--speed", str(self.speed), "--nats-url", self.nats_url], {}, dependents=("agents",))
+            self.supervisor.start("emulator")
+            self._add("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
+                                 "--nats-url", self.nats_url, *(["--policy", self.policy] if self.policy else [])], {})
+            self.supervisor.start("agents")
+            aio.run(self._wait_ready(started + timeout_s, timeout_s))
             self.metrics = self._read_reports(max(1.0, timeout_s - (time.monotonic() - started)))
         except BaseException:
             self.stop()
             raise
         self.healthy_after_s = time.monotonic() - started
+        self._lower_background()
         (self.state_dir / ENDPOINTS_FILE).write_text(json.dumps(self.endpoints, indent=2))
         (self.state_dir / PROMETHEUS_FILE).write_text(prometheus_config(self.endpoints))
         return self
 
     def _read_reports(self, timeout_s: float) -> dict[str, str]:
-        """The /metrics URL each child wrote once its endpoint was bound (they bind before serving)."""
+        """The /metrics URL each child wrote once its endpoint was bound (they bind before serving;
+        a standby instance binds when it starts, before it waits for its lease)."""
         deadline = time.monotonic() + timeout_s
         found: dict[str, str] = {}
         while True:
@@ -298,8 +358,7 @@ class Brain:
                 self.web_url = web.read_text().strip()
             if len(found) == len(self.procs) and self.web_url:
                 return {name: found[name] for name in self.procs}
-            if (msg := self.dead()) is not None:
-                raise CncError(msg)
+            self._check()
             if time.monotonic() > deadline:
                 missing = [f"{n}'s metrics endpoint" for n in sorted(set(self.procs) - set(found))]
                 missing += [] if self.web_url else ["perception's web page"]
@@ -307,31 +366,67 @@ class Brain:
                                f"(logs in {self.state_dir / 'logs'})")
             time.sleep(0.05)
 
-    def dead(self) -> str | None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = self.log_path(name).read_text(errors="replace").strip().splitlines()[-5:]
-                return f"{name} exited with code {proc.returncode}; last log lines:\n  " + "\n  ".join(tail)
-        return None
+    def _check(self) -> None:
+        """During start-up: restart what ended (a site agent that found the emulator not answering
+        yet, ...); raise `GaveUp` when something keeps failing."""
+        self.poll()
 
-    async def _wait_ready(self, timeout_s: float) -> None:
+    def dead(self) -> str | None:
+        """A message naming a child that has ended (and its last log lines), or None."""
+        child = self.supervisor.exited()
+        if child is None:
+            return None
+        assert child.proc is not None
+        return f"{child.name} exited with code {child.proc.returncode}; last log lines:{child.tail()}"
+
+    def poll(self) -> list[str]:
+        """Restart what crashed (see `Supervisor.poll`); raises `GaveUp`."""
+        restarted = self.supervisor.poll()
+        self._lower_background()
+        return restarted
+
+    def _lower_background(self, settle_s: float = 10.0) -> None:
+        """`BACKGROUND` children yield the CPU once started (at nice 19 from the first instant, a
+        loaded machine can starve their start-up — imports, the twin — past what `up` waits): the
+        first ones once the brain is healthy, a restarted one `settle_s` after it started again."""
+        if not self.background_nice or self.healthy_after_s is None:
+            return
+        now = time.monotonic()
+        for name, child in self.supervisor.children.items():
+            proc = child.proc
+            if (proc is not None and proc.pid not in self._lowered and name.split("-")[0] in BACKGROUND
+                    and (child.started_at is None or now - child.started_at >= settle_s or not child.restarts)):
+                lower_priority(proc.pid, self.background_nice)
+                self._lowered.add(proc.pid)
+
+    async def _wait_listening(self, services: tuple[str, ...], deadline: float) -> None:
+        """Wait until each of `services` has reported the port it listens on (bind, then report)."""
+        for service in services:
+            while not (port := reported_port(self.port_file(service))):
+                self._check()
+                if time.monotonic() > deadline:
+                    raise CncError(f"{service} did not listen within the start-up time "
+                                   f"(logs in {self.state_dir / 'logs'})")
+                await asyncio.sleep(0.05)
+            self.ports[service] = port
+
+    async def _wait_ready(self, deadline: float, timeout_s: float) -> None:
         import grpc
 
         from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
         from cncbrain.grpcserver import wait_healthy
 
-        deadline = time.monotonic() + timeout_s
-        for port in (self.governance_port, self.perception_port, self.scheduler_port, self.adaptation_port):
+        await self._wait_listening(SERVICES, deadline)
+        for service in SERVICES:
             while True:
-                if (msg := self.dead()) is not None:
-                    raise CncError(msg)
+                self._check()
                 try:
-                    await wait_healthy(f"127.0.0.1:{port}", timeout_s=0.5)
+                    await wait_healthy(f"127.0.0.1:{self.ports[service]}", timeout_s=0.5)
                     break
                 except CncError:
                     if time.monotonic() > deadline:
-                        raise CncError(f"127.0.0.1:{port} not healthy within {timeout_s:.0f} s "
-                                       f"(logs in {self.state_dir / 'logs'})") from None
+                        raise CncError(f"{service} (127.0.0.1:{self.ports[service]}) not healthy within "
+                                       f"{timeout_s:.0f} s (logs in {self.state_dir / 'logs'})") from None
         from cncbrain.auth import token_interceptors
 
         token = self.token_file.read_text().strip() if self.auth and self.token_file.exists() else None
@@ -339,9 +434,11 @@ class Brain:
                                              interceptors=token_interceptors(token)) as ch:
             stub = perception_pb2_grpc.PerceptionServiceStub(ch)
             while True:
-                if (msg := self.dead()) is not None:
-                    raise CncError(msg)
-                sites = (await stub.ListSites(perception_pb2.ListSitesRequest())).sites
+                self._check()
+                try:
+                    sites = (await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=2)).sites
+                except grpc.aio.AioRpcError:  # perception restarting
+                    sites = []
                 if len(sites) >= len(self.sites):
                     return
                 if time.monotonic() > deadline:
@@ -350,18 +447,8 @@ class Brain:
                 await asyncio.sleep(0.1)
 
     def stop(self, grace_s: float = 8.0) -> None:
-        for name in ("agents", "emulator", "adaptation", "scheduler", "perception", "governance"):
-            proc = self.procs.get(name)
-            if proc and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.clear()
+        order = [i for name in STOP_ORDER for i in (self.instances(name) if name in SERVICES else [name])]
+        self.supervisor.stop([n for n in order if n != "nats"], grace_s)
         if self.nats:
             self.nats.stop()
             self.nats = None
@@ -397,9 +484,17 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=("text", "json"), default=None,
                    help="every process's log: text, or json (one object per line with trace and span ids); "
                         "default $CNC_LOG_FORMAT, else text")
+    p.add_argument("--standby", action="store_true",
+                   help="run two instances of each service: one active (a lease in NATS KV), the other taking over "
+                        "within seconds when it dies")
     p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
                    help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
                         "when the shipped policy file exists, else greedy)")
+
+
+def say(line: str) -> None:
+    """A supervision line on `up`'s console."""
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -407,7 +502,8 @@ def run(args: argparse.Namespace) -> int:
                   perception_port=args.perception_port, scheduler_port=args.scheduler_port,
                   speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
                   adaptation_port=args.adaptation_port, auth=not args.no_auth, policy=args.policy,
-                  background_nice=args.background_nice, log_format=args.log_format)
+                  background_nice=args.background_nice, log_format=args.log_format, standby=args.standby,
+                  say=say)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -415,7 +511,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"starting CNC Brain ({args.scenario}) …", flush=True)
+    print(f"starting CNC Brain ({args.scenario}{', standby instances' if args.standby else ''}) …", flush=True)
     brain.start()
     ep = brain.endpoints
     print(f"healthy in {brain.healthy_after_s:.1f} s — {len(brain.sites)} site agents registered\n"
@@ -432,15 +528,20 @@ def run(args: argparse.Namespace) -> int:
           + f"  Prometheus  prometheus --config.file={brain.state_dir.resolve() / PROMETHEUS_FILE}\n"
           + f"  web page    {web_link(brain)}\n" +
           f"  event loop  {aio.loop_name()}  (every process; CNC_EVENT_LOOP=asyncio for the standard one)\n"
+          + ("  standby     a second instance of each service takes over when the active one dies\n"
+             if args.standby else "") +
+          f"  supervised  a process that crashes is restarted; up stops when one crashes "
+          f"{brain.supervisor.max_crashes} times within {brain.supervisor.window_s:.0f} s\n"
           f"try: cncbrain sites · cncbrain deploy --name chat --model 13b · cncbrain watch\n"
           f"Ctrl-C stops everything.", flush=True)
     try:
         while not stop["now"]:
-            msg = brain.dead()
-            if msg:
-                print(f"error: {msg}", file=sys.stderr)
+            try:
+                brain.poll()
+            except GaveUp as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 1
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         print("stopping …", flush=True)
         brain.stop()

@@ -95,7 +95,7 @@ async def watch_workload(args: argparse.Namespace) -> int:
                 print(line(f"cnc.scheduler.workload.{args.workload}", "cnc.scheduler.v1.WorkloadEvent",
                            resp.event, wants_json(args)), flush=True)
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, "scheduler") from None
     return 0
 
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         items = aio.run(call())
     except grpc.aio.AioRpcError as exc:
-        raise rpc_error(exc, address) from None
+        raise rpc_error(exc, address, "scheduler") from None
     if wants_json(args) or args.workload_id:
         print_json(items[0] if args.workload_id else items)
         return 0

@@ -174,6 +174,10 @@ class GovernanceGate:
         try:
             resp = await self._stub.AdmitWorkload(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # the scheduler answers; what it needs is away: say which, so nobody looks for a dead brain
+                raise AdmissionRefused(grpc.StatusCode.UNAVAILABLE, f"governance at {self.target} unavailable for "
+                                       f"admission ({exc.code().name}: {(exc.details() or '')[:200]})") from None
             raise AdmissionRefused(exc.code(), exc.details() or str(exc.code())) from None
         return resp.decision
 

@@ -41,6 +41,7 @@ from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
+from services.scheduler.reconcile import Reconciler
 from services.scheduler.settings import Settings
 from services.scheduler.store import Conflict, WorkloadStore
 
@@ -84,6 +85,8 @@ class Waiting:
     attempts: int = 0
     why: domain.Unplaced | None = None
     """Why the last round did not place it (kept on the pending record as its message)."""
+    exclude: frozenset[str] = frozenset()
+    """Sites that rejected or ignored an earlier placement of it (their proposals do not count)."""
 
 
 @dataclass
@@ -117,7 +120,11 @@ class Coordinator:
         """ACCEPTED publishes in flight; later events of the workload wait for theirs (order)."""
         self.unannounced: dict[str, pb.Workload] = {}
         """Stored workloads whose ACCEPTED is not sent yet (the record as accepted)."""
+        self.committing: set[str] = set()
+        """Workloads whose commit task is running."""
         self.counters = bus.counters
+        self.reconciler = Reconciler(self)
+        self._reconciling: asyncio.Task[None] | None = None
         metrics.on_scrape(self._export)
 
     def _export(self) -> None:
@@ -133,6 +140,7 @@ class Coordinator:
     async def start(self) -> None:
         records = await self._recover_commits(await self.store.open())
         self.ledger.rebuild(records)
+        self.reconciler.recover(records)  # before the reports come in
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
         if self.bus.identity is None:
@@ -147,11 +155,12 @@ class Coordinator:
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.enqueue(w)
         self._placer = aio.background(self._place_loop(), "placer")
+        self._reconciling = aio.background(self.reconciler.run(), "reconciler")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
-            if w.state != domain.PENDING:
-                await self.publish_placements(w, list(w.placements))
+            if w.state != domain.PENDING:  # sites that applied them ignore them (and do not report again)
+                await self.publish_placements(w, list(w.placements), track=False)
 
     async def stop(self) -> None:
         # The placer also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's
@@ -159,7 +168,7 @@ class Coordinator:
         self._stopping = True
         metrics.off_scrape(self._export)
         self.wake.set()
-        tasks = [*self.tasks, *([self._placer] if self._placer else [])]
+        tasks = [*self.tasks, *(t for t in (self._placer, self._reconciling) if t)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -227,9 +236,12 @@ class Coordinator:
             return await self._end(w, domain.CANCELLED, "cancelled by the tenant")
 
     # --- placement ----------------------------------------------------------------------------
-    def enqueue(self, w: pb.Workload, created: asyncio.Future[bool] | None = None) -> Waiting:
-        entry = Waiting(w, domain.need_of(w), w.created_at.ToNanoseconds() / 1e9 + self._timeout_of(w),
-                        created, otel_context.get_current())
+    def enqueue(self, w: pb.Workload, created: asyncio.Future[bool] | None = None, *, deadline: float | None = None,
+                exclude: frozenset[str] = frozenset()) -> Waiting:
+        """Queue `w` for placement until `deadline` (default: its creation plus its timeout)."""
+        if deadline is None:
+            deadline = w.created_at.ToNanoseconds() / 1e9 + self._timeout_of(w)
+        entry = Waiting(w, domain.need_of(w), deadline, created, otel_context.get_current(), exclude=exclude)
         self.waiting[w.workload_id] = entry
         self.wake.set()
         return entry
@@ -357,6 +369,8 @@ class Coordinator:
         if current.state != domain.PENDING:
             del self.waiting[wid]
             return False
+        if entry.exclude:
+            proposals = [p for p in proposals if p.site_id not in entry.exclude]
         if self.governance:  # proposals outside the workload's placement policy never count
             proposals = self.governance.proposals(current, proposals)
         allocation = domain.arbitrate(entry.need, proposals, self.ledger) if proposals else None
@@ -373,6 +387,7 @@ class Coordinator:
                 for p in placements:
                     self.ledger.take(p)
                 del self.waiting[wid]
+                self.committing.add(wid)
                 self._spawn(self._commit(entry, w, placements), f"commit-{wid}")
                 return True
         else:
@@ -441,6 +456,8 @@ class Coordinator:
             raise
         except Exception:
             log.exception("commit of %s failed", wid)
+        finally:
+            self.committing.discard(wid)
 
     async def _fail(self, entry: Waiting) -> None:
         wid = entry.workload.workload_id
@@ -562,11 +579,15 @@ class Coordinator:
         for p in before:
             self.ledger.take(p, -1)
         self.waiting.pop(w.workload_id, None)
+        self.reconciler.forget(w.workload_id)
         await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state]))
         return w
 
     # --- publishing ---------------------------------------------------------------------------
-    async def publish_placements(self, w: pb.Workload, placements: list[common.Placement]) -> None:
+    async def publish_placements(self, w: pb.Workload, placements: list[common.Placement], *,
+                                 track: bool = True) -> None:
+        """Publish `placements` of `w`, one event per site; `track`: the reconciler waits for each
+        site's report (a republication after a restart is `recover`ed instead)."""
         spec_field = w.WhichOneof("spec")
         msgs = []
         for p in placements:
@@ -574,6 +595,8 @@ class Coordinator:
             getattr(msg, spec_field).CopyFrom(getattr(w, spec_field))
             msg.committed_at.CopyFrom(w.updated_at)
             msgs.append(msg)
+        if track:  # before the publish: a site may report before it returns
+            self.reconciler.published(placements)
         # Nats-Msg-Id = workload/generation/site: JetStream drops a republished duplicate.
         await asyncio.gather(*[
             self.bus.publish(
@@ -710,8 +733,10 @@ class Coordinator:
         w = self.store.get(wid)
         if w is None:
             return
+        self.reconciler.applied(a)
         if not a.ok:
-            log.warning("site %s could not apply %s: %s", a.placement.site_id, wid, a.error)
+            log.warning("site %s could not apply %s (generation %d): %s", a.placement.site_id, wid,
+                        a.placement.generation, a.error)
             self.counters["apply_failed"] += 1
             return
         if w.state == domain.PLACED and a.placement.generation == w.generation:

@@ -31,3 +31,9 @@ class Settings(ServiceSettings):
     """Token for admission calls made without a caller's token; empty: CNC_TOKEN / the token file."""
     republish_window_s: float = Field(600.0, ge=0)
     """After a restart, placements committed within this window are published again (deduplicated)."""
+    reconcile_s: float = Field(3.0, gt=0)
+    """The reconciler's tick: how often rejected and unconfirmed placements are acted on."""
+    apply_timeout_ticks: int = Field(3, ge=1)
+    """A placement its (up) site has not confirmed within this many ticks is taken off that site."""
+    max_placement_attempts: int = Field(3, ge=1)
+    """Placements of one workload that sites reject or ignore before it FAILS."""

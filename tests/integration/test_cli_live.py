@@ -1,5 +1,6 @@
 """`cncbrain up`, the client commands and `cncbrain demo` as a user runs them (subprocesses)."""
 
+import json
 import os
 import queue
 import re
@@ -54,23 +55,44 @@ def wait_placed(address, wid, timeout=20.0, token=None):
     return asyncio.run(poll())
 
 
+class Output:
+    """A process's output lines, read by a thread (so the pipe never fills)."""
+
+    def __init__(self, proc):
+        self.lines: list[str] = []
+        self.proc = proc
+        threading.Thread(target=lambda: [self.lines.append(x) for x in proc.stdout], daemon=True).start()
+
+    def wait_for(self, text, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in x for x in self.lines):
+                return True
+            if self.proc.poll() is not None and not any(text in x for x in self.lines):
+                time.sleep(0.2)
+                return any(text in x for x in self.lines)
+            time.sleep(0.05)
+        return False
+
+    def __str__(self):
+        return "".join(self.lines)
+
+
 @pytest.fixture
 def up(tmp_path):
+    """`cncbrain up` with every port 0: each service binds a free port and reports it, so tests
+    running beside each other (or another brain) never collide."""
     env = {**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")}
-    ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([*command("up"), "--nats-port", str(ports[0]), "--perception-port", str(ports[1]),
-                             "--scheduler-port", str(ports[2]), "--state-dir", str(tmp_path / "state"),
-                             "--speed", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([*command("up"), *(f"--{n}-port=0" for n in ("nats", "perception", "scheduler",
+                                                                         "adaptation", "governance")),
+                             "--state-dir", str(tmp_path / "state"), "--speed", "60"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: teardown reaches every child
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Ctrl-C stops everything" in line or proc.poll() is not None:
-            break
-    assert any("healthy in" in x for x in lines), "".join(lines)
-    yield proc, env, ports, lines
+    out = Output(proc)
+    assert out.wait_for("Ctrl-C stops everything"), str(out)
+    assert "healthy in" in str(out), str(out)
+    endpoints = json.loads((tmp_path / "state" / "endpoints.json").read_text())
+    yield proc, env, endpoints, out
     # a failed test must not leave nats-server, services or agents behind
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
         try:
@@ -85,21 +107,22 @@ def up(tmp_path):
 
 
 def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
-    proc, env, ports, lines = up
-    text = "".join(lines)
-    assert f"127.0.0.1:{ports[2]}" in text and "11 site agents registered" in text
+    proc, env, endpoints, out = up
+    text = str(out)
+    assert endpoints["scheduler"] in text and "11 site agents registered" in text
     # each process's metrics endpoint, NATS monitoring, the web page and how the CLI finds the token
     for process in ("governance", "perception", "scheduler", "adaptation", "emulator", "agents"):
         assert re.search(rf"metrics     http://127\.0\.0\.1:\d+/metrics  \({process}\)", text), text
     assert re.search(r"NATS monitoring  http://127\.0\.0\.1:\d+/varz", text), text
     assert re.search(r"web page    http://127\.0\.0\.1:\d+/#token=tok_", text), text
     assert "(the CLI picks it up;" in text  # its state folder is $CNC_STATE_DIR
-    # adaptation and the emulated sites yield the CPU to the deploy path; the rest keep the default
+    # adaptation yields the CPU to the deploy path; the rest (the emulated sites apply placements) keep the default
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     nice = {Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[2].decode(): os.getpriority(os.PRIO_PROCESS, int(c))
             for c in children if Path(f"/proc/{c}/cmdline").read_bytes().count(b"\0") > 2}
-    assert nice["services.adaptation"] == 19 and nice["cncbrain.commands.emulate"] == 19, nice
+    assert nice["services.adaptation"] == 19, nice
     assert nice["services.scheduler"] == nice["services.perception"] == nice["cncbrain.commands.agent"] == 0, nice
+    assert nice["cncbrain.commands.emulate"] == 0, nice
     sites = cli("sites", "--json", env=env)
     assert sites.returncode == 0, sites.stderr
     assert sites.stdout.count('"site_id"') == 11  # snake_case keys, as the protos name fields
@@ -107,7 +130,7 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     assert dep.returncode == 0, dep.stderr
     wid = dep.stdout.split()[0]
     token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
-    assert wait_placed(f"127.0.0.1:{ports[2]}", wid, token=token)
+    assert wait_placed(endpoints["scheduler"], wid, token=token)
     shown = cli("workloads", wid, env=env)
     assert '"replicas"' in shown.stdout and '"WORKLOAD_STATE_' in shown.stdout, shown.stdout
     bad = cli("deploy", "--name", "bad name", "--model", "7b", env=env)
@@ -145,8 +168,34 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
         watcher.kill()
         watcher.wait()
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "stopped." in out
+    proc.wait(timeout=30)
+    assert proc.returncode == 0 and out.wait_for("stopped.", 5)
+
+
+def pid_of(parent, module):
+    """The pid of `parent`'s child running `python -m module` (or the binary `module`)."""
+    for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        argv = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+        if module.encode() in argv[:3] or argv[0].endswith(module.encode()):
+            return int(c)
+    raise AssertionError(f"no child runs {module}")
+
+
+def test_up_restarts_what_is_killed_and_serves_again(up):
+    proc, env, endpoints, out = up
+    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+    for module, name in (("services.scheduler", "scheduler"), ("nats-server", "nats"),
+                         ("cncbrain.commands.emulate", "emulator"), ("services.governance", "governance")):
+        os.kill(pid_of(proc.pid, module), signal.SIGKILL)
+        assert out.wait_for(f"{name} ended (signal SIGKILL); restarting it", 10), str(out)
+        assert out.wait_for(f"{name} started again", 20), str(out)
+        if name == "emulator":
+            assert out.wait_for("restarting agents too", 5), str(out)
+        # the CLI retries (with its request id) while the brain comes back; then the deploy is placed
+        dep = cli("deploy", "--name", f"after-{name}", "--model", "7b", env=env, timeout=90)
+        assert dep.returncode == 0, (name, dep.stderr, str(out)[-3000:])
+        assert wait_placed(endpoints["scheduler"], dep.stdout.split()[0], timeout=60, token=token), name
+    assert proc.poll() is None  # up kept running throughout
 
 
 def test_up_refuses_a_port_in_use_with_a_clear_message(tmp_path):
@@ -190,3 +239,52 @@ def test_bad_settings_of_the_loop_and_the_background_priority_get_a_clear_error(
     out = res.stdout + res.stderr
     assert res.returncode == 2 and "CNC_EVENT_LOOP: 'bogus' is not one of uvloop, asyncio" in out
     assert "never awaited" not in out
+
+
+def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_saying_why(up):
+    """kill -9 of nats-server while deploys stream in: the CLI's way (request ids, retries) loses
+    none, and reconciliation leaves none placed with nothing running."""
+    import asyncio
+
+    import grpc
+
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+    from cncbrain.auth import token_interceptors
+    from cncbrain.commands._live import call_retrying
+
+    proc, env, endpoints, out = up
+    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+
+    async def run():
+        async with grpc.aio.insecure_channel(endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            accepted = {}
+            for i in range(24):
+                if i == 8:
+                    os.kill(pid_of(proc.pid, "nats-server"), signal.SIGKILL)
+                spec = common.InferenceServiceSpec(name=f"s{i}", model="7b", params_b=7, min_replicas=1,
+                                                   max_replicas=2, gpus_per_replica=1,
+                                                   slo=common.SloTargets(ttft_ms=1000, tpot_ms=100))
+                request = pb.DeployInferenceServiceRequest(service=spec, request_id=f"chaos-{i}")
+                w = (await call_retrying(lambda r=request: stub.DeployInferenceService(r, timeout=10), "deploy",
+                                         window_s=60)).workload
+                accepted[w.workload_id] = f"s{i}"
+            settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                ws = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+                mine = {w.workload_id: w for w in ws if w.workload_id in accepted}
+                if len(mine) == len(accepted) and all(w.state in settled for w in mine.values()):
+                    break
+                await asyncio.sleep(0.5)
+            return accepted, mine, ws
+
+    accepted, mine, everything = asyncio.run(run())
+    assert len(accepted) == 24 and set(mine) == set(accepted)  # none lost
+    assert len([w for w in everything if w.inference_service.name.startswith("s")]) == 24  # none twice
+    stuck = {wid: (pb.WorkloadState.Name(w.state), w.message) for wid, w in mine.items()
+             if w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)}
+    assert not stuck, (stuck, str(out)[-2000:])
+    assert all(w.message for w in mine.values() if w.state == pb.WORKLOAD_STATE_FAILED)

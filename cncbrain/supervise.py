@@ -1,0 +1,171 @@
+"""Supervision of the processes of an embedded brain (`cncbrain up`): a child that ends without
+being asked — a crash, `kill -9`, an exit of its own — is started again, at once the first time,
+then after a growing pause (0.25 s doubling to 4 s) while it keeps crashing; a line says each
+time what happened. A child that crashes `max_crashes` times within `window_s`, or that cannot
+listen on its port (exit status `EXIT_PORT_IN_USE`: restarting would not help), stops the
+supervisor with `GaveUp` and a message naming it, its last exit status and its last log lines.
+
+Children may depend on others: when one restarts, its dependents are restarted too (the site
+agents after the emulator they drive, which comes back without state).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cncbrain.errors import CncError
+
+log = logging.getLogger(__name__)
+
+EXIT_PORT_IN_USE = 98
+"""Exit status of a service that could not listen on its port (EADDRINUSE's number on Linux)."""
+BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+"""Pause before the n-th restart within the window (the last one repeats)."""
+
+
+class GaveUp(CncError):
+    """A child keeps crashing, or cannot listen on its port: the brain stops."""
+
+
+@dataclass
+class Child:
+    name: str
+    start: Callable[[], subprocess.Popen[bytes]]
+    log_path: Path | None = None
+    dependents: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None
+    restarts: int = 0
+    last_status: int | None = None
+    started_at: float | None = None
+    """monotonic time of its last start"""
+
+    def tail(self, lines: int = 5) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        return "\n  " + "\n  ".join(text) if text else ""
+
+
+def describe(status: int) -> str:
+    if status < 0:
+        try:
+            return f"signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"signal {-status}"
+    return f"exit status {status}"
+
+
+class Supervisor:
+    """Starts children and keeps them running; call `poll()` often (every 0.1 s)."""
+
+    def __init__(self, *, max_crashes: int = 5, window_s: float = 60.0, say: Callable[[str], None] | None = None):
+        self.max_crashes = max_crashes
+        self.window_s = window_s
+        self.children: dict[str, Child] = {}
+        self.say = say or (lambda line: log.warning("%s", line))
+        self.stopping = False
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None = None,
+            dependents: tuple[str, ...] = ()) -> Child:
+        child = self.children[name] = Child(name, start, log_path, dependents)
+        return child
+
+    def start(self, name: str) -> None:
+        child = self.children[name]
+        child.proc = child.start()
+        child.started_at = time.monotonic()
+        child.restart_at = None
+
+    def start_all(self) -> None:
+        for name in self.children:
+            self.start(name)
+
+    def exited(self) -> Child | None:
+        """A child that has ended (for the start-up phase, when nothing is restarted yet)."""
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is not None:
+                return child
+        return None
+
+    def poll(self, now: float | None = None) -> list[str]:
+        """Restart what ended; returns the names restarted. Raises `GaveUp`."""
+        if self.stopping:
+            return []
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for child in self.children.values():
+            if child.proc is not None and (status := child.proc.poll()) is not None:
+                self._ended(child, status, now)
+            due = child.proc is None and child.restart_at is not None and now >= child.restart_at
+            if due and self._restart(child):
+                restarted.append(child.name)
+        return restarted
+
+    def _ended(self, child: Child, status: int, now: float) -> None:
+        child.proc = None
+        child.last_status = status
+        if status == EXIT_PORT_IN_USE:
+            raise GaveUp(f"{child.name} cannot listen on its port (in use: another brain started at the same "
+                         f"moment?); stopping{child.tail()}")
+        while child.crashes and now - child.crashes[0] > self.window_s:
+            child.crashes.popleft()
+        child.crashes.append(now)
+        if len(child.crashes) >= self.max_crashes:
+            raise GaveUp(f"{child.name} ended {len(child.crashes)} times within {self.window_s:.0f} s (last: "
+                         f"{describe(status)}); stopping the brain{child.tail()}")
+        pause = BACKOFF_S[min(len(child.crashes) - 1, len(BACKOFF_S) - 1)]
+        child.restart_at = now + pause
+        self.say(f"{child.name} ended ({describe(status)}); restarting it"
+                 + (f" in {pause:g} s" if pause else "") + f" ({len(child.crashes)} of {self.max_crashes} "
+                 f"allowed within {self.window_s:.0f} s)")
+        for name in child.dependents:
+            dep = self.children[name]
+            if dep.proc is not None and dep.proc.poll() is None:
+                self.say(f"restarting {name} too (it depends on {child.name})")
+                dep.proc.terminate()
+                _reap(dep.proc, 5.0)
+                dep.proc = None
+                dep.restart_at = now
+
+    def _restart(self, child: Child) -> bool:
+        try:
+            self.start(child.name)
+        except Exception as exc:  # could not even start: counts as a crash, tried again after the pause
+            self.say(f"{child.name} could not be started: {exc}")
+            self._ended(child, 1, time.monotonic())
+            return False
+        child.restarts += 1
+        self.say(f"{child.name} started again (pid {child.proc.pid})")
+        return True
+
+    def stop(self, order: list[str], grace_s: float = 8.0) -> None:
+        """SIGTERM in `order` (the rest after), then wait up to `grace_s`; SIGKILL what is left."""
+        self.stopping = True
+        names = [n for n in order if n in self.children] + [n for n in self.children if n not in order]
+        for name in names:
+            proc = self.children[name].proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name in names:
+            proc = self.children[name].proc
+            if proc is not None:
+                _reap(proc, max(0.1, deadline - time.monotonic()))
+                self.children[name].proc = None
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
