@@ -25,11 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    from pathlib import Path
 
     from cnc.governance.v1 import governance_pb2 as pb
 
     if args.action == "whoami":
         who = call(args, "governance", lambda s: s.WhoAmI(pb.WhoAmIRequest(), timeout=10))
+        if wants_json(args):
+            dump(who)
+            return 0
         print(f"{who.token_id}: {pb.Role.Name(who.role).removeprefix('ROLE_').lower()}"
               + (f" of tenant {who.tenant_id}" if who.tenant_id else ""))
         return 0
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                                    tenant_id=args.tenant, description=args.description)
         resp = call(args, "governance", lambda s: s.IssueToken(req, timeout=10))
         if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(resp.token + "\n")
@@ -53,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.token_id:
             raise UsageError("tokens revoke needs the token id (tok_…)")
         resp = call(args, "governance", lambda s: s.RevokeToken(pb.RevokeTokenRequest(token_id=args.token_id), timeout=10))
-        print(f"revoked {resp.info.token_id}")
+        if wants_json(args):
+            dump(resp)
+        else:
+            print(f"revoked {resp.info.token_id}")
         return 0
     resp = call(args, "governance", lambda s: s.ListTokens(pb.ListTokensRequest(tenant_id=args.tenant), timeout=10))
     if wants_json(args):
