@@ -279,6 +279,10 @@ class SiteAgent:
         self.site: common.Site | None = None
         self.applied: dict[str, int] = {}
         self.counters = bus.counters
+        # this site's labelled metric children, looked up once (a lookup per offer round costs more)
+        self._accepted = metrics.AGENT_OFFERS.labels(site_id, "accept")
+        self._declined = metrics.AGENT_OFFERS.labels(site_id, "decline")
+        self._applied = {True: metrics.AGENT_APPLIED.labels(site_id, "ok"), False: metrics.AGENT_APPLIED.labels(site_id, "error")}
         self._tasks: list[asyncio.Task[None]] = []
         self._hb_seq = 0
 
@@ -364,9 +368,9 @@ class SiteAgent:
             accepted += units > 0
         self.counters["offers_answered"] += len(rnd.offers)
         if accepted:
-            metrics.AGENT_OFFERS.labels(self.site_id, "accept").inc(accepted)
+            self._accepted.inc(accepted)
         if len(rnd.offers) > accepted:
-            metrics.AGENT_OFFERS.labels(self.site_id, "decline").inc(len(rnd.offers) - accepted)
+            self._declined.inc(len(rnd.offers) - accepted)
         return answer
 
     async def on_snapshot(self, event: Event) -> None:
@@ -394,7 +398,7 @@ class SiteAgent:
             ok, error = await self.executor.apply(msg)
         self.applied[p.workload_id] = p.generation
         self.counters["placements_applied" if ok else "placements_failed"] += 1
-        metrics.AGENT_APPLIED.labels(self.site_id, "ok" if ok else "error").inc()
+        self._applied[bool(ok)].inc()
         report = site_pb.PlacementApplied(placement=p, ok=ok, error=error)
         report.applied_at.GetCurrentTime()
         await self.bus.publish(subjects.SITE_APPLIED, report, event_id=f"{p.workload_id}/{p.generation}/{self.site_id}",
