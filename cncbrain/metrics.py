@@ -14,8 +14,9 @@ drift). Every name starts with `cnc_`.
   that is gone disappears from the series.
 
 `serve(process)` starts the HTTP endpoint (`/metrics`) on `CNC_METRICS_HOST:CNC_METRICS_PORT` (port
-0: a free port) and, once bound, writes `http://HOST:PORT/metrics` to `CNC_METRICS_PORT_FILE` when
-that is set — how `cncbrain up` learns where each child listens without fixing ports.
+0: the port of the URL already in `CNC_METRICS_PORT_FILE` — a restarted process keeps its
+predecessor's — else a free port) and, once bound, writes `http://HOST:PORT/metrics` to that file —
+how `cncbrain up` learns where each child listens without fixing ports.
 """
 
 from __future__ import annotations
@@ -303,12 +304,16 @@ def serve(process: str, settings: MetricsSettings | None = None) -> str | None:
     with _lock:
         if "url" in _served:
             return _served["url"]
+        port = settings.port or reported_port(settings.port_file)
         try:
-            server, thread = start_http_server(settings.port, addr=settings.host)
+            server, thread = start_http_server(port, addr=settings.host)
         except OSError as exc:
-            from cncbrain.errors import CncError
+            if settings.port or not port:
+                from cncbrain.errors import CncError
 
-            raise CncError(f"metrics endpoint: cannot listen on {settings.host}:{settings.port} ({exc})") from None
+                raise CncError(f"metrics endpoint: cannot listen on {settings.host}:{port} ({exc})") from None
+            log.warning("%s: the metrics port of the previous run, %d, is taken (%s); using a free one", process, port, exc)
+            server, thread = start_http_server(0, addr=settings.host)
         host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         url = f"http://{host}:{server.server_port}/metrics"
         _served.update(url=url, server=server, thread=thread)
@@ -316,6 +321,19 @@ def serve(process: str, settings: MetricsSettings | None = None) -> str | None:
         write_report(Path(settings.port_file), url)
     log.info("%s: metrics on %s", process, url)
     return url
+
+
+def reported_port(port_file: str | Path | None) -> int:
+    """The port in the URL a predecessor wrote to `port_file` (0: none): a restarted process (`up`
+    supervises its children) listens where Prometheus and the page's users already look."""
+    if not port_file:
+        return 0
+    try:
+        from urllib.parse import urlsplit
+
+        return urlsplit(Path(port_file).read_text().strip()).port or 0
+    except (OSError, ValueError):
+        return 0
 
 
 def write_report(path: Path, text: str) -> None:

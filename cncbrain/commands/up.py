@@ -261,9 +261,7 @@ class Brain:
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
 
         def popen() -> subprocess.Popen[bytes]:
-            report.unlink(missing_ok=True)
-            if name == "perception":
-                (self.run_dir / "web.url").unlink(missing_ok=True)
+            # A restarted child finds its predecessor's report and listens on the same port again.
             log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
             try:
                 proc = subprocess.Popen(

@@ -190,14 +190,17 @@ class WebServer:
 
     async def start(self, report: str = "") -> WebServer:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port)
+        port = self.port or metrics.reported_port(report)  # a restart keeps the page where it was
         try:
-            await site.start()
+            await web.TCPSite(self.runner, self.host, port).start()
         except OSError as exc:
-            from cncbrain.errors import CncError
+            if self.port or not port:
+                from cncbrain.errors import CncError
 
-            raise CncError(f"web page: cannot listen on {self.host}:{self.port} ({exc})") from None
-        port = self.runner.addresses[0][1]  # the bound port (a free one for 0)
+                raise CncError(f"web page: cannot listen on {self.host}:{port} ({exc})") from None
+            log.warning("the web page's port of the previous run, %d, is taken (%s); using a free one", port, exc)
+            await web.TCPSite(self.runner, self.host, 0).start()
+        port = self.runner.addresses[-1][1]  # the bound port (a free one for 0)
         host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         self.url = f"http://{host}:{port}/"
         if report:

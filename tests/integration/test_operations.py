@@ -342,3 +342,24 @@ def test_the_cli_is_scriptable(brain, deployed, tmp_path):
     assert cli(brain, "deploy", "--name", "x", "--model", "7b", "--env", "NOVALUE").returncode == 2
     version = subprocess.run([sys.executable, "-m", "cncbrain.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("cncbrain ")
+
+
+def test_a_restarted_process_serves_metrics_where_prometheus_looks(brain):
+    import signal
+
+    url = brain.metrics["adaptation"]
+    before = brain.procs["adaptation"].pid
+    os.kill(before, signal.SIGKILL)
+
+    def back():
+        brain.supervisor.poll()  # what `up`'s loop does
+        proc = brain.procs.get("adaptation")
+        if proc is None or proc.pid == before:
+            return None
+        try:
+            return 'cnc_build_info{process="adaptation"' in urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            return None
+
+    assert wait_for(back, 60, "adaptation restarted, its metrics at the same URL")
+    assert (brain.run_dir / "adaptation.metrics").read_text() == url

@@ -129,3 +129,25 @@ def test_composes_prometheus_scrapes_every_process_as_up_configures_it():
         check = subprocess.run(["promtool", "check", "config", str(root / "deploy" / "prometheus" / "prometheus.yml")],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_restarted_process_takes_its_predecessors_metrics_port_again(tmp_path):
+    report = tmp_path / "x.metrics"
+    first = metrics.serve("tester", metrics.MetricsSettings(port=0, port_file=str(report)))
+    metrics.stop()
+    try:
+        again = metrics.serve("tester", metrics.MetricsSettings(port=0, port_file=str(report)))
+        assert again == first == report.read_text()
+    finally:
+        metrics.stop()
+    # that port taken meanwhile: a free one, reported
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", metrics.reported_port(report)))
+        squatter.listen()
+        try:
+            moved = metrics.serve("tester", metrics.MetricsSettings(port=0, port_file=str(report)))
+            assert moved != first and report.read_text() == moved
+        finally:
+            metrics.stop()
