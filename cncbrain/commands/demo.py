@@ -241,7 +241,7 @@ def report(t: Tally, console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cncbrain.commands.up import Brain
+    from cncbrain.commands.up import Brain, web_link
 
     if args.duration <= 0:
         raise UsageError("--duration must be > 0")
@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"healthy in {brain.healthy_after_s:.1f} s: {len(brain.sites)} sites, "
                   f"scheduler {brain.endpoints['scheduler']}, perception {brain.endpoints['perception']}, "
                   f"NATS {brain.endpoints['nats']}; logs in {brain.state_dir / 'logs'}")
+    console.print(f"watch it live: {web_link(brain)}")
     try:
         tally = aio.run(script(brain.endpoints, args, console))
         if (msg := brain.dead()) is not None:
