@@ -73,8 +73,8 @@ def brain(tmp_path_factory, collector):
         mp.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
         mp.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         mp.delenv("OTEL_SERVICE_NAME", raising=False)
-        brain = Brain(state, "abilene", nats_port=free_port(), perception_port=free_port(),
-                      scheduler_port=free_port(), governance_port=free_port(), adaptation_port=free_port(),
+        brain = Brain(state, "abilene", nats_port=0, perception_port=0,  # every port: bind, then report
+                      scheduler_port=0, governance_port=0, adaptation_port=0,
                       auth=True, policy="greedy", speed=60, log_format="json",
                       background_nice=0)  # under a loaded machine a niced emulator starts too late
         brain.start(90)
