@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"ledger OK: {resp.entries_checked} entries verified in {resp.seconds:.2f} s; "
                   f"head {resp.length}:{resp.head_hash}")
             return 0
+        removed = [i for i in resp.issues if i.detail.startswith("ledger removed")]
+        if removed:
+            print(removed[0].detail)
+            return 1
         print(f"ledger TAMPERED: {len(resp.issues)} issue(s) in {resp.entries_checked} stored entries")
         for issue in resp.issues:
             print(f"  entry {issue.index}: {issue.kind} — {issue.detail}")
@@ -67,3 +71,11 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(str(e.index), when, e.kind, e.actor, e.subject, e.payload_json[:80], e.hash[:12])
     show(table)
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cncbrain.commands._live import run_alone
+
+    sys.exit(run_alone(register, ["ledger", *sys.argv[1:]]))

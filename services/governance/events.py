@@ -35,10 +35,17 @@ from cncbrain import aio
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
-from cncbrain.signing import signer_from_env
+from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import physics as ph
 from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
-from services.governance.domain.ledger import LedgerEntry, LedgerHead, LedgerVerification, verify_chain
+from services.governance.domain.ledger import (
+    LedgerEntry,
+    LedgerHead,
+    LedgerIssue,
+    LedgerVerification,
+    signed_chain,
+    verify_chain,
+)
 from services.governance.domain.policy import Placement, SiteOffer
 from services.governance.domain.state import (
     GovernanceState,
@@ -47,7 +54,7 @@ from services.governance.domain.state import (
     policy_to_dict,
     quota_to_dict,
 )
-from services.governance.ledger_store import GOVERNANCE_BUCKET, LedgerStore, LedgerWriteError
+from services.governance.ledger_store import GOVERNANCE_BUCKET, LedgerRemoved, LedgerStore, LedgerWriteError
 from services.governance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +101,11 @@ class Governor:
         self.settings = settings
         self.state = GovernanceState()
         self.head = LedgerHead()
-        self.store = LedgerStore(bus, settings.ledger_deny_delete)
+        self.signer = signer_from_env()
+        """Governance's signing key: the ledger's blocks and what it projects for others to trust are
+        signed with it (None: a brain without NATS credentials, nothing signed)."""
+        self.verifier = Verifier([self.signer.key.public_key()]) if self.signer else None
+        self.store = LedgerStore(bus, settings.ledger_deny_delete, self.signer)
         self.directory = directory if directory is not None else TokenDirectory()
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.writer: asyncio.Task[None] | None = None
@@ -104,10 +115,8 @@ class Governor:
         self._stopping = False
         self.counters = bus.counters
         self.pool_sites: dict[str, common.Site] = {}
-        self.signer = signer_from_env()
-        """Governance's signing key: what it projects for others to trust is sealed with it (None:
-        a brain without NATS credentials, nothing signed)."""
         self.load_verification: LedgerVerification | None = None
+        self._legacy = False
         self._record_tenants: OrderedDict[str, str | None] = OrderedDict()
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -120,6 +129,12 @@ class Governor:
         await self._project_all()
         self.writer = aio.background(self._write_loop(), "ledger-writer")
         self.projector = aio.background(self._project_loop(), "governance-projections")
+        if self._legacy:
+            await self.record([Record("ledger.signed", "ledger", {
+                "covers": self.head.length, "head_hash": self.head.hash,
+                "reason": "the ledger was written before governance signed it; this signature vouches for it"})],
+                "governance")
+            log.warning("governance: signed the %d entries of a ledger written before signing", self.head.length)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
         await subscribe_durable(self.bus, subjects.SCHEDULER_WORKLOAD, self.on_workload_event, "governance")
         await subscribe_durable(self.bus, ADAPTATION_ACTION, self.on_adaptation_action, "governance-adaptation")
@@ -147,15 +162,24 @@ class Governor:
         # this read can only make the stream longer than the head, never shorter.
         anchor = await self.store.read_head()
         entries = await self.store.read_all()
+        # A ledger written before governance signed (none of its entries is) is taken as it is and
+        # signed once loaded (in `start`); otherwise only what governance signed counts.
+        self._legacy = self.verifier is not None and bool(entries) and not any(e.signature for e in entries)
+        verifier = None if self._legacy else self.verifier
         if self.settings.verify_on_start:
-            self.load_verification = verify_chain(entries, anchor)
+            self.load_verification = verify_chain(entries, anchor, verifier)
             for issue in self.load_verification.issues:
                 log.error("ledger entry %d %s: %s", issue.index, issue.kind, issue.detail)
         state = GovernanceState()
         by_index: dict[int, LedgerEntry] = {}
-        for e in entries:
-            if e.index >= 0:
-                by_index.setdefault(e.index, e)
+        if verifier is not None:
+            by_index = signed_chain(entries, verifier)
+            if skipped := sum(1 for e in entries if e.index >= 0) - len(by_index):
+                log.error("governance: %d stored ledger entries carry no governance signature; not applied", skipped)
+        else:
+            for e in entries:
+                if e.index >= 0:
+                    by_index.setdefault(e.index, e)
         for index in sorted(by_index):
             e = by_index[index]
             state.apply(e.kind, json.loads(e.payload_json))
@@ -442,7 +466,7 @@ class Governor:
                     return None, []
                 return None, [state.workload_ended(wid, tenant, at, reason)]
 
-            await self.submit(end, "scheduler")
+            await self.submit(end, ev.actor or "scheduler")  # the token behind a cancel
             return
         new = {p.site_id: self.placement_of(wid, tenant, p) for p in ev.placements
                if p.replicas or p.shard_indices}
@@ -473,6 +497,10 @@ class Governor:
     async def verify(self, expected: LedgerHead | None = None) -> tuple[LedgerVerification, float]:
         started = time.perf_counter()
         anchor = expected or await self.store.read_head()  # before the entries: see _load
-        entries = await self.store.read_all()
-        result = verify_chain(entries, anchor)
+        try:
+            entries = await self.store.read_all()
+        except LedgerRemoved as exc:
+            result = LedgerVerification(issues=[LedgerIssue(0, "removed", str(exc))])
+            return result, time.perf_counter() - started
+        result = verify_chain(entries, anchor, self.verifier)
         return result, time.perf_counter() - started

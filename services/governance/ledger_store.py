@@ -4,7 +4,9 @@ Entries are stored in blocks: one message (`LedgerBlock`) holds the consecutive 
 appended together, up to BLOCK_ENTRIES, so a busy ledger costs one publish per batch rather than per
 entry, and reading 100,000 entries back is a few hundred messages. The hash chain runs across
 blocks; deleting a message removes a run of entries, which verification names. Only the
-governance service writes; blocks of one batch are pipelined and each carries
+governance service writes (the only NATS identity that may publish there), and it signs the last
+entry of every block (`cncbrain.signing`): an entry anyone else appends, even with a valid chain,
+is named `unsigned` by verification and skipped when governance loads the ledger. Blocks of one batch are pipelined and each carries
 `Nats-Expected-Last-Sequence`, so if one publish fails every later one fails too and the stored
 chain never gets a hole from a crash mid-batch. The head (length and last hash) is also written to KV
 (bucket `cnc-ledger-head`, key `ledger.head`) as the anchor that makes a removed tail visible. It has
@@ -32,6 +34,7 @@ from nats.js import api
 from cnc.governance.v1 import governance_pb2 as pb
 from cncbrain.bus import Bus, subjects
 from cncbrain.bus.subjects import Subject
+from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerEntry, LedgerHead
 
 log = logging.getLogger(__name__)
@@ -46,18 +49,25 @@ HEAD_KEY = "ledger.head"
 
 def to_proto(e: LedgerEntry) -> pb.LedgerEntry:
     return pb.LedgerEntry(index=e.index, time_ns=e.time_ns, kind=e.kind, actor=e.actor, subject=e.subject,
-                          payload_json=e.payload_json, prev_hash=e.prev_hash, hash=e.hash)
+                          payload_json=e.payload_json, prev_hash=e.prev_hash, hash=e.hash, signature=e.signature)
 
 
 def from_proto(m: pb.LedgerEntry) -> LedgerEntry:
-    return LedgerEntry(m.index, m.time_ns, m.kind, m.actor, m.subject, m.payload_json, m.prev_hash, m.hash)
+    return LedgerEntry(m.index, m.time_ns, m.kind, m.actor, m.subject, m.payload_json, m.prev_hash, m.hash,
+                       m.signature)
+
+
+class LedgerRemoved(Exception):
+    """The ledger's stream does not exist (deleted)."""
 
 
 class LedgerStore:
-    def __init__(self, bus: Bus, deny_delete: bool = True) -> None:
+    def __init__(self, bus: Bus, deny_delete: bool = True, signer: Signer | None = None) -> None:
         self.bus = bus
         self.js = bus.js
         self.deny_delete = deny_delete
+        self.signer = signer
+        """Governance's key: the last entry of every stored block carries its signature."""
         self.last_seq = 0  # stream sequence of the last stored entry
 
     async def ensure(self) -> None:
@@ -76,8 +86,12 @@ class LedgerStore:
         await self._move_old_head()
 
     async def read_all(self) -> list[LedgerEntry]:
-        """Every stored entry, in stream order (which `verify_chain` checks against index order)."""
-        info = await self.js.stream_info(STREAM)
+        """Every stored entry, in stream order (which `verify_chain` checks against index order).
+        Raises `LedgerRemoved` when the stream is gone."""
+        try:
+            info = await self.js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            raise LedgerRemoved(f"ledger removed: the stream {STREAM} does not exist") from None
         total = info.state.messages
         self.last_seq = info.state.last_seq
         if total == 0:
@@ -115,6 +129,8 @@ class LedgerStore:
         blocks = [entries[i:i + BLOCK_ENTRIES] for i in range(0, len(entries), BLOCK_ENTRIES)]
         for i, chunk in enumerate(blocks):
             first, last = chunk[0], chunk[-1]
+            if self.signer is not None:  # vouches for the block and, through the chain, all before it
+                last.signature = self.signer.sign(last.hash.encode())
             headers = {
                 "Cnc-Type": pb.LedgerBlock.DESCRIPTOR.full_name,
                 "Cnc-Event-Id": f"ledger-{first.index}-{last.index}",

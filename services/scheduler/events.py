@@ -228,12 +228,14 @@ class Coordinator:
             self.counters["accepted_events_lost"] += 1
             log.warning("ACCEPTED event of %s not sent: %r", w.workload_id, exc)
 
-    async def cancel(self, workload_id: str) -> pb.Workload:
+    async def cancel(self, workload_id: str, actor: str = "") -> pb.Workload:
+        """End a workload at a caller's request; `actor` (the caller's token id) goes with its
+        CANCELLED event into governance's ledger."""
         async with self.lock(workload_id):
             w = self._copy(workload_id)
             if w.state in domain.ENDED:
                 raise domain.ScaleRefused(f"workload is already {pb.WorkloadState.Name(w.state)}")
-            return await self._end(w, domain.CANCELLED, "cancelled by the tenant")
+            return await self._end(w, domain.CANCELLED, "cancelled by the tenant", actor)
 
     # --- placement ----------------------------------------------------------------------------
     def enqueue(self, w: pb.Workload, created: asyncio.Future[bool] | None = None, *, deadline: float | None = None,
@@ -567,7 +569,7 @@ class Coordinator:
         copy.CopyFrom(w)
         return copy
 
-    async def _end(self, w: pb.Workload, state: int, message: str) -> pb.Workload:
+    async def _end(self, w: pb.Workload, state: int, message: str, actor: str = "") -> pb.Workload:
         before: list[common.Placement] = []
         if w.state in domain.ACTIVE:
             for p in w.placements:
@@ -580,7 +582,7 @@ class Coordinator:
             self.ledger.take(p, -1)
         self.waiting.pop(w.workload_id, None)
         self.reconciler.forget(w.workload_id)
-        await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state]))
+        await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state], actor))
         return w
 
     # --- publishing ---------------------------------------------------------------------------
@@ -607,7 +609,7 @@ class Coordinator:
             for m in msgs
         ])
 
-    async def publish_event(self, w: pb.Workload, kind: int) -> None:
+    async def publish_event(self, w: pb.Workload, kind: int, actor: str = "") -> None:
         if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED:
             self._announce(w.workload_id)
             if w.workload_id in self.accepted:
@@ -615,7 +617,7 @@ class Coordinator:
         ev = pb.WorkloadEvent(
             workload_id=w.workload_id, kind=kind, state=w.state, generation=w.generation,
             placements=[p for p in w.placements if p.replicas or p.shard_indices], message=w.message,
-            progress=w.progress,
+            progress=w.progress, actor=actor,
         )
         ev.at.CopyFrom(w.updated_at)
         await self.bus.publish(

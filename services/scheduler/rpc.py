@@ -12,7 +12,7 @@ import grpc
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import limits, metrics
-from cncbrain.auth import abort_for, bearer_of
+from cncbrain.auth import abort_for, bearer_of, optional_principal
 from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
 from services.scheduler import domain
@@ -119,7 +119,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def CancelWorkload(self, request: pb.CancelWorkloadRequest, context) -> pb.CancelWorkloadResponse:
         await self._find(request.workload_id, context)
         try:
-            w = await self.co.cancel(request.workload_id)
+            caller = optional_principal()
+            w = await self.co.cancel(request.workload_id, caller.token_id if caller else "")
         except domain.ScaleRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.CancelWorkloadResponse(workload=w)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+import grpc
 import nats
 import pytest
 
@@ -18,6 +19,7 @@ from cncbrain.bus import Bus
 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR, client_options, ensure_identities
 from cncbrain.bus.permissions import ADMIN, SERVICES, site_identity
 from cncbrain.natsserver import NatsServer
+from cncbrain.signing import ensure_signing_key
 
 SITES = ("a", "b")
 
@@ -93,3 +95,34 @@ async def admin(secure_nats, secrets):
     bus = await Bus.connect(secure_nats.url, "test-admin", identity=ADMIN, secrets_dir=secrets, ensure=False)
     yield bus
     await bus.close()
+
+
+@pytest.fixture
+async def brain(secure_nats, secrets, tmp_path, monkeypatch):
+    from services.adaptation.server import AdaptationServer
+    from services.adaptation.settings import Settings as AdaptationSettings
+    from services.governance.server import GovernanceServer
+    from services.governance.settings import Settings as GovernanceSettings
+    from services.perception.server import PerceptionServer
+    from services.perception.settings import Settings as PerceptionSettings
+    from services.scheduler.server import SchedulerServer
+    from services.scheduler.settings import Settings as SchedulerSettings
+
+    ensure_signing_key(secrets)
+    monkeypatch.setenv("CNC_SECRETS_DIR", str(secrets))
+    url = secure_nats.url
+    governance = await GovernanceServer(GovernanceSettings(
+        nats_url=url, grpc_port=0, bootstrap_token_file=tmp_path / "operator.token")).start()
+    operator = (tmp_path / "operator.token").read_text().strip()
+    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, auth_enabled=True)).start()
+    scheduler = await SchedulerServer(SchedulerSettings(
+        nats_url=url, grpc_port=0, auth_enabled=True, governance_target=f"127.0.0.1:{governance.port}",
+        governance_token=operator)).start()
+    adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=True)).start()
+    servers = {"governance": governance, "perception": perception, "scheduler": scheduler, "adaptation": adaptation}
+    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for name, s in servers.items()}
+    yield servers, channels, operator
+    for ch in channels.values():
+        await ch.close()
+    for name in ("adaptation", "scheduler", "perception", "governance"):  # a test may have restarted one
+        await servers[name].stop()

@@ -19,40 +19,9 @@ from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
 from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from cncbrain.auth import TOKENS_BUCKET, bearer_metadata
 from cncbrain.identity import Role, TokenRecord, hash_secret
-from cncbrain.signing import Signer, ensure_signing_key
+from cncbrain.signing import Signer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def brain(secure_nats, secrets, tmp_path, monkeypatch):
-    from services.adaptation.server import AdaptationServer
-    from services.adaptation.settings import Settings as AdaptationSettings
-    from services.governance.server import GovernanceServer
-    from services.governance.settings import Settings as GovernanceSettings
-    from services.perception.server import PerceptionServer
-    from services.perception.settings import Settings as PerceptionSettings
-    from services.scheduler.server import SchedulerServer
-    from services.scheduler.settings import Settings as SchedulerSettings
-
-    ensure_signing_key(secrets)
-    monkeypatch.setenv("CNC_SECRETS_DIR", str(secrets))
-    url = secure_nats.url
-    governance = await GovernanceServer(GovernanceSettings(
-        nats_url=url, grpc_port=0, bootstrap_token_file=tmp_path / "operator.token")).start()
-    operator = (tmp_path / "operator.token").read_text().strip()
-    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, auth_enabled=True)).start()
-    scheduler = await SchedulerServer(SchedulerSettings(
-        nats_url=url, grpc_port=0, auth_enabled=True, governance_target=f"127.0.0.1:{governance.port}",
-        governance_token=operator)).start()
-    adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=True)).start()
-    servers = {"governance": governance, "perception": perception, "scheduler": scheduler, "adaptation": adaptation}
-    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for name, s in servers.items()}
-    yield servers, channels, operator
-    for ch in channels.values():
-        await ch.close()
-    for s in (adaptation, scheduler, perception, governance):
-        await s.stop()
 
 
 async def status_of(channels, name: str, token: str) -> grpc.StatusCode:

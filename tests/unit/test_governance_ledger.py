@@ -91,3 +91,30 @@ def test_head_refuses_an_entry_that_does_not_extend_it():
     except ValueError:
         return
     raise AssertionError("head accepted an entry with the wrong index")
+
+
+def test_signatures_cover_what_they_chain_back_to_and_nothing_appended_after():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cncbrain.signing import Signer, Verifier
+    from services.governance.domain.ledger import signed_chain
+
+    governance, other = Signer(Ed25519PrivateKey.generate()), Signer(Ed25519PrivateKey.generate())
+    verifier = Verifier([governance.key.public_key()])
+    head, entries = LedgerHead(), []
+    for i in range(6):
+        e = head.next_entry("k", "a", "s", {"i": i}, i)
+        head = head.after(e)
+        entries.append(e)
+        if i in (2, 4):  # the last entry of each stored block is signed
+            e.signature = governance.sign(e.hash.encode())
+    assert verify_chain(entries, head, verifier).ok is False  # entry 5: after the last signature
+    assert verify_chain(entries, head, verifier).indices("unsigned") == [5]
+    entries[5].signature = other.sign(entries[5].hash.encode())
+    assert verify_chain(entries, head, verifier).indices("unsigned") == [5]
+    entries[5].signature = governance.sign(entries[5].hash.encode())
+    assert verify_chain(entries, head, verifier).ok
+    assert sorted(signed_chain(entries, verifier)) == [0, 1, 2, 3, 4, 5]
+    forged = head.next_entry("token.issued", "governance", "tok", {"x": 1}, 9)
+    assert verify_chain([*entries, forged], None, verifier).indices("unsigned") == [6]
+    assert 6 not in signed_chain([*entries, forged], verifier)

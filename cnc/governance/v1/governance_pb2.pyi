@@ -297,6 +297,7 @@ class LedgerEntry(_message.Message):
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     time_ns: _builtins.int
     kind: _builtins.str
@@ -305,6 +306,11 @@ class LedgerEntry(_message.Message):
     payload_json: _builtins.str
     prev_hash: _builtins.str
     hash: _builtins.str
+    signature: _builtins.str
+    """Governance's Ed25519 signature (base64) over `hash`, on the last entry of each stored block: it
+    vouches for that entry and, through the hash chain, for every entry before it. An entry no
+    signature covers was not written by governance (`VerifyLedger` names it `unsigned`).
+    """
     def __init__(
         self,
         *,
@@ -316,10 +322,11 @@ class LedgerEntry(_message.Message):
         payload_json: _builtins.str = ...,
         prev_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "hash", b"hash", "index", b"index", "kind", b"kind", "payload_json", b"payload_json", "prev_hash", b"prev_hash", "subject", b"subject", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "hash", b"hash", "index", b"index", "kind", b"kind", "payload_json", b"payload_json", "prev_hash", b"prev_hash", "signature", b"signature", "subject", b"subject", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,51 +26,51 @@ from cnc.common.v1 import common_pb2 as cnc_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cnc/scheduler/v1/scheduler.proto\x12\x10\x63nc.scheduler.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x03\n\x08Workload\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12\x36\n\x0ctraining_job\x18\x04 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x05 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x12,\n\nplacements\x18\x06 \x03(\x0b\x32\x18.cnc.common.v1.Placement\x12\x12\n\ngeneration\x18\x07 \x01(\x04\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x06\n\x04spec\"\x94\x02\n\rWorkloadEvent\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x31\n\x04kind\x18\x02 \x01(\x0e\x32#.cnc.scheduler.v1.WorkloadEventKind\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12,\n\nplacements\x18\x05 \x03(\x0b\x32\x18.cnc.common.v1.Placement\x12\x0f\n\x07message\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08progress\x18\x08 \x01(\x01\"\xf5\x01\n\x12PlacementCommitted\x12+\n\tplacement\x18\x01 \x01(\x0b\x32\x18.cnc.common.v1.Placement\x12\x36\n\x0ctraining_job\x18\x02 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x03 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x12\x30\n\x0c\x63ommitted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\n\x04spec\"\xf7\x02\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12\r\n\x05units\x18\x04 \x01(\r\x12\x15\n\rgpus_per_unit\x18\x05 \x01(\r\x12\x19\n\x11\x61llowed_gpu_types\x18\x06 \x03(\t\x12\x17\n\x0fingress_site_id\x18\x07 \x01(\t\x12\x12\n\nmin_hbm_gb\x18\x08 \x01(\x01\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0ctraining_job\x18\n \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x0b \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x42\x06\n\x04spec\"u\n\nOfferRound\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\'\n\x06offers\x18\x02 \x03(\x0b\x32\x17.cnc.scheduler.v1.Offer\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x18SubmitTrainingJobRequest\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"I\n\x19SubmitTrainingJobResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"i\n\x1d\x44\x65ployInferenceServiceRequest\x12\x34\n\x07service\x18\x01 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x1e\x44\x65ployInferenceServiceResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\")\n\x12GetWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"C\n\x13GetWorkloadResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"q\n\x14ListWorkloadsRequest\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\"F\n\x15ListWorkloadsResponse\x12-\n\tworkloads\x18\x01 \x03(\x0b\x32\x1a.cnc.scheduler.v1.Workload\",\n\x15\x43\x61ncelWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"F\n\x16\x43\x61ncelWorkloadResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"+\n\x14WatchWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"G\n\x15WatchWorkloadResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.cnc.scheduler.v1.WorkloadEvent*\xd9\x01\n\rWorkloadState\x12\x1e\n\x1aWORKLOAD_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKLOAD_STATE_PENDING\x10\x01\x12\x19\n\x15WORKLOAD_STATE_PLACED\x10\x02\x12\x1a\n\x16WORKLOAD_STATE_RUNNING\x10\x03\x12\x1c\n\x18WORKLOAD_STATE_COMPLETED\x10\x04\x12\x19\n\x15WORKLOAD_STATE_FAILED\x10\x05\x12\x1c\n\x18WORKLOAD_STATE_CANCELLED\x10\x06*\xc5\x02\n\x11WorkloadEventKind\x12#\n\x1fWORKLOAD_EVENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cWORKLOAD_EVENT_KIND_ACCEPTED\x10\x01\x12\x1e\n\x1aWORKLOAD_EVENT_KIND_PLACED\x10\x02\x12 \n\x1cWORKLOAD_EVENT_KIND_RESCALED\x10\x03\x12\x1f\n\x1bWORKLOAD_EVENT_KIND_RUNNING\x10\x04\x12!\n\x1dWORKLOAD_EVENT_KIND_COMPLETED\x10\x05\x12\x1e\n\x1aWORKLOAD_EVENT_KIND_FAILED\x10\x06\x12!\n\x1dWORKLOAD_EVENT_KIND_CANCELLED\x10\x07\x12 \n\x1cWORKLOAD_EVENT_KIND_PROGRESS\x10\x08\x32\x84\x05\n\x10SchedulerService\x12l\n\x11SubmitTrainingJob\x12*.cnc.scheduler.v1.SubmitTrainingJobRequest\x1a+.cnc.scheduler.v1.SubmitTrainingJobResponse\x12{\n\x16\x44\x65ployInferenceService\x12/.cnc.scheduler.v1.DeployInferenceServiceRequest\x1a\x30.cnc.scheduler.v1.DeployInferenceServiceResponse\x12Z\n\x0bGetWorkload\x12$.cnc.scheduler.v1.GetWorkloadRequest\x1a%.cnc.scheduler.v1.GetWorkloadResponse\x12`\n\rListWorkloads\x12&.cnc.scheduler.v1.ListWorkloadsRequest\x1a\'.cnc.scheduler.v1.ListWorkloadsResponse\x12\x63\n\x0e\x43\x61ncelWorkload\x12\'.cnc.scheduler.v1.CancelWorkloadRequest\x1a(.cnc.scheduler.v1.CancelWorkloadResponse\x12\x62\n\rWatchWorkload\x12&.cnc.scheduler.v1.WatchWorkloadRequest\x1a\'.cnc.scheduler.v1.WatchWorkloadResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cnc/scheduler/v1/scheduler.proto\x12\x10\x63nc.scheduler.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x03\n\x08Workload\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12\x36\n\x0ctraining_job\x18\x04 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x05 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x12,\n\nplacements\x18\x06 \x03(\x0b\x32\x18.cnc.common.v1.Placement\x12\x12\n\ngeneration\x18\x07 \x01(\x04\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\x01\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x06\n\x04spec\"\xa3\x02\n\rWorkloadEvent\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x31\n\x04kind\x18\x02 \x01(\x0e\x32#.cnc.scheduler.v1.WorkloadEventKind\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12,\n\nplacements\x18\x05 \x03(\x0b\x32\x18.cnc.common.v1.Placement\x12\x0f\n\x07message\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\r\n\x05\x61\x63tor\x18\t \x01(\t\"\xf5\x01\n\x12PlacementCommitted\x12+\n\tplacement\x18\x01 \x01(\x0b\x32\x18.cnc.common.v1.Placement\x12\x36\n\x0ctraining_job\x18\x02 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x03 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x12\x30\n\x0c\x63ommitted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\n\x04spec\"\xf7\x02\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\x13\n\x0bworkload_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12\r\n\x05units\x18\x04 \x01(\r\x12\x15\n\rgpus_per_unit\x18\x05 \x01(\r\x12\x19\n\x11\x61llowed_gpu_types\x18\x06 \x03(\t\x12\x17\n\x0fingress_site_id\x18\x07 \x01(\t\x12\x12\n\nmin_hbm_gb\x18\x08 \x01(\x01\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0ctraining_job\x18\n \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpecH\x00\x12@\n\x11inference_service\x18\x0b \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpecH\x00\x42\x06\n\x04spec\"u\n\nOfferRound\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\'\n\x06offers\x18\x02 \x03(\x0b\x32\x17.cnc.scheduler.v1.Offer\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x18SubmitTrainingJobRequest\x12+\n\x03job\x18\x01 \x01(\x0b\x32\x1e.cnc.common.v1.TrainingJobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"I\n\x19SubmitTrainingJobResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"i\n\x1d\x44\x65ployInferenceServiceRequest\x12\x34\n\x07service\x18\x01 \x01(\x0b\x32#.cnc.common.v1.InferenceServiceSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x1e\x44\x65ployInferenceServiceResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\")\n\x12GetWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"C\n\x13GetWorkloadResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"q\n\x14ListWorkloadsRequest\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.cnc.scheduler.v1.WorkloadState\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\"F\n\x15ListWorkloadsResponse\x12-\n\tworkloads\x18\x01 \x03(\x0b\x32\x1a.cnc.scheduler.v1.Workload\",\n\x15\x43\x61ncelWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"F\n\x16\x43\x61ncelWorkloadResponse\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.cnc.scheduler.v1.Workload\"+\n\x14WatchWorkloadRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\"G\n\x15WatchWorkloadResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.cnc.scheduler.v1.WorkloadEvent*\xd9\x01\n\rWorkloadState\x12\x1e\n\x1aWORKLOAD_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKLOAD_STATE_PENDING\x10\x01\x12\x19\n\x15WORKLOAD_STATE_PLACED\x10\x02\x12\x1a\n\x16WORKLOAD_STATE_RUNNING\x10\x03\x12\x1c\n\x18WORKLOAD_STATE_COMPLETED\x10\x04\x12\x19\n\x15WORKLOAD_STATE_FAILED\x10\x05\x12\x1c\n\x18WORKLOAD_STATE_CANCELLED\x10\x06*\xc5\x02\n\x11WorkloadEventKind\x12#\n\x1fWORKLOAD_EVENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cWORKLOAD_EVENT_KIND_ACCEPTED\x10\x01\x12\x1e\n\x1aWORKLOAD_EVENT_KIND_PLACED\x10\x02\x12 \n\x1cWORKLOAD_EVENT_KIND_RESCALED\x10\x03\x12\x1f\n\x1bWORKLOAD_EVENT_KIND_RUNNING\x10\x04\x12!\n\x1dWORKLOAD_EVENT_KIND_COMPLETED\x10\x05\x12\x1e\n\x1aWORKLOAD_EVENT_KIND_FAILED\x10\x06\x12!\n\x1dWORKLOAD_EVENT_KIND_CANCELLED\x10\x07\x12 \n\x1cWORKLOAD_EVENT_KIND_PROGRESS\x10\x08\x32\x84\x05\n\x10SchedulerService\x12l\n\x11SubmitTrainingJob\x12*.cnc.scheduler.v1.SubmitTrainingJobRequest\x1a+.cnc.scheduler.v1.SubmitTrainingJobResponse\x12{\n\x16\x44\x65ployInferenceService\x12/.cnc.scheduler.v1.DeployInferenceServiceRequest\x1a\x30.cnc.scheduler.v1.DeployInferenceServiceResponse\x12Z\n\x0bGetWorkload\x12$.cnc.scheduler.v1.GetWorkloadRequest\x1a%.cnc.scheduler.v1.GetWorkloadResponse\x12`\n\rListWorkloads\x12&.cnc.scheduler.v1.ListWorkloadsRequest\x1a\'.cnc.scheduler.v1.ListWorkloadsResponse\x12\x63\n\x0e\x43\x61ncelWorkload\x12\'.cnc.scheduler.v1.CancelWorkloadRequest\x1a(.cnc.scheduler.v1.CancelWorkloadResponse\x12\x62\n\rWatchWorkload\x12&.cnc.scheduler.v1.WatchWorkloadRequest\x1a\'.cnc.scheduler.v1.WatchWorkloadResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnc.scheduler.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKLOADSTATE']._serialized_start=2502
-  _globals['_WORKLOADSTATE']._serialized_end=2719
-  _globals['_WORKLOADEVENTKIND']._serialized_start=2722
-  _globals['_WORKLOADEVENTKIND']._serialized_end=3047
+  _globals['_WORKLOADSTATE']._serialized_start=2517
+  _globals['_WORKLOADSTATE']._serialized_end=2734
+  _globals['_WORKLOADEVENTKIND']._serialized_start=2737
+  _globals['_WORKLOADEVENTKIND']._serialized_end=3062
   _globals['_WORKLOAD']._serialized_start=116
   _globals['_WORKLOAD']._serialized_end=585
   _globals['_WORKLOADEVENT']._serialized_start=588
-  _globals['_WORKLOADEVENT']._serialized_end=864
-  _globals['_PLACEMENTCOMMITTED']._serialized_start=867
-  _globals['_PLACEMENTCOMMITTED']._serialized_end=1112
-  _globals['_OFFER']._serialized_start=1115
-  _globals['_OFFER']._serialized_end=1490
-  _globals['_OFFERROUND']._serialized_start=1492
-  _globals['_OFFERROUND']._serialized_end=1609
-  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_start=1611
-  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=1702
-  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_start=1704
-  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_end=1777
-  _globals['_DEPLOYINFERENCESERVICEREQUEST']._serialized_start=1779
-  _globals['_DEPLOYINFERENCESERVICEREQUEST']._serialized_end=1884
-  _globals['_DEPLOYINFERENCESERVICERESPONSE']._serialized_start=1886
-  _globals['_DEPLOYINFERENCESERVICERESPONSE']._serialized_end=1964
-  _globals['_GETWORKLOADREQUEST']._serialized_start=1966
-  _globals['_GETWORKLOADREQUEST']._serialized_end=2007
-  _globals['_GETWORKLOADRESPONSE']._serialized_start=2009
-  _globals['_GETWORKLOADRESPONSE']._serialized_end=2076
-  _globals['_LISTWORKLOADSREQUEST']._serialized_start=2078
-  _globals['_LISTWORKLOADSREQUEST']._serialized_end=2191
-  _globals['_LISTWORKLOADSRESPONSE']._serialized_start=2193
-  _globals['_LISTWORKLOADSRESPONSE']._serialized_end=2263
-  _globals['_CANCELWORKLOADREQUEST']._serialized_start=2265
-  _globals['_CANCELWORKLOADREQUEST']._serialized_end=2309
-  _globals['_CANCELWORKLOADRESPONSE']._serialized_start=2311
-  _globals['_CANCELWORKLOADRESPONSE']._serialized_end=2381
-  _globals['_WATCHWORKLOADREQUEST']._serialized_start=2383
-  _globals['_WATCHWORKLOADREQUEST']._serialized_end=2426
-  _globals['_WATCHWORKLOADRESPONSE']._serialized_start=2428
-  _globals['_WATCHWORKLOADRESPONSE']._serialized_end=2499
-  _globals['_SCHEDULERSERVICE']._serialized_start=3050
-  _globals['_SCHEDULERSERVICE']._serialized_end=3694
+  _globals['_WORKLOADEVENT']._serialized_end=879
+  _globals['_PLACEMENTCOMMITTED']._serialized_start=882
+  _globals['_PLACEMENTCOMMITTED']._serialized_end=1127
+  _globals['_OFFER']._serialized_start=1130
+  _globals['_OFFER']._serialized_end=1505
+  _globals['_OFFERROUND']._serialized_start=1507
+  _globals['_OFFERROUND']._serialized_end=1624
+  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_start=1626
+  _globals['_SUBMITTRAININGJOBREQUEST']._serialized_end=1717
+  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_start=1719
+  _globals['_SUBMITTRAININGJOBRESPONSE']._serialized_end=1792
+  _globals['_DEPLOYINFERENCESERVICEREQUEST']._serialized_start=1794
+  _globals['_DEPLOYINFERENCESERVICEREQUEST']._serialized_end=1899
+  _globals['_DEPLOYINFERENCESERVICERESPONSE']._serialized_start=1901
+  _globals['_DEPLOYINFERENCESERVICERESPONSE']._serialized_end=1979
+  _globals['_GETWORKLOADREQUEST']._serialized_start=1981
+  _globals['_GETWORKLOADREQUEST']._serialized_end=2022
+  _globals['_GETWORKLOADRESPONSE']._serialized_start=2024
+  _globals['_GETWORKLOADRESPONSE']._serialized_end=2091
+  _globals['_LISTWORKLOADSREQUEST']._serialized_start=2093
+  _globals['_LISTWORKLOADSREQUEST']._serialized_end=2206
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_start=2208
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_end=2278
+  _globals['_CANCELWORKLOADREQUEST']._serialized_start=2280
+  _globals['_CANCELWORKLOADREQUEST']._serialized_end=2324
+  _globals['_CANCELWORKLOADRESPONSE']._serialized_start=2326
+  _globals['_CANCELWORKLOADRESPONSE']._serialized_end=2396
+  _globals['_WATCHWORKLOADREQUEST']._serialized_start=2398
+  _globals['_WATCHWORKLOADREQUEST']._serialized_end=2441
+  _globals['_WATCHWORKLOADRESPONSE']._serialized_start=2443
+  _globals['_WATCHWORKLOADRESPONSE']._serialized_end=2514
+  _globals['_SCHEDULERSERVICE']._serialized_start=3065
+  _globals['_SCHEDULERSERVICE']._serialized_end=3709
 # @@protoc_insertion_point(module_scope)

@@ -170,12 +170,17 @@ class WorkloadEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     kind: Global___WorkloadEventKind.ValueType
     state: Global___WorkloadState.ValueType
     generation: _builtins.int
     message: _builtins.str
     progress: _builtins.float
+    actor: _builtins.str
+    """Who caused the event when a caller did (the token id behind a cancel); empty when the
+    scheduler did on its own. Governance records it in the ledger.
+    """
     @_builtins.property
     def placements(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Placement]: ...
     @_builtins.property
@@ -191,10 +196,11 @@ class WorkloadEvent(_message.Message):
         message: _builtins.str = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         progress: _builtins.float = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "generation", b"generation", "kind", b"kind", "message", b"message", "placements", b"placements", "progress", b"progress", "state", b"state", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "generation", b"generation", "kind", b"kind", "message", b"message", "placements", b"placements", "progress", b"progress", "state", b"state", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,6 +35,8 @@ class LedgerEntry:
     payload_json: str  # canonical JSON of the details, hashed verbatim
     prev_hash: str
     hash: str
+    signature: str = ""
+    """Governance's signature over `hash` (last entry of each stored block; `cncbrain.signing`)."""
 
     @staticmethod
     def compute_hash(
@@ -64,6 +66,7 @@ class LedgerEntry:
                 "payload_json": self.payload_json,
                 "prev_hash": self.prev_hash,
                 "hash": self.hash,
+                "signature": self.signature,
             },
             separators=(",", ":"),
         ).encode()
@@ -80,6 +83,7 @@ class LedgerEntry:
             payload_json=str(d["payload_json"]),
             prev_hash=str(d["prev_hash"]),
             hash=str(d["hash"]),
+            signature=str(d.get("signature", "")),
         )
 
 
@@ -110,7 +114,7 @@ class LedgerIssue:
     """One thing wrong with the stored ledger, naming the entry."""
 
     index: int
-    kind: str  # "changed" | "removed" | "reordered" | "duplicate"
+    kind: str  # "changed" | "removed" | "reordered" | "duplicate" | "unsigned"
     detail: str
 
 
@@ -128,14 +132,18 @@ class LedgerVerification:
         return sorted({i.index for i in self.issues if i.kind == kind})
 
 
-def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | None = None) -> LedgerVerification:
+def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | None = None,
+                 verifier: Any = None) -> LedgerVerification:
     """Check a ledger read back in stored order; every problem is reported with the entry index.
 
     - changed: an entry's content no longer matches its own hash, or it was rewritten with a fresh
       hash (the next entry still records the old one);
     - removed: an index is missing, including a missing tail when `expected_head` is given;
     - reordered: an entry is stored after one with a higher index;
-    - duplicate: two stored entries claim the same index (the one that chains is kept).
+    - duplicate: two stored entries claim the same index (the one that chains is kept);
+    - unsigned (with `verifier`, governance's `cncbrain.signing.Verifier`): no valid governance
+      signature covers the entry — none on it, and no signed entry after it chains back to it. An
+      entry appended by anyone else, with a perfectly valid hash chain, is named so.
     """
     result = LedgerVerification()
     by_index: dict[int, LedgerEntry] = {}
@@ -176,15 +184,22 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
             expected_prev = None
             continue
         if index in extra:
-            # Keep the candidate that chains onto its predecessor; report the others.
+            # Keep the candidate that chains onto its predecessor (governance's own, when two do);
+            # report the others.
             candidates = [entry, *extra[index]]
             chaining = [c for c in candidates if c.prev_hash == expected_prev and c.hash == c.recomputed_hash()]
+            if verifier is not None and len(chaining) > 1:
+                chaining.sort(key=lambda c: not _vouched(c, index, by_index, extra, verifier))
             entry = chaining[0] if chaining else entry
+            by_index[index] = entry
             for other in candidates:
-                if other is not entry:
-                    result.issues.append(
-                        LedgerIssue(index, "duplicate", "another stored entry claims this index")
-                    )
+                if other is entry:
+                    continue
+                if verifier is not None and not _vouched(other, index, by_index, extra, verifier):
+                    result.issues.append(LedgerIssue(index, "unsigned", "another stored entry claims this index, "
+                                                     "and no governance signature covers this one"))
+                else:
+                    result.issues.append(LedgerIssue(index, "duplicate", "another stored entry claims this index"))
         self_ok = entry.hash == entry.recomputed_hash()
         if not self_ok:
             changed.add(index)
@@ -215,5 +230,60 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
                 result.issues.append(
                     LedgerIssue(expected_head.length - 1, "changed", "does not match the recorded head hash")
                 )
+    if verifier is not None:
+        _check_signatures(by_index, last, changed, verifier, issues)
     result.issues.sort(key=lambda i: (i.index, i.kind))
     return result
+
+
+def _signed(entry: LedgerEntry, verifier: Any) -> bool:
+    return bool(entry.signature) and verifier.valid(entry.hash.encode(), entry.signature)
+
+
+def _vouched(candidate: LedgerEntry, index: int, by_index: dict[int, LedgerEntry],
+             extra: dict[int, list[LedgerEntry]], verifier: Any) -> bool:
+    """Whether a candidate for `index` is signed, or an entry claiming the next index chains to it."""
+    if _signed(candidate, verifier):
+        return True
+    following = [e for e in (by_index.get(index + 1), *extra.get(index + 1, ())) if e is not None]
+    return any(e.prev_hash == candidate.hash for e in following)
+
+
+def _check_signatures(by_index: dict[int, LedgerEntry], last: int, changed: set[int], verifier: Any,
+                      issues: list[LedgerIssue]) -> None:
+    """Name every entry no governance signature covers: walking back from each signed entry along
+    the chain (prev hash to hash) covers what it chains to, until a gap or a changed entry."""
+    uncovered: list[int] = []
+    expected: str | None = None  # the hash the entry at this index must have to be covered
+    for index in range(last, -1, -1):
+        entry = by_index.get(index)
+        if entry is None:
+            expected = None
+            continue
+        intact = index not in changed and entry.hash == entry.recomputed_hash()
+        if intact and (_signed(entry, verifier) or entry.hash == expected):
+            expected = entry.prev_hash
+            continue
+        expected = None
+        if index not in changed:
+            uncovered.append(index)
+    for index in sorted(uncovered):
+        issues.append(LedgerIssue(index, "unsigned", "no governance signature covers this entry "
+                                  "(appended by someone other than governance)"))
+
+
+def signed_chain(entries: Iterable[LedgerEntry], verifier: Any) -> dict[int, LedgerEntry]:
+    """The entries governance vouches for, by index: each signed entry and what it chains back to
+    (prev hash to hash, index by index). What loading folds into the state; nothing else counts."""
+    by_hash: dict[str, LedgerEntry] = {}
+    for e in entries:
+        if e.index >= 0 and e.hash == e.recomputed_hash():
+            by_hash.setdefault(e.hash, e)
+    out: dict[int, LedgerEntry] = {}
+    for start in sorted((e for e in by_hash.values() if _signed(e, verifier)), key=lambda e: -e.index):
+        entry: LedgerEntry | None = start
+        while entry is not None and entry.index not in out:
+            out[entry.index] = entry
+            before = by_hash.get(entry.prev_hash) if entry.index > 0 else None
+            entry = before if before is not None and before.index == entry.index - 1 else None
+    return out
