@@ -126,3 +126,4 @@ async def brain(secure_nats, secrets, tmp_path, monkeypatch):
         await ch.close()
     for name in ("adaptation", "scheduler", "perception", "governance"):  # a test may have restarted one
         await servers[name].stop()
+

@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tenants import tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as gpb
@@ -113,10 +114,7 @@ async def test_a_deleted_ledger_stream_is_reported_removed(brain, admin):
 
 async def test_the_ledger_names_the_token_behind_a_cancel(brain, admin):
     servers, channels, operator = brain
-    gov = governance_pb2_grpc.GovernanceServiceStub(channels["governance"])
-    md = bearer_metadata(operator)
-    await gov.CreateTenant(gpb.CreateTenantRequest(tenant_id="lab", quota=gpb.Quota(max_gpus=8)), metadata=md)
-    issued = await gov.IssueToken(gpb.IssueTokenRequest(role=gpb.ROLE_TENANT, tenant_id="lab"), metadata=md)
+    gov, md, issued = await tenant_with_token(channels, operator, "lab", 8)
     snap = perception_pb2.Snapshot(sequence=1)
     snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
         common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))

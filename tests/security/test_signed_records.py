@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tenants import tenant_with_token
 
 from cnc.adaptation.v1 import adaptation_pb2, adaptation_pb2_grpc
 from cnc.governance.v1 import governance_pb2 as gpb
@@ -80,10 +81,7 @@ async def test_forged_token_records_are_refused_by_all_four_services(brain, admi
 
 async def test_revocation_holds_on_every_service_within_a_second_and_cannot_be_replayed(brain, admin):
     servers, channels, operator = brain
-    gov = governance_pb2_grpc.GovernanceServiceStub(channels["governance"])
-    md = bearer_metadata(operator)
-    await gov.CreateTenant(gpb.CreateTenantRequest(tenant_id="lab", quota=gpb.Quota(max_gpus=4)), metadata=md)
-    issued = await gov.IssueToken(gpb.IssueTokenRequest(role=gpb.ROLE_TENANT, tenant_id="lab"), metadata=md)
+    gov, md, issued = await tenant_with_token(channels, operator, "lab", 4)
     token, token_id = issued.token, issued.info.token_id
     # IssueToken writes the record before answering: usable everywhere at once
     assert set((await eventually(channels, token, grpc.StatusCode.OK)).values()) == {grpc.StatusCode.OK}
