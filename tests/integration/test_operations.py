@@ -86,7 +86,7 @@ def brain(tmp_path_factory, collector):
 
 def cli(brain, name, *args, env=None, timeout=60):
     env = {**os.environ, "CNC_STATE_DIR": str(brain.state_dir), **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"cncbrain.commands.{name}", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cncbrain.cli", name, *args], env=env,  # imports only `name`
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -257,6 +257,20 @@ def test_the_web_page_shows_the_sites_and_updates_after_a_deploy(brain, deployed
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url + "api/state", headers=headers), timeout=5)
         assert refused.value.code == 401
+    # a tenant's token is valid, but the page is the operator's: 403
+    assert cli(brain, "tenants", "create", "webco", "--max-gpus", "8").returncode == 0
+    issued = cli(brain, "tokens", "issue", "--tenant", "webco")
+    assert issued.returncode == 0, issued.stderr
+
+    def refusal_for_the_tenant():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "api/state", headers={
+                "Authorization": f"Bearer {issued.stdout.strip()}"}), timeout=5)
+        except urllib.error.HTTPError as exc:
+            return exc.code if exc.code != 401 else None  # 401 until perception has the new token
+        return "served"
+
+    assert wait_for(refusal_for_the_tenant, 10, "the tenant's token known to perception") == 403
     token = brain.token_file.read_text().strip()
 
     async def drive():
