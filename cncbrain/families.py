@@ -479,7 +479,7 @@ def alibaba(rng: np.random.Generator, seed: int) -> _Draft:
 
 def hotspot(rng: np.random.Generator, seed: int) -> _Draft:
     """Demand concentrated in one region: 60–95 % of every service's requests enter within
-    300–1500 km of one city (by population there), the rest by population everywhere; 15–100 sites
+    300–1500 km of one city (drawn by population; by population among the sites there), the rest by population everywhere; 15–100 sites
     (a Topology Zoo network or a synthetic WAN) with mixed inventories, 1–4 services, load moderate
     to heavy, training none to moderate, 0–2 failures. Why: a launch, a time zone's peak or a
     regional event puts the demand far from where the idle GPUs are."""
@@ -489,7 +489,8 @@ def hotspot(rng: np.random.Generator, seed: int) -> _Draft:
         n = int(rng.integers(15, 101))
         d = _synthetic(rng, "hotspot", seed, n, _regions(rng, n), [10.0, 40.0, 100.0])
     d.inventory = [_mixed_inventory(rng, MIXED_GPUS, (1, 2), [4, 8, 16]) for _ in d.names]
-    center = int(rng.integers(0, len(d.names)))
+    pop = np.array([site.get("population_m", 1.0) for site in d.topology.get("sites", [])] or np.ones(len(d.names)))
+    center = int(rng.choice(len(d.names), p=pop / pop.sum()))  # hotspots are likelier where more people live
     radius = float(rng.choice([300.0, 500.0, 800.0, 1000.0, 1500.0]))
     share = round(float(rng.uniform(0.6, 0.95)), 3)
     region = {"around": d.names[center], "radius_km": radius, "share": share}

@@ -81,8 +81,11 @@ def _quiet_topology():
 
 
 def _episode(key: str, policy: str, seed: int, duration_s: float | None) -> tuple[str, str, RunResult]:
-    with _quiet_topology():
-        return key, policy, run_policy(_scenario(key), policy, seed, duration_s)
+    try:
+        with _quiet_topology():
+            return key, policy, run_policy(_scenario(key), policy, seed, duration_s)
+    except Exception as exc:  # say which episode, across the process boundary too
+        raise RuntimeError(f"{key}, policy {policy}, seed {seed}: {type(exc).__name__}: {exc}") from exc
 
 
 def _cost(sites: int, scenario, policy: str) -> float:
@@ -104,8 +107,8 @@ def evaluate_suite(
     out = {}
     tasks = []
     for (family, seed), key in zip(members, keys, strict=True):
-        sc = _scenario(key)
         with _quiet_topology():
+            sc = _scenario(key)
             n = len(sc.topology.sites) or load_network(sc).size
         out[key] = ScenarioRuns(family, seed, sc.name, n, {p: [] for p in policies})
         for p in policies:
