@@ -16,11 +16,12 @@ great-circle distance, always connected (a minimum spanning tree underneath).
 
 **Load is calibrated.** For every service the generator computes what the pool could serve if it
 served nothing else — Σ over sites and GPU types of ⌊GPUs / tensor-parallel degree⌋ × the requests/s
-one replica sustains (the twin's own `physics.replica_figures`), at the twin's 80 % routing
-utilisation — and sets each service's `rate_scale` so that its demand is a drawn share of that.
+one replica sustains when always busy (the twin's own `physics.replica_figures`) — and sets each
+service's `rate_scale` so that its demand is a drawn share of that.
 Training adds its expected GPU-seconds (Alibaba trace, `gpu_scale`, runtimes) over the horizon as a
-share of the pool's GPUs. `load` = inference shares + training share: 1.0 is a pool that a perfect
-fluid packing could just serve; "overloaded" families draw 1.1–1.6. The twin simulates about
+share of the pool's GPUs. `load` = inference shares + training share: 1.0 is a pool whose every GPU
+would be busy all the time under a perfect fluid packing (the twin's routing already queues work
+beyond 80 % utilisation); "overloaded" families draw 1.1–1.6: more than the pool can serve. The twin simulates about
 `SIM_RPS` requests/s per scenario: a service with more demand than its part of that gets a
 `request_weight` (each simulated request stands for that many).
 """
@@ -49,8 +50,6 @@ SIM_RPS = 200.0
 """Requests/s the twin simulates per scenario (about 720,000 an hour, a few seconds per episode):
 a service whose demand is larger than its part of this gets a `request_weight` (one simulated
 request stands for that many)."""
-ROUTE_UTIL = 0.80
-"""The twin's routing fills replicas to this utilisation (`sim.ROUTE_UTIL`); capacity counts it."""
 HORIZON_S = 3600.0
 ZOO = {"abilene": "Abilene.graphml", "att": "AttMpls.graphml", "geant": "Geant2009.graphml",
        "surfnet": "Surfnet.graphml", "cogent": "Cogentco.graphml"}
@@ -229,8 +228,8 @@ class _Draft:
         return int(sum(sum(inv.values()) for inv in self.inventory))
 
     def capacity(self, model: str, precision: str, trace: str, slo: tuple[float, float]) -> tuple[float, int]:
-        """Requests/s the whole pool sustains for one service if it served nothing else (ROUTE_UTIL
-        applied), and how many replicas that takes, counting only GPU types on which a replica meets
+        """Requests/s the whole pool sustains for one service if it served nothing else, every
+        replica busy all the time, and how many replicas that takes, counting only GPU types on which a replica meets
         the SLOs at a small batch."""
         _, mp, mo = _trace_rps(trace)
         m = physics.model(model)
@@ -244,7 +243,7 @@ class _Draft:
             reps = int(sum(inv.get(t, 0) // tp[g] for inv in self.inventory))
             total += reps / work[g]
             replicas += reps
-        return ROUTE_UTIL * total, replicas
+        return total, replicas
 
     @staticmethod
     def _meets_slo(m, g, tp: int, precision: str, mp: float, mo: float, slo: tuple[float, float]) -> bool:
