@@ -151,7 +151,7 @@ def scheduler() -> Grant:
         g.create(stream)
     g.read_stream("CNC_WORKLOADS").read_stream("CNC_PLACEMENTS").write_bucket("cnc-workloads")
     g.pub("cnc.scheduler.>")
-    g.sub("cnc.perception.snapshot", "cnc.site.*.answer", "cnc.site.*.answers", "cnc.site.*.proposal")
+    g.sub("cnc.perception.snapshot", "cnc.site.*.answer", "cnc.site.*.proposal")
     g.read_stream("CNC_SITES").read_stream("CNC_ADAPTATION")  # executors' reports, adaptation's actions
     g.read_bucket("cnc-governance")  # the governance gate: tenants, policies, holdings
     return g
@@ -229,3 +229,44 @@ def may_create(identity: str | None, stream: str) -> bool:
         return stream in grant_for(identity).creates
     except KeyError:
         return False
+
+
+def _summary(g: Grant) -> dict[str, list[str]]:
+    """What a grant amounts to, in the words of the table in docs/security.md."""
+    api = "$JS.API."
+    reads, gets, filtered = set(), set(), []
+    for p in g.publish:
+        if p.startswith(api + "CONSUMER.CREATE.") and p.endswith(".>"):
+            reads.add(p[len(api + "CONSUMER.CREATE."):-2])
+        elif p.startswith(api + "CONSUMER.CREATE.") and p.count(".") > 5:
+            stream, consumer, *rest = p[len(api + "CONSUMER.CREATE."):].split(".")
+            filtered.append(f"{stream} (consumer `{consumer}`, only `{'.'.join(rest)}`)")
+        elif p.startswith(api + "STREAM.MSG.GET."):
+            gets.add(p[len(api + "STREAM.MSG.GET."):])
+    writes = sorted(p[len("$KV."):-2] for p in g.publish if p.startswith("$KV.") and p != "$KV.>")
+    return {
+        "publishes": [p for p in g.publish if not p.startswith(("$JS", "$KV"))],
+        "subscribes": list(g.subscribe),
+        "creates": list(g.creates),
+        "reads": sorted(reads) + filtered + [f"{s} (single keys)" for s in sorted(gets - reads)],
+        "writes": [f"KV {b}" for b in writes],  # rendered as `KV cnc-…`
+    }
+
+
+def markdown_table() -> str:
+    """The permission table of docs/security.md (a test keeps the two the same)."""
+    def cell(items: list[str]) -> str:
+        return ", ".join(f"`{i}`" if "`" not in i else i for i in items) or "—"
+
+    rows = ["| identity | publishes | subscribes | creates | reads (streams, KV as `KV_<bucket>`) | writes |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for identity in (*SERVICES, "site-<id>", ADMIN):
+        g = grant_for(identity.replace("<id>", "ID0"))
+        if identity == ADMIN:
+            rows.append("| `admin` | everything | everything | every stream and bucket | everything | everything, "
+                        "and the only one that updates, purges or deletes streams |")
+            continue
+        s = {k: [v.replace("ID0", "<id>") for v in vs] for k, vs in _summary(g).items()}
+        rows.append(f"| `{identity}` | {cell(s['publishes'])} | {cell(s['subscribes'])} | {cell(s['creates'])} | "
+                    f"{cell(s['reads'])} | {cell(s['writes'])} |")
+    return "\n".join(rows)

@@ -48,3 +48,12 @@ def test_credentials_are_kept_private_and_reused(tmp_path):
     conf.write_text("listen: 127.0.0.1:4222\njetstream {}\n" + (tmp_path / NATS_DIR / AUTH_FILE).read_text())
     check = subprocess.run([binary, "-c", str(conf), "-t"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_docs_show_the_permission_table_as_it_is():
+    from pathlib import Path
+
+    from cncbrain.bus.permissions import markdown_table
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    assert markdown_table() in doc, "regenerate the table in docs/security.md from cncbrain.bus.permissions.markdown_table()"
