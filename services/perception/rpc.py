@@ -1,30 +1,56 @@
-"""PerceptionService: translates requests into questions to the pool picture (proto ⇄ domain)."""
+"""PerceptionService: translates requests into questions to the pool picture (proto ⇄ domain).
+
+A tenant sees the whole pool's capacity (sites, GPUs, state, utilisation) but only its own
+workloads' details (per-site service loads and job progress, pool-wide service summaries,
+forecasts); an operator sees everything (`services.perception.owners`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
 from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2 as pb
 from cnc.perception.v1 import perception_pb2_grpc
+from cncbrain.auth import optional_principal
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
+from services.perception.owners import Owners, scoped_snapshot, scoped_status, workload_ids
 
 
 class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
-    def __init__(self, picture: PoolPicture, events: PerceptionEvents) -> None:
+    def __init__(self, picture: PoolPicture, events: PerceptionEvents, owners: Owners | None = None) -> None:
         self.picture = picture
         self.events = events
+        self.owners = owners
+        """Who owns each workload (None: no tenants to tell apart, everything shown)."""
+
+    async def _mine(self, workload_ids: Iterable[str]) -> Callable[[str], bool] | None:
+        """None when the caller sees every workload (an operator, or no tenants); else whether a
+        workload id is the calling tenant's."""
+        caller = optional_principal()
+        if self.owners is None or caller is None or caller.is_operator:
+            return None
+        await self.owners.resolve(workload_ids)
+        tenant = caller.tenant_id
+        return lambda wid: bool(tenant) and self.owners.of(wid) == tenant
+
+    async def _statuses(self, statuses: list[pb.SiteStatus]) -> list[pb.SiteStatus]:
+        mine = await self._mine(workload_ids(statuses))
+        return statuses if mine is None else [scoped_status(s, mine) for s in statuses]
+
+    async def _snapshot(self, snap: pb.Snapshot) -> pb.Snapshot:
+        mine = await self._mine(workload_ids(snap.sites, snap.services))
+        return snap if mine is None else scoped_snapshot(snap, mine)
 
     async def ListSites(self, request: pb.ListSitesRequest, context: grpc.aio.ServicerContext) -> pb.ListSitesResponse:
         if request.state not in common_pb2.SiteState.values():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"state: unknown value {request.state}")
         entries = [self.picture.sites[k] for k in sorted(self.picture.sites)]
         wanted = [e for e in entries if request.state in (common_pb2.SITE_STATE_UNSPECIFIED, e.state)]
-        return pb.ListSitesResponse(sites=[self.picture.site_status(e) for e in wanted])
+        return pb.ListSitesResponse(sites=await self._statuses([self.picture.site_status(e) for e in wanted]))
 
     async def GetSite(self, request: pb.GetSiteRequest, context: grpc.aio.ServicerContext) -> pb.GetSiteResponse:
         if not request.site_id:
@@ -32,10 +58,10 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         entry = self.picture.sites.get(request.site_id)
         if entry is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"site {request.site_id!r} is not registered")
-        return pb.GetSiteResponse(site=self.picture.site_status(entry))
+        return pb.GetSiteResponse(site=(await self._statuses([self.picture.site_status(entry)]))[0])
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.GetSnapshotResponse:
-        return pb.GetSnapshotResponse(snapshot=self.events.latest)
+        return pb.GetSnapshotResponse(snapshot=await self._snapshot(self.events.latest))
 
     async def WatchSnapshots(
         self, request: pb.WatchSnapshotsRequest, context: grpc.aio.ServicerContext
@@ -44,9 +70,9 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         self.events.watchers.add(queue)
         try:
             if self.events.latest.sequence:
-                yield pb.WatchSnapshotsResponse(snapshot=self.events.latest)
+                yield pb.WatchSnapshotsResponse(snapshot=await self._snapshot(self.events.latest))
             while True:
-                yield pb.WatchSnapshotsResponse(snapshot=await queue.get())
+                yield pb.WatchSnapshotsResponse(snapshot=await self._snapshot(await queue.get()))
         finally:
             self.events.watchers.discard(queue)
 
@@ -57,7 +83,8 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         if not 1 <= horizon <= 60:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "horizon_ticks: must be 1..60")
         forecast = self.picture.forecast(request.workload_id, horizon)
-        if forecast is None:
+        mine = await self._mine([request.workload_id])
+        if forecast is None or (mine is not None and not mine(request.workload_id)):  # another tenant's: as unknown
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no telemetry yet for inference service {request.workload_id!r}"
             )

@@ -12,6 +12,7 @@ from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
+from services.perception.owners import Owners
 from services.perception.rpc import PerceptionServicer
 from services.perception.settings import Settings
 from services.perception.web import ConsoleView, WebServer
@@ -39,7 +40,7 @@ class PerceptionServer:
         self.bus = await Bus.connect(self.settings.nats_url, "perception", identity="perception")
         self.events = PerceptionEvents(self.bus, self.picture, self.settings.tick_s)
         await self.events.start()
-        servicer = PerceptionServicer(self.picture, self.events)
+        servicer = PerceptionServicer(self.picture, self.events, Owners(self.bus))
         interceptor, self.auth_feed = await server_auth(self.bus, enabled=self.settings.auth_enabled)
         self.grpc = await start_grpc_server(
             self.settings,
