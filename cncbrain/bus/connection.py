@@ -444,6 +444,29 @@ class Bus:
         self._subs.append(sub)
         return sub
 
+    async def follow(self, spec: Subject, handler: Callable[[Event, int], Awaitable[None]], *,
+                     after_sequence: int = 0, **params: str) -> Any:
+        """Every event of a JetStream subject in stream order, from after `after_sequence` (0: the
+        oldest kept), then live; `handler(event, stream_sequence)`. An ordered consumer: nothing is
+        skipped or repeated, and it is gone when unsubscribed. Undecodable events are skipped."""
+        assert spec.stream, f"{spec.template} is not kept in a stream"
+
+        async def on(msg: Msg) -> None:
+            try:
+                event = envelope.decode(msg.subject, msg.data, msg.headers, spec.message, spec.match(msg.subject) or {})
+            except EnvelopeError as exc:
+                log.warning("skipped an undecodable event on %s: %s", msg.subject, exc)
+                return
+            await handler(event, msg.metadata.sequence.stream)
+
+        config = (api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_sequence + 1)
+                  if after_sequence > 0 else api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))
+        sub = await self._when_stream(spec.stream, lambda: self.js.subscribe(
+            spec.wildcard(**params), stream=spec.stream, cb=on, ordered_consumer=True, config=config,
+            pending_msgs_limit=PENDING_MSGS_LIMIT, pending_bytes_limit=PENDING_BYTES_LIMIT))
+        self._subs.append(sub)
+        return sub
+
     async def _when_stream(self, stream: str, op: Callable[[], Awaitable[T]], wait_s: float = 30.0) -> T:
         """Run `op` (a subscription on `stream`), waiting up to `wait_s` for the stream's owner to
         have created it (services start in any order)."""

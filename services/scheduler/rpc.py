@@ -17,8 +17,10 @@ from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
 from services.scheduler import domain
 from services.scheduler.events import Coordinator
-from services.scheduler.governance import AdmissionRefused
+from services.scheduler.governance import AdmissionRefused, tenant_of
 
+WATCH_BACKLOG = 10_000
+"""Events a WatchWorkloads reader may fall behind by before it is told to resume."""
 TERMINAL_EVENTS = (
     pb.WORKLOAD_EVENT_KIND_COMPLETED,
     pb.WORKLOAD_EVENT_KIND_FAILED,
@@ -142,5 +144,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 yield pb.WatchWorkloadResponse(event=ev)
                 if ev.kind in TERMINAL_EVENTS:
                     return
+        finally:
+            await self.co.bus.unsubscribe(sub)
+
+    async def WatchWorkloads(self, request: pb.WatchWorkloadsRequest,
+                             context) -> AsyncIterator[pb.WatchWorkloadsResponse]:
+        caller = optional_principal()
+        queue: asyncio.Queue[tuple[pb.WorkloadEvent, int]] = asyncio.Queue(maxsize=WATCH_BACKLOG)
+        overflow = asyncio.Event()
+
+        def mine(workload_id: str) -> bool:
+            if caller is None or caller.is_operator:
+                return True
+            w = self.co.store.get(workload_id)
+            return w is not None and tenant_of(w) == caller.tenant_id
+
+        async def on_event(event: Event, sequence: int) -> None:
+            if mine(event.payload.workload_id):
+                try:
+                    queue.put_nowait((event.payload, sequence))
+                except asyncio.QueueFull:  # a reader this far behind resumes from its last sequence
+                    overflow.set()
+
+        sub = await self.co.bus.follow(subjects.SCHEDULER_WORKLOAD, on_event, after_sequence=request.after_sequence)
+        try:
+            while True:
+                if overflow.is_set() and queue.empty():
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"more than {WATCH_BACKLOG} events behind; resume with after_sequence")
+                ev, sequence = await queue.get()
+                yield pb.WatchWorkloadsResponse(event=ev, sequence=sequence)
         finally:
             await self.co.bus.unsubscribe(sub)

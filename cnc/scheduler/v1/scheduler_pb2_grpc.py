@@ -65,6 +65,11 @@ class SchedulerServiceStub:
                 request_serializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadRequest.SerializeToString,
                 response_deserializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkloads = channel.unary_stream(
+                '/cnc.scheduler.v1.SchedulerService/WatchWorkloads',
+                request_serializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsRequest.SerializeToString,
+                response_deserializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -113,6 +118,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchWorkloads(self, request, context):
+        """WatchWorkloads streams every event of the caller's workloads (a tenant: its own; an operator:
+        every workload's), in order, from the oldest kept (or after `after_sequence`, to resume), then
+        live. Tenants follow their work here and never need NATS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkload,
                     request_deserializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadRequest.FromString,
                     response_serializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadResponse.SerializeToString,
+            ),
+            'WatchWorkloads': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkloads,
+                    request_deserializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsRequest.FromString,
+                    response_serializer=cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class SchedulerService:
             '/cnc.scheduler.v1.SchedulerService/WatchWorkload',
             cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadRequest.SerializeToString,
             cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cnc.scheduler.v1.SchedulerService/WatchWorkloads',
+            cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsRequest.SerializeToString,
+            cnc_dot_scheduler_dot_v1_dot_scheduler__pb2.WatchWorkloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,11 @@ class SchedulerServiceStub:
     """CancelWorkload removes a workload's placements; FAILED_PRECONDITION if it already ended."""
     WatchWorkload: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchWorkloadRequest, _scheduler_pb2.WatchWorkloadResponse]
     """WatchWorkload streams a workload's lifecycle events from its acceptance on, then live."""
+    WatchWorkloads: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchWorkloadsRequest, _scheduler_pb2.WatchWorkloadsResponse]
+    """WatchWorkloads streams every event of the caller's workloads (a tenant: its own; an operator:
+    every workload's), in order, from the oldest kept (or after `after_sequence`, to resume), then
+    live. Tenants follow their work here and never need NATS.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -65,6 +70,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """CancelWorkload removes a workload's placements; FAILED_PRECONDITION if it already ended."""
     WatchWorkload: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchWorkloadRequest, _scheduler_pb2.WatchWorkloadResponse]  # type: ignore[assignment]
     """WatchWorkload streams a workload's lifecycle events from its acceptance on, then live."""
+    WatchWorkloads: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchWorkloadsRequest, _scheduler_pb2.WatchWorkloadsResponse]  # type: ignore[assignment]
+    """WatchWorkloads streams every event of the caller's workloads (a tenant: its own; an operator:
+    every workload's), in order, from the oldest kept (or after `after_sequence`, to resume), then
+    live. Tenants follow their work here and never need NATS.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService is the tenant API for training jobs and inference services."""
@@ -116,5 +126,16 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.WatchWorkloadResponse], _abc.AsyncIterator[_scheduler_pb2.WatchWorkloadResponse]]:
         """WatchWorkload streams a workload's lifecycle events from its acceptance on, then live."""
+
+    @_abc_1.abstractmethod
+    def WatchWorkloads(
+        self,
+        request: _scheduler_pb2.WatchWorkloadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.WatchWorkloadsResponse], _abc.AsyncIterator[_scheduler_pb2.WatchWorkloadsResponse]]:
+        """WatchWorkloads streams every event of the caller's workloads (a tenant: its own; an operator:
+        every workload's), in order, from the oldest kept (or after `after_sequence`, to resume), then
+        live. Tenants follow their work here and never need NATS.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
