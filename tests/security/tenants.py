@@ -1,4 +1,4 @@
-"""Test helper: a tenant and its token, made through governance's API."""
+"""Test helpers: a tenant and its token, made through governance's API; a one-site pool."""
 
 async def tenant_with_token(channels, operator: str, tenant: str, max_gpus: int):
     """Create `tenant` (as the operator) and issue it a token: (governance stub, operator metadata,
@@ -12,3 +12,18 @@ async def tenant_with_token(channels, operator: str, tenant: str, max_gpus: int)
     await gov.CreateTenant(gpb.CreateTenantRequest(tenant_id=tenant, quota=gpb.Quota(max_gpus=max_gpus)), metadata=md)
     issued = await gov.IssueToken(gpb.IssueTokenRequest(role=gpb.ROLE_TENANT, tenant_id=tenant), metadata=md)
     return gov, md, issued
+
+
+async def one_site_pool(admin) -> None:
+    """Tell the scheduler the pool is site `a` with 8 H100 (a snapshot, as perception would)."""
+    import asyncio
+
+    from cnc.common.v1 import common_pb2 as common
+    from cnc.perception.v1 import perception_pb2
+    from cncbrain.bus import subjects
+
+    snap = perception_pb2.Snapshot(sequence=1)
+    snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
+        common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))
+    await admin.publish(subjects.PERCEPTION_SNAPSHOT, snap)
+    await asyncio.sleep(0.3)

@@ -14,16 +14,14 @@ import time
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tenants import tenant_with_token
+from tenants import one_site_pool, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
-from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
-from cncbrain.bus import subjects
 from cncbrain.identity import hash_secret
 from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerHead
@@ -115,11 +113,7 @@ async def test_a_deleted_ledger_stream_is_reported_removed(brain, admin):
 async def test_the_ledger_names_the_token_behind_a_cancel(brain, admin):
     servers, channels, operator = brain
     gov, md, issued = await tenant_with_token(channels, operator, "lab", 8)
-    snap = perception_pb2.Snapshot(sequence=1)
-    snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
-        common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))
-    await admin.publish(subjects.PERCEPTION_SNAPSHOT, snap)
-    await asyncio.sleep(0.3)
+    await one_site_pool(admin)
     sched = scheduler_pb2_grpc.SchedulerServiceStub(channels["scheduler"])
     tmd = bearer_metadata(issued.token)
     w = (await sched.DeployInferenceService(spb.DeployInferenceServiceRequest(service=common.InferenceServiceSpec(

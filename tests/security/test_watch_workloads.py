@@ -7,14 +7,12 @@ import asyncio
 
 import grpc
 import pytest
-from tenants import tenant_with_token
+from tenants import one_site_pool, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
-from cncbrain.bus import subjects
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +34,7 @@ async def test_a_tenant_watches_only_its_own_workloads_and_resumes_after_a_seque
     servers, channels, operator = brain
     _, _, lab = await tenant_with_token(channels, operator, "lab", 8)
     _, _, rival = await tenant_with_token(channels, operator, "rival", 8)
-    snap = perception_pb2.Snapshot(sequence=1)
-    snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
-        common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))
-    await admin.publish(subjects.PERCEPTION_SNAPSHOT, snap)
-    await asyncio.sleep(0.3)
+    await one_site_pool(admin)
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channels["scheduler"])
     mine, theirs = bearer_metadata(lab.token), bearer_metadata(rival.token)
     w1 = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service("one")),
