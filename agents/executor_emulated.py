@@ -51,6 +51,16 @@ def site_ids_of(scenario: Scenario) -> list[str]:
     return [slug(n) for n in load_network(scenario).names]
 
 
+def site_inventories(scenario: Scenario, seed: int = 0) -> dict[str, dict[str, int]]:
+    """Site id -> GPUs by type, as the emulator of `seed` will report them (what `up` enrolls)."""
+    from cncbrain.twin.pool import build_pool
+    from cncbrain.twin.sim import pool_rng
+
+    pool = build_pool(scenario, pool_rng(seed))
+    return {slug(name): {t: int(n) for t, n in zip(pool.gpu_types, pool.inventory[i], strict=True) if n > 0}
+            for i, name in enumerate(pool.net.names)}
+
+
 def twin_model(name: str, params_b: float) -> str:
     """The twin's model for a tenant's model: by name when the twin knows it, else nearest size."""
     key = name.lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import grpc
 from rich.table import Table
@@ -10,13 +11,81 @@ from rich.table import Table
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, target
 from cncbrain.commands._output import add_output_arg, print_json, show, wants_json
+from cncbrain.errors import CncError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sites", help="list the sites of a running brain")
+    p = sub.add_parser("sites", help="list the sites of a running brain, or enroll one (operator)")
+    p.add_argument("action", nargs="?", choices=("list", "enroll"), default="list")
+    p.add_argument("site", nargs="?", help="enroll: the site's id")
+    p.add_argument("--gpus", action="append", default=[], metavar="TYPE=COUNT@USD",
+                   help="enroll: a GPU type the site may offer, at most COUNT, at USD per GPU-hour (repeatable)")
+    p.add_argument("--region", default="", help="enroll: the site's region (placement policies name regions)")
+    p.add_argument("--key-out", type=Path, default=None, metavar="FILE",
+                   help="enroll: write the site agent's new NATS credentials (nkey seed, mode 0600) here; its "
+                        "public key is enrolled with the site and admitted by the brain's NATS server (see below)")
     add_output_arg(p)
-    add_target_args(p, "perception")
+    add_target_args(p, "perception", "governance")
     p.set_defaults(func=run)
+
+
+def parse_gpus(values: list[str]) -> list[tuple[str, int, float]]:
+    out = []
+    for value in values:
+        kind, _, rest = value.partition("=")
+        count, _, price = rest.partition("@")
+        try:
+            out.append((kind, int(count), float(price)))
+        except ValueError:
+            raise CncError(f"--gpus {value!r}: expected TYPE=COUNT@USD, e.g. H100=16@2.5") from None
+        if not kind:
+            raise CncError(f"--gpus {value!r}: the GPU type is missing")
+    if not out:
+        raise CncError("enroll: name what the site may offer with --gpus TYPE=COUNT@USD (repeatable)")
+    return out
+
+
+def enroll(args: argparse.Namespace) -> int:
+    """Enroll a site with governance; with --key-out, issue its agent's NATS key too."""
+    from cnc.governance.v1 import governance_pb2 as gpb
+    from cnc.governance.v1 import governance_pb2_grpc
+    from cncbrain.bus.credentials import add_identity, new_seed, public_key, write_private
+    from cncbrain.bus.permissions import site_identity
+    from cncbrain.commands._live import secrets_dir
+
+    if not args.site:
+        raise CncError("enroll: name the site: cncbrain sites enroll SITE --gpus TYPE=COUNT@USD")
+    gpus = parse_gpus(args.gpus)
+    seed = new_seed() if args.key_out else None
+    request = gpb.EnrollSiteRequest(site=gpb.SiteEnrollment(
+        site_id=args.site, region=args.region, nats_public_key=public_key(seed) if seed else "",
+        gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=p) for t, n, p in gpus]))
+    address = target(args, "governance")
+
+    async def call():
+        async with channel(address) as ch:
+            return await governance_pb2_grpc.GovernanceServiceStub(ch).EnrollSite(request, timeout=10)
+
+    try:
+        site = aio.run(call()).site
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, address, "governance") from None
+    if seed is not None:
+        write_private(args.key_out, seed + b"\n")
+        folder = secrets_dir()
+        if folder is not None:  # the brain's own NATS server admits the key from its next (re)load
+            add_identity(folder, site_identity(args.site), public_key(seed))
+    if wants_json(args):
+        print_json(site)
+        return 0
+    terms = ", ".join(f"{g.gpu_type} ≤ {g.max_count} at ${g.price_usd_per_hour:g}/GPU-h" for g in site.gpus)
+    print(f"enrolled {site.site_id}: {terms}")
+    if seed is not None:
+        print(f"  its agent's NATS credentials: {args.key_out} (give them to the site only; run its agent with "
+              f"CNC_SECRETS_DIR holding nats/{site_identity(args.site)}.nk)")
+        print("  the brain's NATS server admits the key once it reloads its configuration "
+              "(`cncbrain up` does at its next start)")
+    return 0
 
 
 async def fetch(address: str):
@@ -28,6 +97,8 @@ async def fetch(address: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "enroll":
+        return enroll(args)
 
     from cnc.common.v1 import common_pb2 as common
 

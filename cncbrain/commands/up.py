@@ -408,6 +408,30 @@ class Brain:
                 await asyncio.sleep(0.05)
             self.ports[service] = port
 
+    async def _enroll(self, token: str | None) -> None:
+        """Enroll the emulated sites (as the operator): their inventory as the emulator will report
+        it, at the GPU catalogue's prices; a site's key is the one `_credentials` made for it."""
+        import grpc
+
+        from agents.executor_emulated import site_inventories
+        from cnc.governance.v1 import governance_pb2 as gpb
+        from cnc.governance.v1 import governance_pb2_grpc
+        from cncbrain.auth import token_interceptors
+        from cncbrain.bus.credentials import load_identities
+        from cncbrain.bus.permissions import site_identity
+        from cncbrain.scenario import load_scenario
+        from cncbrain.twin import physics
+
+        keys = load_identities(self.secrets_dir)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.governance_port}",
+                                             interceptors=token_interceptors(token)) as ch:
+            stub = governance_pb2_grpc.GovernanceServiceStub(ch)
+            for site_id, gpus in site_inventories(load_scenario(self.scenario)).items():
+                await stub.EnrollSite(gpb.EnrollSiteRequest(site=gpb.SiteEnrollment(
+                    site_id=site_id, nats_public_key=keys.get(site_identity(site_id), ""),
+                    gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=physics.gpu(t).price_hr)
+                          for t, n in sorted(gpus.items())])), timeout=10)
+
     async def _wait_ready(self, deadline: float, timeout_s: float) -> None:
         import grpc
 
@@ -428,6 +452,7 @@ class Brain:
         from cncbrain.auth import token_interceptors
 
         token = self.token_file.read_text().strip() if self.auth and self.token_file.exists() else None
+        await self._enroll(token)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.perception_port}",
                                              interceptors=token_interceptors(token)) as ch:
             stub = perception_pb2_grpc.PerceptionServiceStub(ch)

@@ -96,6 +96,11 @@ class TickReport:
     cost_usd: float
 
 
+def pool_rng(seed: int) -> np.random.Generator:
+    """The generator a twin of `seed` builds its pool (sampled inventories) with."""
+    return np.random.default_rng(seed + 7919)
+
+
 class Twin:
     """A CNC pool under a scenario, deterministic for a given seed."""
 
@@ -105,7 +110,7 @@ class Twin:
         self.rng = np.random.default_rng(self.seed)
         self.duration_s = float(duration_s or scenario.duration_s)
         self.tick_s = float(scenario.tick_s)
-        self.pool = build_pool(scenario, np.random.default_rng(self.seed + 7919))
+        self.pool = build_pool(scenario, pool_rng(self.seed))
         net = self.pool.net
         self.S = net.size
         self.site_ids = list(net.names)

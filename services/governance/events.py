@@ -78,12 +78,14 @@ class _Pending:
 
 @dataclass
 class _Dirty:
+    sites: set[str] = field(default_factory=set)
     tokens: set[str] = field(default_factory=set)
     tenants: set[str] = field(default_factory=set)
     workloads: set[str] = field(default_factory=set)
     holdings: set[tuple[str, str]] = field(default_factory=set)  # (tenant, workload)
 
     def absorb(self, other: _Dirty) -> None:
+        self.sites |= other.sites
         self.tokens |= other.tokens
         self.tenants |= other.tenants
         self.workloads |= other.workloads
@@ -316,6 +318,8 @@ class Governor:
                 self.directory.put(rec_now)  # usable on this server at once
         elif rec.kind.startswith("tenant."):
             dirty.tenants.add(p["tenant_id"])
+        elif rec.kind == "site.enrolled":
+            dirty.sites.add(p["site_id"])
         if rec.kind in ("workload.policy_set", "admission"):
             dirty.workloads.add(p["workload_id"])
         if rec.kind in ("admission", "placement.committed", "placement.released", "workload.ended") \
@@ -323,7 +327,8 @@ class Governor:
             dirty.holdings.add((p["tenant_id"], p["workload_id"]))
 
     async def _project_all(self) -> None:
-        dirty = _Dirty(set(self.state.tokens), set(self.state.tenants), set(self.state.workload_policies),
+        dirty = _Dirty(set(self.state.enrolled), set(self.state.tokens), set(self.state.tenants),
+                       set(self.state.workload_policies),
                        {(t, w) for t, held in self.state.holdings.items() if t != NO_TENANT for w in held})
         await self._project(dirty)
         with contextlib.suppress(Exception):
@@ -340,6 +345,9 @@ class Governor:
     async def _project(self, dirty: _Dirty) -> None:
         """Write what changed; puts go out together (one round trip for the lot)."""
         puts: list[Any] = []
+        for site_id in dirty.sites:  # perception admits and bounds sites by these
+            if site_id in self.state.enrolled:
+                puts.append(self.kv.put(f"site.{site_id}", self.seal(self.state.enrolled[site_id])))
         for tid in dirty.tokens:
             if tid in self.state.tokens:
                 puts.append(self.tokens_kv.put(tid, self._token_value(tid)))
@@ -410,12 +418,18 @@ class Governor:
         offers = []
         for s in event.payload.sites:
             site = s.site
+            terms = self.state.enrolled.get(site.site_id)
+            if terms is None and self.signer is not None:
+                continue  # a brain with credentials on counts enrolled sites only
             self.pool_sites[site.site_id] = site
             pools = s.gpu_pools or site.gpu_pools
+            prices = {p.gpu_type: p.price_usd_per_hour for p in pools}
+            if terms is not None:  # the price the operator enrolled it at, never the one it reports
+                prices = {t: float(g["price_usd_per_hour"]) for t, g in terms["gpus"].items()}
             offers.append(SiteOffer(
-                site_id=site.site_id, region=site.region,
+                site_id=site.site_id, region=terms["region"] if terms and terms["region"] else site.region,
                 gpus_by_type={p.gpu_type: p.count for p in pools},
-                price_per_gpu_hour={p.gpu_type: p.price_usd_per_hour for p in pools},
+                price_per_gpu_hour=prices,
                 up=s.state == common.SITE_STATE_UP))
         self.state.update_pool(offers)
 

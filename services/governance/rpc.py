@@ -40,7 +40,7 @@ from services.governance.ledger_store import to_proto
 
 SERVICE = "/cnc.governance.v1.GovernanceService/"
 OPERATOR_ONLY = frozenset(SERVICE + m for m in (
-    "CreateTenant", "ListTenants", "SetQuota", "IssueToken", "ListLedgerEntries", "VerifyLedger"))
+    "CreateTenant", "ListTenants", "SetQuota", "IssueToken", "ListLedgerEntries", "VerifyLedger", "EnrollSite"))
 """Methods the interceptor refuses to tenants outright; the rest check the tenant per request."""
 
 T = TypeVar("T")
@@ -338,6 +338,26 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
                 break
         return pb.ListLedgerEntriesResponse(entries=[to_proto(e) for e in picked], length=self.gov.head.length)
 
+    async def EnrollSite(self, request: pb.EnrollSiteRequest, context) -> pb.EnrollSiteResponse:
+        async def run() -> pb.EnrollSiteResponse:
+            site = request.site
+            gpus: dict[str, tuple[int, float]] = {}
+            for g in site.gpus:
+                if g.gpu_type in gpus:
+                    raise InvalidArgument(f"gpus: {g.gpu_type} given twice")
+                gpus[g.gpu_type] = (g.max_count, g.price_usd_per_hour)
+            def enroll(s: GovernanceState) -> tuple[None, list[Record]]:
+                rec = s.enroll_site(site.site_id, site.region, gpus, site.nats_public_key)
+                known = s.enrolled.get(site.site_id)
+                same = known is not None and all(known.get(k) == rec.payload[k]
+                                                 for k in ("region", "gpus", "nats_public_key"))
+                return None, [] if same else [rec]  # the same terms again: nothing to record
+
+            await self._change(enroll)
+            return pb.EnrollSiteResponse(site=enrollment_to_pb(self.state.enrolled[site.site_id]))
+
+        return await self._guard(context, run)
+
     async def VerifyLedger(self, request: pb.VerifyLedgerRequest, context) -> pb.VerifyLedgerResponse:
         expected = None
         if request.expected_length:
@@ -349,6 +369,14 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             ok=result.ok, entries_checked=result.entries_checked, length=result.head.length,
             head_hash=result.head.hash, seconds=seconds,
             issues=[pb.LedgerIssue(index=max(i.index, 0), kind=i.kind, detail=i.detail) for i in result.issues])
+
+
+def enrollment_to_pb(terms: dict) -> pb.SiteEnrollment:
+    return pb.SiteEnrollment(
+        site_id=terms["site_id"], region=terms.get("region", ""), nats_public_key=terms.get("nats_public_key", ""),
+        enrolled_at=ts(terms.get("enrolled_at")),
+        gpus=[pb.EnrolledGpus(gpu_type=t, max_count=int(g["max_count"]), price_usd_per_hour=float(g["price_usd_per_hour"]))
+              for t, g in sorted(terms["gpus"].items())])
 
 
 def principal_may_see_workload(principal: Principal, workload_id: str, state: GovernanceState) -> bool:

@@ -16,7 +16,9 @@ from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2
 from cncbrain import aio, metrics
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
+from cncbrain.signing import verifier_from_env
 from services.perception.domain import PoolPicture, StateChange
+from services.perception.enrollment import GOVERNANCE_BUCKET, Enrollments
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,16 @@ class PerceptionEvents:
         """Called with each new snapshot (the web page's history)."""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        verifier = verifier_from_env()
+        self.enrollments = Enrollments(verifier) if verifier is not None else None
+        """The operator's enrolled sites (None: a brain without credentials, every site counts)."""
+        self.pending: dict[str, common_pb2.Site] = {}
+        """Registrations of sites not enrolled (yet): they count once enrolled."""
 
     async def start(self) -> None:
+        if self.enrollments is not None:
+            await self.enrollments.start(await self.bus.kv(GOVERNANCE_BUCKET))
+            self.enrollments.take_changed()
         now = time.time()
         for key, (value, _) in (await self.bus.retrying(lambda: self.bus.kv_items(KV_SITES), "read the sites")).items():
             if not value:
@@ -43,6 +53,10 @@ class PerceptionEvents:
             except DecodeError:  # left in the bucket untouched; the site registers again when its agent starts
                 log.error("site record %s in %s is not a Site (%d bytes); skipped", key, KV_SITES, len(value))
                 continue
+            if self.enrollments is not None:
+                if site.site_id not in self.enrollments.terms:
+                    continue
+                site = self.enrollments.bound_site(site)
             self.picture.restore(site, now)
         await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
         await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
@@ -50,6 +64,8 @@ class PerceptionEvents:
         self._task = aio.background(self._ticker(), "perception-tick")
 
     async def stop(self) -> None:
+        if self.enrollments is not None:
+            await self.enrollments.stop()
         # The ticker also ends on this flag: on Python 3.11 a cancel that lands as one of nats-py's
         # requests is answered is dropped by `asyncio.wait_for` (see Governor.stop).
         self._stopping = True
@@ -60,6 +76,19 @@ class PerceptionEvents:
 
     async def on_registered(self, event: Event) -> None:
         site = event.payload.site
+        if site.site_id != event.params["site"]:
+            raise ValueError(f"registration of {site.site_id} on {event.subject}")
+        if self.enrollments is not None:
+            if site.site_id not in self.enrollments.terms:
+                if site.site_id not in self.pending:
+                    log.warning("site %s registered but is not enrolled: it counts once an operator enrolls it",
+                                site.site_id)
+                self.pending[site.site_id] = site
+                return
+            site = self.enrollments.bound_site(site)
+        await self._register(site)
+
+    async def _register(self, site: common_pb2.Site) -> None:
         kv = await self.bus.kv(KV_SITES)
         await self.bus.retrying(lambda: kv.put(site.site_id, site.SerializeToString()), "store site")
         change = self.picture.register(site, time.time())
@@ -73,10 +102,15 @@ class PerceptionEvents:
             await self.publish_change(change)
 
     async def on_telemetry(self, event: Event) -> None:
-        if event.payload.site_id != event.params["site"]:
-            raise ValueError(f"telemetry for {event.payload.site_id} on {event.subject}")
-        if self.picture.telemetry(event.payload):
-            for load in event.payload.services:  # each telemetry message reports one emulated tick
+        t = event.payload
+        if t.site_id != event.params["site"]:
+            raise ValueError(f"telemetry for {t.site_id} on {event.subject}")
+        if self.enrollments is not None:
+            if t.site_id not in self.enrollments.terms:
+                return
+            t = self.enrollments.bound_telemetry(t)
+        if self.picture.telemetry(t):
+            for load in t.services:  # each telemetry message reports one emulated tick
                 if load.requests:
                     metrics.SERVICE_REQUESTS.labels(load.workload_id, "met").inc(load.requests_ok)
                     metrics.SERVICE_REQUESTS.labels(load.workload_id, "missed").inc(max(0.0, load.requests - load.requests_ok))
@@ -88,7 +122,20 @@ class PerceptionEvents:
         log.log(level, "site %s is %s: %s", change.site_id, common_pb2.SiteState.Name(change.state), change.reason)
         await self.bus.publish(subjects.PERCEPTION_SITE_STATE, msg, site=change.site_id)
 
+    async def _enrolled_since(self) -> None:
+        """Sites enrolled (or whose terms changed) since the last tick: a waiting registration
+        counts now, a registered site takes the new terms."""
+        assert self.enrollments is not None
+        for site_id in self.enrollments.take_changed():
+            site = self.pending.pop(site_id, None)
+            if site is None and site_id in self.picture.sites:
+                site = self.picture.sites[site_id].site
+            if site is not None:
+                await self._register(self.enrollments.bound_site(site))
+
     async def tick_once(self) -> perception_pb2.Snapshot:
+        if self.enrollments is not None and self.enrollments.changed:
+            await self._enrolled_since()
         now = time.time()
         for change in self.picture.check(now):
             await self.publish_change(change)

@@ -14,14 +14,28 @@ async def tenant_with_token(channels, operator: str, tenant: str, max_gpus: int)
     return gov, md, issued
 
 
-async def one_site_pool(admin) -> None:
-    """Tell the scheduler the pool is site `a` with 8 H100 (a snapshot, as perception would)."""
+async def enroll_a(channels, operator: str) -> None:
+    """Enroll site `a` (8 H100 at $4): a brain with credentials counts enrolled sites only."""
+    from cnc.governance.v1 import governance_pb2 as gpb
+    from cnc.governance.v1 import governance_pb2_grpc
+    from cncbrain.auth import bearer_metadata
+
+    await governance_pb2_grpc.GovernanceServiceStub(channels["governance"]).EnrollSite(gpb.EnrollSiteRequest(
+        site=gpb.SiteEnrollment(site_id="a", gpus=[gpb.EnrolledGpus(gpu_type="H100", max_count=8,
+                                                                     price_usd_per_hour=4.0)])),
+        metadata=bearer_metadata(operator))
+
+
+async def one_site_pool(admin, channels, operator: str) -> None:
+    """Enroll site `a` and tell the scheduler the pool is that site with 8 H100 (a snapshot, as
+    perception would send)."""
     import asyncio
 
     from cnc.common.v1 import common_pb2 as common
     from cnc.perception.v1 import perception_pb2
     from cncbrain.bus import subjects
 
+    await enroll_a(channels, operator)
     snap = perception_pb2.Snapshot(sequence=1)
     snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
         common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))

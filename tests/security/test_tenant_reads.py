@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from tenants import tenant_with_token
+from tenants import enroll_a, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
@@ -34,6 +34,7 @@ async def test_a_tenant_sees_only_its_own_workloads_through_perception(brain, ad
         else:
             w.inference_service.CopyFrom(common.InferenceServiceSpec(name=wid, tenant=tenant))
         await kv.put(wid, w.SerializeToString())
+    await enroll_a(channels, operator)
     site = common.Site(site_id="a", gpu_pools=[common.GpuPool(gpu_type="H100", count=8, hbm_gb=80)])
     await admin.publish(subjects.SITE_REGISTERED, site_pb.SiteRegistered(site=site, agent_id="t"), site="a")
     telemetry = site_pb.SiteTelemetry(site_id="a", available=True, gpu_pools=site.gpu_pools, services=[

@@ -1094,3 +1094,108 @@ class VerifyLedgerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyLedgerResponse: _TypeAlias = VerifyLedgerResponse  # noqa: Y015
+
+@_typing.final
+class EnrolledGpus(_message.Message):
+    """EnrolledGpus is one GPU type an enrolled site may offer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    MAX_COUNT_FIELD_NUMBER: _builtins.int
+    PRICE_USD_PER_HOUR_FIELD_NUMBER: _builtins.int
+    gpu_type: _builtins.str
+    max_count: _builtins.int
+    """The most GPUs of this type the site may report (more are cut to this)."""
+    price_usd_per_hour: _builtins.float
+    """What a GPU-hour of this type costs at this site (what usage is billed at)."""
+    def __init__(
+        self,
+        *,
+        gpu_type: _builtins.str = ...,
+        max_count: _builtins.int = ...,
+        price_usd_per_hour: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_type", b"gpu_type", "max_count", b"max_count", "price_usd_per_hour", b"price_usd_per_hour"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrolledGpus: _TypeAlias = EnrolledGpus  # noqa: Y015
+
+@_typing.final
+class SiteEnrollment(_message.Message):
+    """SiteEnrollment is the operator's admission of one site."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    NATS_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    region: _builtins.str
+    nats_public_key: _builtins.str
+    """The site agent's NATS public key (nkey, `U…`), when its credentials were issued for it."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnrolledGpus]: ...
+    @_builtins.property
+    def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        gpus: _abc.Iterable[Global___EnrolledGpus] | None = ...,
+        nats_public_key: _builtins.str = ...,
+        enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at", "gpus", b"gpus", "nats_public_key", b"nats_public_key", "region", b"region", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteEnrollment: _TypeAlias = SiteEnrollment  # noqa: Y015
+
+@_typing.final
+class EnrollSiteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def site(self) -> Global___SiteEnrollment: ...
+    def __init__(
+        self,
+        *,
+        site: Global___SiteEnrollment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollSiteRequest: _TypeAlias = EnrollSiteRequest  # noqa: Y015
+
+@_typing.final
+class EnrollSiteResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def site(self) -> Global___SiteEnrollment: ...
+    def __init__(
+        self,
+        *,
+        site: Global___SiteEnrollment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollSiteResponse: _TypeAlias = EnrollSiteResponse  # noqa: Y015

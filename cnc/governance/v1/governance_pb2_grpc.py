@@ -108,6 +108,11 @@ class GovernanceServiceStub:
                 request_serializer=cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerRequest.SerializeToString,
                 response_deserializer=cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerResponse.FromString,
                 _registered_method=True)
+        self.EnrollSite = channel.unary_unary(
+                '/cnc.governance.v1.GovernanceService/EnrollSite',
+                request_serializer=cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteRequest.SerializeToString,
+                response_deserializer=cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteResponse.FromString,
+                _registered_method=True)
 
 
 class GovernanceServiceServicer:
@@ -217,6 +222,16 @@ class GovernanceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollSite(self, request, context):
+        """EnrollSite admits a site to the pool (operator only): its region, the GPUs it may offer at most
+        and their price. With a brain's credentials on, a site counts (offers, telemetry, heartbeats)
+        only once enrolled, its inventory is cut to these bounds, and usage is billed at this price,
+        never at one the site reports. Enrolling again replaces the terms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GovernanceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -289,6 +304,11 @@ def add_GovernanceServiceServicer_to_server(servicer, server):
                     servicer.VerifyLedger,
                     request_deserializer=cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerRequest.FromString,
                     response_serializer=cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerResponse.SerializeToString,
+            ),
+            'EnrollSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollSite,
+                    request_deserializer=cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteRequest.FromString,
+                    response_serializer=cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -673,6 +693,33 @@ class GovernanceService:
             '/cnc.governance.v1.GovernanceService/VerifyLedger',
             cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerRequest.SerializeToString,
             cnc_dot_governance_dot_v1_dot_governance__pb2.VerifyLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnc.governance.v1.GovernanceService/EnrollSite',
+            cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteRequest.SerializeToString,
+            cnc_dot_governance_dot_v1_dot_governance__pb2.EnrollSiteResponse.FromString,
             options,
             channel_credentials,
             insecure,

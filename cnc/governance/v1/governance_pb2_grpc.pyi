@@ -69,6 +69,12 @@ class GovernanceServiceStub:
     """VerifyLedger re-derives every hash of the stored ledger and names any entry changed, removed,
     reordered or duplicated.
     """
+    EnrollSite: _grpc.UnaryUnaryMultiCallable[_governance_pb2.EnrollSiteRequest, _governance_pb2.EnrollSiteResponse]
+    """EnrollSite admits a site to the pool (operator only): its region, the GPUs it may offer at most
+    and their price. With a brain's credentials on, a site counts (offers, telemetry, heartbeats)
+    only once enrolled, its inventory is cut to these bounds, and usage is billed at this price,
+    never at one the site reports. Enrolling again replaces the terms.
+    """
 
 @_typing.type_check_only
 class GovernanceServiceAsyncStub(GovernanceServiceStub):
@@ -110,6 +116,12 @@ class GovernanceServiceAsyncStub(GovernanceServiceStub):
     VerifyLedger: _aio.UnaryUnaryMultiCallable[_governance_pb2.VerifyLedgerRequest, _governance_pb2.VerifyLedgerResponse]  # type: ignore[assignment]
     """VerifyLedger re-derives every hash of the stored ledger and names any entry changed, removed,
     reordered or duplicated.
+    """
+    EnrollSite: _aio.UnaryUnaryMultiCallable[_governance_pb2.EnrollSiteRequest, _governance_pb2.EnrollSiteResponse]  # type: ignore[assignment]
+    """EnrollSite admits a site to the pool (operator only): its region, the GPUs it may offer at most
+    and their price. With a brain's credentials on, a site counts (offers, telemetry, heartbeats)
+    only once enrolled, its inventory is cut to these bounds, and usage is billed at this price,
+    never at one the site reports. Enrolling again replaces the terms.
     """
 
 class GovernanceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -233,6 +245,18 @@ class GovernanceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_governance_pb2.VerifyLedgerResponse, _abc.Awaitable[_governance_pb2.VerifyLedgerResponse]]:
         """VerifyLedger re-derives every hash of the stored ledger and names any entry changed, removed,
         reordered or duplicated.
+        """
+
+    @_abc_1.abstractmethod
+    def EnrollSite(
+        self,
+        request: _governance_pb2.EnrollSiteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_governance_pb2.EnrollSiteResponse, _abc.Awaitable[_governance_pb2.EnrollSiteResponse]]:
+        """EnrollSite admits a site to the pool (operator only): its region, the GPUs it may offer at most
+        and their price. With a brain's credentials on, a site counts (offers, telemetry, heartbeats)
+        only once enrolled, its inventory is cut to these bounds, and usage is billed at this price,
+        never at one the site reports. Enrolling again replaces the terms.
         """
 
 def add_GovernanceServiceServicer_to_server(servicer: GovernanceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -136,6 +136,8 @@ class GovernanceState:
     usage: UsageBook = field(default_factory=UsageBook)
     pool: dict[str, SiteOffer] = field(default_factory=dict)  # from perception snapshots; not ledgered
     pool_known: bool = False
+    enrolled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Site id -> the operator's terms: region, GPUs at most and price by type, NATS key."""
 
     # ---- queries ----
 
@@ -275,6 +277,32 @@ class GovernanceState:
         return Record("workload.ended", workload_id, {
             "workload_id": workload_id, "tenant_id": tenant_id, "at": at, "reason": reason})
 
+    def enroll_site(self, site_id: str, region: str, gpus: Mapping[str, tuple[int, float]], nats_public_key: str = "",
+                    now: float | None = None) -> Record:
+        """Admit a site: the GPUs it may offer at most and their price by type (replaces earlier terms)."""
+        from cncbrain.bus.subjects import SubjectError, check_token
+
+        try:
+            check_token(site_id, "site_id")
+        except SubjectError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not gpus:
+            raise InvalidArgument("gpus: a site offers at least one GPU type")
+        terms: dict[str, dict[str, float | int]] = {}
+        for gpu_type, (count, price) in gpus.items():
+            if not gpu_type or len(gpu_type) > 64:
+                raise InvalidArgument("gpus.gpu_type: 1..64 characters")
+            if not 0 < count <= 1_000_000:
+                raise InvalidArgument(f"gpus[{quote(gpu_type)}].max_count: 1..1000000")
+            if not (price >= 0 and price < 1e6):
+                raise InvalidArgument(f"gpus[{quote(gpu_type)}].price_usd_per_hour: 0..1000000")
+            terms[gpu_type] = {"max_count": int(count), "price_usd_per_hour": float(price)}
+        if nats_public_key and not (nats_public_key.startswith("U") and len(nats_public_key) == 56):
+            raise InvalidArgument("nats_public_key: a NATS user public key (U…, 56 characters)")
+        return Record("site.enrolled", site_id, {
+            "site_id": site_id, "region": region, "gpus": terms, "nats_public_key": nats_public_key,
+            "enrolled_at": time.time() if now is None else now})
+
     # ---- folding a ledger record into the state ----
 
     def apply(self, kind: str, payload: Mapping[str, Any]) -> None:  # noqa: C901 - one branch per kind
@@ -323,6 +351,8 @@ class GovernanceState:
             if held is not None:
                 held.placed.pop(payload["unit_id"], None)
             self.usage.stop(payload["unit_id"], float(payload["at"]))
+        elif kind == "site.enrolled":
+            self.enrolled[payload["site_id"]] = dict(payload)
         elif kind == "workload.ended":
             self.holdings.get(payload["tenant_id"], {}).pop(payload["workload_id"], None)
             self.usage.stop_workload(payload["workload_id"], float(payload["at"]))
