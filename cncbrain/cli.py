@@ -44,6 +44,7 @@ COMMANDS = [
     "actions",
     "plan",
     "certs",
+    "credentials",
 ]
 
 

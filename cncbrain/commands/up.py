@@ -223,12 +223,9 @@ class Brain:
     def _credentials(self) -> None:
         """Every process's NATS identity and governance's signing key (kept across restarts; new
         sites get theirs)."""
-        from cncbrain.bus.credentials import ensure_identities
-        from cncbrain.bus.permissions import ADMIN, SERVICES, site_identity
-        from cncbrain.signing import ensure_signing_key
+        from cncbrain.commands.credentials import make_secrets
 
-        ensure_identities(self.secrets_dir, [ADMIN, *SERVICES, *(site_identity(s) for s in self.sites)])
-        ensure_signing_key(self.secrets_dir)
+        make_secrets(self.secrets_dir, self.sites)
 
     async def _provision(self) -> None:
         """Create (or update) every stream and bucket as admin before the services start, so no

@@ -57,3 +57,17 @@ def test_docs_show_the_permission_table_as_it_is():
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     assert markdown_table() in doc, "regenerate the table in docs/security.md from cncbrain.bus.permissions.markdown_table()"
+
+
+def test_the_credentials_command_makes_a_folder_nats_server_accepts(tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cncbrain.commands.credentials", "--out", str(tmp_path / "s"),
+                          "--sites", "a", "b"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert set(load_identities(tmp_path / "s")) == {"admin", "governance", "scheduler", "perception", "adaptation",
+                                                    "emulator", "site-a", "site-b"}
+    assert (tmp_path / "s" / "governance" / "signing.key").stat().st_mode & 0o777 == 0o600
+    bad = subprocess.run([sys.executable, "-m", "cncbrain.commands.credentials", "--out", str(tmp_path / "t"),
+                          "--sites", "no good"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "site id" in bad.stderr
