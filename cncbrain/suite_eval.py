@@ -246,7 +246,7 @@ def plot_suite(path: str | Path, suite: str, summary: dict) -> None:
     ax.set_xticks(range(len(fams)), fams)
     ax.set_ylim(max(0.0, min((summary["families"][f]["policies"][p]["score"] or 1) for f in fams for p in names) - 0.05), 1.0)
     ax.set_title("mean score per family")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
     ax = axes[1, 1]
     gapped = [p for p in names if p != "oracle"]
     if any(summary["families"][f]["policies"][p]["gap_closed"] is not None for f in fams for p in gapped):
