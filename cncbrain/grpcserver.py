@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cncbrain import aio, limits, telemetry
 from cncbrain.errors import CncError, UsageError
-from cncbrain.settings import CncSettings, ServiceSettings
+from cncbrain.settings import ServiceSettings
 from cncbrain.supervise import EXIT_PORT_IN_USE
 
 log = logging.getLogger(__name__)
@@ -91,26 +93,39 @@ async def start_grpc_server(
     the request limits (`LimitsInterceptor`) are checked after them.
     credentials: TLS server credentials (`cncbrain.certs.server_credentials`); None: plaintext.
     """
-    server = grpc.aio.server(
-        interceptors=[telemetry.TracingServerInterceptor(), *interceptors, LimitsInterceptor()],
-        options=[
-            ("grpc.max_pending_requests", settings.max_pending_requests),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=None,
-    )
-    register(server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{settings.grpc_host}:{settings.grpc_port or reported_port(settings.port_file)}"
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise PortInUse(f"cannot listen on {address}: port in use or address unavailable ({exc})") from None
-    if port == 0:
-        raise PortInUse(f"cannot listen on {address}: port in use or address unavailable")
+
+    def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        server = grpc.aio.server(
+            interceptors=[telemetry.TracingServerInterceptor(), *interceptors, LimitsInterceptor()],
+            options=[
+                ("grpc.max_pending_requests", settings.max_pending_requests),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=None,
+        )
+        register(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        return server, health_servicer
+
+    # A standby taking over binds the port its predecessor used, which a predecessor still shutting
+    # down may hold a moment longer: a busy port is tried again for `bind_wait_s`.
+    deadline = time.monotonic() + settings.bind_wait_s
+    while True:
+        address = f"{settings.grpc_host}:{settings.grpc_port or reported_port(settings.port_file)}"
+        server, health_servicer = build()
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+            problem = "" if port else "port in use or address unavailable"
+        except RuntimeError as exc:
+            port, problem = 0, f"port in use or address unavailable ({exc})"
+        if port:
+            break
+        if time.monotonic() >= deadline:
+            raise PortInUse(f"cannot listen on {address}: {problem}")
+        await asyncio.sleep(0.2)
     await server.start()
     if settings.port_file is not None:
         settings.port_file.parent.mkdir(parents=True, exist_ok=True)
@@ -164,17 +179,37 @@ class Stoppable(Protocol):
     async def stop(self) -> None: ...
 
 
-async def serve(name: str, settings: CncSettings, start: Callable[[], Awaitable[Stoppable]],
+async def serve(name: str, settings: ServiceSettings, start: Callable[[], Awaitable[Stoppable]],
                 stop: asyncio.Event | None = None) -> int:
-    """Run a service process: telemetry, `start()`, then wait for SIGTERM/SIGINT (or `stop`) or a
-    dead background task, and stop the service. Returns the exit status."""
+    """Run a service process: telemetry; with `settings.lease`, wait as a standby until this
+    instance holds the role's lease (`cncbrain.lease`); `start()`; then wait for SIGTERM/SIGINT (or
+    `stop`), a dead background task or a lost lease, and stop the service (releasing the lease, so
+    a standby takes over at once). Returns the exit status."""
     telemetry.setup_process(name, settings)
     stop = stop or stop_event_on_signals()
-    server = await start()
+    lease = lease_bus = None
+    if settings.lease:
+        from cncbrain.bus import Bus
+        from cncbrain.lease import Lease, bucket_of
+
+        # a connection of its own: renewals never queue behind the service's traffic
+        lease_bus = await Bus.connect(settings.nats_url, f"{name}-lease", identity=name, ensure=False)
+        lease = Lease(await lease_bus.kv(bucket_of(name)), name, settings.instance or socket.gethostname(),
+                      settings.lease_ttl_s)
+        if not await lease.acquire(stop):
+            await lease_bus.close()
+            return 0
     try:
-        return await wait_for_stop(stop)
+        server = await start()
+        try:
+            return await wait_for_stop(stop)
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
+        if lease is not None:
+            await lease.release()
+        if lease_bus is not None:
+            await lease_bus.close()
 
 
 async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") -> None:

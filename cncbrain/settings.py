@@ -51,6 +51,9 @@ class BusSettings(BaseSettings):
 
     replicas: int = Field(1, ge=1, le=5)
     """`CNC_NATS_REPLICAS`: replicas of every stream and KV bucket (3 on a 3-node cluster)."""
+    connect_timeout_s: float = Field(60.0, ge=0)
+    """`CNC_NATS_CONNECT_TIMEOUT_S`: how long a process tries to reach NATS at start before it gives
+    up (0: for ever), saying every few seconds which URL it tries and why it fails."""
     secrets_dir: Path | None = Field(None, validation_alias=AliasChoices("CNC_SECRETS_DIR"))
     """`CNC_SECRETS_DIR`: the folder with this process's NATS credentials (`nats/<identity>.nk`) and
     governance's public key (`cncbrain.bus.credentials`); unset: connect without credentials."""
@@ -64,11 +67,21 @@ class ServiceSettings(CncSettings):
     grpc_port: int = Field(0, ge=0, le=65535)
     """0: the port `port_file` names (a predecessor's, when this is a restart or a standby taking
     over), else any free port (tests; `cncbrain up` when a port is not given)."""
+    bind_wait_s: float = Field(5.0, ge=0)
+    """How long a busy port is tried again before giving up (a predecessor shutting down)."""
     port_file: Path | None = None
     """Where the bound port is written once listening (bind, then report: nothing can take the port
     between a check and the bind); `cncbrain up` reads it."""
     shutdown_grace_s: float = Field(2.0, ge=0)
     """Seconds in-flight RPCs get to finish after SIGTERM."""
+    lease: bool = True
+    """Serve only while holding the role's lease in NATS KV (`cncbrain.lease`): a second instance
+    waits as a standby and takes over when the active one stops renewing it."""
+    instance: str = Field("", max_length=64)
+    """This instance's name in the lease (empty: the host's name); an instance restarted under the
+    same name takes its lease back at once. `cncbrain up --standby` names them `<role>`, `<role>-2`."""
+    lease_ttl_s: float = Field(3.0, ge=1.0, le=60.0)
+    """A standby takes over once the lease has not been renewed for this long."""
     max_pending_requests: int = Field(10_000, ge=1)
     """`grpc.server.max_pending_requests`: requests queued beyond the workers before RESOURCE_EXHAUSTED."""
 

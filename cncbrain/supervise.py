@@ -47,6 +47,9 @@ class Child:
     last_status: int | None = None
     started_at: float | None = None
     """monotonic time of its last start"""
+    min_pause_s: float = 0.0
+    """Wait at least this long before restarting it (a service with a standby: the standby takes
+    over first, the restarted one becomes the standby)."""
 
     def tail(self, lines: int = 5) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -75,8 +78,8 @@ class Supervisor:
         self.stopping = False
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None = None,
-            dependents: tuple[str, ...] = ()) -> Child:
-        child = self.children[name] = Child(name, start, log_path, dependents)
+            dependents: tuple[str, ...] = (), min_pause_s: float = 0.0) -> Child:
+        child = self.children[name] = Child(name, start, log_path, dependents, min_pause_s=min_pause_s)
         return child
 
     def start(self, name: str) -> None:
@@ -122,7 +125,7 @@ class Supervisor:
         if len(child.crashes) >= self.max_crashes:
             raise GaveUp(f"{child.name} ended {len(child.crashes)} times within {self.window_s:.0f} s (last: "
                          f"{describe(status)}); stopping the brain{child.tail()}")
-        pause = BACKOFF_S[min(len(child.crashes) - 1, len(BACKOFF_S) - 1)]
+        pause = max(child.min_pause_s, BACKOFF_S[min(len(child.crashes) - 1, len(BACKOFF_S) - 1)])
         child.restart_at = now + pause
         self.say(f"{child.name} ended ({describe(status)}); restarting it"
                  + (f" in {pause:g} s" if pause else "") + f" ({len(child.crashes)} of {self.max_crashes} "

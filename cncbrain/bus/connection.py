@@ -49,14 +49,27 @@ MAX_DELIVER = 5
 LAG_POLL_S = 5.0
 """How often the lag of this process's durable consumers is read for `cnc_bus_consumer_pending`."""
 RETRYABLE = (
+    # the connection is away (a restart, a failover to another node) or backed up meanwhile
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
     nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.UnexpectedEOF,
+    # JetStream between leaders: no stream leader answered yet, 503, a stalled async publish, 5xx
+    nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.TooManyStalledMsgsError,
+    nats.js.errors.FetchTimeoutError,
+    nats.js.errors.ServerError,
     asyncio.TimeoutError,
 )
+"""What `Bus.retrying` rides out, by name: every nats-py error a NATS restart or a JetStream
+leader election raises (tests/service/test_bus.py checks each)."""
+SAY_EVERY_S = 3.0
+"""How often a process that cannot reach NATS says so (the URL and why)."""
 T = TypeVar("T")
 
 
@@ -92,6 +105,8 @@ class Bus:
         self._kv: dict[str, KeyValue] = {}
         self._subs: list[Any] = []
         self.closing = False
+        self.on_reconnect: list[Callable[[], None]] = []
+        """Called after each reconnection (e.g. perception: heartbeats it could not hear are no sign)."""
         self._durables: dict[str, str] = {}
         """Durable consumers of this process: name -> stream (their lag is exported)."""
         self._lag_task: asyncio.Task[None] | None = None
@@ -99,13 +114,19 @@ class Bus:
 
     # --- connection ---------------------------------------------------------------------------
     @classmethod
-    async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float = 10.0,
+    async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float | None = None,
                       identity: str | None = None, secrets_dir: Path | None = None) -> Bus:
         """Connect as `identity` (a role of `cncbrain.bus.permissions`: `scheduler`, `site-<id>`, …)
         with its nkey from `secrets_dir` (default `CNC_SECRETS_DIR`); without a secrets folder, or
-        without an identity, the connection carries no credentials (a server without auth)."""
+        without an identity, the connection carries no credentials (a server without auth).
+
+        Until NATS answers (for `timeout_s`, default `CNC_NATS_CONNECT_TIMEOUT_S`), and whenever the
+        connection is lost later, the process logs the URL and why every few seconds."""
         holder: dict[str, Bus] = {}
-        secrets_dir = secrets_dir or load_settings(BusSettings).secrets_dir
+        bus_settings = load_settings(BusSettings)
+        secrets_dir = secrets_dir or bus_settings.secrets_dir
+        timeout_s = bus_settings.connect_timeout_s if timeout_s is None else timeout_s
+        said = {"at": 0.0, "lost": 0.0}
         auth: dict[str, Any] = {}
         if identity is not None and secrets_dir is not None:
             auth = client_options(identity, secrets_dir)
@@ -113,46 +134,75 @@ class Bus:
             identity = None
 
         async def on_error(exc: Exception) -> None:
-            log.debug("nats %s: %s", name, exc)
+            bus = holder.get("bus")
+            if bus is not None and (bus.closing or bus.nc.is_connected):
+                log.debug("nats %s: %s", name, exc)
+                return
+            if time.monotonic() - said["at"] >= SAY_EVERY_S:  # each failed reconnect attempt lands here
+                said["at"] = time.monotonic()
+                log.warning("%s: cannot reach NATS at %s (%s); still trying", name, url, _why(exc))
 
         async def on_disconnected() -> None:
             bus = holder.get("bus")
             if bus is not None and bus.closing:
                 return
-            log.warning("%s: disconnected from NATS, reconnecting", name)
+            said["lost"] = time.monotonic()
+            log.warning("%s: disconnected from NATS at %s, reconnecting", name, url)
             if bus is not None:
                 bus.counters["disconnects"] += 1
 
         async def on_reconnected() -> None:
-            log.warning("%s: reconnected to NATS", name)
+            bus = holder.get("bus")
+            where = bus.nc.connected_url.netloc if bus is not None and bus.nc.connected_url else url
+            away = f" after {time.monotonic() - said['lost']:.1f} s" if said["lost"] else ""
+            log.warning("%s: reconnected to NATS at %s%s", name, where, away)
+            for hook in bus.on_reconnect if bus is not None else ():
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%s: a reconnect hook failed", name)
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                nc = await nats.connect(
-                    servers=[u.strip() for u in url.split(",")],
-                    name=name,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    connect_timeout=2,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected,
-                    **auth,
-                )
-                break
-            except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
-                if time.monotonic() > deadline:
-                    raise CncError(f"cannot reach NATS at {url}: {exc}") from None
-                await asyncio.sleep(0.2)
-            except nats.errors.Error as exc:
-                if "authorization" in str(exc).lower():
-                    who = f"as {identity!r}" if identity else "without credentials"
-                    raise CncError(f"NATS at {url} refused the connection {who}: {exc}") from None
+        # nats-py retries the first connection for ever too (max_reconnect_attempts=-1), each
+        # failed attempt reported to `on_error`: the deadline is ours, a refusal ends it at once.
+        nc = nats.NATS()
+        refused: dict[str, BaseException] = {}
+
+        async def on_connect_error(exc: Exception) -> None:
+            if "authorization" in str(exc).lower() and not nc.is_connected:
+                refused["exc"] = exc
+                attempt.cancel()
+            await on_error(exc)
+
+        attempt = asyncio.ensure_future(nc.connect(
+            servers=[u.strip() for u in url.split(",")],
+            name=name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            error_cb=on_connect_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            **auth,
+        ))
+        try:
+            await asyncio.wait_for(asyncio.shield(attempt), timeout_s or None)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if "exc" in refused:
+                who = f"as {identity!r}" if identity else "without credentials"
+                raise CncError(f"NATS at {url} refused the connection {who}: {refused['exc']}") from None
+            if isinstance(exc, asyncio.CancelledError):
                 raise
+            last = getattr(nc, "_err", None)
+            raise CncError(f"cannot reach NATS at {url} within {timeout_s:g} s"
+                           + (f": {_why(last)}" if last else "")) from None
         bus = cls(nc, nc.jetstream(timeout=5.0), name, identity)
         holder["bus"] = bus
         if ensure:
@@ -504,3 +554,11 @@ class Bus:
             )
         except CncError:
             log.error("%s: dead-letter publish failed too; event dropped", consumer)
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a short reason (nats-py's NoServersError says nothing of the cause)."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, nats.errors.NoServersError):
+        return "no server answered"
+    return text if len(text) <= 200 else text[:200] + "…"

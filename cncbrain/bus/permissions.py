@@ -43,6 +43,11 @@ BUCKET_OWNERS = {
     "cnc-tokens": "governance",
     "cnc-governance": "governance",
     "cnc-ledger-head": "governance",
+    # one lease per service role, its active instance's (`cncbrain.lease`)
+    "cnc-lease-governance": "governance",
+    "cnc-lease-scheduler": "scheduler",
+    "cnc-lease-perception": "perception",
+    "cnc-lease-adaptation": "adaptation",
 }
 
 
@@ -125,8 +130,13 @@ class Grant:
 
 
 def _service(name: str) -> Grant:
-    """A service may move any event it cannot handle to the dead-letter stream."""
-    return Grant(name).pub("cnc.deadletter.>")
+    """A service may move any event it cannot handle to the dead-letter stream. A service with a
+    gRPC API holds its role's lease (active-standby, `cncbrain.lease`) in a bucket of its own."""
+    g = Grant(name).pub("cnc.deadletter.>")
+    bucket = f"cnc-lease-{name}"
+    if bucket in BUCKET_OWNERS:
+        g.create(f"KV_{bucket}").write_bucket(bucket)
+    return g
 
 
 def _auth_feed(g: Grant) -> Grant:

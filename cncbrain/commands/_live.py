@@ -90,6 +90,7 @@ async def admin_bus(url: str, name: str, folder: Path | None = None, **kwargs):
     from cncbrain.bus import Bus
 
     folder = folder or secrets_dir()
+    kwargs.setdefault("timeout_s", 10.0)  # a person waits: say soon that no NATS answers
     return await Bus.connect(url, name, identity="admin" if folder else None, secrets_dir=folder, **kwargs)
 
 

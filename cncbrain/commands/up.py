@@ -100,6 +100,8 @@ def lower_priority(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
+LEASE_TTL_S = 3.0
+"""The services' lease TTL (their default): a standby takes over this long after the active died."""
 SERVICES = ("governance", "perception", "scheduler", "adaptation")
 """In start order: the scheduler needs governance's address, adaptation perception's."""
 STOP_ORDER = ("agents", "emulator", "adaptation", "scheduler", "perception", "governance", "nats")
@@ -252,7 +254,8 @@ class Brain:
     def instances(self, service: str) -> list[str]:
         return [service, f"{service}-2"] if self.standby else [service]
 
-    def _add(self, name: str, argv: list[str], env: dict[str, str], dependents: tuple[str, ...] = ()) -> None:
+    def _add(self, name: str, argv: list[str], env: dict[str, str], dependents: tuple[str, ...] = (),
+             min_pause_s: float = 0.0) -> None:
         report = self.run_dir / f"{name}.metrics"
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
@@ -270,7 +273,7 @@ class Brain:
                 log.close()
             return proc
 
-        self.supervisor.add(name, popen, self.log_path(name), dependents)
+        self.supervisor.add(name, popen, self.log_path(name), dependents, min_pause_s)
 
     def _add_service(self, service: str, env: dict[str, str], raw_env: dict[str, str] | None = None) -> None:
         prefix = f"CNC_{service.upper()}_"
@@ -279,7 +282,9 @@ class Brain:
                 **(raw_env or {}), **{prefix + k: v for k, v in env.items()},
                 prefix + "NATS_URL": self.nats_url, prefix + "GRPC_PORT": str(self.ports[service]),
                 prefix + "PORT_FILE": str(self.port_file(service).resolve()), prefix + "INSTANCE": instance,
-                prefix + "AUTH_ENABLED": "true" if self.auth else "false"})
+                prefix + "AUTH_ENABLED": "true" if self.auth else "false"},
+                # with a standby, a crashed instance comes back after the standby took over (lease TTL)
+                min_pause_s=LEASE_TTL_S + 1.0 if self.standby else 0.0)
             self.supervisor.start(instance)
 
     def start(self, timeout_s: float = 90.0) -> Brain:

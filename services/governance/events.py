@@ -31,7 +31,7 @@ from google.protobuf.json_format import MessageToDict
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cncbrain import aio
+from cncbrain import aio, lease
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
@@ -344,6 +344,7 @@ class Governor:
 
     async def _project(self, dirty: _Dirty) -> None:
         """Write what changed; puts go out together (one round trip for the lot)."""
+        lease.fence()
         puts: list[Any] = []
         for site_id in dirty.sites:  # perception admits and bounds sites by these
             if site_id in self.state.enrolled:

@@ -32,6 +32,7 @@ import nats.js.errors
 from nats.js import api
 
 from cnc.governance.v1 import governance_pb2 as pb
+from cncbrain import lease
 from cncbrain.bus import Bus, subjects
 from cncbrain.bus.subjects import Subject
 from cncbrain.signing import Signer
@@ -124,6 +125,7 @@ class LedgerStore:
         """Store `entries` (consecutive, extending the stored chain) or raise; pipelined."""
         if not entries:
             return
+        lease.fence()  # only the active governance writes the ledger
         futures = []
         base = self.last_seq
         blocks = [entries[i:i + BLOCK_ENTRIES] for i in range(0, len(entries), BLOCK_ENTRIES)]
@@ -178,6 +180,7 @@ class LedgerStore:
         return from_proto(block.entries[-1]) if block.entries else None
 
     async def write_head(self, head: LedgerHead) -> None:
+        lease.fence()
         await self.kv.put(HEAD_KEY, json.dumps({"length": head.length, "hash": head.hash,
                                                 "at": time.time()}).encode())
 

@@ -79,6 +79,13 @@ class PoolPicture:
     forecasters: dict[str, HoltForecaster] = field(default_factory=dict)
     sequence: int = 0
     unknown_telemetry: int = 0
+    mass_silence_share: float = 0.5
+    """More than this share of the up sites silent at once (and at least two) looks like the bus —
+    a NATS node failing over, perception's own connection — not like sites failing."""
+    hold_s: float = 9.0
+    """How long such a silence is waited out before the silent sites are marked down anyway."""
+    silent_since: float | None = None
+    """When the current mass silence began (None: none)."""
 
     def register(self, site: common_pb2.Site, now: float) -> StateChange | None:
         entry = self.sites.get(site.site_id)
@@ -111,13 +118,34 @@ class PoolPicture:
         return True
 
     def check(self, now: float) -> list[StateChange]:
+        """Sites silent for longer than the timeout go DOWN — unless most of the pool went silent at
+        once (see `mass_silence_share`): that is waited out for `hold_s`, as a bus failover."""
+        up = [e for e in self.sites.values() if e.state == UP]
+        overdue = [e for e in up if now - e.last_heartbeat > self.heartbeat_timeout_s]
+        if len(overdue) >= 2 and len(overdue) > self.mass_silence_share * len(up):
+            if self.silent_since is None:
+                self.silent_since = now
+            if now - self.silent_since < self.hold_s:
+                return []
+        elif not overdue:
+            self.silent_since = None
         changes = []
-        for site_id, entry in self.sites.items():
+        for entry in overdue:
+            entry.state = DOWN
             silent = now - entry.last_heartbeat
-            if entry.state == UP and silent > self.heartbeat_timeout_s:
-                entry.state = DOWN
-                changes.append(StateChange(site_id, DOWN, f"no heartbeat for {silent:.1f} s"))
+            changes.append(StateChange(entry.site.site_id, DOWN, f"no heartbeat for {silent:.1f} s"))
         return changes
+
+    def bus_back(self, now: float) -> None:
+        """Perception's own connection came back: what it could not hear meanwhile is no sign of the
+        sites; each gets a full timeout from now."""
+        for entry in self.sites.values():
+            entry.last_heartbeat = max(entry.last_heartbeat, now)
+
+    @property
+    def holding(self) -> bool:
+        """A mass silence is being waited out."""
+        return self.silent_since is not None
 
     def service_rates(self) -> dict[str, float]:
         """Pool-wide request rate per inference service from the sites' last telemetry."""

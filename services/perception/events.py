@@ -58,6 +58,7 @@ class PerceptionEvents:
                     continue
                 site = self.enrollments.bound_site(site)
             self.picture.restore(site, now)
+        self.bus.on_reconnect.append(lambda: self.picture.bus_back(time.time()))
         await self.bus.subscribe(subjects.SITE_REGISTERED, self.on_registered, consumer="perception-sites", durable=True)
         await self.bus.subscribe(subjects.SITE_HEARTBEAT, self.on_heartbeat, consumer="perception-heartbeat")
         await self.bus.subscribe(subjects.SITE_TELEMETRY, self.on_telemetry, consumer="perception-telemetry")
@@ -137,8 +138,15 @@ class PerceptionEvents:
         if self.enrollments is not None and self.enrollments.changed:
             await self._enrolled_since()
         now = time.time()
+        holding = self.picture.holding
         for change in self.picture.check(now):
             await self.publish_change(change)
+        if self.picture.holding and not holding:
+            silent = sum(1 for e in self.picture.sites.values()
+                         if now - e.last_heartbeat > self.picture.heartbeat_timeout_s)
+            log.warning("%d of %d sites went silent at once: more like the bus (a NATS node failing over) "
+                        "than the sites; not marking them down for up to %.0f s", silent, len(self.picture.sites),
+                        self.picture.hold_s)
         snap = self.picture.tick(now)
         self.latest = snap
         export_snapshot(snap)

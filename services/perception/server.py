@@ -24,7 +24,9 @@ SERVICE_NAME = perception_pb2.DESCRIPTOR.services_by_name["PerceptionService"].f
 class PerceptionServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.picture = PoolPicture(settings.heartbeat_timeout_s, settings.forecast_alpha, settings.forecast_beta)
+        self.picture = PoolPicture(settings.heartbeat_timeout_s, settings.forecast_alpha, settings.forecast_beta,
+                                   mass_silence_share=settings.mass_silence_share,
+                                   hold_s=settings.mass_silence_hold_s)
         self.bus: Bus | None = None
         self.events: PerceptionEvents | None = None
         self.grpc: GrpcServer | None = None

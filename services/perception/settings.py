@@ -32,3 +32,8 @@ class Settings(ServiceSettings):
     """When set, the page's URL is written there once it is bound (`cncbrain up` reads it)."""
     web_history: int = Field(600, ge=10, le=100_000)
     """Ticks of history the page's charts keep (SLO attainment and placements over time)."""
+    mass_silence_share: float = Field(0.5, ge=0, le=1)
+    """More than this share of the up sites (and at least two) silent at once is taken for a bus
+    failover, not site failures: it is waited out for `mass_silence_hold_s` first."""
+    mass_silence_hold_s: float = Field(9.0, ge=0)
+    """How long a mass silence is waited out before those sites are marked down."""

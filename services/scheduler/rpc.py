@@ -15,6 +15,7 @@ from cncbrain import limits, metrics
 from cncbrain.auth import abort_for, bearer_of, optional_principal
 from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
+from cncbrain.lease import LeaseLost
 from services.scheduler import domain
 from services.scheduler.events import Coordinator
 from services.scheduler.governance import AdmissionRefused, tenant_of
@@ -75,6 +76,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except domain.SpecError as exc:
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.field == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))
+        except LeaseLost as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc}; retry")
         raise AssertionError("unreachable")
 
     async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
@@ -125,6 +128,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             w = await self.co.cancel(request.workload_id, caller.token_id if caller else "")
         except domain.ScaleRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except LeaseLost as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc}; retry")
         return pb.CancelWorkloadResponse(workload=w)
 
     async def WatchWorkload(self, request: pb.WatchWorkloadRequest, context) -> AsyncIterator[pb.WatchWorkloadResponse]:

@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 from nats.js.kv import KeyValue
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cncbrain import lease
 from cncbrain.bus import KV_WORKLOADS, Bus
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class WorkloadStore:
 
     async def create(self, w: pb.Workload) -> None:
         assert self.kv
+        lease.fence()  # only the active scheduler writes records
         kv = self.kv
         try:
             rev = await self.bus.retrying(lambda: kv.create(w.workload_id, w.SerializeToString()), "store workload")
@@ -76,6 +78,7 @@ class WorkloadStore:
     async def update(self, w: pb.Workload) -> None:
         """Write `w` if nobody wrote since our last read; raise Conflict otherwise."""
         assert self.kv
+        lease.fence()
         kv = self.kv
         last = self.revisions.get(w.workload_id, 0)
         try:

@@ -78,22 +78,23 @@ class Output:
         return "".join(self.lines)
 
 
-@pytest.fixture
-def up(tmp_path):
+def start_up(tmp_path, *extra):
     """`cncbrain up` with every port 0: each service binds a free port and reports it, so tests
     running beside each other (or another brain) never collide."""
     env = {**os.environ, "CNC_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.Popen([*command("up"), *(f"--{n}-port=0" for n in ("nats", "perception", "scheduler",
                                                                          "adaptation", "governance")),
-                             "--state-dir", str(tmp_path / "state"), "--speed", "60"],
+                             "--state-dir", str(tmp_path / "state"), "--speed", "60", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: teardown reaches every child
     out = Output(proc)
-    assert out.wait_for("Ctrl-C stops everything"), str(out)
+    assert out.wait_for("Ctrl-C stops everything", 120), str(out)
     assert "healthy in" in str(out), str(out)
     endpoints = json.loads((tmp_path / "state" / "endpoints.json").read_text())
-    yield proc, env, endpoints, out
-    # a failed test must not leave nats-server, services or agents behind
+    return proc, env, endpoints, out
+
+
+def stop_up(proc):
     for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -104,6 +105,13 @@ def up(tmp_path):
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+@pytest.fixture
+def up(tmp_path):
+    started = start_up(tmp_path)
+    yield started
+    stop_up(started[0])  # a failed test must not leave nats-server, services or agents behind
 
 
 def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
@@ -241,9 +249,9 @@ def test_bad_settings_of_the_loop_and_the_background_priority_get_a_clear_error(
     assert "never awaited" not in out
 
 
-def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_saying_why(up):
-    """kill -9 of nats-server while deploys stream in: the CLI's way (request ids, retries) loses
-    none, and reconciliation leaves none placed with nothing running."""
+def deploy_stream(endpoints, token, n, kill_at, kill):
+    """`n` deploys one after another, each with its request id and retried as the CLI does;
+    `kill()` runs before deploy number `kill_at`. Returns (accepted ids, every workload listed)."""
     import asyncio
 
     import grpc
@@ -254,36 +262,82 @@ def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_sayin
     from cncbrain.auth import token_interceptors
     from cncbrain.commands._live import call_retrying
 
-    proc, env, endpoints, out = up
-    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
-
     async def run():
         async with grpc.aio.insecure_channel(endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             accepted = {}
-            for i in range(24):
-                if i == 8:
-                    os.kill(pid_of(proc.pid, "nats-server"), signal.SIGKILL)
+            for i in range(n):
+                if i == kill_at:
+                    kill()
                 spec = common.InferenceServiceSpec(name=f"s{i}", model="7b", params_b=7, min_replicas=1,
                                                    max_replicas=2, gpus_per_replica=1,
                                                    slo=common.SloTargets(ttft_ms=1000, tpot_ms=100))
-                request = pb.DeployInferenceServiceRequest(service=spec, request_id=f"chaos-{i}")
+                request = pb.DeployInferenceServiceRequest(service=spec, request_id=f"stream-{i}")
                 w = (await call_retrying(lambda r=request: stub.DeployInferenceService(r, timeout=10), "deploy",
                                          window_s=60)).workload
                 accepted[w.workload_id] = f"s{i}"
-            settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                ws = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
-                mine = {w.workload_id: w for w in ws if w.workload_id in accepted}
-                if len(mine) == len(accepted) and all(w.state in settled for w in mine.values()):
-                    break
-                await asyncio.sleep(0.5)
-            return accepted, mine, ws
+            listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+            return accepted, list(listed)
 
-    accepted, mine, everything = asyncio.run(run())
-    assert len(accepted) == 24 and set(mine) == set(accepted)  # none lost
-    assert len([w for w in everything if w.inference_service.name.startswith("s")]) == 24  # none twice
+    return asyncio.run(run())
+
+
+def test_with_standby_a_killed_active_scheduler_is_replaced_by_its_standby_losing_nothing(tmp_path):
+    proc, env, endpoints, out = start_up(tmp_path, "--standby")
+    try:
+        logs = Path(env["CNC_STATE_DIR"]) / "logs"
+        active = "scheduler" if "scheduler scheduler: active" in (logs / "scheduler.log").read_text() else "scheduler-2"
+        standby = "scheduler-2" if active == "scheduler" else "scheduler"
+        token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+
+        def kill():
+            pid = int(next(c for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                           if f"CNC_SCHEDULER_INSTANCE={active}".encode() in Path(f"/proc/{c}/environ").read_bytes()))
+            os.kill(pid, signal.SIGKILL)
+
+        accepted, listed = deploy_stream(endpoints, token, 20, 6, kill)
+        assert len(accepted) == 20
+        mine = [w for w in listed if w.workload_id in accepted]
+        assert len(mine) == 20 and len({w.inference_service.name for w in listed}) == len(listed)  # none lost, none twice
+        assert f"scheduler {standby}: active (the lease was {active} stopped renewing it" in (
+            logs / f"{standby}.log").read_text()
+        assert out.wait_for(f"{active} ended (signal SIGKILL); restarting it in 4 s", 5), str(out)
+        assert out.wait_for(f"{active} started again", 15), str(out)
+    finally:
+        stop_up(proc)
+
+
+def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_saying_why(up):
+    """kill -9 of nats-server while deploys stream in: the CLI's way (request ids, retries) loses
+    none, and reconciliation leaves none placed with nothing running."""
+    import asyncio
+
+    import grpc
+
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2_grpc
+    from cncbrain.auth import token_interceptors
+
+    proc, env, endpoints, out = up
+    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+    accepted, listed = deploy_stream(endpoints, token, 24, 8,
+                                     lambda: os.kill(pid_of(proc.pid, "nats-server"), signal.SIGKILL))
+    assert len(accepted) == 24 and {w.workload_id for w in listed} >= set(accepted)  # none lost
+    assert len({w.inference_service.name for w in listed}) == len(listed)  # none twice
+
+    async def settled():
+        settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)
+        async with grpc.aio.insecure_channel(endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            deadline = time.monotonic() + 120
+            while True:
+                ws = {w.workload_id: w for w in (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+                      if w.workload_id in accepted}
+                if all(w.state in settled for w in ws.values()) or time.monotonic() > deadline:
+                    return ws
+                await asyncio.sleep(0.5)
+
+    mine = asyncio.run(settled())
     stuck = {wid: (pb.WorkloadState.Name(w.state), w.message) for wid, w in mine.items()
              if w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)}
     assert not stuck, (stuck, str(out)[-2000:])

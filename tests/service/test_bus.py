@@ -129,3 +129,72 @@ async def test_kv_items_lists_every_live_key_with_its_latest_value(bus):
     assert len(items) == 2498 and "k8" not in items and "k9" not in items
     assert items["k7"] == (b"newer", last) and items["k2499"][0] == b"v2499"
     assert (await bus.js.stream_info("KV_t-items")).state.consumer_count == 0
+
+
+FAILOVER_ERRORS = [
+    "nats.errors.TimeoutError", "nats.errors.NoRespondersError", "nats.errors.ConnectionClosedError",
+    "nats.errors.ConnectionReconnectingError", "nats.errors.StaleConnectionError",
+    "nats.errors.OutboundBufferLimitError", "nats.errors.FlushTimeoutError", "nats.errors.UnexpectedEOF",
+    "nats.js.errors.NoStreamResponseError", "nats.js.errors.ServiceUnavailableError",
+    "nats.js.errors.TooManyStalledMsgsError", "nats.js.errors.FetchTimeoutError", "nats.js.errors.ServerError",
+    "asyncio.TimeoutError",
+]
+
+
+@pytest.mark.parametrize("name", FAILOVER_ERRORS)
+async def test_every_error_a_nats_failover_raises_is_retried(bus, name):
+    """A JetStream leader election or a NATS restart raises these (a deploy once failed with
+    `UNKNOWN: Unexpected NoStreamResponseError`): `retrying` rides each out by name."""
+    import importlib
+
+    module, _, cls = name.rpartition(".")
+    error = getattr(importlib.import_module(module), cls)
+    calls = []
+
+    async def op():
+        calls.append(1)
+        if len(calls) < 3:
+            raise error()
+        return "done"
+
+    assert await bus.retrying(op, "test", timeout_s=5) == "done"
+    assert len(calls) == 3
+
+
+async def test_an_error_retrying_cannot_fix_is_raised_at_once(bus):
+    import nats.js.errors
+
+    async def op():
+        raise nats.js.errors.KeyWrongLastSequenceError()
+
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await bus.retrying(op, "test", timeout_s=5)
+
+
+async def test_a_process_that_cannot_reach_nats_says_where_and_why(caplog):
+    import logging
+
+    from cncbrain.errors import CncError
+    from cncbrain.natsserver import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING), pytest.raises(CncError, match=f"cannot reach NATS at {url} within 4 s"):
+        await Bus.connect(url, "lonely", timeout_s=4)
+    said = [r.getMessage() for r in caplog.records if "cannot reach NATS" in r.getMessage()]
+    assert said and said[0].startswith(f"lonely: cannot reach NATS at {url} (")  # the URL and why, before giving up
+
+
+async def test_a_lost_connection_is_reported_with_the_url_until_it_is_back(nats_server, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        b = await Bus.connect(nats_server.url, "watcher", ensure=False)
+        nats_server.kill()
+        await asyncio.sleep(4)
+        nats_server.start()
+        await wait_for(lambda: b.connected, timeout=10)
+    text = caplog.text
+    assert f"watcher: disconnected from NATS at {nats_server.url}" in text
+    assert f"watcher: cannot reach NATS at {nats_server.url}" in text
+    assert "watcher: reconnected to NATS at 127.0.0.1" in text
+    await b.close()

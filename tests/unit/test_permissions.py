@@ -5,6 +5,7 @@ import subprocess
 
 import services.adaptation.subjects  # noqa: F401  (registers its stream)
 import services.governance.ledger_store as ledger_store
+from cncbrain import lease
 from cncbrain.auth import TOKENS_BUCKET
 from cncbrain.bus import streams
 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR, ensure_identities, load_identities, seed_file
@@ -17,7 +18,7 @@ def test_every_stream_and_bucket_has_an_owner_that_creates_it():
     names = {s.name for s in streams.STREAMS} | {ledger_store.STREAM}
     assert names == set(STREAM_OWNERS)
     buckets = {*streams.BUCKETS, TOKENS_BUCKET, ledger_store.GOVERNANCE_BUCKET, ledger_store.HEAD_BUCKET,
-               ADAPTATION_BUCKET}
+               ADAPTATION_BUCKET, *lease.BUCKETS}
     assert buckets == set(BUCKET_OWNERS)
     for stream, owner in STREAM_OWNERS.items():
         assert may_create(owner, stream)
