@@ -4,11 +4,15 @@
 | --- | --- |
 | `emulated` | the site as emulated by the digital twin (`cncbrain emulate`), over NATS request/reply |
 | `memory` | nothing: it records placements against a declared inventory (dry runs, tests, benchmarks) |
-| `kubernetes` | later |
+| `slurm` | a Slurm cluster: a job per replica, a heterogeneous job per gang (`agents.executor_slurm`) |
+| `kubernetes` | designed, not built (docs/executors.md) |
 
 An executor answers its site's inventory, applies a placement (absolute: replicas / shards at the
 site) and yields telemetry; `fresh` says whether it came up without state (the agent then replays
-its site's placements from the stream).
+its site's placements from the stream, the latest of each workload). What it learns about a
+placement after `apply` returned (a kept placement applied later, a failed job, giving up on a
+workload) it tells through `on_report`; telemetry whose GPU counts differ from the inventory (a node
+down or drained) makes the agent register the site again with those counts.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
 
 TelemetrySink = Callable[[site_pb.SiteTelemetry], Awaitable[None]]
+ReportSink = Callable[[common.Placement, bool, str, bool], Awaitable[None]]
+"""(placement, ok, error, failed): `failed` — the site gave up on the workload."""
 
 
 class Executor(Protocol):
     kind: str
     fresh: bool
 
-    async def start(self, on_telemetry: TelemetrySink) -> None: ...
+    async def start(self, on_telemetry: TelemetrySink, on_report: ReportSink | None = None) -> None: ...
     async def inventory(self) -> common.Site: ...
     async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]: ...
     def available(self) -> bool: ...
@@ -52,7 +58,7 @@ class MemoryExecutor:
         self.started = time.monotonic()
         self._telemetry: site_pb.SiteTelemetry | None = None
 
-    async def start(self, on_telemetry: TelemetrySink) -> None:
+    async def start(self, on_telemetry: TelemetrySink, on_report: ReportSink | None = None) -> None:
         self.on_telemetry = on_telemetry
 
     async def inventory(self) -> common.Site:

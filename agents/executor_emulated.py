@@ -309,7 +309,7 @@ class EmulatedExecutor:
         self._last: site_pb.SiteTelemetry | None = None
         self.tick_s = 0.0
 
-    async def start(self, on_telemetry) -> None:
+    async def start(self, on_telemetry, on_report=None) -> None:
         async def on_state(event: Event) -> None:
             self._last = event.payload
             await on_telemetry(event.payload)

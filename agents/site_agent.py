@@ -285,6 +285,7 @@ class SiteAgent:
         self._applied = {True: metrics.AGENT_APPLIED.labels(site_id, "ok"), False: metrics.AGENT_APPLIED.labels(site_id, "error")}
         self._tasks: list[asyncio.Task[None]] = []
         self._hb_seq = 0
+        self._reports = 0
 
     @property
     def consumer(self) -> str:
@@ -294,12 +295,15 @@ class SiteAgent:
         self.site = await self.executor.inventory()
         if self.site.site_id != self.site_id:
             raise ValueError(f"executor reports site {self.site.site_id!r}, agent is for {self.site_id!r}")
-        await self.executor.start(self.on_telemetry)
-        await self.bus.publish(subjects.SITE_REGISTERED, site_pb.SiteRegistered(
-            site=self.site, agent_id=self.agent_id, executor=self.executor.kind), site=self.site_id)
+        await self.register()
         if self.executor.fresh:
-            # An executor without state gets its site's whole placement history again.
+            # An executor without state is told its site's placements again: the latest of each
+            # workload first (an older generation applied on the way would start and stop work for
+            # nothing), then the stream from its start, where every older one is stale. It starts
+            # watching its site after that, knowing what should run there.
             await self.bus.delete_durable(subjects.SCHEDULER_PLACEMENT, self.consumer)
+            await self.catch_up()
+        await self.executor.start(self.on_telemetry, self.report)
         await self.desk.add(self)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer=f"{self.consumer}-snapshot")
         await self.bus.subscribe(subjects.SCHEDULER_PLACEMENT, self.on_placement, consumer=self.consumer,
@@ -333,9 +337,55 @@ class SiteAgent:
                 log.exception("heartbeat of %s failed", self.site_id)
             await asyncio.sleep(self.heartbeat_s)
 
+    async def register(self) -> None:
+        await self.bus.publish(subjects.SITE_REGISTERED, site_pb.SiteRegistered(
+            site=self.site, agent_id=self.agent_id, executor=self.executor.kind), site=self.site_id)
+
+    async def catch_up(self) -> None:
+        latest: dict[str, Event] = {}
+        for event in await self.bus.events_since(subjects.SCHEDULER_PLACEMENT, 0.0, consumer=f"{self.consumer}-catchup",
+                                                 site=self.site_id):
+            p = event.payload.placement
+            if p.generation >= latest.get(p.workload_id, event).payload.placement.generation:
+                latest[p.workload_id] = event
+        for event in latest.values():
+            await self.on_placement(event)
+        if latest:
+            log.info("agent %s: caught up with %d workloads' placements", self.site_id, len(latest))
+
     async def on_telemetry(self, telemetry: site_pb.SiteTelemetry) -> None:
         if telemetry.available:  # a failed site reports nothing
             await self.bus.publish(subjects.SITE_TELEMETRY, telemetry, site=self.site_id)
+            await self._follow_inventory(telemetry)
+
+    async def _follow_inventory(self, telemetry: site_pb.SiteTelemetry) -> None:
+        """Register the site again when its GPUs in service changed (nodes down, drained, back)."""
+        assert self.site is not None
+        now = {g.gpu_type: g.count for g in telemetry.gpu_pools}
+        if not now or now == {g.gpu_type: g.count for g in self.site.gpu_pools}:
+            return
+        site = common.Site()
+        site.CopyFrom(self.site)
+        known = {g.gpu_type for g in site.gpu_pools}
+        for g in site.gpu_pools:
+            g.count = now.get(g.gpu_type, 0)
+        site.gpu_pools.extend(common.GpuPool(gpu_type=g.gpu_type, count=g.count, hbm_gb=g.hbm_gb,
+                                             peak_tflops=g.peak_tflops, price_usd_per_hour=g.price_usd_per_hour)
+                              for g in telemetry.gpu_pools if g.gpu_type not in known)
+        log.warning("site %s: GPUs in service now %s (were %s); registering again", self.site_id,
+                    ", ".join(f"{g.gpu_type} {g.count}" for g in site.gpu_pools),
+                    ", ".join(f"{g.gpu_type} {g.count}" for g in self.site.gpu_pools))
+        self.site = site
+        await self.register()
+
+    async def report(self, p: common.Placement, ok: bool, error: str, failed: bool = False) -> None:
+        """What the executor learned about a placement after applying it."""
+        self._reports += 1
+        self.counters["placements_reported_late"] += 1
+        report = site_pb.PlacementApplied(placement=p, ok=ok, error=error, failed=failed)
+        report.applied_at.GetCurrentTime()
+        await self.bus.publish(subjects.SITE_APPLIED, report, site=self.site_id,
+                               event_id=f"{p.workload_id}/{p.generation}/{self.site_id}/{self.agent_id}-{self._reports}")
 
     def learn_specs(self, rnd: sched.OfferRound) -> None:
         book = getattr(self.policy, "book", None)

@@ -27,6 +27,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
 def settings_classes() -> list[tuple[str, type[BaseSettings]]]:
     """(who reads it, class) for every settings class of the brain, in the order documented."""
+    from agents.executor_slurm import SlurmSettings
     from cncbrain.metrics import MetricsSettings
     from cncbrain.settings import BusSettings, CncSettings
     from services.adaptation.settings import Settings as Adaptation
@@ -36,7 +37,9 @@ def settings_classes() -> list[tuple[str, type[BaseSettings]]]:
 
     return [("site agents, emulator, CLI (`cncbrain agent`, `cncbrain emulate`)", CncSettings),
             ("perception", Perception), ("scheduler", Scheduler), ("adaptation", Adaptation),
-            ("governance", Governance), ("every process: JetStream layout", BusSettings),
+            ("governance", Governance),
+            ("a site agent on a Slurm cluster (`cncbrain agent --executor slurm`; docs/executors.md)", SlurmSettings),
+            ("every process: JetStream layout", BusSettings),
             ("every process: the /metrics endpoint", MetricsSettings)]
 
 

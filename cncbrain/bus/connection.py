@@ -268,26 +268,32 @@ class Bus:
                 items[key] = (msg.data, msg.metadata.sequence.stream)
         return items
 
-    async def events_since(self, spec: Subject, since_s: float, **params: str) -> list[Event]:
+    async def events_since(self, spec: Subject, since_s: float, *, consumer: str | None = None,
+                           **params: str) -> list[Event]:
         """The events of a JetStream subject stored since `since_s` (unix seconds, the server's
-        clock), oldest first, read through a pull consumer (as `kv_items`). Undecodable ones are
+        clock), oldest first, read through a pull consumer (as `kv_items`; named `consumer` when
+        given, for an identity that may create only consumers of known names). Undecodable ones are
         skipped and logged."""
         assert spec.stream, f"{spec.template} is not kept in a stream"
         start = datetime.datetime.fromtimestamp(max(since_s, 0.0), datetime.UTC)
         out = []
         for msg in await self._read_stream(spec.stream, spec.wildcard(**params), api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start,
-                ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0)):
+                ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0), name=consumer):
             try:
                 out.append(envelope.decode(msg.subject, msg.data, msg.headers, spec.message, spec.match(msg.subject) or {}))
             except EnvelopeError as exc:
                 log.warning("skipped an undecodable event on %s: %s", msg.subject, exc)
         return out
 
-    async def _read_stream(self, stream: str, subject: str, config: api.ConsumerConfig) -> list[Msg]:
-        """Every message a fresh pull consumer (`config`, filtered on `subject`) has pending, read
-        to the end in batches; the consumer is deleted after."""
-        sub = await self.js.pull_subscribe(subject, stream=stream, config=config)
+    async def _read_stream(self, stream: str, subject: str, config: api.ConsumerConfig,
+                           name: str | None = None) -> list[Msg]:
+        """Every message a fresh pull consumer (`config`, filtered on `subject`, named `name` or
+        by the client) has pending, read to the end in batches; the consumer is deleted after."""
+        if name is not None:  # one left by a reader that died would resume where it stopped
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_consumer(stream, name)
+        sub = await self.js.pull_subscribe(subject, durable=name, stream=stream, config=config)
         out: list[Msg] = []
         name = None
         try:

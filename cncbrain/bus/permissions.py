@@ -208,6 +208,9 @@ def site(site_id: str) -> Grant:
     g.pub(*(f"cnc.deadletter.{agent}{suffix}" for suffix in ("", "-offers", "-snapshot", "-state")))
     g.sub("cnc.scheduler.offer", "cnc.perception.snapshot", f"cnc.emulator.state.{site_id}")
     g.read_filtered("CNC_PLACEMENTS", agent, f"cnc.scheduler.placement.{site_id}")
+    # an executor without state first reads its placements to the end (`SiteAgent.catch_up`)
+    g.read_filtered("CNC_PLACEMENTS", f"{agent}-catchup", f"cnc.scheduler.placement.{site_id}")
+    g.pub(f"$JS.API.CONSUMER.MSG.NEXT.CNC_PLACEMENTS.{agent}-catchup")
     g.get_from_bucket("cnc-workloads")
     return g
 

@@ -19,8 +19,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site", action="append", default=[], help="site id (repeatable)")
     p.add_argument("--all", action="store_true", help="every site of --scenario")
     p.add_argument("--scenario", default="abilene", help="scenario whose sites --all means (default abilene)")
-    p.add_argument("--executor", choices=["emulated", "memory"], default="emulated")
+    p.add_argument("--except", dest="skip", action="append", default=[], metavar="ID",
+                   help="with --all: leave this site out (repeatable; `up --slurm-site` runs it on Slurm)")
+    p.add_argument("--executor", choices=["emulated", "memory", "slurm"], default="emulated",
+                   help="emulated: the twin's sites (`cncbrain emulate`); memory: nothing runs (dry runs); "
+                        "slurm: a Slurm cluster, one --site per process (docs/executors.md)")
     p.add_argument("--gpus", default="A100-80GB:16", help="memory executor inventory per site, TYPE:N[,TYPE:N]")
+    g = p.add_argument_group("slurm executor (each also CNC_SLURM_<NAME>; docs/executors.md)")
+    for flag, meta, text in SLURM_FLAGS:
+        g.add_argument(f"--slurm-{flag}", dest=f"slurm_{flag.replace('-', '_')}", metavar=meta, default=None,
+                       action="append" if flag == "gpu-type" else None, help=text)
+    g.add_argument("--slurm-site-from-emulator", action="store_true",
+                   help="take the site's name, region, location and WAN links from the emulator's copy of it "
+                        "(`cncbrain up --slurm-site` does); its GPUs still come from Slurm")
     p.add_argument("--policy", default=None,
                    help="site policy: greedy, marl (the shipped learned policy) or marl:PATH (a policy .npz); "
                         "default $CNC_AGENT_POLICY, else marl when the shipped policy file exists, else greedy")
@@ -29,6 +40,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text or json (one object per line, with trace and span ids); default $CNC_LOG_FORMAT, else text")
     add_target_args(p, "nats")
     p.set_defaults(func=run)
+
+
+SLURM_FLAGS = (
+    ("conf", "PATH", "slurm.conf of the cluster (SLURM_CONF of the commands; default: theirs)"),
+    ("partition", "NAME", "partition whose nodes are the site (default: the cluster's default partition)"),
+    ("workdir", "DIR", "job output and progress files, on a file system the nodes share (default ~/.cnc/slurm/SITE)"),
+    ("account", "NAME", "--account of every job"),
+    ("qos", "NAME", "--qos of every job"),
+    ("gpu-type", "GRES=NAME", "GRES type → the brain's GPU name, e.g. a100=A100-80GB (repeatable; default: "
+                              "the GPU name the type spells, ignoring case and -/_)"),
+    ("default-command", "WORDS", "what runs for a workload that names no command (default: such a placement is refused)"),
+    ("image-runner", "WORDS", "how a template's image runs, with {image}, e.g. 'apptainer exec docker://{image}'"),
+    ("cpus-per-gpu", "N", "--cpus-per-gpu of every job"),
+    ("mem-per-gpu", "SIZE", "--mem-per-gpu of every job, e.g. 32G"),
+    ("poll-s", "S", "seconds between two looks at the cluster (default 2)"),
+    ("max-retries", "N", "failures of a workload's jobs resubmitted before it is failed (default 3)"),
+    ("command-timeout-s", "S", "how long one Slurm command may take (default 10)"),
+    ("bin-dir", "DIR", "folder of sbatch, squeue, sinfo, scontrol, scancel (default: PATH)"),
+)
+
+
+def slurm_settings(args: argparse.Namespace):
+    """`SlurmSettings` from CNC_SLURM_* overridden by the --slurm-* flags; a bad value names its setting."""
+    from agents.executor_slurm import SlurmSettings
+    from cncbrain.settings import load_settings
+
+    given = {flag.replace("-", "_"): getattr(args, f"slurm_{flag.replace('-', '_')}") for flag, _, _ in SLURM_FLAGS}
+    if given["gpu_type"] is not None:
+        given["gpu_types"] = ",".join(given.pop("gpu_type"))
+    given.pop("gpu_type", None)
+    settings = load_settings(SlurmSettings, **given)
+    settings.gpu_map()  # GRES=NAME pairs checked before anything starts
+    return settings
 
 
 def parse_gpus(text: str):
@@ -58,8 +102,12 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     sites = list(args.site)
     if args.all:
         sites += [s for s in site_ids_of(load_scenario(args.scenario)) if s not in sites]
+    sites = [s for s in sites if s not in args.skip]
     if not sites:
         raise UsageError("name the sites: --site ID (repeatable) or --all --scenario NAME")
+    if args.executor == "slurm" and len(sites) != 1:
+        raise UsageError(f"--executor slurm drives one site per process (its settings are the site's); got {len(sites)}")
+    slurm = slurm_settings(args) if args.executor == "slurm" else None
     try:
         for s in sites:
             check_token(s, "site id")
@@ -85,14 +133,28 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             desk = desk or OfferDesk(bus)
             if args.executor == "emulated":
                 executor = EmulatedExecutor(bus, sid)
+            elif args.executor == "slurm":
+                from agents.executor_slurm import SlurmExecutor
+
+                base = None
+                if args.slurm_site_from_emulator:
+                    try:
+                        base = await EmulatedExecutor(bus, sid).inventory()
+                    except Exception as exc:
+                        raise CncError(f"--slurm-site-from-emulator: the emulator did not describe site {sid} "
+                                       f"({exc!r}; is `cncbrain emulate` running with it?)") from None
+                executor = SlurmExecutor(sid, slurm, base)
             else:
                 executor = MemoryExecutor(common.Site(site_id=sid, name=sid, gpu_pools=parse_gpus(args.gpus)))
             agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s,
                               desk=desk)
             try:
                 agents.append(await agent.start())
+            except CncError:
+                raise  # says what is wrong (a Slurm setting, …)
             except Exception as exc:
-                raise CncError(f"agent for {sid} could not start: {exc!r} (is `cncbrain emulate` running?)") from None
+                hint = " (is `cncbrain emulate` running?)" if args.executor == "emulated" else ""
+                raise CncError(f"agent for {sid} could not start: {exc!r}{hint}") from None
         log.info("%d site agents running", len(agents))
         return await wait_for_stop(stop)
     finally:

@@ -15,6 +15,12 @@ NATS identity (nkeys in `<state>/secrets/nats/`, mode 0600; `cncbrain.bus.creden
 least privilege of `cncbrain.bus.permissions` — perception, scheduler, adaptation, governance, the
 emulator, each site agent, and `admin` for `up` itself and the operator's tools (`cncbrain watch`).
 A restart reuses them. Anonymous clients are refused. The server stays plain on loopback.
+
+`--slurm-site ID[=TYPE:N,…]` (repeatable) runs that site on a Slurm cluster started on this machine
+(`cncbrain.slurm_local`, under `<state>/slurm/`, one partition per site) instead of the emulator: a
+site agent on the Slurm executor per such site, real jobs for its replicas and shards (a workload
+without a command runs `agents.demo_workload`). A site of the scenario keeps its place, name and
+WAN links; another id is a new site (docs/executors.md).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -123,7 +130,7 @@ class Brain:
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
                  adaptation_port: int | None = None, auth: bool = False, policy: str | None = None,
                  background_nice: int | None = None, log_format: str | None = None, standby: bool = False,
-                 say=None) -> None:
+                 say=None, slurm_sites: list[str] | None = None) -> None:
         # Governance and adaptation: unless given, their default port, or any free port (bound and
         # reported by the service) when that is taken; endpoints.json tells the client commands.
         if governance_port is None:
@@ -159,6 +166,9 @@ class Brain:
         self.healthy_after_s: float | None = None
         self.sites: list[str] = []
         self._lowered: set[int] = set()
+        self.slurm_sites = parse_slurm_sites(slurm_sites or [])
+        """Site id → GPUs by type, of the sites run on a local Slurm cluster."""
+        self.slurm = None
         self.log_format = log_format
         """`text` or `json` for every child (CNC_LOG_FORMAT); None: the environment's."""
         self.web_url = ""
@@ -293,6 +303,7 @@ class Brain:
 
         started = time.monotonic()
         self.sites = site_ids_of(load_scenario(self.scenario))  # validates the scenario first
+        self.sites += [s for s in self.slurm_sites if s not in self.sites]
         busy = [(n, p) for n, p in self.ports.items() if p and port_in_use(p)]
         if not self.external_nats and self.nats_port and port_in_use(self.nats_port):
             busy.insert(0, ("nats", self.nats_port))
@@ -329,9 +340,12 @@ class Brain:
             self._add("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
                                    "--speed", str(self.speed), "--nats-url", self.nats_url], {}, dependents=("agents",))
             self.supervisor.start("emulator")
+            policy = ["--policy", self.policy] if self.policy else []
+            skip = [a for s in self.slurm_sites for a in ("--except", s)]
             self._add("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
-                                 "--nats-url", self.nats_url, *(["--policy", self.policy] if self.policy else [])], {})
+                                 "--nats-url", self.nats_url, *skip, *policy], {})
             self.supervisor.start("agents")
+            self._start_slurm_sites(policy)
             aio.run(self._wait_ready(started + timeout_s, timeout_s))
             self.metrics = self._read_reports(max(1.0, timeout_s - (time.monotonic() - started)))
         except BaseException:
@@ -370,6 +384,36 @@ class Brain:
         """During start-up: restart what ended (a site agent that found the emulator not answering
         yet, ...); raise `GaveUp` when something keeps failing."""
         self.poll()
+
+    def _start_slurm_sites(self, policy: list[str]) -> None:
+        """A local Slurm cluster with a partition of nodes (8 GPUs at most each) per Slurm site, and
+        a site agent on the Slurm executor for each (supervised like the others)."""
+        if not self.slurm_sites:
+            return
+        from agents.executor_emulated import site_ids_of
+        from cncbrain.scenario import load_scenario
+        from cncbrain.slurm_local import LocalSlurm, Node, missing
+
+        reason = missing()
+        if reason:
+            raise CncError(f"--slurm-site: {reason}")
+        nodes = []
+        for sid, gpus in self.slurm_sites.items():
+            for gpu_type, count in gpus.items():
+                while count > 0:
+                    nodes.append(Node(f"{sid}-{len(nodes)}", {gpu_type.lower(): min(count, 8)}, partitions=(sid,)))
+                    count -= 8
+        self.slurm = LocalSlurm(nodes, root=(self.state_dir / "slurm").resolve(), cluster="cncup").start()
+        emulated = set(site_ids_of(load_scenario(self.scenario)))
+        for sid, gpus in self.slurm_sites.items():
+            mapping = [a for t in gpus for a in ("--slurm-gpu-type", f"{t.lower()}={t}")]
+            self._add(f"agent-slurm-{sid}", [
+                "-m", "cncbrain.commands.agent", "--executor", "slurm", "--site", sid, "--nats-url", self.nats_url,
+                "--slurm-conf", str(self.slurm.conf), "--slurm-partition", sid,
+                "--slurm-workdir", str((self.state_dir / "slurm" / "work" / sid).resolve()),
+                "--slurm-default-command", f"{shlex.quote(sys.executable)} -m agents.demo_workload", *mapping,
+                *(["--slurm-site-from-emulator"] if sid in emulated else []), *policy], {})
+            self.supervisor.start(f"agent-slurm-{sid}")
 
     def dead(self) -> str | None:
         """A message naming a child that has ended (and its last log lines), or None."""
@@ -411,8 +455,9 @@ class Brain:
             self.ports[service] = port
 
     async def _enroll(self, token: str | None) -> None:
-        """Enroll the emulated sites (as the operator): their inventory as the emulator will report
-        it, at the GPU catalogue's prices; a site's key is the one `_credentials` made for it."""
+        """Enroll the sites (as the operator): the emulated ones with their inventory as the emulator
+        will report it, the Slurm ones with the GPUs `--slurm-site` gave them, at the GPU catalogue's
+        prices; a site's key is the one `_credentials` made for it."""
         import grpc
 
         from agents.executor_emulated import site_inventories
@@ -428,7 +473,9 @@ class Brain:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.governance_port}",
                                              interceptors=token_interceptors(token)) as ch:
             stub = governance_pb2_grpc.GovernanceServiceStub(ch)
-            for site_id, gpus in site_inventories(load_scenario(self.scenario)).items():
+            inventories = site_inventories(load_scenario(self.scenario))
+            inventories.update(self.slurm_sites)  # a Slurm site is enrolled with the GPUs its cluster has
+            for site_id, gpus in inventories.items():
                 await stub.EnrollSite(gpb.EnrollSiteRequest(site=gpb.SiteEnrollment(
                     site_id=site_id, nats_public_key=keys.get(site_identity(site_id), ""),
                     gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=physics.gpu(t).price_hr)
@@ -474,12 +521,42 @@ class Brain:
     def stop(self, grace_s: float = 8.0) -> None:
         order = [i for name in STOP_ORDER for i in (self.instances(name) if name in SERVICES else [name])]
         self.supervisor.stop([n for n in order if n != "nats"], grace_s)
+        if self.slurm is not None:
+            self.slurm.stop()  # its jobs too
+            self.slurm = None
         if self.nats:
             self.nats.stop()
             self.nats = None
         with_file = self.state_dir / ENDPOINTS_FILE
         if with_file.exists():
             with_file.unlink()
+
+
+def parse_slurm_sites(specs: list[str]) -> dict[str, dict[str, int]]:
+    """`ID[=TYPE:N[,TYPE:N]]` → {id: {type: n}}; H100:8 when no GPUs are named."""
+    from cncbrain.bus.subjects import SubjectError, check_token
+    from cncbrain.twin.physics import gpu_catalog
+
+    known = gpu_catalog()
+    out: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        sid, _, gpus = spec.partition("=")
+        try:
+            check_token(sid, "--slurm-site id")
+        except SubjectError as exc:
+            raise UsageError(str(exc)) from None
+        pools: dict[str, int] = {}
+        for part in (gpus or "H100:8").split(","):
+            name, _, count = part.partition(":")
+            if not count.isdigit() or not 0 < int(count) <= 512:
+                raise UsageError(f"--slurm-site {spec}: {part!r} is not TYPE:N (a GPU name and 1..512)")
+            if name not in known:
+                raise UsageError(f"--slurm-site {spec}: unknown GPU type {name!r}; known: {', '.join(known)}")
+            pools[name] = pools.get(name, 0) + int(count)
+        if sid in out:
+            raise UsageError(f"--slurm-site {sid} is given twice")
+        out[sid] = pools
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -512,6 +589,10 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standby", action="store_true",
                    help="run two instances of each service: one active (a lease in NATS KV), the other taking over "
                         "within seconds when it dies")
+    p.add_argument("--slurm-site", action="append", default=[], metavar="ID[=TYPE:N,...]",
+                   help="run this site on a Slurm cluster started on this machine (real jobs; needs root and the "
+                        "Debian packages of deploy/slurm/setup.sh); a scenario site keeps its place and links; "
+                        "GPUs default to H100:8 (repeatable)")
     p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
                    help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
                         "when the shipped policy file exists, else greedy)")
@@ -528,7 +609,7 @@ def run(args: argparse.Namespace) -> int:
                   speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
                   adaptation_port=args.adaptation_port, auth=not args.no_auth, policy=args.policy,
                   background_nice=args.background_nice, log_format=args.log_format, standby=args.standby,
-                  say=say)
+                  say=say, slurm_sites=args.slurm_site)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -547,6 +628,8 @@ def run(args: argparse.Namespace) -> int:
           f"  governance  {ep['governance']}  (gRPC: cnc.governance.v1.GovernanceService, health, reflection)\n"
           + (f"  operator token  {brain.token_file.resolve()}  ({cli_hint(brain)}; auth on for every service)\n"
              if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
+          "".join(f"  slurm       {sid} ({', '.join(f'{t} {n}' for t, n in gpus.items())}): real jobs; "
+                  f"SLURM_CONF={brain.slurm.conf} squeue\n" for sid, gpus in brain.slurm_sites.items()) +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
           + "".join(f"  metrics     {url}  ({name})\n" for name, url in ep.get("metrics", {}).items())
           + (f"  NATS monitoring  {ep['nats_monitor']}/varz  (/jsz, /connz, /healthz)\n" if ep.get("nats_monitor") else "")

@@ -4,6 +4,8 @@ state of record, decides (domain) and publishes `AdaptationAction`s on `cnc.adap
 - A site marked down (the `site_state` event, or a snapshot that shows it down) triggers recovery
   at once: every workload placed there gets a new whole placement, planned against the capacity
   the scheduler's records leave free and the tenants' placement policy (governance's gate).
+- A site that is up but holds more than its GPUs now allow (it registered fewer: nodes down or
+  drained at a real site) sheds just enough units to other sites on the same snapshot.
 - Every snapshot: checkpoints are tracked from training progress; the scaling guardrails look at
   each inference service (SLO attainment, load, perception's forecast) and may scale it.
 - Units that found no room are planned again on later snapshots; an action not yet applied by the
@@ -46,6 +48,7 @@ from services.adaptation.domain.recovery import (
     WorkloadPlacement,
     plan_recovery,
     plan_scale,
+    plan_shrink,
 )
 from services.adaptation.settings import Settings
 from services.adaptation.subjects import ACTION, STREAM
@@ -297,8 +300,9 @@ class Adapter:
 
     # ---- recovery ------------------------------------------------------------------------------------
 
-    async def recover(self, site_id: str) -> list[apb.AdaptationAction]:
-        """Plan and publish the re-placement of everything placed at `site_id` (down)."""
+    async def recover(self, site_id: str, over: dict[str, int] | None = None) -> list[apb.AdaptationAction]:
+        """Plan and publish the re-placement of everything placed at `site_id` (down), or, with
+        `over` (GPUs by type placed beyond what the up site has now), of just enough of it."""
         async with self._lock:
             hit = [w for w in self.workloads.values()
                    if w.state in ACTIVE and not self._busy(w)
@@ -306,7 +310,7 @@ class Adapter:
             if not hit:
                 return []
             caps = self.capacity()
-            if site_id in caps:
+            if site_id in caps and over is None:
                 caps[site_id].up = False
             ckpts = {}
             for w in hit:
@@ -315,8 +319,14 @@ class Adapter:
                     if c is not None:
                         ckpts[w.workload_id] = c
             by_id = {w.workload_id: w for w in hit}
-            planned = plan_recovery(site_id, [placement_view(w) for w in hit], caps, self.allowed, ckpts,
-                                    {w.workload_id: self.room(w) for w in hit})
+            views = [placement_view(w) for w in hit]
+            rooms = {w.workload_id: self.room(w) for w in hit}
+            if over is None:
+                planned = plan_recovery(site_id, views, caps, self.allowed, ckpts, rooms)
+            else:
+                lost = ", ".join(f"{n} {t}" for t, n in sorted(over.items()))
+                planned = plan_shrink(site_id, over, views, caps, self.allowed, ckpts, rooms,
+                                      why=f"site {site_id} has fewer GPUs in service ({lost} GPUs over what it holds)")
             out = []
             for act in planned:
                 w = by_id[act.workload_id]
@@ -361,6 +371,10 @@ class Adapter:
                 self.checkpoints.observe(j.workload_id, snap.sim_time_s, j.progress)
         for site_id in sorted(self.down):
             await self.recover(site_id)
+        for site_id, cap in sorted(self.capacity().items()):
+            over = {t: -n for t, n in cap.free_by_type.items() if n < 0}
+            if cap.up and over:
+                await self.recover(site_id, over)
         if self.settings.guardrails_enabled:
             await self.run_guardrails(snap)
 

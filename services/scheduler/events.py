@@ -740,6 +740,15 @@ class Coordinator:
             log.warning("site %s could not apply %s (generation %d): %s", a.placement.site_id, wid,
                         a.placement.generation, a.error)
             self.counters["apply_failed"] += 1
+            if a.failed and w.state in domain.ACTIVE:
+                # the site gave up on the placement it still holds (its jobs kept failing there)
+                async with self.lock(wid):
+                    w = self._copy(wid)
+                    held = any(p.site_id == a.placement.site_id and p.generation == a.placement.generation
+                               and (p.replicas or p.shard_indices) for p in w.placements)
+                    if w.state in domain.ACTIVE and held:
+                        self.counters["failed_by_site"] += 1
+                        await self._end(w, domain.FAILED, f"site {a.placement.site_id}: {a.error}"[:1000])
             return
         if w.state == domain.PLACED and a.placement.generation == w.generation:
             # The record reads PLACED from the moment its commit is sent (`WorkloadStore.assume`);

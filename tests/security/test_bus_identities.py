@@ -116,6 +116,8 @@ async def test_site_reads_only_its_own_placements(attacker, admin):
     js = a.nc.jetstream(timeout=1.0)
     api_calls = {
         "$JS.API.CONSUMER.CREATE.CNC_PLACEMENTS.agent-a.cnc.scheduler.placement.b": {"stream_name": "CNC_PLACEMENTS"},
+        "$JS.API.CONSUMER.CREATE.CNC_PLACEMENTS.agent-a-catchup.cnc.scheduler.placement.b": {"stream_name": "CNC_PLACEMENTS"},
+        "$JS.API.CONSUMER.MSG.NEXT.CNC_PLACEMENTS.agent-b-catchup": {"batch": 1},
         "$JS.API.CONSUMER.CREATE.CNC_PLACEMENTS": {"stream_name": "CNC_PLACEMENTS"},
         "$JS.API.STREAM.MSG.GET.CNC_PLACEMENTS": {"seq": 1},
         "$JS.API.STREAM.INFO.KV_cnc-tokens": {},

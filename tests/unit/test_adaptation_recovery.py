@@ -9,6 +9,7 @@ from services.adaptation.domain.recovery import (
     WorkloadKind,
     WorkloadPlacement,
     plan_recovery,
+    plan_shrink,
 )
 
 
@@ -94,6 +95,42 @@ def test_unaffected_workloads_are_left_alone():
     sites = pool()
     w = WorkloadPlacement("other", WorkloadKind.INFERENCE, "acme", 1, {"b": SiteUnits("H100", 2)})
     assert plan_recovery("a", [w], sites) == []
+
+
+def test_a_site_that_lost_gpus_sheds_just_enough_replicas_before_any_gang():
+    """Site a is up with 8 of its H100s gone (free -8): two 4-GPU replicas of one service move,
+    one stays; the job's share stays (replicas were enough); the units go to the nearest room."""
+    sites = pool()
+    sites["a"].up = True
+    sites["a"].free_by_type = {"H100": -8}
+    s = svc(replicas=3, gpus=4)
+    j = job(shards=(0, 1), gpus=4)
+    acts = plan_shrink("a", {"H100": 8}, [j, s], sites)
+    assert [a.workload_id for a in acts] == ["svc"]
+    (act,) = acts
+    assert act.kind is ActionKind.REPLACE_REPLICAS and dict(act.moved) == {"b": 1, "c": 1}
+    assert act.new_placement["a"] == SiteUnits("H100", replicas=1)
+    assert act.reason.startswith("site a lost GPUs; re-placed 2 of 2 replica(s)")
+    assert sites["b"].free_by_type["H100"] == 0 and sites["c"].free_by_type["H100"] == 12
+
+
+def test_a_gang_share_moves_whole_when_replicas_are_not_enough():
+    sites = pool()
+    sites["a"].up = True
+    s = svc(replicas=1, gpus=2)
+    j = job(shards=(0, 1), gpus=4)
+    acts = plan_shrink("a", {"H100": 6}, [s, j], sites, why="site a: node down")
+    by = {a.workload_id: a for a in acts}
+    assert dict(by["svc"].moved) == {"b": 1} and "a" not in by["svc"].new_placement
+    assert by["job"].kind is ActionKind.RESUME_SHARDS and by["job"].new_placement["c"].shard_indices == (0, 1)
+    assert by["job"].reason.startswith("site a: node down; resumed 2 shard(s)")
+
+
+def test_no_room_anywhere_means_wait_and_nothing_taken():
+    sites = {"a": SiteCapacity("a", True, {"H100": -4}), "b": SiteCapacity("b", True, {"H100": 2})}
+    (act,) = plan_shrink("a", {"H100": 4}, [svc(replicas=2, gpus=4)], sites)
+    assert act.kind is ActionKind.WAIT_FOR_CAPACITY and act.shortfall == 1
+    assert sites["b"].free_by_type["H100"] == 2
 
 
 def test_scale_up_fills_own_sites_first_then_nearest():

@@ -56,7 +56,7 @@ class SiteRegistered(_message.Message):
     EXECUTOR_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     executor: _builtins.str
-    """Executor kind behind the agent: "emulated", "memory", later "kubernetes"."""
+    """Executor kind behind the agent: "emulated", "memory", "slurm"."""
     @_builtins.property
     def site(self) -> _common_pb2.Site: ...
     def __init__(
@@ -348,7 +348,10 @@ Global___OfferAnswers: _TypeAlias = OfferAnswers  # noqa: Y015
 
 @_typing.final
 class PlacementApplied(_message.Message):
-    """PlacementApplied reports the executor's result for one placement (`cnc.site.<site_id>.applied`)."""
+    """PlacementApplied reports the executor's result for one placement (`cnc.site.<site_id>.applied`):
+    when it is applied, and again when the executor learns more later (a placement kept while the
+    site's cluster did not answer is applied; a unit's job failed and was submitted again).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -356,8 +359,13 @@ class PlacementApplied(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     APPLIED_AT_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     error: _builtins.str
+    failed: _builtins.bool
+    """The site gave up on the workload (its jobs kept failing, or it cannot run it at all); `error`
+    says why. The scheduler marks the workload FAILED with that reason.
+    """
     @_builtins.property
     def placement(self) -> _common_pb2.Placement: ...
     @_builtins.property
@@ -369,10 +377,11 @@ class PlacementApplied(_message.Message):
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
         applied_at: _timestamp_pb2.Timestamp | None = ...,
+        failed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "error", b"error", "ok", b"ok", "placement", b"placement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "error", b"error", "failed", b"failed", "ok", b"ok", "placement", b"placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,4 +1,5 @@
-"""Failure recovery (pure): when a site goes down, where its replicas and shards go.
+"""Failure recovery (pure): when a site goes down, where its replicas and shards go; when a site
+that stays up loses GPUs (nodes down or drained), which of its units go where (`plan_shrink`).
 
 Inputs are the committed placements of every workload, the sites that are up with their free GPUs
 and latencies, and a policy check (governance's placement policy) that says whether a workload may
@@ -149,6 +150,49 @@ def plan_recovery(
     return actions
 
 
+def plan_shrink(
+    site_id: str,
+    over: Mapping[str, int],
+    workloads: Iterable[WorkloadPlacement],
+    sites: Mapping[str, SiteCapacity],
+    allowed: PolicyCheck = lambda w, s, g: True,
+    checkpoints: Mapping[str, Checkpoint] | None = None,
+    rooms: Mapping[str, Mapping[str, int]] | None = None,
+    why: str = "",
+) -> list[RecoveryAction]:
+    """Move just enough units off `site_id`, which is up but holds `over[gpu_type]` GPUs more than
+    it has now, to other sites. Replicas go first, one at a time (cheap to move); a training job's
+    whole share of the site moves when replicas are not enough (its shards step together), the
+    job with the smallest share first. `sites` is mutated as in `plan_recovery`."""
+    checkpoints = checkpoints or {}
+    rooms = rooms or {}
+    left = {t: n for t, n in over.items() if n > 0}
+    hit = [w for w in workloads if site_id in w.sites and w.sites[site_id].units > 0
+           and w.sites[site_id].gpu_type in left]
+    hit.sort(key=lambda w: (w.kind is not WorkloadKind.INFERENCE, w.sites[site_id].units * w.gpus_per_unit,
+                            w.workload_id))
+    why = why or f"site {site_id} lost GPUs"
+    actions = []
+    for w in hit:
+        here = w.sites[site_id]
+        need = left.get(here.gpu_type, 0)
+        if need <= 0:
+            continue
+        spare = _spare(w, site_id, rooms.get(w.workload_id))
+        if w.kind is WorkloadKind.INFERENCE:
+            count = min(here.replicas, -(-need // w.gpus_per_unit))
+            if here.gpu_type in spare:  # the replicas that stay hold their share of the room
+                spare[here.gpu_type] -= (here.replicas - count) * w.gpus_per_unit
+            act = _replace_replicas(w, site_id, sites, allowed, spare, count=count, why=why)
+            moved = sum(act.moved.values())
+        else:
+            act = _resume_shards(w, site_id, sites, allowed, checkpoints.get(w.workload_id), spare, why=why)
+            moved = sum(act.moved.values())
+        left[here.gpu_type] = need - moved * w.gpus_per_unit
+        actions.append(act)
+    return actions
+
+
 def _spare(w: WorkloadPlacement, leaving: str, room: Mapping[str, int] | None) -> dict[str, int]:
     """GPUs by type the moved units may take: the room less what the workload keeps elsewhere."""
     spare = dict(room or {})
@@ -190,22 +234,27 @@ def _place_units(w: WorkloadPlacement, need: int, cands: list[tuple[str, str]], 
 
 def _replace_replicas(
     w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck,
-    spare: dict[str, int] | None = None,
+    spare: dict[str, int] | None = None, count: int | None = None, why: str = "",
 ) -> RecoveryAction:
+    """Move `count` replicas (default: all) off `failed`; `why` opens the reason."""
     spare = spare if spare is not None else {}
-    lost = w.sites[failed].replicas
+    here = w.sites[failed]
+    lost = here.replicas if count is None else min(count, here.replicas)
+    why = why or f"site {failed} is down"
     origin = w.ingress_site_id if w.ingress_site_id and w.ingress_site_id != failed else failed
     cands = _candidates(w, failed, sites, allowed)
     cands.sort(key=lambda c: (_latency(sites, origin, c[0]), sites[c[0]].price_by_type.get(c[1], 0.0), c))
     new = {s: u for s, u in w.sites.items() if s != failed}
     moved: dict[str, int] = {}
     need = _place_units(w, lost, cands, new, sites, spare, moved)
+    if lost - need < here.replicas:  # what stays at the site
+        new[failed] = SiteUnits(here.gpu_type, here.replicas - (lost - need))
     if not moved:
         return RecoveryAction(w.workload_id, ActionKind.WAIT_FOR_CAPACITY, failed, {}, dict(w.sites),
-                              f"site {failed} is down; no allowed site has room for its {lost} replica(s)",
+                              f"{why}; no allowed site has room for its {lost} replica(s)",
                               shortfall=lost)
     where = ", ".join(f"{n} to {s}" for s, n in sorted(moved.items()))
-    reason = f"site {failed} is down; re-placed {lost - need} of {lost} replica(s): {where}"
+    reason = f"{why}; re-placed {lost - need} of {lost} replica(s): {where}"
     if need:
         reason += f"; {need} still wait for capacity"
     return RecoveryAction(w.workload_id, ActionKind.REPLACE_REPLICAS, failed, moved, new, reason, shortfall=need)
@@ -213,9 +262,10 @@ def _replace_replicas(
 
 def _resume_shards(
     w: WorkloadPlacement, failed: str, sites: Mapping[str, SiteCapacity], allowed: PolicyCheck,
-    ckpt: Checkpoint | None, spare: dict[str, int] | None = None,
+    ckpt: Checkpoint | None, spare: dict[str, int] | None = None, why: str = "",
 ) -> RecoveryAction:
     spare = spare if spare is not None else {}
+    why = why or f"site {failed} is down"
     shards = list(w.sites[failed].shard_indices)
     home = [s for s in w.sites if s != failed]
     cands = _candidates(w, failed, sites, allowed)
@@ -253,7 +303,7 @@ def _resume_shards(
     if todo:
         return RecoveryAction(
             w.workload_id, ActionKind.WAIT_FOR_CAPACITY, failed, {}, dict(w.sites),
-            f"site {failed} is down; {len(shards)} shard(s) need {len(shards) * w.gpus_per_unit} GPUs and only "
+            f"{why}; {len(shards)} shard(s) need {len(shards) * w.gpus_per_unit} GPUs and only "
             f"{len(shards) - len(todo)} shard(s) fit in allowed sites; the job waits (gang placement)",
             shortfall=len(todo), lost_progress=lost_p, lost_tokens=lost_t)
     for (site_id, gpu_type), left in free.items():
@@ -262,7 +312,7 @@ def _resume_shards(
     ck = f" from the checkpoint at {ckpt.checkpoint_progress:.1%} (lost {lost_p:.1%} of the job)" if ckpt else ""
     return RecoveryAction(
         w.workload_id, ActionKind.RESUME_SHARDS, failed, moved, new,
-        f"site {failed} is down; resumed {len(shards)} shard(s){ck}: {where}",
+        f"{why}; resumed {len(shards)} shard(s){ck}: {where}",
         lost_progress=lost_p, lost_tokens=lost_t)
 
 

@@ -1,0 +1,213 @@
+"""A Slurm site in a live brain: real nats-server, perception, scheduler and adaptation, a site
+agent on the Slurm executor (the shared test cluster's partition `site-a`: 2 nodes × 4 H100 and one
+with 2 L40S) and a second site on the memory executor (8 H100) for work to move to."""
+
+import asyncio
+
+import grpc
+import pytest
+from slurm_helpers import serve_template, squeue, train_template
+from waiting import until
+
+from agents.executor import MemoryExecutor
+from agents.executor_slurm import SlurmExecutor, SlurmSettings
+from agents.site_agent import SiteAgent
+from cnc.adaptation.v1 import adaptation_pb2 as apb
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.bus import Bus, subjects
+from services.adaptation.server import AdaptationServer
+from services.adaptation.settings import Settings as AdaptationSettings
+from services.adaptation.subjects import ACTION
+from services.perception.server import PerceptionServer
+from services.perception.settings import Settings as PerceptionSettings
+from services.scheduler.server import SchedulerServer
+from services.scheduler.settings import Settings as SchedulerSettings
+
+pytestmark = pytest.mark.integration
+TICK_S = 0.5
+SITE = "a-slurm"
+
+
+class Brain:
+    def __init__(self, url, slurm, workdir):
+        self.url, self.slurm, self.workdir = url, slurm, workdir
+
+    def executor(self, **overrides):
+        settings = SlurmSettings(conf=str(self.slurm.conf), partition="site-a", workdir=str(self.workdir),
+                                 poll_s=0.2, command_timeout_s=2, **overrides)
+        return SlurmExecutor(SITE, settings)
+
+    async def start_agent(self, **overrides):
+        self.agent = await SiteAgent(self.agent_bus, SITE, self.executor(**overrides), heartbeat_s=0.2).start()
+        return self.agent
+
+    async def start(self, **overrides):
+        url = self.url
+        self.perception = await PerceptionServer(PerceptionSettings(
+            nats_url=url, grpc_port=0, tick_s=TICK_S, heartbeat_timeout_s=1.0)).start()
+        self.agent_bus = await Bus.connect(url, "agents")
+        await self.start_agent(**overrides)
+        self.mem_bus = await Bus.connect(url, "mem-agent")
+        spare = common.Site(site_id="b-mem", name="b-mem", gpu_pools=[common.GpuPool(gpu_type="H100", count=8, hbm_gb=80)])
+        self.spare = await SiteAgent(self.mem_bus, "b-mem", MemoryExecutor(spare), heartbeat_s=0.2).start()
+        self.scheduler = await SchedulerServer(SchedulerSettings(nats_url=url, grpc_port=0, offer_timeout_s=0.5,
+                                                                 retry_interval_s=0.2)).start()
+        self.adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=False,
+                                                                    guardrails_enabled=False)).start()
+        await until(lambda: _true(self.scheduler.coordinator.ledger.up >= {SITE, "b-mem"}), 20, "both sites up")
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.scheduler.port}")
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+        self.bus = await Bus.connect(url, "test")
+        return self
+
+    async def stop(self):
+        await self.channel.close()
+        await self.adaptation.stop()
+        await self.scheduler.stop()
+        await self.agent.stop()
+        await self.spare.stop()
+        for b in (self.agent_bus, self.mem_bus, self.bus):
+            await b.close()
+        await self.perception.stop()
+
+    async def workload(self, wid):
+        return (await self.stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+
+    async def in_state(self, wid, state, timeout=30):
+        async def check():
+            w = await self.workload(wid)
+            return w if w.state == state else None
+        return await until(check, timeout, f"{wid} {pb.WorkloadState.Name(state)}", poll_s=0.2)
+
+
+@pytest.fixture
+async def brain(nats_server, slurm, tmp_path):
+    b = await Brain(nats_server.url, slurm, tmp_path / "work").start()
+    yield b
+    await b.stop()
+
+
+async def _true(v):
+    return v
+
+
+def service_spec(name, replicas, gpus, template=None):
+    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, min_replicas=replicas,
+                                       max_replicas=replicas, gpus_per_replica=gpus, allowed_gpu_types=["H100"],
+                                       slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
+                                       template=template or serve_template())
+
+
+def live_jobs(slurm, wid=""):
+    """The site's pending and running jobs (of workload `wid`, else all)."""
+    return [j for j in squeue(slurm, f"cnc.{SITE}.{wid}.".replace("..", ".")) if j["state"] in ("RUNNING", "PENDING")]
+
+
+class Ticks:
+    def __init__(self):
+        self.n = 0
+        self.sites = {}
+
+    async def on(self, ev):
+        self.n += 1
+        for s in ev.payload.sites:
+            self.sites[s.site.site_id] = {p.gpu_type: p.count for p in s.site.gpu_pools}
+
+
+async def test_a_node_down_takes_its_gpus_out_and_adaptation_moves_the_overflow_within_3_ticks(brain, slurm):
+    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 4)))
+    wid = resp.workload.workload_id
+    w = await brain.in_state(wid, pb.WORKLOAD_STATE_RUNNING)
+    assert [(p.site_id, p.replicas) for p in w.placements] == [(SITE, 2)]
+    jobs = await until(lambda: _true([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"] or None)
+                       if len([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"]) == 2 else _true(None),
+                       30, "2 replicas running")
+    assert {j["gres"] for j in jobs} == {"gres:gpu:h100:4"} and {j["nodes"] for j in jobs} == {"a1", "a2"}
+    victim = next(j for j in jobs if j["name"].endswith(".r0"))
+    ticks, actions = Ticks(), []
+    await brain.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, ticks.on, consumer="test-ticks")
+
+    async def on_action(ev):
+        actions.append((ticks.n, ev.payload))
+
+    await brain.bus.subscribe(ACTION, on_action, consumer="test-actions")
+    slurm.run("scontrol", "update", f"nodename={victim['nodes']}", "state=down", "reason=test")
+    await until(lambda: _true(actions), 15, "an adaptation action")
+    n, action = actions[0]
+    print(f"adaptation acted {n} tick(s) of {TICK_S} s after the node went down: {action.reason}")
+    assert n <= 3, f"adaptation acted after {n} ticks"
+    assert action.kind == apb.ACTION_KIND_REPLACE_REPLICAS and action.site_id == SITE
+    assert "fewer GPUs in service" in action.reason and "1 to b-mem" in action.reason
+    assert ticks.sites[SITE] == {"H100": 4, "L40S": 2}  # perception's picture of the site: 4 H100 left
+
+    async def moved():
+        w = await brain.workload(wid)
+        where = {p.site_id: p.replicas for p in w.placements if p.replicas}
+        jobs = live_jobs(slurm, wid)
+        return (w, jobs) if where == {SITE: 1, "b-mem": 1} and len(jobs) == 1 else None
+
+    w, jobs = await until(moved, 20, "one replica moved, one job left")
+    assert jobs[0]["state"] == "RUNNING" and jobs[0]["nodes"] != victim["nodes"]
+
+
+async def test_an_agent_restart_adopts_the_jobs_and_a_gang_completes(brain, slurm):
+    svc = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 2)))
+    job = common.TrainingJobSpec(name="ft", model="1b", params_b=1, shards=2, gpus_per_shard=2, tokens=1e9,
+                                 allowed_gpu_types=["H100"], template=train_template(8))
+    ft = await brain.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))
+    sid, jid = svc.workload.workload_id, ft.workload.workload_id
+    await brain.in_state(sid, pb.WORKLOAD_STATE_RUNNING)
+    await brain.in_state(jid, pb.WORKLOAD_STATE_RUNNING)
+    await until(lambda: _true(len([j for j in live_jobs(slurm) if j["state"] == "RUNNING"]) == 3), 30,
+                "2 replicas and the gang running")
+    before = sorted(j["id"] for j in squeue(slurm, f"cnc.{SITE}."))
+    await brain.agent.stop()
+    await brain.start_agent()  # a new executor: empty memory, the placements replayed
+    await asyncio.sleep(2)  # ten polls of the new executor
+    after = sorted(j["id"] for j in squeue(slurm, f"cnc.{SITE}."))
+    assert after == before, "the restarted agent submitted or cancelled jobs"
+    assert brain.agent.counters["placements_stale"] >= 2  # the stream's copies, after the catch-up
+    w = await brain.in_state(jid, pb.WORKLOAD_STATE_COMPLETED, timeout=40)
+    assert w.progress == 1.0
+    assert [p.shard_indices for p in w.placements if p.site_id == SITE] == [[]]  # released
+
+
+async def test_a_workload_whose_jobs_keep_failing_is_failed_with_the_reason(brain, slurm):
+    await brain.agent.stop()
+    await brain.start_agent(max_retries=1)
+    bad = common.WorkloadTemplate(command="/bin/sh", args=["-c", "echo 'model not found' >&2; exit 3"])
+    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+        service=service_spec("broken", 1, 1, template=bad)))
+    w = await brain.in_state(resp.workload.workload_id, pb.WORKLOAD_STATE_FAILED, timeout=40)
+    print(w.message)
+    assert f"site {SITE}:" in w.message and "exit code 3:0" in w.message and "retries (1) spent" in w.message
+    assert brain.scheduler.coordinator.counters["apply_failed"] >= 2  # the retry reported, then the end
+    await until(lambda: _true(not live_jobs(slurm, resp.workload.workload_id)), 10, "no job left")
+
+
+async def test_slurm_unreachable_marks_the_site_down_and_the_agent_reconciles_when_it_returns(brain, slurm):
+    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 1, 2)))
+    wid = resp.workload.workload_id
+    await brain.in_state(wid, pb.WORKLOAD_STATE_RUNNING)
+    await until(lambda: _true(len(live_jobs(slurm, wid)) == 1), 20, "1 job")
+    states = []
+
+    async def on_state(ev):
+        states.append((ev.payload.site_id, ev.payload.state))
+
+    await brain.bus.subscribe(subjects.PERCEPTION_SITE_STATE, on_state, consumer="test-states")
+    slurm.stop_controller()
+    try:
+        await until(lambda: _true((SITE, common.SITE_STATE_DOWN) in states), 20, "perception marks the site down")
+
+        async def moved():  # adaptation moves the replica away; the placement for the site is kept
+            w = await brain.workload(wid)
+            return w if {p.site_id: p.replicas for p in w.placements if p.replicas} == {"b-mem": 1} else None
+
+        await until(moved, 20, "replica re-placed off the unreachable site")
+    finally:
+        slurm.start_controller()
+    await until(lambda: _true((SITE, common.SITE_STATE_UP) in states), 30, "the site is up again")
+    await until(lambda: _true(not live_jobs(slurm, wid)), 20, "the moved replica's job cancelled at the site")
