@@ -43,6 +43,7 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 from cncbrain.errors import ScenarioError, UsageError
 from cncbrain.scenario import FAMILY_PREFIX, Scenario, parse_scenario
 from cncbrain.twin import physics
+from cncbrain.twin.pool import ALIBABA_TO_CATALOG
 from cncbrain.twin.topology import EARTH_RADIUS_KM, load_graphml
 from cncbrain.twin.traces import load_alibaba, load_azure
 
@@ -97,8 +98,6 @@ def cities() -> dict[str, list[City]]:
 @cache
 def _alibaba_nodes() -> list[tuple[str, int]]:
     """(catalog GPU type, GPUs) of every node of the Alibaba GPU node list."""
-    from cncbrain.twin.pool import ALIBABA_TO_CATALOG
-
     path = resources.files("cncbrain") / "data" / "alibaba" / "openb_node_list_gpu_node.csv"
     with path.open() as f:
         return [(ALIBABA_TO_CATALOG.get(r["model"], "A100-80GB"), int(r["gpu"])) for r in csv.DictReader(f)]
@@ -106,9 +105,7 @@ def _alibaba_nodes() -> list[tuple[str, int]]:
 
 @cache
 def _zoo_sites(key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    from importlib import resources as res
-
-    net = load_graphml(str(res.files("cncbrain") / "data" / "topologyzoo" / ZOO[key]))
+    net = load_graphml(str(resources.files("cncbrain") / "data" / "topologyzoo" / ZOO[key]))
     return net.names, net.lat, net.lon
 
 
