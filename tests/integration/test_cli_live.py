@@ -175,6 +175,9 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     finally:
         watcher.kill()
         watcher.wait()
+    # every process did all of the above within its NATS permissions (cncbrain.bus.permissions)
+    nats_log = (Path(env["CNC_STATE_DIR"]) / "logs" / "nats.log").read_text()
+    assert "Violation" not in nats_log, [x for x in nats_log.splitlines() if "Violation" in x][:5]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert proc.returncode == 0 and out.wait_for("stopped.", 5)
