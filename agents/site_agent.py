@@ -162,11 +162,12 @@ class OfferDesk:
     """The offer rounds of one process: one subscription for every site agent it hosts.
 
     A round is decoded once (one consumer span) and answered from inside that span, every local
-    site's decision made together (`answer_round`). Where the agents share one unauthenticated
-    connection, the answers of all local sites go out as one `OfferAnswers` on
-    `cnc.site.<agent_id>.answers` (one message per process and round). Where each agent speaks
-    with its own site's NATS identity (`cncbrain up`, production), each answer goes out on its own
-    site's subject over its own connection: a batch could not be tied to the sites it speaks for."""
+    site's decision made together (`answer_round`). Where the agents share one connection (an agent
+    host identity, `cncbrain up`; or no credentials), the answers of all local sites go out as one
+    `OfferAnswers` on `cnc.site.<agent_id>.answers` (one message per process and round; the
+    scheduler takes each answer only for a site whose registration names that agent). Where each
+    agent speaks with its own site's NATS identity on its own connection, each answer goes out on
+    its own site's subject."""
 
     _desks: dict[int, OfferDesk] = {}
 
@@ -175,8 +176,9 @@ class OfferDesk:
         self.agents: dict[str, SiteAgent] = {}
         self.sub = None
         self._sub_bus: Bus | None = None
-        self.agent_id = f"agents-{uuid.uuid4().hex[:12]}"
-        """This process's id on the bus (the token of its `answers` subject; never a site id)."""
+        self.agent_id = bus.identity or f"agents-{uuid.uuid4().hex[:12]}"
+        """This process's id on the bus (the token of its `answers` subject; never a site id): its
+        agent host identity when it has one (the scheduler checks the sites' registrations name it)."""
 
     @classmethod
     def of(cls, bus: Bus) -> OfferDesk:
@@ -220,7 +222,7 @@ class OfferDesk:
                 metrics.AGENT_ANSWER.labels(agents[0].policy.name).observe(time.perf_counter() - started)
 
     async def _answer(self, rnd: sched.OfferRound, agents: list[SiteAgent]) -> None:
-        if len(agents) == 1 or any(a.bus.identity is not None for a in agents):
+        if len(agents) == 1 or len({id(a.bus) for a in agents}) > 1:  # each site on its own connection
             answers = answer_round(agents, rnd)
             trace_answers(answers)
             for agent, answer in answers:

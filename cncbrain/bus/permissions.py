@@ -53,8 +53,7 @@ BUCKET_OWNERS = {
 
 SITE_EVENTS = ("registered", "heartbeat", "telemetry", "proposal", "answer", "applied")
 """What a site agent publishes about its own site (`cnc.site.<site>.<event>`). Not `answers`: a
-batch of several sites' answers has no single site to check its publisher against, so an
-authenticated scheduler does not take batches (`Coordinator.start`)."""
+batch of several sites' answers comes from an agent host (`host`), on its own subject."""
 
 
 def inbox_prefix(identity: str) -> str:
@@ -161,7 +160,7 @@ def scheduler() -> Grant:
         g.create(stream)
     g.read_stream("CNC_WORKLOADS").read_stream("CNC_PLACEMENTS").write_bucket("cnc-workloads")
     g.pub("cnc.scheduler.>")
-    g.sub("cnc.perception.snapshot", "cnc.site.*.answer", "cnc.site.*.proposal")
+    g.sub("cnc.perception.snapshot", "cnc.site.*.answer", "cnc.site.*.answers", "cnc.site.*.proposal")
     g.read_stream("CNC_SITES").read_stream("CNC_ADAPTATION")  # executors' reports, adaptation's actions
     g.read_bucket("cnc-governance")  # the governance gate: tenants, policies, holdings
     return g
@@ -215,6 +214,19 @@ def site(site_id: str) -> Grant:
     return g
 
 
+def host(identity: str, sites: list[str]) -> Grant:
+    """An agent process hosting several sites (`cncbrain agent --identity agents-<name>`; `up`'s
+    agents): each hosted site's own grant, and one batch of their answers per offer round on
+    `cnc.site.<identity>.answers`. The scheduler takes an answer from the batch only for a site
+    whose registration (which only its speakers may publish) names this identity as its agent."""
+    g = Grant(identity)
+    for site_id in sites:
+        one = site(site_id)
+        g.pub(*one.publish).sub(*one.subscribe)
+    g.pub(f"cnc.site.{identity}.answers")
+    return g
+
+
 def admin() -> Grant:
     g = Grant(ADMIN).pub(">").sub(">")
     g.allow_responses = True
@@ -225,13 +237,20 @@ ROLES = {"governance": governance, "scheduler": scheduler, "perception": percept
          "adaptation": adaptation, "emulator": emulator, ADMIN: admin}
 
 
-def grant_for(identity: str) -> Grant:
-    """The grant of a role (`scheduler`, …) or a site identity (`site-<id>`)."""
+HOST_PREFIX = "agents-"
+
+
+def grant_for(identity: str, hosts: dict[str, list[str]] | None = None) -> Grant:
+    """The grant of a role (`scheduler`, …), a site identity (`site-<id>`) or an agent host
+    (`agents-<name>`, hosting the sites `hosts[identity]`)."""
     if identity in ROLES:
         return ROLES[identity]()
     if identity.startswith(SITE_PREFIX) and len(identity) > len(SITE_PREFIX):
         return site(identity[len(SITE_PREFIX):])
-    raise KeyError(f"no NATS identity {identity!r}: roles are {', '.join(ROLES)} and site-<id>")
+    if identity.startswith(HOST_PREFIX) and hosts and identity in hosts:
+        return host(identity, hosts[identity])
+    raise KeyError(f"no NATS identity {identity!r}: roles are {', '.join(ROLES)}, site-<id> and agents-<name> "
+                   "(with its sites)")
 
 
 def may_create(identity: str | None, stream: str) -> bool:
@@ -269,17 +288,20 @@ def _summary(g: Grant) -> dict[str, list[str]]:
 def markdown_table() -> str:
     """The permission table of docs/security.md (a test keeps the two the same)."""
     def cell(items: list[str]) -> str:
-        return ", ".join(f"`{i}`" if "`" not in i else i for i in items) or "—"
+        return ", ".join(i if "`" in i or i.startswith("each ") else f"`{i}`" for i in items) or "—"
 
     rows = ["| identity | publishes | subscribes | creates | reads (streams, KV as `KV_<bucket>`) | writes |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for identity in (*SERVICES, "site-<id>", ADMIN):
-        g = grant_for(identity.replace("<id>", "ID0"))
+    for identity in (*SERVICES, "site-<id>", "agents-<name>", ADMIN):
+        g = grant_for(identity.replace("<id>", "ID0").replace("<name>", "NAME"), {"agents-NAME": ["ID0"]})
         if identity == ADMIN:
             rows.append("| `admin` | everything | everything | every stream and bucket | everything | everything, "
                         "and the only one that updates, purges or deletes streams |")
             continue
-        s = {k: [v.replace("ID0", "<id>") for v in vs] for k, vs in _summary(g).items()}
+        s = {k: [v.replace("ID0", "<id>").replace("NAME", "<name>") for v in vs] for k, vs in _summary(g).items()}
+        if identity.startswith(HOST_PREFIX):  # hosting sites <id>: each one's row, and the batch
+            s["publishes"] = ["each hosted site's", "`cnc.site.agents-<name>.answers`"]
+            s["subscribes"], s["reads"] = ["each hosted site's"], ["each hosted site's"]
         rows.append(f"| `{identity}` | {cell(s['publishes'])} | {cell(s['subscribes'])} | {cell(s['creates'])} | "
                     f"{cell(s['reads'])} | {cell(s['writes'])} |")
     return "\n".join(rows)

@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="site policy: greedy, marl (the shipped learned policy) or marl:PATH (a policy .npz); "
                         "default $CNC_AGENT_POLICY, else marl when the shipped policy file exists, else greedy")
     p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--identity", default=None, metavar="agents-NAME",
+                   help="with NATS credentials: one connection as this agent host identity, which speaks for all "
+                        "these sites (one batch of answers per offer round); default: each site its own identity "
+                        "and connection")
     p.add_argument("--log-format", choices=telemetry.LOG_FORMATS, default=None,
                    help="text or json (one object per line, with trace and span ids); default $CNC_LOG_FORMAT, else text")
     add_target_args(p, "nats")
@@ -119,8 +123,10 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     url = target(args, "nats")
     authenticated = load_settings(BusSettings).secrets_dir is not None
     # With credentials each site agent speaks for its own site only, on its own connection (its
-    # site's NATS identity); the process still takes each offer round once (one shared desk).
-    shared = None if authenticated else await Bus.connect(url, "agents")
+    # site's NATS identity), unless the process is an agent host (--identity) that speaks for all of
+    # them; the process takes each offer round once (one shared desk) either way.
+    host = args.identity if authenticated else None
+    shared = None if authenticated and not host else await Bus.connect(url, "agents", identity=host)
     buses = [] if shared is None else [shared]
     desk = None
     agents = []
@@ -147,7 +153,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             else:
                 executor = MemoryExecutor(common.Site(site_id=sid, name=sid, gpu_pools=parse_gpus(args.gpus)))
             agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s,
-                              desk=desk)
+                              desk=desk, agent_id=host)
             try:
                 agents.append(await agent.start())
             except CncError:

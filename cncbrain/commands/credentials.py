@@ -23,24 +23,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="the secrets folder (created; files mode 0600)")
     p.add_argument("--sites", nargs="*", default=[], help="site ids that get a site agent identity")
     p.add_argument("--scenario", default=None, help="also every site of this scenario")
+    p.add_argument("--host", default=None, metavar="agents-NAME",
+                   help="also an identity for one agent process hosting all these sites (`cncbrain agent --identity`)")
     add_output_arg(p)
     p.set_defaults(func=run)
 
 
-def make_secrets(folder: Path, sites: list[str]) -> dict[str, str]:
+def make_secrets(folder: Path, sites: list[str], host: str | None = None) -> dict[str, str]:
     """Every role's and each site's NATS identity and governance's signing key in `folder`, made
-    where missing (`cncbrain up` calls this too). Returns identity -> public key."""
+    where missing (`cncbrain up` calls this too); with `host` (`agents-<name>`), also the identity
+    of an agent process hosting all of `sites`. Returns identity -> public key."""
     from cncbrain.bus.credentials import ensure_identities
     from cncbrain.bus.permissions import ADMIN, SERVICES, site_identity
     from cncbrain.signing import ensure_signing_key
 
-    known = ensure_identities(folder, [ADMIN, *SERVICES, *(site_identity(s) for s in sites)])
+    known = ensure_identities(folder, [ADMIN, *SERVICES, *(site_identity(s) for s in sites), *([host] if host else [])],
+                              {host: sorted(sites)} if host else None)
     ensure_signing_key(folder)
     return known
 
 
 def run(args: argparse.Namespace) -> int:
     from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
+    from cncbrain.bus.permissions import HOST_PREFIX
     from cncbrain.bus.subjects import SubjectError, check_token
     from cncbrain.signing import PUBLIC_FILE
 
@@ -53,9 +58,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         for s in sites:
             check_token(s, "site id")
+        if args.host:
+            check_token(args.host, "host")
     except SubjectError as exc:
         raise CncError(str(exc)) from None
-    known = make_secrets(args.out, sites)
+    if args.host and not args.host.startswith(HOST_PREFIX):
+        raise CncError(f"--host {args.host!r}: an agent host's identity starts with {HOST_PREFIX!r}")
+    known = make_secrets(args.out, sites, args.host)
     if wants_json(args):
         print_json({"folder": str(args.out), "identities": known})
         return 0

@@ -46,6 +46,9 @@ from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
 from cncbrain.supervise import GaveUp, Supervisor
 
+AGENTS_IDENTITY = "agents-local"
+"""NATS identity of `up`'s one agent process, which speaks for every emulated site (one connection,
+one batch of answers per offer round); each site also has its own identity for a separate agent."""
 SECRETS_DIR = "secrets"
 """Sub-folder of the state folder with the NATS credentials (`cncbrain.bus.credentials`)."""
 NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
@@ -237,7 +240,7 @@ class Brain:
         sites get theirs)."""
         from cncbrain.commands.credentials import make_secrets
 
-        make_secrets(self.secrets_dir, self.sites)
+        make_secrets(self.secrets_dir, self.sites, AGENTS_IDENTITY)
 
     async def _provision(self) -> None:
         """Create (or update) every stream and bucket as admin before the services start, so no
@@ -343,7 +346,7 @@ class Brain:
             policy = ["--policy", self.policy] if self.policy else []
             skip = [a for s in self.slurm_sites for a in ("--except", s)]
             self._add("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
-                                 "--nats-url", self.nats_url, *skip, *policy], {})
+                                 "--nats-url", self.nats_url, "--identity", AGENTS_IDENTITY, *skip, *policy], {})
             self.supervisor.start("agents")
             self._start_slurm_sites(policy)
             aio.run(self._wait_ready(started + timeout_s, timeout_s))

@@ -123,6 +123,8 @@ class Coordinator:
         self.committing: set[str] = set()
         """Workloads whose commit task is running."""
         self.counters = bus.counters
+        self.agent_of: dict[str, str] = {}
+        """Site -> the agent its latest registration names (who may answer for it in a batch)."""
         self.reconciler = Reconciler(self)
         self._reconciling: asyncio.Task[None] | None = None
         metrics.on_scrape(self._export)
@@ -143,10 +145,11 @@ class Coordinator:
         self.reconciler.recover(records)  # before the reports come in
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
-        if self.bus.identity is None:
-            # A batch of several sites' answers cannot be tied to the sites it speaks for; on an
-            # authenticated bus each site answers on its own subject, which only it may publish.
-            await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
+        if self.bus.identity is not None:
+            # On an authenticated bus a batch counts only for sites whose registration — which only
+            # an identity speaking for the site may publish — names the batch's agent.
+            await self.bus.follow(subjects.SITE_REGISTERED, self.on_registered)
+        await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
         await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-scale")
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
         pending = [w for w in records if w.state == domain.PENDING]
@@ -638,7 +641,13 @@ class Coordinator:
         for a site the scheduler knows (registered), and `_round` keeps only the proposals of an
         answer's own site, as for answers on the sites' own subjects."""
         batch: site_pb.OfferAnswers = event.payload
+        agent = event.params["agent"]
         for a in batch.answers:
+            if self.bus.identity is not None and self.agent_of.get(a.site_id) != agent:
+                self.counters["answers_refused"] += 1
+                log.warning("answer for site %r from agent %s refused: the site's registration names agent %r",
+                            a.site_id, agent, self.agent_of.get(a.site_id))
+                continue
             if a.site_id not in self.ledger.capacity or a.round_id != batch.round_id:
                 self.counters["answers_refused"] += 1
                 log.warning("answer for site %r (round %s) from agent %s refused: %s", a.site_id, a.round_id,
@@ -646,6 +655,11 @@ class Coordinator:
                             else "unknown site")
                 continue
             self._take_answer(a)
+
+    async def on_registered(self, event: Event, sequence: int) -> None:
+        site_id = event.params["site"]
+        if event.payload.site.site_id == site_id:
+            self.agent_of[site_id] = event.payload.agent_id
 
     def _take_answer(self, a: site_pb.OfferAnswer) -> None:
         rnd = self.rounds.get(a.round_id)

@@ -47,7 +47,8 @@ class Attacker:
 @pytest.fixture
 def secrets(tmp_path):
     folder = tmp_path / "secrets"
-    ensure_identities(folder, [ADMIN, *SERVICES, *(site_identity(s) for s in SITES)])
+    ensure_identities(folder, [ADMIN, *SERVICES, *(site_identity(s) for s in SITES), "agents-h"],
+                      {"agents-h": ["a"]})  # an agent host speaking for site a only
     return folder
 
 

@@ -19,8 +19,10 @@ from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.perception.v1 import perception_pb2_grpc
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import bearer_metadata
 from cncbrain.bus import Bus, subjects
+from cncbrain.bus.envelope import make_headers as envelope_headers
 from cncbrain.bus.permissions import site_identity
 
 pytestmark = pytest.mark.integration
@@ -114,3 +116,32 @@ async def test_sites_enroll_issues_the_agents_key_and_admits_it(brain, secrets, 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(bad.communicate(), 60)
     assert bad.returncode != 0 and "TYPE=COUNT@USD" in err.decode()
+
+
+async def test_an_agent_host_answers_only_for_the_sites_registered_to_it(brain, admin, attacker):
+    servers, channels, operator = brain
+    co = servers["scheduler"].coordinator
+    host, b = await attacker("agents-h"), await attacker("site-b")
+    site = common.Site(site_id="a", gpu_pools=[common.GpuPool(gpu_type="H100", count=8)])
+    reg_a = site_pb.SiteRegistered(site=site, agent_id="agents-h")
+    await host.nc.publish("cnc.site.a.registered", reg_a.SerializeToString(), headers=envelope_headers(reg_a))
+    reg_b = site_pb.SiteRegistered(site=common.Site(site_id="b"), agent_id="agent-b")
+    await b.nc.publish("cnc.site.b.registered", reg_b.SerializeToString(), headers=envelope_headers(reg_b))
+    await host.nc.publish("cnc.site.b.answer", b"")  # the host may not speak for b at all
+    assert await host.refused("cnc.site.b.answer")
+    await b.nc.publish("cnc.site.b.answers", b"")  # nor may a site send a batch
+    assert await b.refused("cnc.site.b.answers")
+    deadline = time.monotonic() + 5
+    while co.agent_of.get("a") != "agents-h" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert co.agent_of["a"] == "agents-h"
+    co.ledger.set_site("a", site.gpu_pools, True)
+    co.ledger.set_site("c", site.gpu_pools, True)  # known to the scheduler, registered by no one
+    batch = site_pb.OfferAnswers(round_id="r1", agent_id="agents-h", answers=[
+        site_pb.OfferAnswer(round_id="r1", site_id=s) for s in ("a", "c")])
+    before = co.counters["answers_refused"]
+    await host.nc.publish("cnc.site.agents-h.answers", batch.SerializeToString(), headers=envelope_headers(batch))
+    deadline = time.monotonic() + 5
+    while co.counters["answers_refused"] == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert co.counters["answers_refused"] - before == 1  # c's answer; a's is taken (a late one here)
