@@ -27,11 +27,13 @@ eval: $(STAMP) ## evaluate the baselines and the oracle on abilene (3 seeds; tab
 	@mkdir -p runs
 	$(BIN)/cncbrain eval --scenario abilene --seeds 3 --json runs/eval.json --plot runs/eval.png
 
-test: $(STAMP) ## run the test suite (starts its own nats-server and gRPC servers)
+test: $(STAMP) ## run the test suite (starts its own nats-server and gRPC servers) and the checks below
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP) ## ruff
+check: $(STAMP) ## the static checks alone (tests/test_checks.py runs them in `make test`): ruff, mypy, import layers
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 protos: $(STAMP) ## regenerate cnc/ (Python code of proto/) after editing a .proto
 	$(BIN)/python -m cncbrain.protogen
@@ -42,4 +44,4 @@ proto-lint: ## buf lint of proto/ (needs npx or buf on PATH)
 bench: $(STAMP) ## run the benchmarks (slow; prints figures)
 	$(BIN)/python -m benchmarks
 
-.PHONY: help venv demo eval test lint bench protos proto-lint
+.PHONY: help venv demo eval test check bench protos proto-lint

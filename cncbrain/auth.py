@@ -105,7 +105,7 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-def _wrap(handler: grpc.RpcMethodHandler, principal: Principal | None, refusal: AuthError | None, method: str = ""):
+def _wrap(handler: Any, principal: Principal | None, refusal: AuthError | None, method: str = ""):
     """Same handler kind, run with the principal set, or refusing with the auth status (logged, in
     the call's trace)."""
     code = status_for(refusal) if refusal is not None else None

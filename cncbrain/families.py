@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -185,7 +185,7 @@ def _wan_links(rng: np.random.Generator, lat: np.ndarray, lon: np.ndarray, kind:
     return sorted(links)
 
 
-def _mixed_inventory(rng: np.random.Generator, types: dict[str, float], kinds: tuple[int, int],
+def _mixed_inventory(rng: np.random.Generator, types: Mapping[str, float], kinds: tuple[int, int],
                      counts: list[int]) -> dict[str, int]:
     names = list(types)
     w = np.array([types[t] for t in names], dtype=float)
@@ -292,8 +292,8 @@ def _regions(rng: np.random.Generator, size: int) -> list[str]:
     return [str(rng.choice(["north-america", "europe", "asia"]))]
 
 
-def _services(rng: np.random.Generator, d: _Draft, count: tuple[int, int], models: dict[str, float],
-              fp8: float, ingress: Callable[[np.random.Generator], object], force: list[tuple[str, str]] = ()) -> None:
+def _services(rng: np.random.Generator, d: _Draft, count: tuple[int, int], models: Mapping[str, float],
+              fp8: float, ingress: Callable[[np.random.Generator], object], force: Sequence[tuple[str, str]] = ()) -> None:
     """Draw services (model, precision, trace, SLOs, ingress), each one the pool can serve within
     its SLOs on at least one GPU type; a model it cannot serve is replaced by the next smaller."""
     n = int(rng.integers(count[0], count[1] + 1))
@@ -335,7 +335,7 @@ def _calibrate(rng: np.random.Generator, d: _Draft, load: tuple[float, float], t
     tr_share = float(rng.uniform(*training)) if training[1] > 0 else 0.0
     tr_share = min(tr_share, 0.8 * target) if d.inference else tr_share
     inf_share = max(target - tr_share, 0.05 * len(d.inference))
-    shares = rng.dirichlet(np.full(len(d.inference), 2.0)) * inf_share if d.inference else []
+    shares = rng.dirichlet(np.full(len(d.inference), 2.0)) * inf_share if d.inference else np.zeros(0)
     demand = []
     for svc, share in zip(d.inference, shares, strict=True):
         cap, reps = d.capacity(svc["model"], svc["precision"], svc["trace"], (svc["slo"]["ttft_s"], svc["slo"]["tpot_s"]))

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -229,7 +229,7 @@ async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") 
             await asyncio.sleep(0.1)
 
 
-def run(main: Callable[[], Awaitable[int]]) -> int:
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Entry-point helper: run `main`; a bad setting exits 2, another error 1, each with its message."""
     try:
         return aio.run(main())

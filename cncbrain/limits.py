@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Iterable
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -101,7 +102,7 @@ def text(field: str, value: str, *, required: bool = True, max_len: int = MAX_TE
     return value
 
 
-def entries(field: str, values: list[str] | tuple[str, ...], *, max_len: int = MAX_LIST) -> list[str]:
+def entries(field: str, values: Iterable[str], *, max_len: int = MAX_LIST) -> list[str]:
     """A list of at most `max_len` distinct, printable entries of at most 64 characters each."""
     values = list(values)
     if len(values) > max_len:
@@ -164,7 +165,7 @@ def check_message(message: Message, path: str = "") -> str | None:
     messages are checked too."""
     for fd, value in message.ListFields():
         where = f"{path}{fd.name}"
-        repeated = _repeated(fd)
+        repeated = fd.is_repeated
         items = value if repeated else (value,)
         if repeated and len(value) > MAX_REPEATED:
             return f"{where}: {len(value)} entries; at most {MAX_REPEATED}"
@@ -181,10 +182,6 @@ def check_message(message: Message, path: str = "") -> str | None:
                 if isinstance(x, Message) and (problem := check_message(x, f"{where}.")) is not None:
                     return problem
     return None
-
-
-def _repeated(fd: FieldDescriptor) -> bool:
-    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
 
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)

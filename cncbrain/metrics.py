@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -229,10 +229,13 @@ EMULATOR_GPUS_USED = _gauge("cnc_emulator_gpus_used", "GPUs in use in the emulat
                             ["site", "gpu_type"], "emulator")
 
 
-def replace_gauge(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+Labels = TypeVar("Labels", bound=tuple[str, ...])
+
+
+def replace_gauge(gauge: Gauge, values: Mapping[Labels, float]) -> None:
     """Set `gauge` to exactly `values` (label tuple → value): series not in `values` are removed."""
-    known = getattr(gauge, "_cnc_known", set())
-    for labels in known - values.keys():
+    known: set[tuple[str, ...]] = getattr(gauge, "_cnc_known", set())
+    for labels in known - set(values):
         with contextlib.suppress(KeyError):
             gauge.remove(*labels)
     for labels, value in values.items():

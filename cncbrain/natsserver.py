@@ -109,6 +109,13 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The process `start` launched (for a supervisor to watch)."""
+        if self.proc is None:
+            raise CncError("nats-server is not started")
+        return self.proc
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -127,9 +127,10 @@ BLOCKS = {"metrics": metrics_block, "settings": settings_block}
 def render(text: str) -> str:
     for name, make in BLOCKS.items():
         pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end generated: {name} -->)", re.S)
-        if not pattern.search(text):
+        found = pattern.search(text)
+        if found is None:
             raise SystemExit(f"{DOC}: no block `<!-- generated: {name} -->` … `<!-- end generated: {name} -->`")
-        text = pattern.sub(lambda m, body=make(): m.group(1) + body + m.group(2), text)
+        text = text[:found.end(1)] + make() + text[found.start(2):]
     return text
 
 

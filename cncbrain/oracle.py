@@ -179,7 +179,7 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
                 if len(js) == 0:
                     continue
                 x = V.block(len(js))
-                for v, j in zip(x, js, strict=True):
+                for v, j in zip(x, js.tolist(), strict=True):
                     served.append(v)
                     upper[v] = reach[j]  # requests of this group that can meet the SLOs at j
                     site_flows.setdefault((k, j, t), []).append(v)
@@ -205,8 +205,8 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
     # ---------------------------------------------------------------- training
     ref = physics.gpu("A100-80GB")
     demanded = 0.0
-    y_idx = {}
-    z_all = []
+    y_idx: dict[tuple[int, int], list[int]] = {}
+    z_all: list[int] = []
     for job in twin.jobs:
         spec = job.spec
         if spec.arrival_s >= H:

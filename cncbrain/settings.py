@@ -8,7 +8,7 @@ field named (`load_settings` turns pydantic's error into a `CncError`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,7 +92,8 @@ S = TypeVar("S", bound=BaseSettings)
 def load_settings(cls: type[S], **overrides: object) -> S:
     """Build settings from the environment plus explicit overrides; name the bad field on error."""
     try:
-        return cls(**{k: v for k, v in overrides.items() if v is not None})
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**given)
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", "")
         problems = "; ".join(

@@ -82,11 +82,12 @@ class Supervisor:
         child = self.children[name] = Child(name, start, log_path, dependents, min_pause_s=min_pause_s)
         return child
 
-    def start(self, name: str) -> None:
+    def start(self, name: str) -> subprocess.Popen[bytes]:
         child = self.children[name]
-        child.proc = child.start()
+        proc = child.proc = child.start()
         child.started_at = time.monotonic()
         child.restart_at = None
+        return proc
 
     def start_all(self) -> None:
         for name in self.children:
@@ -141,13 +142,13 @@ class Supervisor:
 
     def _restart(self, child: Child) -> bool:
         try:
-            self.start(child.name)
+            proc = self.start(child.name)
         except Exception as exc:  # could not even start: counts as a crash, tried again after the pause
             self.say(f"{child.name} could not be started: {exc}")
             self._ended(child, 1, time.monotonic())
             return False
         child.restarts += 1
-        self.say(f"{child.name} started again (pid {child.proc.pid})")
+        self.say(f"{child.name} started again (pid {proc.pid})")
         return True
 
     def stop(self, order: list[str], grace_s: float = 8.0) -> None:

@@ -39,8 +39,8 @@ from cncbrain.settings import BusSettings, load_settings
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Event], Awaitable[Message | None]]
 M = TypeVar("M", bound=Message)
+Handler = Callable[[Event[M]], Awaitable[Message | None]]
 
 # Bursts (a deploy storm, a snapshot fan-out) must queue, not be dropped as slow-consumer.
 PENDING_MSGS_LIMIT = 1_000_000
@@ -268,15 +268,15 @@ class Bus:
                 items[key] = (msg.data, msg.metadata.sequence.stream)
         return items
 
-    async def events_since(self, spec: Subject, since_s: float, *, consumer: str | None = None,
-                           **params: str) -> list[Event]:
+    async def events_since(self, spec: Subject[M], since_s: float, *, consumer: str | None = None,
+                           **params: str) -> list[Event[M]]:
         """The events of a JetStream subject stored since `since_s` (unix seconds, the server's
         clock), oldest first, read through a pull consumer (as `kv_items`; named `consumer` when
         given, for an identity that may create only consumers of known names). Undecodable ones are
         skipped and logged."""
         assert spec.stream, f"{spec.template} is not kept in a stream"
         start = datetime.datetime.fromtimestamp(max(since_s, 0.0), datetime.UTC)
-        out = []
+        out: list[Event[M]] = []
         for msg in await self._read_stream(spec.stream, spec.wildcard(**params), api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start,
                 ack_policy=api.AckPolicy.NONE, inactive_threshold=60.0), name=consumer):
@@ -298,7 +298,7 @@ class Bus:
         name = None
         try:
             info = await sub.consumer_info()
-            name, remaining = info.name, info.num_pending
+            name, remaining = info.name, info.num_pending or 0
             while remaining > 0:
                 for msg in await sub.fetch(min(remaining, 1000), timeout=10.0):
                     remaining = msg.metadata.num_pending
@@ -359,7 +359,7 @@ class Bus:
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(
-        self, spec: Subject, message: Message, *, event_id: str | None = None, timeout_s: float = 30.0,
+        self, spec: Subject[M], message: M, *, event_id: str | None = None, timeout_s: float = 30.0,
         span: bool = True, **params: str
     ) -> str:
         """Publish an event; to JetStream (acknowledged, deduplicated by event id) when the subject
@@ -387,18 +387,18 @@ class Bus:
         self.counters["published"] += 1
         return headers[envelope.EVENT_ID]
 
-    async def request(self, spec: Subject, message: Message, reply_type: type[M], timeout_s: float = 2.0, **params: str) -> M:
+    async def request(self, spec: Subject[Any], message: Message, reply_type: type[M], timeout_s: float = 2.0, **params: str) -> M:
         subject = spec.build(**params)
         headers = envelope.make_headers(message)
         msg = await self.nc.request(subject, message.SerializeToString(), timeout=timeout_s, headers=headers)
         event = envelope.decode(subject, msg.data, msg.headers, reply_type, {})
-        return event.payload  # type: ignore[return-value]
+        return event.payload
 
     # --- consuming ----------------------------------------------------------------------------
     async def subscribe(
         self,
-        spec: Subject,
-        handler: Handler,
+        spec: Subject[M],
+        handler: Handler[M],
         *,
         consumer: str,
         durable: bool = False,
@@ -415,7 +415,9 @@ class Bus:
         check_token(consumer, "consumer")
         subject = spec.wildcard(**params)
         seen = _Seen()
-        is_js = spec.stream is not None and (durable or replay)
+        stream = spec.stream if durable or replay else None
+        is_js = stream is not None
+        sub: Any
 
         async def dispatch(msg: Msg) -> None:
             self.counters[f"{consumer}.received"] += 1
@@ -456,7 +458,7 @@ class Bus:
                 await self.nc.publish(msg.reply, reply.SerializeToString(), headers=envelope.make_headers(reply))
             self.counters[f"{consumer}.handled"] += 1
 
-        if is_js and durable:
+        if stream is not None and durable:
             config = api.ConsumerConfig(
                 name=consumer,  # named: the create request's subject carries the filter (permissions)
                 durable_name=consumer,
@@ -466,23 +468,23 @@ class Bus:
                 deliver_policy=api.DeliverPolicy.ALL,
                 max_ack_pending=20_000,
             )
-            sub = await self._when_stream(spec.stream, lambda: self.js.subscribe(
+            sub = await self._when_stream(stream, lambda: self.js.subscribe(
                 subject,
                 durable=consumer,
-                stream=spec.stream,
+                stream=stream,
                 config=config,
                 cb=dispatch,
                 manual_ack=True,
                 pending_msgs_limit=PENDING_MSGS_LIMIT,
                 pending_bytes_limit=PENDING_BYTES_LIMIT,
             ))
-            self._durables[consumer] = spec.stream
+            self._durables[consumer] = stream
             if self._lag_task is None:
                 self._lag_task = asyncio.create_task(self._poll_lag(), name=f"{self.name}-consumer-lag")
-        elif is_js:
-            sub = await self._when_stream(spec.stream, lambda: self.js.subscribe(
+        elif stream is not None:
+            sub = await self._when_stream(stream, lambda: self.js.subscribe(
                 subject,
-                stream=spec.stream,
+                stream=stream,
                 cb=dispatch,
                 ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.ALL,
@@ -500,7 +502,7 @@ class Bus:
         self._subs.append(sub)
         return sub
 
-    async def follow(self, spec: Subject, handler: Callable[[Event, int], Awaitable[None]], *,
+    async def follow(self, spec: Subject[M], handler: Callable[[Event[M], int], Awaitable[None]], *,
                      after_sequence: int = 0, **params: str) -> Any:
         """Every event of a JetStream subject in stream order, from after `after_sequence` (0: the
         oldest kept), then live; `handler(event, stream_sequence)`. An ordered consumer: nothing is
@@ -541,7 +543,7 @@ class Bus:
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
 
-    async def delete_durable(self, spec: Subject, consumer: str) -> None:
+    async def delete_durable(self, spec: Subject[Any], consumer: str) -> None:
         """Forget a durable consumer's position (its next subscribe replays the stream)."""
         assert spec.stream
         with contextlib.suppress(nats.js.errors.NotFoundError):

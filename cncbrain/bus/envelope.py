@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -24,6 +25,7 @@ MSG_ID = "Nats-Msg-Id"
 SENT_AT = "Cnc-Sent-At"
 TRACEPARENT = "traceparent"
 _bits = random.getrandbits  # reseeded in forked children by the random module itself
+M = TypeVar("M", bound=Message)
 
 
 class EnvelopeError(ValueError):
@@ -31,11 +33,13 @@ class EnvelopeError(ValueError):
 
 
 @dataclass(frozen=True)
-class Event:
+class Event(Generic[M]):
+    """One decoded event; `payload` is the message its subject carries (`Subject[M]` → `Event[M]`)."""
+
     subject: str
     type_id: str
     event_id: str
-    payload: Message
+    payload: M
     headers: dict[str, str]
     params: dict[str, str]
     """Tokens taken from the subject (`site`, `workload`)."""
@@ -58,8 +62,8 @@ def make_headers(message: Message, event_id: str | None = None) -> dict[str, str
 
 
 def decode(
-    subject: str, data: bytes, headers: dict[str, str] | None, expected: type[Message], params: dict[str, str]
-) -> Event:
+    subject: str, data: bytes, headers: dict[str, str] | None, expected: type[M], params: dict[str, str]
+) -> Event[M]:
     headers = dict(headers or {})
     type_id = headers.get(TYPE)
     if not type_id:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
@@ -21,6 +22,7 @@ from cncbrain.limits import quote
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """A site id, workload id or any other token put into a subject."""
+M = TypeVar("M", bound=Message)
 BLOCKS = ("site", "perception", "scheduler", "adaptation", "governance", "emulator", "deadletter")
 
 
@@ -35,12 +37,12 @@ def check_token(value: str, what: str = "token") -> str:
 
 
 @dataclass(frozen=True)
-class Subject:
+class Subject(Generic[M]):
     """One kind of event: its subject template, payload type and (optional) stream."""
 
     template: str
     """e.g. `cnc.scheduler.placement.{site}`; placeholders are filled by `build`."""
-    message: type[Message]
+    message: type[M]
     """Protobuf payload; the `Cnc-Type` header carries its full name."""
     stream: str | None = None
     """JetStream stream that stores it; None means core NATS (fire and forget)."""
@@ -116,7 +118,7 @@ EMULATOR_FAIL = Subject("cnc.emulator.fail.{site}", site.EmulatorFailSite, None,
 DEADLETTER_TEMPLATE = "cnc.deadletter.{consumer}"
 """Where a consumer moves an event it cannot decode or handle (stream CNC_DEADLETTER)."""
 
-ALL: tuple[Subject, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Subject))
+ALL: tuple[Subject[Any], ...] = tuple(v for v in list(globals().values()) if isinstance(v, Subject))
 BY_TYPE: dict[str, type[Message]] = {s.type_id: s.message for s in ALL}
 
 
@@ -124,7 +126,7 @@ def deadletter(consumer: str) -> str:
     return DEADLETTER_TEMPLATE.format(consumer=check_token(consumer, "consumer"))
 
 
-def register(subject: Subject) -> Subject:
+def register(subject: Subject[M]) -> Subject[M]:
     """Add a subject declared by another block's module (adaptation, governance)."""
     global ALL
     ALL = (*ALL, subject)
@@ -132,7 +134,7 @@ def register(subject: Subject) -> Subject:
     return subject
 
 
-def lookup(subject: str) -> tuple[Subject, dict[str, str]] | None:
+def lookup(subject: str) -> tuple[Subject[Any], dict[str, str]] | None:
     for spec in ALL:
         params = spec.match(subject)
         if params is not None:

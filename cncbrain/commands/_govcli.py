@@ -26,7 +26,7 @@ def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[A
     if service == "governance":
         from cnc.governance.v1 import governance_pb2_grpc as mod
 
-        make = mod.GovernanceServiceStub
+        make: Callable[[grpc.aio.Channel], Any] = mod.GovernanceServiceStub
     else:
         from cnc.adaptation.v1 import adaptation_pb2_grpc as mod2
 

@@ -92,7 +92,7 @@ def parse_gpus(text: str):
 
 
 async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from agents.executor import MemoryExecutor
+    from agents.executor import Executor, MemoryExecutor
     from agents.executor_emulated import EmulatedExecutor, site_ids_of
     from agents.site_agent import OfferDesk, SiteAgent, default_site_policy, make_site_policy
     from cnc.common.v1 import common_pb2 as common
@@ -137,6 +137,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
                 bus = await Bus.connect(url, f"agent-{sid}", identity=site_identity(sid), ensure=False)
                 buses.append(bus)
             desk = desk or OfferDesk(bus)
+            executor: Executor
             if args.executor == "emulated":
                 executor = EmulatedExecutor(bus, sid)
             elif args.executor == "slurm":

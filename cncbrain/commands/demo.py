@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -19,6 +20,9 @@ from rich.table import Table
 from cncbrain import aio
 from cncbrain.commands._live import STATE_DIR
 from cncbrain.errors import CncError, UsageError
+
+if TYPE_CHECKING:
+    from cnc.perception.v1.perception_pb2 import Snapshot
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,12 +49,12 @@ class Tally:
     applied: int = 0
     site_events: list[str] = field(default_factory=list)
     last_sim: float = -1.0
-    snapshot: object = None
+    snapshot: Snapshot | None = None
     workloads: list = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
 
-    def fold(self, snap) -> None:
+    def fold(self, snap: Snapshot) -> None:
         self.snapshot = snap
         if snap.sim_time_s <= self.last_sim:
             return  # same emulated tick seen again
@@ -76,6 +80,7 @@ def _pct(x: float) -> str:
 
 def view(t: Tally, elapsed: float, duration: float):
     from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cncbrain.workload import required_spec
 
     snap = t.snapshot
     sites = Table(title=f"sites — emulated t={snap.sim_time_s / 60 if snap else 0:.0f} min, wall {elapsed:.0f}/{duration:.0f} s")
@@ -92,7 +97,7 @@ def view(t: Tally, elapsed: float, duration: float):
     for col in ("name", "kind", "state", "placed", "SLO / progress"):
         work.add_column(col)
     for w in t.workloads:
-        spec = getattr(w, w.WhichOneof("spec"))
+        spec = required_spec(w)
         n = sum(p.replicas or len(p.shard_indices) for p in w.placements)
         figure = f"{w.progress:.0%} trained" if w.HasField("training_job") else f"{_pct(t.slo(w.workload_id))} SLO met"
         work.add_row(spec.name, "training" if w.HasField("training_job") else "inference",

@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    req = pb.ListLedgerEntriesRequest(from_index=args.from_index, limit=args.limit, kind=args.kind,
-                                      subject=args.subject)
-    resp = call(args, "governance", lambda s: s.ListLedgerEntries(req, timeout=60))
+    listing = pb.ListLedgerEntriesRequest(from_index=args.from_index, limit=args.limit, kind=args.kind,
+                                          subject=args.subject)
+    resp = call(args, "governance", lambda s: s.ListLedgerEntries(listing, timeout=60))
     if wants_json(args):
         dump(resp)
         return 0

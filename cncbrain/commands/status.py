@@ -65,10 +65,12 @@ def collect(args: argparse.Namespace) -> dict:
         by_state[key] = by_state.get(key, 0) + 1
 
     def row(w) -> dict:
-        spec = getattr(w, w.WhichOneof("spec")) if w.WhichOneof("spec") else None
-        units = spec.shards if w.kind == common.WORKLOAD_KIND_TRAINING_JOB else spec.min_replicas
-        per = spec.gpus_per_shard if w.kind == common.WORKLOAD_KIND_TRAINING_JOB else spec.gpus_per_replica
-        return {"workload_id": w.workload_id, "name": spec.name if spec else "", "tenant": spec.tenant if spec else "",
+        job, service = w.training_job, w.inference_service
+        training = w.kind == common.WORKLOAD_KIND_TRAINING_JOB
+        units = job.shards if training else service.min_replicas
+        per = job.gpus_per_shard if training else service.gpus_per_replica
+        spec = job if w.WhichOneof("spec") == "training_job" else service  # an unset spec reads as empty
+        return {"workload_id": w.workload_id, "name": spec.name, "tenant": spec.tenant,
                 "kind": "training_job" if w.kind == common.WORKLOAD_KIND_TRAINING_JOB else "inference_service",
                 "gpus": f"{units}×{per}", "since_s": round(now - w.created_at.ToNanoseconds() / 1e9, 1),
                 "reason": w.message}

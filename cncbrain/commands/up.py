@@ -328,7 +328,7 @@ class Brain:
                 nats = self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
                                               log_file=self.log_path("nats"),
                                               auth=self.secrets_dir / NATS_DIR / AUTH_FILE)
-                self.supervisor.add("nats", lambda: nats.start().proc, self.log_path("nats"))
+                self.supervisor.add("nats", lambda: nats.start().process, self.log_path("nats"))
                 self.supervisor.start("nats")
             aio.run(self._provision())
             token_file = str(self.token_file.resolve())
@@ -511,13 +511,13 @@ class Brain:
             while True:
                 self._check()
                 try:
-                    sites = (await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=2)).sites
+                    listed = len((await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=2)).sites)
                 except grpc.aio.AioRpcError:  # perception restarting
-                    sites = []
-                if len(sites) >= len(self.sites):
+                    listed = 0
+                if listed >= len(self.sites):
                     return
                 if time.monotonic() > deadline:
-                    raise CncError(f"only {len(sites)} of {len(self.sites)} site agents registered "
+                    raise CncError(f"only {listed} of {len(self.sites)} site agents registered "
                                    f"within {timeout_s:.0f} s (logs in {self.state_dir / 'logs'})")
                 await asyncio.sleep(0.1)
 

@@ -32,6 +32,7 @@ def placements_text(w) -> str:
 def run(args: argparse.Namespace) -> int:
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
+    from cncbrain.workload import required_spec
 
     address = target(args, "scheduler")
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     for col in ("id", "kind", "name", "state", "gen", "placements", "progress", "message"):
         table.add_column(col)
     for w in items:
-        spec = getattr(w, w.WhichOneof("spec"))
+        spec = required_spec(w)
         table.add_row(w.workload_id, "training" if w.HasField("training_job") else "inference", spec.name,
                       pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(w.generation),
                       placements_text(w), f"{w.progress:.0%}" if w.HasField("training_job") else "", w.message)

@@ -118,6 +118,8 @@ def ingress_weights(pool: Pool, ingress: str | dict | RegionIngress, what: str =
         near = distances_km(pool.net, names.index(r.around)) <= r.radius_km
         inside = np.where(near, pool.population, 0.0)
         w = r.share * inside / inside.sum() + (1.0 - r.share) * pool.population / pool.population.sum()
+    elif isinstance(ingress, str):
+        raise KeyError(f"{what}: unknown ingress {ingress!r}; expected uniform, population, a region or site weights")
     else:
         index = {n: i for i, n in enumerate(names)}
         w = np.zeros(S)

@@ -158,7 +158,7 @@ class Twin:
         self.avail_gpu_s = 0.0
         self.wan_bytes = 0.0
         self.history: list[TickReport] = []
-        self._last = None
+        self._last: TickReport | None = None
         self._at_boundary()  # failures and arrivals at time 0
 
     # ---------------------------------------------------------------- set-up helpers
@@ -444,7 +444,7 @@ class Twin:
         for k, svc in enumerate(self.services):
             if not svc.active:
                 continue
-            for s in np.nonzero(delta[:, k] < 0)[0]:
+            for s in np.nonzero(delta[:, k] < 0)[0].tolist():
                 for _ in range(int(-delta[s, k])):
                     if totals[k] <= svc.spec.min_replicas or not self.remove_replica(k, s):
                         break

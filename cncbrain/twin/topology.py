@@ -104,7 +104,8 @@ def load_graphml(path: str | Path, default_bandwidth_gbps: float = 10.0, per_hop
         g.remove_node(n)
     nodes = sorted(g.nodes, key=lambda n: int(n) if str(n).isdigit() else str(n))
     idx = {n: i for i, n in enumerate(nodes)}
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for n in nodes:
         label = str(g.nodes[n].get("label") or n)
         seen[label] = seen.get(label, 0) + 1
@@ -123,7 +124,7 @@ def build_network(names: list[str], lat: np.ndarray, lon: np.ndarray, country: l
     the fastest; shortest paths by latency, each pair's bandwidth the path's bottleneck."""
     lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
     links = []
-    wg = nx.Graph()
+    wg: nx.Graph[int] = nx.Graph()
     wg.add_nodes_from(range(len(names)))
     for i, j, bw in edges:
         if i == j:

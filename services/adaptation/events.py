@@ -37,6 +37,7 @@ from cncbrain import metrics
 from cncbrain.auth import subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.kvfeed import KvFollower
+from cncbrain.workload import spec_of, tenant_of
 from services.adaptation.domain.autoscale import AutoscalingPolicy, Guardrails, ScaleKind, ServiceObservation
 from services.adaptation.domain.recovery import (
     ActionKind,
@@ -72,11 +73,6 @@ Forecaster = Callable[[str], Awaitable[float | None]]
 PolicyGate = Any  # services.governance.client.GovernanceGate (duck-typed: `allows`)
 
 
-def spec_of(w: spb.Workload) -> Any:
-    which = w.WhichOneof("spec")
-    return getattr(w, which) if which else None
-
-
 def placement_view(w: spb.Workload) -> WorkloadPlacement:
     spec = spec_of(w)
     training = w.kind == common.WORKLOAD_KIND_TRAINING_JOB
@@ -86,10 +82,11 @@ def placement_view(w: spb.Workload) -> WorkloadPlacement:
         workload_id=w.workload_id,
         kind=WorkloadKind.TRAINING if training else WorkloadKind.INFERENCE,
         tenant_id=getattr(spec, "tenant", "") or "",
-        gpus_per_unit=max(1, (spec.gpus_per_shard if training else spec.gpus_per_replica) if spec else 1),
+        gpus_per_unit=max(1, (w.training_job.gpus_per_shard if training else w.inference_service.gpus_per_replica)
+                          if spec else 1),
         sites=sites,
         allowed_gpu_types=frozenset(getattr(spec, "allowed_gpu_types", ()) or ()),
-        ingress_site_id="" if training else (spec.ingress_site_id if spec else ""),
+        ingress_site_id="" if training else w.inference_service.ingress_site_id,
         generation=w.generation,
     )
 
@@ -119,7 +116,7 @@ def policy_from_pb(m: apb.AutoscalingPolicy) -> AutoscalingPolicy:
         prior_capacity_rps=m.prior_capacity_rps or 2.0, enabled=m.enabled)
 
 
-def placements_pb(workload_id: str, kind: int, gpus_per_unit: int, before: Iterable[str],
+def placements_pb(workload_id: str, kind: common.WorkloadKind.ValueType, gpus_per_unit: int, before: Iterable[str],
                   after: dict[str, SiteUnits]) -> list[common.Placement]:
     """The whole new placement, with an explicit empty entry for every site the workload leaves."""
     out = []
@@ -264,7 +261,7 @@ class Adapter:
 
     def room(self, w: spb.Workload) -> dict[str, int]:
         """GPUs by type the tenant's quota lets this workload hold in all (types not named: no bound)."""
-        tenant = getattr(spec_of(w), "tenant", "")
+        tenant = tenant_of(w)
         if self.gate is None or not tenant:
             return {}
         per_type, _, _ = self.gate.headroom(w.workload_id, tenant)

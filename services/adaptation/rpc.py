@@ -9,6 +9,7 @@ from cnc.adaptation.v1 import adaptation_pb2_grpc
 from cnc.common.v1 import common_pb2 as common
 from cncbrain.auth import abort_for, current_principal
 from cncbrain.identity import AuthError, PermissionDenied, require_tenant_access
+from cncbrain.workload import tenant_of
 from services.adaptation.domain.parallelism import (
     GpuGroup,
     LinkSpec,
@@ -17,7 +18,7 @@ from services.adaptation.domain.parallelism import (
     plan_training,
     resolve_model,
 )
-from services.adaptation.events import Adapter, policy_from_pb, policy_to_pb, spec_of
+from services.adaptation.events import Adapter, policy_from_pb, policy_to_pb
 
 SERVICE = "/cnc.adaptation.v1.AdaptationService/"
 OPERATOR_ONLY = frozenset({SERVICE + "TriggerRebalance"})
@@ -34,12 +35,12 @@ def plan_on(request: pb.PlanParallelismRequest, model, groups: list[GpuGroup],
                               seq_len=request.seq_len or 4096, top=top)
         return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
     slo = request.slo if request.HasField("slo") else None
-    plans = plan_inference(
+    options = plan_inference(
         model, groups, context_tokens=request.context_tokens or 2048, prompt_tokens=request.prompt_tokens or 1024,
         ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
         tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
         allow_lower_precision=not request.bf16_only)
-    return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in plans[:top]], cost_model=COST_MODEL)
+    return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in options[:top]], cost_model=COST_MODEL)
 
 
 def training_to_pb(p) -> pb.TrainingPlan:
@@ -66,7 +67,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
 
     def _owner_check(self, workload_id: str) -> None:
         w = self.ad.workloads.get(workload_id)
-        tenant = getattr(spec_of(w), "tenant", "") if w is not None else ""
+        tenant = tenant_of(w) if w is not None else ""
         if tenant:
             require_tenant_access(current_principal(), tenant)
         elif not current_principal().is_operator and w is not None:
@@ -85,8 +86,9 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
             request.until.ToNanoseconds() if request.HasField("until") else 0,
             min(request.limit or 100, 10_000) * (1 if principal.is_operator else 4))
         if not principal.is_operator:  # a tenant sees the actions on its own workloads
+            workloads = self.ad.workloads
             actions = [a for a in actions
-                       if getattr(spec_of(self.ad.workloads.get(a.workload_id)), "tenant", None) == principal.tenant_id]
+                       if (w := workloads.get(a.workload_id)) is not None and tenant_of(w) == principal.tenant_id]
         return pb.ListActionsResponse(actions=actions[: request.limit or 100])
 
     async def GetAutoscalingPolicy(self, request, context) -> pb.GetAutoscalingPolicyResponse:
@@ -99,7 +101,8 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
         policy, explicit = self.ad.get_policy(request.workload_id)
         return pb.GetAutoscalingPolicyResponse(policy=policy_to_pb(policy), explicit=explicit)
 
-    async def SetAutoscalingPolicy(self, request, context) -> pb.SetAutoscalingPolicyResponse:
+    async def SetAutoscalingPolicy(self, request: pb.SetAutoscalingPolicyRequest,
+                                   context: grpc.aio.ServicerContext) -> pb.SetAutoscalingPolicyResponse:
         if not request.workload_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
         w = self.ad.workloads.get(request.workload_id)
@@ -136,8 +139,9 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
                     groups += [GpuGroup(cap.site_id, t, n) for t, n in sorted(cap.free_by_type.items()) if n > 0]
         if not request.links and self.ad.snapshot is not None:
             for s in self.ad.snapshot.sites:
-                for lk in s.site.links:
-                    links.setdefault((s.site.site_id, lk.peer_site_id), LinkSpec(lk.latency_ms, lk.bandwidth_gbps))
+                for measured in s.site.links:
+                    links.setdefault((s.site.site_id, measured.peer_site_id),
+                                     LinkSpec(measured.latency_ms, measured.bandwidth_gbps))
         if not groups:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no GPUs given and none free in the pool")
         try:

@@ -12,7 +12,7 @@ import grpc
 from cnc.adaptation.v1 import adaptation_pb2, adaptation_pb2_grpc
 from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
 from cncbrain import grpcserver
-from cncbrain.auth import load_token, server_auth, token_interceptors
+from cncbrain.auth import TokenFeed, load_token, server_auth, token_interceptors
 from cncbrain.bus import Bus
 from cncbrain.certs import client_channel, server_credentials
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
@@ -32,7 +32,7 @@ class AdaptationServer:
         self.adapter: Adapter | None = None
         self.gate: GovernanceGate | None = None
         self.grpc: GrpcServer | None = None
-        self.feed = None
+        self.feed: TokenFeed | None = None
         self._perception: grpc.aio.Channel | None = None
 
     @property

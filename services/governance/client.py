@@ -86,7 +86,7 @@ class GovernanceGate:
         self._totals: dict[str, tuple[dict[str, Holding], dict[str, tuple], tuple]] = {}
         self._follower: KvFollower | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._stub: governance_pb2_grpc.GovernanceServiceStub | None = None
+        self._stub: governance_pb2_grpc.GovernanceServiceAsyncStub | None = None
 
     @classmethod
     async def start(cls, bus: Bus, target: str | None, token: str | None = None) -> GovernanceGate:
@@ -159,7 +159,7 @@ class GovernanceGate:
 
     # ---- admission (gRPC) --------------------------------------------------------------------------
 
-    async def admit(self, workload_id: str, tenant_id: str, kind: int, gpus: int, gpus_per_unit: int,
+    async def admit(self, workload_id: str, tenant_id: str, kind: common.WorkloadKind.ValueType, gpus: int, gpus_per_unit: int,
                     gpu_types: Iterable[str] = (), token: str | None = None, timeout_s: float = 5.0) -> pb.Decision:
         """Admit at submit; raises `AdmissionRefused` with governance's code and reason.
 
@@ -196,8 +196,8 @@ class GovernanceGate:
             return cached
         holdings = dict(view.holdings)
         now = time.monotonic()
-        for wid, (at, t, ps) in self.overlay.items():
-            if t == tenant_id and now - at <= OVERLAY_TTL_S:
+        for wid, (at, tenant, ps) in self.overlay.items():
+            if tenant == tenant_id and now - at <= OVERLAY_TTL_S:
                 base = holdings.get(wid) or Holding(wid)
                 holdings[wid] = Holding(wid, base.reserved_gpus, base.reserved_cost_per_hour, {p.unit_id: p for p in ps})
         counted = {wid: h.counted() for wid, h in holdings.items()}

@@ -37,6 +37,7 @@ from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import physics as ph
+from cncbrain.workload import tenant_of
 from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
 from services.governance.domain.ledger import (
     LedgerEntry,
@@ -447,9 +448,8 @@ class Governor:
         except Exception:
             return None
         w = spb.Workload()
-        w.ParseFromString(entry.value)
-        spec = getattr(w, w.WhichOneof("spec")) if w.WhichOneof("spec") else None
-        found = getattr(spec, "tenant", "") or None
+        w.ParseFromString(entry.value or b"")
+        found = tenant_of(w) or None
         self._record_tenants[workload_id] = found
         if len(self._record_tenants) > TENANT_CACHE:
             self._record_tenants.popitem(last=False)

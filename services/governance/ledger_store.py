@@ -176,7 +176,7 @@ class LedgerStore:
             return None
         msg = await self.js.get_msg(STREAM, seq=info.state.last_seq)
         block = pb.LedgerBlock()
-        block.ParseFromString(msg.data)
+        block.ParseFromString(msg.data or b"")
         return from_proto(block.entries[-1]) if block.entries else None
 
     async def write_head(self, head: LedgerHead) -> None:
@@ -189,7 +189,7 @@ class LedgerStore:
             entry = await self.kv.get(HEAD_KEY)
         except nats.js.errors.KeyNotFoundError:
             return None
-        d = json.loads(entry.value)
+        d = json.loads(entry.value or b"")
         return LedgerHead(int(d["length"]), str(d["hash"]))
 
     async def _move_old_head(self) -> None:
@@ -201,7 +201,7 @@ class LedgerStore:
         except nats.js.errors.KeyNotFoundError:
             return
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # a head here already is the newer one
-            await self.kv.create(HEAD_KEY, entry.value)
+            await self.kv.create(HEAD_KEY, entry.value or b"")
         await old.delete(HEAD_KEY)
         log.info("governance: moved the ledger head from %s to %s", GOVERNANCE_BUCKET, HEAD_BUCKET)
 

@@ -116,7 +116,7 @@ def token_to_pb(r: TokenRecord) -> pb.TokenInfo:
                        tenant_id=r.tenant_id or "", description=r.description, created_at=ts(r.created_at),
                        revoked=r.revoked)
     if r.revoked_at is not None:
-        out.revoked_at.CopyFrom(ts(r.revoked_at))
+        out.revoked_at.FromNanoseconds(int(r.revoked_at * 1e9))
     return out
 
 

@@ -20,7 +20,7 @@ DOWN = common_pb2.SITE_STATE_DOWN
 @dataclass
 class SiteEntry:
     site: common_pb2.Site
-    state: int = UP
+    state: common_pb2.SiteState.ValueType = UP
     last_heartbeat: float = 0.0
     telemetry: events_pb2.SiteTelemetry | None = None
 
@@ -28,7 +28,7 @@ class SiteEntry:
 @dataclass(frozen=True)
 class StateChange:
     site_id: str
-    state: int
+    state: common_pb2.SiteState.ValueType
     reason: str
 
 

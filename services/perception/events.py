@@ -175,7 +175,9 @@ class PerceptionEvents:
 def export_snapshot(snap: perception_pb2.Snapshot) -> None:
     """The pool's picture as gauges: sites up, GPUs used/free per site and type, services' replicas,
     request rates and SLO attainment, training progress (series of what is gone disappear)."""
-    up, gpus, progress = {}, {}, {}
+    up: dict[tuple[str], float] = {}
+    gpus: dict[tuple[str, str, str], float] = {}
+    progress: dict[tuple[str], float] = {}
     for s in snap.sites:
         sid = s.site.site_id
         up[(sid,)] = 1.0 if s.state == common_pb2.SITE_STATE_UP else 0.0

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from cnc.perception.v1 import perception_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.bus import KV_WORKLOADS, Bus
+from cncbrain.workload import tenant_of
 
 log = logging.getLogger(__name__)
 KEPT = 100_000
@@ -33,8 +34,7 @@ class Owners:
         async def one(wid: str) -> None:
             with contextlib.suppress(Exception):  # not stored (yet): unknown, so shown to operators only
                 w = spb.Workload.FromString((await kv.get(wid)).value or b"")
-                which = w.WhichOneof("spec")
-                self.tenant[wid] = getattr(getattr(w, which), "tenant", "") if which else ""
+                self.tenant[wid] = tenant_of(w)
 
         await asyncio.gather(*(one(w) for w in missing))
         while len(self.tenant) > KEPT:

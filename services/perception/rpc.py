@@ -31,11 +31,12 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         """None when the caller sees every workload (an operator, or no tenants); else whether a
         workload id is the calling tenant's."""
         caller = optional_principal()
-        if self.owners is None or caller is None or caller.is_operator:
+        owners = self.owners
+        if owners is None or caller is None or caller.is_operator:
             return None
-        await self.owners.resolve(workload_ids)
+        await owners.resolve(workload_ids)
         tenant = caller.tenant_id
-        return lambda wid: bool(tenant) and self.owners.of(wid) == tenant
+        return lambda wid: bool(tenant) and owners.of(wid) == tenant
 
     async def _statuses(self, statuses: list[pb.SiteStatus]) -> list[pb.SiteStatus]:
         mine = await self._mine(workload_ids(statuses))

@@ -7,7 +7,7 @@ import logging
 
 from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
 from cncbrain import grpcserver
-from cncbrain.auth import server_auth
+from cncbrain.auth import TokenFeed, server_auth
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.perception.domain import PoolPicture
@@ -30,6 +30,7 @@ class PerceptionServer:
         self.bus: Bus | None = None
         self.events: PerceptionEvents | None = None
         self.grpc: GrpcServer | None = None
+        self.auth_feed: TokenFeed | None = None
         self.console: ConsoleView | None = None
         self.web: WebServer | None = None
 
@@ -68,7 +69,7 @@ class PerceptionServer:
             await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.events:
             await self.events.stop()
-        if getattr(self, "auth_feed", None):
+        if self.auth_feed is not None:
             await self.auth_feed.stop()
         if self.bus:
             await self.bus.close()

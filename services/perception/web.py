@@ -39,6 +39,7 @@ from cncbrain.auth import AuthInterceptor
 from cncbrain.bus import KV_WORKLOADS, Bus, Event
 from cncbrain.identity import AuthError, PermissionDenied, require_operator
 from cncbrain.kvfeed import KvFollower
+from cncbrain.workload import spec_of
 from services.adaptation.subjects import ACTION
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,7 @@ class ConsoleView:
         slo = {s.workload_id: s for s in snap.services}
         workloads = []
         for w in sorted(self.workloads.values(), key=lambda w: w.created_at.ToNanoseconds(), reverse=True):
-            which = w.WhichOneof("spec")
-            spec = getattr(w, which) if which else None
+            spec = spec_of(w)
             summary = slo.get(w.workload_id)
             workloads.append({
                 "workload_id": w.workload_id, "name": getattr(spec, "name", ""), "model": getattr(spec, "model", ""),

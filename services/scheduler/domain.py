@@ -21,6 +21,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import limits
 from cncbrain.twin import physics
+from cncbrain.workload import required_spec, spec_of
 
 TRAINING = common.WORKLOAD_KIND_TRAINING_JOB
 INFERENCE = common.WORKLOAD_KIND_INFERENCE_SERVICE
@@ -156,14 +157,14 @@ def check_placeable(w: pb.Workload, ledger: Ledger) -> None:
     """Refuse (SpecError) a workload no pool like this one could ever run: an unknown GPU type, an
     ingress site the pool does not have, or a model whose replica (with its GPUs) or training shard
     (weights, gradients and optimizer state over its GPUs) fits the memory of no allowed GPU type."""
-    spec = getattr(w, w.WhichOneof("spec"))
+    spec = required_spec(w)
     field = "job" if w.kind == TRAINING else "service"
     memory = gpu_memory(ledger)
     unknown = [t for t in spec.allowed_gpu_types if t not in memory]
     if unknown:
         raise SpecError(f"{field}.allowed_gpu_types", f"unknown GPU type {limits.quote(unknown[0])}; known: "
                                                       f"{', '.join(sorted(memory))}")
-    if w.kind == INFERENCE and spec.ingress_site_id and ledger.capacity \
+    if isinstance(spec, common.InferenceServiceSpec) and spec.ingress_site_id and ledger.capacity \
             and spec.ingress_site_id not in ledger.capacity:
         raise SpecError("service.ingress_site_id", f"{limits.quote(spec.ingress_site_id)} is not a site of the pool")
     need = need_of(w)
@@ -208,9 +209,7 @@ def new_workload(spec: common.InferenceServiceSpec | common.TrainingJobSpec, req
 
 
 def same_spec(a: pb.Workload, b: pb.Workload) -> bool:
-    return a.WhichOneof("spec") == b.WhichOneof("spec") and getattr(a, a.WhichOneof("spec")) == getattr(
-        b, b.WhichOneof("spec")
-    )
+    return a.WhichOneof("spec") == b.WhichOneof("spec") and spec_of(a) == spec_of(b)
 
 
 @dataclass(frozen=True)
@@ -436,7 +435,7 @@ def scale(w: pb.Workload, site_id: str, wanted: int, gpu_type: str, ledger: Ledg
     return current
 
 
-def end(w: pb.Workload, state: int, message: str, now_ns: int) -> list[common.Placement]:
+def end(w: pb.Workload, state: pb.WorkloadState.ValueType, message: str, now_ns: int) -> list[common.Placement]:
     """Cancel/complete/fail: every site's entry goes to zero in a new generation."""
     w.generation += 1
     for p in w.placements:

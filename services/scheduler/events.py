@@ -39,6 +39,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
+from cncbrain.workload import copy_spec
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
 from services.scheduler.reconcile import Reconciler
@@ -339,9 +340,7 @@ class Coordinator:
                 ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
             )
             offer.deadline.CopyFrom(msg.deadline)
-            which = w.WhichOneof("spec")
-            if which:
-                getattr(offer, which).CopyFrom(getattr(w, which))
+            copy_spec(w, offer)
         pending = OpenRound(round_id, batch, expected=set(self.ledger.up))
         self.rounds[round_id] = pending
         # The round belongs to the trace of its first workload's call; the others are linked.
@@ -353,7 +352,7 @@ class Coordinator:
                                 kind=trace.SpanKind.PRODUCER, attributes={"cnc.offers": len(batch)}):
                 await self.bus.publish(subjects.SCHEDULER_OFFER, msg, span=False)
             timer = asyncio.get_running_loop().call_later(
-                self.settings.offer_timeout_s, lambda: pending.done.done() or pending.done.set_result(None))
+                self.settings.offer_timeout_s, lambda: None if pending.done.done() else pending.done.set_result(None))
             try:
                 await pending.done  # every up site answered, or the timeout
             finally:
@@ -572,7 +571,7 @@ class Coordinator:
         copy.CopyFrom(w)
         return copy
 
-    async def _end(self, w: pb.Workload, state: int, message: str, actor: str = "") -> pb.Workload:
+    async def _end(self, w: pb.Workload, state: pb.WorkloadState.ValueType, message: str, actor: str = "") -> pb.Workload:
         before: list[common.Placement] = []
         if w.state in domain.ACTIVE:
             for p in w.placements:
@@ -593,11 +592,10 @@ class Coordinator:
                                  track: bool = True) -> None:
         """Publish `placements` of `w`, one event per site; `track`: the reconciler waits for each
         site's report (a republication after a restart is `recover`ed instead)."""
-        spec_field = w.WhichOneof("spec")
         msgs = []
         for p in placements:
             msg = pb.PlacementCommitted(placement=p)
-            getattr(msg, spec_field).CopyFrom(getattr(w, spec_field))
+            copy_spec(w, msg)
             msg.committed_at.CopyFrom(w.updated_at)
             msgs.append(msg)
         if track:  # before the publish: a site may report before it returns
@@ -612,7 +610,7 @@ class Coordinator:
             for m in msgs
         ])
 
-    async def publish_event(self, w: pb.Workload, kind: int, actor: str = "") -> None:
+    async def publish_event(self, w: pb.Workload, kind: pb.WorkloadEventKind.ValueType, actor: str = "") -> None:
         if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED:
             self._announce(w.workload_id)
             if w.workload_id in self.accepted:

@@ -26,6 +26,7 @@ from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import load_token, optional_principal, subscribe_durable
 from cncbrain.bus import Event
 from cncbrain.identity import PermissionDenied, require_tenant_access
+from cncbrain.workload import tenant_of
 from services.adaptation.subjects import ACTION
 from services.governance.client import AdmissionRefused, GovernanceGate
 from services.governance.domain.policy import Decision, Verdict
@@ -37,11 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["AdmissionRefused", "SchedulerGovernance", "tenant_of"]
-
-
-def tenant_of(w: pb.Workload) -> str:
-    which = w.WhichOneof("spec")
-    return getattr(getattr(w, which), "tenant", "") if which else ""
 
 
 class SchedulerGovernance:

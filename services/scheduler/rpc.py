@@ -16,9 +16,10 @@ from cncbrain.auth import abort_for, bearer_of, optional_principal
 from cncbrain.bus import Event, subjects
 from cncbrain.identity import AuthError
 from cncbrain.lease import LeaseLost
+from cncbrain.workload import tenant_of
 from services.scheduler import domain
 from services.scheduler.events import Coordinator
-from services.scheduler.governance import AdmissionRefused, tenant_of
+from services.scheduler.governance import AdmissionRefused
 
 WATCH_BACKLOG = 10_000
 """Events a WatchWorkloads reader may fall behind by before it is told to resume."""

@@ -7,7 +7,7 @@ import logging
 
 from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from cncbrain import grpcserver
-from cncbrain.auth import server_auth
+from cncbrain.auth import TokenFeed, server_auth
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.scheduler.events import Coordinator
@@ -25,6 +25,7 @@ class SchedulerServer:
         self.bus: Bus | None = None
         self.coordinator: Coordinator | None = None
         self.grpc: GrpcServer | None = None
+        self.auth_feed: TokenFeed | None = None
 
     @property
     def port(self) -> int:
@@ -56,7 +57,7 @@ class SchedulerServer:
             await self.coordinator.stop()
             if self.coordinator.governance:
                 await self.coordinator.governance.close()
-        if getattr(self, "auth_feed", None):
+        if self.auth_feed is not None:
             await self.auth_feed.stop()
         if self.bus:
             await self.bus.close()

@@ -259,7 +259,7 @@ def _score_training(
 ) -> TrainingPlan:
     used_sites = sorted(by_site)
     flops = 6.0 * m.params * tokens_step
-    compute = flops / (n_used * slow.tflops * 1e12 * ph.TRAIN_MFU * ph.tp_efficiency(tp))
+    compute = float(flops / (n_used * slow.tflops * 1e12 * ph.TRAIN_MFU * ph.tp_efficiency(tp)))
     bubble = ph.pipeline_bubble(pp, mb)
     step_compute = compute / (1.0 - bubble)
     notes = []

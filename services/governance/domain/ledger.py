@@ -178,11 +178,12 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
     changed: set[int] = set()
     prev_hash_stored = GENESIS_HASH
     for index in range(last + 1):
-        entry = by_index.get(index)
-        if entry is None:
+        found = by_index.get(index)
+        if found is None:
             result.issues.append(LedgerIssue(index, "removed", "no entry with this index is stored"))
             expected_prev = None
             continue
+        entry = found
         if index in extra:
             # Keep the candidate that chains onto its predecessor (governance's own, when two do);
             # report the others.

@@ -324,11 +324,11 @@ class GovernanceState:
                 description=payload.get("description", ""))
             self.tokens[rec.token_id] = rec
         elif kind == "token.revoked":
-            rec = self.tokens.get(payload["token_id"])
-            if rec is not None:
-                self.tokens[rec.token_id] = TokenRecord(
-                    rec.token_id, rec.secret_sha256, rec.role, rec.tenant_id, rec.created_at,
-                    rec.description, float(payload["revoked_at"]))
+            old = self.tokens.get(payload["token_id"])
+            if old is not None:
+                self.tokens[old.token_id] = TokenRecord(
+                    old.token_id, old.secret_sha256, old.role, old.tenant_id, old.created_at,
+                    old.description, float(payload["revoked_at"]))
         elif kind == "admission":
             if payload.get("verdict") == Verdict.ADMITTED.value:
                 tid, wid = payload["tenant_id"], payload["workload_id"]
@@ -347,9 +347,9 @@ class GovernanceState:
             self.usage.start(Allocation(p.unit_id, p.workload_id, p.tenant_id, p.site_id, p.gpu_type, p.gpus,
                                         p.price_per_gpu_hour, float(payload["at"])))
         elif kind == "placement.released":
-            held = self.holdings.get(payload["tenant_id"], {}).get(payload["workload_id"])
-            if held is not None:
-                held.placed.pop(payload["unit_id"], None)
+            holding = self.holdings.get(payload["tenant_id"], {}).get(payload["workload_id"])
+            if holding is not None:
+                holding.placed.pop(payload["unit_id"], None)
             self.usage.stop(payload["unit_id"], float(payload["at"]))
         elif kind == "site.enrolled":
             self.enrolled[payload["site_id"]] = dict(payload)
