@@ -178,7 +178,7 @@ class Bus:
             name=name,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py annotates int, sleeps a float
             connect_timeout=2,
             ping_interval=5,
             max_outstanding_pings=3,
