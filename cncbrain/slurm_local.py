@@ -60,6 +60,14 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or next((str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / name).exists()), None)
 
 
+def _binary(name: str) -> str:
+    """The path of a Slurm or MUNGE program (`missing()` says when one is absent)."""
+    path = _which(name)
+    if path is None:
+        raise CncError(f"{name} not found (Debian: apt-get install {PACKAGES})")
+    return path
+
+
 @dataclass(frozen=True)
 class Node:
     """One node: its name, its GPUs by Slurm GRES type (e.g. {"h100": 4}) and its CPUs."""
@@ -85,6 +93,8 @@ class LocalSlurm:
     kill_wait_s: int = 2
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _own_root: bool = False
+    folder: Path = field(init=False)
+    """`root`, resolved (a new temporary folder when `root` is None)."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -95,7 +105,7 @@ class LocalSlurm:
         if self.root is None:
             self.root = Path(tempfile.mkdtemp(prefix="cnc-slurm-"))
             self._own_root = True
-        self.root = Path(self.root).resolve()
+        self.folder = Path(self.root).resolve()
         # munged wants every folder above its socket open to all (o+x), which a private temp folder
         # (pytest's, a 0700 home) is not: the socket lives in a folder of its own under /tmp
         self.munge_dir = Path(tempfile.mkdtemp(prefix="cnc-munge-"))
@@ -106,7 +116,7 @@ class LocalSlurm:
     # --- paths and environment ------------------------------------------------------------------
     @property
     def conf(self) -> Path:
-        return self.root / "etc" / "slurm.conf"
+        return self.folder / "etc" / "slurm.conf"
 
     @property
     def munge_socket(self) -> Path:
@@ -127,7 +137,7 @@ class LocalSlurm:
 
     # --- configuration ------------------------------------------------------------------------
     def write_config(self) -> None:
-        root = self.root
+        root = self.folder
         for sub in ("etc", "state", "spool", "log", "dev", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         key = root / "etc" / "munge.key"
@@ -187,7 +197,7 @@ class LocalSlurm:
         (root / "etc" / "gres.conf").write_text("\n".join(gres_lines) + "\n")
 
     def _device(self, name: str) -> str:
-        path = self.root / "dev" / name
+        path = self.folder / "dev" / name
         if not path.exists():
             try:
                 os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
@@ -213,14 +223,14 @@ class LocalSlurm:
         return self
 
     def _spawn(self, key: str, argv: list[str]) -> None:
-        out = open(self.root / "log" / f"{key}.stdout", "ab")  # noqa: SIM115 - the child keeps it
+        out = open(self.folder / "log" / f"{key}.stdout", "ab")  # noqa: SIM115 - the child keeps it
         self.procs[key] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
                                            start_new_session=True)
         out.close()
 
     def _start_munge(self) -> None:
-        r = self.root
-        self._spawn("munged", [_which("munged"), "-F", f"--socket={self.munge_socket}",
+        r = self.folder
+        self._spawn("munged", [_binary("munged"), "-F", f"--socket={self.munge_socket}",
                                f"--key-file={r / 'etc' / 'munge.key'}", f"--log-file={r / 'log' / 'munged.log'}",
                                f"--pid-file={r / 'run' / 'munged.pid'}", f"--seed-file={r / 'run' / 'munged.seed'}"])
         deadline = time.monotonic() + 10
@@ -231,12 +241,12 @@ class LocalSlurm:
 
     def start_controller(self, clean: bool = False) -> None:
         """slurmctld in the foreground; `clean` forgets saved jobs (the first start)."""
-        argv = [_which("slurmctld"), "-D", "-f", str(self.conf)] + (["-c", "-i"] if clean else [])
+        argv = [_binary("slurmctld"), "-D", "-f", str(self.conf)] + (["-c", "-i"] if clean else [])
         self._spawn("slurmctld", argv)
         deadline = time.monotonic() + 15
         while self.run("scontrol", "ping", check=False).returncode != 0:
             if self.procs["slurmctld"].poll() is not None or time.monotonic() > deadline:
-                raise CncError(f"slurmctld did not start: {self._tail(self.root / 'log' / 'slurmctld.log')}")
+                raise CncError(f"slurmctld did not start: {self._tail(self.folder / 'log' / 'slurmctld.log')}")
             time.sleep(0.1)
 
     def stop_controller(self) -> None:
@@ -244,8 +254,8 @@ class LocalSlurm:
         self._stop("slurmctld")
 
     def start_node(self, name: str) -> None:
-        (self.root / "spool" / name).mkdir(parents=True, exist_ok=True)
-        self._spawn(f"slurmd-{name}", [_which("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
+        (self.folder / "spool" / name).mkdir(parents=True, exist_ok=True)
+        self._spawn(f"slurmd-{name}", [_binary("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
 
     def wait_nodes(self, timeout_s: float = 30.0) -> None:
         """Until every node is up (idle, mixed or allocated)."""
@@ -260,7 +270,7 @@ class LocalSlurm:
             for n, p in self.procs.items():
                 if p.poll() is not None:
                     raise CncError(f"{n} exited with code {p.returncode}: "
-                                   f"{self._tail(self.root / 'log' / (n + '.log'))}")
+                                   f"{self._tail(self.folder / 'log' / (n + '.log'))}")
             if time.monotonic() > deadline:
                 raise CncError(f"Slurm nodes not up within {timeout_s:.0f} s: {bad}")
             time.sleep(0.2)
@@ -299,8 +309,8 @@ class LocalSlurm:
             self._stop(key)
         self._kill_job_processes()
         shutil.rmtree(self.munge_dir, ignore_errors=True)
-        if self._own_root and self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if self._own_root and self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _kill_job_processes(self) -> None:
         """slurmstepd and job processes can outlive a stopped slurmd: end those of this cluster

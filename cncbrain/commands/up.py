@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cncbrain import aio
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
@@ -45,6 +45,9 @@ from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
 from cncbrain.supervise import GaveUp, Supervisor
+
+if TYPE_CHECKING:
+    from cncbrain.slurm_local import LocalSlurm
 
 AGENTS_IDENTITY = "agents-local"
 """NATS identity of `up`'s one agent process, which speaks for every emulated site (one connection,
@@ -171,7 +174,7 @@ class Brain:
         self._lowered: set[int] = set()
         self.slurm_sites = parse_slurm_sites(slurm_sites or [])
         """Site id → GPUs by type, of the sites run on a local Slurm cluster."""
-        self.slurm = None
+        self.slurm: LocalSlurm | None = None
         self.log_format = log_format
         """`text` or `json` for every child (CNC_LOG_FORMAT); None: the environment's."""
         self.web_url = ""
@@ -400,19 +403,19 @@ class Brain:
         reason = missing()
         if reason:
             raise CncError(f"--slurm-site: {reason}")
-        nodes = []
+        nodes: list[Node] = []
         for sid, gpus in self.slurm_sites.items():
             for gpu_type, count in gpus.items():
                 while count > 0:
                     nodes.append(Node(f"{sid}-{len(nodes)}", {gpu_type.lower(): min(count, 8)}, partitions=(sid,)))
                     count -= 8
-        self.slurm = LocalSlurm(nodes, root=(self.state_dir / "slurm").resolve(), cluster="cncup").start()
+        slurm = self.slurm = LocalSlurm(nodes, root=(self.state_dir / "slurm").resolve(), cluster="cncup").start()
         emulated = set(site_ids_of(load_scenario(self.scenario)))
         for sid, gpus in self.slurm_sites.items():
             mapping = [a for t in gpus for a in ("--slurm-gpu-type", f"{t.lower()}={t}")]
             self._add(f"agent-slurm-{sid}", [
                 "-m", "cncbrain.commands.agent", "--executor", "slurm", "--site", sid, "--nats-url", self.nats_url,
-                "--slurm-conf", str(self.slurm.conf), "--slurm-partition", sid,
+                "--slurm-conf", str(slurm.conf), "--slurm-partition", sid,
                 "--slurm-workdir", str((self.state_dir / "slurm" / "work" / sid).resolve()),
                 "--slurm-default-command", f"{shlex.quote(sys.executable)} -m agents.demo_workload", *mapping,
                 *(["--slurm-site-from-emulator"] if sid in emulated else []), *policy], {})
@@ -632,7 +635,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"  operator token  {brain.token_file.resolve()}  ({cli_hint(brain)}; auth on for every service)\n"
              if brain.auth else "  auth OFF (--no-auth): every call is accepted\n") +
           "".join(f"  slurm       {sid} ({', '.join(f'{t} {n}' for t, n in gpus.items())}): real jobs; "
-                  f"SLURM_CONF={brain.slurm.conf} squeue\n" for sid, gpus in brain.slurm_sites.items()) +
+                  f"SLURM_CONF={brain.slurm.conf if brain.slurm else ''} squeue\n" for sid, gpus in brain.slurm_sites.items()) +
           f"  state       {ep['state']}  (logs/, jetstream/)\n"
           + "".join(f"  metrics     {url}  ({name})\n" for name, url in ep.get("metrics", {}).items())
           + (f"  NATS monitoring  {ep['nats_monitor']}/varz  (/jsz, /connz, /healthz)\n" if ep.get("nats_monitor") else "")
