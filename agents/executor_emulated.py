@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ from cncbrain.twin.traces import JobSpec, load_azure
 
 log = logging.getLogger(__name__)
 SERVE_OVERHEAD = 1.2  # weights + ~20 % KV/activations, as the scheduler's HBM estimate
+TRACE_WINDOW_S = 3600.0
+"""Emulated seconds of a service's requests replayed at a time (not its whole horizon)."""
+MAX_TRACE_COPIES = 4
+"""A service's demand is at most this many superposed copies of its trace; beyond, each simulated
+request stands for several (`request_weight`)."""
+MAX_REQUEST_WEIGHT = 1000
 
 
 def slug(name: str) -> str:
@@ -88,7 +95,8 @@ class EmulatorHost:
             "failures": scenario.failures if keep_failures else [],
         })
         self.bus = bus
-        self.twin = Twin(live, seed=seed, duration_s=horizon_s)
+        # runs for ever: no per-tick history, each trace replayed an hour at a time
+        self.twin = Twin(live, seed=seed, duration_s=horizon_s, keep_history=False, trace_window_s=TRACE_WINDOW_S)
         self.speed = speed
         self.names = list(self.twin.site_ids)
         self.ids = [slug(n) for n in self.names]
@@ -246,6 +254,9 @@ class EmulatorHost:
             base = load_azure(trace)
             base_rps = len(base.t) / base.length_s
             rate_scale = spec.expected_rate_rps / base_rps if spec.expected_rate_rps > 0 else 1.0
+            # A high rate is emulated by weighting sampled requests, not by generating each one:
+            # memory and CPU stay bounded whatever rate a tenant asked for.
+            weight = min(MAX_REQUEST_WEIGHT, max(1, math.ceil(rate_scale / MAX_TRACE_COPIES)))
             ingress: str | dict[str, float] = "population"
             if spec.ingress_site_id:
                 if spec.ingress_site_id not in self.index:
@@ -254,7 +265,7 @@ class EmulatorHost:
             t.add_service(InferenceSpec(
                 name=wid, model=twin_model(spec.model, spec.params_b), trace=trace, rate_scale=rate_scale,
                 ingress=ingress, slo={"ttft_s": spec.slo.ttft_ms / 1e3, "tpot_s": spec.slo.tpot_ms / 1e3},
-                min_replicas=0, max_replicas=max(spec.max_replicas, 1)))
+                min_replicas=0, max_replicas=max(spec.max_replicas, 1), request_weight=weight))
         sites = self.service_sites.setdefault(wid, {})
         got = t.set_replicas(wid, self.names[s], p.replicas)
         sites[self.ids[s]] = got
@@ -268,6 +279,16 @@ class EmulatorHost:
     def _apply_job(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
         p, spec, t = msg.placement, msg.training_job, self.twin
         wid, sid = p.workload_id, self.ids[s]
+        if not p.shard_indices:  # cancelled or completed: stop it wherever it runs, then forget it
+            if wid in t.job_index:
+                t.cancel_job(wid)
+            sites = self.job_sites.get(wid, set())
+            sites.discard(sid)
+            self.gangs.pop(wid, None)
+            if not sites:  # the last of its sites: the twin keeps nothing of it
+                self.job_sites.pop(wid, None)
+                t.forget_job(wid)
+            return True, ""
         if wid not in t.job_index:
             m = physics.model(twin_model(spec.model, spec.params_b))
             ref = physics.gpu("A100-80GB")
@@ -275,10 +296,6 @@ class EmulatorHost:
             t.submit_job(JobSpec(wid, t.time_s, m.name, spec.shards, spec.gpus_per_shard, spec.tokens,
                                  float(2**20 if m.params_b < 10 else 2**22), spec.tokens / rate, 600.0,
                                  spec.tenant or "default"))
-        if not p.shard_indices:  # cancelled or completed: stop it wherever it runs
-            t.cancel_job(wid)
-            self.job_sites.get(wid, set()).discard(sid)
-            return True, ""
         gang = self.gangs.get(wid)
         if gang is None or gang.generation < p.generation:
             gang = self.gangs[wid] = _Gang(p.generation)

@@ -200,7 +200,9 @@ async def serve(name: str, settings: ServiceSettings, start: Callable[[], Awaita
             await lease_bus.close()
             return 0
     try:
-        server = await start()
+        server = await _start(name, start, stop)
+        if server is None:
+            return 0
         try:
             return await wait_for_stop(stop)
         finally:
@@ -210,6 +212,33 @@ async def serve(name: str, settings: ServiceSettings, start: Callable[[], Awaita
             await lease.release()
         if lease_bus is not None:
             await lease_bus.close()
+
+
+async def _start(name: str, start: Callable[[], Awaitable[Stoppable]], stop: asyncio.Event,
+                 window_s: float = 120.0) -> Stoppable | None:
+    """`start()`, again after a pause while it fails only because NATS is slow or away (a loaded
+    machine's JetStream missing a start-up request, a node failing over), instead of crashing the
+    process into its supervisor's crash count; None when `stop` came meanwhile."""
+    from cncbrain.bus.connection import RETRYABLE
+
+    deadline = time.monotonic() + window_s
+    pause = 0.5
+    while True:
+        try:
+            return await start()
+        except RETRYABLE as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: start-up failed on NATS (%r); starting again in %.1f s", name, exc, pause)
+            owner = getattr(start, "__self__", None)  # the half-started server: let go of what it got
+            if owner is not None:
+                with contextlib.suppress(Exception):
+                    await owner.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
+        if stop.is_set():
+            return None
+        pause = min(pause * 2, 5.0)
 
 
 async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") -> None:

@@ -32,7 +32,7 @@ MAX_LIST = 32
 
 MAX_PARAMS_B = 10_000.0
 """Model size, billions of parameters."""
-MAX_RATE_RPS = 100_000.0
+MAX_RATE_RPS = 10_000.0
 """Expected request rate of one inference service, requests/s."""
 MAX_TTFT_MS = 600_000.0
 """Time-to-first-token SLO: at most 10 minutes."""

@@ -128,7 +128,8 @@ class Supervisor:
                          f"{describe(status)}); stopping the brain{child.tail()}")
         pause = max(child.min_pause_s, BACKOFF_S[min(len(child.crashes) - 1, len(BACKOFF_S) - 1)])
         child.restart_at = now + pause
-        self.say(f"{child.name} ended ({describe(status)}); restarting it"
+        last = child.tail(1).strip() if status > 0 else ""  # why it stopped, in its own words
+        self.say(f"{child.name} ended ({describe(status)}{f': {last[:200]}' if last else ''}); restarting it"
                  + (f" in {pause:g} s" if pause else "") + f" ({len(child.crashes)} of {self.max_crashes} "
                  f"allowed within {self.window_s:.0f} s)")
         for name in child.dependents:

@@ -68,6 +68,10 @@ RETRYABLE = (
 )
 """What `Bus.retrying` rides out, by name: every nats-py error a NATS restart or a JetStream
 leader election raises (tests/service/test_bus.py checks each)."""
+JS_TIMEOUT_S = 5.0
+"""A JetStream request (KV read or write, stream info) unanswered for this long is given up (and
+retried by `retrying`): a request sent just as NATS went away gets no reply at all. Shorter (1.5 s
+was tried) cuts that wait, but a loaded machine's JetStream then misses it at start-up too."""
 SAY_EVERY_S = 3.0
 """How often a process that cannot reach NATS says so (the URL and why)."""
 T = TypeVar("T")
@@ -105,6 +109,8 @@ class Bus:
         self._kv: dict[str, KeyValue] = {}
         self._subs: list[Any] = []
         self.closing = False
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._dropped: set[asyncio.Future[Any]] = set()
         self.on_reconnect: list[Callable[[], None]] = []
         """Called after each reconnection (e.g. perception: heartbeats it could not hear are no sign)."""
         self._durables: dict[str, str] = {}
@@ -150,6 +156,7 @@ class Bus:
             log.warning("%s: disconnected from NATS at %s, reconnecting", name, url)
             if bus is not None:
                 bus.counters["disconnects"] += 1
+                bus._drop_inflight()
 
         async def on_reconnected() -> None:
             bus = holder.get("bus")
@@ -203,7 +210,7 @@ class Bus:
             last = getattr(nc, "_err", None)
             raise CncError(f"cannot reach NATS at {url} within {timeout_s:g} s"
                            + (f": {_why(last)}" if last else "")) from None
-        bus = cls(nc, nc.jetstream(timeout=5.0), name, identity)
+        bus = cls(nc, nc.jetstream(timeout=JS_TIMEOUT_S), name, identity)
         holder["bus"] = bus
         if ensure:
             await bus.ensure_streams()
@@ -344,18 +351,44 @@ class Bus:
         return self.nc.is_connected
 
     async def retrying(self, op: Callable[[], Awaitable[T]], what: str, timeout_s: float = 30.0) -> T:
-        """Run `op` until it succeeds or `timeout_s` passes; rides out a NATS restart."""
+        """Run `op` until it succeeds or `timeout_s` passes; rides out a NATS restart.
+
+        A request in flight when the connection drops gets no reply (it went to the old socket, or
+        its reply did): the drop cancels it (`_drop_inflight`) and it is sent again once connected,
+        instead of waiting out its whole timeout. `op` must be safe to repeat (the bus's writes
+        are: compare-and-set, deduplicated ids)."""
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
+            # While reconnecting, nats-py would buffer the request and wait out its whole timeout
+            # for a reply that never comes: wait for the connection first.
+            while not self.nc.is_connected and not self.nc.is_closed and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            attempt = asyncio.ensure_future(op())
+            self._inflight.add(attempt)
             try:
-                return await op()
+                return await attempt
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if attempt not in self._dropped or (me is not None and me.cancelling()):
+                    raise
+                self.counters["retries_after_drop"] += 1  # the connection dropped under it: again
             except RETRYABLE as exc:
                 if time.monotonic() > deadline:
                     raise CncError(f"{what}: NATS unavailable for {timeout_s:.0f} s ({exc!r})") from None
                 self.counters["retries"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
+            finally:
+                self._inflight.discard(attempt)
+                self._dropped.discard(attempt)
+
+    def _drop_inflight(self) -> None:
+        """The connection dropped: cancel the `retrying` requests in flight (see there)."""
+        for attempt in list(self._inflight):
+            if not attempt.done():
+                self._dropped.add(attempt)
+                attempt.cancel()
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(

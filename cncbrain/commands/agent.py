@@ -128,15 +128,14 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
     host = args.identity if authenticated else None
     shared = None if authenticated and not host else await Bus.connect(url, "agents", identity=host)
     buses = [] if shared is None else [shared]
-    desk = None
     agents = []
     try:
-        for sid in sites:
-            bus = shared
-            if bus is None:
-                bus = await Bus.connect(url, f"agent-{sid}", identity=site_identity(sid), ensure=False)
-                buses.append(bus)
-            desk = desk or OfferDesk(bus)
+        if shared is None:  # every site's connection at once: a restart is back sooner
+            buses = list(await asyncio.gather(*(Bus.connect(url, f"agent-{sid}", identity=site_identity(sid),
+                                                            ensure=False) for sid in sites)))
+        desk = OfferDesk(buses[0])
+
+        async def start(sid: str, bus: Bus) -> SiteAgent:
             executor: Executor
             if args.executor == "emulated":
                 executor = EmulatedExecutor(bus, sid)
@@ -156,12 +155,19 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             agent = SiteAgent(bus, sid, executor, make_site_policy(policy_name), heartbeat_s=args.heartbeat_s,
                               desk=desk, agent_id=host)
             try:
-                agents.append(await agent.start())
+                return await agent.start()
             except CncError:
                 raise  # says what is wrong (a Slurm setting, …)
             except Exception as exc:
                 hint = " (is `cncbrain emulate` running?)" if args.executor == "emulated" else ""
                 raise CncError(f"agent for {sid} could not start: {exc!r}{hint}") from None
+
+        pairs = [(sid, shared or buses[i]) for i, sid in enumerate(sites)]
+        agents.append(await start(*pairs[0]))  # the first one subscribes the shared desk
+        started = await asyncio.gather(*(start(sid, bus) for sid, bus in pairs[1:]), return_exceptions=True)
+        agents.extend(a for a in started if isinstance(a, SiteAgent))
+        if failed := [a for a in started if isinstance(a, BaseException)]:
+            raise failed[0]
         log.info("%d site agents running", len(agents))
         return await wait_for_stop(stop)
     finally:

@@ -65,6 +65,8 @@ class _Service:
     ingress: np.ndarray
     cursor: int = 0
     active: bool = True
+    trace_end_s: float = 0.0
+    """Emulated time up to which `t` holds the replayed requests (a `trace_window_s` twin extends it)."""
 
 
 @dataclass
@@ -104,7 +106,16 @@ def pool_rng(seed: int) -> np.random.Generator:
 class Twin:
     """A CNC pool under a scenario, deterministic for a given seed."""
 
-    def __init__(self, scenario: Scenario, seed: int | None = None, duration_s: float | None = None):
+    def __init__(self, scenario: Scenario, seed: int | None = None, duration_s: float | None = None, *,
+                 keep_history: bool = True, trace_window_s: float | None = None):
+        """keep_history: keep every tick's report and every request's latency (the evaluation's
+        metrics); False for a twin that runs for ever (the live emulator), whose memory then stays
+        flat. trace_window_s: replay each service's trace a window at a time instead of its whole
+        horizon at once (the emulator; None: whole, as the evaluations replay it)."""
+        self.keep_history = keep_history
+        self.trace_window_s = trace_window_s
+        self._free_slots: list[int] = []
+        """Columns of removed services, given to the next added one (the arrays do not grow)."""
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.rng = np.random.default_rng(self.seed)
@@ -189,21 +200,48 @@ class Twin:
         if spec.name in self.service_index and self.services[self.service_index[spec.name]].active:
             raise ValueError(f"service {spec.name!r} exists")
         m = physics.model(spec.model)
-        trace = replay(spec.trace, self.duration_s, spec.rate_scale / spec.request_weight, self.rng)
+        if self.trace_window_s is None:
+            end, trace = self.duration_s, replay(spec.trace, self.duration_s, spec.rate_scale / spec.request_weight,
+                                                 self.rng)
+        else:
+            end = min(self.duration_s, self.time_s + self.trace_window_s)
+            trace = replay(spec.trace, end, spec.rate_scale / spec.request_weight, self.rng, start_s=self.time_s)
         ingress = self.rng.choice(self.S, size=len(trace), p=self._ingress_weights(spec))
         start = int(np.searchsorted(trace.t, self.time_s))
-        mp, mo = float(trace.prompt.mean()), float(trace.output.mean())
+        mp, mo = (float(trace.prompt.mean()), float(trace.output.mean())) if len(trace.t) else (1.0, 1.0)
         tp, bmax, work = physics.replica_figures(m, self.gpus, spec.precision, mp, mo)
         svc = _Service(spec, m, tp, np.where(np.isfinite(work), 1.0 / work, 0.0), work, bmax,
                        physics.replica_startup_s(m, spec.precision), mp, mo,
-                       trace.t, trace.prompt, trace.output, ingress, cursor=start)
-        k = len(self.services)
-        self.services.append(svc)
+                       trace.t, trace.prompt, trace.output, ingress, cursor=start, trace_end_s=end)
+        if self._free_slots:  # the column of a removed service
+            k = self._free_slots.pop()
+            self.services[k] = svc
+            self.ready[:, k, :] = 0
+            self.overflow[:, k] = -1
+            self.backlog[:, k] = 0.0
+        else:
+            k = len(self.services)
+            self.services.append(svc)
+            self.ready = np.concatenate([self.ready, np.zeros((self.S, 1, self.G), np.int64)], axis=1)
+            self.overflow = np.concatenate([self.overflow, np.full((self.S, 1), -1, np.int64)], axis=1)
+            self.backlog = np.concatenate([self.backlog, np.zeros((self.S, 1))], axis=1)
         self.service_index[spec.name] = k
-        self.ready = np.concatenate([self.ready, np.zeros((self.S, 1, self.G), np.int64)], axis=1)
-        self.overflow = np.concatenate([self.overflow, np.full((self.S, 1), -1, np.int64)], axis=1)
-        self.backlog = np.concatenate([self.backlog, np.zeros((self.S, 1))], axis=1)
         return k
+
+    def _extend_trace(self, svc: _Service, until_s: float) -> None:
+        """Replay the next window(s) of a windowed service's trace, dropping what was served."""
+        end = svc.trace_end_s
+        while end < min(until_s, self.duration_s):
+            new_end = min(self.duration_s, end + (self.trace_window_s or self.duration_s))
+            spec = svc.spec
+            trace = replay(spec.trace, new_end, spec.rate_scale / spec.request_weight, self.rng, start_s=end)
+            ingress = self.rng.choice(self.S, size=len(trace), p=self._ingress_weights(spec))
+            c = svc.cursor
+            svc.t, svc.prompt = np.concatenate([svc.t[c:], trace.t]), np.concatenate([svc.prompt[c:], trace.prompt])
+            svc.output, svc.ingress = np.concatenate([svc.output[c:], trace.output]), np.concatenate([svc.ingress[c:], ingress])
+            svc.cursor = 0
+            end = new_end
+        svc.trace_end_s = end
 
     def _warm_start(self, k: int) -> None:
         """A scenario's services begin with their min_replicas serving, at the most populous sites
@@ -226,9 +264,28 @@ class Twin:
 
     def remove_service(self, name: str) -> None:
         k = self.service_index[name]
-        self.services[k].active = False
+        svc = self.services[k]
+        svc.active = False
         self.ready[:, k, :] = 0
         self.starting = [s for s in self.starting if s[2] != k]
+        if not self.keep_history:  # nobody reports on it later: its column and trace are free
+            del self.service_index[name]
+            empty = np.zeros(0)
+            svc.t, svc.prompt, svc.output, svc.ingress, svc.cursor = empty, empty, empty, np.zeros(0, np.int64), 0
+            self._free_slots.append(k)
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop a job that is done (a twin that runs for ever: its list would only grow)."""
+        i = self.job_index.pop(job_id, None)
+        if i is None:
+            return
+        job = self.jobs[i]
+        if job.state == "running":
+            self._stop_job(job, lose=False)
+        last = self.jobs.pop()
+        if i < len(self.jobs):
+            self.jobs[i] = last
+            self.job_index[last.spec.job_id] = i
 
     def submit_job(self, spec: JobSpec) -> None:
         if spec.job_id in self.job_index:
@@ -520,7 +577,8 @@ class Twin:
         self.time_s = t0 + dt
         self._at_boundary()
         self._last = report
-        self.history.append(report)
+        if self.keep_history:
+            self.history.append(report)
         return report
 
     def _at_boundary(self) -> None:
@@ -589,6 +647,8 @@ class Twin:
             self._near = [np.argsort(self.latency[i], kind="stable")[1:] for i in range(S)]
         lat_ok = np.isfinite(self.latency)
         for k, svc in enumerate(self.services):
+            if svc.active and svc.trace_end_s < t0 + dt and self.trace_window_s is not None:
+                self._extend_trace(svc, t0 + dt)
             lo = svc.cursor
             hi = int(np.searchsorted(svc.t, t0 + dt, side="left"))
             svc.cursor = hi
@@ -657,9 +717,10 @@ class Twin:
             rep.met_slo[k] = int(ok.sum()) * rw
             rep.dropped[k] = int(dropped.sum()) * rw
             keep = ~dropped
-            self._ttft.append(ttft[keep])
-            self._tpot.append(tpot[keep])
-            self._lat_weight.append(rw)
+            if self.keep_history:
+                self._ttft.append(ttft[keep])
+                self._tpot.append(tpot[keep])
+                self._lat_weight.append(rw)
             # backlog carried to the next tick (dropped work leaves the queue)
             c = np.maximum(n_rep, 1)
             w_site = svc.work_s[g_dom]

@@ -52,8 +52,10 @@ def load_azure(kind: str) -> RequestTrace:
     return RequestTrace(t, np.asarray(prompt)[order], np.maximum(np.asarray(out)[order], 1), float(t[-1]) + 1.0)
 
 
-def replay(kind: str, duration_s: float, rate_scale: float, rng: np.random.Generator) -> RequestTrace:
-    """The trace scaled in rate and tiled to `duration_s`.
+def replay(kind: str, duration_s: float, rate_scale: float, rng: np.random.Generator,
+           start_s: float = 0.0) -> RequestTrace:
+    """The trace scaled in rate and tiled to `duration_s`; only its part from `start_s` on (a
+    window of a long horizon; 0: all of it, as the evaluations replay it).
 
     Rate scaling superposes ⌈r⌉ copies of the trace, copy k shifted by a random circular offset
     (copy 0 unshifted), and thins the last copy to the fractional part, so bursts keep their shape.
@@ -71,11 +73,12 @@ def replay(kind: str, duration_s: float, rate_scale: float, rng: np.random.Gener
         ps.append(base.prompt[keep])
         os_.append(base.output[keep])
     t1, p1, o1 = np.concatenate(ts), np.concatenate(ps), np.concatenate(os_)
-    reps = int(np.ceil(duration_s / base.length_s))
-    t = np.concatenate([t1 + r * base.length_s for r in range(reps)])
+    first = int(start_s // base.length_s)
+    reps = max(int(np.ceil(duration_s / base.length_s)) - first, 0)
+    t = np.concatenate([t1 + r * base.length_s for r in range(first, first + reps)] or [np.zeros(0)])
     p = np.tile(p1, reps)
     o = np.tile(o1, reps)
-    keep = t < duration_s
+    keep = (t < duration_s) & (t >= start_s)
     order = np.argsort(t[keep], kind="stable")
     return RequestTrace(t[keep][order], p[keep][order], o[keep][order], duration_s)
 

@@ -345,3 +345,31 @@ def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_sayin
              if w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)}
     assert not stuck, (stuck, str(out)[-2000:])
     assert all(w.message for w in mine.values() if w.state == pb.WORKLOAD_STATE_FAILED)
+
+
+def test_two_ups_started_at_the_same_moment_do_not_collide(tmp_path):
+    """Bind, then report: every port of both brains is bound by its service and reported, so two
+    brains started together (two test runs, two users) each get their own."""
+    import threading
+
+    started: dict[str, tuple] = {}
+
+    def run(name):
+        started[name] = start_up(tmp_path / name)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    try:
+        assert set(started) == {"a", "b"}
+        ports = [{k: v for k, v in ep.items() if k in ("nats", "perception", "scheduler", "adaptation", "governance")}
+                 for _, _, ep, _ in started.values()]
+        assert not set(ports[0].values()) & set(ports[1].values()), ports
+        for _, env, _, _ in started.values():
+            res = cli("workloads", env=env)
+            assert res.returncode == 0, res.stderr
+    finally:
+        for proc, *_ in started.values():
+            stop_up(proc)

@@ -57,9 +57,11 @@ def test_a_child_that_keeps_crashing_stops_the_supervisor_with_its_name_and_log(
     with pytest.raises(GaveUp, match="perception ended 3 times within 120 s \\(last: exit status 3\\)") as err:
         poll_until(sup, lambda: False)
     assert "cannot reach NATS" in str(err.value)  # its last log lines
-    assert lines[0] == "perception ended (exit status 3); restarting it (1 of 3 allowed within 120 s)"
+    assert lines[0] == ("perception ended (exit status 3: cannot reach NATS); restarting it "
+                        "(1 of 3 allowed within 120 s)")
     assert lines[1].startswith("perception started again (pid ")
-    assert lines[2] == "perception ended (exit status 3); restarting it in 0.25 s (2 of 3 allowed within 120 s)"
+    assert lines[2] == ("perception ended (exit status 3: cannot reach NATS); restarting it in 0.25 s "
+                        "(2 of 3 allowed within 120 s)")
 
 
 def test_a_child_that_cannot_listen_is_not_restarted():

@@ -1,0 +1,314 @@
+"""Chaos: a bounded deploy stream against a running brain while one process after another is
+killed with SIGKILL — each service (with `--standby`: its active instance), the site agents, the
+emulator, nats-server. Per fault it prints:
+
+- healthy_s: seconds from the kill until the brain serves again — every gRPC health check SERVING,
+  every site up, and a probe deploy sent after the kill RUNNING (applied at its emulated site);
+- accepted: deploys of the stream the brain accepted (each sent with its request id and retried
+  while the brain answers UNAVAILABLE or not at all, as the CLI does);
+- failed: deploys it refused, or that the client gave up on (60 s);
+- lost: accepted, but not in the scheduler's records afterwards;
+- duplicated: records beyond one per deploy of the stream;
+- stuck: accepted and, after the settle time, neither RUNNING nor explicitly FAILED (PENDING, or
+  PLACED with nothing running);
+- ended_failed: accepted workloads that ended FAILED (their message says why).
+
+The brain runs as `cncbrain up` does (abilene, auth on, supervised). Figures depend on the machine's
+load: each line carries the load average.
+
+    python -m benchmarks.bench_chaos [--standby] [--deploys N] [--rate R] [--json FILE] [--plot FILE]
+        [--faults scheduler,governance,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.auth import bearer_metadata
+from cncbrain.commands._live import RETRYABLE
+from cncbrain.commands.up import SERVICES, Brain
+
+FAULTS = ("scheduler", "governance", "perception", "adaptation", "agents", "emulator", "nats")
+SETTLE_S = 60.0
+RETRY_WINDOW_S = 60.0
+
+
+@dataclass
+class Result:
+    fault: str
+    killed: str
+    healthy_s: float | None = None
+    accepted: int = 0
+    failed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    stuck: int = 0
+    ended_failed: int = 0
+    load: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def spec(name: str) -> common.InferenceServiceSpec:
+    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, slo=common.SloTargets(ttft_ms=1000, tpot_ms=100),
+                                       expected_rate_rps=0.05, min_replicas=1, max_replicas=1, gpus_per_replica=1,
+                                       trace="code")
+
+
+class Chaos:
+    def __init__(self, brain: Brain, deploys: int, rate: float) -> None:
+        self.brain = brain
+        self.deploys = deploys
+        self.rate = rate
+        ep = brain.endpoints
+        self.md = bearer_metadata(brain.token_file.read_text().strip()) if brain.auth else None
+        self.ports = {s: ep[s] for s in SERVICES}
+
+    async def _retrying(self, call):
+        deadline = time.monotonic() + RETRY_WINDOW_S
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def health(self) -> bool:
+        for address in self.ports.values():
+            try:
+                async with grpc.aio.insecure_channel(address) as ch:
+                    resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if resp.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+            except grpc.aio.AioRpcError:
+                return False
+        return True
+
+    async def sites_up(self) -> bool:
+        try:
+            async with grpc.aio.insecure_channel(self.ports["perception"]) as ch:
+                sites = (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
+                    perception_pb2.ListSitesRequest(), metadata=self.md, timeout=1)).sites
+        except grpc.aio.AioRpcError:
+            return False
+        return len(sites) >= len(self.brain.sites) and all(s.state == common.SITE_STATE_UP for s in sites)
+
+    async def time_to_healthy(self, stub, killed_at: float, tag: str, notes: list[str]) -> float | None:
+        """Seconds from the kill until every health check SERVING, every site up and a probe
+        deploy (sent right after the kill) placed; `notes` get when each was first true."""
+        seen: dict[str, float] = {}
+
+        async def probe_placed() -> bool:
+            try:
+                w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid), metadata=self.md,
+                                            timeout=2)).workload
+            except grpc.aio.AioRpcError:
+                return False
+            return w.state == pb.WORKLOAD_STATE_RUNNING  # applied at its site: agents and emulator work
+
+        probe = pb.DeployInferenceServiceRequest(service=spec(f"{tag}-probe"), request_id=f"{tag}-probe")
+        wid = (await self._retrying(lambda: stub.DeployInferenceService(probe, metadata=self.md, timeout=10))).workload.workload_id
+        seen["probe accepted"] = time.monotonic() - killed_at
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            checks = {"health": await self.health(), "sites up": await self.sites_up(), "probe running": await probe_placed()}
+            for what, ok in checks.items():
+                if ok and what not in seen:
+                    seen[what] = time.monotonic() - killed_at
+            if all(checks.values()):
+                notes.append("after the kill: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seen.items(), key=lambda kv: kv[1])))
+                return time.monotonic() - killed_at
+            await asyncio.sleep(0.1)
+        notes.append("not healthy within 120 s: " + ", ".join(f"{k} {v:.1f} s" for k, v in seen.items()))
+        return None
+
+    async def run_fault(self, fault: str, kill) -> Result:
+        tag = f"{fault}-{int(time.time())}"
+        async with grpc.aio.insecure_channel(self.ports["scheduler"]) as ch:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            outcome: dict[int, str | None] = {}
+
+            async def one(i: int) -> None:
+                request = pb.DeployInferenceServiceRequest(service=spec(f"{tag}-{i}"), request_id=f"{tag}-{i}")
+                try:
+                    w = (await self._retrying(lambda: stub.DeployInferenceService(
+                        request, metadata=self.md, timeout=10))).workload
+                    outcome[i] = w.workload_id
+                except grpc.aio.AioRpcError:
+                    outcome[i] = None
+
+            tasks = []
+            notes: list[str] = []
+            killed_at = 0.0
+            killed = ""
+            for i in range(self.deploys):
+                if i == self.deploys // 4:
+                    killed = kill()
+                    killed_at = time.monotonic()
+                    healthy = asyncio.ensure_future(self.time_to_healthy(stub, killed_at, tag, notes))
+                tasks.append(asyncio.ensure_future(one(i)))
+                await asyncio.sleep(1 / self.rate)
+            await asyncio.gather(*tasks)
+            result = Result(fault, killed, healthy_s=await healthy, load=load(), notes=notes)
+            accepted = {wid for wid in outcome.values() if wid}
+            result.accepted, result.failed = len(accepted), sum(1 for w in outcome.values() if w is None)
+            settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_COMPLETED)
+            deadline = time.monotonic() + SETTLE_S
+            while True:
+                listed = (await self._retrying(lambda: stub.ListWorkloads(
+                    pb.ListWorkloadsRequest(), metadata=self.md, timeout=10))).workloads
+                mine = [w for w in listed if w.inference_service.name.startswith(f"{tag}-")
+                        and not w.inference_service.name.endswith("-probe")]
+                by_id = {w.workload_id: w for w in mine}
+                if all(w.state in settled for w in by_id.values()) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            result.lost = len(accepted - set(by_id))
+            result.duplicated = len(mine) - len({w.inference_service.name for w in mine})
+            result.stuck = sum(1 for wid in accepted if wid in by_id and by_id[wid].state not in settled)
+            result.ended_failed = sum(1 for wid in accepted if wid in by_id and by_id[wid].state == pb.WORKLOAD_STATE_FAILED)
+            for w in by_id.values():
+                if w.state == pb.WORKLOAD_STATE_FAILED or w.state not in settled:
+                    result.notes.append(f"{w.workload_id} {pb.WorkloadState.Name(w.state)}: {w.message[:160]}")
+            # the pool back to empty for the next fault
+            for w in listed:
+                if w.inference_service.name.startswith(f"{tag}-") and w.state in (
+                        pb.WORKLOAD_STATE_PENDING, pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING):
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await self._retrying(lambda w=w: stub.CancelWorkload(
+                            pb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=self.md, timeout=10))
+        return result
+
+
+def active_instance(brain: Brain, service: str) -> str:
+    """The instance holding `service`'s lease (its log says so last)."""
+    best, at = brain.instances(service)[0], -1.0
+    for name in brain.instances(service):
+        path = brain.log_path(name)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        i = text.rfind(f"{service} {name}: active")
+        if i >= 0 and path.stat().st_mtime > at and text.rfind(" stopping", i) < 0:
+            best, at = name, path.stat().st_mtime
+    return best
+
+
+def killer(brain: Brain, fault: str):
+    def kill() -> str:
+        name = fault
+        if fault in SERVICES:
+            name = active_instance(brain, fault)
+        proc = brain.supervisor.children[name].proc
+        if proc is None:
+            raise RuntimeError(f"{name} is not running")
+        os.kill(proc.pid, signal.SIGKILL)
+        return name
+    return kill
+
+
+def supervise(brain: Brain, stop: threading.Event, lines: list[str]) -> None:
+    while not stop.is_set():
+        try:
+            brain.poll()
+        except Exception as exc:  # GaveUp
+            lines.append(f"supervisor gave up: {exc}")
+            return
+        time.sleep(0.1)
+
+
+def plot(results: list[Result], path: Path, standby: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.fault for r in results]
+    values = [r.healthy_s if r.healthy_s is not None else 0.0 for r in results]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    bars = ax.bar(names, values, color=["#c44e52" if v > 5 else "#4c72b0" for v in values])
+    ax.axhline(5.0, color="grey", linestyle="--", linewidth=1, label="target 5 s")
+    for b, r in zip(bars, results, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r.healthy_s:.1f}" if r.healthy_s else "n/a",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("kill -9 → healthy again (s)")
+    ax.set_title(f"bench_chaos: recovery per fault ({'standby' if standby else 'supervised restart'})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench_chaos")
+    parser.add_argument("--standby", action="store_true", help="two instances of each service (up --standby)")
+    parser.add_argument("--deploys", type=int, default=24, help="deploys in each fault's stream")
+    parser.add_argument("--rate", type=float, default=4.0, help="deploys per second")
+    parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
+    args = parser.parse_args(argv)
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    lines: list[str] = []
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(args.keep or Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
+                      adaptation_port=0, speed=30.0, fresh=True, auth=True, standby=args.standby,
+                      say=lambda line: lines.append(f"{time.strftime('%H:%M:%S')} {line}"))
+        print(f"starting the brain ({'standby' if args.standby else 'one instance each'}) … [load {load()}]", flush=True)
+        brain.start()
+        print(f"healthy in {brain.healthy_after_s:.1f} s", flush=True)
+        stop = threading.Event()
+        watcher = threading.Thread(target=supervise, args=(brain, stop, lines), daemon=True)
+        watcher.start()
+        try:
+            chaos = Chaos(brain, args.deploys, args.rate)
+            for fault in faults:
+                result = asyncio.run(chaos.run_fault(fault, killer(brain, fault)))
+                results.append(result)
+                print(f"{fault:11s} killed {result.killed:13s} healthy in "
+                      f"{result.healthy_s:5.2f} s" if result.healthy_s is not None else f"{fault:11s} NOT healthy",
+                      f"accepted {result.accepted}/{args.deploys} failed {result.failed} lost {result.lost} "
+                      f"duplicated {result.duplicated} stuck {result.stuck} ended_failed {result.ended_failed} "
+                      f"[load {result.load}]", flush=True)
+                for note in result.notes[:5]:
+                    print(f"    {note}", flush=True)
+                time.sleep(3)  # let restarts settle before the next fault
+        finally:
+            stop.set()
+            watcher.join(2)
+            brain.stop()
+    for line in lines:
+        print(f"  supervisor: {line}")
+    if args.json:
+        args.json.write_text(json.dumps({"standby": args.standby, "deploys": args.deploys, "rate": args.rate,
+                                         "results": [asdict(r) for r in results]}, indent=2))
+    if args.plot:
+        plot(results, args.plot, args.standby)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

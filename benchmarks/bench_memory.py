@@ -1,0 +1,137 @@
+"""Memory under a long deploy/cancel stream: every process of a running brain (`cncbrain up`:
+abilene, auth on) should come back within 20 % of its resident memory once the load is gone.
+
+Each cycle deploys a one-replica service (with its request id), waits for its placement to be
+applied at the emulated site (the workload RUNNING), and cancels it; `--workers` cycles run at
+once. RSS is read from /proc before (after a warm-up of `--warmup` cycles, so imports, caches and
+the pool's first services are in) and after the `--cycles` cycles plus `--settle` seconds. It
+prints, per process, RSS before and after and their ratio, and the deploy → RUNNING p50 of each
+block of 500 cycles (a brain that slows as it ages shows here).
+
+    python -m benchmarks.bench_memory [--cycles 5000] [--workers 8] [--warmup 200] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from cnc.common.v1 import common_pb2 as common
+from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cncbrain.auth import bearer_metadata
+from cncbrain.commands.up import Brain
+
+LIMIT = 1.20
+BLOCK = 500
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def processes(brain: Brain) -> dict[str, int]:
+    found = {name: proc.pid for name, proc in brain.procs.items()}
+    if brain.nats and brain.nats.proc:
+        found["nats-server"] = brain.nats.proc.pid
+    return found
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def cycles(brain: Brain, n: int, workers: int, tag: str) -> list[float]:
+    """`n` deploy → RUNNING → cancel cycles, `workers` at a time; the deploy → RUNNING seconds."""
+    md = bearer_metadata(brain.token_file.read_text().strip())
+    spec = common.InferenceServiceSpec(model="7b", params_b=7, slo=common.SloTargets(ttft_ms=1000, tpot_ms=100),
+                                       expected_rate_rps=0.05, min_replicas=1, max_replicas=1, gpus_per_replica=1,
+                                       trace="code")
+    took: list[float] = [0.0] * n
+    todo = iter(range(n))
+    async with grpc.aio.insecure_channel(brain.endpoints["scheduler"]) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+
+        async def worker() -> None:
+            for i in todo:
+                s = common.InferenceServiceSpec()
+                s.CopyFrom(spec)
+                s.name = f"{tag}{i}"
+                t0 = time.perf_counter()
+                w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+                    service=s, request_id=f"{tag}-{i}"), metadata=md, timeout=30)).workload
+                while w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED):
+                    await asyncio.sleep(0.02)
+                    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id), metadata=md,
+                                                timeout=30)).workload
+                took[i] = time.perf_counter() - t0
+                await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=md, timeout=30)
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    return took
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench_memory")
+    parser.add_argument("--cycles", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds after the last cancel")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        brain = Brain(Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
+                      adaptation_port=0, speed=30.0, fresh=True, auth=True)
+        print(f"starting the brain … [load {load()}]", flush=True)
+        brain.start()
+        try:
+            asyncio.run(cycles(brain, args.warmup, args.workers, "warm"))
+            time.sleep(args.settle)
+            pids = processes(brain)
+            before = {name: rss_mb(pid) for name, pid in pids.items()}
+            print(f"after {args.warmup} warm-up cycles: " + ", ".join(f"{k} {v:.0f} MB" for k, v in before.items())
+                  + f" [load {load()}]", flush=True)
+            started = time.monotonic()
+            took = asyncio.run(cycles(brain, args.cycles, args.workers, "m"))
+            elapsed = time.monotonic() - started
+            peak = {name: rss_mb(pid) for name, pid in pids.items()}
+            time.sleep(args.settle)
+            after = {name: rss_mb(pid) for name, pid in pids.items()}
+            restarted = [n for n, pid in processes(brain).items() if pids.get(n) != pid]
+        finally:
+            brain.stop()
+    blocks = [statistics.median(took[i:i + BLOCK]) * 1e3 for i in range(0, len(took), BLOCK)]
+    print(f"{args.cycles} deploy → RUNNING → cancel cycles, {args.workers} at a time, in {elapsed:.0f} s "
+          f"({args.cycles / elapsed:.1f}/s) [load {load()}]")
+    print("deploy → RUNNING p50 per block of 500 (ms): " + " ".join(f"{b:.0f}" for b in blocks))
+    print(f"{'process':12s} {'before MB':>10s} {'peak MB':>9s} {'after MB':>9s} {'after/before':>13s}")
+    ok = True
+    for name in before:
+        ratio = after[name] / before[name] if before[name] else 0.0
+        ok &= ratio <= LIMIT
+        print(f"{name:12s} {before[name]:10.1f} {peak[name]:9.1f} {after[name]:9.1f} {ratio:12.2f}"
+              f"{'' if ratio <= LIMIT else '  over 20 %'}")
+    if restarted:
+        print(f"restarted during the run (their figures are not comparable): {', '.join(restarted)}")
+    print("every process within 20 % of its RSS before" if ok else "SOME PROCESS GREW BY MORE THAN 20 %")
+    if args.json:
+        args.json.write_text(json.dumps({"cycles": args.cycles, "workers": args.workers, "seconds": elapsed,
+                                         "p50_ms_per_block": blocks, "before_mb": before, "peak_mb": peak,
+                                         "after_mb": after, "restarted": restarted}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
