@@ -49,6 +49,23 @@ def processes(brain: Brain) -> dict[str, int]:
     return found
 
 
+def jetstream(brain: Brain) -> dict[str, tuple[int, int, int, int]]:
+    """nats-server's streams: name → (messages, bytes, subjects, consumers), from its monitoring port."""
+    import urllib.request
+
+    if not (brain.nats and brain.nats.monitor_url):
+        return {}
+    with urllib.request.urlopen(f"{brain.nats.monitor_url}/jsz?streams=1&consumers=1", timeout=5) as r:
+        data = json.load(r)
+    out = {}
+    for account in data.get("account_details", []):
+        for st in account.get("stream_detail", []):
+            state = st.get("state", {})
+            out[st["name"]] = (state.get("messages", 0), state.get("bytes", 0), state.get("num_subjects", 0),
+                               len(st.get("consumer_detail") or []))
+    return out
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -101,6 +118,7 @@ def main(argv: list[str]) -> int:
             time.sleep(args.settle)
             pids = processes(brain)
             before = {name: rss_mb(pid) for name, pid in pids.items()}
+            js_before = jetstream(brain)
             print(f"after {args.warmup} warm-up cycles: " + ", ".join(f"{k} {v:.0f} MB" for k, v in before.items())
                   + f" [load {load()}]", flush=True)
             started = time.monotonic()
@@ -109,6 +127,7 @@ def main(argv: list[str]) -> int:
             peak = {name: rss_mb(pid) for name, pid in pids.items()}
             time.sleep(args.settle)
             after = {name: rss_mb(pid) for name, pid in pids.items()}
+            js_after = jetstream(brain)
             restarted = [n for n, pid in processes(brain).items() if pids.get(n) != pid]
         finally:
             brain.stop()
@@ -123,6 +142,11 @@ def main(argv: list[str]) -> int:
         ok &= ratio <= LIMIT
         print(f"{name:12s} {before[name]:10.1f} {peak[name]:9.1f} {after[name]:9.1f} {ratio:12.2f}"
               f"{'' if ratio <= LIMIT else '  over 20 %'}")
+    print("JetStream (what nats-server keeps): stream messages / MB / subjects / consumers, before → after")
+    for name in sorted(set(js_before) | set(js_after)):
+        b, a = js_before.get(name, (0, 0, 0, 0)), js_after.get(name, (0, 0, 0, 0))
+        print(f"  {name:24s} {b[0]:7d} → {a[0]:7d} msgs  {b[1] / 1e6:6.1f} → {a[1] / 1e6:6.1f} MB  "
+              f"{b[2]:6d} → {a[2]:6d} subjects  {b[3]} → {a[3]} consumers")
     if restarted:
         print(f"restarted during the run (their figures are not comparable): {', '.join(restarted)}")
     print("every process within 20 % of its RSS before" if ok else "SOME PROCESS GREW BY MORE THAN 20 %")
