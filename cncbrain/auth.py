@@ -6,7 +6,8 @@ from the call metadata. No token, a malformed, unknown or revoked one -> UNAUTHE
 calling an operator-only method -> PERMISSION_DENIED. Health and reflection stay open so probes
 and grpcurl work without credentials. The caller is then available to the servicer as
 `current_principal()`; a servicer that touches a workload calls
-`require_tenant_access(current_principal(), owner)` and maps `PermissionDenied` with `abort_for`.
+`require_tenant_access(current_principal(), owner)`, whose `PermissionDenied` the error interceptor
+(`cncbrain.grpcserver`) answers as PERMISSION_DENIED.
 
 Tokens are checked against an in-process `TokenDirectory` (cncbrain.identity), fed from the KV
 bucket governance writes (`TokenFeed`), so a check costs a dict lookup and one sha256. A record
@@ -62,7 +63,7 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("c
 
 __all__ = [
     "AuthInterceptor", "PermissionDenied", "Principal", "TokenDirectory", "TokenFeed", "Unauthenticated",
-    "abort_for", "current_principal", "load_token", "require_operator", "require_tenant_access",
+    "current_principal", "load_token", "require_operator", "require_tenant_access",
     "token_interceptors", "with_principal",
 ]
 
@@ -89,15 +90,6 @@ def with_principal(principal: Principal | None):
         _principal.reset(token)
 
 
-def status_for(exc: AuthError) -> grpc.StatusCode:
-    return grpc.StatusCode.PERMISSION_DENIED if isinstance(exc, PermissionDenied) else grpc.StatusCode.UNAUTHENTICATED
-
-
-async def abort_for(context: grpc.aio.ServicerContext, exc: AuthError) -> None:
-    """Abort the RPC with the status that matches an auth refusal."""
-    await context.abort(status_for(exc), str(exc))
-
-
 def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     for k, v in details.invocation_metadata or ():
         if k == key:
@@ -108,7 +100,7 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
 def _wrap(handler: Any, principal: Principal | None, refusal: AuthError | None, method: str = ""):
     """Same handler kind, run with the principal set, or refusing with the auth status (logged, in
     the call's trace)."""
-    code = status_for(refusal) if refusal is not None else None
+    code = refusal.status if refusal is not None else None
     message = str(refusal) if refusal is not None else ""
 
     async def refuse(context: grpc.aio.ServicerContext) -> None:

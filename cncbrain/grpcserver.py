@@ -1,5 +1,5 @@
 """What every gRPC service of the brain shares: an aio server with health and reflection, the
-tracing interceptor, raised pending-request limit, a clear error for a busy port, and a run loop
+tracing interceptor, the request limits, one mapping of errors to statuses, raised pending-request limit, a clear error for a busy port, and a run loop
 that stops gracefully on SIGTERM/SIGINT.
 """
 
@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,6 +46,27 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+"""A handler's function: (request or request iterator, context) -> a response, or an async
+iterator of responses for a response-streaming method."""
+
+
+def rewrap(handler: Any, unary: Callable[[Behavior], Behavior], streaming: Callable[[Behavior], Behavior]) -> Any:
+    """`handler` (a `grpc.RpcMethodHandler` of any of the four kinds) with its function wrapped:
+    by `unary` when the method answers once, by `streaming` when it answers with a stream."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
+                                                   handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), handler.request_deserializer,
+                                                    handler.response_serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), handler.request_deserializer,
+                                                 handler.response_serializer)
+
+
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """Every request of every service is checked against the limits that hold for any field
     (`cncbrain.limits.check_message`: finite floats, bounded strings and lists) before its handler
@@ -54,30 +75,75 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        if handler is None or handler.request_streaming:
+            return handler
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def unary(inner: Behavior) -> Behavior:
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if (problem := limits.check_message(request)) is not None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-                return await inner_uu(request, context)
+                return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+            return checked
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def streaming(inner: Behavior) -> Behavior:
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if (problem := limits.check_message(request)) is not None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-                async for item in inner_us(request, context):
+                async for item in inner(request, context):
                     yield item
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return handler
+            return checked
+
+        return rewrap(handler, unary, streaming)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place an exception of a handler becomes a gRPC status, for every service: a
+    `CncError` is answered with its class's `status` and its message (`cncbrain.errors`); any other
+    exception is a bug, answered INTERNAL — never a status that tells the caller to retry or that
+    nothing changed — with its traceback in the service's log. A handler's own `context.abort`
+    passes through."""
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def unary(inner: Behavior) -> Behavior:
+            async def answered(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await abort_with(context, exc, method)
+
+            return answered
+
+        def streaming(inner: Behavior) -> Behavior:
+            async def answered(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await abort_with(context, exc, method)
+
+            return answered
+
+        return rewrap(handler, unary, streaming)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> NoReturn:
+    """End the call with the status `exc` stands for (see `ErrorInterceptor`)."""
+    if isinstance(exc, CncError):
+        await context.abort(exc.status, str(exc))
+    log.error("%s failed: unexpected %s: %s", method, type(exc).__name__, exc, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {method} ({type(exc).__name__}); the service logged its traceback")
 
 
 async def start_grpc_server(
@@ -90,14 +156,15 @@ async def start_grpc_server(
     """Build, bind and start the server; `register` adds the block's servicer.
 
     interceptors: run after tracing, e.g. `cncbrain.auth.AuthInterceptor` (see cncbrain/auth.py);
-    the request limits (`LimitsInterceptor`) are checked after them.
+    the request limits (`LimitsInterceptor`) are checked after them, and the handler's exceptions
+    become statuses (`ErrorInterceptor`) innermost.
     credentials: TLS server credentials (`cncbrain.certs.server_credentials`); None: plaintext.
     """
     names = list(service_names)
 
     def build() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(
-            interceptors=[telemetry.TracingServerInterceptor(), *interceptors, LimitsInterceptor()],
+            interceptors=[telemetry.TracingServerInterceptor(), *interceptors, LimitsInterceptor(), ErrorInterceptor()],
             options=[
                 ("grpc.max_pending_requests", settings.max_pending_requests),
                 ("grpc.so_reuseport", 0),

@@ -1,4 +1,5 @@
-"""Who is calling: roles, principals and API tokens (pure; no gRPC, no NATS).
+"""Who is calling: roles, principals and API tokens (pure: no network; the refusals carry their gRPC
+status, `cncbrain.errors`).
 
 A token handed to a user is ``<token_id>.<secret>``. Only ``sha256(secret)`` is ever stored, next
 to the token id, the tenant it belongs to and its role; checking a presented token looks the id up
@@ -21,6 +22,9 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
+import grpc
+
+from cncbrain.errors import CncError, InvalidArgument
 from cncbrain.limits import quote
 
 TOKEN_ID_PREFIX = "tok_"
@@ -35,8 +39,10 @@ class Role(enum.StrEnum):
     OPERATOR = "operator"
 
 
-class AuthError(Exception):
+class AuthError(CncError):
     """Base of the two ways a call is refused."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
 
 
 class Unauthenticated(AuthError):
@@ -45,6 +51,8 @@ class Unauthenticated(AuthError):
 
 class PermissionDenied(AuthError):
     """A known principal asked for something its role or tenant does not allow (PERMISSION_DENIED)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +135,9 @@ def mint_token(
 ) -> tuple[str, TokenRecord]:
     """Create a new token; returns (the token to hand out once, the record to store)."""
     if role is Role.TENANT and not tenant_id:
-        raise ValueError("a tenant token needs a tenant id")
+        raise InvalidArgument("a tenant token needs a tenant id")
     if role is Role.OPERATOR and tenant_id:
-        raise ValueError("an operator token belongs to no tenant")
+        raise InvalidArgument("an operator token belongs to no tenant")
     token_id = TOKEN_ID_PREFIX + secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     record = TokenRecord(
@@ -194,7 +202,7 @@ class TokenDirectory:
 
 def validate_tenant_id(tenant_id: str) -> str:
     if not TENANT_ID_RE.match(tenant_id or ""):
-        raise ValueError(
+        raise InvalidArgument(
             f"tenant id {quote(tenant_id)} must be 3-40 characters of a-z, 0-9 and '-', "
             "starting with a letter and not ending with '-'"
         )

@@ -30,6 +30,7 @@ import nats.errors
 import nats.js.errors
 
 from cncbrain import aio
+from cncbrain.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ def bucket_of(role: str) -> str:
 BUCKETS = tuple(bucket_of(r) for r in ROLES)
 
 
-class LeaseLost(Exception):
-    """This instance may not write: it lost its lease, or cannot currently prove it holds it."""
+class LeaseLost(Unavailable):
+    """This instance may not write: it lost its lease, or cannot currently prove it holds it (a
+    caller retries, and reaches the active instance)."""
 
 
 _held: Lease | None = None
@@ -77,10 +79,10 @@ class Lease:
 
     def check(self) -> None:
         if not self.held:
-            raise LeaseLost(f"{self.role}: not the active instance")
+            raise LeaseLost(f"{self.role}: not the active instance; retry")
         age = time.monotonic() - self.renewed_at
         if age >= FENCE_SHARE * self.ttl_s:
-            raise LeaseLost(f"{self.role}: lease not renewed for {age:.1f} s (NATS away?); not writing")
+            raise LeaseLost(f"{self.role}: lease not renewed for {age:.1f} s (NATS away?); not writing; retry")
 
     async def acquire(self, stop: asyncio.Event | None = None) -> bool:
         """Wait until this instance holds the lease (True), or `stop` is set (False)."""

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from cncbrain.errors import InvalidArgument
+
 QUOTE_CHARS = 100
 """An error message quotes at most this many characters of a client's input."""
 
@@ -52,7 +54,7 @@ MAX_COST_PER_HOUR = 1e9
 """USD per hour in a quota or policy."""
 
 
-class LimitError(ValueError):
+class LimitError(InvalidArgument):
     """A request field is out of its bounds; `field` names it (the message starts with it)."""
 
     def __init__(self, field_name: str, message: str) -> None:

@@ -21,15 +21,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cncbrain.errors import CncError
+from cncbrain.errors import CncError, DataLoss
 
 SIG_FIELD = "_sig"
 PRIVATE_FILE = Path("governance") / "signing.key"
 PUBLIC_FILE = Path("governance.pub")
 
 
-class SignatureError(ValueError):
-    """A record without governance's valid signature."""
+class SignatureError(DataLoss, ValueError):
+    """A record without governance's valid signature (forged or damaged)."""
 
 
 def canonical(data: Mapping[str, Any]) -> bytes:

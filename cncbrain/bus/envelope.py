@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from cncbrain import telemetry
+from cncbrain.errors import InvalidArgument
 
 TYPE = "Cnc-Type"
 EVENT_ID = "Cnc-Event-Id"
@@ -28,7 +29,7 @@ _bits = random.getrandbits  # reseeded in forked children by the random module i
 M = TypeVar("M", bound=Message)
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(InvalidArgument):
     """An event that cannot be decoded: missing headers, unknown or unexpected type, bad bytes."""
 
 

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from cnc.perception.v1 import perception_pb2 as perception
 from cnc.scheduler.v1 import scheduler_pb2 as scheduler
 from cnc.site.v1 import events_pb2 as site
+from cncbrain.errors import InvalidArgument
 from cncbrain.limits import quote
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -26,7 +27,7 @@ M = TypeVar("M", bound=Message)
 BLOCKS = ("site", "perception", "scheduler", "adaptation", "governance", "emulator", "deadletter")
 
 
-class SubjectError(ValueError):
+class SubjectError(InvalidArgument):
     """A subject or one of its tokens is malformed."""
 
 

@@ -1,4 +1,5 @@
-"""AdaptationService: proto <-> domain and refusals -> status codes."""
+"""AdaptationService: proto <-> domain. Refusals are raised (`cncbrain.errors`); the server's
+error interceptor answers their status."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import grpc
 from cnc.adaptation.v1 import adaptation_pb2 as pb
 from cnc.adaptation.v1 import adaptation_pb2_grpc
 from cnc.common.v1 import common_pb2 as common
-from cncbrain.auth import abort_for, current_principal
-from cncbrain.identity import AuthError, PermissionDenied, require_tenant_access
+from cncbrain.auth import current_principal
+from cncbrain.errors import FailedPrecondition, InvalidArgument, NotFound
+from cncbrain.identity import PermissionDenied, require_tenant_access
 from cncbrain.workload import tenant_of
 from services.adaptation.domain.parallelism import (
     GpuGroup,
@@ -76,10 +78,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
     async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
         principal = current_principal()
         if request.workload_id:
-            try:
-                self._owner_check(request.workload_id)
-            except AuthError as exc:
-                await abort_for(context, exc)
+            self._owner_check(request.workload_id)
         actions = self.ad.list_actions(
             request.workload_id, request.site_id,
             request.since.ToNanoseconds() if request.HasField("since") else 0,
@@ -93,46 +92,40 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
 
     async def GetAutoscalingPolicy(self, request, context) -> pb.GetAutoscalingPolicyResponse:
         if not request.workload_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
-        try:
-            self._owner_check(request.workload_id)
-        except AuthError as exc:
-            await abort_for(context, exc)
+            raise InvalidArgument("workload_id: required")
+        self._owner_check(request.workload_id)
         policy, explicit = self.ad.get_policy(request.workload_id)
         return pb.GetAutoscalingPolicyResponse(policy=policy_to_pb(policy), explicit=explicit)
 
     async def SetAutoscalingPolicy(self, request: pb.SetAutoscalingPolicyRequest,
                                    context: grpc.aio.ServicerContext) -> pb.SetAutoscalingPolicyResponse:
         if not request.workload_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+            raise InvalidArgument("workload_id: required")
         w = self.ad.workloads.get(request.workload_id)
         if w is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {request.workload_id!r}")
+            raise NotFound(f"no workload {request.workload_id!r}")
         if w.kind != common.WORKLOAD_KIND_INFERENCE_SERVICE:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only inference services scale")
+            raise FailedPrecondition("only inference services scale")
+        self._owner_check(request.workload_id)
         try:
-            self._owner_check(request.workload_id)
             policy = policy_from_pb(request.policy)
-        except AuthError as exc:
-            await abort_for(context, exc)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy: {exc}")
+        except ValueError as exc:  # the policy's own checks (AutoscalingPolicy)
+            raise InvalidArgument(f"policy: {exc}") from None
         await self.ad.set_policy(request.workload_id, policy)
         return pb.SetAutoscalingPolicyResponse(policy=policy_to_pb(policy))
 
     async def PlanParallelism(self, request: pb.PlanParallelismRequest, context) -> pb.PlanParallelismResponse:
         if request.kind not in (pb.PLAN_KIND_TRAINING, pb.PLAN_KIND_INFERENCE):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kind: PLAN_KIND_TRAINING or PLAN_KIND_INFERENCE")
+            raise InvalidArgument("kind: PLAN_KIND_TRAINING or PLAN_KIND_INFERENCE")
         try:
             model = resolve_model(request.model, request.params_b)
         except PlanError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
+            raise InvalidArgument(f"model: {exc}") from None
         groups = [GpuGroup(g.site_id or "site", g.gpu_type, g.count) for g in request.gpus]
         links = {(lk.site_a, lk.site_b): LinkSpec(lk.latency_ms, lk.bandwidth_gbps) for lk in request.links}
         for lk in request.links:
             if lk.bandwidth_gbps <= 0 or lk.latency_ms < 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"links: {lk.site_a}-{lk.site_b} needs bandwidth > 0 and latency >= 0")
+                raise InvalidArgument(f"links: {lk.site_a}-{lk.site_b} needs bandwidth > 0 and latency >= 0")
         if not groups:  # the free GPUs of the pool as it stands
             for cap in self.ad.capacity().values():
                 if cap.up:
@@ -143,18 +136,12 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
                     links.setdefault((s.site.site_id, measured.peer_site_id),
                                      LinkSpec(measured.latency_ms, measured.bandwidth_gbps))
         if not groups:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no GPUs given and none free in the pool")
-        try:
-            return plan_on(request, model, groups, links)
-        except PlanError as exc:
-            unknown = "unknown GPU type" in str(exc) or "global_batch_tokens" in str(exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if unknown else grpc.StatusCode.FAILED_PRECONDITION,
-                                str(exc))
-        raise AssertionError("unreachable")
+            raise FailedPrecondition("no GPUs given and none free in the pool")
+        return plan_on(request, model, groups, links)  # PlanError: INVALID_ARGUMENT or FAILED_PRECONDITION
 
     async def TriggerRebalance(self, request: pb.TriggerRebalanceRequest, context) -> pb.TriggerRebalanceResponse:
         if request.site_id and request.site_id not in self.ad.down:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"site {request.site_id} is not down")
+            raise FailedPrecondition(f"site {request.site_id} is not down")
         actions = []
         for site_id in [request.site_id] if request.site_id else sorted(self.ad.down):
             actions += await self.ad.recover(site_id)

@@ -32,6 +32,7 @@ from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.certs import client_channel
+from cncbrain.errors import CncError
 from cncbrain.kvfeed import KvFollower
 from cncbrain.limits import quote
 from cncbrain.signing import SignatureError, Verifier, verifier_from_env
@@ -51,10 +52,12 @@ log = logging.getLogger(__name__)
 OVERLAY_TTL_S = 10.0
 
 
-class AdmissionRefused(Exception):
+class AdmissionRefused(CncError):
+    """Governance did not admit a workload; `status` is the one governance answered with."""
+
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.status = code
 
 
 @dataclass

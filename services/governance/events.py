@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 from google.protobuf.json_format import MessageToDict
 
 from cnc.common.v1 import common_pb2 as common
@@ -34,6 +35,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import aio, lease
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
+from cncbrain.errors import CncError, Unavailable
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import physics as ph
@@ -224,7 +226,7 @@ class Governor:
             except Exception as exc:  # a bug in a batch must not end the writer: every later change would hang
                 log.exception("governance: writing a batch of %d changes failed; reloading the stored ledger", len(batch))
                 for item in batch:
-                    aio.settle(item.future, exc=RuntimeError(f"ledger write failed: {exc!r}"))
+                    aio.settle(item.future, exc=exc)  # the caller's RPC answers INTERNAL (a bug, not an outage)
                 with contextlib.suppress(Exception):
                     await self._load()
 
@@ -259,14 +261,21 @@ class Governor:
                 if all(e.index in stored for e in mine):
                     aio.settle(item.future, (result, mine))
                 else:
-                    aio.settle(item.future, exc=RuntimeError(f"ledger unavailable: {exc.cause!r}"))
+                    aio.settle(item.future, exc=Unavailable(f"ledger unavailable: {exc.cause!r}"))
             with contextlib.suppress(Exception):
                 await self._load()
                 await self._project_all()
             return
         except Exception as exc:
+            if isinstance(exc, nats.errors.Error | OSError | asyncio.TimeoutError):  # NATS away: nothing stored
+                failure: Exception = Unavailable(f"ledger unavailable: {exc!r}")
+            elif isinstance(exc, CncError):  # e.g. LeaseLost: says what it is
+                failure = exc
+            else:  # a bug: the callers' RPCs answer INTERNAL, not "unavailable, nothing changed"
+                log.exception("governance: appending a batch of %d changes failed", len(done))
+                failure = exc
             for item, _, _ in done:
-                aio.settle(item.future, exc=RuntimeError(f"ledger unavailable: {exc!r}"))
+                aio.settle(item.future, exc=failure)
             with contextlib.suppress(Exception):
                 await self._load()
             return

@@ -35,6 +35,7 @@ from cnc.governance.v1 import governance_pb2 as pb
 from cncbrain import lease
 from cncbrain.bus import Bus, subjects
 from cncbrain.bus.subjects import Subject
+from cncbrain.errors import DataLoss, Unavailable
 from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerEntry, LedgerHead
 
@@ -58,7 +59,7 @@ def from_proto(m: pb.LedgerEntry) -> LedgerEntry:
                        m.signature)
 
 
-class LedgerRemoved(Exception):
+class LedgerRemoved(DataLoss):
     """The ledger's stream does not exist (deleted)."""
 
 
@@ -206,7 +207,9 @@ class LedgerStore:
         log.info("governance: moved the ledger head from %s to %s", GOVERNANCE_BUCKET, HEAD_BUCKET)
 
 
-class LedgerWriteError(Exception):
+class LedgerWriteError(Unavailable):
+    """An append stopped part way: `stored` entries landed, the rest did not (nothing after them)."""
+
     def __init__(self, stored: int, cause: BaseException) -> None:
         super().__init__(f"ledger append stopped after {stored} entries: {cause!r}")
         self.stored = stored

@@ -1,20 +1,21 @@
-"""GovernanceService: proto <-> domain, who may call what, and domain refusals -> status codes."""
+"""GovernanceService: proto <-> domain and who may call what. Refusals are raised (`cncbrain.errors`);
+the server's error interceptor answers their status."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as pb
 from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain import limits, metrics
-from cncbrain.auth import abort_for, current_principal
-from cncbrain.identity import AuthError, PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
+from cncbrain.auth import current_principal
+from cncbrain.errors import CncError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from cncbrain.identity import PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
 from services.governance.domain.ledger import LedgerHead
 from services.governance.domain.policy import (
     Decision,
@@ -25,11 +26,7 @@ from services.governance.domain.policy import (
     tenant_usage,
 )
 from services.governance.domain.state import (
-    AlreadyExists,
-    GovernanceError,
     GovernanceState,
-    InvalidArgument,
-    NotFound,
     Record,
     Tenant,
     policy_from_dict,
@@ -43,15 +40,12 @@ OPERATOR_ONLY = frozenset(SERVICE + m for m in (
     "CreateTenant", "ListTenants", "SetQuota", "IssueToken", "ListLedgerEntries", "VerifyLedger", "EnrollSite"))
 """Methods the interceptor refuses to tenants outright; the rest check the tenant per request."""
 
-T = TypeVar("T")
-
-STATUS_OF = {NotFound: grpc.StatusCode.NOT_FOUND, AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-             InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT}
 VERDICT_PB = {Verdict.ADMITTED: pb.VERDICT_ADMITTED, Verdict.QUOTA_EXCEEDED: pb.VERDICT_QUOTA_EXCEEDED,
               Verdict.POLICY_VIOLATION: pb.VERDICT_POLICY_VIOLATION, Verdict.UNKNOWN_TENANT: pb.VERDICT_UNKNOWN_TENANT}
-ADMISSION_STATUS = {Verdict.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    Verdict.POLICY_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
-                    Verdict.UNKNOWN_TENANT: grpc.StatusCode.FAILED_PRECONDITION}
+REFUSAL: dict[Verdict, type[CncError]] = {Verdict.QUOTA_EXCEEDED: ResourceExhausted,
+                                         Verdict.POLICY_VIOLATION: FailedPrecondition,
+                                         Verdict.UNKNOWN_TENANT: FailedPrecondition}
+"""The error an admission refusal is answered with, by verdict."""
 
 
 # ---- proto <-> domain -----------------------------------------------------------------------------
@@ -142,20 +136,6 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
     def state(self) -> GovernanceState:
         return self.gov.state
 
-    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run `fn`, turning domain and auth refusals into the matching status."""
-        try:
-            return await fn()
-        except AuthError as exc:
-            await abort_for(context, exc)
-        except GovernanceError as exc:
-            await context.abort(STATUS_OF.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION), str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RuntimeError as exc:  # the ledger could not be written: nothing changed
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        raise AssertionError("unreachable")
-
     async def _change(self, command: Callable[[GovernanceState], tuple[Any, list[Record]]]) -> Any:
         result, _ = await self.gov.submit(command, current_principal().token_id)
         return result
@@ -171,90 +151,69 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
     # tenants ----------------------------------------------------------------------------------------
 
     async def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
-        async def run() -> pb.CreateTenantResponse:
-            limits.text("display_name", request.display_name, required=False)
-            quota = quota_from_pb(request.quota)
-            policy = policy_from_pb(request.policy)
-            await self._change(lambda s: (None, [s.create_tenant(request.tenant_id, request.display_name, quota,
-                                                                 policy)]))
-            return pb.CreateTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
-
-        return await self._guard(context, run)
+        limits.text("display_name", request.display_name, required=False)
+        quota = quota_from_pb(request.quota)
+        policy = policy_from_pb(request.policy)
+        await self._change(lambda s: (None, [s.create_tenant(request.tenant_id, request.display_name, quota,
+                                                             policy)]))
+        return pb.CreateTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
     async def GetTenant(self, request: pb.GetTenantRequest, context) -> pb.GetTenantResponse:
-        async def run() -> pb.GetTenantResponse:
-            require_tenant_access(current_principal(), request.tenant_id)
-            return pb.GetTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
-
-        return await self._guard(context, run)
+        require_tenant_access(current_principal(), request.tenant_id)
+        return pb.GetTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
     async def ListTenants(self, request: pb.ListTenantsRequest, context) -> pb.ListTenantsResponse:
         return pb.ListTenantsResponse(tenants=[tenant_to_pb(t, self.state) for _, t in sorted(self.state.tenants.items())])
 
     async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.SetQuotaResponse:
-        async def run() -> pb.SetQuotaResponse:
-            quota = quota_from_pb(request.quota)
-            await self._change(lambda s: (None, [s.set_quota(request.tenant_id, quota)]))
-            return pb.SetQuotaResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
-
-        return await self._guard(context, run)
+        quota = quota_from_pb(request.quota)
+        await self._change(lambda s: (None, [s.set_quota(request.tenant_id, quota)]))
+        return pb.SetQuotaResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
     async def SetPlacementPolicy(self, request: pb.SetPlacementPolicyRequest, context) -> pb.SetPlacementPolicyResponse:
-        async def run() -> pb.SetPlacementPolicyResponse:
-            principal = current_principal()
-            if request.workload_id:
-                require_tenant_access(principal, request.tenant_id)
-            elif not principal.is_operator:
-                raise PermissionDenied("only an operator sets a tenant's placement policy")
-            policy = policy_from_pb(request.policy)
-            await self._change(lambda s: (None, [s.set_policy(request.tenant_id, policy, request.workload_id)]))
-            effective = self.state.effective_policy(request.tenant_id, request.workload_id or None)
-            return pb.SetPlacementPolicyResponse(effective_policy=policy_to_pb(effective))
-
-        return await self._guard(context, run)
+        principal = current_principal()
+        if request.workload_id:
+            require_tenant_access(principal, request.tenant_id)
+        elif not principal.is_operator:
+            raise PermissionDenied("only an operator sets a tenant's placement policy")
+        policy = policy_from_pb(request.policy)
+        await self._change(lambda s: (None, [s.set_policy(request.tenant_id, policy, request.workload_id)]))
+        effective = self.state.effective_policy(request.tenant_id, request.workload_id or None)
+        return pb.SetPlacementPolicyResponse(effective_policy=policy_to_pb(effective))
 
     # tokens -----------------------------------------------------------------------------------------
 
     async def IssueToken(self, request: pb.IssueTokenRequest, context) -> pb.IssueTokenResponse:
-        async def run() -> pb.IssueTokenResponse:
-            if request.role not in (pb.ROLE_TENANT, pb.ROLE_OPERATOR):
-                raise InvalidArgument("role: ROLE_TENANT or ROLE_OPERATOR")
-            role = Role.OPERATOR if request.role == pb.ROLE_OPERATOR else Role.TENANT
-            limits.text("description", request.description, required=False)
+        if request.role not in (pb.ROLE_TENANT, pb.ROLE_OPERATOR):
+            raise InvalidArgument("role: ROLE_TENANT or ROLE_OPERATOR")
+        role = Role.OPERATOR if request.role == pb.ROLE_OPERATOR else Role.TENANT
+        limits.text("description", request.description, required=False)
 
-            def issue(s: GovernanceState) -> tuple[str, list[Record]]:
-                token, rec = s.issue_token(role, request.tenant_id or None, request.description)
-                return token, [rec]
+        def issue(s: GovernanceState) -> tuple[str, list[Record]]:
+            token, rec = s.issue_token(role, request.tenant_id or None, request.description)
+            return token, [rec]
 
-            token = await self._change(issue)
-            token_id = token.split(".", 1)[0]
-            await self.gov.publish_token(token_id)
-            return pb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
-
-        return await self._guard(context, run)
+        token = await self._change(issue)
+        token_id = token.split(".", 1)[0]
+        await self.gov.publish_token(token_id)
+        return pb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
 
     async def RevokeToken(self, request: pb.RevokeTokenRequest, context) -> pb.RevokeTokenResponse:
-        async def run() -> pb.RevokeTokenResponse:
-            principal = current_principal()
-            rec = self.state.tokens.get(request.token_id)
-            if rec is None:
-                raise NotFound(f"token {limits.quote(request.token_id)} does not exist")
-            if not principal.is_operator and rec.tenant_id != principal.tenant_id:
-                raise PermissionDenied("a tenant may revoke only its own tokens")
-            await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
-            # Written before answering: every service's feed gets the revocation right away.
-            await self.gov.publish_token(request.token_id)
-            return pb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
-
-        return await self._guard(context, run)
+        principal = current_principal()
+        rec = self.state.tokens.get(request.token_id)
+        if rec is None:
+            raise NotFound(f"token {limits.quote(request.token_id)} does not exist")
+        if not principal.is_operator and rec.tenant_id != principal.tenant_id:
+            raise PermissionDenied("a tenant may revoke only its own tokens")
+        await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
+        # Written before answering: every service's feed gets the revocation right away.
+        await self.gov.publish_token(request.token_id)
+        return pb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
 
     async def ListTokens(self, request: pb.ListTokensRequest, context) -> pb.ListTokensResponse:
-        async def run() -> pb.ListTokensResponse:
-            scope = self._tenant_scope(current_principal(), request.tenant_id)
-            records = [r for r in self.state.tokens_of(None) if scope is None or r.tenant_id == scope]
-            return pb.ListTokensResponse(tokens=[token_to_pb(r) for r in records])
-
-        return await self._guard(context, run)
+        scope = self._tenant_scope(current_principal(), request.tenant_id)
+        records = [r for r in self.state.tokens_of(None) if scope is None or r.tenant_id == scope]
+        return pb.ListTokensResponse(tokens=[token_to_pb(r) for r in records])
 
     async def WhoAmI(self, request: pb.WhoAmIRequest, context) -> pb.WhoAmIResponse:
         p = current_principal()
@@ -264,65 +223,55 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
     # admission and placement -----------------------------------------------------------------------
 
     async def AdmitWorkload(self, request: pb.AdmitWorkloadRequest, context) -> pb.AdmitWorkloadResponse:
-        async def run() -> tuple[Decision, pb.AdmitWorkloadResponse]:
-            if not request.workload_id or not request.tenant_id:
-                raise InvalidArgument("workload_id and tenant_id: required")
-            require_tenant_access(current_principal(), request.tenant_id)
-            if request.gpus < 1:
-                raise InvalidArgument("gpus: a workload needs at least one GPU")
-            policy = policy_from_pb(request.policy) if request.HasField("policy") else None
-            gpu_type = request.gpu_types[0] if len(request.gpu_types) == 1 else None
-            if len(request.gpu_types) > 1:
-                policy = (policy or PlacementPolicy()).narrowed_by(
-                    PlacementPolicy(allowed_gpu_types=frozenset(request.gpu_types)))
-            kind = "training" if request.kind == common.WORKLOAD_KIND_TRAINING_JOB else "inference"
-            demand = WorkloadDemand(request.workload_id, request.tenant_id, kind, request.gpus, gpu_type, policy)
+        if not request.workload_id or not request.tenant_id:
+            raise InvalidArgument("workload_id and tenant_id: required")
+        require_tenant_access(current_principal(), request.tenant_id)
+        if request.gpus < 1:
+            raise InvalidArgument("gpus: a workload needs at least one GPU")
+        policy = policy_from_pb(request.policy) if request.HasField("policy") else None
+        gpu_type = request.gpu_types[0] if len(request.gpu_types) == 1 else None
+        if len(request.gpu_types) > 1:
+            policy = (policy or PlacementPolicy()).narrowed_by(
+                PlacementPolicy(allowed_gpu_types=frozenset(request.gpu_types)))
+        kind = "training" if request.kind == common.WORKLOAD_KIND_TRAINING_JOB else "inference"
+        demand = WorkloadDemand(request.workload_id, request.tenant_id, kind, request.gpus, gpu_type, policy)
 
-            def admit(s: GovernanceState) -> tuple[Decision, list[Record]]:
-                decision, rec = s.admit(demand, max(request.gpus_per_unit, 1))
-                return decision, [rec]
+        def admit(s: GovernanceState) -> tuple[Decision, list[Record]]:
+            decision, rec = s.admit(demand, max(request.gpus_per_unit, 1))
+            return decision, [rec]
 
-            decision = await self._change(admit)
-            return decision, pb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
-
-        decision, response = await self._guard(context, run)
+        decision = await self._change(admit)
         metrics.ADMISSIONS.labels("admitted" if decision.ok else "refused", decision.verdict.name.lower()).inc()
         if not decision.ok:
-            await context.abort(ADMISSION_STATUS[decision.verdict], f"{request.workload_id}: {decision.message}")
-        return response
+            raise REFUSAL[decision.verdict](f"{request.workload_id}: {decision.message}")
+        return pb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
 
     async def CheckPlacement(self, request: pb.CheckPlacementRequest, context) -> pb.CheckPlacementResponse:
-        async def run() -> pb.CheckPlacementResponse:
-            require_tenant_access(current_principal(), request.tenant_id)
-            placements = [self.gov.placement_of(request.workload_id, request.tenant_id, p)
-                          for p in request.placements if p.replicas or p.shard_indices]
-            decision = self.state.check_placements(placements, replace_workload=True) if placements else Decision(
-                Verdict.ADMITTED)
-            return pb.CheckPlacementResponse(decision=decision_to_pb(decision))
-
-        return await self._guard(context, run)
+        require_tenant_access(current_principal(), request.tenant_id)
+        placements = [self.gov.placement_of(request.workload_id, request.tenant_id, p)
+                      for p in request.placements if p.replicas or p.shard_indices]
+        decision = self.state.check_placements(placements, replace_workload=True) if placements else Decision(
+            Verdict.ADMITTED)
+        return pb.CheckPlacementResponse(decision=decision_to_pb(decision))
 
     # usage and ledger ------------------------------------------------------------------------------
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
-        async def run() -> pb.GetUsageResponse:
-            scope = self._tenant_scope(current_principal(), request.tenant_id)
-            now = time.time()
-            t0 = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else 0.0
-            t1 = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else now
-            if not principal_may_see_workload(current_principal(), request.workload_id, self.state):
-                raise PermissionDenied(f"workload {limits.quote(request.workload_id)} belongs to another tenant")
-            tenants, workloads = self.state.usage.query(t0, t1, now, scope, request.workload_id or None,
-                                                        request.by_gpu_type)
+        scope = self._tenant_scope(current_principal(), request.tenant_id)
+        now = time.time()
+        t0 = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else 0.0
+        t1 = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else now
+        if not principal_may_see_workload(current_principal(), request.workload_id, self.state):
+            raise PermissionDenied(f"workload {limits.quote(request.workload_id)} belongs to another tenant")
+        tenants, workloads = self.state.usage.query(t0, t1, now, scope, request.workload_id or None,
+                                                    request.by_gpu_type)
 
-            def line(u: Any) -> pb.UsageLine:
-                return pb.UsageLine(tenant_id=u.tenant_id, workload_id=u.workload_id, gpu_type=u.gpu_type,
-                                    gpu_hours=u.gpu_hours, cost_usd=u.cost_usd)
+        def line(u: Any) -> pb.UsageLine:
+            return pb.UsageLine(tenant_id=u.tenant_id, workload_id=u.workload_id, gpu_type=u.gpu_type,
+                                gpu_hours=u.gpu_hours, cost_usd=u.cost_usd)
 
-            return pb.GetUsageResponse(tenants=[line(u) for u in tenants], workloads=[line(u) for u in workloads],
-                                       start=ts(t0), end=ts(t1))
-
-        return await self._guard(context, run)
+        return pb.GetUsageResponse(tenants=[line(u) for u in tenants], workloads=[line(u) for u in workloads],
+                                   start=ts(t0), end=ts(t1))
 
     async def ListLedgerEntries(self, request: pb.ListLedgerEntriesRequest, context) -> pb.ListLedgerEntriesResponse:
         limit = min(request.limit or 100, 1000)
@@ -339,30 +288,27 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         return pb.ListLedgerEntriesResponse(entries=[to_proto(e) for e in picked], length=self.gov.head.length)
 
     async def EnrollSite(self, request: pb.EnrollSiteRequest, context) -> pb.EnrollSiteResponse:
-        async def run() -> pb.EnrollSiteResponse:
-            site = request.site
-            gpus: dict[str, tuple[int, float]] = {}
-            for g in site.gpus:
-                if g.gpu_type in gpus:
-                    raise InvalidArgument(f"gpus: {g.gpu_type} given twice")
-                gpus[g.gpu_type] = (g.max_count, g.price_usd_per_hour)
-            def enroll(s: GovernanceState) -> tuple[None, list[Record]]:
-                rec = s.enroll_site(site.site_id, site.region, gpus, site.nats_public_key)
-                known = s.enrolled.get(site.site_id)
-                same = known is not None and all(known.get(k) == rec.payload[k]
-                                                 for k in ("region", "gpus", "nats_public_key"))
-                return None, [] if same else [rec]  # the same terms again: nothing to record
+        site = request.site
+        gpus: dict[str, tuple[int, float]] = {}
+        for g in site.gpus:
+            if g.gpu_type in gpus:
+                raise InvalidArgument(f"gpus: {g.gpu_type} given twice")
+            gpus[g.gpu_type] = (g.max_count, g.price_usd_per_hour)
+        def enroll(s: GovernanceState) -> tuple[None, list[Record]]:
+            rec = s.enroll_site(site.site_id, site.region, gpus, site.nats_public_key)
+            known = s.enrolled.get(site.site_id)
+            same = known is not None and all(known.get(k) == rec.payload[k]
+                                             for k in ("region", "gpus", "nats_public_key"))
+            return None, [] if same else [rec]  # the same terms again: nothing to record
 
-            await self._change(enroll)
-            return pb.EnrollSiteResponse(site=enrollment_to_pb(self.state.enrolled[site.site_id]))
-
-        return await self._guard(context, run)
+        await self._change(enroll)
+        return pb.EnrollSiteResponse(site=enrollment_to_pb(self.state.enrolled[site.site_id]))
 
     async def VerifyLedger(self, request: pb.VerifyLedgerRequest, context) -> pb.VerifyLedgerResponse:
         expected = None
         if request.expected_length:
             if len(request.expected_head_hash) != 64:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected_head_hash: 64 hex characters")
+                raise InvalidArgument("expected_head_hash: 64 hex characters")
             expected = LedgerHead(request.expected_length, request.expected_head_hash)
         result, seconds = await self.gov.verify(expected)
         return pb.VerifyLedgerResponse(

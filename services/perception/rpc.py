@@ -15,6 +15,7 @@ from cnc.common.v1 import common_pb2
 from cnc.perception.v1 import perception_pb2 as pb
 from cnc.perception.v1 import perception_pb2_grpc
 from cncbrain.auth import optional_principal
+from cncbrain.errors import InvalidArgument, NotFound
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
 from services.perception.owners import Owners, scoped_snapshot, scoped_status, workload_ids
@@ -48,17 +49,17 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
 
     async def ListSites(self, request: pb.ListSitesRequest, context: grpc.aio.ServicerContext) -> pb.ListSitesResponse:
         if request.state not in common_pb2.SiteState.values():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"state: unknown value {request.state}")
+            raise InvalidArgument(f"state: unknown value {request.state}")
         entries = [self.picture.sites[k] for k in sorted(self.picture.sites)]
         wanted = [e for e in entries if request.state in (common_pb2.SITE_STATE_UNSPECIFIED, e.state)]
         return pb.ListSitesResponse(sites=await self._statuses([self.picture.site_status(e) for e in wanted]))
 
     async def GetSite(self, request: pb.GetSiteRequest, context: grpc.aio.ServicerContext) -> pb.GetSiteResponse:
         if not request.site_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "site_id: required")
+            raise InvalidArgument("site_id: required")
         entry = self.picture.sites.get(request.site_id)
         if entry is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"site {request.site_id!r} is not registered")
+            raise NotFound(f"site {request.site_id!r} is not registered")
         return pb.GetSiteResponse(site=(await self._statuses([self.picture.site_status(entry)]))[0])
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.GetSnapshotResponse:
@@ -79,14 +80,12 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
 
     async def GetForecast(self, request: pb.GetForecastRequest, context: grpc.aio.ServicerContext) -> pb.GetForecastResponse:
         if not request.workload_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+            raise InvalidArgument("workload_id: required")
         horizon = request.horizon_ticks or 5
         if not 1 <= horizon <= 60:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "horizon_ticks: must be 1..60")
+            raise InvalidArgument("horizon_ticks: must be 1..60")
         forecast = self.picture.forecast(request.workload_id, horizon)
         mine = await self._mine([request.workload_id])
         if forecast is None or (mine is not None and not mine(request.workload_id)):  # another tenant's: as unknown
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no telemetry yet for inference service {request.workload_id!r}"
-            )
+            raise NotFound(f"no telemetry yet for inference service {request.workload_id!r}")
         return pb.GetForecastResponse(forecast=forecast)

@@ -20,6 +20,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import limits
+from cncbrain.errors import FailedPrecondition
 from cncbrain.twin import physics
 from cncbrain.workload import required_spec, spec_of
 
@@ -392,8 +393,8 @@ def units_of(w: pb.Workload) -> int:
     return sum(p.replicas if p.kind == INFERENCE else len(p.shard_indices) for p in w.placements)
 
 
-class ScaleRefused(ValueError):
-    pass
+class ScaleRefused(FailedPrecondition):
+    """A SCALE proposal (or a cancel) the workload's state, bounds or the site's capacity refuses."""
 
 
 def scale(w: pb.Workload, site_id: str, wanted: int, gpu_type: str, ledger: Ledger, now_ns: int) -> common.Placement:

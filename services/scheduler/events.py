@@ -39,6 +39,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
+from cncbrain.errors import FailedPrecondition
 from cncbrain.workload import copy_spec
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
@@ -206,7 +207,7 @@ class Coordinator:
             if existing is None:
                 raise
             if not domain.same_spec(existing, w):
-                raise domain.SpecError("request_id", "already used for a different spec") from None
+                raise FailedPrecondition("request_id: already used for a different spec") from None
             return existing
         created.set_result(True)
         # ACCEPTED goes out after the first round (`_announce`); every later event waits for it.
@@ -238,7 +239,7 @@ class Coordinator:
         async with self.lock(workload_id):
             w = self._copy(workload_id)
             if w.state in domain.ENDED:
-                raise domain.ScaleRefused(f"workload is already {pb.WorkloadState.Name(w.state)}")
+                raise FailedPrecondition(f"workload is already {pb.WorkloadState.Name(w.state)}")
             return await self._end(w, domain.CANCELLED, "cancelled by the tenant", actor)
 
     # --- placement ----------------------------------------------------------------------------

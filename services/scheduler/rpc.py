@@ -1,5 +1,5 @@
-"""SchedulerService: translates tenant requests to the coordinator and domain (proto ⇄ domain),
-and domain errors to canonical status codes."""
+"""SchedulerService: translates tenant requests to the coordinator and domain (proto ⇄ domain).
+Refusals are raised (`cncbrain.errors`); the server's error interceptor answers their status."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import grpc
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import limits, metrics
-from cncbrain.auth import abort_for, bearer_of, optional_principal
+from cncbrain.auth import bearer_of, optional_principal
 from cncbrain.bus import Event, subjects
-from cncbrain.identity import AuthError
-from cncbrain.lease import LeaseLost
+from cncbrain.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cncbrain.workload import tenant_of
 from services.scheduler import domain
 from services.scheduler.events import Coordinator
@@ -41,79 +40,59 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
         if request_id:
-            try:
-                limits.name("request_id", request_id)
-            except limits.LimitError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            limits.name("request_id", request_id)
         hooks = self.co.governance
         if hooks:
+            hooks.claim(spec)  # the workload belongs to the caller's tenant
+        w = domain.new_workload(spec, request_id, time.time_ns())
+        if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.ledger.capacity:
+            raise Unavailable("scheduler: the pool is not known yet (no snapshot from perception); retry")
+        domain.check_placeable(w, self.co.ledger)
+        need = domain.need_of(w)
+        total = self.co.ledger.total(need.allowed_gpu_types)
+        if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
+            raise ResourceExhausted(
+                f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types")
+        if hooks and request_id and (known := self.co.store.get(w.workload_id)) is not None:
+            hooks.check_owner(known)  # an idempotency key names the caller's own workload only
+        if hooks:
             try:
-                hooks.claim(spec)  # the workload belongs to the caller's tenant
-            except AuthError as exc:
-                await abort_for(context, exc)
-        try:
-            w = domain.new_workload(spec, request_id, time.time_ns())
-            if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.ledger.capacity:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    "scheduler: the pool is not known yet (no snapshot from perception); retry")
-            domain.check_placeable(w, self.co.ledger)
-            need = domain.need_of(w)
-            total = self.co.ledger.total(need.allowed_gpu_types)
-            if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types",
-                )
-            if hooks and request_id and (known := self.co.store.get(w.workload_id)) is not None:
-                hooks.check_owner(known)  # an idempotency key names the caller's own workload only
-            if hooks:
                 await hooks.admit(w, bearer_of(context))
-            return await self.co.accept(w)
-        except AuthError as exc:
-            await abort_for(context, exc)
-        except AdmissionRefused as exc:
-            metrics.ADMISSION_DENIALS.labels(ADMISSION_REASONS.get(exc.code, "other")).inc()
-            await context.abort(exc.code, str(exc))
-        except domain.SpecError as exc:
-            code = grpc.StatusCode.FAILED_PRECONDITION if exc.field == "request_id" else grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(exc))
-        except LeaseLost as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc}; retry")
-        raise AssertionError("unreachable")
+            except AdmissionRefused as exc:
+                metrics.ADMISSION_DENIALS.labels(ADMISSION_REASONS.get(exc.status, "other")).inc()
+                raise
+        return await self.co.accept(w)
 
     async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
         if not request.HasField("job"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job: required")
+            raise InvalidArgument("job: required")
         return pb.SubmitTrainingJobResponse(workload=await self._accept(request.job, request.request_id, context))
 
     async def DeployInferenceService(
         self, request: pb.DeployInferenceServiceRequest, context
     ) -> pb.DeployInferenceServiceResponse:
         if not request.HasField("service"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service: required")
+            raise InvalidArgument("service: required")
         return pb.DeployInferenceServiceResponse(
             workload=await self._accept(request.service, request.request_id, context)
         )
 
-    async def _find(self, workload_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
+    def _find(self, workload_id: str) -> pb.Workload:
         if not workload_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "workload_id: required")
+            raise InvalidArgument("workload_id: required")
         w = self.co.store.get(workload_id)
         if w is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no workload {limits.quote(workload_id)}")
+            raise NotFound(f"no workload {limits.quote(workload_id)}")
         if self.co.governance:
-            try:
-                self.co.governance.check_owner(w)
-            except AuthError as exc:
-                await abort_for(context, exc)
+            self.co.governance.check_owner(w)
         return w
 
     async def GetWorkload(self, request: pb.GetWorkloadRequest, context) -> pb.GetWorkloadResponse:
-        return pb.GetWorkloadResponse(workload=await self._find(request.workload_id, context))
+        return pb.GetWorkloadResponse(workload=self._find(request.workload_id))
 
     async def ListWorkloads(self, request: pb.ListWorkloadsRequest, context) -> pb.ListWorkloadsResponse:
         if request.state not in pb.WorkloadState.values():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"state: unknown value {request.state}")
+            raise InvalidArgument(f"state: unknown value {request.state}")
         items = [
             w for w in self.co.store.records.values()
             if request.state in (pb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
@@ -123,18 +102,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return pb.ListWorkloadsResponse(workloads=items)
 
     async def CancelWorkload(self, request: pb.CancelWorkloadRequest, context) -> pb.CancelWorkloadResponse:
-        await self._find(request.workload_id, context)
-        try:
-            caller = optional_principal()
-            w = await self.co.cancel(request.workload_id, caller.token_id if caller else "")
-        except domain.ScaleRefused as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except LeaseLost as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"scheduler: {exc}; retry")
+        self._find(request.workload_id)
+        caller = optional_principal()
+        w = await self.co.cancel(request.workload_id, caller.token_id if caller else "")
         return pb.CancelWorkloadResponse(workload=w)
 
     async def WatchWorkload(self, request: pb.WatchWorkloadRequest, context) -> AsyncIterator[pb.WatchWorkloadResponse]:
-        await self._find(request.workload_id, context)
+        self._find(request.workload_id)
         queue: asyncio.Queue[pb.WorkloadEvent] = asyncio.Queue()
 
         async def on_event(event: Event) -> None:
@@ -176,8 +150,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             while True:
                 if overflow.is_set() and queue.empty():
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"more than {WATCH_BACKLOG} events behind; resume with after_sequence")
+                    raise ResourceExhausted(f"more than {WATCH_BACKLOG} events behind; resume with after_sequence")
                 ev, sequence = await queue.get()
                 yield pb.WatchWorkloadsResponse(event=ev, sequence=sequence)
         finally:

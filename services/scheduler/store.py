@@ -12,11 +12,12 @@ from nats.js.kv import KeyValue
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cncbrain import lease
 from cncbrain.bus import KV_WORKLOADS, Bus
+from cncbrain.errors import Aborted
 
 log = logging.getLogger(__name__)
 
 
-class Conflict(Exception):
+class Conflict(Aborted):
     """The record changed since it was read (or already exists on create)."""
 
 

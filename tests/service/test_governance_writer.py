@@ -4,9 +4,11 @@ deadline passed) while the append is failing must not end the writer, and no lat
 import asyncio
 import logging
 
+import nats.errors
 import pytest
 
 from cncbrain import aio
+from cncbrain.errors import Unavailable
 from services.governance.events import Governor
 from services.governance.ledger_store import LedgerWriteError
 from services.governance.settings import Settings
@@ -50,14 +52,20 @@ async def test_a_caller_gone_while_the_append_fails_leaves_the_writer_working(go
     assert not governor.writer.done()
 
 
-async def test_an_unexpected_error_in_a_batch_fails_that_batch_only(governor, monkeypatch):
+@pytest.mark.parametrize("failure, expected", [
+    (KeyError("a bug"), KeyError),  # a programming error: the caller's RPC answers INTERNAL
+    (nats.errors.ConnectionClosedError(), Unavailable),  # NATS away: UNAVAILABLE, nothing changed
+])
+async def test_an_error_appending_a_batch_fails_that_batch_only(governor, monkeypatch, failure, expected):
     async def broken_append(entries):
-        raise KeyError("a bug")
+        raise failure
 
     real_append = governor.store.append
     monkeypatch.setattr(governor.store, "append", broken_append)
-    with pytest.raises(RuntimeError, match="ledger unavailable"):
+    with pytest.raises(expected) as raised:
         await asyncio.wait_for(create(governor, "lab1"), 10)
+    if expected is Unavailable:
+        assert "ledger unavailable" in str(raised.value)
     monkeypatch.setattr(governor.store, "append", real_append)
     _, entries = await asyncio.wait_for(create(governor, "lab2"), 10)
     assert len(entries) == 1

@@ -224,6 +224,22 @@ async def test_unknown_ids_and_double_cancel(scheduler, bus):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_bug_in_the_scheduler_is_internal_not_unavailable(scheduler, bus, monkeypatch, caplog):
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
+    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+
+    async def broken(workload_id, actor=""):
+        return {}[workload_id]  # a programming error inside the handler's call
+
+    monkeypatch.setattr(server.coordinator, "cancel", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    assert "KeyError" in err.value.details()
+    assert any(r.exc_info and r.exc_info[0] is KeyError and "CancelWorkload" in r.getMessage() for r in caplog.records)
+
+
 async def test_request_id_makes_deploy_idempotent(scheduler, bus):
     _, stub = scheduler
     req = pb.DeployInferenceServiceRequest(service=service_spec(), request_id="tenant-req-1")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from cncbrain.errors import AlreadyExists, InvalidArgument, NotFound
 from cncbrain.identity import Role
 from services.governance.domain.policy import (
     Placement,
@@ -11,7 +12,7 @@ from services.governance.domain.policy import (
     Verdict,
     WorkloadDemand,
 )
-from services.governance.domain.state import AlreadyExists, GovernanceState, InvalidArgument, NotFound
+from services.governance.domain.state import GovernanceState
 from services.governance.domain.usage import Allocation, UsageBook
 
 POOL = [

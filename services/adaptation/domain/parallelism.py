@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cncbrain.errors import FailedPrecondition, InvalidArgument
 from cncbrain.twin import physics as ph
 from cncbrain.twin.physics import GpuType, ModelSpec
 
@@ -40,8 +41,13 @@ ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34  # Korthikanti: 34·s·b·h/t with TP + S
 PP_HOP_LATENCY_S = 20e-6  # one stage-to-stage send inside a site
 
 
-class PlanError(ValueError):
-    """The model does not fit the GPUs given, or the request is malformed; the message says why."""
+class PlanError(FailedPrecondition):
+    """The model does not fit the GPUs given; the message says why."""
+
+
+class PlanRequestError(InvalidArgument, PlanError):
+    """The request is malformed: an unknown GPU type or model, a negative count, a batch shorter
+    than one sequence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +120,11 @@ def _islands(groups: Sequence[GpuGroup]) -> list[_Island]:
     out = []
     for g in groups:
         if g.count < 0:
-            raise PlanError(f"GPU count of {g.site_id}/{g.gpu_type} is negative")
+            raise PlanRequestError(f"GPU count of {g.site_id}/{g.gpu_type} is negative")
         try:
             gpu = ph.gpu(g.gpu_type)
         except KeyError as exc:
-            raise PlanError(str(exc.args[0])) from None
+            raise PlanRequestError(str(exc.args[0])) from None
         if g.count:
             out.append(_Island(g.site_id, gpu, g.count))
     if not out:
@@ -171,7 +177,7 @@ def plan_training(
     """The best `top` training plans, best first; `PlanError` when nothing fits."""
     links = links or {}
     if seq_len <= 0 or global_batch_tokens < seq_len:
-        raise PlanError("global_batch_tokens must be at least one sequence of seq_len tokens")
+        raise PlanRequestError("global_batch_tokens must be at least one sequence of seq_len tokens")
     islands = _islands(groups)
     sequences = int(global_batch_tokens // seq_len)
     tokens_step = sequences * seq_len
@@ -404,9 +410,9 @@ def resolve_model(name: str = "", params_b: float = 0.0) -> ModelSpec:
             return ph.model(name)
         except KeyError:
             if params_b <= 0:
-                raise PlanError(f"unknown model {name!r} and no params_b given; known: {', '.join(ph.MODELS)}") from None
+                raise PlanRequestError(f"unknown model {name!r} and no params_b given; known: {', '.join(ph.MODELS)}") from None
     if params_b <= 0:
-        raise PlanError("give a model name or its size in billions of parameters")
+        raise PlanRequestError("give a model name or its size in billions of parameters")
     base = min(ph.MODELS.values(), key=lambda s: abs(math.log(s.params_b / params_b)))
     if math.isclose(base.params_b, params_b, rel_tol=0.05):
         return base

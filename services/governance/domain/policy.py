@@ -16,6 +16,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cncbrain.errors import InvalidArgument
+
 EPS = 1e-9
 
 
@@ -37,11 +39,11 @@ class Quota:
     def __post_init__(self) -> None:
         for gpu_type, n in self.gpus_by_type.items():
             if n < 0:
-                raise ValueError(f"quota for {gpu_type} must be >= 0, got {n}")
+                raise InvalidArgument(f"quota for {gpu_type} must be >= 0, got {n}")
         if self.max_gpus is not None and self.max_gpus < 0:
-            raise ValueError("max_gpus must be >= 0")
+            raise InvalidArgument("max_gpus must be >= 0")
         if self.max_cost_per_hour is not None and self.max_cost_per_hour < 0:
-            raise ValueError("max_cost_per_hour must be >= 0")
+            raise InvalidArgument("max_cost_per_hour must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

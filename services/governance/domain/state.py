@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cncbrain.errors import AlreadyExists, InvalidArgument, NotFound
 from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
 from cncbrain.limits import quote
 from services.governance.domain.policy import (
@@ -28,22 +29,6 @@ from services.governance.domain.policy import (
     check_placements,
 )
 from services.governance.domain.usage import Allocation, UsageBook
-
-
-class GovernanceError(Exception):
-    """Base of the domain's refusals; the rpc layer maps each to a gRPC status."""
-
-
-class NotFound(GovernanceError):
-    pass
-
-
-class AlreadyExists(GovernanceError):
-    pass
-
-
-class InvalidArgument(GovernanceError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,10 +153,7 @@ class GovernanceState:
         self, tenant_id: str, display_name: str = "", quota: Quota | None = None,
         policy: PlacementPolicy | None = None, now: float | None = None,
     ) -> Record:
-        try:
-            validate_tenant_id(tenant_id)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        validate_tenant_id(tenant_id)
         if tenant_id in self.tenants:
             raise AlreadyExists(f"tenant {quote(tenant_id)} already exists")
         return Record("tenant.created", tenant_id, {

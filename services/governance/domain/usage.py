@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from cncbrain.errors import InvalidArgument
+
 
 @dataclass(slots=True)
 class Allocation:
@@ -93,7 +95,7 @@ class UsageBook:
     ) -> tuple[list[UsageLine], list[UsageLine]]:
         """Return (per-tenant lines, per-workload lines) for [t0, t1), filtered as asked."""
         if t1 < t0:
-            raise ValueError("the end of the range is before its start")
+            raise InvalidArgument("the end of the range is before its start")
         tenants: dict[tuple[str, str], list[float]] = {}
         workloads: dict[tuple[str, str, str], list[float]] = {}
         for a in self.allocations:
