@@ -10,6 +10,14 @@ to `cnc.emulator.apply.<site>`; the scenario's failures happen at their emulated
 
 Site ids are the twin's site names made subject-safe ("New York" → `new-york`).
 
+What runs at each site survives a restart of the emulator (a crash, `kill -9`): with a `state_file`
+it writes the placement it holds for each workload at each site there (every committed placement
+it applied, replaced atomically before it answers the apply), and a new `EmulatorHost` on the same
+file applies them again before it answers anyone — the sites keep their replicas and gangs, as real
+sites would when the process watching them dies, and the site agents go on without noticing (an
+apply sent while it was away is retried by `EmulatedExecutor` until it answers). Emulated time, a
+training job's progress and the scenario's scripted failures start again from zero.
+
 `EmulatedExecutor` is the agent's side: inventory and apply by request/reply, telemetry from the
 state subject of its site.
 A workload's template (what a real site would run) is ignored: the twin models the workload from
@@ -22,10 +30,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
+import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import nats.errors
 import numpy as np
 
 from cnc.common.v1 import common_pb2 as common
@@ -45,6 +57,11 @@ MAX_TRACE_COPIES = 4
 """A service's demand is at most this many superposed copies of its trace; beyond, each simulated
 request stands for several (`request_weight`)."""
 MAX_REQUEST_WEIGHT = 1000
+APPLY_TIMEOUT_S = 3.0
+"""An apply the emulator does not answer within this is asked again (it restarted meanwhile)."""
+APPLY_WAIT_S = 25.0
+"""How long a site agent keeps asking an absent emulator to apply (under the placement consumer's
+30 s acknowledgement wait, so the stream does not deliver the placement a second time meanwhile)."""
 
 
 def slug(name: str) -> str:
@@ -84,9 +101,46 @@ class _Gang:
     sites: dict[str, list[int]] = field(default_factory=dict)
 
 
+def held_units(p: common.Placement) -> int:
+    """Replicas or shards a placement puts at its site (0: the workload leaves it)."""
+    return p.replicas if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE else len(p.shard_indices)
+
+
+def write_placements(path: Path, placements: list[sched.PlacementCommitted]) -> None:
+    """Every placement, length-prefixed, to `path` (replaced atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for msg in placements:
+            data = msg.SerializeToString()
+            f.write(struct.pack(">I", len(data)) + data)
+    os.replace(tmp, path)
+
+
+def read_placements(path: Path) -> list[sched.PlacementCommitted]:
+    """The placements `write_placements` wrote (none when there is no file); a cut-off or garbled
+    record ends the reading with a warning."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out, at = [], 0
+    while at < len(data):
+        try:
+            (size,) = struct.unpack_from(">I", data, at)
+            if at + 4 + size > len(data):
+                raise ValueError("record cut off")
+            out.append(sched.PlacementCommitted.FromString(data[at + 4:at + 4 + size]))
+        except Exception as exc:
+            log.warning("emulator state %s: unreadable from byte %d (%s); restoring the %d placements before it",
+                        path, at, exc, len(out))
+            break
+        at += 4 + size
+    return out
+
+
 class EmulatorHost:
     def __init__(self, bus: Bus, scenario: Scenario, *, seed: int = 0, speed: float = 30.0,
-                 horizon_s: float = 24 * 3600.0, keep_failures: bool = True) -> None:
+                 horizon_s: float = 24 * 3600.0, keep_failures: bool = True, state_file: Path | None = None) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
         live = scenario.model_copy(update={
@@ -103,10 +157,16 @@ class EmulatorHost:
         self.index = {sid: i for i, sid in enumerate(self.ids)}
         self.gangs: dict[str, _Gang] = {}
         self.job_sites: dict[str, set[str]] = {}
+        self.job_generation: dict[str, int] = {}
+        """Generation of each placed job's gang."""
         self.service_sites: dict[str, dict[str, int]] = {}
         self.report = None
         self.ticks = 0
         self._task: asyncio.Task[None] | None = None
+        self.state_file = Path(state_file) if state_file else None
+        """Where what runs at each site is kept across restarts (None: nowhere)."""
+        self.held: dict[tuple[str, str], sched.PlacementCommitted] = {}
+        """(site id, workload id) → the placement applied there last, while it holds GPUs."""
 
     @property
     def tick_s(self) -> float:
@@ -114,6 +174,7 @@ class EmulatorHost:
 
     # --- NATS ---------------------------------------------------------------------------------
     async def start(self) -> None:
+        self.restore()  # before answering anyone: an agent's apply must find the sites as they were
         await self.bus.subscribe(subjects.EMULATOR_INVENTORY, self.on_inventory, consumer="emulator-inventory")
         await self.bus.subscribe(subjects.EMULATOR_APPLY, self.on_apply, consumer="emulator-apply")
         await self.bus.subscribe(subjects.EMULATOR_FAIL, self.on_fail, consumer="emulator-fail")
@@ -174,9 +235,49 @@ class EmulatorHost:
     async def on_apply(self, event: Event) -> site_pb.PlacementApplied:
         msg: sched.PlacementCommitted = event.payload
         ok, error = self.apply(self._site_index(event), msg)
+        self.keep(event.params["site"], msg)  # on disk before the answer: a restart finds it
         out = site_pb.PlacementApplied(placement=msg.placement, ok=ok, error=error)
         out.applied_at.GetCurrentTime()
         return out
+
+    # --- surviving a restart ------------------------------------------------------------------------
+    def keep(self, sid: str, msg: sched.PlacementCommitted) -> None:
+        """Remember what `msg` left at site `sid` and write the state file."""
+        p = msg.placement
+        key = (sid, p.workload_id)
+        if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE:
+            held = self.service_sites.get(p.workload_id, {}).get(sid, 0) > 0
+        else:
+            held = bool(p.shard_indices) and (p.workload_id in self.twin.job_index or p.workload_id in self.gangs)
+        if held:
+            self.held[key] = msg
+        elif self.held.pop(key, None) is None:
+            return  # nothing was kept for it, nothing changed
+        if self.state_file is not None:
+            write_placements(self.state_file, list(self.held.values()))
+
+    def restore(self) -> None:
+        """Apply the placements of the state file again (what ran at each site before a restart)."""
+        if self.state_file is None:
+            return
+        kept = read_placements(self.state_file)
+        restored = 0
+        for msg in sorted(kept, key=lambda m: (m.placement.kind, m.placement.generation)):
+            sid = msg.placement.site_id
+            if sid not in self.index:
+                log.warning("emulator state: placement of %s at %s, which is not emulated; dropped",
+                            msg.placement.workload_id, sid)
+                continue
+            ok, error = self.apply(self.index[sid], msg)
+            if not ok:
+                log.warning("emulator state: %s at %s not restored: %s", msg.placement.workload_id, sid, error)
+            self.keep(sid, msg)
+            restored += ok
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_placements(self.state_file, list(self.held.values()))
+        if kept:
+            log.warning("restored %d of %d placements held at the emulated sites before a restart (%s)",
+                        restored, len(kept), self.state_file)
 
     # --- the site model -------------------------------------------------------------------------
     def site(self, s: int) -> common.Site:
@@ -287,8 +388,11 @@ class EmulatorHost:
             self.gangs.pop(wid, None)
             if not sites:  # the last of its sites: the twin keeps nothing of it
                 self.job_sites.pop(wid, None)
+                self.job_generation.pop(wid, None)
                 t.forget_job(wid)
             return True, ""
+        if self.job_generation.get(wid, -1) >= p.generation and sid in self.job_sites.get(wid, ()):
+            return True, ""  # its gang runs already (an apply asked again while the first answer was slow)
         if wid not in t.job_index:
             m = physics.model(twin_model(spec.model, spec.params_b))
             ref = physics.gpu("A100-80GB")
@@ -310,6 +414,7 @@ class EmulatorHost:
         if not t.place_job(wid, plan):
             return False, f"gang of {spec.shards}×{spec.gpus_per_shard} GPUs does not fit the emulated sites"
         self.job_sites[wid] = set(gang.sites)
+        self.job_generation[wid] = p.generation
         del self.gangs[wid]
         return True, ""
 
@@ -354,10 +459,23 @@ class EmulatedExecutor:
                     said = time.monotonic()
                 await asyncio.sleep(0.2)
 
-    async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]:
-        resp = await self.bus.request(subjects.EMULATOR_APPLY, placement, site_pb.PlacementApplied,
-                                      timeout_s=5.0, site=self.site_id)
-        return resp.ok, resp.error
+    async def apply(self, placement: sched.PlacementCommitted, wait_s: float = APPLY_WAIT_S) -> tuple[bool, str]:
+        """Apply at the emulated site; while the emulator is away (restarting: nobody answers, or a
+        request it took with it), ask again until it answers, for up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        said = time.monotonic()
+        while True:
+            try:
+                resp = await self.bus.request(subjects.EMULATOR_APPLY, placement, site_pb.PlacementApplied,
+                                              timeout_s=APPLY_TIMEOUT_S, site=self.site_id)
+                return resp.ok, resp.error
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                if time.monotonic() - said > 5.0:
+                    log.warning("site %s: the emulator does not answer an apply; still asking", self.site_id)
+                    said = time.monotonic()
+                await asyncio.sleep(0.1)
 
     def available(self) -> bool:
         return self._last is None or self._last.available

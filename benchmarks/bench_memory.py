@@ -107,9 +107,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after the last cancel")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        brain = Brain(Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
+        brain = Brain(args.keep or Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
                       adaptation_port=0, speed=30.0, fresh=True, auth=True)
         print(f"starting the brain … [load {load()}]", flush=True)
         brain.start()

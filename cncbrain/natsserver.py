@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from cncbrain.errors import CncError
+from cncbrain.supervise import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ class NatsServer:
         argv += ["--ports_file_dir", str(self.store_dir)]  # the ports it bound, once bound
         if self.monitor:
             argv += ["-m", "-1"]
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # it dies with the thread that started it (`cncbrain up` killed with SIGKILL, a test)
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         ports_file = self.store_dir / f"{Path(self.binary).name}_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -5,13 +5,19 @@ time what happened. A child that crashes `max_crashes` times within `window_s`, 
 listen on its port (exit status `EXIT_PORT_IN_USE`: restarting would not help), stops the
 supervisor with `GaveUp` and a message naming it, its last exit status and its last log lines.
 
-Children may depend on others: when one restarts, its dependents are restarted too (the site
-agents after the emulator they drive, which comes back without state).
+Children die with their supervisor, even one killed with SIGKILL that cannot stop them: each is
+started with `die_with_parent` (Linux `PR_SET_PDEATHSIG`: the kernel sends it SIGTERM when the
+thread that started it ends), and `stop` signals each child's whole process group (they run in
+sessions of their own), so nothing they started themselves is left either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -30,6 +36,25 @@ BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Pause before the n-th restart within the window (the last one repeats)."""
 
 
+PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl  # resolved before any fork
+_SIGTERM = int(signal.SIGTERM)
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for a child of this process: the kernel sends the child SIGTERM when the thread
+    that started it ends (a `cncbrain up` killed with SIGKILL included). Between fork and exec it only
+    makes C calls; a parent already gone by then is noticed (the child is then an orphan)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), _SIGTERM)
+
+    return preexec
+
+
 class GaveUp(CncError):
     """A child keeps crashing, or cannot listen on its port: the brain stops."""
 
@@ -39,7 +64,6 @@ class Child:
     name: str
     start: Callable[[], subprocess.Popen[bytes]]
     log_path: Path | None = None
-    dependents: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
@@ -78,8 +102,8 @@ class Supervisor:
         self.stopping = False
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None = None,
-            dependents: tuple[str, ...] = (), min_pause_s: float = 0.0) -> Child:
-        child = self.children[name] = Child(name, start, log_path, dependents, min_pause_s=min_pause_s)
+            min_pause_s: float = 0.0) -> Child:
+        child = self.children[name] = Child(name, start, log_path, min_pause_s=min_pause_s)
         return child
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
@@ -132,14 +156,6 @@ class Supervisor:
         self.say(f"{child.name} ended ({describe(status)}{f': {last[:200]}' if last else ''}); restarting it"
                  + (f" in {pause:g} s" if pause else "") + f" ({len(child.crashes)} of {self.max_crashes} "
                  f"allowed within {self.window_s:.0f} s)")
-        for name in child.dependents:
-            dep = self.children[name]
-            if dep.proc is not None and dep.proc.poll() is None:
-                self.say(f"restarting {name} too (it depends on {child.name})")
-                dep.proc.terminate()
-                _reap(dep.proc, 5.0)
-                dep.proc = None
-                dep.restart_at = now
 
     def _restart(self, child: Child) -> bool:
         try:
@@ -153,12 +169,15 @@ class Supervisor:
         return True
 
     def stop(self, order: list[str], grace_s: float = 8.0) -> None:
-        """SIGTERM in `order` (the rest after), then wait up to `grace_s`; SIGKILL what is left."""
+        """SIGTERM in `order` (the rest after), then wait up to `grace_s`; SIGKILL what is left; then
+        SIGKILL what is left of each child's process group (what it started and left behind)."""
         self.stopping = True
         names = [n for n in order if n in self.children] + [n for n in self.children if n not in order]
+        groups = {}
         for name in names:
             proc = self.children[name].proc
             if proc is not None and proc.poll() is None:
+                groups[name] = _own_group(proc)
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for name in names:
@@ -166,6 +185,19 @@ class Supervisor:
             if proc is not None:
                 _reap(proc, max(0.1, deadline - time.monotonic()))
                 self.children[name].proc = None
+        for group in groups.values():
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
+
+
+def _own_group(proc: subprocess.Popen[bytes]) -> int | None:
+    """The process group a child leads (started in a session of its own), else None."""
+    try:
+        group = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return None
+    return group if group == proc.pid else None
 
 
 def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 
 from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
@@ -21,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--horizon-s", type=float, default=24 * 3600.0, help="emulated time covered by the traces")
     p.add_argument("--no-failures", action="store_true", help="ignore the scenario's scripted site failures")
+    p.add_argument("--state-file", type=Path, default=None,
+                   help="keep what runs at each site in this file, so a restarted emulator has its sites as they were "
+                        "(default: nowhere; `cncbrain up` uses <state>/emulator.state)")
     p.add_argument("--log-format", choices=telemetry.LOG_FORMATS, default=None,
                    help="text or json (one object per line, with trace and span ids); default $CNC_LOG_FORMAT, else text")
     add_target_args(p, "nats")
@@ -37,7 +41,7 @@ async def emulate(args: argparse.Namespace, stop: asyncio.Event | None = None) -
     stop = stop or stop_event_on_signals()
     bus = await Bus.connect(target(args, "nats"), "emulator", identity="emulator")
     host = EmulatorHost(bus, scenario, seed=args.seed, speed=args.speed, horizon_s=args.horizon_s,
-                        keep_failures=not args.no_failures)
+                        keep_failures=not args.no_failures, state_file=args.state_file)
     await host.start()
     try:
         return await wait_for_stop(stop)

@@ -44,7 +44,7 @@ from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
 from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
-from cncbrain.supervise import GaveUp, Supervisor
+from cncbrain.supervise import GaveUp, Supervisor, die_with_parent
 
 if TYPE_CHECKING:
     from cncbrain.slurm_local import LocalSlurm
@@ -56,6 +56,8 @@ SECRETS_DIR = "secrets"
 """Sub-folder of the state folder with the NATS credentials (`cncbrain.bus.credentials`)."""
 NATS_PORT, PERCEPTION_PORT, SCHEDULER_PORT = 4222, 50061, 50062
 ADAPTATION_PORT, GOVERNANCE_PORT = 50063, 50064
+EMULATOR_STATE = "emulator.state"
+"""What runs at each emulated site, kept by the emulator across its restarts."""
 PROMETHEUS_FILE = "prometheus.yml"
 """A Prometheus scrape configuration for this brain, written by `up` (`prometheus --config.file=...`)."""
 BACKGROUND = ("adaptation",)
@@ -270,8 +272,7 @@ class Brain:
     def instances(self, service: str) -> list[str]:
         return [service, f"{service}-2"] if self.standby else [service]
 
-    def _add(self, name: str, argv: list[str], env: dict[str, str], dependents: tuple[str, ...] = (),
-             min_pause_s: float = 0.0) -> None:
+    def _add(self, name: str, argv: list[str], env: dict[str, str], min_pause_s: float = 0.0) -> None:
         report = self.run_dir / f"{name}.metrics"
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
@@ -284,12 +285,13 @@ class Brain:
                     [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
                     start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
+                    preexec_fn=die_with_parent(),  # and a SIGKILLed `up` takes them with it
                 )
             finally:
                 log.close()
             return proc
 
-        self.supervisor.add(name, popen, self.log_path(name), dependents, min_pause_s)
+        self.supervisor.add(name, popen, self.log_path(name), min_pause_s)
 
     def _add_service(self, service: str, env: dict[str, str], raw_env: dict[str, str] | None = None) -> None:
         prefix = f"CNC_{service.upper()}_"
@@ -343,8 +345,10 @@ class Brain:
                               {"CNC_TOKEN_FILE": token_file})
             self._add_service("adaptation", {"PERCEPTION_TARGET": f"127.0.0.1:{self.perception_port}"},
                               {"CNC_TOKEN_FILE": token_file})
+            # A restarted emulator has its sites as they were (its state file): the agents go on.
             self._add("emulator", ["-m", "cncbrain.commands.emulate", "--scenario", self.scenario,
-                                   "--speed", str(self.speed), "--nats-url", self.nats_url], {}, dependents=("agents",))
+                                   "--speed", str(self.speed), "--nats-url", self.nats_url,
+                                   "--state-file", str((self.state_dir / EMULATOR_STATE).resolve())], {})
             self.supervisor.start("emulator")
             policy = ["--policy", self.policy] if self.policy else []
             skip = [a for s in self.slurm_sites for a in ("--except", s)]

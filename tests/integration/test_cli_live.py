@@ -192,21 +192,73 @@ def pid_of(parent, module):
     raise AssertionError(f"no child runs {module}")
 
 
+def snapshot(endpoints, token):
+    import asyncio
+
+    import grpc
+
+    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cncbrain.auth import token_interceptors
+
+    async def get():
+        async with grpc.aio.insecure_channel(endpoints["perception"], interceptors=token_interceptors(token)) as ch:
+            return (await perception_pb2_grpc.PerceptionServiceStub(ch).GetSnapshot(
+                perception_pb2.GetSnapshotRequest(), timeout=5)).snapshot
+
+    return asyncio.run(get())
+
+
+def replicas_after_a_restart(endpoints, token, sim_time_before, timeout=60.0):
+    """Each service's replicas pool-wide, as the sites report them once every site's telemetry comes
+    from an emulator restarted after `sim_time_before` (its emulated time starts again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = snapshot(endpoints, token)
+        if snap.sim_time_s < sim_time_before:
+            return {s.workload_id: s.replicas for s in snap.services}
+        time.sleep(0.2)
+    raise AssertionError(f"no telemetry from a restarted emulator within {timeout:.0f} s")
+
+
 def test_up_restarts_what_is_killed_and_serves_again(up):
     proc, env, endpoints, out = up
     token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+    deployed = {}
     for module, name in (("services.scheduler", "scheduler"), ("nats-server", "nats"),
                          ("cncbrain.commands.emulate", "emulator"), ("services.governance", "governance")):
+        agents = pid_of(proc.pid, "cncbrain.commands.agent")
+        sim_time = snapshot(endpoints, token).sim_time_s
         os.kill(pid_of(proc.pid, module), signal.SIGKILL)
         assert out.wait_for(f"{name} ended (signal SIGKILL); restarting it", 10), str(out)
         assert out.wait_for(f"{name} started again", 20), str(out)
         if name == "emulator":
-            assert out.wait_for("restarting agents too", 5), str(out)
+            # its sites come back as they were: what ran before runs on, and the agents go on
+            replicas = replicas_after_a_restart(endpoints, token, sim_time)
+            assert all(replicas.get(wid, 0) >= 1 for wid in deployed.values()), (replicas, deployed)
+            assert pid_of(proc.pid, "cncbrain.commands.agent") == agents and "restarting agents" not in str(out)
         # the CLI retries (with its request id) while the brain comes back; then the deploy is placed
         dep = cli("deploy", "--name", f"after-{name}", "--model", "7b", env=env, timeout=90)
         assert dep.returncode == 0, (name, dep.stderr, str(out)[-3000:])
-        assert wait_placed(endpoints["scheduler"], dep.stdout.split()[0], timeout=60, token=token), name
+        deployed[name] = dep.stdout.split()[0]
+        assert wait_placed(endpoints["scheduler"], deployed[name], timeout=60, token=token), name
     assert proc.poll() is None  # up kept running throughout
+
+    # `up` itself killed with SIGKILL: it cannot stop its children, the kernel ends them
+    children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) >= 7, children
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while (alive := [c for c in children if alive_pid(c)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, [Path(f"/proc/{c}/cmdline").read_bytes() for c in alive]
+
+
+def alive_pid(pid):
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
 
 
 def test_up_refuses_a_port_in_use_with_a_clear_message(tmp_path):

@@ -1,9 +1,11 @@
-"""Supervision: a child that ends is restarted (at once, then after growing pauses), its dependents
-with it; one that keeps crashing, or cannot listen on its port, stops the supervisor with a message."""
+"""Supervision: a child that ends is restarted (at once, then after growing pauses), the others left
+alone; one that keeps crashing, or cannot listen on its port, stops the supervisor with a message;
+children die with a supervisor killed with SIGKILL, and stopping ends what they left behind."""
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,22 +26,85 @@ def poll_until(sup, pred, timeout=20.0):
     raise AssertionError("condition not met")
 
 
-def test_a_killed_child_is_restarted_and_its_dependents_with_it():
+def test_a_killed_child_is_restarted_and_the_others_left_alone():
     lines = []
     sup = Supervisor(say=lines.append)
-    sup.add("emulator", python("import time; time.sleep(60)"), dependents=("agents",))
+    sup.add("emulator", python("import time; time.sleep(60)"))
     sup.add("agents", python("import time; time.sleep(60)"))
     sup.start_all()
     try:
         first, agents = sup.children["emulator"].proc.pid, sup.children["agents"].proc.pid
         sup.children["emulator"].proc.kill()
-        poll_until(sup, lambda: all(c.proc is not None and c.proc.pid not in (first, agents)
-                                    for c in sup.children.values()))
+        poll_until(sup, lambda: sup.children["emulator"].proc is not None and sup.children["emulator"].proc.pid != first)
         assert lines[0] == "emulator ended (signal SIGKILL); restarting it (1 of 5 allowed within 60 s)"
-        assert "restarting agents too (it depends on emulator)" in lines
-        assert sup.children["emulator"].restarts == 1 and sup.children["agents"].restarts == 1
+        assert sup.children["emulator"].restarts == 1
+        assert sup.children["agents"].restarts == 0 and sup.children["agents"].proc.pid == agents
     finally:
         sup.stop([])
+
+
+def gone(pid, timeout=10.0):
+    """Whether process `pid` has ended (a zombie nobody reaps counts) within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_children_die_with_a_supervisor_killed_with_sigkill(tmp_path):
+    """`up` killed with SIGKILL cannot stop its children (each in a session of its own): the kernel
+    ends them (PR_SET_PDEATHSIG)."""
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+from pathlib import Path
+from cncbrain.supervise import die_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                         preexec_fn=die_with_parent())
+Path({str(pid_file)!r}).write_text(str(child.pid))
+time.sleep(120)
+"""])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert not gone(child, 0.5)
+        parent.kill()
+        assert gone(child), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_stop_ends_what_a_child_left_behind_in_its_process_group(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+
+    def start():  # a child in a session of its own that starts a grandchild and ignores SIGTERM
+        return subprocess.Popen([sys.executable, "-c", f"""
+import signal, subprocess, sys, time
+from pathlib import Path
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+Path({str(pid_file)!r}).write_text(str(grandchild.pid))
+time.sleep(120)
+"""], start_new_session=True)
+
+    sup = Supervisor()
+    sup.add("agents", start)
+    sup.start_all()
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    sup.stop([], grace_s=2.0)
+    assert gone(grandchild), "stop left the child's own child running"
 
 
 def test_a_child_that_keeps_crashing_stops_the_supervisor_with_its_name_and_log(tmp_path):
