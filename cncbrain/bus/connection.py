@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind
 
 from cncbrain import metrics, telemetry
-from cncbrain.bus import envelope, streams
+from cncbrain.bus import envelope, streams, subjects
 from cncbrain.bus.credentials import client_options
 from cncbrain.bus.envelope import EnvelopeError, Event
 from cncbrain.bus.permissions import may_create
@@ -220,8 +220,8 @@ class Bus:
         """Create every stream and KV bucket this identity owns (all of them without auth, or as
         admin, which also updates a stream whose configuration changed); safe from every process.
         The others are their owners' to create: using one waits for it (`kv`, `subscribe`)."""
-        for spec in streams.STREAMS:
-            if not may_create(self.identity, spec.name):
+        for spec in subjects.STREAMS:
+            if not spec.at_connect or not may_create(self.identity, spec.name):
                 continue
             config = streams.stream_config(spec, self.replicas)
             try:

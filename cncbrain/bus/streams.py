@@ -1,13 +1,6 @@
-"""JetStream streams and KV buckets of the live brain, created idempotently at connect.
-
-| stream | subjects | holds |
-| --- | --- | --- |
-| CNC_WORKLOADS | `cnc.scheduler.workload.>` | lifecycle of every workload (watch replays it) |
-| CNC_PLACEMENTS | `cnc.scheduler.placement.>` | committed placements per site |
-| CNC_SITES | `cnc.site.*.registered`, `cnc.site.*.applied`, `cnc.perception.site_state.>` | site lifecycle |
-| CNC_DEADLETTER | `cnc.deadletter.>` | events a consumer could not decode or handle |
-
-KV buckets (state of record): `cnc-workloads` (scheduler: one record per workload, with its
+"""How a JetStream stream is described (`StreamSpec`; every stream of the brain is declared in
+`cncbrain.bus.subjects`, beside the subjects it stores) and configured, and the KV buckets that
+hold the bus's own state of record: `cnc-workloads` (scheduler: one record per workload, with its
 placements), `cnc-sites` (perception: registered sites).
 """
 
@@ -25,25 +18,17 @@ class StreamSpec:
     name: str
     subjects: tuple[str, ...]
     max_age_s: float = 7 * DAY_S
+    """0: kept for ever."""
     duplicate_window_s: float = 120.0
+    at_connect: bool = True
+    """Created at connect by every process that may create it (`Bus.ensure_streams`); False: by its
+    owner alone, with settings of its own (the ledger)."""
+    doc: str = ""
 
-
-STREAMS: list[StreamSpec] = [
-    StreamSpec("CNC_WORKLOADS", ("cnc.scheduler.workload.>",)),
-    StreamSpec("CNC_PLACEMENTS", ("cnc.scheduler.placement.>",)),
-    StreamSpec("CNC_SITES", ("cnc.site.*.registered", "cnc.site.*.applied", "cnc.perception.site_state.>")),
-    StreamSpec("CNC_DEADLETTER", ("cnc.deadletter.>",), max_age_s=30 * DAY_S),
-]
 
 KV_WORKLOADS = "cnc-workloads"
 KV_SITES = "cnc-sites"
 BUCKETS = (KV_WORKLOADS, KV_SITES)
-
-
-def register_stream(spec: StreamSpec) -> None:
-    """Another block (adaptation, governance) adds its stream before connecting."""
-    if all(s.name != spec.name for s in STREAMS):
-        STREAMS.append(spec)
 
 
 def stream_config(spec: StreamSpec, replicas: int = 1) -> api.StreamConfig:

@@ -1,9 +1,11 @@
-"""The one registry of NATS subjects: every subject is built, validated and typed here.
+"""The one registry of the bus: every NATS subject and every JetStream stream of the brain is
+declared here (nowhere else, and not as a side effect of importing a block's module), so any process
+— `cncbrain watch`, the permission table, the tests — sees all of them.
 
 Shape: `cnc.<block>.<event>[.<key>]`, where the key is a site id or a workload id. Site agents'
 own events put the site first (`cnc.site.<site_id>.<event>`) so one wildcard follows one site.
 Each subject names its protobuf message (decoding checks the type header against it) and, when
-its events must survive restarts, the JetStream stream that stores it.
+its events must survive restarts, the JetStream stream that stores it (`STREAMS`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from cnc.adaptation.v1 import adaptation_pb2 as adaptation
+from cnc.governance.v1 import governance_pb2 as governance
 from cnc.perception.v1 import perception_pb2 as perception
 from cnc.scheduler.v1 import scheduler_pb2 as scheduler
 from cnc.site.v1 import events_pb2 as site
+from cncbrain.bus.streams import DAY_S, StreamSpec
 from cncbrain.errors import InvalidArgument
 from cncbrain.limits import quote
 
@@ -88,28 +93,49 @@ class Subject(Generic[M]):
         return m.groupdict() if m else None
 
 
+# --- streams: what JetStream keeps ----------------------------------------------------------------
+WORKLOADS_STREAM = StreamSpec("CNC_WORKLOADS", ("cnc.scheduler.workload.>",),
+                              doc="lifecycle of every workload (watch replays it)")
+PLACEMENTS_STREAM = StreamSpec("CNC_PLACEMENTS", ("cnc.scheduler.placement.>",), doc="committed placements per site")
+SITES_STREAM = StreamSpec("CNC_SITES", ("cnc.site.*.registered", "cnc.site.*.applied", "cnc.perception.site_state.>"),
+                          doc="site lifecycle: registrations, executors' results, down/up")
+ADAPTATION_STREAM = StreamSpec("CNC_ADAPTATION", ("cnc.adaptation.action",), max_age_s=30 * DAY_S,
+                               doc="adaptation's actions with their reasons")
+LEDGER_STREAM = StreamSpec("CNC_LEDGER", ("cnc.governance.ledger",), max_age_s=0, at_connect=False,
+                           doc="governance's audit ledger, kept for ever; created by governance alone, which "
+                               "also denies deleting from it (`services.governance.ledger_store`)")
+DEADLETTER_STREAM = StreamSpec("CNC_DEADLETTER", ("cnc.deadletter.>",), max_age_s=30 * DAY_S,
+                               doc="events a consumer could not decode or handle")
+STREAMS: tuple[StreamSpec, ...] = (WORKLOADS_STREAM, PLACEMENTS_STREAM, SITES_STREAM, ADAPTATION_STREAM,
+                                   LEDGER_STREAM, DEADLETTER_STREAM)
+
 # --- site agents -------------------------------------------------------------------------------
-SITE_REGISTERED = Subject("cnc.site.{site}.registered", site.SiteRegistered, "CNC_SITES", "a site and its inventory")
+SITE_REGISTERED = Subject("cnc.site.{site}.registered", site.SiteRegistered, SITES_STREAM.name, "a site and its inventory")
 SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site.Heartbeat, None, "agent liveness")
 SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site.SiteTelemetry, None, "per-tick measurements")
 SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "an agent's SCALE proposal to the scheduler")
 SITE_ANSWER = Subject("cnc.site.{site}.answer", site.OfferAnswer, None, "a site's answers to one offer round")
 SITE_ANSWERS = Subject("cnc.site.{agent}.answers", site.OfferAnswers, None,
                        "the answers of an agent process's sites to one offer round (agent = the process's id)")
-SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, "CNC_SITES", "executor result")
+SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, SITES_STREAM.name, "executor result")
 # --- perception --------------------------------------------------------------------------------
 PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", perception.Snapshot, None, "the pool, every tick")
 PERCEPTION_SITE_STATE = Subject(
-    "cnc.perception.site_state.{site}", perception.SiteStateChanged, "CNC_SITES", "site down / up"
+    "cnc.perception.site_state.{site}", perception.SiteStateChanged, SITES_STREAM.name, "site down / up"
 )
 # --- scheduler ---------------------------------------------------------------------------------
 SCHEDULER_OFFER = Subject("cnc.scheduler.offer", scheduler.OfferRound, None, "work offered to the site agents, per round")
 SCHEDULER_PLACEMENT = Subject(
-    "cnc.scheduler.placement.{site}", scheduler.PlacementCommitted, "CNC_PLACEMENTS", "committed placement"
+    "cnc.scheduler.placement.{site}", scheduler.PlacementCommitted, PLACEMENTS_STREAM.name, "committed placement"
 )
 SCHEDULER_WORKLOAD = Subject(
-    "cnc.scheduler.workload.{workload}", scheduler.WorkloadEvent, "CNC_WORKLOADS", "workload lifecycle"
+    "cnc.scheduler.workload.{workload}", scheduler.WorkloadEvent, WORKLOADS_STREAM.name, "workload lifecycle"
 )
+# --- adaptation ----------------------------------------------------------------------------------
+ADAPTATION_ACTION = Subject("cnc.adaptation.action", adaptation.AdaptationAction, ADAPTATION_STREAM.name,
+                            "adaptation actions with their reasons")
+# --- governance ----------------------------------------------------------------------------------
+GOVERNANCE_LEDGER = Subject("cnc.governance.ledger", governance.LedgerBlock, LEDGER_STREAM.name, "audit ledger blocks")
 # --- emulator (stands in for a site's hardware) ---------------------------------------------------
 EMULATOR_INVENTORY = Subject("cnc.emulator.inventory.{site}", site.EmulatorInventoryRequest, None, "request/reply")
 EMULATOR_APPLY = Subject("cnc.emulator.apply.{site}", scheduler.PlacementCommitted, None, "request/reply")
@@ -117,7 +143,8 @@ EMULATOR_STATE = Subject("cnc.emulator.state.{site}", site.SiteTelemetry, None, 
 EMULATOR_FAIL = Subject("cnc.emulator.fail.{site}", site.EmulatorFailSite, None, "inject a site outage")
 
 DEADLETTER_TEMPLATE = "cnc.deadletter.{consumer}"
-"""Where a consumer moves an event it cannot decode or handle (stream CNC_DEADLETTER)."""
+"""Where a consumer moves an event it cannot decode or handle (`DEADLETTER_STREAM`); the event keeps
+its headers (its type among them)."""
 
 ALL: tuple[Subject[Any], ...] = tuple(v for v in list(globals().values()) if isinstance(v, Subject))
 BY_TYPE: dict[str, type[Message]] = {s.type_id: s.message for s in ALL}
@@ -125,14 +152,6 @@ BY_TYPE: dict[str, type[Message]] = {s.type_id: s.message for s in ALL}
 
 def deadletter(consumer: str) -> str:
     return DEADLETTER_TEMPLATE.format(consumer=check_token(consumer, "consumer"))
-
-
-def register(subject: Subject[M]) -> Subject[M]:
-    """Add a subject declared by another block's module (adaptation, governance)."""
-    global ALL
-    ALL = (*ALL, subject)
-    BY_TYPE[subject.type_id] = subject.message
-    return subject
 
 
 def lookup(subject: str) -> tuple[Subject[Any], dict[str, str]] | None:

@@ -250,7 +250,6 @@ class Brain:
     async def _provision(self) -> None:
         """Create (or update) every stream and bucket as admin before the services start, so no
         service waits for another's (each would create only its own)."""
-        import services.adaptation.subjects  # noqa: F401  (registers the adaptation stream)
         from cncbrain.bus import Bus
         from cncbrain.bus.permissions import BUCKET_OWNERS
         from services.governance.ledger_store import LedgerStore

@@ -9,6 +9,7 @@ import json
 import sys
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from cncbrain import aio
 from cncbrain.commands._live import add_target_args, channel, rpc_error, secrets_dir, target
@@ -29,6 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def decode(type_id: str, data: bytes) -> Message | None:
+    """The payload of an event by its `Cnc-Type` header, with any message the registry declares
+    (`cncbrain.bus.subjects`); None for an unknown type or bytes that are not that message."""
+    from cncbrain.bus import subjects
+
+    message_type = subjects.BY_TYPE.get(type_id)
+    if message_type is None:
+        return None
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        return None
+
+
 def line(subject: str, type_id: str, payload, as_json: bool) -> str:
     body = to_dict(payload) if payload is not None else {}
     if as_json:
@@ -40,7 +55,7 @@ def line(subject: str, type_id: str, payload, as_json: bool) -> str:
 async def watch_nats(args: argparse.Namespace) -> int:
     import nats
 
-    from cncbrain.bus import envelope, subjects
+    from cncbrain.bus import envelope
     from cncbrain.bus.credentials import client_options
 
     url = target(args, "nats")
@@ -61,14 +76,7 @@ async def watch_nats(args: argparse.Namespace) -> int:
         if msg.subject.startswith("_INBOX") or msg.subject.startswith("$JS"):
             return
         type_id = (msg.headers or {}).get(envelope.TYPE, "?")
-        message_type = subjects.BY_TYPE.get(type_id)
-        payload = None
-        if message_type is not None:
-            try:
-                payload = message_type.FromString(msg.data)
-            except Exception:
-                payload = None
-        print(line(msg.subject, type_id, payload, wants_json(args)), flush=True)
+        print(line(msg.subject, type_id, decode(type_id, msg.data), wants_json(args)), flush=True)
         seen += 1
         if args.count and seen >= args.count:
             done.set()

@@ -52,7 +52,6 @@ from services.adaptation.domain.recovery import (
     plan_shrink,
 )
 from services.adaptation.settings import Settings
-from services.adaptation.subjects import ACTION, STREAM
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,6 @@ class Adapter:
     # ---- life cycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.bus.ensure_streams()  # CNC_ADAPTATION is registered by services.adaptation.subjects
         self.kv = await self.bus.kv(ADAPTATION_BUCKET)
         await self._load_policies()
         await self._load_actions()
@@ -183,7 +181,7 @@ class Adapter:
 
     async def _load_actions(self) -> None:
         """The recent actions, replayed from the stream (ListActions survives a restart)."""
-        info = await self.bus.js.stream_info(STREAM)
+        info = await self.bus.js.stream_info(subjects.ADAPTATION_STREAM.name)
         if info.state.messages == 0:
             return
         last = info.state.last_seq
@@ -198,8 +196,8 @@ class Adapter:
                 done.set()
 
         start_seq = max(1, last - self.settings.max_actions_kept + 1)
-        sub = await self.bus.js.subscribe(ACTION.template, stream=STREAM, cb=on_msg, ordered_consumer=True,
-                                          deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+        sub = await self.bus.js.subscribe(subjects.ADAPTATION_ACTION.template, stream=subjects.ADAPTATION_STREAM.name,
+                                          cb=on_msg, ordered_consumer=True, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                           config=api.ConsumerConfig(opt_start_seq=start_seq))
         try:
             with contextlib.suppress(TimeoutError):
@@ -279,7 +277,7 @@ class Adapter:
         if not action.HasField("at"):
             action.at.FromNanoseconds(time.time_ns())
         action.snapshot_sequence = self.tick
-        await self.bus.publish(ACTION, action, event_id=action.action_id)
+        await self.bus.publish(subjects.ADAPTATION_ACTION, action, event_id=action.action_id)
         metrics.ACTIONS.labels(apb.ActionKind.Name(action.kind).removeprefix("ACTION_KIND_").lower()).inc()
         self.actions.append(action)
         self.counters[f"adaptation.{apb.ActionKind.Name(action.kind).lower()}"] += 1

@@ -40,7 +40,6 @@ from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import physics as ph
 from cncbrain.workload import tenant_of
-from services.adaptation.subjects import ACTION as ADAPTATION_ACTION
 from services.governance.domain.ledger import (
     LedgerEntry,
     LedgerHead,
@@ -142,7 +141,7 @@ class Governor:
             log.warning("governance: signed the %d entries of a ledger written before signing", self.head.length)
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="governance-pool")
         await subscribe_durable(self.bus, subjects.SCHEDULER_WORKLOAD, self.on_workload_event, "governance")
-        await subscribe_durable(self.bus, ADAPTATION_ACTION, self.on_adaptation_action, "governance-adaptation")
+        await subscribe_durable(self.bus, subjects.ADAPTATION_ACTION, self.on_adaptation_action, "governance-adaptation")
         if self.settings.bootstrap_token_file:
             await self.ensure_operator_token(self.settings.bootstrap_token_file)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,16 +34,16 @@ from nats.js import api
 
 from cnc.governance.v1 import governance_pb2 as pb
 from cncbrain import lease
-from cncbrain.bus import Bus, subjects
-from cncbrain.bus.subjects import Subject
+from cncbrain.bus import Bus
+from cncbrain.bus.streams import stream_config
+from cncbrain.bus.subjects import GOVERNANCE_LEDGER, LEDGER_STREAM
 from cncbrain.errors import DataLoss, Unavailable
 from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerEntry, LedgerHead
 
 log = logging.getLogger(__name__)
 
-STREAM = "CNC_LEDGER"
-LEDGER = subjects.register(Subject("cnc.governance.ledger", pb.LedgerBlock, STREAM, "audit ledger blocks"))
+STREAM = LEDGER_STREAM.name
 BLOCK_ENTRIES = 256
 GOVERNANCE_BUCKET = "cnc-governance"
 HEAD_BUCKET = "cnc-ledger-head"
@@ -73,11 +74,8 @@ class LedgerStore:
         self.last_seq = 0  # stream sequence of the last stored entry
 
     async def ensure(self) -> None:
-        config = api.StreamConfig(
-            name=STREAM, subjects=[LEDGER.template], storage=api.StorageType.FILE, num_replicas=self.bus.replicas,
-            retention=api.RetentionPolicy.LIMITS, max_age=0, max_msgs=-1, max_bytes=-1,
-            duplicate_window=120.0, deny_delete=self.deny_delete, deny_purge=self.deny_delete,
-        )
+        config = dataclasses.replace(stream_config(LEDGER_STREAM, self.bus.replicas), max_msgs=-1, max_bytes=-1,
+                                     deny_delete=self.deny_delete, deny_purge=self.deny_delete)
         try:
             await self.js.stream_info(STREAM)
         except nats.js.errors.NotFoundError:
@@ -113,7 +111,7 @@ class LedgerStore:
                 done.set()
 
         sub = await self.js.subscribe(
-            LEDGER.template, stream=STREAM, cb=on_msg, ordered_consumer=True,
+            GOVERNANCE_LEDGER.template, stream=STREAM, cb=on_msg, ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.ALL, pending_msgs_limit=-1, pending_bytes_limit=-1,
         )
         try:
@@ -141,7 +139,7 @@ class LedgerStore:
                 "Nats-Expected-Last-Sequence": str(base + i),
             }
             block = pb.LedgerBlock(entries=[to_proto(e) for e in chunk])
-            futures.append(await self.js.publish_async(LEDGER.template, block.SerializeToString(),
+            futures.append(await self.js.publish_async(GOVERNANCE_LEDGER.template, block.SerializeToString(),
                                                        headers=headers, wait_stall=5.0))
         try:
             acks = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=10.0)

@@ -36,11 +36,10 @@ from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import metrics
 from cncbrain.auth import AuthInterceptor
-from cncbrain.bus import KV_WORKLOADS, Bus, Event
+from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
 from cncbrain.identity import AuthError, PermissionDenied, require_operator
 from cncbrain.kvfeed import KvFollower
 from cncbrain.workload import spec_of
-from services.adaptation.subjects import ACTION
 
 log = logging.getLogger(__name__)
 ACTIONS_KEPT = 50
@@ -67,9 +66,9 @@ class ConsoleView:
         self._follower = KvFollower(await self.bus.kv(KV_WORKLOADS), self._apply_workload, "console-workloads")
         await self._follower.start()
         since = time.time() - ACTIONS_REPLAYED_S
-        for event in await self.bus.retrying(lambda: self.bus.events_since(ACTION, since), "read recent actions"):
+        for event in await self.bus.retrying(lambda: self.bus.events_since(subjects.ADAPTATION_ACTION, since), "read recent actions"):
             self.actions.append(event.payload)
-        await self.bus.subscribe(ACTION, self._on_action, consumer="perception-console-actions")
+        await self.bus.subscribe(subjects.ADAPTATION_ACTION, self._on_action, consumer="perception-console-actions")
 
     async def stop(self) -> None:
         if self._follower is not None:

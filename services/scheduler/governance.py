@@ -24,10 +24,9 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import load_token, optional_principal, subscribe_durable
-from cncbrain.bus import Event
+from cncbrain.bus import Event, subjects
 from cncbrain.identity import PermissionDenied, require_tenant_access
 from cncbrain.workload import tenant_of
-from services.adaptation.subjects import ACTION
 from services.governance.client import AdmissionRefused, GovernanceGate
 from services.governance.domain.policy import Decision, Verdict
 from services.scheduler import domain
@@ -53,7 +52,7 @@ class SchedulerGovernance:
         if governance_target:
             gate = await GovernanceGate.start(co.bus, governance_target, token or None)
         hooks = cls(co, gate, token or None)
-        await subscribe_durable(co.bus, ACTION, hooks.on_action, "scheduler-adaptation")
+        await subscribe_durable(co.bus, subjects.ADAPTATION_ACTION, hooks.on_action, "scheduler-adaptation")
         return hooks
 
     async def close(self) -> None:

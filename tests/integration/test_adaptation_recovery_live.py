@@ -24,7 +24,6 @@ from cncbrain.bus import Bus, subjects
 from cncbrain.scenario import load_scenario
 from services.adaptation.server import AdaptationServer
 from services.adaptation.settings import Settings as AdaptationSettings
-from services.adaptation.subjects import ACTION
 from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
@@ -131,7 +130,7 @@ async def test_training_shards_resume_elsewhere_with_lost_work_recorded(live):
     async def on_action(ev):
         seen.append(ev.payload)
 
-    await bus.subscribe(ACTION, on_action, consumer="test-actions")
+    await bus.subscribe(subjects.ADAPTATION_ACTION, on_action, consumer="test-actions")
     await bus.publish(subjects.EMULATOR_FAIL, site_pb.EmulatorFailSite(site_id=victim, duration_s=24 * 3600),
                       site=victim)
 

@@ -18,7 +18,6 @@ from cncbrain.bus import KV_WORKLOADS, subjects
 from cncbrain.identity import Role, mint_token
 from services.adaptation.server import AdaptationServer
 from services.adaptation.settings import Settings
-from services.adaptation.subjects import ACTION
 from services.governance.ledger_store import GOVERNANCE_BUCKET
 
 pytestmark = pytest.mark.integration
@@ -86,7 +85,7 @@ async def world(nats_server, bus):
         await wl.put(w.workload_id, w.SerializeToString())
     server = await AdaptationServer(Settings(nats_url=nats_server.url, grpc_port=0, guardrails_enabled=False)).start()
     h = Harness(bus)
-    await bus.subscribe(ACTION, h.on_action, consumer="test-actions")
+    await bus.subscribe(subjects.ADAPTATION_ACTION, h.on_action, consumer="test-actions")
     await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot())
     for _ in range(100):
         if server.adapter.snapshot is not None and server.gate.sites:

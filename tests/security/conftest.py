@@ -55,7 +55,6 @@ def secrets(tmp_path):
 @pytest.fixture
 async def secure_nats(tmp_path, secrets):
     """A nats-server admitting only the brain's identities, streams and buckets provisioned by admin."""
-    import services.adaptation.subjects  # noqa: F401  (registers the adaptation stream)
     from services.governance.ledger_store import LedgerStore
 
     server = NatsServer(tmp_path / "jetstream", log_file=tmp_path / "nats.log",

@@ -19,7 +19,6 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.bus import Bus, subjects
 from services.adaptation.server import AdaptationServer
 from services.adaptation.settings import Settings as AdaptationSettings
-from services.adaptation.subjects import ACTION
 from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
@@ -132,7 +131,7 @@ async def test_a_node_down_takes_its_gpus_out_and_adaptation_moves_the_overflow_
     async def on_action(ev):
         actions.append((ticks.n, ev.payload))
 
-    await brain.bus.subscribe(ACTION, on_action, consumer="test-actions")
+    await brain.bus.subscribe(subjects.ADAPTATION_ACTION, on_action, consumer="test-actions")
     slurm.run("scontrol", "update", f"nodename={victim['nodes']}", "state=down", "reason=test")
     await until(lambda: _true(actions), 15, "an adaptation action")
     n, action = actions[0]

@@ -3,11 +3,10 @@ creates it; every subject a role publishes is granted; nats-server accepts the r
 
 import subprocess
 
-import services.adaptation.subjects  # noqa: F401  (registers its stream)
 import services.governance.ledger_store as ledger_store
 from cncbrain import lease
 from cncbrain.auth import TOKENS_BUCKET
-from cncbrain.bus import streams
+from cncbrain.bus import streams, subjects
 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR, ensure_identities, load_identities, seed_file
 from cncbrain.bus.permissions import BUCKET_OWNERS, STREAM_OWNERS, grant_for, may_create
 from cncbrain.natsserver import find_nats_server
@@ -15,7 +14,7 @@ from services.adaptation.events import ADAPTATION_BUCKET
 
 
 def test_every_stream_and_bucket_has_an_owner_that_creates_it():
-    names = {s.name for s in streams.STREAMS} | {ledger_store.STREAM}
+    names = {s.name for s in subjects.STREAMS}
     assert names == set(STREAM_OWNERS)
     buckets = {*streams.BUCKETS, TOKENS_BUCKET, ledger_store.GOVERNANCE_BUCKET, ledger_store.HEAD_BUCKET,
                ADAPTATION_BUCKET, *lease.BUCKETS}
