@@ -25,7 +25,6 @@ from cncbrain.auth import TOKENS_BUCKET, token_interceptors
 from cncbrain.bus import subjects
 from cncbrain.kvfeed import KvFollower
 from services.governance.events import Governor
-from services.governance.ledger_store import LEDGER, STREAM
 from services.governance.server import GovernanceServer
 from services.governance.settings import Settings
 
@@ -276,19 +275,19 @@ async def test_verify_ledger_names_the_tampered_entries(brain, bus):
     # The six creations went in one at a time: one stored block per entry here. Change entry 3:
     # take its block out of the stream and put back a forged copy (what an attacker with
     # JetStream access can do; the ledger itself never rewrites).
-    msg = await js.get_msg(STREAM, seq=4)
+    msg = await js.get_msg(subjects.LEDGER_STREAM.name, seq=4)
     block = pb.LedgerBlock()
     block.ParseFromString(msg.data)
     assert [e.index for e in block.entries] == [3]
     block.entries[0].payload_json = block.entries[0].payload_json.replace("tenant-2", "tenant-x")
-    await js.delete_msg(STREAM, 4)
-    await js.publish(LEDGER.template, block.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
+    await js.delete_msg(subjects.LEDGER_STREAM.name, 4)
+    await js.publish(subjects.GOVERNANCE_LEDGER.template, block.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
     result = await op.VerifyLedger(pb.VerifyLedgerRequest())
     assert not result.ok
     changed = {i.index for i in result.issues if i.kind == "changed"}
     assert changed == {3}
     # Remove entry 5 as well.
-    await js.delete_msg(STREAM, 6)
+    await js.delete_msg(subjects.LEDGER_STREAM.name, 6)
     result = await op.VerifyLedger(pb.VerifyLedgerRequest())
     assert {i.index for i in result.issues if i.kind == "removed"} == {5}
     assert {i.index for i in result.issues if i.kind == "changed"} == {3}

@@ -22,10 +22,11 @@ from cnc.governance.v1 import governance_pb2_grpc
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
+from cncbrain.bus import subjects
 from cncbrain.identity import hash_secret
 from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerHead
-from services.governance.ledger_store import LEDGER, STREAM, to_proto
+from services.governance.ledger_store import to_proto
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ async def forge_entry(admin, head: LedgerHead, signer: Signer | None = None) -> 
     if signer is not None:
         entry.signature = signer.sign(entry.hash.encode())
     block = gpb.LedgerBlock(entries=[to_proto(entry)])
-    await admin.js.publish(LEDGER.template, block.SerializeToString(), stream=STREAM,
+    await admin.js.publish(subjects.GOVERNANCE_LEDGER.template, block.SerializeToString(), stream=subjects.LEDGER_STREAM.name,
                            headers={"Cnc-Type": gpb.LedgerBlock.DESCRIPTOR.full_name})
     return f"tok_00000000000000ff.{secret}"
 
@@ -101,7 +102,7 @@ async def test_an_entry_signed_with_another_key_is_flagged(brain, admin):
 
 async def test_a_deleted_ledger_stream_is_reported_removed(brain, admin):
     servers, channels, operator = brain
-    await admin.js.delete_stream(STREAM)
+    await admin.js.delete_stream(subjects.LEDGER_STREAM.name)
     gov = governance_pb2_grpc.GovernanceServiceStub(channels["governance"])
     resp = await gov.VerifyLedger(gpb.VerifyLedgerRequest(), metadata=bearer_metadata(operator))
     assert not resp.ok and resp.issues[0].kind == "removed" and resp.issues[0].detail.startswith("ledger removed")
