@@ -43,6 +43,7 @@ from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
+from cncbrain.certs import client_channel
 from cncbrain.commands._live import RETRYABLE
 from cncbrain.commands.up import SERVICES, Brain
 
@@ -100,7 +101,7 @@ class Chaos:
     async def health(self) -> bool:
         for address in self.ports.values():
             try:
-                async with grpc.aio.insecure_channel(address) as ch:
+                async with client_channel(address) as ch:
                     resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 if resp.status != health_pb2.HealthCheckResponse.SERVING:
                     return False
@@ -110,7 +111,7 @@ class Chaos:
 
     async def sites_up(self) -> bool:
         try:
-            async with grpc.aio.insecure_channel(self.ports["perception"]) as ch:
+            async with client_channel(self.ports["perception"]) as ch:
                 sites = (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
                     perception_pb2.ListSitesRequest(), metadata=self.md, timeout=1)).sites
         except grpc.aio.AioRpcError:
@@ -148,7 +149,7 @@ class Chaos:
 
     async def run_fault(self, fault: str, kill) -> Result:
         tag = f"{fault}-{int(time.time())}"
-        async with grpc.aio.insecure_channel(self.ports["scheduler"]) as ch:
+        async with client_channel(self.ports["scheduler"]) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             outcome: dict[int, str | None] = {}
 

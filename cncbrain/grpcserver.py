@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cncbrain import aio, limits, telemetry
+from cncbrain.certs import RECONNECT_OPTIONS
 from cncbrain.errors import CncError, UsageError
 from cncbrain.settings import ServiceSettings
 from cncbrain.supervise import EXIT_PORT_IN_USE
@@ -311,7 +312,7 @@ async def _start(name: str, start: Callable[[], Awaitable[Stoppable]], stop: asy
 async def wait_healthy(target: str, timeout_s: float = 10.0, service: str = "") -> None:
     """Wait until the health service at `target` answers SERVING (used by `up` and tests)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=list(RECONNECT_OPTIONS)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

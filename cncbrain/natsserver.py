@@ -139,7 +139,7 @@ class NatsServer:
         if self.monitor:
             argv += ["-m", "-1"]
         # it dies with the thread that started it (`cncbrain up` killed with SIGKILL, a test)
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
+        self.proc = subprocess.Popen(die_with_parent(argv), stdout=out, stderr=subprocess.STDOUT)
         ports_file = self.store_dir / f"{Path(self.binary).name}_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -14,15 +14,14 @@ sessions of their own), so nothing they started themselves is left either.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,23 +35,25 @@ BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Pause before the n-th restart within the window (the last one repeats)."""
 
 
-PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl  # resolved before any fork
-_SIGTERM = int(signal.SIGTERM)
+_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"  # PR_SET_PDEATHSIG
+    "if os.getppid() != int(sys.argv[1]):\n"  # the parent ended before that: we are an orphan
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A `preexec_fn` for a child of this process: the kernel sends the child SIGTERM when the thread
-    that started it ends (a `cncbrain up` killed with SIGKILL included). Between fork and exec it only
-    makes C calls; a parent already gone by then is noticed (the child is then an orphan)."""
-    parent = os.getpid()
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` made into a command whose process the kernel sends SIGTERM when the thread of this
+    process that starts it ends (a `cncbrain up` killed with SIGKILL included): a bare Python (no
+    site, ~25 ms) sets Linux's `PR_SET_PDEATHSIG`, which an exec keeps, and execs `argv` in the same
+    process (same pid); a parent already gone by then is noticed.
 
-    def preexec() -> None:
-        _prctl(PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), _SIGTERM)
-
-    return preexec
+    Not a `preexec_fn`: with one, `subprocess` forks (instead of vfork) and runs the parent's
+    at-fork handlers in the child, and gRPC's crash there (SIGABRT, SIGSEGV) when another thread of
+    the parent is in a gRPC call — a third of the children of a busy parent died before their exec."""
+    return [sys.executable, "-I", "-S", "-c", _WITH_PARENT, str(os.getpid()), *argv]
 
 
 class GaveUp(CncError):

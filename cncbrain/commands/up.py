@@ -281,10 +281,10 @@ class Brain:
             log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                    die_with_parent([sys.executable, *argv]),  # a SIGKILLed `up` takes them with it
+                    stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
                     start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
-                    preexec_fn=die_with_parent(),  # and a SIGKILLed `up` takes them with it
                 )
             finally:
                 log.close()

@@ -64,8 +64,8 @@ def test_children_die_with_a_supervisor_killed_with_sigkill(tmp_path):
 import subprocess, sys, time
 from pathlib import Path
 from cncbrain.supervise import die_with_parent
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
-                         preexec_fn=die_with_parent())
+child = subprocess.Popen(die_with_parent([sys.executable, "-c", "import time; time.sleep(120)"]),
+                         start_new_session=True)
 Path({str(pid_file)!r}).write_text(str(child.pid))
 time.sleep(120)
 """])
@@ -81,6 +81,44 @@ time.sleep(120)
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_children_started_while_the_parent_is_busy_in_grpc_reach_their_exec(tmp_path):
+    """`up` (and a benchmark driving it) restarts children from a thread while others are in gRPC
+    calls. Started with a `preexec_fn`, a third of them died before their exec (gRPC's at-fork
+    handlers crashing in the forked child: SIGABRT, SIGSEGV), each counted as a crash of the
+    service; `die_with_parent` starts none that way."""
+    code = """
+import asyncio, os, subprocess, threading
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from cncbrain.supervise import die_with_parent
+
+async def busy(port):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            await stub.Check(health_pb2.HealthCheckRequest())
+
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    calls = [asyncio.ensure_future(busy(port)) for _ in range(4)]
+    codes = []
+    spawner = threading.Thread(target=lambda: codes.extend(
+        subprocess.Popen(die_with_parent(["true"]), start_new_session=True).wait() for _ in range(40)))
+    spawner.start()
+    while spawner.is_alive():
+        await asyncio.sleep(0.05)
+    print("exit statuses", sorted(set(codes)), "failed", sum(1 for c in codes if c), flush=True)
+    os._exit(0)
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "exit statuses [0] failed 0" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def test_stop_ends_what_a_child_left_behind_in_its_process_group(tmp_path):
