@@ -12,11 +12,6 @@ import importlib
 import sys
 
 from cncbrain import __version__
-from cncbrain.errors import CncError, UsageError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-"""Exit codes of every command: 0 done, 1 it failed (the brain refused, is unreachable, ...), 2 the
-command line or a setting is wrong (argparse's own code for a malformed command line)."""
 
 COMMANDS = [
     "scenarios",
@@ -73,29 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    from cncbrain.commands._live import run_command
+
     return run_command(args)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command: its exit code (`EXIT_*`); an error is printed on stderr, Ctrl-C 130."""
-    from cncbrain.commands._live import configure
-
-    try:
-        configure(args)
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CncError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:  # `cncbrain workloads | head -1`: the reader has what it wanted
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

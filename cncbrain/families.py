@@ -6,9 +6,13 @@ continental WANs — and, for each seed, draws one scenario of that kind: topolo
 inference services, ingress, load, training and failures, each within the family's ranges
 (docs/scenarios.md lists them and says why).
 
-    generate("edge", 7)        -> Scenario (validated; .source == "family:edge:7")
+    scenario_data("edge", 7)   -> the data of a scenario file (cncbrain.scenario.generate("edge", 7)
+                                  validates it: a Scenario whose .source is "family:edge:7")
     to_yaml("edge", 7)         -> scenario YAML that load_scenario reads back into the same scenario
     load_scenario("family:edge:7")   # what every --scenario option accepts
+
+The generator sits below the scenario schema: it writes scenario data and never imports
+`cncbrain.scenario`, which validates what it writes.
 
 Synthetic topologies place sites on real cities (`cncbrain/data/cities.csv`: GeoNames cities,
 coordinates and populations) and join them by a Waxman or a geometric random graph over
@@ -38,14 +42,11 @@ from importlib import resources
 
 import numpy as np
 import yaml
-from scipy.sparse.csgraph import minimum_spanning_tree
 
-from cncbrain.errors import ScenarioError, UsageError
-from cncbrain.scenario import FAMILY_PREFIX, Scenario, parse_scenario
+from cncbrain.errors import UsageError
 from cncbrain.twin import physics
-from cncbrain.twin.pool import ALIBABA_TO_CATALOG
 from cncbrain.twin.topology import EARTH_RADIUS_KM, load_graphml
-from cncbrain.twin.traces import load_alibaba, load_azure
+from cncbrain.twin.traces import ALIBABA_TO_CATALOG, load_alibaba, load_azure
 
 SIM_RPS = 200.0
 """Requests/s the twin simulates per scenario (about 720,000 an hour, a few seconds per episode):
@@ -164,6 +165,8 @@ def _wan_links(rng: np.random.Generator, lat: np.ndarray, lon: np.ndarray, kind:
     if n == 1:
         return []
     d = _km(lat, lon)
+    from scipy.sparse.csgraph import minimum_spanning_tree  # scipy only where a WAN is drawn
+
     mst = minimum_spanning_tree(np.triu(d + 1e-6, 1)).tocoo()
     links = {(min(i, j), max(i, j)) for i, j in zip(mst.row.tolist(), mst.col.tolist(), strict=True)}
     extra = max(0, int(round(mean_degree * n / 2)) - len(links))
@@ -601,21 +604,24 @@ def _to_data(d: _Draft) -> dict:
     }
 
 
-def generate(family: str, seed: int) -> Scenario:
-    """Scenario `seed` of `family`: validated, identical for the same (family, seed)."""
-    d = _draft(family, seed)
-    key = f"{FAMILY_PREFIX}{family}:{d.seed}"
-    try:
-        return parse_scenario(_to_data(d), key)
-    except ScenarioError as exc:  # a generated scenario that does not validate is a bug
-        raise RuntimeError(f"generated scenario {key} is invalid:\n{exc}") from None
+FAMILY_PREFIX = "family:"
+"""A generated scenario's name: `family:NAME:SEED`, what every --scenario option accepts."""
+
+
+def key(family: str, seed: int) -> str:
+    return f"{FAMILY_PREFIX}{family}:{seed}"
+
+
+def scenario_data(family: str, seed: int) -> dict:
+    """The scenario `seed` of `family` as the data of a scenario file (`cncbrain.scenario.generate`
+    validates it into a `Scenario`)."""
+    return _to_data(_draft(family, seed))
 
 
 def to_yaml(family: str, seed: int) -> str:
     """Scenario YAML of (family, seed), with a header saying what was drawn."""
     d = _draft(family, seed)
     data = _to_data(d)
-    parse_scenario(data, f"{FAMILY_PREFIX}{family}:{d.seed}")
     head = [f"# generated: cncbrain scenarios generate --family {family} --seed {d.seed}",
             f"# family {family}: {FAMILIES[family].summary}", *[f"# {n}" for n in d.notes]]
     body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=120)
@@ -629,8 +635,8 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-def from_key(key: str) -> Scenario:
-    """`family:NAME:SEED` → the generated scenario (what `load_scenario` calls)."""
+def parse_key(key: str) -> tuple[str, int]:
+    """`family:NAME:SEED` → (family, seed), checked."""
     parts = key.split(":")
     if len(parts) != 3 or parts[0] + ":" != FAMILY_PREFIX:
         raise UsageError(f"scenario {key!r}: a generated scenario is {FAMILY_PREFIX}NAME:SEED; families: {', '.join(FAMILIES)}")
@@ -641,5 +647,4 @@ def from_key(key: str) -> Scenario:
         n = int(seed)
     except ValueError:
         raise UsageError(f"scenario {key!r}: seed {seed!r} is not an integer") from None
-    _check(family, n)
-    return generate(family, n)
+    return family, _check(family, n)

@@ -14,7 +14,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cncbrain import families
 from cncbrain.errors import ScenarioError
+from cncbrain.families import FAMILY_PREFIX
 from cncbrain.twin import physics
 from cncbrain.twin.traces import AZURE_TRACES
 
@@ -302,7 +304,15 @@ def parse_scenario(data: object, source: str = "<scenario>") -> Scenario:
     return sc
 
 
-FAMILY_PREFIX = "family:"
+def generate(family: str, seed: int) -> Scenario:
+    """Scenario `seed` of the family `family` (`cncbrain.families`): validated, identical for the same
+    (family, seed); its source is `family:NAME:SEED`."""
+    data = families.scenario_data(family, seed)
+    key = families.key(family, int(seed))
+    try:
+        return parse_scenario(data, key)
+    except ScenarioError as exc:  # a generated scenario that does not validate is a bug
+        raise RuntimeError(f"generated scenario {key} is invalid:\n{exc}") from None
 
 
 def load_scenario(name_or_path: str | Path) -> Scenario:
@@ -310,9 +320,7 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     (`cncbrain.families`), or a YAML file by path."""
     key = str(name_or_path)
     if key.startswith(FAMILY_PREFIX):
-        from cncbrain import families  # the generator builds on this module
-
-        return families.from_key(key)
+        return generate(*families.parse_key(key))
     builtin = builtin_scenarios()
     if key in builtin:
         path = builtin[key]

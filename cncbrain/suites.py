@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cncbrain.errors import UsageError
-from cncbrain.families import FAMILIES, generate
-from cncbrain.scenario import Scenario
+from cncbrain.families import FAMILIES
+from cncbrain.scenario import Scenario, generate
 
 
 @dataclass(frozen=True)

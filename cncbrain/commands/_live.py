@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,10 @@ ENDPOINTS_FILE = "endpoints.json"
 DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "scheduler": "127.0.0.1:50062",
             "adaptation": "127.0.0.1:50063", "governance": "127.0.0.1:50064"}
 
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+"""Exit codes of every command: 0 done, 1 it failed (the brain refused, is unreachable, ...), 2 the
+command line or a setting is wrong (argparse's own code for a malformed command line)."""
 
 _chosen: dict[str, object] = {}
 """What the command line chose (`configure`): the state folder and the token."""
@@ -192,11 +197,27 @@ async def call_retrying(call, what: str, window_s: float | None = None):
             delay = min(delay * 2, 2.0)
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command: its exit code (`EXIT_*`); an error is printed on stderr, Ctrl-C 130."""
+    try:
+        configure(args)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `cncbrain workloads | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
 def run_alone(register, argv: list[str]) -> int:
     """`python -m cncbrain.commands.<name>`: one command without importing every other one (the
     full CLI imports torch for the training commands, seconds per call)."""
-    from cncbrain.cli import run_command
-
     parser = argparse.ArgumentParser(prog="cncbrain")
     register(parser.add_subparsers(dest="command"))
     return run_command(parser.parse_args(argv))

@@ -35,6 +35,19 @@ def policy_from_args(args: argparse.Namespace):
     return p
 
 
+def policy_text(p) -> str:
+    parts = []
+    if p.restrict_regions or p.allowed_regions:
+        parts.append("regions=" + ",".join(p.allowed_regions))
+    if p.restrict_sites or p.allowed_sites:
+        parts.append("sites=" + ",".join(p.allowed_sites))
+    if p.restrict_gpu_types or p.allowed_gpu_types:
+        parts.append("gpus=" + ",".join(p.allowed_gpu_types))
+    if p.HasField("max_cost_usd_per_hour"):
+        parts.append(f"≤${p.max_cost_usd_per_hour:.2f}/h")
+    return " ".join(parts) or "anywhere"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="set the placement policy of a tenant or one of its workloads")
     p.add_argument("tenant_id")
@@ -46,7 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc.governance.v1 import governance_pb2 as pb
-    from cncbrain.commands.tenants import policy_text
 
     req = pb.SetPlacementPolicyRequest(tenant_id=args.tenant_id, workload_id=args.workload,
                                        policy=policy_from_args(args))

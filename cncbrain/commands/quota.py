@@ -30,6 +30,15 @@ def quota_from_args(args: argparse.Namespace):
     return q
 
 
+def quota_text(q) -> str:
+    parts = [f"{g.gpu_type}≤{g.max_gpus}" for g in q.gpus]
+    if q.HasField("max_gpus"):
+        parts.append(f"GPUs≤{q.max_gpus}")
+    if q.HasField("max_cost_usd_per_hour"):
+        parts.append(f"≤${q.max_cost_usd_per_hour:.2f}/h")
+    return " ".join(parts) or "unlimited"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quota", help="set a tenant's quota (operator)")
     p.add_argument("tenant_id")
@@ -40,7 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc.governance.v1 import governance_pb2 as pb
-    from cncbrain.commands.tenants import quota_text
 
     req = pb.SetQuotaRequest(tenant_id=args.tenant_id, quota=quota_from_args(args))
     resp = call(args, "governance", lambda s: s.SetQuota(req, timeout=10))

@@ -85,6 +85,7 @@ def run_suites(args) -> int:
 
 def run_generate(args) -> int:
     from cncbrain.families import FAMILIES, to_yaml
+    from cncbrain.scenario import generate
 
     if args.family not in FAMILIES:
         raise UsageError(f"unknown scenario family {args.family!r}; families: {', '.join(FAMILIES)}")
@@ -92,6 +93,7 @@ def run_generate(args) -> int:
         seed = int(args.seed)
     except ValueError:
         raise UsageError(f"--seed: {args.seed!r} is not an integer") from None
+    generate(args.family, seed)  # validates (a generated scenario that does not is a bug)
     text = to_yaml(args.family, seed)
     if args.out:
         out = Path(args.out)

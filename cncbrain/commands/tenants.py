@@ -8,8 +8,8 @@ from rich.table import Table
 
 from cncbrain.commands._govcli import add_common, call, dump
 from cncbrain.commands._output import show, wants_json
-from cncbrain.commands.policy import add_policy_args, policy_from_args
-from cncbrain.commands.quota import add_quota_args, quota_from_args
+from cncbrain.commands.policy import add_policy_args, policy_from_args, policy_text
+from cncbrain.commands.quota import add_quota_args, quota_from_args, quota_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,25 +55,3 @@ def run(args: argparse.Namespace) -> int:
                       f"{t.gpus_in_use} GPUs, ${t.cost_usd_per_hour_in_use:.2f}/h")
     show(table)
     return 0
-
-
-def quota_text(q) -> str:
-    parts = [f"{g.gpu_type}≤{g.max_gpus}" for g in q.gpus]
-    if q.HasField("max_gpus"):
-        parts.append(f"GPUs≤{q.max_gpus}")
-    if q.HasField("max_cost_usd_per_hour"):
-        parts.append(f"≤${q.max_cost_usd_per_hour:.2f}/h")
-    return " ".join(parts) or "unlimited"
-
-
-def policy_text(p) -> str:
-    parts = []
-    if p.restrict_regions or p.allowed_regions:
-        parts.append("regions=" + ",".join(p.allowed_regions))
-    if p.restrict_sites or p.allowed_sites:
-        parts.append("sites=" + ",".join(p.allowed_sites))
-    if p.restrict_gpu_types or p.allowed_gpu_types:
-        parts.append("gpus=" + ",".join(p.allowed_gpu_types))
-    if p.HasField("max_cost_usd_per_hour"):
-        parts.append(f"≤${p.max_cost_usd_per_hour:.2f}/h")
-    return " ".join(parts) or "anywhere"

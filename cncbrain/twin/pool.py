@@ -15,17 +15,9 @@ from cncbrain.errors import ScenarioError
 from cncbrain.scenario import RegionIngress, Scenario
 from cncbrain.twin import physics
 from cncbrain.twin.topology import EARTH_RADIUS_KM, Network, build_network, load_graphml
-from cncbrain.twin.traces import alibaba_gpu_models
+from cncbrain.twin.traces import ALIBABA_TO_CATALOG, alibaba_gpu_models
 
 log = logging.getLogger(__name__)
-
-# Alibaba's node models mapped to catalog types. G1–G3 are undisclosed internal codes; we read them
-# as the data-centre generations of their era (assumption, docs/cost-model.md). P100 → V100 and
-# A10 → L4 (closest catalog type by memory and bandwidth).
-ALIBABA_TO_CATALOG = {
-    "G1": "A100-40GB", "G2": "A100-80GB", "G3": "H100", "T4": "T4", "P100": "V100",
-    "V100M16": "V100", "V100M32": "V100", "A10": "L4",
-}
 
 
 @dataclass

@@ -113,6 +113,15 @@ def load_alibaba() -> TracedTask:
     return TracedTask(np.asarray(arr)[order], np.asarray(gpus)[order], np.asarray(dur)[order])
 
 
+# Alibaba's node models mapped to catalog types. G1–G3 are undisclosed internal codes; we read them
+# as the data-centre generations of their era (assumption, docs/cost-model.md). P100 → V100 and
+# A10 → L4 (closest catalog type by memory and bandwidth).
+ALIBABA_TO_CATALOG = {
+    "G1": "A100-40GB", "G2": "A100-80GB", "G3": "H100", "T4": "T4", "P100": "V100",
+    "V100M16": "V100", "V100M32": "V100", "A10": "L4",
+}
+
+
 @cache
 def alibaba_gpu_models() -> dict[str, int]:
     """GPU models and node counts of the Alibaba node list (used to sample site inventories)."""

@@ -9,7 +9,7 @@ import yaml
 
 from cncbrain import families, suites
 from cncbrain.errors import CncError, ScenarioError
-from cncbrain.scenario import load_scenario, parse_scenario
+from cncbrain.scenario import generate, load_scenario, parse_scenario
 from cncbrain.twin.pool import load_network
 from cncbrain.twin.sim import Twin
 
@@ -28,7 +28,7 @@ def _quiet():
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_every_seed_validates_and_every_service_can_be_served(family):
     for seed in range(SEEDS_PER_FAMILY):
-        sc = families.generate(family, seed)
+        sc = generate(family, seed)
         assert sc.source == f"family:{family}:{seed}" and sc.name == f"{family}-{seed}"
         assert 1 <= len(sc.inference) <= 6
         assert len(sc.failures) <= 3
@@ -42,7 +42,7 @@ def test_every_seed_validates_and_every_service_can_be_served(family):
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_generated_scenarios_run_in_the_twin(family):
     for seed in (0, 1):
-        sc = families.generate(family, seed)
+        sc = generate(family, seed)
         twin = Twin(sc, seed=sc.seed, duration_s=90)
         served = [s for s in twin.services if (s.tp > 0).any()]
         assert len(served) == len(sc.inference), "every service fits some GPU type of the pool"
@@ -60,16 +60,16 @@ def test_same_family_and_seed_same_yaml_and_round_trip(tmp_path):
         path = tmp_path / f"{family}.yaml"
         path.write_text(text)
         back = load_scenario(path)
-        assert back.model_dump() == families.generate(family, 5).model_dump()
+        assert back.model_dump() == generate(family, 5).model_dump()
         assert load_scenario(f"family:{family}:5").model_dump() == back.model_dump()
 
 
 def test_unknown_family_or_bad_seed_is_a_clear_error():
     with pytest.raises(CncError, match="unknown scenario family 'nope'; families: zoo, edge"):
-        families.generate("nope", 1)
+        generate("nope", 1)
     for bad in (-1, 2**31, 1.5, "3", True):
         with pytest.raises(CncError, match="seed must be an integer"):
-            families.generate("edge", bad)
+            generate("edge", bad)
     with pytest.raises(CncError, match="unknown scenario family 'x'"):
         load_scenario("family:x:1")
     with pytest.raises(CncError, match="is not an integer"):
@@ -188,7 +188,7 @@ def test_oracle_groups_ingress_above_fifty_sites_and_stays_an_upper_bound():
     from cncbrain.evaluate import run_policy
     from cncbrain.oracle import INGRESS_GROUPS, ingress_groups
 
-    sc = families.generate("halls", 3002)  # 79 sites
+    sc = generate("halls", 3002)  # 79 sites
     twin = Twin(sc, seed=sc.seed, duration_s=900)
     groups = ingress_groups(twin)
     assert 1 < len(groups) <= INGRESS_GROUPS
