@@ -13,6 +13,9 @@
     await gate.admit(workload_id, tenant, kind, gpus, gpus_per_unit, gpu_types)   # at submit
     decision = gate.check(workload_id, tenant, placements)                          # before commit
     if not decision.ok: ... decision.message ...
+
+- `OpenGate`: the gate of a brain that runs without governance: it admits everything, every
+  placement passes. A service holds a `Gate` either way, so its code has no "governance off" branch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -66,6 +69,56 @@ class _TenantView:
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     holdings: dict[str, Holding] = field(default_factory=dict)
     known: bool = False
+
+
+class Gate(Protocol):
+    """What a service asks governance's gate (`GovernanceGate`, or `OpenGate` without governance)."""
+
+    async def admit(self, workload_id: str, tenant_id: str, kind: common.WorkloadKind.ValueType, gpus: int,
+                    gpus_per_unit: int, gpu_types: Iterable[str] = (), token: str | None = None) -> Any: ...
+
+    def check(self, workload_id: str, tenant_id: str, placements: Sequence[common.Placement]) -> Decision: ...
+
+    def headroom(self, workload_id: str, tenant_id: str) -> tuple[dict[str, int], int | None, float | None]: ...
+
+    def policy_for(self, workload_id: str, tenant_id: str) -> PlacementPolicy: ...
+
+    def price(self, site_id: str, gpu_type: str) -> float: ...
+
+    def allows(self, workload_id: str, tenant_id: str, site_id: str, gpu_type: str) -> bool: ...
+
+    def committed(self, workload_id: str, tenant_id: str, placements: Sequence[common.Placement]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class OpenGate:
+    """The gate without governance: every workload admitted, every placement allowed, no quota."""
+
+    async def admit(self, workload_id: str, tenant_id: str, kind: common.WorkloadKind.ValueType, gpus: int,
+                    gpus_per_unit: int, gpu_types: Iterable[str] = (), token: str | None = None) -> None:
+        return None
+
+    def check(self, workload_id: str, tenant_id: str, placements: Sequence[common.Placement]) -> Decision:
+        return Decision(Verdict.ADMITTED)
+
+    def headroom(self, workload_id: str, tenant_id: str) -> tuple[dict[str, int], int | None, float | None]:
+        return {}, None, None
+
+    def policy_for(self, workload_id: str, tenant_id: str) -> PlacementPolicy:
+        return PlacementPolicy()
+
+    def price(self, site_id: str, gpu_type: str) -> float:
+        return 0.0
+
+    def allows(self, workload_id: str, tenant_id: str, site_id: str, gpu_type: str) -> bool:
+        return True
+
+    def committed(self, workload_id: str, tenant_id: str, placements: Sequence[common.Placement]) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
 
 def unit_id(workload_id: str, site_id: str) -> str:

@@ -5,59 +5,53 @@
 - admission at submit through governance (RESOURCE_EXHAUSTED / FAILED_PRECONDITION and the reason);
 - the placement-policy and quota check of every placement before it is committed (the gate is
   in-process, fed by governance's KV), and site agents' proposals outside policy ignored;
-- applying adaptation's actions (`cnc.adaptation.action`): a workload's whole new placement, planned
-  from the generation it names, checked against capacity and governance, committed as a new
-  generation and published per site (sites it leaves get an empty placement).
+- what the placement check asks of the commit paths (`services/scheduler/coordinator.py`): the
+  proposals and GPU types a workload's policy and quota leave, the verdict on a whole placement,
+  and the news that a placement was committed.
 
-Governance is enforced when `governance_target` is set; auth when `auth_enabled` is.
+The gate is always there: governance's (`GovernanceGate`) when `governance_target` is set, else one
+that admits everything (`OpenGate`). Who may touch a workload is checked when `auth_enabled` is.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain.auth import load_token, optional_principal, subscribe_durable
-from cncbrain.bus import Event, subjects
+from cncbrain.auth import load_token, optional_principal
+from cncbrain.bus import Bus
 from cncbrain.identity import PermissionDenied, require_tenant_access
 from cncbrain.workload import tenant_of
-from services.governance.client import AdmissionRefused, GovernanceGate
-from services.governance.domain.policy import Decision, Verdict
+from services.governance.client import AdmissionRefused, Gate, GovernanceGate, OpenGate
+from services.governance.domain.policy import Decision
 from services.scheduler import domain
+from services.scheduler.domain import Ledger
 
-if TYPE_CHECKING:
-    from services.scheduler.events import Coordinator
+__all__ = ["AdmissionRefused", "Gate", "SchedulerGovernance", "open_gate", "tenant_of"]
 
-log = logging.getLogger(__name__)
 
-__all__ = ["AdmissionRefused", "SchedulerGovernance", "tenant_of"]
+async def open_gate(bus: Bus, governance_target: str, token: str = "") -> tuple[Gate, str | None]:
+    """The gate the scheduler checks with — governance's when `governance_target` is set, else the
+    always-admitting `OpenGate` — and the scheduler's own token (forwarded when a caller has none)."""
+    token = token or load_token(required=False) or ""
+    if not governance_target:
+        return OpenGate(), token or None
+    return await GovernanceGate.start(bus, governance_target, token or None), token or None
 
 
 class SchedulerGovernance:
-    def __init__(self, co: Coordinator, gate: GovernanceGate | None, token: str | None) -> None:
-        self.co = co
-        self.gate = gate
+    def __init__(self, ledger: Ledger, gate: Gate | None = None, token: str | None = None) -> None:
+        self.ledger = ledger
+        """The capacity ledger (what the proposals' caps follow)."""
+        self.gate: Gate = gate or OpenGate()
+        """Governance's gate, or the always-admitting one (a brain without governance)."""
         self.token = token
 
-    @classmethod
-    async def start(cls, co: Coordinator, governance_target: str, token: str = "") -> SchedulerGovernance:
-        gate = None
-        token = token or load_token(required=False) or ""
-        if governance_target:
-            gate = await GovernanceGate.start(co.bus, governance_target, token or None)
-        hooks = cls(co, gate, token or None)
-        await subscribe_durable(co.bus, subjects.ADAPTATION_ACTION, hooks.on_action, "scheduler-adaptation")
-        return hooks
-
     async def close(self) -> None:
-        if self.gate is not None:
-            await self.gate.close()
+        await self.gate.close()
 
     # ---- the tenant API ------------------------------------------------------------------------------
 
@@ -89,7 +83,7 @@ class SchedulerGovernance:
     async def admit(self, w: pb.Workload, caller_token: str | None) -> None:
         """Raises `AdmissionRefused` (code + governance's reason) unless governance admits `w`."""
         tenant = tenant_of(w)
-        if self.gate is None or not tenant:
+        if not tenant:
             return
         need = domain.need_of(w)
         await self.gate.admit(w.workload_id, tenant, w.kind, need.units * need.gpus_per_unit, need.gpus_per_unit,
@@ -106,7 +100,7 @@ class SchedulerGovernance:
         """
         proposals = list(proposals)
         tenant = tenant_of(w)
-        if self.gate is None or not tenant:
+        if not tenant:
             return proposals
         allowed = [p for p in proposals if self.gate.allows(w.workload_id, tenant, p.site_id, p.gpu_type)]
         per_type, total, cost = self.gate.headroom(w.workload_id, tenant)
@@ -118,7 +112,7 @@ class SchedulerGovernance:
         seen: set[str] = set()
         out = []
         for p in sorted(allowed, key=lambda p: (p.cost, p.site_id)):
-            if (p.units == 0 or p.site_id in seen or p.site_id not in self.co.ledger.up
+            if (p.units == 0 or p.site_id in seen or p.site_id not in self.ledger.up
                     or (need.allowed_gpu_types and p.gpu_type not in need.allowed_gpu_types)):
                 out.append(p)
                 continue
@@ -132,7 +126,7 @@ class SchedulerGovernance:
                 cap = min(cap, int(max(0.0, cost) // (price * g)))
             if cap <= 0:
                 continue
-            take = min(cap, remaining, self.co.ledger.free(p.site_id, p.gpu_type) // g)
+            take = min(cap, remaining, self.ledger.free(p.site_id, p.gpu_type) // g)
             if take > 0:
                 seen.add(p.site_id)
                 remaining -= take
@@ -154,13 +148,15 @@ class SchedulerGovernance:
         answer with a type the tenant may actually use."""
         need = domain.need_of(w)
         tenant = tenant_of(w)
-        if self.gate is None or not tenant:
+        if not tenant:
             return need.allowed_gpu_types
-        types = set(need.allowed_gpu_types) or {t for pools in self.co.ledger.capacity.values() for t in pools}
         allowed = self.gate.policy_for(w.workload_id, tenant).allowed_gpu_types
+        per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
+        if allowed is None and not per_type:
+            return need.allowed_gpu_types  # neither its policy nor its quota narrows the types
+        types = set(need.allowed_gpu_types) or {t for pools in self.ledger.capacity.values() for t in pools}
         if allowed is not None:
             types &= allowed
-        per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
         types = {t for t in types if per_type.get(t, need.gpus_per_unit) >= need.gpus_per_unit}
         # An empty list would mean "any type": offer a type no site has instead, so nothing is proposed.
         return tuple(sorted(types)) or (domain.NO_TYPE_WITHIN_QUOTA,)
@@ -168,96 +164,14 @@ class SchedulerGovernance:
     def site_filter(self, w: pb.Workload) -> Callable[[str, str], bool] | None:
         """The workload's placement policy as `allowed(site, gpu_type)`; None when it has none."""
         tenant = tenant_of(w)
-        if self.gate is None or not tenant:
+        if not tenant:
             return None
         gate, wid = self.gate, w.workload_id
         return lambda site, gpu_type: gate.allows(wid, tenant, site, gpu_type)
 
     def check(self, w: pb.Workload, placements: Iterable[common.Placement]) -> Decision:
         """May `w` hold exactly `placements` (its whole placement after the commit)?"""
-        if self.gate is None:
-            return Decision(Verdict.ADMITTED)
         return self.gate.check(w.workload_id, tenant_of(w), list(placements))
 
     def committed(self, w: pb.Workload) -> None:
-        if self.gate is not None:
-            self.gate.committed(w.workload_id, tenant_of(w), list(w.placements))
-
-    # ---- adaptation's actions --------------------------------------------------------------------------
-
-    async def on_action(self, event: Event) -> None:
-        action: apb.AdaptationAction = event.payload
-        if not action.placements:
-            return  # WAIT_FOR_CAPACITY and friends carry nothing to apply
-        co = self.co
-        wid = action.workload_id
-        if wid not in co.store.records:
-            co.counters["adaptation_unknown"] += 1
-            return
-        async with co.lock(wid):
-            w = co._copy(wid)
-            if w.state not in domain.ACTIVE:
-                return
-            if w.generation != action.base_generation:
-                co.counters["adaptation_stale"] += 1
-                log.info("adaptation action for %s planned from generation %d, record is at %d: ignored",
-                         wid, action.base_generation, w.generation)
-                return
-            refused = self._refusal(w, action)
-            if refused:
-                co.counters["adaptation_refused"] += 1
-                log.warning("adaptation action for %s refused: %s", wid, refused)
-                return
-            before = {p.site_id for p in w.placements}
-            for p in w.placements:
-                co.ledger.take(p, -1)
-            w.generation += 1
-            del w.placements[:]
-            changed = []
-            for p in action.placements:
-                entry = common.Placement()
-                entry.CopyFrom(p)
-                entry.workload_id, entry.kind, entry.generation = wid, w.kind, w.generation
-                if entry.replicas or entry.shard_indices:
-                    w.placements.append(entry)
-                    co.ledger.take(entry)
-                if entry.site_id in before or entry.replicas or entry.shard_indices:
-                    changed.append(entry)
-            if w.kind == domain.TRAINING and action.lost_progress > 0:
-                w.progress = max(0.0, w.progress - action.lost_progress)
-            w.message = action.reason + (f"; {action.lost_tokens:,.0f} tokens to redo" if action.lost_tokens > 0 else "")
-            w.updated_at.FromNanoseconds(time.time_ns())
-            try:
-                await co._write(w)
-            except Exception:
-                co.ledger.rebuild(co.store.records.values())
-                raise
-            self.committed(w)
-            co.counters["adaptation_applied"] += 1
-        await co.publish_placements(w, changed)
-        await co.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
-
-    def _refusal(self, w: pb.Workload, action: apb.AdaptationAction) -> str:
-        held: dict[tuple[str, str], int] = {}
-        for p in w.placements:
-            key = (p.site_id, p.gpu_type)
-            held[key] = held.get(key, 0) + (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
-        wanted = [p for p in action.placements if p.replicas or p.shard_indices]
-        if w.kind == domain.INFERENCE:
-            total = sum(p.replicas for p in wanted)
-            spec = w.inference_service
-            if spec.max_replicas and total > spec.max_replicas:
-                return f"{total} replicas is above the service's maximum of {spec.max_replicas}"
-        else:
-            shards = sorted(i for p in wanted for i in p.shard_indices)
-            if shards != list(range(w.training_job.shards)):
-                return "a training placement must hold every shard exactly once"
-        for p in wanted:
-            if p.site_id not in self.co.ledger.up:
-                return f"site {p.site_id} is not up"
-            need = (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
-            room = self.co.ledger.free(p.site_id, p.gpu_type) + held.get((p.site_id, p.gpu_type), 0)
-            if need > room:
-                return f"site {p.site_id} has {room} {p.gpu_type} for {need}"
-        decision = self.check(w, wanted)
-        return "" if decision.ok else decision.message
+        self.gate.committed(w.workload_id, tenant_of(w), list(w.placements))

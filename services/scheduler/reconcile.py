@@ -19,21 +19,33 @@ running somewhere or explicitly failed, none stays placed with nothing running.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Final, Literal
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from services.scheduler import domain
+from services.scheduler.settings import Settings
 
-if TYPE_CHECKING:
-    from services.scheduler.events import Coordinator
+Action = Literal["shrink", "withdraw", "fail"]
+SHRINK: Final = "shrink"
+WITHDRAW: Final = "withdraw"
+FAIL: Final = "fail"
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class TakeOff:
+    """The reconciler's verdict on a workload some of whose sites failed it; the coordinator commits it."""
+
+    action: Action
+    """shrink: a service keeps its minimum elsewhere and loses its replicas at `sites`; withdraw: taken
+    off everywhere and offered again, avoiding `exclude`; fail: placed too often, it FAILS."""
+    sites: frozenset[str]
+    message: str
+    exclude: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -44,9 +56,11 @@ class Unconfirmed:
 
 
 class Reconciler:
-    def __init__(self, co: Coordinator) -> None:
-        self.co = co
-        self.settings = co.settings
+    """The bookkeeping of what the sites confirmed, and the verdicts; the commits are the
+    coordinator's (`Coordinator._reconcile_tick`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.unconfirmed: dict[tuple[str, str], Unconfirmed] = {}
         """(workload, site) → the generation published there that its site has not confirmed."""
         self.rejected: dict[str, dict[str, str]] = {}
@@ -90,102 +104,39 @@ class Reconciler:
         self.failed_sites.pop(workload_id, None)
         self.rejected.pop(workload_id, None)
 
-    # --- the loop -----------------------------------------------------------------------------------
-    async def run(self) -> None:
-        while not self.co._stopping:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # NATS away: the same problems are there at the next tick
-                log.exception("reconciliation tick failed")
-            await asyncio.sleep(self.settings.reconcile_s)
-
-    async def tick(self) -> None:
-        co = self.co
-        now = time.monotonic()
+    # --- what the coordinator asks at each tick ------------------------------------------------------
+    def due(self, now: float, up: Collection[str]) -> dict[str, dict[str, str]]:
+        """The problems to act on at this tick (`now`: monotonic): workload → site → what the site
+        did (rejected the placement, or, being `up`, did not confirm it in time)."""
         problems: dict[str, dict[str, str]] = {}
         for wid, sites in list(self.rejected.items()):
             problems.setdefault(wid, {}).update({s: f"rejected it ({why})" for s, why in sites.items()})
         self.rejected.clear()
         timeout = self.settings.apply_timeout_ticks * self.settings.reconcile_s
         for (wid, site), u in list(self.unconfirmed.items()):
-            if now - u.since >= timeout and site in co.ledger.up:
+            if now - u.since >= timeout and site in up:
                 del self.unconfirmed[(wid, site)]
                 problems.setdefault(wid, {}).setdefault(site, f"did not confirm it within {timeout:g} s")
-        for wid, sites in problems.items():
-            await self.take_off(wid, sites)
-        for wid, w in list(co.store.records.items()):
-            if w.state == domain.PENDING and wid not in co.waiting and wid not in co.committing:
-                co.counters["pending_requeued"] += 1
-                log.warning("%s was pending with nothing placing it; offering it again", wid)
-                co.enqueue(w, deadline=time.time() + co._timeout_of(w))
+        return problems
 
-    async def take_off(self, wid: str, sites: dict[str, str]) -> None:
-        """Take workload `wid` off the sites that failed it (`sites`: site → what it did)."""
-        co = self.co
-        if wid not in co.store.records:
-            return
-        async with co.lock(wid):
-            w = co._copy(wid)
-            held = {p.site_id for p in w.placements if p.replicas or p.shard_indices}
-            bad = {s: why for s, why in sites.items() if s in held}
-            if w.state not in domain.ACTIVE or not bad:
-                return
-            said = "; ".join(f"site {s} {why}" for s, why in sorted(bad.items()))
-            self.failed_sites.setdefault(wid, set()).update(bad)
-            co.counters["placements_taken_off"] += len(bad)
-            left = sum(p.replicas for p in w.placements if p.site_id not in bad)
-            if w.kind == domain.INFERENCE and left >= w.inference_service.min_replicas:
-                await self._shrink(w, set(bad), f"{said}: withdrawn from {', '.join(sorted(bad))}, "
-                                                f"{left} replicas remain")
-                return
-            attempts = self.attempts[wid] = self.attempts.get(wid, 0) + 1
-            if attempts >= self.settings.max_placement_attempts:
-                log.warning("%s failed: %s (placed %d times)", wid, said, attempts)
-                self.forget(wid)
-                await co._end(w, domain.FAILED, f"{said}; placed {attempts} times without a site running it")
-                return
-            await self._withdraw(w, f"{said}; placing it again elsewhere (attempt {attempts + 1} of "
-                                    f"{self.settings.max_placement_attempts})")
-
-    async def _shrink(self, w: pb.Workload, bad: set[str], message: str) -> None:
-        co = self.co
-        w.generation += 1
-        changed = []
-        for p in w.placements:
-            if p.site_id in bad and p.replicas:
-                co.ledger.take(p, -1)
-                p.replicas = 0
-                p.generation = w.generation
-                copy = common.Placement()
-                copy.CopyFrom(p)
-                changed.append(copy)
-        w.message = message
-        w.updated_at.FromNanoseconds(time.time_ns())
-        await co._write(w)
-        log.warning("%s: %s", w.workload_id, message)
-        if co.governance:
-            co.governance.committed(w)
-        await co.publish_placements(w, changed)
-        await co.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
-
-    async def _withdraw(self, w: pb.Workload, message: str) -> None:
-        co = self.co
-        before = [p for p in w.placements if p.replicas or p.shard_indices]
-        held = []
-        for p in before:
-            copy = common.Placement()
-            copy.CopyFrom(p)
-            held.append(copy)
-        released = domain.withdraw(w, message, time.time_ns())
-        await co._write(w)
-        for p in held:
-            co.ledger.take(p, -1)
-        log.warning("%s: %s", w.workload_id, message)
-        if co.governance:
-            co.governance.committed(w)
-        await co.publish_placements(w, released)
-        await co.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
-        co.enqueue(w, deadline=time.time() + co._timeout_of(w),
-                   exclude=frozenset(self.failed_sites.get(w.workload_id, ())))
+    def take_off(self, w: pb.Workload, sites: dict[str, str]) -> TakeOff | None:
+        """What to do with workload `w` (its record) whose `sites` failed it (site → what it did);
+        None when it no longer holds any of them or has ended."""
+        wid = w.workload_id
+        held = {p.site_id for p in w.placements if p.replicas or p.shard_indices}
+        bad = {s: why for s, why in sites.items() if s in held}
+        if w.state not in domain.ACTIVE or not bad:
+            return None
+        said = "; ".join(f"site {s} {why}" for s, why in sorted(bad.items()))
+        self.failed_sites.setdefault(wid, set()).update(bad)
+        left = sum(p.replicas for p in w.placements if p.site_id not in bad)
+        if w.kind == domain.INFERENCE and left >= w.inference_service.min_replicas:
+            return TakeOff(SHRINK, frozenset(bad), f"{said}: withdrawn from {', '.join(sorted(bad))}, "
+                                                   f"{left} replicas remain")
+        attempts = self.attempts[wid] = self.attempts.get(wid, 0) + 1
+        if attempts >= self.settings.max_placement_attempts:
+            self.forget(wid)
+            return TakeOff(FAIL, frozenset(bad), f"{said}; placed {attempts} times without a site running it")
+        return TakeOff(WITHDRAW, frozenset(bad), f"{said}; placing it again elsewhere (attempt {attempts + 1} of "
+                                                 f"{self.settings.max_placement_attempts})",
+                       exclude=frozenset(self.failed_sites.get(wid, ())))

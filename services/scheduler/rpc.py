@@ -17,7 +17,7 @@ from cncbrain.bus import Event, subjects
 from cncbrain.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cncbrain.workload import tenant_of
 from services.scheduler import domain
-from services.scheduler.events import Coordinator
+from services.scheduler.coordinator import Coordinator
 from services.scheduler.governance import AdmissionRefused
 
 WATCH_BACKLOG = 10_000
@@ -42,8 +42,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if request_id:
             limits.name("request_id", request_id)
         hooks = self.co.governance
-        if hooks:
-            hooks.claim(spec)  # the workload belongs to the caller's tenant
+        hooks.claim(spec)  # the workload belongs to the caller's tenant
         w = domain.new_workload(spec, request_id, time.time_ns())
         if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.ledger.capacity:
             raise Unavailable("scheduler: the pool is not known yet (no snapshot from perception); retry")
@@ -53,14 +52,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
             raise ResourceExhausted(
                 f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types")
-        if hooks and request_id and (known := self.co.store.get(w.workload_id)) is not None:
+        if request_id and (known := self.co.store.get(w.workload_id)) is not None:
             hooks.check_owner(known)  # an idempotency key names the caller's own workload only
-        if hooks:
-            try:
-                await hooks.admit(w, bearer_of(context))
-            except AdmissionRefused as exc:
-                metrics.ADMISSION_DENIALS.labels(ADMISSION_REASONS.get(exc.status, "other")).inc()
-                raise
+        try:
+            await hooks.admit(w, bearer_of(context))
+        except AdmissionRefused as exc:
+            metrics.ADMISSION_DENIALS.labels(ADMISSION_REASONS.get(exc.status, "other")).inc()
+            raise
         return await self.co.accept(w)
 
     async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
@@ -83,8 +81,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         w = self.co.store.get(workload_id)
         if w is None:
             raise NotFound(f"no workload {limits.quote(workload_id)}")
-        if self.co.governance:
-            self.co.governance.check_owner(w)
+        self.co.governance.check_owner(w)
         return w
 
     async def GetWorkload(self, request: pb.GetWorkloadRequest, context) -> pb.GetWorkloadResponse:
@@ -96,7 +93,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         items = [
             w for w in self.co.store.records.values()
             if request.state in (pb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
-            and (self.co.governance is None or self.co.governance.visible(w))
+            and self.co.governance.visible(w)
         ]
         items.sort(key=lambda w: w.created_at.ToNanoseconds(), reverse=True)
         return pb.ListWorkloadsResponse(workloads=items)

@@ -10,8 +10,8 @@ from cncbrain import grpcserver
 from cncbrain.auth import TokenFeed, server_auth
 from cncbrain.bus import Bus
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
-from services.scheduler.events import Coordinator
-from services.scheduler.governance import SchedulerGovernance
+from services.scheduler.coordinator import Coordinator
+from services.scheduler.governance import open_gate
 from services.scheduler.rpc import SchedulerServicer
 from services.scheduler.settings import Settings
 
@@ -34,10 +34,9 @@ class SchedulerServer:
 
     async def start(self) -> SchedulerServer:
         self.bus = await Bus.connect(self.settings.nats_url, "scheduler", identity="scheduler")
-        self.coordinator = Coordinator(self.bus, self.settings)
-        # Governance (admission, placement check) and adaptation's actions, then auth.
-        self.coordinator.governance = await SchedulerGovernance.start(
-            self.coordinator, self.settings.governance_target, self.settings.governance_token)
+        # The governance gate (admission, the placement check before every commit), then auth.
+        gate, token = await open_gate(self.bus, self.settings.governance_target, self.settings.governance_token)
+        self.coordinator = Coordinator(self.bus, self.settings, gate, token)
         await self.coordinator.start()
         interceptor, self.auth_feed = await server_auth(self.bus, enabled=self.settings.auth_enabled)
         servicer = SchedulerServicer(self.coordinator)
@@ -54,9 +53,7 @@ class SchedulerServer:
         if self.grpc:
             await self.grpc.stop(self.settings.shutdown_grace_s)
         if self.coordinator:
-            await self.coordinator.stop()
-            if self.coordinator.governance:
-                await self.coordinator.governance.close()
+            await self.coordinator.stop()  # closes the gate
         if self.auth_feed is not None:
             await self.auth_feed.stop()
         if self.bus:

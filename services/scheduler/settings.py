@@ -26,7 +26,7 @@ class Settings(ServiceSettings):
     """Check bearer tokens (cncbrain.auth) on every RPC; `cncbrain up` and compose turn it on."""
     governance_target: str = ""
     """host:port of GovernanceService: admission at submit and the placement check before every
-    commit (services/scheduler/governance.py). Empty: no governance."""
+    commit (services/scheduler/governance.py). Empty: no governance (a gate that admits everything)."""
     governance_token: str = ""
     """Token for admission calls made without a caller's token; empty: CNC_TOKEN / the token file."""
     republish_window_s: float = Field(600.0, ge=0)

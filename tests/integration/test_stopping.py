@@ -13,7 +13,7 @@ from waiting import ended_within
 
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
-from services.scheduler.events import Coordinator
+from services.scheduler.coordinator import Coordinator
 from services.scheduler.settings import Settings
 
 pytestmark = pytest.mark.integration

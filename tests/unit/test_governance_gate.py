@@ -61,8 +61,6 @@ def test_a_commit_counts_until_governance_shows_it():
 
 
 def test_headroom_and_quota_aware_proposals_let_arbitration_fit_the_quota():
-    from types import SimpleNamespace
-
     from cnc.scheduler.v1 import scheduler_pb2 as pb
     from cnc.site.v1 import events_pb2 as site_pb
     from services.scheduler import domain
@@ -75,7 +73,7 @@ def test_headroom_and_quota_aware_proposals_let_arbitration_fit_the_quota():
     ledger = domain.Ledger()
     ledger.set_site("a", [common.GpuPool(gpu_type="H100", count=16), common.GpuPool(gpu_type="L40S", count=16)], True)
     ledger.set_site("b", [common.GpuPool(gpu_type="A100-80GB", count=16)], True)
-    hooks = SchedulerGovernance(SimpleNamespace(ledger=ledger), g, None)
+    hooks = SchedulerGovernance(ledger, g, None)
     spec = common.InferenceServiceSpec(name="chat", min_replicas=6, max_replicas=6, gpus_per_replica=1, tenant="lab")
     w = pb.Workload(workload_id="w", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, inference_service=spec)
     proposals = [

@@ -126,7 +126,7 @@ def test_no_subject_or_stream_is_added_from_outside_the_registry():
     import services.adaptation.events  # noqa: F401
     import services.governance.events  # noqa: F401
     import services.perception.events  # noqa: F401
-    import services.scheduler.events  # noqa: F401
+    import services.scheduler.coordinator  # noqa: F401
 
     assert not hasattr(subjects, "register")
     declared = [v for v in vars(subjects).values() if isinstance(v, subjects.Subject)]

@@ -1,7 +1,18 @@
-"""The scheduler's NATS side: it offers work to the site agents, collects their proposals,
-arbitrates them (domain), commits placements to the state of record (store) and publishes them per
-site; it follows perception's snapshots (capacity, liveness, training progress) and the executors'
-reports. After a restart it recovers everything from the store.
+"""The Coordinator: the scheduler's NATS side and every path that commits a placement. It offers
+work to the site agents, collects their proposals, arbitrates them (domain), commits placements to
+the state of record (store) and publishes them per site; it follows perception's snapshots
+(capacity, liveness, training progress) and the executors' reports. After a restart it recovers
+everything from the store.
+
+The commit paths, all here, each checked by the governance gate (`governance.SchedulerGovernance`,
+always present: an always-admitting gate without governance) before the record is written:
+- an offer round's arbitrated placement (`_decide`, `_commit`);
+- a site agent's scale proposal (`on_scale`);
+- an adaptation action (`on_action`): a workload's whole new placement, planned from the generation
+  it names, checked against capacity and governance, committed as a new generation and published
+  per site (sites it leaves get an empty placement);
+- the reconciler's verdicts (`reconcile.Reconciler`): shrinking a service off the sites that failed
+  it, withdrawing a workload to offer it again, failing it.
 
 Offers go out in rounds: one placer task sends every workload waiting for placement as one
 `OfferRound`; each up site answers the whole round with one `OfferAnswer` (an agent process
@@ -29,26 +40,25 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
+from cncbrain.auth import subscribe_durable
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.errors import FailedPrecondition
 from cncbrain.workload import copy_spec
 from services.scheduler import domain
 from services.scheduler.domain import Ledger
-from services.scheduler.reconcile import Reconciler
+from services.scheduler.governance import Gate, SchedulerGovernance
+from services.scheduler.reconcile import FAIL, SHRINK, Reconciler, TakeOff
 from services.scheduler.settings import Settings
 from services.scheduler.store import Conflict, WorkloadStore
-
-if TYPE_CHECKING:
-    from services.scheduler.governance import SchedulerGovernance
 
 log = logging.getLogger(__name__)
 EVENT_OF_STATE = {
@@ -104,7 +114,9 @@ class OpenRound:
 
 
 class Coordinator:
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: Bus, settings: Settings, gate: Gate | None = None, token: str | None = None) -> None:
+        """`gate`: governance's (`governance.open_gate`), default the always-admitting one; `token`:
+        the scheduler's own, forwarded at admission for a caller without one."""
         self.bus = bus
         self.settings = settings
         self.store = WorkloadStore(bus)
@@ -117,7 +129,8 @@ class Coordinator:
         self._stopping = False
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
-        self.governance: SchedulerGovernance | None = None  # admission and placement checks, set by the server
+        self.governance = SchedulerGovernance(self.ledger, gate, token)
+        """Admission, who may touch a workload, and the check of every placement before its commit."""
         self.accepted: dict[str, asyncio.Future[None]] = {}
         """ACCEPTED publishes in flight; later events of the workload wait for theirs (order)."""
         self.unannounced: dict[str, pb.Workload] = {}
@@ -127,7 +140,7 @@ class Coordinator:
         self.counters = bus.counters
         self.agent_of: dict[str, str] = {}
         """Site -> the agent its latest registration names (who may answer for it in a batch)."""
-        self.reconciler = Reconciler(self)
+        self.reconciler = Reconciler(settings)
         self._reconciling: asyncio.Task[None] | None = None
         metrics.on_scrape(self._export)
 
@@ -154,13 +167,14 @@ class Coordinator:
         await self.bus.subscribe(subjects.SITE_ANSWERS, self.on_answers, consumer="scheduler-answers")
         await self.bus.subscribe(subjects.SITE_PROPOSAL, self.on_proposal, consumer="scheduler-scale")
         await self.bus.subscribe(subjects.SITE_APPLIED, self.on_applied, consumer="scheduler-applied", durable=True)
+        await subscribe_durable(self.bus, subjects.ADAPTATION_ACTION, self.on_action, "scheduler-adaptation")
         pending = [w for w in records if w.state == domain.PENDING]
         for w in pending:
             # ACCEPTED may not have reached the stream before a crash; its id makes this a no-op if it did.
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.enqueue(w)
         self._placer = aio.background(self._place_loop(), "placer")
-        self._reconciling = aio.background(self.reconciler.run(), "reconciler")
+        self._reconciling = aio.background(self._reconcile_loop(), "reconciler")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
@@ -179,6 +193,7 @@ class Coordinator:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.governance.close()
 
     def lock(self, workload_id: str) -> asyncio.Lock:
         return self.locks.setdefault(workload_id, asyncio.Lock())
@@ -337,7 +352,7 @@ class Coordinator:
                 offer_id=f"{round_id}-{w.workload_id}", workload_id=w.workload_id, kind=w.kind, units=need.units,
                 gpus_per_unit=need.gpus_per_unit,
                 # Only the GPU types the tenant's policy and quota leave room for are offered.
-                allowed_gpu_types=list(self.governance.offer_types(w) if self.governance else need.allowed_gpu_types),
+                allowed_gpu_types=list(self.governance.offer_types(w)),
                 ingress_site_id=need.ingress_site_id, min_hbm_gb=need.min_hbm_gb,
             )
             offer.deadline.CopyFrom(msg.deadline)
@@ -376,15 +391,14 @@ class Coordinator:
             return False
         if entry.exclude:
             proposals = [p for p in proposals if p.site_id not in entry.exclude]
-        if self.governance:  # proposals outside the workload's placement policy never count
-            proposals = self.governance.proposals(current, proposals)
+        proposals = self.governance.proposals(current, proposals)  # outside its placement policy: never count
         allocation = domain.arbitrate(entry.need, proposals, self.ledger) if proposals else None
         if allocation is not None:
             w = pb.Workload()
             w.CopyFrom(current)
             placements = domain.commit_placement(w, allocation, now_ns())
-            verdict = self.governance.check(w, placements) if self.governance else None
-            if verdict is not None and not verdict.ok:
+            verdict = self.governance.check(w, placements)
+            if not verdict.ok:
                 self.counters["placements_refused_by_governance"] += 1
                 log.info("placement of %s refused by governance: %s", wid, verdict.message)
                 self._note(entry, domain.Unplaced("policy", f"placement refused by governance: {verdict.message}"))
@@ -398,8 +412,7 @@ class Coordinator:
         else:
             self._note(entry, domain.why_unplaced(
                 entry.need, self.ledger, proposals, training=current.kind == domain.TRAINING,
-                offered_types=self.governance.offer_types(current) if self.governance else (),
-                allowed=self.governance.site_filter(current) if self.governance else None))
+                offered_types=self.governance.offer_types(current), allowed=self.governance.site_filter(current)))
         if now > entry.deadline:
             del self.waiting[wid]
             self._spawn(self._fail(entry), f"fail-{wid}")
@@ -454,8 +467,7 @@ class Coordinator:
                     max(0.0, time.time() - w.created_at.ToNanoseconds() / 1e9))
                 self.counters["placements_committed"] += 1
                 self.counters["units_placed"] += entry.need.units
-                if self.governance:
-                    self.governance.committed(w)
+                self.governance.committed(w)
                 await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
         except asyncio.CancelledError:
             raise
@@ -588,6 +600,80 @@ class Coordinator:
         await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state], actor))
         return w
 
+    # --- reconciliation: the reconciler's verdicts, committed -----------------------------------
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._reconcile_tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # NATS away: the same problems are there at the next tick
+                log.exception("reconciliation tick failed")
+            await asyncio.sleep(self.settings.reconcile_s)
+
+    async def _reconcile_tick(self) -> None:
+        for wid, sites in self.reconciler.due(time.monotonic(), self.ledger.up).items():
+            await self._take_off(wid, sites)
+        for wid, w in list(self.store.records.items()):
+            if w.state == domain.PENDING and wid not in self.waiting and wid not in self.committing:
+                self.counters["pending_requeued"] += 1
+                log.warning("%s was pending with nothing placing it; offering it again", wid)
+                self.enqueue(w, deadline=time.time() + self._timeout_of(w))
+
+    async def _take_off(self, wid: str, sites: dict[str, str]) -> None:
+        """Take workload `wid` off the sites that failed it (`sites`: site → what it did)."""
+        if wid not in self.store.records:
+            return
+        async with self.lock(wid):
+            w = self._copy(wid)
+            step = self.reconciler.take_off(w, sites)
+            if step is None:
+                return
+            self.counters["placements_taken_off"] += len(step.sites)
+            log.warning("%s: %s", wid, step.message)
+            if step.action == FAIL:
+                await self._end(w, domain.FAILED, step.message)
+            elif step.action == SHRINK:
+                await self._shrink(w, step)
+            else:
+                await self._withdraw(w, step)
+
+    async def _shrink(self, w: pb.Workload, step: TakeOff) -> None:
+        """A service loses its replicas at `step.sites` (a new generation, zero replicas there)."""
+        w.generation += 1
+        changed = []
+        for p in w.placements:
+            if p.site_id in step.sites and p.replicas:
+                self.ledger.take(p, -1)
+                p.replicas = 0
+                p.generation = w.generation
+                copy = common.Placement()
+                copy.CopyFrom(p)
+                changed.append(copy)
+        w.message = step.message
+        w.updated_at.FromNanoseconds(now_ns())
+        await self._write(w)
+        self.governance.committed(w)
+        await self.publish_placements(w, changed)
+        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+
+    async def _withdraw(self, w: pb.Workload, step: TakeOff) -> None:
+        """Take the workload off every site and offer it again, avoiding `step.exclude`."""
+        held = []
+        for p in w.placements:
+            if p.replicas or p.shard_indices:
+                copy = common.Placement()
+                copy.CopyFrom(p)
+                held.append(copy)
+        released = domain.withdraw(w, step.message, now_ns())
+        await self._write(w)
+        for p in held:
+            self.ledger.take(p, -1)
+        self.governance.committed(w)
+        await self.publish_placements(w, released)
+        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+        self.enqueue(w, deadline=time.time() + self._timeout_of(w), exclude=step.exclude)
+
     # --- publishing ---------------------------------------------------------------------------
     async def publish_placements(self, w: pb.Workload, placements: list[common.Placement], *,
                                  track: bool = True) -> None:
@@ -693,8 +779,8 @@ class Coordinator:
                 self.counters["scale_refused"] += 1
                 log.debug("scale of %s at %s refused: %s", p.workload_id, p.site_id, exc)
                 return
-            verdict = self.governance.check(w, w.placements) if self.governance else None
-            if verdict is not None and not verdict.ok:
+            verdict = self.governance.check(w, w.placements)
+            if not verdict.ok:
                 self.ledger.rebuild(self.store.records.values())
                 self.counters["scale_refused_by_governance"] += 1
                 log.debug("scale of %s at %s refused by governance: %s", p.workload_id, p.site_id, verdict.message)
@@ -705,10 +791,87 @@ class Coordinator:
                 self.ledger.rebuild(self.store.records.values())
                 raise
             self.counters["scale_committed"] += 1
-            if self.governance:
-                self.governance.committed(w)
+            self.governance.committed(w)
             await self.publish_placements(w, [changed])
             await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+
+    async def on_action(self, event: Event) -> None:
+        """Adaptation's action (`cnc.adaptation.action`): the workload's whole new placement, applied
+        when it was planned from the record's generation and fits capacity and governance."""
+        action: apb.AdaptationAction = event.payload
+        if not action.placements:
+            return  # WAIT_FOR_CAPACITY and friends carry nothing to apply
+        wid = action.workload_id
+        if wid not in self.store.records:
+            self.counters["adaptation_unknown"] += 1
+            return
+        async with self.lock(wid):
+            w = self._copy(wid)
+            if w.state not in domain.ACTIVE:
+                return
+            if w.generation != action.base_generation:
+                self.counters["adaptation_stale"] += 1
+                log.info("adaptation action for %s planned from generation %d, record is at %d: ignored",
+                         wid, action.base_generation, w.generation)
+                return
+            refused = self._refusal(w, action)
+            if refused:
+                self.counters["adaptation_refused"] += 1
+                log.warning("adaptation action for %s refused: %s", wid, refused)
+                return
+            before = {p.site_id for p in w.placements}
+            for p in w.placements:
+                self.ledger.take(p, -1)
+            w.generation += 1
+            del w.placements[:]
+            changed = []
+            for p in action.placements:
+                entry = common.Placement()
+                entry.CopyFrom(p)
+                entry.workload_id, entry.kind, entry.generation = wid, w.kind, w.generation
+                if entry.replicas or entry.shard_indices:
+                    w.placements.append(entry)
+                    self.ledger.take(entry)
+                if entry.site_id in before or entry.replicas or entry.shard_indices:
+                    changed.append(entry)
+            if w.kind == domain.TRAINING and action.lost_progress > 0:
+                w.progress = max(0.0, w.progress - action.lost_progress)
+            w.message = action.reason + (f"; {action.lost_tokens:,.0f} tokens to redo" if action.lost_tokens > 0 else "")
+            w.updated_at.FromNanoseconds(time.time_ns())
+            try:
+                await self._write(w)
+            except Exception:
+                self.ledger.rebuild(self.store.records.values())
+                raise
+            self.governance.committed(w)
+            self.counters["adaptation_applied"] += 1
+        await self.publish_placements(w, changed)
+        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+
+    def _refusal(self, w: pb.Workload, action: apb.AdaptationAction) -> str:
+        held: dict[tuple[str, str], int] = {}
+        for p in w.placements:
+            key = (p.site_id, p.gpu_type)
+            held[key] = held.get(key, 0) + (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
+        wanted = [p for p in action.placements if p.replicas or p.shard_indices]
+        if w.kind == domain.INFERENCE:
+            total = sum(p.replicas for p in wanted)
+            spec = w.inference_service
+            if spec.max_replicas and total > spec.max_replicas:
+                return f"{total} replicas is above the service's maximum of {spec.max_replicas}"
+        else:
+            shards = sorted(i for p in wanted for i in p.shard_indices)
+            if shards != list(range(w.training_job.shards)):
+                return "a training placement must hold every shard exactly once"
+        for p in wanted:
+            if p.site_id not in self.ledger.up:
+                return f"site {p.site_id} is not up"
+            need = (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
+            room = self.ledger.free(p.site_id, p.gpu_type) + held.get((p.site_id, p.gpu_type), 0)
+            if need > room:
+                return f"site {p.site_id} has {room} {p.gpu_type} for {need}"
+        decision = self.governance.check(w, wanted)
+        return "" if decision.ok else decision.message
 
     async def on_snapshot(self, event: Event) -> None:
         snap = event.payload
