@@ -77,7 +77,7 @@ def pct(values: list[float], q: float) -> float:
 async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
     endpoints = brain.endpoints
     bus = await Bus.connect(endpoints["nats"], "bench", ensure=False, identity="admin",
-                            secrets_dir=Path(endpoints["secrets"]))
+                            secrets_dir=Path(endpoints["secrets"]), tls_ca=brain.tls_ca)
     arrived: dict[str, float] = {}
     waiters: dict[str, asyncio.Event] = {}
 
@@ -275,8 +275,10 @@ def bench_msgs(n: int = 100) -> None:
     processes follow counts three times. Replies (`_INBOX`) and acks are counted too."""
     import nats
 
+    from cncbrain.bus.connection import connect_options
+
     async def run(brain: Brain) -> tuple[Counter[str], list[float]]:
-        nc = await nats.connect(brain.endpoints["nats"])
+        nc = await nats.connect(brain.endpoints["nats"], **connect_options("admin", brain.secrets_dir, brain.tls_ca))
         seen: Counter[str] = Counter()
 
         async def count(msg) -> None:

@@ -1,10 +1,17 @@
-"""Local TLS: a private CA and the certificates the brain's gRPC servers and clients use.
+"""Local TLS: a private CA and the certificates the brain's gRPC servers, its NATS servers and their
+clients use.
 
 `make_local_pki(folder)` writes `ca.pem`/`ca.key`, `server.pem`/`server.key` (SANs: localhost,
 127.0.0.1, ::1 and any extra hosts) and `client.pem`/`client.key` (for mutual TLS), all with
 `cryptography`, EC P-256, keys mode 0600. `server_credentials` and `channel_credentials` turn the
 files into gRPC credentials; services take them from their `tls_*` settings, the CLI from
 `--tls-ca` / `CNC_TLS_CA` (and `CNC_TLS_CERT` / `CNC_TLS_KEY` for mutual TLS).
+
+`ensure_nats_certs(folder, nodes)` issues each NATS server (node) its certificate from the CA in
+`folder` (made when missing): `nats-<node>.pem`/`.key`, SANs the node's name, its extra hosts and
+loopback, usable as server (clients, routes) and as client (the routes it solicits, verified by
+the other nodes). `nats_tls_context` is the client side: an `ssl.SSLContext` that trusts the CA
+and checks the server's name.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -81,17 +90,9 @@ def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_local_pki(folder: Path, hosts: Iterable[str] = (), days: int = 365, force: bool = False) -> Pki:
-    """Create the CA and the server and client certificates in `folder`."""
-    pki = Pki(Path(folder))
-    if pki.ca.exists() and not force:
-        raise CncError(f"{pki.ca} exists; pass --force to replace the local CA and its certificates")
-    if days < 1:
-        raise CncError("--days must be at least 1")
-    pki.folder.mkdir(parents=True, exist_ok=True)
+def _ca_cert(ca_key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
-    ca_key = _key()
-    ca_cert = (
+    return (
         x509.CertificateBuilder().subject_name(_name("CNC Brain local CA")).issuer_name(_name("CNC Brain local CA"))
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
@@ -102,31 +103,162 @@ def make_local_pki(folder: Path, hosts: Iterable[str] = (), days: int = 365, for
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def _new_ca(pki: Pki, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    pki.folder.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_cert = _ca_cert(ca_key, days)
     _write_key(pki.folder / "ca.key", ca_key)
     _write_cert(pki.ca, ca_cert)
+    return ca_cert, ca_key
 
-    def leaf(cn: str, usage: x509.ObjectIdentifier, san_hosts: Iterable[str] | None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = _key()
-        builder = (
-            x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        )
-        if san_hosts is not None:
-            builder = builder.add_extension(_san(san_hosts), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
 
-    all_hosts = ["localhost", "127.0.0.1", "::1", *[h for h in hosts if h]]
-    server_cert, server_key = leaf("cncbrain-server", ExtendedKeyUsageOID.SERVER_AUTH, dict.fromkeys(all_hosts))
+def _load_ca(pki: Pki) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+        key = serialization.load_pem_private_key((pki.folder / "ca.key").read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise CncError(f"the local CA is incomplete: {exc.filename} does not exist "
+                       f"(make a new one with `cncbrain certs --out {pki.folder} --force`)") from None
+    except ValueError as exc:
+        raise CncError(f"the local CA in {pki.folder} cannot be read: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CncError(f"{pki.folder / 'ca.key'} is not an EC private key")
+    return cert, key
+
+
+def _leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], cn: str, usages: list[x509.ObjectIdentifier],
+          san_hosts: Iterable[str] | None, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert, ca_key = ca
+    now = dt.datetime.now(dt.UTC)
+    key = _key()
+    builder = (
+        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if san_hosts is not None:
+        builder = builder.add_extension(_san(san_hosts), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def make_local_pki(folder: Path, hosts: Iterable[str] = (), days: int = 365, force: bool = False) -> Pki:
+    """Create the CA and the server and client certificates in `folder`."""
+    pki = Pki(Path(folder))
+    if pki.ca.exists() and not force:
+        raise CncError(f"{pki.ca} exists; pass --force to replace the local CA and its certificates")
+    if days < 1:
+        raise CncError("--days must be at least 1")
+    ca = _new_ca(pki, days)
+    all_hosts = [*LOOPBACK, *[h for h in hosts if h]]
+    server_cert, server_key = _leaf(ca, "cncbrain-server", [ExtendedKeyUsageOID.SERVER_AUTH],
+                                    dict.fromkeys(all_hosts), days)
     _write_cert(pki.server_cert, server_cert)
     _write_key(pki.server_key, server_key)
-    client_cert, client_key = leaf("cncbrain-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    client_cert, client_key = _leaf(ca, "cncbrain-client", [ExtendedKeyUsageOID.CLIENT_AUTH], None, days)
     _write_cert(pki.client_cert, client_cert)
     _write_key(pki.client_key, client_key)
     return pki
+
+
+@dataclass(frozen=True)
+class NatsCert:
+    """A NATS server's (node's) certificate and key, issued by the CA in `folder`."""
+
+    folder: Path
+    node: str
+
+    @property
+    def cert(self) -> Path:
+        return self.folder / f"nats-{self.node}.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.folder / f"nats-{self.node}.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+
+def cert_hosts(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate's SAN names."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def check_node(node: str) -> None:
+    if not node or not all(c.isalnum() or c in "-_." for c in node) or node.startswith("."):
+        raise CncError(f"NATS node name {node!r}: letters, digits, '-', '_' and '.' only "
+                       "(it names the certificate's files and is its first DNS name)")
+
+
+def ensure_nats_certs(folder: Path, nodes: dict[str, list[str]], days: int = 365, renew_within_days: int = 30,
+                      force: bool = False, loopback: bool = True) -> list[NatsCert]:
+    """Each NATS node's certificate in `folder` (`nats-<node>.pem`/`.key`), issued by the CA there
+    (created when the folder has none). SANs: the node's name, its extra `hosts` and loopback. A
+    certificate is kept while it is valid beyond `renew_within_days`, names every host asked for
+    and was issued by this CA; else (or with `force`) the node gets a new key and certificate.
+    `loopback=False` leaves loopback out (a node only ever reached by its name)."""
+    if days < 1:
+        raise CncError("--days must be at least 1")
+    pki = Pki(Path(folder))
+    ca = _load_ca(pki) if pki.ca.exists() else _new_ca(pki, max(days, 3650))
+    ca_cert = ca[0]
+    out = []
+    for node, hosts in nodes.items():
+        check_node(node)
+        wanted = list(dict.fromkeys([node, *[h for h in hosts if h], *(LOOPBACK if loopback else ())]))
+        issued = NatsCert(pki.folder, node)
+        if not force and issued.cert.is_file() and issued.key.is_file():
+            current = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+            fresh = current.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=renew_within_days)
+            if fresh and current.issuer == ca_cert.subject and set(wanted) <= set(cert_hosts(current)) \
+                    and _signed_by(current, ca_cert):
+                out.append(issued)
+                continue
+        cert, key = _leaf(ca, f"nats-{node}", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                          wanted, days)
+        _write_key(issued.key, key)
+        _write_cert(issued.cert, cert)
+        out.append(issued)
+    return out
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def nats_tls_context(ca: Path | str, cert: Path | str | None = None, key: Path | str | None = None) -> ssl.SSLContext:
+    """A NATS client's TLS: trusts only the CA in `ca`, checks the server's name against its
+    certificate; with `cert`/`key`, presents a client certificate (a server with `verify`)."""
+    ca_path = Path(ca)
+    if not ca_path.is_file():
+        raise CncError(f"NATS TLS CA: {ca_path} does not exist")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_path))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert or key:
+        if not (cert and key):
+            raise CncError("NATS TLS client certificate: give both the certificate and its key")
+        for path in (cert, key):
+            if not Path(path).is_file():
+                raise CncError(f"NATS TLS client certificate: {path} does not exist")
+        context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def _read(path: Path | str | None, what: str) -> bytes:

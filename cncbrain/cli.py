@@ -40,6 +40,7 @@ COMMANDS = [
     "plan",
     "certs",
     "credentials",
+    "provision",
 ]
 
 

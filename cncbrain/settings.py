@@ -57,6 +57,16 @@ class BusSettings(BaseSettings):
     secrets_dir: Path | None = Field(None, validation_alias=AliasChoices("CNC_SECRETS_DIR"))
     """`CNC_SECRETS_DIR`: the folder with this process's NATS credentials (`nats/<identity>.nk`) and
     governance's public key (`cncbrain.bus.credentials`); unset: connect without credentials."""
+    tls_ca: Path | None = None
+    """`CNC_NATS_TLS_CA`: the CA certificate (PEM) that signed the NATS servers' certificates
+    (`cncbrain credentials --nats-tls`, `cncbrain certs --nats`). Set: every connection is TLS, the
+    server's certificate must be this CA's and name the host of the URL, and a server that does not
+    require TLS is refused. Unset: plain connections."""
+    tls_cert: Path | None = None
+    """`CNC_NATS_TLS_CERT`: a client certificate (PEM) for a NATS server that verifies its clients'
+    (`tls { verify: true }`); with `CNC_NATS_TLS_KEY`. Unset: none is presented."""
+    tls_key: Path | None = None
+    """`CNC_NATS_TLS_KEY`: the key of `CNC_NATS_TLS_CERT`."""
 
 
 class ServiceSettings(CncSettings):

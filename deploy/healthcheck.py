@@ -4,7 +4,9 @@ Installed in the image as `cnc-healthcheck`; exit 0 when healthy, 1 with the rea
 
     cnc-healthcheck grpc HOST:PORT   the process's standard gRPC health service answers SERVING
     cnc-healthcheck emulator         the emulator answers an inventory request for every site of
-                                     $CNC_SCENARIO (over NATS at $CNC_NATS_URL)
+                                     $CNC_SCENARIO (over NATS at $CNC_NATS_URL, as the emulator's
+                                     own identity when $CNC_SECRETS_DIR holds it, over TLS with
+                                     $CNC_NATS_TLS_CA)
     cnc-healthcheck sites            perception ($CNC_PERCEPTION_ADDR) lists every site of
                                      $CNC_SCENARIO as up: the site agents registered and beat
                                      (with the token of $CNC_TOKEN / $CNC_TOKEN_FILE, if any)
@@ -44,7 +46,7 @@ async def check_emulator() -> str | None:
     from cncbrain.bus import Bus, subjects
 
     bus = await Bus.connect(os.environ.get("CNC_NATS_URL", "nats://nats:4222"), "healthcheck",
-                            ensure=False, timeout_s=TIMEOUT_S)
+                            ensure=False, timeout_s=TIMEOUT_S, identity="emulator")
     try:
         for sid in scenario_sites():
             await bus.request(subjects.EMULATOR_INVENTORY, site.EmulatorInventoryRequest(site_id=sid),

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,18 @@ from cncbrain.errors import CncError
 from cncbrain.settings import BusSettings, load_settings
 
 log = logging.getLogger(__name__)
+
+
+class _QuietTlsEof(logging.Filter):
+    """nats-py starts TLS on a plain stream (after the server's INFO), whose protocol then answers
+    the peer's close with a return value asyncio's TLS layer ignores, and says so at WARNING on
+    every closed TLS connection. Harmless; dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Event[M]], Awaitable[Message | None]]
@@ -121,23 +134,25 @@ class Bus:
     # --- connection ---------------------------------------------------------------------------
     @classmethod
     async def connect(cls, url: str, name: str, *, ensure: bool = True, timeout_s: float | None = None,
-                      identity: str | None = None, secrets_dir: Path | None = None) -> Bus:
+                      identity: str | None = None, secrets_dir: Path | None = None,
+                      tls_ca: Path | None = None) -> Bus:
         """Connect as `identity` (a role of `cncbrain.bus.permissions`: `scheduler`, `site-<id>`, …)
         with its nkey from `secrets_dir` (default `CNC_SECRETS_DIR`); without a secrets folder, or
-        without an identity, the connection carries no credentials (a server without auth).
+        without an identity, the connection carries no credentials (a server without auth). With a
+        TLS CA (`tls_ca`, default `CNC_NATS_TLS_CA`) the connection is TLS, verified against it
+        (`connect_options`).
 
         Until NATS answers (for `timeout_s`, default `CNC_NATS_CONNECT_TIMEOUT_S`), and whenever the
         connection is lost later, the process logs the URL and why every few seconds."""
         holder: dict[str, Bus] = {}
         bus_settings = load_settings(BusSettings)
-        secrets_dir = secrets_dir or bus_settings.secrets_dir
         timeout_s = bus_settings.connect_timeout_s if timeout_s is None else timeout_s
         said = {"at": 0.0, "lost": 0.0}
-        auth: dict[str, Any] = {}
-        if identity is not None and secrets_dir is not None:
-            auth = client_options(identity, secrets_dir)
-        else:
+        auth = connect_options(identity, secrets_dir, tls_ca, bus_settings)
+        if "nkeys_seed_str" not in auth:
             identity = None
+        tls = "tls" in auth
+        ca = tls_ca or bus_settings.tls_ca
 
         async def on_error(exc: Exception) -> None:
             bus = holder.get("bus")
@@ -160,6 +175,11 @@ class Bus:
 
         async def on_reconnected() -> None:
             bus = holder.get("bus")
+            if tls and not uses_tls(nc):
+                log.error("%s: the NATS server at %s does not use TLS; closing the connection", name,
+                          nc.connected_url.netloc if nc.connected_url else url)
+                await nc.close()
+                return
             where = bus.nc.connected_url.netloc if bus is not None and bus.nc.connected_url else url
             away = f" after {time.monotonic() - said['lost']:.1f} s" if said["lost"] else ""
             log.warning("%s: reconnected to NATS at %s%s", name, where, away)
@@ -175,7 +195,9 @@ class Bus:
         refused: dict[str, BaseException] = {}
 
         async def on_connect_error(exc: Exception) -> None:
-            if "authorization" in str(exc).lower() and not nc.is_connected:
+            # a refused key or a certificate that is not the CA's: no retry will change that
+            if ("authorization" in str(exc).lower() or isinstance(exc, ssl.SSLCertVerificationError)) \
+                    and not nc.is_connected:
                 refused["exc"] = exc
                 attempt.cancel()
             await on_error(exc)
@@ -203,6 +225,10 @@ class Bus:
             with contextlib.suppress(Exception):
                 await nc.close()
             if "exc" in refused:
+                if isinstance(refused["exc"], ssl.SSLCertVerificationError):
+                    against = f"the CA {ca}" if ca else "the system's CAs (set CNC_NATS_TLS_CA to the brain's CA)"
+                    raise CncError(f"NATS at {url} requires TLS and its certificate does not verify against "
+                                   f"{against}: {refused['exc'].verify_message}") from None
                 who = f"as {identity!r}" if identity else "without credentials"
                 raise CncError(f"NATS at {url} refused the connection {who}: {refused['exc']}") from None
             if isinstance(exc, asyncio.CancelledError):
@@ -210,6 +236,11 @@ class Bus:
             last = getattr(nc, "_err", None)
             raise CncError(f"cannot reach NATS at {url} within {timeout_s:g} s"
                            + (f": {_why(last)}" if last else "")) from None
+        if tls and not uses_tls(nc):  # nats-py goes plain when the server does not ask for TLS
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise CncError(f"NATS at {url} does not use TLS, but this process has a TLS CA "
+                           f"({ca}): refusing a plain connection")
         bus = cls(nc, nc.jetstream(timeout=JS_TIMEOUT_S), name, identity)
         holder["bus"] = bus
         if ensure:
@@ -595,6 +626,31 @@ class Bus:
             )
         except CncError:
             log.error("%s: dead-letter publish failed too; event dropped", consumer)
+
+
+def connect_options(identity: str | None, secrets_dir: Path | None = None, tls_ca: Path | None = None,
+                    settings: BusSettings | None = None) -> dict[str, Any]:
+    """nats-py `connect` options of a process: its nkey (as `identity`, from `secrets_dir`, default
+    `CNC_SECRETS_DIR`; none without an identity or a folder) and, with a TLS CA (`tls_ca`, default
+    `CNC_NATS_TLS_CA`), an SSL context that trusts only that CA and checks the server's name, plus
+    the client certificate of `CNC_NATS_TLS_CERT`/`_KEY` where set."""
+    from cncbrain.certs import nats_tls_context
+
+    settings = settings or load_settings(BusSettings)
+    options: dict[str, Any] = {}
+    folder = secrets_dir or settings.secrets_dir
+    if identity is not None and folder is not None:
+        options.update(client_options(identity, folder))
+    ca = tls_ca or settings.tls_ca
+    if ca is not None:
+        options["tls"] = nats_tls_context(ca, settings.tls_cert, settings.tls_key)
+    return options
+
+
+def uses_tls(nc: Client) -> bool:
+    """Whether the connection went TLS: nats-py upgrades exactly when the server's INFO requires it
+    (there is no public accessor for the INFO)."""
+    return bool(getattr(nc, "_server_info", {}).get("tls_required"))
 
 
 def _why(exc: BaseException) -> str:

@@ -62,7 +62,7 @@ def read_seed(folder: Path, identity: str) -> bytes:
         seed = path.read_bytes().strip()
     except FileNotFoundError:
         raise CncError(f"no NATS credentials for {identity!r}: {path} does not exist "
-                       "(`cncbrain up` creates them; `cncbrain nats credentials` for compose and production)") from None
+                       "(`cncbrain up` creates them; `cncbrain credentials` for compose and production)") from None
     try:
         public_key(seed)
     except Exception:

@@ -193,6 +193,8 @@ def emulator() -> Grant:
     g.allow_responses = True  # answers the site agents' inventory and apply requests
     g.pub("cnc.emulator.state.*")
     g.sub("cnc.emulator.inventory.*", "cnc.emulator.apply.*", "cnc.emulator.fail.*")
+    # its container's health check asks it for every site's inventory, as the site agents do
+    g.pub("cnc.emulator.inventory.*")
     return g
 
 

@@ -89,13 +89,21 @@ def secrets_dir() -> Path | None:
     return found if found.is_dir() else None
 
 
+def nats_tls_ca() -> Path | None:
+    """The CA of the brain's NATS server when it requires TLS: `CNC_NATS_TLS_CA`, else the one a
+    running `cncbrain up --nats-tls` wrote to its endpoints; None: plain NATS."""
+    found = os.environ.get("CNC_NATS_TLS_CA") or endpoints().get("nats_tls_ca")
+    return Path(found) if found else None
+
+
 async def admin_bus(url: str, name: str, folder: Path | None = None, **kwargs):
     """A `Bus` for the operator's tools: the `admin` identity when credentials are at hand (`folder`,
-    else `secrets_dir()`)."""
+    else `secrets_dir()`), over TLS when the brain's NATS requires it (`nats_tls_ca`)."""
     from cncbrain.bus import Bus
 
     folder = folder or secrets_dir()
     kwargs.setdefault("timeout_s", 10.0)  # a person waits: say soon that no NATS answers
+    kwargs.setdefault("tls_ca", nats_tls_ca())
     return await Bus.connect(url, name, identity="admin" if folder else None, secrets_dir=folder, **kwargs)
 
 

@@ -122,7 +122,8 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     from cncbrain.twin.traces import load_azure
 
     t = Tally()
-    bus = await admin_bus(endpoints["nats"], "demo", Path(endpoints["secrets"]) if endpoints.get("secrets") else None)
+    bus = await admin_bus(endpoints["nats"], "demo", Path(endpoints["secrets"]) if endpoints.get("secrets") else None,
+                          tls_ca=Path(endpoints["nats_tls_ca"]) if endpoints.get("nats_tls_ca") else None)
 
     async def on_placement(ev):
         t.placements += 1

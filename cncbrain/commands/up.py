@@ -14,7 +14,11 @@ NATS is always authenticated (`--no-auth` or not): at first start `up` gives eve
 NATS identity (nkeys in `<state>/secrets/nats/`, mode 0600; `cncbrain.bus.credentials`) with the
 least privilege of `cncbrain.bus.permissions` — perception, scheduler, adaptation, governance, the
 emulator, each site agent, and `admin` for `up` itself and the operator's tools (`cncbrain watch`).
-A restart reuses them. Anonymous clients are refused. The server stays plain on loopback.
+A restart reuses them. Anonymous clients are refused. The server stays plain on loopback unless
+`--nats-tls`: then it requires TLS of every client, with a certificate for localhost/127.0.0.1 from
+the brain's CA (`<state>/secrets/tls/`, made at first start), and every child and the CLI trust only
+that CA. A key added to `<state>/secrets/nats/auth.conf` while `up` runs (`cncbrain sites enroll
+--key-out`) is admitted at once: `up` has the server reload its configuration.
 
 `--slurm-site ID[=TYPE:N,…]` (repeatable) runs that site on a Slurm cluster started on this machine
 (`cncbrain.slurm_local`, under `<state>/slurm/`, one partition per site) instead of the emulator: a
@@ -138,7 +142,7 @@ class Brain:
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
                  adaptation_port: int | None = None, auth: bool = False, policy: str | None = None,
                  background_nice: int | None = None, log_format: str | None = None, standby: bool = False,
-                 say=None, slurm_sites: list[str] | None = None) -> None:
+                 say=None, slurm_sites: list[str] | None = None, nats_tls: bool = False) -> None:
         # Governance and adaptation: unless given, their default port, or any free port (bound and
         # reported by the service) when that is taken; endpoints.json tells the client commands.
         if governance_port is None:
@@ -164,6 +168,11 @@ class Brain:
         self.state_dir = Path(state_dir)
         self.scenario = scenario
         self.external_nats = nats_url
+        if nats_tls and nats_url:
+            raise UsageError("--nats-tls turns TLS on for the embedded NATS server; for one of your own "
+                             "(--nats-url), set CNC_NATS_TLS_CA to the CA of its certificate")
+        self.nats_tls = nats_tls
+        """The embedded server requires TLS (a certificate from the brain's CA in the secrets folder)."""
         self.nats_port = nats_port
         self.speed = speed
         self.fresh = fresh
@@ -218,6 +227,8 @@ class Brain:
             found["metrics"] = dict(self.metrics)
         if self.nats and self.nats.monitor_url:
             found["nats_monitor"] = self.nats.monitor_url
+        if self.tls_ca:
+            found["nats_tls_ca"] = str(self.tls_ca.resolve())
         if self.web_url:
             found["web"] = self.web_url
         return found
@@ -240,6 +251,11 @@ class Brain:
     def secrets_dir(self) -> Path:
         return self.state_dir / SECRETS_DIR
 
+    @property
+    def tls_ca(self) -> Path | None:
+        """The CA every client of the embedded NATS server trusts (None: plain NATS)."""
+        return self.secrets_dir / "tls" / "ca.pem" if self.nats_tls else None
+
     def _credentials(self) -> None:
         """Every process's NATS identity and governance's signing key (kept across restarts; new
         sites get theirs)."""
@@ -251,14 +267,12 @@ class Brain:
         """Create (or update) every stream and bucket as admin before the services start, so no
         service waits for another's (each would create only its own)."""
         from cncbrain.bus import Bus
-        from cncbrain.bus.permissions import BUCKET_OWNERS
-        from services.governance.ledger_store import LedgerStore
+        from cncbrain.commands.provision import provision
 
-        bus = await Bus.connect(self.nats_url, "up", identity="admin", secrets_dir=self.secrets_dir)
+        bus = await Bus.connect(self.nats_url, "up", identity="admin", secrets_dir=self.secrets_dir, tls_ca=self.tls_ca,
+                                ensure=False)
         try:
-            await LedgerStore(bus).ensure()
-            for bucket in BUCKET_OWNERS:
-                await bus.kv(bucket)
+            await provision(bus)
         finally:
             await bus.close()
 
@@ -283,7 +297,8 @@ class Brain:
                 proc = subprocess.Popen(
                     die_with_parent([sys.executable, *argv]),  # a SIGKILLed `up` takes them with it
                     stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()), **env},  # its NATS identity
+                    env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()),  # its NATS identity
+                         **({"CNC_NATS_TLS_CA": str(self.tls_ca.resolve())} if self.tls_ca else {}), **env},
                     start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
                 )
             finally:
@@ -328,10 +343,17 @@ class Brain:
         try:
             if not self.external_nats:
                 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
+                from cncbrain.natsserver import NatsTls
 
+                tls = None
+                if self.nats_tls:
+                    from cncbrain.certs import ensure_nats_certs
+
+                    cert = ensure_nats_certs(self.secrets_dir / "tls", {"local": []})[0]
+                    tls = NatsTls(cert.cert, cert.key, cert.ca)
                 nats = self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
                                               log_file=self.log_path("nats"),
-                                              auth=self.secrets_dir / NATS_DIR / AUTH_FILE)
+                                              auth=self.secrets_dir / NATS_DIR / AUTH_FILE, tls=tls)
                 self.supervisor.add("nats", lambda: nats.start().process, self.log_path("nats"))
                 self.supervisor.start("nats")
             aio.run(self._provision())
@@ -433,9 +455,12 @@ class Brain:
         return f"{child.name} exited with code {child.proc.returncode}; last log lines:{child.tail()}"
 
     def poll(self) -> list[str]:
-        """Restart what crashed (see `Supervisor.poll`); raises `GaveUp`."""
+        """Restart what crashed (see `Supervisor.poll`); raises `GaveUp`. Has the embedded NATS
+        server reload its configuration when `auth.conf` changed (a site's key enrolled)."""
         restarted = self.supervisor.poll()
         self._lower_background()
+        if self.nats is not None and self.nats.reload_if_changed():
+            self.supervisor.say("nats: auth.conf changed, configuration reloaded (a key added or removed)")
         return restarted
 
     def _lower_background(self, settle_s: float = 10.0) -> None:
@@ -474,21 +499,16 @@ class Brain:
         from cnc.governance.v1 import governance_pb2_grpc
         from cncbrain.auth import token_interceptors
         from cncbrain.bus.credentials import load_identities
-        from cncbrain.bus.permissions import site_identity
+        from cncbrain.commands.sites import scenario_enrollments
         from cncbrain.scenario import load_scenario
-        from cncbrain.twin import physics
 
-        keys = load_identities(self.secrets_dir)
+        inventories = site_inventories(load_scenario(self.scenario))
+        inventories.update(self.slurm_sites)  # a Slurm site is enrolled with the GPUs its cluster has
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.governance_port}",
                                              interceptors=token_interceptors(token)) as ch:
             stub = governance_pb2_grpc.GovernanceServiceStub(ch)
-            inventories = site_inventories(load_scenario(self.scenario))
-            inventories.update(self.slurm_sites)  # a Slurm site is enrolled with the GPUs its cluster has
-            for site_id, gpus in inventories.items():
-                await stub.EnrollSite(gpb.EnrollSiteRequest(site=gpb.SiteEnrollment(
-                    site_id=site_id, nats_public_key=keys.get(site_identity(site_id), ""),
-                    gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=physics.gpu(t).price_hr)
-                          for t, n in sorted(gpus.items())])), timeout=10)
+            for enrollment in scenario_enrollments(inventories, load_identities(self.secrets_dir)):
+                await stub.EnrollSite(gpb.EnrollSiteRequest(site=enrollment), timeout=10)
 
     async def _wait_ready(self, deadline: float, timeout_s: float) -> None:
         import grpc
@@ -586,6 +606,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--governance-port", type=int, default=None,
                    help=f"default {GOVERNANCE_PORT}, or a free port when that one is taken")
     p.add_argument("--no-auth", action="store_true", help="run every service without token checks (local tries only)")
+    p.add_argument("--nats-tls", action="store_true",
+                   help="the embedded NATS server requires TLS (a certificate from the brain's CA in "
+                        "STATE_DIR/secrets/tls/, made at first start); clients trust only that CA")
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second")
     p.add_argument("--state-dir", type=Path, default=STATE_DIR)
     p.add_argument("--fresh", action="store_true", help="wipe the state folder first")
@@ -618,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
                   speed=args.speed, fresh=args.fresh, governance_port=args.governance_port,
                   adaptation_port=args.adaptation_port, auth=not args.no_auth, policy=args.policy,
                   background_nice=args.background_nice, log_format=args.log_format, standby=args.standby,
-                  say=say, slurm_sites=args.slurm_site)
+                  say=say, slurm_sites=args.slurm_site, nats_tls=args.nats_tls)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -630,7 +653,8 @@ def run(args: argparse.Namespace) -> int:
     brain.start()
     ep = brain.endpoints
     print(f"healthy in {brain.healthy_after_s:.1f} s — {len(brain.sites)} site agents registered\n"
-          f"  NATS        {ep['nats']}{'  (embedded)' if not args.nats_url else ''}\n"
+          f"  NATS        {ep['nats']}{'  (embedded)' if not args.nats_url else ''}"
+          f"{'  TLS, CA ' + ep['nats_tls_ca'] if ep.get('nats_tls_ca') else ''}\n"
           f"  perception  {ep['perception']}  (gRPC: cnc.perception.v1.PerceptionService, health, reflection)\n"
           f"  scheduler   {ep['scheduler']}  (gRPC: cnc.scheduler.v1.SchedulerService, health, reflection)\n"
           f"  adaptation  {ep['adaptation']}  (gRPC: cnc.adaptation.v1.AdaptationService, health, reflection)\n"

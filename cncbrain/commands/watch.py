@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from cncbrain import aio
-from cncbrain.commands._live import add_target_args, channel, rpc_error, secrets_dir, target
+from cncbrain.commands._live import add_target_args, channel, nats_tls_ca, rpc_error, secrets_dir, target
 from cncbrain.commands._output import add_output_arg, to_dict, wants_json
 from cncbrain.errors import CncError
 
@@ -56,11 +56,11 @@ async def watch_nats(args: argparse.Namespace) -> int:
     import nats
 
     from cncbrain.bus import envelope
-    from cncbrain.bus.credentials import client_options
+    from cncbrain.bus.connection import connect_options
 
     url = target(args, "nats")
     folder = secrets_dir()
-    auth = client_options("admin", folder) if folder else {}
+    auth = connect_options("admin" if folder else None, folder, nats_tls_ca())
     try:
         nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=-1, **auth)
     except Exception as exc:

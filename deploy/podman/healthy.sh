@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Wait until every container of a compose project is running and, where it has a health check,
-# healthy. Podman runs health checks from systemd timers; on hosts without systemd nobody runs
-# them, so this script runs each one itself (`podman healthcheck run`) until it passes.
+# healthy; a one-shot container (label io.cncbrain.oneshot: the secrets, the enrollment) until it
+# has ended with exit code 0. Podman runs health checks from systemd timers; on hosts without
+# systemd nobody runs them, so this script runs each one itself (`podman healthcheck run`) until it
+# passes.
 #
 #   deploy/podman/healthy.sh PROJECT [TIMEOUT_S]     (default 120 s)
 #
@@ -23,7 +25,16 @@ while :; do
     exit 1
   fi
   for name in $names; do
-    state="$(podman inspect --format '{{.State.Status}}' "$name")"
+    read -r state code oneshot <<<"$(podman inspect --format \
+      '{{.State.Status}} {{.State.ExitCode}} {{index .Config.Labels "io.cncbrain.oneshot"}}' "$name")"
+    if [[ $oneshot == true ]]; then
+      if [[ $state == exited && $code == 0 ]]; then
+        continue
+      fi
+      [[ $state == exited ]] && state="exited with $code"
+      pending+=("$name($state)")
+      continue
+    fi
     if [[ $state != running ]]; then
       unset "passed[$name]"
       pending+=("$name($state)")

@@ -8,6 +8,7 @@ import json
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import grpc
 import nats
@@ -17,6 +18,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from cncbrain.auth import token_interceptors
+from cncbrain.bus.connection import connect_options
 
 PLACEMENTS = "cnc.scheduler.placement.>"
 
@@ -25,8 +27,11 @@ async def quiet(exc: Exception) -> None:
     """nats-py prints every failed reconnect; a test that stops a node expects them."""
 
 
-async def connect(servers: list[str]) -> nats.NATS:
-    return await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=quiet)
+async def connect(servers: list[str], kit: Path) -> nats.NATS:
+    """A client of the stack's NATS as the operator (`admin`, the key and CA of `kit`), over TLS."""
+    options = connect_options("admin", kit, kit / "tls" / "ca.pem")
+    return await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=quiet,
+                              **options)
 
 
 def inference_service(name: str = "chat") -> common.InferenceServiceSpec:
@@ -60,8 +65,8 @@ class PlacementWatch:
         self.by_workload: dict[str, list[pb.PlacementCommitted]] = {}
         self._nc: nats.NATS | None = None
 
-    async def start(self, servers: list[str]) -> PlacementWatch:
-        self._nc = await connect(servers)
+    async def start(self, servers: list[str], kit: Path) -> PlacementWatch:
+        self._nc = await connect(servers, kit)
         js = self._nc.jetstream()
         await js.subscribe(PLACEMENTS, cb=self._on_msg, ordered_consumer=True,
                            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))
@@ -107,3 +112,4 @@ def monitor(url: str, path: str) -> dict:
 def scheduler_channel(target: str, token: str) -> grpc.aio.Channel:
     """A channel that sends `token` as the bearer token on every call (the stack checks tokens)."""
     return grpc.aio.insecure_channel(target, interceptors=token_interceptors(token))
+

@@ -37,7 +37,10 @@ PORT_VARS = (
     "CNC_GOVERNANCE_PORT",
     "CNC_WEB_PORT",
 )
-TOKEN_FILE = "/var/lib/cncbrain/secrets/operator.token"
+TOKEN_FILE = "/var/lib/cncbrain/token/operator.token"
+KIT_FILES = ("nats/admin.nk", "tls/ca.pem", "governance.pub")
+"""What the operator takes out of the `secrets` volume (deploy/README.md): the admin NATS key, the
+CA of the NATS servers' certificates, governance's public key."""
 CLUSTER_PORT_VARS = (
     "CNC_NATS2_PORT",
     "CNC_NATS2_MONITOR_PORT",
@@ -166,6 +169,23 @@ class Stack:
     def exec(self, service: str, *command: str) -> str:
         return podman("exec", self.container(service), *command)
 
+    def operator_kit(self, dest: Path) -> Path:
+        """The operator's files out of the stack's `secrets` volume, the way deploy/README.md says
+        (a container of the image reading the volume, tar through a pipe); returns `dest`, a
+        secrets folder for the CLI (`CNC_SECRETS_DIR`, `CNC_NATS_TLS_CA=dest/tls/ca.pem`)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["podman", "run", "--rm", "--user", "0", "-v", f"{self.project}_secrets:/s:ro", self.image,
+             "tar", "-C", "/s", "-c", *KIT_FILES], env=engine_env(), capture_output=True, timeout=120, check=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        return dest
+
+    def identities(self) -> dict[str, str]:
+        """NATS identity -> public key, as the stack's `secrets` container made them."""
+        out = podman("run", "--rm", "--user", "0", "-v", f"{self.project}_secrets:/s:ro", self.image,
+                     "cat", "/s/nats/identities.json")
+        return json.loads(out)
+
     def operator_token(self) -> str:
         """The operator token governance issued on its first start."""
         return self.exec("governance", "cat", TOKEN_FILE).strip()
@@ -174,6 +194,12 @@ class Stack:
         return subprocess.run(
             ["podman", "healthcheck", "run", self.container(service)], env=engine_env(), capture_output=True
         ).returncode == 0
+
+    def logs(self, service: str) -> str:
+        """A container's log, stdout and stderr."""
+        out = subprocess.run(["podman", "logs", self.container(service)], env=engine_env(), capture_output=True,
+                             text=True)
+        return out.stdout + out.stderr
 
     def save_logs(self) -> None:
         if not self.log_dir:

@@ -1,12 +1,14 @@
 """deploy/docker-compose.yml + docker-compose.cluster.yml for real: three JetStream nodes with the
-brain's streams and KV buckets in 3 replicas. One node is stopped while deployments keep coming:
-the brain keeps accepting them, none that it accepted is lost, no site is marked down for it
-(perception takes the agents' silence during their failover for the bus), and the node rejoins
+brain's streams and KV buckets in 3 replicas, routes between them over TLS with both sides'
+certificates checked (a plain route is refused). One node is stopped while deployments keep
+coming: the brain keeps accepting them, none that it accepted is lost, no site is marked down for
+it (perception takes the agents' silence during their failover for the bus), and the node rejoins
 and catches up."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -30,8 +32,8 @@ PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
 VICTIM = "nats"
 
 
-async def brain_streams(servers: list[str]) -> list:
-    nc = await connect(servers)
+async def brain_streams(servers: list[str], kit) -> list:
+    nc = await connect(servers, kit)
     try:
         infos = await nc.jetstream().streams_info()
     finally:
@@ -62,11 +64,11 @@ class SiteStates:
         self.down: list[str] = []
         self._nc = None
 
-    async def start(self, servers: list[str]) -> SiteStates:
+    async def start(self, servers: list[str], kit) -> SiteStates:
         from cnc.common.v1 import common_pb2 as common
         from cnc.perception.v1 import perception_pb2
 
-        self._nc = await connect(servers)
+        self._nc = await connect(servers, kit)
 
         async def on_msg(msg) -> None:
             change = perception_pb2.SiteStateChanged.FromString(msg.data)
@@ -81,7 +83,33 @@ class SiteStates:
             await self._nc.close()
 
 
-async def test_cluster_survives_node_loss(image, log_dir):
+PLAIN_ROUTE = """
+import json, socket
+s = socket.create_connection(("nats-2", 6222), timeout=30)
+s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"name":"stranger"}\\r\\nPING\\r\\n')
+answer = b""
+try:
+    while chunk := s.recv(4096):
+        answer += chunk
+except OSError:
+    pass
+print(json.dumps({"answer": answer.decode(errors="replace")}))
+"""
+
+
+def check_route_tls(stack: Stack) -> None:
+    """Every node's routes are TLS with verification; a route without TLS, tried from inside the
+    compose network against nats-2's route port, is closed without a word (the node waits for a
+    TLS handshake first, and times it out)."""
+    for node in (1, 2, 3):
+        cluster = monitor(stack.monitor(node), "/varz")["cluster"]
+        assert cluster.get("tls_required") and cluster.get("tls_verify"), (node, cluster)
+    tried = json.loads(stack.exec("nats", "python3", "-c", PLAIN_ROUTE))
+    assert tried["answer"] == "", tried  # no INFO, no PONG: nothing in the clear
+    assert "TLS route handshake error" in stack.logs("nats-2"), "nats-2 did not log the refused plain route"
+
+
+async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
     stack = Stack(image, clustered=True, log_dir=log_dir)
     watch = PlacementWatch()
     try:
@@ -92,9 +120,11 @@ async def test_cluster_survives_node_loss(image, log_dir):
         for node in (1, 2, 3):
             meta = monitor(stack.monitor(node), "/jsz")["meta_cluster"]
             assert meta["cluster_size"] == 3, meta
+        check_route_tls(stack)
+        kit = stack.operator_kit(tmp_path / "operator")
 
         async def created():
-            streams = await brain_streams(stack.nats_urls)
+            streams = await brain_streams(stack.nats_urls, kit)
             names = {s.config.name for s in streams}
             return streams if names >= {"CNC_WORKLOADS", "CNC_PLACEMENTS", "KV_cnc-workloads"} else None
 
@@ -104,14 +134,14 @@ async def test_cluster_survives_node_loss(image, log_dir):
             f"streams not in 3 replicas: {replicas} (cncbrain.bus must create them with CNC_NATS_REPLICAS)"
         )
 
-        await watch.start(stack.nats_urls)
+        await watch.start(stack.nats_urls, kit)
         accepted: list[str] = []
         async with scheduler_channel(stack.scheduler, stack.operator_token()) as channel:
             stub = pb_grpc.SchedulerServiceStub(channel)
             for i in range(3):
                 accepted.append(await deploy(stub, f"before-{i}"))
 
-            site_states = await SiteStates().start(stack.nats_urls)
+            site_states = await SiteStates().start(stack.nats_urls, kit)
             stack.stop(VICTIM)
             down_at = time.monotonic()
             during = []
@@ -143,7 +173,7 @@ async def test_cluster_survives_node_loss(image, log_dir):
         assert routez["num_routes"] >= 2, routez
 
         async def all_current():
-            streams = await brain_streams(stack.nats_urls)
+            streams = await brain_streams(stack.nats_urls, kit)
             return all(
                 s.cluster and len(s.cluster.replicas or []) == 2 and all(r.current for r in s.cluster.replicas)
                 for s in streams

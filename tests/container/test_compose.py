@@ -1,6 +1,9 @@
 """deploy/docker-compose.yml for real: build the image, bring the stack up with podman-compose, wait
-for every health check, deploy an inference service and submit a training job through the published
-gRPC port, see their placements on NATS, tear everything down and find nothing left."""
+for every health check; NATS admits only the brain's keys, over TLS (an anonymous client and a
+plain one are refused; every process is connected with its own identity); the sites are enrolled
+and the ledger is signed by governance; deploy an inference service and submit a training job
+through the published gRPC port, see their placements on NATS, tear everything down and find
+nothing left."""
 
 from __future__ import annotations
 
@@ -13,20 +16,60 @@ import time
 import urllib.request
 
 import grpc
+import nats
 import pytest
-from brain_client import PlacementWatch, deploy, scheduler_channel, submit, wait_state
+from brain_client import PlacementWatch, deploy, monitor, quiet, scheduler_channel, submit, wait_state
 from compose_stack import Stack
+from nats_probe import plain_exchange
 
 from cnc.scheduler.v1 import scheduler_pb2 as pb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
-SERVICES = {"nats", "governance", "perception", "scheduler", "adaptation", "emulator", "agents"}
+SERVICES = {"nats", "governance", "perception", "scheduler", "adaptation", "emulator", "agents",
+            "secrets", "provision", "enroll"}  # the last three: one-shot, ended with 0
+IDENTITIES = {"governance", "perception", "scheduler", "adaptation", "emulator", "agents-compose"}
 PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
 
 
-async def test_single_node_stack(image, log_dir):
+async def check_nats_security(stack: Stack, kit) -> None:
+    """Only the brain's keys, only over TLS, each process as itself."""
+    from cnc.governance.v1 import governance_pb2 as gpb
+    from cnc.governance.v1 import governance_pb2_grpc
+    from cncbrain.bus.connection import connect_options
+    from cncbrain.signing import load_verifier
+
+    url = stack.nats_urls[0]
+    host, port = url.removeprefix("nats://").split(":")
+    info, answer = plain_exchange(host, int(port))  # a client without TLS: never served
+    assert info["tls_required"] and info["auth_required"], info
+    assert b"PONG" not in answer and b"+OK" not in answer, answer
+    with pytest.raises(nats.errors.Error) as anonymous:  # over TLS, trusting the CA, but no key
+        await nats.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=quiet,
+                           **connect_options(None, None, kit / "tls" / "ca.pem"))
+    assert "authorization" in str(anonymous.value).lower(), anonymous.value
+    with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):  # the system's CAs do not know the brain's
+        await nats.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=quiet,
+                           **connect_options("admin", kit))
+    # Every connection is TLS and authenticated with a key of the brain; each process with its own.
+    identities = {key: name for name, key in stack.identities().items()}
+    connz = monitor(stack.monitor(), "/connz?auth=1&limit=1024")["connections"]
+    assert connz and all(c.get("tls_version") for c in connz), [c.get("name") for c in connz if not c.get("tls_version")]
+    connected = {identities.get(c.get("authorized_user", ""), "?") for c in connz}
+    assert connected >= IDENTITIES and "?" not in connected, connected
+    # Governance holds its signing key: the sites' enrollments are signed ledger entries.
+    async with scheduler_channel(stack.governance, stack.operator_token()) as channel:
+        ledger = governance_pb2_grpc.GovernanceServiceStub(channel)
+        enrolled = (await ledger.ListLedgerEntries(gpb.ListLedgerEntriesRequest(kind="site.enrolled", limit=100),
+                                                    timeout=10)).entries
+        assert len({e.payload_json for e in enrolled}) >= 11, enrolled
+        verifier = load_verifier(kit)
+        signed = [e for e in enrolled if e.signature]
+        assert signed and all(verifier.valid(e.hash.encode(), e.signature) for e in signed)
+
+
+async def test_single_node_stack(image, log_dir, tmp_path):
     stack = Stack(image, log_dir=log_dir)
     watch = PlacementWatch()
     try:
@@ -39,12 +82,14 @@ async def test_single_node_stack(image, log_dir):
 
         token = stack.operator_token()
         assert token, "governance issued no operator token"
+        kit = stack.operator_kit(tmp_path / "operator")
+        await check_nats_security(stack, kit)
         async with grpc.aio.insecure_channel(stack.scheduler) as anonymous:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await deploy(pb_grpc.SchedulerServiceStub(anonymous), "no-token")
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        await watch.start(stack.nats_urls)
+        await watch.start(stack.nats_urls, kit)
         async with scheduler_channel(stack.scheduler, token) as channel:
             stub = pb_grpc.SchedulerServiceStub(channel)
             service_id = await deploy(stub, "chat")
@@ -61,7 +106,7 @@ async def test_single_node_stack(image, log_dir):
             def cli_env(token: str) -> dict[str, str]:
                 return dict(os.environ, CNC_NATS_URL=stack.nats_urls[0], CNC_PERCEPTION_ADDR=stack.perception,
                             CNC_SCHEDULER_ADDR=stack.scheduler, CNC_GOVERNANCE_ADDR=stack.governance,
-                            CNC_TOKEN=token)
+                            CNC_TOKEN=token, CNC_SECRETS_DIR=str(kit), CNC_NATS_TLS_CA=str(kit / "tls" / "ca.pem"))
 
             def cli(*args: str, token: str) -> str:
                 out = subprocess.run([sys.executable, "-m", "cncbrain.cli", *args], env=cli_env(token),

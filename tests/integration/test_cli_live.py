@@ -425,3 +425,52 @@ def test_two_ups_started_at_the_same_moment_do_not_collide(tmp_path):
     finally:
         for proc, *_ in started.values():
             stop_up(proc)
+
+
+def test_up_with_nats_tls_serves_only_tls_and_admits_a_site_enrolled_while_it_runs(tmp_path):
+    """`up --nats-tls`: every process connects over TLS (the brain comes up and places work); a
+    plain client is refused; `sites enroll --key-out` into the running brain has its NATS server
+    admit the new key at once, and the new site's agent (its own process, its own key) connects
+    over TLS and counts with its enrolled terms — no restart of `up`."""
+    from nats_probe import plain_exchange
+
+    proc, env, endpoints, out = start_up(tmp_path, "--nats-tls")
+    try:
+        ca = endpoints["nats_tls_ca"]
+        assert f"TLS, CA {ca}" in str(out)
+        host, port = endpoints["nats"].removeprefix("nats://").split(":")
+        info, answer = plain_exchange(host, int(port))
+        assert info["tls_required"] and b"PONG" not in answer
+        dep = cli("deploy", "--name", "chat", "--model", "7b", env=env)
+        assert dep.returncode == 0, dep.stderr
+        token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+        assert wait_placed(endpoints["scheduler"], dep.stdout.split()[0], token=token)
+        watched = cli("watch", "--count", "1", "cnc.site.>", env=env, timeout=30)  # the CLI finds the CA itself
+        assert watched.returncode == 0 and "cnc.site." in watched.stdout, watched.stderr
+
+        site_dir = tmp_path / "edge-site"
+        enrolled = cli("sites", "enroll", "edge", "--gpus", "H100=8@3.5", "--region", "us-east",
+                       "--key-out", str(site_dir / "nats" / "site-edge.nk"), env=env)
+        assert enrolled.returncode == 0, enrolled.stderr
+        assert "admits the key now" in enrolled.stdout, enrolled.stdout
+        assert out.wait_for("configuration reloaded", 5), str(out)
+        agent_env = {**os.environ, "CNC_SECRETS_DIR": str(site_dir), "CNC_NATS_TLS_CA": ca}
+        agent = subprocess.Popen([*command("agent"), "--site", "edge", "--executor", "memory", "--gpus", "H100:16",
+                                  "--nats-url", endpoints["nats"], "--policy", "greedy"],
+                                 env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline, edge = time.monotonic() + 30, None
+            while edge is None and time.monotonic() < deadline and agent.poll() is None:
+                listed = json.loads(cli("sites", "--json", env=env).stdout)
+                edge = next((s for s in listed if s["site"]["site_id"] == "edge"), None)
+                time.sleep(0.5)
+            assert edge is not None, agent.stdout.read() if agent.poll() is not None else "edge never counted"
+            assert [(p["gpu_type"], p["count"], p["price_usd_per_hour"]) for p in edge["site"]["gpu_pools"]] == [
+                ("H100", 8, 3.5)]  # its enrolled terms, not the 16 it reports
+        finally:
+            agent.terminate()
+            agent.wait(timeout=20)
+        nats_log = (Path(env["CNC_STATE_DIR"]) / "logs" / "nats.log").read_text()
+        assert "Violation" not in nats_log, [x for x in nats_log.splitlines() if "Violation" in x][:5]
+    finally:
+        stop_up(proc)
