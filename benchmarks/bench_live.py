@@ -17,8 +17,9 @@ CNC_AGENT_POLICY names one (greedy, marl, marl:PATH); the figures name it. The b
 as `up --no-auth`, every call accepted without a token).
 
     python -m benchmarks live            # all three
-    python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S] [--no-auth]
-        # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy
+    python -m benchmarks.bench_live latency|throughput|up [--repeat N] [--pause S] [--no-auth] [--nats-tls]
+        # latency: N fresh `up`s; S seconds between one deploy's cancel and the next deploy;
+        # --nats-tls: as `up --nats-tls`, every NATS connection TLS
     python -m benchmarks.bench_live cpu    # each process's CPU per deploy + cancel (Linux /proc)
     python -m benchmarks.bench_live msgs   # bus messages per deploy + cancel, by subject
     python -m benchmarks.bench_live nice [A B]   # background at nice A vs B (0 vs up's default), in one brain
@@ -60,6 +61,7 @@ AGENT_PROCESSES = 4
 PAUSE_S = 0.0
 """`--pause S`: seconds between one deploy's cancel and the next deploy (0: back to back)."""
 AUTH = True
+NATS_TLS = False
 """The brain checks bearer tokens, as `cncbrain up` does by default (`--no-auth`: off)."""
 
 
@@ -128,7 +130,7 @@ def running_brain(**kwargs) -> Iterator[Brain]:
     """A started `up` (abilene, emulated sites at 30×, fresh state in a temporary folder), stopped after."""
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
-                      adaptation_port=0, speed=30.0, fresh=True, auth=AUTH, **kwargs)
+                      adaptation_port=0, speed=30.0, fresh=True, auth=AUTH, nats_tls=NATS_TLS, **kwargs)
         brain.start()
         try:
             yield brain
@@ -143,7 +145,7 @@ def bench_up_and_latency() -> float:
         print(f"up: healthy (health SERVING, {len(brain.sites)} agents registered) in {brain.healthy_after_s:.2f} s")
         samples = aio.run(_latency(brain))
     print(f"deploy → committed-placement event over {len(samples)} sequential deploys (abilene, 11 agents, "
-          f"{policy_name()} policy, {aio.loop_name()} loop, auth {'on' if AUTH else 'off'}, {PAUSE_S:g} s between deploys): p50 {statistics.median(samples):.2f} ms, "
+          f"{policy_name()} policy, {aio.loop_name()} loop, auth {'on' if AUTH else 'off'}, NATS {'TLS' if NATS_TLS else 'plain'}, {PAUSE_S:g} s between deploys): p50 {statistics.median(samples):.2f} ms, "
           f"p90 {pct(samples, 90):.2f} ms, p99 {pct(samples, 99):.2f} ms, max {max(samples):.2f} ms [{load()}]")
     return statistics.median(samples)
 
@@ -337,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         global AUTH
         AUTH = False
         which.remove("--no-auth")
+    if "--nats-tls" in which:
+        global NATS_TLS
+        NATS_TLS = True
+        which.remove("--nats-tls")
     if "--pause" in which:
         global PAUSE_S
         i = which.index("--pause")
