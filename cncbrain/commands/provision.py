@@ -26,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def provision(bus) -> list[str]:
     """Create or update, through `bus` (the admin identity, or a server without auth), every stream
     and bucket; returns their names."""
-    import services.adaptation.subjects  # noqa: F401  (registers the adaptation stream)
-    from cncbrain.bus import streams
+    from cncbrain.bus import subjects
     from cncbrain.bus.permissions import BUCKET_OWNERS
     from services.governance.ledger_store import LedgerStore
 
@@ -35,7 +34,7 @@ async def provision(bus) -> list[str]:
     await LedgerStore(bus).ensure()
     for bucket in BUCKET_OWNERS:
         await bus.kv(bucket)
-    return [s.name for s in streams.STREAMS] + [f"KV_{b}" for b in BUCKET_OWNERS]
+    return [s.name for s in subjects.STREAMS] + [f"KV_{b}" for b in BUCKET_OWNERS]
 
 
 def run(args: argparse.Namespace) -> int:
