@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 
 TelemetrySink = Callable[[site_pb.SiteTelemetry], Awaitable[None]]
@@ -36,7 +36,7 @@ class Executor(Protocol):
 
     async def start(self, on_telemetry: TelemetrySink, on_report: ReportSink | None = None) -> None: ...
     async def inventory(self) -> common.Site: ...
-    async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]: ...
+    async def apply(self, placement: spb.PlacementCommitted) -> tuple[bool, str]: ...
     def available(self) -> bool: ...
     def last_telemetry(self) -> site_pb.SiteTelemetry | None: ...
     async def stop(self) -> None: ...
@@ -70,7 +70,7 @@ class MemoryExecutor:
             out[p.gpu_type] = out.get(p.gpu_type, 0) + units(p) * p.gpus_per_unit
         return out
 
-    async def apply(self, placement: sched.PlacementCommitted) -> tuple[bool, str]:
+    async def apply(self, placement: spb.PlacementCommitted) -> tuple[bool, str]:
         p = placement.placement
         capacity = {g.gpu_type: g.count for g in self.site.gpu_pools}
         used = self.used()

@@ -41,12 +41,13 @@ import nats.errors
 import numpy as np
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
 from cncbrain.twin import Twin, physics
+from cncbrain.twin.sim import JobState
 from cncbrain.twin.traces import JobSpec, load_azure
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def held_units(p: common.Placement) -> int:
     return p.replicas if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE else len(p.shard_indices)
 
 
-def write_placements(path: Path, placements: list[sched.PlacementCommitted]) -> None:
+def write_placements(path: Path, placements: list[spb.PlacementCommitted]) -> None:
     """Every placement, length-prefixed, to `path` (replaced atomically)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -116,7 +117,7 @@ def write_placements(path: Path, placements: list[sched.PlacementCommitted]) -> 
     os.replace(tmp, path)
 
 
-def read_placements(path: Path) -> list[sched.PlacementCommitted]:
+def read_placements(path: Path) -> list[spb.PlacementCommitted]:
     """The placements `write_placements` wrote (none when there is no file); a cut-off or garbled
     record ends the reading with a warning."""
     try:
@@ -129,7 +130,7 @@ def read_placements(path: Path) -> list[sched.PlacementCommitted]:
             (size,) = struct.unpack_from(">I", data, at)
             if at + 4 + size > len(data):
                 raise ValueError("record cut off")
-            out.append(sched.PlacementCommitted.FromString(data[at + 4:at + 4 + size]))
+            out.append(spb.PlacementCommitted.FromString(data[at + 4:at + 4 + size]))
         except Exception as exc:
             log.warning("emulator state %s: unreadable from byte %d (%s); restoring the %d placements before it",
                         path, at, exc, len(out))
@@ -165,7 +166,7 @@ class EmulatorHost:
         self._task: asyncio.Task[None] | None = None
         self.state_file = Path(state_file) if state_file else None
         """Where what runs at each site is kept across restarts (None: nowhere)."""
-        self.held: dict[tuple[str, str], sched.PlacementCommitted] = {}
+        self.held: dict[tuple[str, str], spb.PlacementCommitted] = {}
         """(site id, workload id) → the placement applied there last, while it holds GPUs."""
 
     @property
@@ -233,7 +234,7 @@ class EmulatorHost:
         log.warning("site %s failed for %.0f emulated s (injected)", self.ids[s], event.payload.duration_s)
 
     async def on_apply(self, event: Event) -> site_pb.PlacementApplied:
-        msg: sched.PlacementCommitted = event.payload
+        msg: spb.PlacementCommitted = event.payload
         ok, error = self.apply(self._site_index(event), msg)
         self.keep(event.params["site"], msg)  # on disk before the answer: a restart finds it
         out = site_pb.PlacementApplied(placement=msg.placement, ok=ok, error=error)
@@ -241,7 +242,7 @@ class EmulatorHost:
         return out
 
     # --- surviving a restart ------------------------------------------------------------------------
-    def keep(self, sid: str, msg: sched.PlacementCommitted) -> None:
+    def keep(self, sid: str, msg: spb.PlacementCommitted) -> None:
         """Remember what `msg` left at site `sid` and write the state file."""
         p = msg.placement
         key = (sid, p.workload_id)
@@ -332,10 +333,10 @@ class EmulatorHost:
             job = t.jobs[t.job_index[jid]]
             shards = sum(1 for site_i, _ in job.placement if site_i == s)
             state.jobs.append(site_pb.JobProgress(workload_id=jid, shards_running=shards,
-                                                  progress=job.progress / job.spec.tokens, finished=job.state == "done"))
+                                                  progress=job.progress / job.spec.tokens, finished=job.state == JobState.DONE))
         return state
 
-    def apply(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+    def apply(self, s: int, msg: spb.PlacementCommitted) -> tuple[bool, str]:
         p = msg.placement
         try:
             if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE:
@@ -344,7 +345,7 @@ class EmulatorHost:
         except (KeyError, ValueError) as exc:
             return False, str(exc)
 
-    def _apply_service(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+    def _apply_service(self, s: int, msg: spb.PlacementCommitted) -> tuple[bool, str]:
         p, spec, t = msg.placement, msg.inference_service, self.twin
         wid = p.workload_id
         k = t.service_index.get(wid)
@@ -377,7 +378,7 @@ class EmulatorHost:
             return False, f"only {got} of {p.replicas} replicas fit at {self.ids[s]}"
         return True, ""
 
-    def _apply_job(self, s: int, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+    def _apply_job(self, s: int, msg: spb.PlacementCommitted) -> tuple[bool, str]:
         p, spec, t = msg.placement, msg.training_job, self.twin
         wid, sid = p.workload_id, self.ids[s]
         if not p.shard_indices:  # cancelled or completed: stop it wherever it runs, then forget it
@@ -459,7 +460,7 @@ class EmulatedExecutor:
                     said = time.monotonic()
                 await asyncio.sleep(0.2)
 
-    async def apply(self, placement: sched.PlacementCommitted, wait_s: float = APPLY_WAIT_S) -> tuple[bool, str]:
+    async def apply(self, placement: spb.PlacementCommitted, wait_s: float = APPLY_WAIT_S) -> tuple[bool, str]:
         """Apply at the emulated site; while the emulator is away (restarting: nobody answers, or a
         request it took with it), ask again until it answers, for up to `wait_s`."""
         deadline = time.monotonic() + wait_s

@@ -49,7 +49,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from agents.executor import ReportSink, units
 from agents.slurm import CLUSTER_FAULT, SlurmCommands, SlurmError, SlurmJob, SlurmNode
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.errors import CncError, UsageError
 
@@ -163,10 +163,10 @@ class SlurmExecutor:
         self.prefix = f"{self.settings.job_prefix}.{site_id}."
         self.workdir = Path(self.settings.workdir or Path.home() / ".cnc" / "slurm" / site_id)
         self.partition = self.settings.partition
-        self.desired: dict[str, sched.PlacementCommitted] = {}
+        self.desired: dict[str, spb.PlacementCommitted] = {}
         self.status: dict[str, _Reported] = {}
         self.finished: set[str] = set()
-        self.unreported: dict[str, sched.PlacementCommitted] = {}  # kept while Slurm did not answer
+        self.unreported: dict[str, spb.PlacementCommitted] = {}  # kept while Slurm did not answer
         self.handled: set[int] = set()  # ended jobs already accounted
         self.cancelled: set[int] = set()
         self._strangers: set[str] = set()
@@ -254,7 +254,7 @@ class SlurmExecutor:
                 await self._task
             self._task = None
 
-    async def apply(self, msg: sched.PlacementCommitted) -> tuple[bool, str]:
+    async def apply(self, msg: spb.PlacementCommitted) -> tuple[bool, str]:
         p = msg.placement
         wid = p.workload_id
         async with self._lock:
@@ -296,7 +296,7 @@ class SlurmExecutor:
     def jobs_of(self, wid: str) -> list[SlurmJob]:
         return [j for j in self.jobs if (parsed := self.parse_name(j.name)) and parsed[0] == wid]
 
-    def _unrunnable(self, msg: sched.PlacementCommitted) -> str:
+    def _unrunnable(self, msg: spb.PlacementCommitted) -> str:
         p = msg.placement
         if units(p) == 0:
             return ""
@@ -311,7 +311,7 @@ class SlurmExecutor:
             return str(exc)
         return ""
 
-    def argv(self, msg: sched.PlacementCommitted) -> list[str]:
+    def argv(self, msg: spb.PlacementCommitted) -> list[str]:
         """What a unit runs: the template's command (behind the image runner for an image), else
         the site's default command."""
         which = msg.WhichOneof("spec")
@@ -342,7 +342,7 @@ class SlurmExecutor:
         else:
             await self._reconcile_gang(msg, live, submit=not blocked)
 
-    async def _reconcile_replicas(self, msg: sched.PlacementCommitted, live: list[SlurmJob], want: int,
+    async def _reconcile_replicas(self, msg: spb.PlacementCommitted, live: list[SlurmJob], want: int,
                                   submit: bool) -> None:
         wid = msg.placement.workload_id
         by_index: dict[int, SlurmJob] = {}
@@ -366,7 +366,7 @@ class SlurmExecutor:
             job_id = await self.cmd.submit(self.replica_script(msg, i))
             log.info("site %s: %s replica %d → Slurm job %d", self.site_id, wid, i, job_id)
 
-    async def _reconcile_gang(self, msg: sched.PlacementCommitted, live: list[SlurmJob], submit: bool) -> None:
+    async def _reconcile_gang(self, msg: spb.PlacementCommitted, live: list[SlurmJob], submit: bool) -> None:
         p = msg.placement
         want = ",".join(map(str, sorted(p.shard_indices)))
         gangs: dict[int, list[SlurmJob]] = {}
@@ -404,7 +404,7 @@ class SlurmExecutor:
         opts += [f"--comment={comment}"] if comment else []
         return [f"#SBATCH {o}" for o in opts]
 
-    def _environment(self, msg: sched.PlacementCommitted, extra: dict[str, str]) -> list[str]:
+    def _environment(self, msg: spb.PlacementCommitted, extra: dict[str, str]) -> list[str]:
         p = msg.placement
         which = msg.WhichOneof("spec")
         t = getattr(msg, which).template if which else common.WorkloadTemplate()
@@ -414,7 +414,7 @@ class SlurmExecutor:
         lines += [f"export {e.name}={shlex.quote(e.value)}" for e in t.env if not e.name.upper().startswith(("CNC_", "SLURM_"))]
         return lines
 
-    def replica_script(self, msg: sched.PlacementCommitted, index: int) -> str:
+    def replica_script(self, msg: spb.PlacementCommitted, index: int) -> str:
         p = msg.placement
         name = self.job_name(p.workload_id, f"r{index}")
         return "\n".join([
@@ -425,7 +425,7 @@ class SlurmExecutor:
     def progress_file(self, wid: str, shard: int) -> Path:
         return self.workdir / f"{self.job_name(wid, 'gang')}.shard{shard}.progress"
 
-    def gang_script(self, msg: sched.PlacementCommitted) -> str:
+    def gang_script(self, msg: spb.PlacementCommitted) -> str:
         """One job with a task per shard, each task with its own GPUs (`--gpus-per-task`): Slurm
         allocates every shard of the site or none. The batch step starts them with one srun that
         ends them all when one fails (`--kill-on-bad-exit`), so the gang ends whole; each task

@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
 from cncbrain.bus import Bus, Event, subjects
@@ -71,7 +71,7 @@ class SitePolicy:
                                    {lk.peer_site_id: lk.latency_ms for lk in reversed(site.links)})
         return state[2:]
 
-    def answer(self, offer: sched.Offer, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
+    def answer(self, offer: spb.Offer, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
                available: bool) -> tuple[int, str, float, str]:
         """(units, gpu_type, cost, reason) this site offers for `offer`."""
         if not available:
@@ -104,7 +104,7 @@ class SitePolicy:
         """(units, gpu_type, cost, reason) for each offer of a round."""
         return [self.answer(o, site, telemetry, available) for o in offers]
 
-    def scale(self, snapshot: perception_pb2.Snapshot, site: common.Site,
+    def scale(self, snapshot: ppb.Snapshot, site: common.Site,
               telemetry: site_pb.SiteTelemetry | None, now: float) -> list[ScaleWish]:
         if telemetry is None or not telemetry.available:
             return []
@@ -209,7 +209,7 @@ class OfferDesk:
             self._desks.pop(id(self.bus), None)
 
     async def on_round(self, event: Event) -> None:
-        rnd: sched.OfferRound = event.payload
+        rnd: spb.OfferRound = event.payload
         if rnd.HasField("deadline") and time.time() > rnd.deadline.ToNanoseconds() / 1e9:
             self.bus.counters["offer_rounds_expired"] += 1  # shed load: the scheduler no longer listens
             return
@@ -221,7 +221,7 @@ class OfferDesk:
             if agents:
                 metrics.AGENT_ANSWER.labels(agents[0].policy.name).observe(time.perf_counter() - started)
 
-    async def _answer(self, rnd: sched.OfferRound, agents: list[SiteAgent]) -> None:
+    async def _answer(self, rnd: spb.OfferRound, agents: list[SiteAgent]) -> None:
         if len(agents) == 1 or len({id(a.bus) for a in agents}) > 1:  # each site on its own connection
             answers = answer_round(agents, rnd)
             trace_answers(answers)
@@ -246,7 +246,7 @@ def trace_answers(answers: list[tuple[SiteAgent, site_pb.OfferAnswer]]) -> None:
             pass
 
 
-def answer_round(agents: list[SiteAgent], rnd: sched.OfferRound,
+def answer_round(agents: list[SiteAgent], rnd: spb.OfferRound,
                  into: site_pb.OfferAnswers | None = None) -> list[tuple[SiteAgent, site_pb.OfferAnswer]]:
     """Every agent's answer to a round. Agents whose policies share a `batch_key` (the learned
     policy from one file) are decided together by the policy class's `answer_sites`, within the
@@ -389,14 +389,14 @@ class SiteAgent:
         await self.bus.publish(subjects.SITE_APPLIED, report, site=self.site_id,
                                event_id=f"{p.workload_id}/{p.generation}/{self.site_id}/{self.agent_id}-{self._reports}")
 
-    def learn_specs(self, rnd: sched.OfferRound) -> None:
+    def learn_specs(self, rnd: spb.OfferRound) -> None:
         book = getattr(self.policy, "book", None)
         if book is not None:  # a learned policy models the offered workloads from their specs
             for offer in rnd.offers:
                 if offer.workload_id not in book.specs and (which := offer.WhichOneof("spec")):
                     book.learn(offer.workload_id, getattr(offer, which))
 
-    def answer_round(self, rnd: sched.OfferRound, into: site_pb.OfferAnswers | None = None) -> site_pb.OfferAnswer:
+    def answer_round(self, rnd: spb.OfferRound, into: site_pb.OfferAnswers | None = None) -> site_pb.OfferAnswer:
         """This site's answer to every offer of a round (units 0 declines)."""
         assert self.site is not None
         self.learn_specs(rnd)
@@ -404,7 +404,7 @@ class SiteAgent:
                                              self.executor.available())
         return self.answer_from(rnd, decisions, into)
 
-    def answer_from(self, rnd: sched.OfferRound, decisions: list[tuple[int, str, float, str]],
+    def answer_from(self, rnd: spb.OfferRound, decisions: list[tuple[int, str, float, str]],
                     into: site_pb.OfferAnswers | None = None) -> site_pb.OfferAnswer:
         """The `OfferAnswer` message of this site's (units, gpu_type, cost, reason) per offer (added
         to the batch `into` when given, instead of built on its own and copied there)."""
@@ -437,7 +437,7 @@ class SiteAgent:
                 site=self.site_id)
 
     async def on_placement(self, event: Event) -> None:
-        msg: sched.PlacementCommitted = event.payload
+        msg: spb.PlacementCommitted = event.payload
         p = msg.placement
         if p.site_id != self.site_id:
             raise ValueError(f"placement for {p.site_id} on {event.subject}")

@@ -114,7 +114,7 @@ async def _round_trips(mode: str, url: str, n: int, gap_s: float) -> list[float]
             await asyncio.sleep(gap_s)
         await nc.close()
         return out
-    from cnc.scheduler.v1 import scheduler_pb2 as sched
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cncbrain.bus import Bus, subjects
 
     bus = await Bus.connect(url, "bench", ensure=False)
@@ -126,7 +126,7 @@ async def _round_trips(mode: str, url: str, n: int, gap_s: float) -> list[float]
     for i in range(n):
         box["f"] = loop.create_future()
         t = time.perf_counter()
-        await bus.publish(subjects.SCHEDULER_OFFER, sched.OfferRound(round_id=f"r{i}"), span=False)
+        await bus.publish(subjects.SCHEDULER_OFFER, spb.OfferRound(round_id=f"r{i}"), span=False)
         await box["f"]
         out.append(time.perf_counter() - t)
         await asyncio.sleep(gap_s)

@@ -39,8 +39,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.perception.v1 import perception_pb2_grpc
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
 from cncbrain.certs import client_channel
@@ -113,7 +114,7 @@ class Chaos:
         try:
             async with client_channel(self.ports["perception"]) as ch:
                 sites = (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
-                    perception_pb2.ListSitesRequest(), metadata=self.md, timeout=1)).sites
+                    ppb.ListSitesRequest(), metadata=self.md, timeout=1)).sites
         except grpc.aio.AioRpcError:
             return False
         return len(sites) >= len(self.brain.sites) and all(s.state == common.SITE_STATE_UP for s in sites)
@@ -125,13 +126,13 @@ class Chaos:
 
         async def probe_placed() -> bool:
             try:
-                w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid), metadata=self.md,
+                w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid), metadata=self.md,
                                             timeout=2)).workload
             except grpc.aio.AioRpcError:
                 return False
-            return w.state == pb.WORKLOAD_STATE_RUNNING  # applied at its site: agents and emulator work
+            return w.state == spb.WORKLOAD_STATE_RUNNING  # applied at its site: agents and emulator work
 
-        probe = pb.DeployInferenceServiceRequest(service=spec(f"{tag}-probe"), request_id=f"{tag}-probe")
+        probe = spb.DeployInferenceServiceRequest(service=spec(f"{tag}-probe"), request_id=f"{tag}-probe")
         wid = (await self._retrying(lambda: stub.DeployInferenceService(probe, metadata=self.md, timeout=10))).workload.workload_id
         seen["probe accepted"] = time.monotonic() - killed_at
         deadline = time.monotonic() + 120
@@ -154,7 +155,7 @@ class Chaos:
             outcome: dict[int, str | None] = {}
 
             async def one(i: int) -> None:
-                request = pb.DeployInferenceServiceRequest(service=spec(f"{tag}-{i}"), request_id=f"{tag}-{i}")
+                request = spb.DeployInferenceServiceRequest(service=spec(f"{tag}-{i}"), request_id=f"{tag}-{i}")
                 try:
                     w = (await self._retrying(lambda: stub.DeployInferenceService(
                         request, metadata=self.md, timeout=10))).workload
@@ -177,11 +178,11 @@ class Chaos:
             result = Result(fault, killed, healthy_s=await healthy, load=load(), notes=notes)
             accepted = {wid for wid in outcome.values() if wid}
             result.accepted, result.failed = len(accepted), sum(1 for w in outcome.values() if w is None)
-            settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_COMPLETED)
+            settled = (spb.WORKLOAD_STATE_RUNNING, spb.WORKLOAD_STATE_FAILED, spb.WORKLOAD_STATE_COMPLETED)
             deadline = time.monotonic() + SETTLE_S
             while True:
                 listed = (await self._retrying(lambda: stub.ListWorkloads(
-                    pb.ListWorkloadsRequest(), metadata=self.md, timeout=10))).workloads
+                    spb.ListWorkloadsRequest(), metadata=self.md, timeout=10))).workloads
                 mine = [w for w in listed if w.inference_service.name.startswith(f"{tag}-")
                         and not w.inference_service.name.endswith("-probe")]
                 by_id = {w.workload_id: w for w in mine}
@@ -191,17 +192,17 @@ class Chaos:
             result.lost = len(accepted - set(by_id))
             result.duplicated = len(mine) - len({w.inference_service.name for w in mine})
             result.stuck = sum(1 for wid in accepted if wid in by_id and by_id[wid].state not in settled)
-            result.ended_failed = sum(1 for wid in accepted if wid in by_id and by_id[wid].state == pb.WORKLOAD_STATE_FAILED)
+            result.ended_failed = sum(1 for wid in accepted if wid in by_id and by_id[wid].state == spb.WORKLOAD_STATE_FAILED)
             for w in by_id.values():
-                if w.state == pb.WORKLOAD_STATE_FAILED or w.state not in settled:
-                    result.notes.append(f"{w.workload_id} {pb.WorkloadState.Name(w.state)}: {w.message[:160]}")
+                if w.state == spb.WORKLOAD_STATE_FAILED or w.state not in settled:
+                    result.notes.append(f"{w.workload_id} {spb.WorkloadState.Name(w.state)}: {w.message[:160]}")
             # the pool back to empty for the next fault
             for w in listed:
                 if w.inference_service.name.startswith(f"{tag}-") and w.state in (
-                        pb.WORKLOAD_STATE_PENDING, pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING):
+                        spb.WORKLOAD_STATE_PENDING, spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING):
                     with contextlib.suppress(grpc.aio.AioRpcError):
                         await self._retrying(lambda w=w: stub.CancelWorkload(
-                            pb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=self.md, timeout=10))
+                            spb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=self.md, timeout=10))
         return result
 
 

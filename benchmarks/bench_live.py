@@ -43,7 +43,7 @@ from pathlib import Path
 import grpc
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import aio
 from cncbrain.auth import bearer_metadata
@@ -99,7 +99,7 @@ async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         for i in range(n + 5):  # 5 warm-up calls are not counted
             t0 = time.perf_counter()
-            w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec(f"lat{i}", 1)),
+            w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec(f"lat{i}", 1)),
                                                    metadata=md)).workload
             ev = waiters.setdefault(w.workload_id, asyncio.Event())
             if w.workload_id in arrived:
@@ -108,7 +108,7 @@ async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
             if i >= 5:
                 samples.append((arrived[w.workload_id] - t0) * 1e3)
             # keep the pool (and the emulator) light: the service goes away, untimed
-            await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=md)
+            await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=md)
             if PAUSE_S:
                 await asyncio.sleep(PAUSE_S)
     await bus.close()
@@ -174,7 +174,7 @@ async def _throughput(url: str, scheduler: str, per_service: int) -> tuple[float
         async def tenant() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+                await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
                     service=spec(f"tp{i}", per_service)))
 
         t0 = time.perf_counter()
@@ -224,12 +224,13 @@ def _run_throughput(per_service: int) -> tuple[float, int]:
 
 
 async def _wait_sites(port: int, n: int, timeout_s: float) -> None:
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = perception_pb2_grpc.PerceptionServiceStub(ch)
-        while len((await stub.ListSites(perception_pb2.ListSitesRequest())).sites) < n:
+        while len((await stub.ListSites(ppb.ListSitesRequest())).sites) < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fewer than {n} site agents registered within {timeout_s:.0f} s")
             await asyncio.sleep(0.2)

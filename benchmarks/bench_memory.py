@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
 from cncbrain.commands.up import Brain
@@ -87,14 +87,14 @@ async def cycles(brain: Brain, n: int, workers: int, tag: str) -> list[float]:
                 s.CopyFrom(spec)
                 s.name = f"{tag}{i}"
                 t0 = time.perf_counter()
-                w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+                w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
                     service=s, request_id=f"{tag}-{i}"), metadata=md, timeout=30)).workload
-                while w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED):
+                while w.state not in (spb.WORKLOAD_STATE_RUNNING, spb.WORKLOAD_STATE_FAILED):
                     await asyncio.sleep(0.02)
-                    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id), metadata=md,
+                    w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id), metadata=md,
                                                 timeout=30)).workload
                 took[i] = time.perf_counter() - t0
-                await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=md, timeout=30)
+                await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=w.workload_id), metadata=md, timeout=30)
 
         await asyncio.gather(*(worker() for _ in range(workers)))
     return took

@@ -20,11 +20,11 @@ import os
 import timeit
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import metrics, telemetry
 from services.perception.events import export_snapshot
-from services.scheduler.domain import Ledger, Need, why_unplaced
+from services.scheduler.domain import Inventory, Need, why_unplaced
 
 
 def per_call_us(fn, number: int) -> float:
@@ -32,8 +32,8 @@ def per_call_us(fn, number: int) -> float:
     return best / number * 1e6
 
 
-def snapshot(sites: int) -> perception_pb2.Snapshot:
-    snap = perception_pb2.Snapshot(sequence=1)
+def snapshot(sites: int) -> ppb.Snapshot:
+    snap = ppb.Snapshot(sequence=1)
     for i in range(sites):
         s = snap.sites.add(state=common.SITE_STATE_UP)
         s.site.site_id = f"site-{i}"
@@ -71,14 +71,14 @@ def main(argv: list[str]) -> int:
             pass
         applied.inc()
 
-    ledger = Ledger()
+    inventory = Inventory()
     for site in sites:
-        ledger.set_site(site, [common.GpuPool(gpu_type="H100", count=32, hbm_gb=80),
+        inventory.set_site(site, [common.GpuPool(gpu_type="H100", count=32, hbm_gb=80),
                                common.GpuPool(gpu_type="L40S", count=16, hbm_gb=48)], True)
     proposals = [site_pb.Proposal(site_id=s, units=0, reason="busy") for s in sites]
 
     def reason():
-        why_unplaced(Need(4, 8, (), 30.0), ledger, proposals, training=True)
+        why_unplaced(Need(4, 8, (), 30.0), inventory, proposals, training=True)
 
     snap = snapshot(args.sites)
     telemetry_msg = site_pb.SiteTelemetry(site_id="site-0")

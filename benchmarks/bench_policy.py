@@ -79,7 +79,7 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
     from agents.marl_site import MarlSitePolicy
     from agents.site_agent import make_site_policy
     from cnc.common.v1 import common_pb2 as common
-    from cnc.scheduler.v1 import scheduler_pb2 as sched
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from services.perception.domain import PoolPicture
 
     host = EmulatorHost(None, load_scenario(scenario))
@@ -92,7 +92,7 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
     running = {"svc-chat": spec("chat", "conv", 4.0), "svc-code": spec("code", "code", 2.0)}
     for k, (wid, svc) in enumerate(running.items()):
         for s in (k, k + 2):
-            host.apply(s, sched.PlacementCommitted(placement=common.Placement(
+            host.apply(s, spb.PlacementCommitted(placement=common.Placement(
                 workload_id=wid, site_id=host.ids[s], kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, replicas=2,
                 gpus_per_unit=1, generation=1), inference_service=svc))
     for _ in range(30):
@@ -114,7 +114,7 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
         book.learn(wid, svc)
     wall, cpu = [], []
     for i in range(n + 20):  # 20 warm-up rounds (the first loads the service's trace)
-        offer = sched.Offer(offer_id=f"o{i}", workload_id=f"svc-new-{i}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
+        offer = spb.Offer(offer_id=f"o{i}", workload_id=f"svc-new-{i}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
                             units=1, gpus_per_unit=1)
         offer.inference_service.CopyFrom(spec(f"new{i}", "code", 0.05))
         book.learn(offer.workload_id, offer.inference_service)

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 
 Spec = common.TrainingJobSpec | common.InferenceServiceSpec
-HasSpec = scheduler_pb2.Workload | scheduler_pb2.Offer | scheduler_pb2.PlacementCommitted
+HasSpec = spb.Workload | spb.Offer | spb.PlacementCommitted
 """The messages with the `spec` oneof."""
 
 

@@ -42,15 +42,15 @@ async def check_grpc(target: str) -> str | None:
 
 
 async def check_emulator() -> str | None:
-    from cnc.site.v1 import events_pb2 as site
+    from cnc.site.v1 import events_pb2 as site_pb
     from cncbrain.bus import Bus, subjects
 
     bus = await Bus.connect(os.environ.get("CNC_NATS_URL", "nats://nats:4222"), "healthcheck",
                             ensure=False, timeout_s=TIMEOUT_S, identity="emulator")
     try:
         for sid in scenario_sites():
-            await bus.request(subjects.EMULATOR_INVENTORY, site.EmulatorInventoryRequest(site_id=sid),
-                              site.EmulatorInventoryResponse, timeout_s=TIMEOUT_S, site=sid)
+            await bus.request(subjects.EMULATOR_INVENTORY, site_pb.EmulatorInventoryRequest(site_id=sid),
+                              site_pb.EmulatorInventoryResponse, timeout_s=TIMEOUT_S, site=sid)
     finally:
         await bus.close()
     return None
@@ -60,14 +60,15 @@ async def check_sites() -> str | None:
     import grpc
 
     from cnc.common.v1 import common_pb2 as common
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
     from cncbrain.auth import load_token, token_interceptors
 
     target = os.environ.get("CNC_PERCEPTION_ADDR", "perception:50061")
     interceptors = token_interceptors(load_token(required=False))  # perception may check tokens
     async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
         stub = perception_pb2_grpc.PerceptionServiceStub(channel)
-        listed = (await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=TIMEOUT_S)).sites
+        listed = (await stub.ListSites(ppb.ListSitesRequest(), timeout=TIMEOUT_S)).sites
     up = {s.site.site_id for s in listed if s.state == common.SITE_STATE_UP}
     missing = sorted(set(scenario_sites()) - up)
     return f"sites not up: {', '.join(missing)}" if missing else None

@@ -17,11 +17,11 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from cnc.adaptation.v1 import adaptation_pb2 as adaptation
-from cnc.governance.v1 import governance_pb2 as governance
-from cnc.perception.v1 import perception_pb2 as perception
-from cnc.scheduler.v1 import scheduler_pb2 as scheduler
-from cnc.site.v1 import events_pb2 as site
+from cnc.adaptation.v1 import adaptation_pb2 as apb
+from cnc.governance.v1 import governance_pb2 as gpb
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus.streams import DAY_S, StreamSpec
 from cncbrain.errors import InvalidArgument
 from cncbrain.limits import quote
@@ -110,37 +110,37 @@ STREAMS: tuple[StreamSpec, ...] = (WORKLOADS_STREAM, PLACEMENTS_STREAM, SITES_ST
                                    LEDGER_STREAM, DEADLETTER_STREAM)
 
 # --- site agents -------------------------------------------------------------------------------
-SITE_REGISTERED = Subject("cnc.site.{site}.registered", site.SiteRegistered, SITES_STREAM.name, "a site and its inventory")
-SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site.Heartbeat, None, "agent liveness")
-SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site.SiteTelemetry, None, "per-tick measurements")
-SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site.Proposal, None, "an agent's SCALE proposal to the scheduler")
-SITE_ANSWER = Subject("cnc.site.{site}.answer", site.OfferAnswer, None, "a site's answers to one offer round")
-SITE_ANSWERS = Subject("cnc.site.{agent}.answers", site.OfferAnswers, None,
+SITE_REGISTERED = Subject("cnc.site.{site}.registered", site_pb.SiteRegistered, SITES_STREAM.name, "a site and its inventory")
+SITE_HEARTBEAT = Subject("cnc.site.{site}.heartbeat", site_pb.Heartbeat, None, "agent liveness")
+SITE_TELEMETRY = Subject("cnc.site.{site}.telemetry", site_pb.SiteTelemetry, None, "per-tick measurements")
+SITE_PROPOSAL = Subject("cnc.site.{site}.proposal", site_pb.Proposal, None, "an agent's SCALE proposal to the scheduler")
+SITE_ANSWER = Subject("cnc.site.{site}.answer", site_pb.OfferAnswer, None, "a site's answers to one offer round")
+SITE_ANSWERS = Subject("cnc.site.{agent}.answers", site_pb.OfferAnswers, None,
                        "the answers of an agent process's sites to one offer round (agent = the process's id)")
-SITE_APPLIED = Subject("cnc.site.{site}.applied", site.PlacementApplied, SITES_STREAM.name, "executor result")
+SITE_APPLIED = Subject("cnc.site.{site}.applied", site_pb.PlacementApplied, SITES_STREAM.name, "executor result")
 # --- perception --------------------------------------------------------------------------------
-PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", perception.Snapshot, None, "the pool, every tick")
+PERCEPTION_SNAPSHOT = Subject("cnc.perception.snapshot", ppb.Snapshot, None, "the pool, every tick")
 PERCEPTION_SITE_STATE = Subject(
-    "cnc.perception.site_state.{site}", perception.SiteStateChanged, SITES_STREAM.name, "site down / up"
+    "cnc.perception.site_state.{site}", ppb.SiteStateChanged, SITES_STREAM.name, "site down / up"
 )
 # --- scheduler ---------------------------------------------------------------------------------
-SCHEDULER_OFFER = Subject("cnc.scheduler.offer", scheduler.OfferRound, None, "work offered to the site agents, per round")
+SCHEDULER_OFFER = Subject("cnc.scheduler.offer", spb.OfferRound, None, "work offered to the site agents, per round")
 SCHEDULER_PLACEMENT = Subject(
-    "cnc.scheduler.placement.{site}", scheduler.PlacementCommitted, PLACEMENTS_STREAM.name, "committed placement"
+    "cnc.scheduler.placement.{site}", spb.PlacementCommitted, PLACEMENTS_STREAM.name, "committed placement"
 )
 SCHEDULER_WORKLOAD = Subject(
-    "cnc.scheduler.workload.{workload}", scheduler.WorkloadEvent, WORKLOADS_STREAM.name, "workload lifecycle"
+    "cnc.scheduler.workload.{workload}", spb.WorkloadEvent, WORKLOADS_STREAM.name, "workload lifecycle"
 )
 # --- adaptation ----------------------------------------------------------------------------------
-ADAPTATION_ACTION = Subject("cnc.adaptation.action", adaptation.AdaptationAction, ADAPTATION_STREAM.name,
+ADAPTATION_ACTION = Subject("cnc.adaptation.action", apb.AdaptationAction, ADAPTATION_STREAM.name,
                             "adaptation actions with their reasons")
 # --- governance ----------------------------------------------------------------------------------
-GOVERNANCE_LEDGER = Subject("cnc.governance.ledger", governance.LedgerBlock, LEDGER_STREAM.name, "audit ledger blocks")
+GOVERNANCE_LEDGER = Subject("cnc.governance.ledger", gpb.LedgerBlock, LEDGER_STREAM.name, "audit ledger blocks")
 # --- emulator (stands in for a site's hardware) ---------------------------------------------------
-EMULATOR_INVENTORY = Subject("cnc.emulator.inventory.{site}", site.EmulatorInventoryRequest, None, "request/reply")
-EMULATOR_APPLY = Subject("cnc.emulator.apply.{site}", scheduler.PlacementCommitted, None, "request/reply")
-EMULATOR_STATE = Subject("cnc.emulator.state.{site}", site.SiteTelemetry, None, "emulated site, every tick")
-EMULATOR_FAIL = Subject("cnc.emulator.fail.{site}", site.EmulatorFailSite, None, "inject a site outage")
+EMULATOR_INVENTORY = Subject("cnc.emulator.inventory.{site}", site_pb.EmulatorInventoryRequest, None, "request/reply")
+EMULATOR_APPLY = Subject("cnc.emulator.apply.{site}", spb.PlacementCommitted, None, "request/reply")
+EMULATOR_STATE = Subject("cnc.emulator.state.{site}", site_pb.SiteTelemetry, None, "emulated site, every tick")
+EMULATOR_FAIL = Subject("cnc.emulator.fail.{site}", site_pb.EmulatorFailSite, None, "inject a site outage")
 
 DEADLETTER_TEMPLATE = "cnc.deadletter.{consumer}"
 """Where a consumer moves an event it cannot decode or handle (`DEADLETTER_STREAM`); the event keeps

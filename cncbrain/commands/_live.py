@@ -236,7 +236,7 @@ def create_workload(args, rpc: str, request) -> int:
     Without --request-id the CLI makes one, so that it can send the request again while the
     scheduler is unavailable (a restart, a failover) without creating the workload twice."""
 
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     address = target(args, "scheduler")
@@ -258,7 +258,7 @@ def create_workload(args, rpc: str, request) -> int:
     if wants_json(args):
         print_json(w)
     else:
-        print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
+        print(f"{w.workload_id}  {spb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}  "
               f"(follow it: cncbrain watch --workload {w.workload_id})")
     return 0
 

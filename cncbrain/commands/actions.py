@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.adaptation.v1 import adaptation_pb2 as pb
+    from cnc.adaptation.v1 import adaptation_pb2 as apb
 
-    req = pb.ListActionsRequest(workload_id=args.workload, site_id=args.site, limit=args.limit)
+    req = apb.ListActionsRequest(workload_id=args.workload, site_id=args.site, limit=args.limit)
     resp = call(args, "adaptation", lambda s: s.ListActions(req, timeout=10))
     if wants_json(args):
         dump(resp)
@@ -41,17 +41,17 @@ def run(args: argparse.Namespace) -> int:
     for col in ("time", "action", "workload", "site", "reason"):
         table.add_column(col)
     for a in resp.actions:
-        table.add_row(a.at.ToDatetime().strftime("%H:%M:%S"), pb.ActionKind.Name(a.kind).removeprefix("ACTION_KIND_").lower(),
+        table.add_row(a.at.ToDatetime().strftime("%H:%M:%S"), apb.ActionKind.Name(a.kind).removeprefix("ACTION_KIND_").lower(),
                       a.workload_id, a.site_id or "-", a.reason)
     show(table)
     return 0
 
 
 def run_autoscale(args: argparse.Namespace) -> int:
-    from cnc.adaptation.v1 import adaptation_pb2 as pb
+    from cnc.adaptation.v1 import adaptation_pb2 as apb
 
     current = call(args, "adaptation", lambda s: s.GetAutoscalingPolicy(
-        pb.GetAutoscalingPolicyRequest(workload_id=args.workload_id), timeout=10))
+        apb.GetAutoscalingPolicyRequest(workload_id=args.workload_id), timeout=10))
     policy = current.policy
     changed = any(v is not None for v in (args.min_replicas, args.max_replicas, args.target_slo,
                                            args.scale_down_ticks)) or args.disable
@@ -66,7 +66,7 @@ def run_autoscale(args: argparse.Namespace) -> int:
             policy.scale_down_stable_ticks = args.scale_down_ticks
         policy.enabled = not args.disable
         policy = call(args, "adaptation", lambda s: s.SetAutoscalingPolicy(
-            pb.SetAutoscalingPolicyRequest(workload_id=args.workload_id, policy=policy), timeout=10)).policy
+            apb.SetAutoscalingPolicyRequest(workload_id=args.workload_id, policy=policy), timeout=10)).policy
     if wants_json(args):
         dump(policy)
     else:

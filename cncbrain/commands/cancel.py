@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     address = target(args, "scheduler")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     async def call():
         async with channel(address) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-            request = pb.CancelWorkloadRequest(workload_id=args.workload_id)
+            request = spb.CancelWorkloadRequest(workload_id=args.workload_id)
             try:
                 return await call_retrying(lambda: stub.CancelWorkload(request, timeout=10),
                                            f"scheduler at {address}")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                 # sent again after a lost answer: the first one may have cancelled it already
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or "already CANCELLED" not in (exc.details() or ""):
                     raise
-                return await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=args.workload_id), timeout=10)
+                return await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=args.workload_id), timeout=10)
 
     try:
         w = aio.run(call()).workload
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if wants_json(args):
         print_json(w)
     else:
-        print(f"{w.workload_id}  {pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
+        print(f"{w.workload_id}  {spb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}")
     return 0
 
 

@@ -79,7 +79,7 @@ def _pct(x: float) -> str:
 
 
 def view(t: Tally, elapsed: float, duration: float):
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cncbrain.workload import required_spec
 
     snap = t.snapshot
@@ -101,7 +101,7 @@ def view(t: Tally, elapsed: float, duration: float):
         n = sum(p.replicas or len(p.shard_indices) for p in w.placements)
         figure = f"{w.progress:.0%} trained" if w.HasField("training_job") else f"{_pct(t.slo(w.workload_id))} SLO met"
         work.add_row(spec.name, "training" if w.HasField("training_job") else "inference",
-                     pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(n), figure)
+                     spb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(n), figure)
     emulated = f"{t.last_sim / 60:.0f} min" if t.last_sim >= 0 else "—"
     summary = (f"emulated {emulated} · placements committed {t.placements} ({t.units} units), "
                f"applied {t.applied} · rescales {t.rescales} · SLO all services {_pct(t.slo())}")
@@ -112,8 +112,9 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     import grpc
 
     from cnc.common.v1 import common_pb2 as common
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cnc.site.v1 import events_pb2 as site_pb
     from cncbrain.bus import subjects
@@ -130,7 +131,7 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
         t.units += ev.payload.placement.replicas + len(ev.payload.placement.shard_indices)
 
     async def on_workload(ev):
-        if ev.payload.kind == pb.WORKLOAD_EVENT_KIND_RESCALED:
+        if ev.payload.kind == spb.WORKLOAD_EVENT_KIND_RESCALED:
             t.rescales += 1
 
     async def on_applied(ev):
@@ -168,11 +169,11 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     job = common.TrainingJobSpec(name="finetune-7b", model="7b", params_b=7, shards=4, gpus_per_shard=8,
                                  tokens=tokens, tenant="", gang_timeout_s=60)
     for spec in services:
-        w = (await scheduler.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec))).workload
+        w = (await scheduler.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec))).workload
         t.names[w.workload_id] = spec.name
         t.requests[w.workload_id] += 0.0
         t.log.append(f"deployed {spec.name} → {w.workload_id}")
-    w = (await scheduler.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload
+    w = (await scheduler.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload
     t.names[w.workload_id] = job.name
     t.log.append(f"submitted {job.name} → {w.workload_id}")
 
@@ -180,7 +181,7 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     failed = False
 
     async def follow() -> None:
-        async for resp in perception.WatchSnapshots(perception_pb2.WatchSnapshotsRequest()):
+        async for resp in perception.WatchSnapshots(ppb.WatchSnapshotsRequest()):
             t.fold(resp.snapshot)
 
     follower = asyncio.create_task(follow())
@@ -189,7 +190,7 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     try:
         with Live(view(t, 0, args.duration), console=console, refresh_per_second=2, transient=False) if interactive else _Null() as live:
             while (elapsed := time.monotonic() - started) < args.duration:
-                t.workloads = list((await scheduler.ListWorkloads(pb.ListWorkloadsRequest())).workloads)
+                t.workloads = list((await scheduler.ListWorkloads(spb.ListWorkloadsRequest())).workloads)
                 if args.fail_site and not failed and elapsed > args.duration / 3:
                     failed = True
                     await bus.publish(subjects.EMULATOR_FAIL, site_pb.EmulatorFailSite(
@@ -199,12 +200,12 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
                     live.update(view(t, elapsed, args.duration))
                 elif elapsed - last_line >= 5:
                     last_line = elapsed
-                    states = " ".join(f"{t.names.get(w.workload_id, '?')}={pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}"
+                    states = " ".join(f"{t.names.get(w.workload_id, '?')}={spb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')}"
                                       for w in t.workloads)
                     console.print(f"[{elapsed:4.0f}s] emulated {t.last_sim / 60:4.0f} min  SLO {t.slo():.1%}  "
                                   f"placements {t.placements}  rescales {t.rescales}  {states}", soft_wrap=True)  # one log line each
                 await asyncio.sleep(0.5)
-        t.workloads = list((await scheduler.ListWorkloads(pb.ListWorkloadsRequest())).workloads)
+        t.workloads = list((await scheduler.ListWorkloads(spb.ListWorkloadsRequest())).workloads)
     finally:
         follower.cancel()
         await sched_ch.close()
@@ -222,7 +223,7 @@ class _Null:
 
 
 def report(t: Tally, console: Console) -> None:
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
 
     table = Table(title="closing report")
     table.add_column("metric")
@@ -231,7 +232,7 @@ def report(t: Tally, console: Console) -> None:
         name = t.names.get(w.workload_id, w.workload_id)
         if w.HasField("training_job"):
             table.add_row(f"training progress: {name}",
-                          f"{w.progress:.0%} ({pb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')})")
+                          f"{w.progress:.0%} ({spb.WorkloadState.Name(w.state).removeprefix('WORKLOAD_STATE_')})")
         else:
             table.add_row(f"SLO attainment: {name}", f"{t.slo(w.workload_id):.1%} of {t.requests[w.workload_id]:.0f} requests")
     table.add_row("SLO attainment: all services", f"{t.slo():.1%}")

@@ -59,7 +59,7 @@ def model_size(args: argparse.Namespace) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from cnc.common.v1 import common_pb2 as common
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
 
     spec = common.InferenceServiceSpec(
         name=args.name, model=args.model, params_b=model_size(args),
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         min_replicas=args.min_replicas, max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
         allowed_gpu_types=args.gpu_type, ingress_site_id=args.ingress, tenant=args.tenant, trace=args.trace,
         template=template_from_args(args))
-    return create_workload(args, "DeployInferenceService", pb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id))
+    return create_workload(args, "DeployInferenceService", spb.DeployInferenceServiceRequest(service=spec, request_id=args.request_id))
 
 
 if __name__ == "__main__":

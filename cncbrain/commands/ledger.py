@@ -25,10 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
     if args.action in ("verify", "head"):
-        req = pb.VerifyLedgerRequest()
+        req = gpb.VerifyLedgerRequest()
         if args.expect:
             length, _, digest = args.expect.partition(":")
             if not length.isdigit() or len(digest) != 64:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    listing = pb.ListLedgerEntriesRequest(from_index=args.from_index, limit=args.limit, kind=args.kind,
+    listing = gpb.ListLedgerEntriesRequest(from_index=args.from_index, limit=args.limit, kind=args.kind,
                                           subject=args.subject)
     resp = call(args, "governance", lambda s: s.ListLedgerEntries(listing, timeout=60))
     if wants_json(args):

@@ -61,15 +61,15 @@ def _links(items: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.adaptation.v1 import adaptation_pb2 as pb
+    from cnc.adaptation.v1 import adaptation_pb2 as apb
     from cnc.common.v1 import common_pb2 as common
 
-    req = pb.PlanParallelismRequest(
-        kind=pb.PLAN_KIND_INFERENCE if args.inference else pb.PLAN_KIND_TRAINING, model=args.model,
+    req = apb.PlanParallelismRequest(
+        kind=apb.PLAN_KIND_INFERENCE if args.inference else apb.PLAN_KIND_TRAINING, model=args.model,
         params_b=args.params_b, global_batch_tokens=args.global_batch_tokens, seq_len=args.seq_len,
         bf16_only=args.bf16_only, top=args.top,
-        gpus=[pb.GpuGroup(site_id=s, gpu_type=t, count=n) for s, t, n in _groups(args.gpus)],
-        links=[pb.SiteLink(site_a=a, site_b=b, latency_ms=lat, bandwidth_gbps=bw) for a, b, lat, bw in _links(args.link)])
+        gpus=[apb.GpuGroup(site_id=s, gpu_type=t, count=n) for s, t, n in _groups(args.gpus)],
+        links=[apb.SiteLink(site_a=a, site_b=b, latency_ms=lat, bandwidth_gbps=bw) for a, b, lat, bw in _links(args.link)])
     if args.ttft_ms or args.tpot_ms:
         req.slo.CopyFrom(common.SloTargets(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms))
     resp = plan_locally(req) if args.local else call(args, "adaptation", lambda s: s.PlanParallelism(req, timeout=30))

@@ -18,9 +18,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def policy_from_args(args: argparse.Namespace):
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
-    p = pb.PlacementPolicy()
+    p = gpb.PlacementPolicy()
     if args.regions is not None:
         p.allowed_regions.extend(args.regions)
         p.restrict_regions = True
@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
-    req = pb.SetPlacementPolicyRequest(tenant_id=args.tenant_id, workload_id=args.workload,
+    req = gpb.SetPlacementPolicyRequest(tenant_id=args.tenant_id, workload_id=args.workload,
                                        policy=policy_from_args(args))
     resp = call(args, "governance", lambda s: s.SetPlacementPolicy(req, timeout=10))
     if wants_json(args):

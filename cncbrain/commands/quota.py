@@ -15,10 +15,10 @@ def add_quota_args(p: argparse.ArgumentParser) -> None:
 
 
 def quota_from_args(args: argparse.Namespace):
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
     from cncbrain.errors import UsageError
 
-    q = pb.Quota(gpus=[pb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in parse_pairs(args.gpus, "--gpus").items()])
+    q = gpb.Quota(gpus=[gpb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in parse_pairs(args.gpus, "--gpus").items()])
     if args.max_gpus is not None:
         if args.max_gpus < 0:
             raise UsageError("--max-gpus must not be negative")
@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
-    req = pb.SetQuotaRequest(tenant_id=args.tenant_id, quota=quota_from_args(args))
+    req = gpb.SetQuotaRequest(tenant_id=args.tenant_id, quota=quota_from_args(args))
     resp = call(args, "governance", lambda s: s.SetQuota(req, timeout=10))
     if wants_json(args):
         dump(resp)

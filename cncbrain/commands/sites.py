@@ -171,11 +171,12 @@ def wait_reloaded(since: float, timeout_s: float = 5.0) -> bool:
 
 
 async def fetch(address: str):
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
 
     async with channel(address) as ch:
         return (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
-            perception_pb2.ListSitesRequest(), timeout=5)).sites
+            ppb.ListSitesRequest(), timeout=5)).sites
 
 
 def run(args: argparse.Namespace) -> int:

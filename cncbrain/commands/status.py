@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def collect(args: argparse.Namespace) -> dict:
     from cnc.common.v1 import common_pb2 as common
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     perception, scheduler = target(args, "perception"), target(args, "scheduler")
@@ -38,9 +39,9 @@ def collect(args: argparse.Namespace) -> dict:
 
     async def call():
         snap = (await ask(perception, lambda ch: perception_pb2_grpc.PerceptionServiceStub(ch).GetSnapshot(
-            perception_pb2.GetSnapshotRequest(), timeout=5))).snapshot
+            ppb.GetSnapshotRequest(), timeout=5))).snapshot
         workloads = (await ask(scheduler, lambda ch: scheduler_pb2_grpc.SchedulerServiceStub(ch).ListWorkloads(
-            pb.ListWorkloadsRequest(), timeout=5))).workloads
+            spb.ListWorkloadsRequest(), timeout=5))).workloads
         return snap, list(workloads)
 
     snap, workloads = aio.run(call())
@@ -61,7 +62,7 @@ def collect(args: argparse.Namespace) -> dict:
                 g["down"] += p.count
     by_state: dict[str, int] = {}
     for w in workloads:
-        key = pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower()
+        key = spb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower()
         by_state[key] = by_state.get(key, 0) + 1
 
     def row(w) -> dict:
@@ -75,8 +76,8 @@ def collect(args: argparse.Namespace) -> dict:
                 "gpus": f"{units}×{per}", "since_s": round(now - w.created_at.ToNanoseconds() / 1e9, 1),
                 "reason": w.message}
 
-    waiting = sorted((w for w in workloads if w.state == pb.WORKLOAD_STATE_PENDING), key=lambda w: w.created_at.ToNanoseconds())
-    failed = sorted((w for w in workloads if w.state == pb.WORKLOAD_STATE_FAILED),
+    waiting = sorted((w for w in workloads if w.state == spb.WORKLOAD_STATE_PENDING), key=lambda w: w.created_at.ToNanoseconds())
+    failed = sorted((w for w in workloads if w.state == spb.WORKLOAD_STATE_FAILED),
                     key=lambda w: w.updated_at.ToNanoseconds(), reverse=True)[: max(0, args.failed)]
     found = endpoints()
     return {

@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cnc.common.v1 import common_pb2 as common
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
 
     job = common.TrainingJobSpec(
         name=args.name, model=args.model, params_b=model_size(args),
         shards=args.shards, gpus_per_shard=args.gpus_per_shard, tokens=args.tokens,
         allowed_gpu_types=args.gpu_type, tenant=args.tenant, gang_timeout_s=args.gang_timeout_s,
         template=template_from_args(args))
-    return create_workload(args, "SubmitTrainingJob", pb.SubmitTrainingJobRequest(job=job, request_id=args.request_id))
+    return create_workload(args, "SubmitTrainingJob", spb.SubmitTrainingJobRequest(job=job, request_id=args.request_id))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
     from cncbrain.errors import UsageError
 
     if args.action in ("show", "create") and not args.tenant_id:
         raise UsageError(f"tenants {args.action} needs a tenant id")
     if args.action == "create":
-        req = pb.CreateTenantRequest(tenant_id=args.tenant_id, display_name=args.name,
+        req = gpb.CreateTenantRequest(tenant_id=args.tenant_id, display_name=args.name,
                                      quota=quota_from_args(args), policy=policy_from_args(args))
         resp = call(args, "governance", lambda s: s.CreateTenant(req, timeout=10))
         if wants_json(args):
@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
                   f"`cncbrain tokens issue --tenant {resp.tenant.tenant_id}`")
         return 0
     if args.action == "show":
-        resp = call(args, "governance", lambda s: s.GetTenant(pb.GetTenantRequest(tenant_id=args.tenant_id), timeout=10))
+        resp = call(args, "governance", lambda s: s.GetTenant(gpb.GetTenantRequest(tenant_id=args.tenant_id), timeout=10))
         dump(resp.tenant)
         return 0
-    resp = call(args, "governance", lambda s: s.ListTenants(pb.ListTenantsRequest(), timeout=10))
+    resp = call(args, "governance", lambda s: s.ListTenants(gpb.ListTenantsRequest(), timeout=10))
     if wants_json(args):
         dump(resp)
         return 0

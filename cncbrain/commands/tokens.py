@@ -27,20 +27,20 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
     if args.action == "whoami":
-        who = call(args, "governance", lambda s: s.WhoAmI(pb.WhoAmIRequest(), timeout=10))
+        who = call(args, "governance", lambda s: s.WhoAmI(gpb.WhoAmIRequest(), timeout=10))
         if wants_json(args):
             dump(who)
             return 0
-        print(f"{who.token_id}: {pb.Role.Name(who.role).removeprefix('ROLE_').lower()}"
+        print(f"{who.token_id}: {gpb.Role.Name(who.role).removeprefix('ROLE_').lower()}"
               + (f" of tenant {who.tenant_id}" if who.tenant_id else ""))
         return 0
     if args.action == "issue":
         if args.operator == bool(args.tenant):
             raise UsageError("tokens issue needs exactly one of --tenant ID or --operator")
-        req = pb.IssueTokenRequest(role=pb.ROLE_OPERATOR if args.operator else pb.ROLE_TENANT,
+        req = gpb.IssueTokenRequest(role=gpb.ROLE_OPERATOR if args.operator else gpb.ROLE_TENANT,
                                    tenant_id=args.tenant, description=args.description)
         resp = call(args, "governance", lambda s: s.IssueToken(req, timeout=10))
         if args.out:
@@ -57,13 +57,13 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "revoke":
         if not args.token_id:
             raise UsageError("tokens revoke needs the token id (tok_…)")
-        resp = call(args, "governance", lambda s: s.RevokeToken(pb.RevokeTokenRequest(token_id=args.token_id), timeout=10))
+        resp = call(args, "governance", lambda s: s.RevokeToken(gpb.RevokeTokenRequest(token_id=args.token_id), timeout=10))
         if wants_json(args):
             dump(resp)
         else:
             print(f"revoked {resp.info.token_id}")
         return 0
-    resp = call(args, "governance", lambda s: s.ListTokens(pb.ListTokensRequest(tenant_id=args.tenant), timeout=10))
+    resp = call(args, "governance", lambda s: s.ListTokens(gpb.ListTokensRequest(tenant_id=args.tenant), timeout=10))
     if wants_json(args):
         dump(resp)
         return 0
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for col in ("token", "role", "tenant", "created", "revoked", "description"):
         table.add_column(col)
     for t in resp.tokens:
-        table.add_row(t.token_id, pb.Role.Name(t.role).removeprefix("ROLE_").lower(), t.tenant_id or "-",
+        table.add_row(t.token_id, gpb.Role.Name(t.role).removeprefix("ROLE_").lower(), t.tenant_id or "-",
                       t.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
                       t.revoked_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if t.revoked else "-", t.description)
     show(table)

@@ -513,7 +513,8 @@ class Brain:
     async def _wait_ready(self, deadline: float, timeout_s: float) -> None:
         import grpc
 
-        from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+        from cnc.perception.v1 import perception_pb2 as ppb
+        from cnc.perception.v1 import perception_pb2_grpc
         from cncbrain.grpcserver import wait_healthy
 
         await self._wait_listening(SERVICES, deadline)
@@ -537,7 +538,7 @@ class Brain:
             while True:
                 self._check()
                 try:
-                    listed = len((await stub.ListSites(perception_pb2.ListSitesRequest(), timeout=2)).sites)
+                    listed = len((await stub.ListSites(ppb.ListSitesRequest(), timeout=2)).sites)
                 except grpc.aio.AioRpcError:  # perception restarting
                     listed = 0
                 if listed >= len(self.sites):

@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.governance.v1 import governance_pb2 as pb
+    from cnc.governance.v1 import governance_pb2 as gpb
 
-    req = pb.GetUsageRequest(tenant_id=args.tenant, workload_id=args.workload, by_gpu_type=args.by_gpu_type)
+    req = gpb.GetUsageRequest(tenant_id=args.tenant, workload_id=args.workload, by_gpu_type=args.by_gpu_type)
     t0, t1 = when(args.since, 0.0), when(args.until, time.time())
     if t1 < t0:
         raise UsageError("--until is before --since")

@@ -91,14 +91,14 @@ async def watch_nats(args: argparse.Namespace) -> int:
 
 
 async def watch_workload(args: argparse.Namespace) -> int:
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
 
     address = target(args, "scheduler")
     try:
         async with channel(address) as ch:
             stream = scheduler_pb2_grpc.SchedulerServiceStub(ch).WatchWorkload(
-                pb.WatchWorkloadRequest(workload_id=args.workload))
+                spb.WatchWorkloadRequest(workload_id=args.workload))
             async for resp in stream:
                 print(line(f"cnc.scheduler.workload.{args.workload}", "cnc.scheduler.v1.WorkloadEvent",
                            resp.event, wants_json(args)), flush=True)

@@ -30,7 +30,7 @@ def placements_text(w) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cncbrain.workload import required_spec
 
@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
         async with channel(address) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             if args.workload_id:
-                return [(await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=args.workload_id), timeout=5)).workload]
-            return list((await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=5)).workloads)
+                return [(await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=args.workload_id), timeout=5)).workload]
+            return list((await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=5)).workloads)
 
     try:
         items = aio.run(call())
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     for w in items:
         spec = required_spec(w)
         table.add_row(w.workload_id, "training" if w.HasField("training_job") else "inference", spec.name,
-                      pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(w.generation),
+                      spb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_"), str(w.generation),
                       placements_text(w), f"{w.progress:.0%}" if w.HasField("training_job") else "", w.message)
     show(table)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -69,10 +70,23 @@ class _Service:
     """Emulated time up to which `t` holds the replayed requests (a `trace_window_s` twin extends it)."""
 
 
+class JobState(StrEnum):
+    """Where a training job of the twin is."""
+
+    QUEUED = "queued"
+    """Not arrived yet (its trace arrival is later than the twin's time)."""
+    PENDING = "pending"
+    """Arrived, waiting for a placement (offered every tick)."""
+    RUNNING = "running"
+    """Placed: every shard at a site, training."""
+    DONE = "done"
+    """Trained all its tokens."""
+
+
 @dataclass
 class _Job:
     spec: JobSpec
-    state: str = "queued"  # queued | pending | running | done
+    state: JobState = JobState.QUEUED
     placement: list[tuple[int, int]] = field(default_factory=list)  # (site, gpu type) per shard
     rate: float = 0.0  # tokens/s while running
     wan_bytes_per_s: float = 0.0
@@ -280,7 +294,7 @@ class Twin:
         if i is None:
             return
         job = self.jobs[i]
-        if job.state == "running":
+        if job.state == JobState.RUNNING:
             self._stop_job(job, lose=False)
         last = self.jobs.pop()
         if i < len(self.jobs):
@@ -293,16 +307,16 @@ class Twin:
         self.job_index[spec.job_id] = len(self.jobs)
         job = _Job(spec)
         if spec.arrival_s <= self.time_s:
-            job.state = "pending"  # it has arrived: offer it from this tick on
+            job.state = JobState.PENDING  # it has arrived: offer it from this tick on
         self.jobs.append(job)
 
     def cancel_job(self, job_id: str) -> None:
         """End a job for good (cancelled, or finished as far as the live brain is concerned): its
         GPUs are freed, its progress so far is kept."""
         job = self.jobs[self.job_index[job_id]]
-        if job.state == "running":
+        if job.state == JobState.RUNNING:
             self._stop_job(job, lose=False)
-        job.state = "done"
+        job.state = JobState.DONE
 
     # ---------------------------------------------------------------- capacity bookkeeping
     @property
@@ -387,7 +401,7 @@ class Twin:
     def place_job(self, job_id: str, sites: list[str] | list[int], free: np.ndarray | None = None) -> bool:
         """Gang-place a pending job: one entry per shard naming its site. All shards or none."""
         job = self.jobs[self.job_index[job_id]]
-        if job.state != "pending" or len(sites) != job.spec.n_shards:
+        if job.state != JobState.PENDING or len(sites) != job.spec.n_shards:
             return False
         idx = [self.site_index[x] if isinstance(x, str) else int(x) for x in sites]
         free = self.free_gpus() if free is None else free
@@ -421,7 +435,7 @@ class Twin:
         cross = len(sites) if len(sites) > 1 else 0
         job.wan_bytes_per_s = cross * 2 * (n - 1) / n * 2.0 * m.params / step
         job.placement = placement
-        job.state = "running"
+        job.state = JobState.RUNNING
         job.since_ckpt_s = 0.0
         for s, g in placement:
             self.shard_gpus_used[s, g] += job.spec.shard_gpus
@@ -435,7 +449,7 @@ class Twin:
         if lose:
             job.lost += job.progress - job.checkpoint
             job.progress = job.checkpoint
-            job.state = "pending"
+            job.state = JobState.PENDING
 
     def fail_site(self, site: str | int, duration_s: float) -> None:
         """Take a site down now: its replicas vanish, its jobs fall back to their last checkpoint."""
@@ -445,7 +459,7 @@ class Twin:
         self.backlog[s] = 0.0
         self.starting = [x for x in self.starting if x[1] != s]
         for job in self.jobs:
-            if job.state == "running" and any(p[0] == s for p in job.placement):
+            if job.state == JobState.RUNNING and any(p[0] == s for p in job.placement):
                 self._stop_job(job, lose=True)
 
     # ---------------------------------------------------------------- the policy path
@@ -456,7 +470,7 @@ class Twin:
         reps = self.replicas_by_type()
         offers = []
         for job in self.jobs:
-            if job.state == "pending":
+            if job.state == JobState.PENDING:
                 m = physics.model(job.spec.model)
                 fits = np.array([physics.train_memory_fits(m, g, job.spec.shard_gpus) for g in self.gpus])
                 offers.append(JobOffer(job.spec.job_id, job.spec.n_shards, job.spec.shard_gpus, fits,
@@ -545,7 +559,7 @@ class Twin:
     def view_offers(self) -> list[_Job]:
         out = []
         for job in self.jobs:
-            if job.state == "pending":
+            if job.state == JobState.PENDING:
                 out.append(job)
                 if len(out) == MAX_OFFERS:
                     break
@@ -591,8 +605,8 @@ class Twin:
             self.fail_site(s, dur)
             self._fail_cursor += 1
         for job in self.jobs:
-            if job.state == "queued" and job.spec.arrival_s <= self.time_s + 1e-9:
-                job.state = "pending"
+            if job.state == JobState.QUEUED and job.spec.arrival_s <= self.time_s + 1e-9:
+                job.state = JobState.PENDING
 
     def _promote_started(self, now: float) -> None:
         if not self.starting:
@@ -736,7 +750,7 @@ class Twin:
     def _train(self, t0: float, dt: float) -> float:
         done_tokens = 0.0
         for job in self.jobs:
-            if job.state != "running":
+            if job.state != JobState.RUNNING:
                 continue
             left = job.spec.tokens - job.progress
             run = min(dt, left / job.rate) if job.rate > 0 else dt
@@ -752,7 +766,7 @@ class Twin:
                 job.checkpoint = job.progress
                 job.finish_s = t0 + run
                 self._stop_job(job, lose=False)
-                job.state = "done"
+                job.state = JobState.DONE
         return done_tokens
 
     # ---------------------------------------------------------------- results

@@ -31,7 +31,7 @@ from nats.js import api
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import metrics
 from cncbrain.auth import subscribe_durable
@@ -136,7 +136,7 @@ class Adapter:
         self.gate = gate
         self.forecaster = forecaster
         self.workloads: dict[str, spb.Workload] = {}
-        self.snapshot: perception_pb2.Snapshot | None = None
+        self.snapshot: ppb.Snapshot | None = None
         self.down: set[str] = set()
         self.guardrails = Guardrails()
         self.explicit_policies: set[str] = set()
@@ -343,7 +343,7 @@ class Adapter:
             return out
 
     async def on_site_state(self, event: Event) -> None:
-        change: perception_pb2.SiteStateChanged = event.payload
+        change: ppb.SiteStateChanged = event.payload
         if change.state == common.SITE_STATE_DOWN:
             self.down.add(change.site_id)
             await self.recover(change.site_id)
@@ -353,7 +353,7 @@ class Adapter:
     # ---- every tick ----------------------------------------------------------------------------------
 
     async def on_snapshot(self, event: Event) -> None:
-        snap: perception_pb2.Snapshot = event.payload
+        snap: ppb.Snapshot = event.payload
         self.snapshot = snap
         self.tick = int(snap.sequence)
         for s in snap.sites:
@@ -373,7 +373,7 @@ class Adapter:
         if self.settings.guardrails_enabled:
             await self.run_guardrails(snap)
 
-    async def run_guardrails(self, snap: perception_pb2.Snapshot) -> list[apb.AdaptationAction]:
+    async def run_guardrails(self, snap: ppb.Snapshot) -> list[apb.AdaptationAction]:
         loads: dict[str, list[float]] = {}
         for s in snap.sites:
             for svc in s.services:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from cnc.adaptation.v1 import adaptation_pb2 as pb
+from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.adaptation.v1 import adaptation_pb2_grpc
 from cnc.common.v1 import common_pb2 as common
 from cncbrain.auth import current_principal
@@ -27,36 +27,36 @@ OPERATOR_ONLY = frozenset({SERVICE + "TriggerRebalance"})
 COST_MODEL = "cncbrain.twin.physics (docs/cost-model.md)"
 
 
-def plan_on(request: pb.PlanParallelismRequest, model, groups: list[GpuGroup],
-            links: dict[tuple[str, str], LinkSpec]) -> pb.PlanParallelismResponse:
+def plan_on(request: apb.PlanParallelismRequest, model, groups: list[GpuGroup],
+            links: dict[tuple[str, str], LinkSpec]) -> apb.PlanParallelismResponse:
     """The planner for `request` on explicit GPU groups and links — the service fills them from the
     pool when the request names none; `cncbrain plan --local` passes the request's. Raises PlanError."""
     top = max(1, min(request.top or 1, 20))
-    if request.kind == pb.PLAN_KIND_TRAINING:
+    if request.kind == apb.PLAN_KIND_TRAINING:
         plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or 4 * 2**20,
                               seq_len=request.seq_len or 4096, top=top)
-        return pb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
+        return apb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
     slo = request.slo if request.HasField("slo") else None
     options = plan_inference(
         model, groups, context_tokens=request.context_tokens or 2048, prompt_tokens=request.prompt_tokens or 1024,
         ttft_slo_s=slo.ttft_ms / 1e3 if slo and slo.ttft_ms else None,
         tpot_slo_s=slo.tpot_ms / 1e3 if slo and slo.tpot_ms else None,
         allow_lower_precision=not request.bf16_only)
-    return pb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in options[:top]], cost_model=COST_MODEL)
+    return apb.PlanParallelismResponse(inference=[inference_to_pb(p) for p in options[:top]], cost_model=COST_MODEL)
 
 
-def training_to_pb(p) -> pb.TrainingPlan:
-    return pb.TrainingPlan(
+def training_to_pb(p) -> apb.TrainingPlan:
+    return apb.TrainingPlan(
         tensor_parallel=p.tp, pipeline_parallel=p.pp, data_parallel=p.dp, micro_batch_size=p.micro_batch,
         micro_batches=p.micro_batches, zero1=p.zero1, precision=p.precision, layout=p.layout,
-        gpus_used=p.gpus_used, gpus=[pb.GpuGroup(site_id=s, count=n) for s, n in sorted(p.gpus_by_site.items())],
+        gpus_used=p.gpus_used, gpus=[apb.GpuGroup(site_id=s, count=n) for s, n in sorted(p.gpus_by_site.items())],
         tokens_per_s=p.tokens_per_s, step_s=p.step_s, compute_s=p.compute_s, bubble_fraction=p.bubble_fraction,
         allreduce_s=p.allreduce_s, wan_activation_s=p.wan_activation_s, memory_per_gpu_gb=p.memory_per_gpu_gb,
         memory_limit_gb=p.memory_limit_gb, mfu=p.mfu, notes=list(p.notes))
 
 
-def inference_to_pb(p) -> pb.InferencePlan:
-    return pb.InferencePlan(
+def inference_to_pb(p) -> apb.InferencePlan:
+    return apb.InferencePlan(
         site_id=p.site_id, gpu_type=p.gpu_type, tensor_parallel=p.tp, pipeline_parallel=p.pp,
         precision=p.precision, gpus_per_replica=p.gpus_per_replica, replicas=p.replicas, max_batch=p.max_batch,
         tokens_per_s_per_replica=p.tokens_per_s_per_replica, tokens_per_s=p.tokens_per_s, ttft_s=p.ttft_s,
@@ -75,7 +75,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
         elif not current_principal().is_operator and w is not None:
             raise PermissionDenied(f"workload {workload_id} belongs to no tenant; only an operator may touch it")
 
-    async def ListActions(self, request: pb.ListActionsRequest, context) -> pb.ListActionsResponse:
+    async def ListActions(self, request: apb.ListActionsRequest, context) -> apb.ListActionsResponse:
         principal = current_principal()
         if request.workload_id:
             self._owner_check(request.workload_id)
@@ -88,17 +88,17 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
             workloads = self.ad.workloads
             actions = [a for a in actions
                        if (w := workloads.get(a.workload_id)) is not None and tenant_of(w) == principal.tenant_id]
-        return pb.ListActionsResponse(actions=actions[: request.limit or 100])
+        return apb.ListActionsResponse(actions=actions[: request.limit or 100])
 
-    async def GetAutoscalingPolicy(self, request, context) -> pb.GetAutoscalingPolicyResponse:
+    async def GetAutoscalingPolicy(self, request, context) -> apb.GetAutoscalingPolicyResponse:
         if not request.workload_id:
             raise InvalidArgument("workload_id: required")
         self._owner_check(request.workload_id)
         policy, explicit = self.ad.get_policy(request.workload_id)
-        return pb.GetAutoscalingPolicyResponse(policy=policy_to_pb(policy), explicit=explicit)
+        return apb.GetAutoscalingPolicyResponse(policy=policy_to_pb(policy), explicit=explicit)
 
-    async def SetAutoscalingPolicy(self, request: pb.SetAutoscalingPolicyRequest,
-                                   context: grpc.aio.ServicerContext) -> pb.SetAutoscalingPolicyResponse:
+    async def SetAutoscalingPolicy(self, request: apb.SetAutoscalingPolicyRequest,
+                                   context: grpc.aio.ServicerContext) -> apb.SetAutoscalingPolicyResponse:
         if not request.workload_id:
             raise InvalidArgument("workload_id: required")
         w = self.ad.workloads.get(request.workload_id)
@@ -112,10 +112,10 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
         except ValueError as exc:  # the policy's own checks (AutoscalingPolicy)
             raise InvalidArgument(f"policy: {exc}") from None
         await self.ad.set_policy(request.workload_id, policy)
-        return pb.SetAutoscalingPolicyResponse(policy=policy_to_pb(policy))
+        return apb.SetAutoscalingPolicyResponse(policy=policy_to_pb(policy))
 
-    async def PlanParallelism(self, request: pb.PlanParallelismRequest, context) -> pb.PlanParallelismResponse:
-        if request.kind not in (pb.PLAN_KIND_TRAINING, pb.PLAN_KIND_INFERENCE):
+    async def PlanParallelism(self, request: apb.PlanParallelismRequest, context) -> apb.PlanParallelismResponse:
+        if request.kind not in (apb.PLAN_KIND_TRAINING, apb.PLAN_KIND_INFERENCE):
             raise InvalidArgument("kind: PLAN_KIND_TRAINING or PLAN_KIND_INFERENCE")
         try:
             model = resolve_model(request.model, request.params_b)
@@ -139,7 +139,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
             raise FailedPrecondition("no GPUs given and none free in the pool")
         return plan_on(request, model, groups, links)  # PlanError: INVALID_ARGUMENT or FAILED_PRECONDITION
 
-    async def TriggerRebalance(self, request: pb.TriggerRebalanceRequest, context) -> pb.TriggerRebalanceResponse:
+    async def TriggerRebalance(self, request: apb.TriggerRebalanceRequest, context) -> apb.TriggerRebalanceResponse:
         if request.site_id and request.site_id not in self.ad.down:
             raise FailedPrecondition(f"site {request.site_id} is not down")
         actions = []
@@ -147,7 +147,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServiceServicer):
             actions += await self.ad.recover(site_id)
         if not request.site_id and self.ad.snapshot is not None and self.ad.settings.guardrails_enabled:
             actions += await self.ad.run_guardrails(self.ad.snapshot)
-        return pb.TriggerRebalanceResponse(actions=actions)
+        return apb.TriggerRebalanceResponse(actions=actions)
 
 
 __all__ = ["AdaptationServicer", "OPERATOR_ONLY"]

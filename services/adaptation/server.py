@@ -9,8 +9,10 @@ import logging
 
 import grpc
 
-from cnc.adaptation.v1 import adaptation_pb2, adaptation_pb2_grpc
-from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+from cnc.adaptation.v1 import adaptation_pb2 as apb
+from cnc.adaptation.v1 import adaptation_pb2_grpc
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.perception.v1 import perception_pb2_grpc
 from cncbrain import grpcserver
 from cncbrain.auth import TokenFeed, load_token, server_auth, token_interceptors
 from cncbrain.bus import Bus
@@ -22,7 +24,7 @@ from services.adaptation.settings import Settings
 from services.governance.client import GovernanceGate
 
 log = logging.getLogger("adaptation")
-SERVICE_NAME = adaptation_pb2.DESCRIPTOR.services_by_name["AdaptationService"].full_name
+SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdaptationService"].full_name
 
 
 class AdaptationServer:
@@ -50,7 +52,7 @@ class AdaptationServer:
 
         async def forecast(workload_id: str) -> float | None:
             try:
-                resp = await stub.GetForecast(perception_pb2.GetForecastRequest(
+                resp = await stub.GetForecast(ppb.GetForecastRequest(
                     workload_id=workload_id, horizon_ticks=horizon), timeout=0.5)
             except grpc.aio.AioRpcError:
                 return None

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import grpc
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, Event, subjects
@@ -216,7 +216,7 @@ class GovernanceGate:
     # ---- admission (gRPC) --------------------------------------------------------------------------
 
     async def admit(self, workload_id: str, tenant_id: str, kind: common.WorkloadKind.ValueType, gpus: int, gpus_per_unit: int,
-                    gpu_types: Iterable[str] = (), token: str | None = None, timeout_s: float = 5.0) -> pb.Decision:
+                    gpu_types: Iterable[str] = (), token: str | None = None, timeout_s: float = 5.0) -> gpb.Decision:
         """Admit at submit; raises `AdmissionRefused` with governance's code and reason.
 
         token: the caller's own token to forward (so governance checks the tenant); default the
@@ -224,7 +224,7 @@ class GovernanceGate:
         """
         if self._stub is None:
             raise AdmissionRefused(grpc.StatusCode.UNAVAILABLE, "no governance service configured")
-        request = pb.AdmitWorkloadRequest(workload_id=workload_id, tenant_id=tenant_id, kind=kind, gpus=gpus,
+        request = gpb.AdmitWorkloadRequest(workload_id=workload_id, tenant_id=tenant_id, kind=kind, gpus=gpus,
                                           gpus_per_unit=gpus_per_unit, gpu_types=list(gpu_types))
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         try:

@@ -32,7 +32,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2 as gpb
 from cncbrain import lease
 from cncbrain.bus import Bus
 from cncbrain.bus.streams import stream_config
@@ -50,12 +50,12 @@ HEAD_BUCKET = "cnc-ledger-head"
 HEAD_KEY = "ledger.head"
 
 
-def to_proto(e: LedgerEntry) -> pb.LedgerEntry:
-    return pb.LedgerEntry(index=e.index, time_ns=e.time_ns, kind=e.kind, actor=e.actor, subject=e.subject,
+def to_proto(e: LedgerEntry) -> gpb.LedgerEntry:
+    return gpb.LedgerEntry(index=e.index, time_ns=e.time_ns, kind=e.kind, actor=e.actor, subject=e.subject,
                           payload_json=e.payload_json, prev_hash=e.prev_hash, hash=e.hash, signature=e.signature)
 
 
-def from_proto(m: pb.LedgerEntry) -> LedgerEntry:
+def from_proto(m: gpb.LedgerEntry) -> LedgerEntry:
     return LedgerEntry(m.index, m.time_ns, m.kind, m.actor, m.subject, m.payload_json, m.prev_hash, m.hash,
                        m.signature)
 
@@ -101,7 +101,7 @@ class LedgerStore:
         last_seq = info.state.last_seq
 
         async def on_msg(msg) -> None:
-            block = pb.LedgerBlock()
+            block = gpb.LedgerBlock()
             try:
                 block.ParseFromString(msg.data)
                 out.extend(from_proto(m) for m in block.entries)
@@ -133,12 +133,12 @@ class LedgerStore:
             if self.signer is not None:  # vouches for the block and, through the chain, all before it
                 last.signature = self.signer.sign(last.hash.encode())
             headers = {
-                "Cnc-Type": pb.LedgerBlock.DESCRIPTOR.full_name,
+                "Cnc-Type": gpb.LedgerBlock.DESCRIPTOR.full_name,
                 "Cnc-Event-Id": f"ledger-{first.index}-{last.index}",
                 "Nats-Msg-Id": f"ledger-{first.index}-{last.hash[:16]}",
                 "Nats-Expected-Last-Sequence": str(base + i),
             }
-            block = pb.LedgerBlock(entries=[to_proto(e) for e in chunk])
+            block = gpb.LedgerBlock(entries=[to_proto(e) for e in chunk])
             futures.append(await self.js.publish_async(GOVERNANCE_LEDGER.template, block.SerializeToString(),
                                                        headers=headers, wait_stall=5.0))
         try:
@@ -174,7 +174,7 @@ class LedgerStore:
         if info.state.messages == 0:
             return None
         msg = await self.js.get_msg(STREAM, seq=info.state.last_seq)
-        block = pb.LedgerBlock()
+        block = gpb.LedgerBlock()
         block.ParseFromString(msg.data or b"")
         return from_proto(block.entries[-1]) if block.entries else None
 

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain import limits, metrics
 from cncbrain.auth import current_principal
@@ -40,8 +40,8 @@ OPERATOR_ONLY = frozenset(SERVICE + m for m in (
     "CreateTenant", "ListTenants", "SetQuota", "IssueToken", "ListLedgerEntries", "VerifyLedger", "EnrollSite"))
 """Methods the interceptor refuses to tenants outright; the rest check the tenant per request."""
 
-VERDICT_PB = {Verdict.ADMITTED: pb.VERDICT_ADMITTED, Verdict.QUOTA_EXCEEDED: pb.VERDICT_QUOTA_EXCEEDED,
-              Verdict.POLICY_VIOLATION: pb.VERDICT_POLICY_VIOLATION, Verdict.UNKNOWN_TENANT: pb.VERDICT_UNKNOWN_TENANT}
+VERDICT_PB = {Verdict.ADMITTED: gpb.VERDICT_ADMITTED, Verdict.QUOTA_EXCEEDED: gpb.VERDICT_QUOTA_EXCEEDED,
+              Verdict.POLICY_VIOLATION: gpb.VERDICT_POLICY_VIOLATION, Verdict.UNKNOWN_TENANT: gpb.VERDICT_UNKNOWN_TENANT}
 REFUSAL: dict[Verdict, type[CncError]] = {Verdict.QUOTA_EXCEEDED: ResourceExhausted,
                                          Verdict.POLICY_VIOLATION: FailedPrecondition,
                                          Verdict.UNKNOWN_TENANT: FailedPrecondition}
@@ -51,7 +51,7 @@ REFUSAL: dict[Verdict, type[CncError]] = {Verdict.QUOTA_EXCEEDED: ResourceExhaus
 # ---- proto <-> domain -----------------------------------------------------------------------------
 
 
-def quota_from_pb(q: pb.Quota) -> Quota:
+def quota_from_pb(q: gpb.Quota) -> Quota:
     by_type: dict[str, int] = {}
     limits.entries("quota.gpus.gpu_type", [g.gpu_type for g in q.gpus])
     for g in q.gpus:
@@ -65,8 +65,8 @@ def quota_from_pb(q: pb.Quota) -> Quota:
     return Quota(by_type, max_gpus, cost)
 
 
-def quota_to_pb(q: Quota) -> pb.Quota:
-    out = pb.Quota(gpus=[pb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in sorted(q.gpus_by_type.items())])
+def quota_to_pb(q: Quota) -> gpb.Quota:
+    out = gpb.Quota(gpus=[gpb.GpuQuota(gpu_type=t, max_gpus=n) for t, n in sorted(q.gpus_by_type.items())])
     if q.max_gpus is not None:
         out.max_gpus = q.max_gpus
     if q.max_cost_per_hour is not None:
@@ -74,7 +74,7 @@ def quota_to_pb(q: Quota) -> pb.Quota:
     return out
 
 
-def policy_from_pb(p: pb.PlacementPolicy) -> PlacementPolicy:
+def policy_from_pb(p: gpb.PlacementPolicy) -> PlacementPolicy:
     def pick(values: Any, restrict: bool) -> frozenset[str] | None:
         return frozenset(values) if (values or restrict) else None
 
@@ -87,8 +87,8 @@ def policy_from_pb(p: pb.PlacementPolicy) -> PlacementPolicy:
                            pick(p.allowed_gpu_types, p.restrict_gpu_types), cost)
 
 
-def policy_to_pb(p: PlacementPolicy) -> pb.PlacementPolicy:
-    out = pb.PlacementPolicy(
+def policy_to_pb(p: PlacementPolicy) -> gpb.PlacementPolicy:
+    out = gpb.PlacementPolicy(
         allowed_regions=sorted(p.allowed_regions or ()), allowed_sites=sorted(p.allowed_sites or ()),
         allowed_gpu_types=sorted(p.allowed_gpu_types or ()), restrict_regions=p.allowed_regions is not None,
         restrict_sites=p.allowed_sites is not None, restrict_gpu_types=p.allowed_gpu_types is not None)
@@ -105,8 +105,8 @@ def ts(seconds: float | None) -> Timestamp | None:
     return t
 
 
-def token_to_pb(r: TokenRecord) -> pb.TokenInfo:
-    out = pb.TokenInfo(token_id=r.token_id, role=pb.ROLE_OPERATOR if r.role is Role.OPERATOR else pb.ROLE_TENANT,
+def token_to_pb(r: TokenRecord) -> gpb.TokenInfo:
+    out = gpb.TokenInfo(token_id=r.token_id, role=gpb.ROLE_OPERATOR if r.role is Role.OPERATOR else gpb.ROLE_TENANT,
                        tenant_id=r.tenant_id or "", description=r.description, created_at=ts(r.created_at),
                        revoked=r.revoked)
     if r.revoked_at is not None:
@@ -114,13 +114,13 @@ def token_to_pb(r: TokenRecord) -> pb.TokenInfo:
     return out
 
 
-def decision_to_pb(d: Decision) -> pb.Decision:
-    return pb.Decision(verdict=VERDICT_PB[d.verdict], reasons=list(d.reasons), eligible_sites=list(d.eligible_sites))
+def decision_to_pb(d: Decision) -> gpb.Decision:
+    return gpb.Decision(verdict=VERDICT_PB[d.verdict], reasons=list(d.reasons), eligible_sites=list(d.eligible_sites))
 
 
-def tenant_to_pb(t: Tenant, state: GovernanceState) -> pb.Tenant:
+def tenant_to_pb(t: Tenant, state: GovernanceState) -> gpb.Tenant:
     _, gpus, cost = tenant_usage(state.holdings.get(t.tenant_id, {}).values())
-    return pb.Tenant(tenant_id=t.tenant_id, display_name=t.display_name, quota=quota_to_pb(t.quota),
+    return gpb.Tenant(tenant_id=t.tenant_id, display_name=t.display_name, quota=quota_to_pb(t.quota),
                      policy=policy_to_pb(t.policy), created_at=ts(t.created_at), gpus_in_use=gpus,
                      cost_usd_per_hour_in_use=cost)
 
@@ -150,27 +150,27 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
 
     # tenants ----------------------------------------------------------------------------------------
 
-    async def CreateTenant(self, request: pb.CreateTenantRequest, context) -> pb.CreateTenantResponse:
+    async def CreateTenant(self, request: gpb.CreateTenantRequest, context) -> gpb.CreateTenantResponse:
         limits.text("display_name", request.display_name, required=False)
         quota = quota_from_pb(request.quota)
         policy = policy_from_pb(request.policy)
         await self._change(lambda s: (None, [s.create_tenant(request.tenant_id, request.display_name, quota,
                                                              policy)]))
-        return pb.CreateTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+        return gpb.CreateTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
-    async def GetTenant(self, request: pb.GetTenantRequest, context) -> pb.GetTenantResponse:
+    async def GetTenant(self, request: gpb.GetTenantRequest, context) -> gpb.GetTenantResponse:
         require_tenant_access(current_principal(), request.tenant_id)
-        return pb.GetTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+        return gpb.GetTenantResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
-    async def ListTenants(self, request: pb.ListTenantsRequest, context) -> pb.ListTenantsResponse:
-        return pb.ListTenantsResponse(tenants=[tenant_to_pb(t, self.state) for _, t in sorted(self.state.tenants.items())])
+    async def ListTenants(self, request: gpb.ListTenantsRequest, context) -> gpb.ListTenantsResponse:
+        return gpb.ListTenantsResponse(tenants=[tenant_to_pb(t, self.state) for _, t in sorted(self.state.tenants.items())])
 
-    async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.SetQuotaResponse:
+    async def SetQuota(self, request: gpb.SetQuotaRequest, context) -> gpb.SetQuotaResponse:
         quota = quota_from_pb(request.quota)
         await self._change(lambda s: (None, [s.set_quota(request.tenant_id, quota)]))
-        return pb.SetQuotaResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
+        return gpb.SetQuotaResponse(tenant=tenant_to_pb(self.state.tenant(request.tenant_id), self.state))
 
-    async def SetPlacementPolicy(self, request: pb.SetPlacementPolicyRequest, context) -> pb.SetPlacementPolicyResponse:
+    async def SetPlacementPolicy(self, request: gpb.SetPlacementPolicyRequest, context) -> gpb.SetPlacementPolicyResponse:
         principal = current_principal()
         if request.workload_id:
             require_tenant_access(principal, request.tenant_id)
@@ -179,14 +179,14 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         policy = policy_from_pb(request.policy)
         await self._change(lambda s: (None, [s.set_policy(request.tenant_id, policy, request.workload_id)]))
         effective = self.state.effective_policy(request.tenant_id, request.workload_id or None)
-        return pb.SetPlacementPolicyResponse(effective_policy=policy_to_pb(effective))
+        return gpb.SetPlacementPolicyResponse(effective_policy=policy_to_pb(effective))
 
     # tokens -----------------------------------------------------------------------------------------
 
-    async def IssueToken(self, request: pb.IssueTokenRequest, context) -> pb.IssueTokenResponse:
-        if request.role not in (pb.ROLE_TENANT, pb.ROLE_OPERATOR):
+    async def IssueToken(self, request: gpb.IssueTokenRequest, context) -> gpb.IssueTokenResponse:
+        if request.role not in (gpb.ROLE_TENANT, gpb.ROLE_OPERATOR):
             raise InvalidArgument("role: ROLE_TENANT or ROLE_OPERATOR")
-        role = Role.OPERATOR if request.role == pb.ROLE_OPERATOR else Role.TENANT
+        role = Role.OPERATOR if request.role == gpb.ROLE_OPERATOR else Role.TENANT
         limits.text("description", request.description, required=False)
 
         def issue(s: GovernanceState) -> tuple[str, list[Record]]:
@@ -196,9 +196,9 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         token = await self._change(issue)
         token_id = token.split(".", 1)[0]
         await self.gov.publish_token(token_id)
-        return pb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
+        return gpb.IssueTokenResponse(token=token, info=token_to_pb(self.state.tokens[token_id]))
 
-    async def RevokeToken(self, request: pb.RevokeTokenRequest, context) -> pb.RevokeTokenResponse:
+    async def RevokeToken(self, request: gpb.RevokeTokenRequest, context) -> gpb.RevokeTokenResponse:
         principal = current_principal()
         rec = self.state.tokens.get(request.token_id)
         if rec is None:
@@ -208,21 +208,21 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         await self._change(lambda s: (None, [s.revoke_token(request.token_id)]))
         # Written before answering: every service's feed gets the revocation right away.
         await self.gov.publish_token(request.token_id)
-        return pb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
+        return gpb.RevokeTokenResponse(info=token_to_pb(self.state.tokens[request.token_id]))
 
-    async def ListTokens(self, request: pb.ListTokensRequest, context) -> pb.ListTokensResponse:
+    async def ListTokens(self, request: gpb.ListTokensRequest, context) -> gpb.ListTokensResponse:
         scope = self._tenant_scope(current_principal(), request.tenant_id)
         records = [r for r in self.state.tokens_of(None) if scope is None or r.tenant_id == scope]
-        return pb.ListTokensResponse(tokens=[token_to_pb(r) for r in records])
+        return gpb.ListTokensResponse(tokens=[token_to_pb(r) for r in records])
 
-    async def WhoAmI(self, request: pb.WhoAmIRequest, context) -> pb.WhoAmIResponse:
+    async def WhoAmI(self, request: gpb.WhoAmIRequest, context) -> gpb.WhoAmIResponse:
         p = current_principal()
-        return pb.WhoAmIResponse(token_id=p.token_id, role=pb.ROLE_OPERATOR if p.is_operator else pb.ROLE_TENANT,
+        return gpb.WhoAmIResponse(token_id=p.token_id, role=gpb.ROLE_OPERATOR if p.is_operator else gpb.ROLE_TENANT,
                                  tenant_id=p.tenant_id or "")
 
     # admission and placement -----------------------------------------------------------------------
 
-    async def AdmitWorkload(self, request: pb.AdmitWorkloadRequest, context) -> pb.AdmitWorkloadResponse:
+    async def AdmitWorkload(self, request: gpb.AdmitWorkloadRequest, context) -> gpb.AdmitWorkloadResponse:
         if not request.workload_id or not request.tenant_id:
             raise InvalidArgument("workload_id and tenant_id: required")
         require_tenant_access(current_principal(), request.tenant_id)
@@ -244,19 +244,19 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         metrics.ADMISSIONS.labels("admitted" if decision.ok else "refused", decision.verdict.name.lower()).inc()
         if not decision.ok:
             raise REFUSAL[decision.verdict](f"{request.workload_id}: {decision.message}")
-        return pb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
+        return gpb.AdmitWorkloadResponse(decision=decision_to_pb(decision))
 
-    async def CheckPlacement(self, request: pb.CheckPlacementRequest, context) -> pb.CheckPlacementResponse:
+    async def CheckPlacement(self, request: gpb.CheckPlacementRequest, context) -> gpb.CheckPlacementResponse:
         require_tenant_access(current_principal(), request.tenant_id)
         placements = [self.gov.placement_of(request.workload_id, request.tenant_id, p)
                       for p in request.placements if p.replicas or p.shard_indices]
         decision = self.state.check_placements(placements, replace_workload=True) if placements else Decision(
             Verdict.ADMITTED)
-        return pb.CheckPlacementResponse(decision=decision_to_pb(decision))
+        return gpb.CheckPlacementResponse(decision=decision_to_pb(decision))
 
     # usage and ledger ------------------------------------------------------------------------------
 
-    async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
+    async def GetUsage(self, request: gpb.GetUsageRequest, context) -> gpb.GetUsageResponse:
         scope = self._tenant_scope(current_principal(), request.tenant_id)
         now = time.time()
         t0 = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else 0.0
@@ -266,14 +266,14 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
         tenants, workloads = self.state.usage.query(t0, t1, now, scope, request.workload_id or None,
                                                     request.by_gpu_type)
 
-        def line(u: Any) -> pb.UsageLine:
-            return pb.UsageLine(tenant_id=u.tenant_id, workload_id=u.workload_id, gpu_type=u.gpu_type,
+        def line(u: Any) -> gpb.UsageLine:
+            return gpb.UsageLine(tenant_id=u.tenant_id, workload_id=u.workload_id, gpu_type=u.gpu_type,
                                 gpu_hours=u.gpu_hours, cost_usd=u.cost_usd)
 
-        return pb.GetUsageResponse(tenants=[line(u) for u in tenants], workloads=[line(u) for u in workloads],
+        return gpb.GetUsageResponse(tenants=[line(u) for u in tenants], workloads=[line(u) for u in workloads],
                                    start=ts(t0), end=ts(t1))
 
-    async def ListLedgerEntries(self, request: pb.ListLedgerEntriesRequest, context) -> pb.ListLedgerEntriesResponse:
+    async def ListLedgerEntries(self, request: gpb.ListLedgerEntriesRequest, context) -> gpb.ListLedgerEntriesResponse:
         limit = min(request.limit or 100, 1000)
         entries = await self.gov.store.read_all()
         picked = []
@@ -285,9 +285,9 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             picked.append(e)
             if len(picked) >= limit:
                 break
-        return pb.ListLedgerEntriesResponse(entries=[to_proto(e) for e in picked], length=self.gov.head.length)
+        return gpb.ListLedgerEntriesResponse(entries=[to_proto(e) for e in picked], length=self.gov.head.length)
 
-    async def EnrollSite(self, request: pb.EnrollSiteRequest, context) -> pb.EnrollSiteResponse:
+    async def EnrollSite(self, request: gpb.EnrollSiteRequest, context) -> gpb.EnrollSiteResponse:
         site = request.site
         gpus: dict[str, tuple[int, float]] = {}
         for g in site.gpus:
@@ -302,26 +302,26 @@ class GovernanceServicer(governance_pb2_grpc.GovernanceServiceServicer):
             return None, [] if same else [rec]  # the same terms again: nothing to record
 
         await self._change(enroll)
-        return pb.EnrollSiteResponse(site=enrollment_to_pb(self.state.enrolled[site.site_id]))
+        return gpb.EnrollSiteResponse(site=enrollment_to_pb(self.state.enrolled[site.site_id]))
 
-    async def VerifyLedger(self, request: pb.VerifyLedgerRequest, context) -> pb.VerifyLedgerResponse:
+    async def VerifyLedger(self, request: gpb.VerifyLedgerRequest, context) -> gpb.VerifyLedgerResponse:
         expected = None
         if request.expected_length:
             if len(request.expected_head_hash) != 64:
                 raise InvalidArgument("expected_head_hash: 64 hex characters")
             expected = LedgerHead(request.expected_length, request.expected_head_hash)
         result, seconds = await self.gov.verify(expected)
-        return pb.VerifyLedgerResponse(
+        return gpb.VerifyLedgerResponse(
             ok=result.ok, entries_checked=result.entries_checked, length=result.head.length,
             head_hash=result.head.hash, seconds=seconds,
-            issues=[pb.LedgerIssue(index=max(i.index, 0), kind=i.kind, detail=i.detail) for i in result.issues])
+            issues=[gpb.LedgerIssue(index=max(i.index, 0), kind=i.kind, detail=i.detail) for i in result.issues])
 
 
-def enrollment_to_pb(terms: dict) -> pb.SiteEnrollment:
-    return pb.SiteEnrollment(
+def enrollment_to_pb(terms: dict) -> gpb.SiteEnrollment:
+    return gpb.SiteEnrollment(
         site_id=terms["site_id"], region=terms.get("region", ""), nats_public_key=terms.get("nats_public_key", ""),
         enrolled_at=ts(terms.get("enrolled_at")),
-        gpus=[pb.EnrolledGpus(gpu_type=t, max_count=int(g["max_count"]), price_usd_per_hour=float(g["price_usd_per_hour"]))
+        gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=int(g["max_count"]), price_usd_per_hour=float(g["price_usd_per_hour"]))
               for t, g in sorted(terms["gpus"].items())])
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cnc.governance.v1 import governance_pb2, governance_pb2_grpc
+from cnc.governance.v1 import governance_pb2 as gpb
+from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain import grpcserver
 from cncbrain.auth import AuthInterceptor
 from cncbrain.bus import Bus
@@ -18,7 +19,7 @@ from services.governance.rpc import OPERATOR_ONLY, GovernanceServicer
 from services.governance.settings import Settings
 
 log = logging.getLogger("governance")
-SERVICE_NAME = governance_pb2.DESCRIPTOR.services_by_name["GovernanceService"].full_name
+SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["GovernanceService"].full_name
 
 
 class GovernanceServer:

@@ -9,26 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cnc.common.v1 import common_pb2
-from cnc.perception.v1 import perception_pb2
-from cnc.site.v1 import events_pb2
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.site.v1 import events_pb2 as site_pb
 
-UP = common_pb2.SITE_STATE_UP
-DOWN = common_pb2.SITE_STATE_DOWN
+UP = common.SITE_STATE_UP
+DOWN = common.SITE_STATE_DOWN
 
 
 @dataclass
 class SiteEntry:
-    site: common_pb2.Site
-    state: common_pb2.SiteState.ValueType = UP
+    site: common.Site
+    state: common.SiteState.ValueType = UP
     last_heartbeat: float = 0.0
-    telemetry: events_pb2.SiteTelemetry | None = None
+    telemetry: site_pb.SiteTelemetry | None = None
 
 
 @dataclass(frozen=True)
 class StateChange:
     site_id: str
-    state: common_pb2.SiteState.ValueType
+    state: common.SiteState.ValueType
     reason: str
 
 
@@ -87,7 +87,7 @@ class PoolPicture:
     silent_since: float | None = None
     """When the current mass silence began (None: none)."""
 
-    def register(self, site: common_pb2.Site, now: float) -> StateChange | None:
+    def register(self, site: common.Site, now: float) -> StateChange | None:
         entry = self.sites.get(site.site_id)
         if entry is None:
             self.sites[site.site_id] = SiteEntry(site=site, state=UP, last_heartbeat=now)
@@ -95,7 +95,7 @@ class PoolPicture:
         entry.site = site
         return self.heartbeat(site.site_id, now)
 
-    def restore(self, site: common_pb2.Site, now: float) -> None:
+    def restore(self, site: common.Site, now: float) -> None:
         """A site known from the state of record; it must heartbeat within the timeout."""
         self.sites.setdefault(site.site_id, SiteEntry(site=site, state=UP, last_heartbeat=now))
 
@@ -109,7 +109,7 @@ class PoolPicture:
             return StateChange(site_id, UP, "heartbeats resumed")
         return None
 
-    def telemetry(self, t: events_pb2.SiteTelemetry) -> bool:
+    def telemetry(self, t: site_pb.SiteTelemetry) -> bool:
         entry = self.sites.get(t.site_id)
         if entry is None:
             self.unknown_telemetry += 1
@@ -157,8 +157,8 @@ class PoolPicture:
                 rates[load.workload_id] = rates.get(load.workload_id, 0.0) + load.request_rate_rps
         return rates
 
-    def site_status(self, entry: SiteEntry) -> perception_pb2.SiteStatus:
-        status = perception_pb2.SiteStatus(site=entry.site, state=entry.state)
+    def site_status(self, entry: SiteEntry) -> ppb.SiteStatus:
+        status = ppb.SiteStatus(site=entry.site, state=entry.state)
         status.last_heartbeat.FromNanoseconds(int(entry.last_heartbeat * 1e9))
         t = entry.telemetry
         if t is not None:
@@ -170,26 +170,26 @@ class PoolPicture:
             status.gpu_pools.extend(entry.site.gpu_pools)
         return status
 
-    def tick(self, now: float) -> perception_pb2.Snapshot:
+    def tick(self, now: float) -> ppb.Snapshot:
         """Fold the last telemetry into a new snapshot and feed the forecasters."""
         self.sequence += 1
         for workload_id, rate in self.service_rates().items():
             self.forecasters.setdefault(
                 workload_id, HoltForecaster(self.forecast_alpha, self.forecast_beta)
             ).update(rate)
-        snap = perception_pb2.Snapshot(sequence=self.sequence)
+        snap = ppb.Snapshot(sequence=self.sequence)
         snap.taken_at.FromNanoseconds(int(now * 1e9))
         for site_id in sorted(self.sites):
             snap.sites.append(self.site_status(self.sites[site_id]))
         snap.sites_up = sum(1 for e in self.sites.values() if e.state == UP)
-        summary: dict[str, perception_pb2.ServiceSummary] = {}
+        summary: dict[str, ppb.ServiceSummary] = {}
         for entry in self.sites.values():
             if entry.telemetry is None or entry.state != UP:
                 continue
             for load in entry.telemetry.services:
                 agg = summary.get(load.workload_id)
                 if agg is None:
-                    agg = summary[load.workload_id] = perception_pb2.ServiceSummary(workload_id=load.workload_id)
+                    agg = summary[load.workload_id] = ppb.ServiceSummary(workload_id=load.workload_id)
                 agg.replicas += load.replicas
                 agg.request_rate_rps += load.request_rate_rps
                 agg.requests += load.requests
@@ -199,11 +199,11 @@ class PoolPicture:
         snap.sim_time_s = max(times, default=0.0)
         return snap
 
-    def forecast(self, workload_id: str, horizon: int) -> perception_pb2.Forecast | None:
+    def forecast(self, workload_id: str, horizon: int) -> ppb.Forecast | None:
         f = self.forecasters.get(workload_id)
         if f is None:
             return None
-        return perception_pb2.Forecast(
+        return ppb.Forecast(
             workload_id=workload_id,
             current_rps=f.last,
             predicted_rps=f.predict(horizon),

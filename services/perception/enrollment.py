@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cnc.common.v1 import common_pb2
-from cnc.site.v1 import events_pb2
+from cnc.common.v1 import common_pb2 as common
+from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.kvfeed import KvFollower
 from cncbrain.signing import SignatureError, Verifier
 
@@ -51,14 +51,14 @@ class Enrollments:
         changed, self.changed = self.changed, set()
         return changed
 
-    def bound_pools(self, site_id: str, pools: Any) -> list[common_pb2.GpuPool]:
+    def bound_pools(self, site_id: str, pools: Any) -> list[common.GpuPool]:
         gpus = self.terms[site_id]["gpus"]
         out = []
         for p in pools:
             g = gpus.get(p.gpu_type)
             if g is None:
                 continue
-            pool = common_pb2.GpuPool()
+            pool = common.GpuPool()
             pool.CopyFrom(p)
             pool.count = min(p.count, int(g["max_count"]))
             pool.used = min(pool.used, pool.count)
@@ -66,9 +66,9 @@ class Enrollments:
             out.append(pool)
         return out
 
-    def bound_site(self, site: common_pb2.Site) -> common_pb2.Site:
+    def bound_site(self, site: common.Site) -> common.Site:
         """The site as enrolled: its own report cut to the terms (call only for an enrolled site)."""
-        out = common_pb2.Site()
+        out = common.Site()
         out.CopyFrom(site)
         del out.gpu_pools[:]
         out.gpu_pools.extend(self.bound_pools(site.site_id, site.gpu_pools))
@@ -77,8 +77,8 @@ class Enrollments:
             out.region = region
         return out
 
-    def bound_telemetry(self, t: events_pb2.SiteTelemetry) -> events_pb2.SiteTelemetry:
-        out = events_pb2.SiteTelemetry()
+    def bound_telemetry(self, t: site_pb.SiteTelemetry) -> site_pb.SiteTelemetry:
+        out = site_pb.SiteTelemetry()
         out.CopyFrom(t)
         del out.gpu_pools[:]
         out.gpu_pools.extend(self.bound_pools(t.site_id, t.gpu_pools))

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
-from cnc.common.v1 import common_pb2
-from cnc.perception.v1 import perception_pb2
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2 as ppb
 from cncbrain import aio, metrics
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
 from cncbrain.signing import verifier_from_env
@@ -28,16 +28,16 @@ class PerceptionEvents:
         self.bus = bus
         self.picture = picture
         self.tick_s = tick_s
-        self.watchers: set[asyncio.Queue[perception_pb2.Snapshot]] = set()
-        self.latest = perception_pb2.Snapshot()
-        self.on_tick: list[Callable[[perception_pb2.Snapshot], None]] = []
+        self.watchers: set[asyncio.Queue[ppb.Snapshot]] = set()
+        self.latest = ppb.Snapshot()
+        self.on_tick: list[Callable[[ppb.Snapshot], None]] = []
         """Called with each new snapshot (the web page's history)."""
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         verifier = verifier_from_env()
         self.enrollments = Enrollments(verifier) if verifier is not None else None
         """The operator's enrolled sites (None: a brain without credentials, every site counts)."""
-        self.pending: dict[str, common_pb2.Site] = {}
+        self.pending: dict[str, common.Site] = {}
         """Registrations of sites not enrolled (yet): they count once enrolled."""
 
     async def start(self) -> None:
@@ -49,7 +49,7 @@ class PerceptionEvents:
             if not value:
                 continue
             try:
-                site = common_pb2.Site.FromString(value)
+                site = common.Site.FromString(value)
             except DecodeError:  # left in the bucket untouched; the site registers again when its agent starts
                 log.error("site record %s in %s is not a Site (%d bytes); skipped", key, KV_SITES, len(value))
                 continue
@@ -89,7 +89,7 @@ class PerceptionEvents:
             site = self.enrollments.bound_site(site)
         await self._register(site)
 
-    async def _register(self, site: common_pb2.Site) -> None:
+    async def _register(self, site: common.Site) -> None:
         kv = await self.bus.kv(KV_SITES)
         await self.bus.retrying(lambda: kv.put(site.site_id, site.SerializeToString()), "store site")
         change = self.picture.register(site, time.time())
@@ -117,10 +117,10 @@ class PerceptionEvents:
                     metrics.SERVICE_REQUESTS.labels(load.workload_id, "missed").inc(max(0.0, load.requests - load.requests_ok))
 
     async def publish_change(self, change: StateChange) -> None:
-        msg = perception_pb2.SiteStateChanged(site_id=change.site_id, state=change.state, reason=change.reason)
+        msg = ppb.SiteStateChanged(site_id=change.site_id, state=change.state, reason=change.reason)
         msg.changed_at.GetCurrentTime()
-        level = logging.INFO if change.state == common_pb2.SITE_STATE_UP else logging.WARNING
-        log.log(level, "site %s is %s: %s", change.site_id, common_pb2.SiteState.Name(change.state), change.reason)
+        level = logging.INFO if change.state == common.SITE_STATE_UP else logging.WARNING
+        log.log(level, "site %s is %s: %s", change.site_id, common.SiteState.Name(change.state), change.reason)
         await self.bus.publish(subjects.PERCEPTION_SITE_STATE, msg, site=change.site_id)
 
     async def _enrolled_since(self) -> None:
@@ -134,7 +134,7 @@ class PerceptionEvents:
             if site is not None:
                 await self._register(self.enrollments.bound_site(site))
 
-    async def tick_once(self) -> perception_pb2.Snapshot:
+    async def tick_once(self) -> ppb.Snapshot:
         if self.enrollments is not None and self.enrollments.changed:
             await self._enrolled_since()
         now = time.time()
@@ -172,7 +172,7 @@ class PerceptionEvents:
             await asyncio.sleep(max(0.0, self.tick_s - (time.monotonic() - started)))
 
 
-def export_snapshot(snap: perception_pb2.Snapshot) -> None:
+def export_snapshot(snap: ppb.Snapshot) -> None:
     """The pool's picture as gauges: sites up, GPUs used/free per site and type, services' replicas,
     request rates and SLO attainment, training progress (series of what is gone disappear)."""
     up: dict[tuple[str], float] = {}
@@ -180,7 +180,7 @@ def export_snapshot(snap: perception_pb2.Snapshot) -> None:
     progress: dict[tuple[str], float] = {}
     for s in snap.sites:
         sid = s.site.site_id
-        up[(sid,)] = 1.0 if s.state == common_pb2.SITE_STATE_UP else 0.0
+        up[(sid,)] = 1.0 if s.state == common.SITE_STATE_UP else 0.0
         for pool in s.gpu_pools:
             gpus[(sid, pool.gpu_type, "used")] = float(pool.used)
             gpus[(sid, pool.gpu_type, "free")] = float(max(0, pool.count - pool.used))

@@ -10,7 +10,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from cnc.perception.v1 import perception_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.bus import KV_WORKLOADS, Bus
 from cncbrain.workload import tenant_of
@@ -44,14 +44,14 @@ class Owners:
         return self.tenant.get(workload_id)
 
 
-def workload_ids(statuses: Iterable[pb.SiteStatus], summaries: Iterable[pb.ServiceSummary] = ()) -> list[str]:
+def workload_ids(statuses: Iterable[ppb.SiteStatus], summaries: Iterable[ppb.ServiceSummary] = ()) -> list[str]:
     ids = [s.workload_id for st in statuses for s in st.services] + [j.workload_id for st in statuses for j in st.jobs]
     return ids + [s.workload_id for s in summaries]
 
 
-def scoped_status(status: pb.SiteStatus, mine) -> pb.SiteStatus:
+def scoped_status(status: ppb.SiteStatus, mine) -> ppb.SiteStatus:
     """The site as a tenant sees it: capacity, state and utilisation, and only its own workloads."""
-    out = pb.SiteStatus()
+    out = ppb.SiteStatus()
     out.CopyFrom(status)
     del out.services[:]
     del out.jobs[:]
@@ -60,8 +60,8 @@ def scoped_status(status: pb.SiteStatus, mine) -> pb.SiteStatus:
     return out
 
 
-def scoped_snapshot(snap: pb.Snapshot, mine) -> pb.Snapshot:
-    out = pb.Snapshot()
+def scoped_snapshot(snap: ppb.Snapshot, mine) -> ppb.Snapshot:
+    out = ppb.Snapshot()
     out.CopyFrom(snap)
     del out.sites[:]
     del out.services[:]

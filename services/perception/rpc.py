@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
-from cnc.common.v1 import common_pb2
-from cnc.perception.v1 import perception_pb2 as pb
+from cnc.common.v1 import common_pb2 as common
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.perception.v1 import perception_pb2_grpc
 from cncbrain.auth import optional_principal
 from cncbrain.errors import InvalidArgument, NotFound
@@ -39,46 +39,46 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         tenant = caller.tenant_id
         return lambda wid: bool(tenant) and owners.of(wid) == tenant
 
-    async def _statuses(self, statuses: list[pb.SiteStatus]) -> list[pb.SiteStatus]:
+    async def _statuses(self, statuses: list[ppb.SiteStatus]) -> list[ppb.SiteStatus]:
         mine = await self._mine(workload_ids(statuses))
         return statuses if mine is None else [scoped_status(s, mine) for s in statuses]
 
-    async def _snapshot(self, snap: pb.Snapshot) -> pb.Snapshot:
+    async def _snapshot(self, snap: ppb.Snapshot) -> ppb.Snapshot:
         mine = await self._mine(workload_ids(snap.sites, snap.services))
         return snap if mine is None else scoped_snapshot(snap, mine)
 
-    async def ListSites(self, request: pb.ListSitesRequest, context: grpc.aio.ServicerContext) -> pb.ListSitesResponse:
-        if request.state not in common_pb2.SiteState.values():
+    async def ListSites(self, request: ppb.ListSitesRequest, context: grpc.aio.ServicerContext) -> ppb.ListSitesResponse:
+        if request.state not in common.SiteState.values():
             raise InvalidArgument(f"state: unknown value {request.state}")
         entries = [self.picture.sites[k] for k in sorted(self.picture.sites)]
-        wanted = [e for e in entries if request.state in (common_pb2.SITE_STATE_UNSPECIFIED, e.state)]
-        return pb.ListSitesResponse(sites=await self._statuses([self.picture.site_status(e) for e in wanted]))
+        wanted = [e for e in entries if request.state in (common.SITE_STATE_UNSPECIFIED, e.state)]
+        return ppb.ListSitesResponse(sites=await self._statuses([self.picture.site_status(e) for e in wanted]))
 
-    async def GetSite(self, request: pb.GetSiteRequest, context: grpc.aio.ServicerContext) -> pb.GetSiteResponse:
+    async def GetSite(self, request: ppb.GetSiteRequest, context: grpc.aio.ServicerContext) -> ppb.GetSiteResponse:
         if not request.site_id:
             raise InvalidArgument("site_id: required")
         entry = self.picture.sites.get(request.site_id)
         if entry is None:
             raise NotFound(f"site {request.site_id!r} is not registered")
-        return pb.GetSiteResponse(site=(await self._statuses([self.picture.site_status(entry)]))[0])
+        return ppb.GetSiteResponse(site=(await self._statuses([self.picture.site_status(entry)]))[0])
 
-    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.aio.ServicerContext) -> pb.GetSnapshotResponse:
-        return pb.GetSnapshotResponse(snapshot=await self._snapshot(self.events.latest))
+    async def GetSnapshot(self, request: ppb.GetSnapshotRequest, context: grpc.aio.ServicerContext) -> ppb.GetSnapshotResponse:
+        return ppb.GetSnapshotResponse(snapshot=await self._snapshot(self.events.latest))
 
     async def WatchSnapshots(
-        self, request: pb.WatchSnapshotsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchSnapshotsResponse]:
-        queue: asyncio.Queue[pb.Snapshot] = asyncio.Queue(maxsize=8)
+        self, request: ppb.WatchSnapshotsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ppb.WatchSnapshotsResponse]:
+        queue: asyncio.Queue[ppb.Snapshot] = asyncio.Queue(maxsize=8)
         self.events.watchers.add(queue)
         try:
             if self.events.latest.sequence:
-                yield pb.WatchSnapshotsResponse(snapshot=await self._snapshot(self.events.latest))
+                yield ppb.WatchSnapshotsResponse(snapshot=await self._snapshot(self.events.latest))
             while True:
-                yield pb.WatchSnapshotsResponse(snapshot=await self._snapshot(await queue.get()))
+                yield ppb.WatchSnapshotsResponse(snapshot=await self._snapshot(await queue.get()))
         finally:
             self.events.watchers.discard(queue)
 
-    async def GetForecast(self, request: pb.GetForecastRequest, context: grpc.aio.ServicerContext) -> pb.GetForecastResponse:
+    async def GetForecast(self, request: ppb.GetForecastRequest, context: grpc.aio.ServicerContext) -> ppb.GetForecastResponse:
         if not request.workload_id:
             raise InvalidArgument("workload_id: required")
         horizon = request.horizon_ticks or 5
@@ -88,4 +88,4 @@ class PerceptionServicer(perception_pb2_grpc.PerceptionServiceServicer):
         mine = await self._mine([request.workload_id])
         if forecast is None or (mine is not None and not mine(request.workload_id)):  # another tenant's: as unknown
             raise NotFound(f"no telemetry yet for inference service {request.workload_id!r}")
-        return pb.GetForecastResponse(forecast=forecast)
+        return ppb.GetForecastResponse(forecast=forecast)

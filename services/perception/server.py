@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.perception.v1 import perception_pb2_grpc
 from cncbrain import grpcserver
 from cncbrain.auth import TokenFeed, server_auth
 from cncbrain.bus import Bus
@@ -18,7 +19,7 @@ from services.perception.settings import Settings
 from services.perception.web import ConsoleView, WebServer
 
 log = logging.getLogger("perception")
-SERVICE_NAME = perception_pb2.DESCRIPTOR.services_by_name["PerceptionService"].full_name
+SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PerceptionService"].full_name
 
 
 class PerceptionServer:

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import metrics
 from cncbrain.auth import AuthInterceptor
@@ -59,7 +59,7 @@ class ConsoleView:
         self.workloads: dict[str, spb.Workload] = {}
         self.actions: collections.deque[apb.AdaptationAction] = collections.deque(maxlen=ACTIONS_KEPT)
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
-        self.snapshot = perception_pb2.Snapshot()
+        self.snapshot = ppb.Snapshot()
         self._follower: KvFollower | None = None
 
     async def start(self) -> None:
@@ -87,7 +87,7 @@ class ConsoleView:
         if all(a.action_id != event.payload.action_id for a in self.actions):
             self.actions.append(event.payload)
 
-    def on_tick(self, snap: perception_pb2.Snapshot) -> None:
+    def on_tick(self, snap: ppb.Snapshot) -> None:
         """One sample per tick: SLO attainment (pool-wide and per service), GPUs used, placements."""
         self.snapshot = snap
         requests = sum(s.requests for s in snap.services)

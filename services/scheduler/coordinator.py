@@ -18,7 +18,7 @@ Offers go out in rounds: one placer task sends every workload waiting for placem
 `OfferRound`; each up site answers the whole round with one `OfferAnswer` (an agent process
 hosting several sites sends theirs together, as one `OfferAnswers`); the round is arbitrated
 in the handler of the answer that completes it (or by the placer when the offer times out), its
-workloads in offer order (the ledger is updated synchronously, so one round never double-books a
+workloads in offer order (the inventory is updated synchronously, so one round never double-books a
 GPU), and each workload's commit runs as its own task, so a slow write never holds the next round.
 A new workload's first round goes out while its record is still being stored; its commit waits
 for that write (nothing is placed that is not stored). The commit then writes the placed record
@@ -46,7 +46,7 @@ from opentelemetry import trace
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
 from cncbrain.auth import subscribe_durable
@@ -54,7 +54,7 @@ from cncbrain.bus import Bus, Event, subjects
 from cncbrain.errors import FailedPrecondition
 from cncbrain.workload import copy_spec
 from services.scheduler import domain
-from services.scheduler.domain import Ledger
+from services.scheduler.domain import Inventory
 from services.scheduler.governance import Gate, SchedulerGovernance
 from services.scheduler.reconcile import FAIL, SHRINK, Reconciler, TakeOff
 from services.scheduler.settings import Settings
@@ -62,12 +62,12 @@ from services.scheduler.store import Conflict, WorkloadStore
 
 log = logging.getLogger(__name__)
 EVENT_OF_STATE = {
-    domain.PENDING: pb.WORKLOAD_EVENT_KIND_ACCEPTED,
-    domain.PLACED: pb.WORKLOAD_EVENT_KIND_PLACED,
-    domain.RUNNING: pb.WORKLOAD_EVENT_KIND_RUNNING,
-    domain.COMPLETED: pb.WORKLOAD_EVENT_KIND_COMPLETED,
-    domain.FAILED: pb.WORKLOAD_EVENT_KIND_FAILED,
-    domain.CANCELLED: pb.WORKLOAD_EVENT_KIND_CANCELLED,
+    domain.PENDING: spb.WORKLOAD_EVENT_KIND_ACCEPTED,
+    domain.PLACED: spb.WORKLOAD_EVENT_KIND_PLACED,
+    domain.RUNNING: spb.WORKLOAD_EVENT_KIND_RUNNING,
+    domain.COMPLETED: spb.WORKLOAD_EVENT_KIND_COMPLETED,
+    domain.FAILED: spb.WORKLOAD_EVENT_KIND_FAILED,
+    domain.CANCELLED: spb.WORKLOAD_EVENT_KIND_CANCELLED,
 }
 
 
@@ -86,7 +86,7 @@ def now_ns() -> int:
 class Waiting:
     """A workload waiting for placement (in the placer's queue)."""
 
-    workload: pb.Workload
+    workload: spb.Workload
     need: domain.Need
     deadline: float
     created: asyncio.Future[bool] | None = None
@@ -120,7 +120,7 @@ class Coordinator:
         self.bus = bus
         self.settings = settings
         self.store = WorkloadStore(bus)
-        self.ledger = Ledger()
+        self.inventory = Inventory()
         self.rounds: dict[str, OpenRound] = {}
         self.waiting: dict[str, Waiting] = {}  # insertion order = offer order
         self.wake = asyncio.Event()
@@ -129,11 +129,11 @@ class Coordinator:
         self._stopping = False
         self.locks: dict[str, asyncio.Lock] = {}
         self.sites_known = asyncio.Event()
-        self.governance = SchedulerGovernance(self.ledger, gate, token)
+        self.governance = SchedulerGovernance(self.inventory, gate, token)
         """Admission, who may touch a workload, and the check of every placement before its commit."""
         self.accepted: dict[str, asyncio.Future[None]] = {}
         """ACCEPTED publishes in flight; later events of the workload wait for theirs (order)."""
-        self.unannounced: dict[str, pb.Workload] = {}
+        self.unannounced: dict[str, spb.Workload] = {}
         """Stored workloads whose ACCEPTED is not sent yet (the record as accepted)."""
         self.committing: set[str] = set()
         """Workloads whose commit task is running."""
@@ -148,7 +148,7 @@ class Coordinator:
         """`cnc_scheduler_workloads` and `cnc_scheduler_waiting` (run by the metrics endpoint at scrape)."""
         counts: dict[tuple[str, str], float] = {}
         for w in list(self.store.records.values()):
-            key = (KIND_LABEL.get(w.kind, "other"), pb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower())
+            key = (KIND_LABEL.get(w.kind, "other"), spb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower())
             counts[key] = counts.get(key, 0.0) + 1
         metrics.replace_gauge(metrics.WORKLOADS, counts)
         metrics.WAITING.set(len(self.waiting))
@@ -156,7 +156,7 @@ class Coordinator:
     # --- life ---------------------------------------------------------------------------------
     async def start(self) -> None:
         records = await self._recover_commits(await self.store.open())
-        self.ledger.rebuild(records)
+        self.inventory.rebuild(records)
         self.reconciler.recover(records)  # before the reports come in
         await self.bus.subscribe(subjects.PERCEPTION_SNAPSHOT, self.on_snapshot, consumer="scheduler-snapshot")
         await self.bus.subscribe(subjects.SITE_ANSWER, self.on_answer, consumer="scheduler-proposals")
@@ -171,7 +171,7 @@ class Coordinator:
         pending = [w for w in records if w.state == domain.PENDING]
         for w in pending:
             # ACCEPTED may not have reached the stream before a crash; its id makes this a no-op if it did.
-            await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
+            await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.enqueue(w)
         self._placer = aio.background(self._place_loop(), "placer")
         self._reconciling = aio.background(self._reconcile_loop(), "reconciler")
@@ -199,7 +199,7 @@ class Coordinator:
         return self.locks.setdefault(workload_id, asyncio.Lock())
 
     # --- tenant actions (called by rpc) -----------------------------------------------------
-    async def accept(self, w: pb.Workload) -> pb.Workload:
+    async def accept(self, w: spb.Workload) -> spb.Workload:
         """Store a new workload (idempotent on its id) and start placing it.
 
         Its first offer round goes out while the record is being written (the round first: the
@@ -239,26 +239,26 @@ class Coordinator:
         if w is not None:
             self.accepted[workload_id] = asyncio.ensure_future(self._send_accepted(w))
 
-    async def _send_accepted(self, w: pb.Workload) -> None:
+    async def _send_accepted(self, w: spb.Workload) -> None:
         try:
-            await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_ACCEPTED)
+            await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_ACCEPTED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # informational only (the record is stored): later events still go out
             self.counters["accepted_events_lost"] += 1
             log.warning("ACCEPTED event of %s not sent: %r", w.workload_id, exc)
 
-    async def cancel(self, workload_id: str, actor: str = "") -> pb.Workload:
+    async def cancel(self, workload_id: str, actor: str = "") -> spb.Workload:
         """End a workload at a caller's request; `actor` (the caller's token id) goes with its
-        CANCELLED event into governance's ledger."""
+        CANCELLED event into governance's audit ledger."""
         async with self.lock(workload_id):
             w = self._copy(workload_id)
             if w.state in domain.ENDED:
-                raise FailedPrecondition(f"workload is already {pb.WorkloadState.Name(w.state)}")
+                raise FailedPrecondition(f"workload is already {spb.WorkloadState.Name(w.state)}")
             return await self._end(w, domain.CANCELLED, "cancelled by the tenant", actor)
 
     # --- placement ----------------------------------------------------------------------------
-    def enqueue(self, w: pb.Workload, created: asyncio.Future[bool] | None = None, *, deadline: float | None = None,
+    def enqueue(self, w: spb.Workload, created: asyncio.Future[bool] | None = None, *, deadline: float | None = None,
                 exclude: frozenset[str] = frozenset()) -> Waiting:
         """Queue `w` for placement until `deadline` (default: its creation plus its timeout)."""
         if deadline is None:
@@ -281,7 +281,7 @@ class Coordinator:
             self.counters["task_errors"] += 1
             log.error("%s failed: %r", task.get_name(), exc, exc_info=exc)
 
-    def _timeout_of(self, w: pb.Workload) -> float:
+    def _timeout_of(self, w: spb.Workload) -> float:
         if w.kind == domain.TRAINING:
             return w.training_job.gang_timeout_s or self.settings.default_gang_timeout_s
         return self.settings.placement_timeout_s
@@ -310,7 +310,7 @@ class Coordinator:
     async def _round(self, batch: list[Waiting]) -> None:
         """Offer `batch` and arbitrate it: at once when the last up site's answer arrives (in that
         answer's handler: no wait for the placer to resume), else when the offer times out."""
-        if not self.ledger.up:
+        if not self.inventory.up:
             self._arbitrate(batch, [])
             return
         rnd = await self._offer(batch)
@@ -344,7 +344,7 @@ class Coordinator:
         """Send the round and wait until it is over (its answers are in the returned `OpenRound`)."""
         round_id = uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.offer_timeout_s
-        msg = pb.OfferRound(round_id=round_id)
+        msg = spb.OfferRound(round_id=round_id)
         msg.deadline.FromNanoseconds(int(deadline * 1e9))
         for e in batch:
             w, need = e.workload, e.need
@@ -357,7 +357,7 @@ class Coordinator:
             )
             offer.deadline.CopyFrom(msg.deadline)
             copy_spec(w, offer)
-        pending = OpenRound(round_id, batch, expected=set(self.ledger.up))
+        pending = OpenRound(round_id, batch, expected=set(self.inventory.up))
         self.rounds[round_id] = pending
         # The round belongs to the trace of its first workload's call; the others are linked.
         links = [trace.Link(sc) for e in batch[1:] if e.context is not None
@@ -380,8 +380,8 @@ class Coordinator:
         return pending
 
     def _decide(self, entry: Waiting, proposals: list[site_pb.Proposal], now: float) -> bool:
-        """Arbitrate one workload of a round (no await: the ledger cannot change underneath); a
-        winning allocation is taken from the ledger at once and committed by its own task (True)."""
+        """Arbitrate one workload of a round (no await: the inventory cannot change underneath); a
+        winning allocation is taken from the inventory at once and committed by its own task (True)."""
         wid = entry.workload.workload_id
         if self.waiting.get(wid) is not entry:
             return False  # cancelled or ended meanwhile
@@ -392,9 +392,9 @@ class Coordinator:
         if entry.exclude:
             proposals = [p for p in proposals if p.site_id not in entry.exclude]
         proposals = self.governance.proposals(current, proposals)  # outside its placement policy: never count
-        allocation = domain.arbitrate(entry.need, proposals, self.ledger) if proposals else None
+        allocation = domain.arbitrate(entry.need, proposals, self.inventory) if proposals else None
         if allocation is not None:
-            w = pb.Workload()
+            w = spb.Workload()
             w.CopyFrom(current)
             placements = domain.commit_placement(w, allocation, now_ns())
             verdict = self.governance.check(w, placements)
@@ -404,14 +404,14 @@ class Coordinator:
                 self._note(entry, domain.Unplaced("policy", f"placement refused by governance: {verdict.message}"))
             else:
                 for p in placements:
-                    self.ledger.take(p)
+                    self.inventory.take(p)
                 del self.waiting[wid]
                 self.committing.add(wid)
                 self._spawn(self._commit(entry, w, placements), f"commit-{wid}")
                 return True
         else:
             self._note(entry, domain.why_unplaced(
-                entry.need, self.ledger, proposals, training=current.kind == domain.TRAINING,
+                entry.need, self.inventory, proposals, training=current.kind == domain.TRAINING,
                 offered_types=self.governance.offer_types(current), allowed=self.governance.site_filter(current)))
         if now > entry.deadline:
             del self.waiting[wid]
@@ -441,12 +441,12 @@ class Coordinator:
             except Exception:  # the next change of reason, or the placement, writes again
                 log.warning("could not record why %s waits", wid, exc_info=True)
 
-    async def _commit(self, entry: Waiting, w: pb.Workload, placements: list[common.Placement]) -> None:
+    async def _commit(self, entry: Waiting, w: spb.Workload, placements: list[common.Placement]) -> None:
         wid = w.workload_id
 
         def undo() -> None:
             for p in placements:
-                self.ledger.take(p, -1)
+                self.inventory.take(p, -1)
 
         if entry.context is not None:  # the commit and its events belong to the submitting call's trace
             otel_context.attach(entry.context)  # this task's own context copy
@@ -468,7 +468,7 @@ class Coordinator:
                 self.counters["placements_committed"] += 1
                 self.counters["units_placed"] += entry.need.units
                 self.governance.committed(w)
-                await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PLACED)
+                await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_PLACED)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -502,7 +502,7 @@ class Coordinator:
                 self.waiting[wid] = entry
                 self.wake.set()
 
-    async def _write(self, w: pb.Workload) -> None:
+    async def _write(self, w: spb.Workload) -> None:
         try:
             await self.store.update(w)
         except Conflict:
@@ -512,7 +512,7 @@ class Coordinator:
                 raise
             log.info("write of %s had landed before the retry", w.workload_id)
 
-    async def _write_and_publish(self, w: pb.Workload, placements: list[common.Placement]) -> None:
+    async def _write_and_publish(self, w: spb.Workload, placements: list[common.Placement]) -> None:
         """Write the placed record `w` and publish its `placements` at once (different streams, one
         socket write). Both are idempotent — a write that landed is recognised on re-read
         (`_write`), a placement carries its id (JetStream drops a duplicate) and sites apply a
@@ -534,7 +534,7 @@ class Coordinator:
                 self.counters["commit_retries"] += 1
                 await asyncio.sleep(self.settings.retry_interval_s)
 
-    async def _recover_commits(self, records: list[pb.Workload]) -> list[pb.Workload]:
+    async def _recover_commits(self, records: list[spb.Workload]) -> list[spb.Workload]:
         """Commits cut short by a stop between publishing a pending workload's placements and
         writing its record: the placement stream holds placements of the generation its next commit
         would have had. Rolled forward (record written as that commit wrote it) when they are the
@@ -547,7 +547,7 @@ class Coordinator:
         since = min(w.created_at.ToNanoseconds() for w in pending.values()) / 1e9 - RECOVERY_CLOCK_SKEW_S
         events = await self.bus.retrying(lambda: self.bus.events_since(subjects.SCHEDULER_PLACEMENT, since),
                                          "read the placements of pending workloads")
-        found: dict[str, dict[str, pb.PlacementCommitted]] = {}
+        found: dict[str, dict[str, spb.PlacementCommitted]] = {}
         for ev in events:
             p = ev.payload.placement
             w = pending.get(p.workload_id)
@@ -555,7 +555,7 @@ class Coordinator:
                 found.setdefault(p.workload_id, {})[p.site_id] = ev.payload
         stored = {w.workload_id: w for w in records}
         for wid, by_site in found.items():
-            placed = pb.Workload()
+            placed = spb.Workload()
             placed.CopyFrom(pending[wid])
             allocation = {site: (m.placement.gpu_type, m.placement.replicas or len(m.placement.shard_indices))
                           for site, m in by_site.items()}
@@ -576,15 +576,15 @@ class Coordinator:
             stored[wid] = placed
         return list(stored.values())
 
-    def _copy(self, workload_id: str) -> pb.Workload:
+    def _copy(self, workload_id: str) -> spb.Workload:
         w = self.store.get(workload_id)
         if w is None:
             raise KeyError(workload_id)
-        copy = pb.Workload()
+        copy = spb.Workload()
         copy.CopyFrom(w)
         return copy
 
-    async def _end(self, w: pb.Workload, state: pb.WorkloadState.ValueType, message: str, actor: str = "") -> pb.Workload:
+    async def _end(self, w: spb.Workload, state: spb.WorkloadState.ValueType, message: str, actor: str = "") -> spb.Workload:
         before: list[common.Placement] = []
         if w.state in domain.ACTIVE:
             for p in w.placements:
@@ -594,7 +594,7 @@ class Coordinator:
         changed = domain.end(w, state, message, now_ns())
         await self._write(w)
         for p in before:
-            self.ledger.take(p, -1)
+            self.inventory.take(p, -1)
         self.waiting.pop(w.workload_id, None)
         self.reconciler.forget(w.workload_id)
         await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state], actor))
@@ -612,7 +612,7 @@ class Coordinator:
             await asyncio.sleep(self.settings.reconcile_s)
 
     async def _reconcile_tick(self) -> None:
-        for wid, sites in self.reconciler.due(time.monotonic(), self.ledger.up).items():
+        for wid, sites in self.reconciler.due(time.monotonic(), self.inventory.up).items():
             await self._take_off(wid, sites)
         for wid, w in list(self.store.records.items()):
             if w.state == domain.PENDING and wid not in self.waiting and wid not in self.committing:
@@ -638,13 +638,13 @@ class Coordinator:
             else:
                 await self._withdraw(w, step)
 
-    async def _shrink(self, w: pb.Workload, step: TakeOff) -> None:
+    async def _shrink(self, w: spb.Workload, step: TakeOff) -> None:
         """A service loses its replicas at `step.sites` (a new generation, zero replicas there)."""
         w.generation += 1
         changed = []
         for p in w.placements:
             if p.site_id in step.sites and p.replicas:
-                self.ledger.take(p, -1)
+                self.inventory.take(p, -1)
                 p.replicas = 0
                 p.generation = w.generation
                 copy = common.Placement()
@@ -655,9 +655,9 @@ class Coordinator:
         await self._write(w)
         self.governance.committed(w)
         await self.publish_placements(w, changed)
-        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+        await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RESCALED)
 
-    async def _withdraw(self, w: pb.Workload, step: TakeOff) -> None:
+    async def _withdraw(self, w: spb.Workload, step: TakeOff) -> None:
         """Take the workload off every site and offer it again, avoiding `step.exclude`."""
         held = []
         for p in w.placements:
@@ -668,20 +668,20 @@ class Coordinator:
         released = domain.withdraw(w, step.message, now_ns())
         await self._write(w)
         for p in held:
-            self.ledger.take(p, -1)
+            self.inventory.take(p, -1)
         self.governance.committed(w)
         await self.publish_placements(w, released)
-        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+        await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RESCALED)
         self.enqueue(w, deadline=time.time() + self._timeout_of(w), exclude=step.exclude)
 
     # --- publishing ---------------------------------------------------------------------------
-    async def publish_placements(self, w: pb.Workload, placements: list[common.Placement], *,
+    async def publish_placements(self, w: spb.Workload, placements: list[common.Placement], *,
                                  track: bool = True) -> None:
         """Publish `placements` of `w`, one event per site; `track`: the reconciler waits for each
         site's report (a republication after a restart is `recover`ed instead)."""
         msgs = []
         for p in placements:
-            msg = pb.PlacementCommitted(placement=p)
+            msg = spb.PlacementCommitted(placement=p)
             copy_spec(w, msg)
             msg.committed_at.CopyFrom(w.updated_at)
             msgs.append(msg)
@@ -697,12 +697,12 @@ class Coordinator:
             for m in msgs
         ])
 
-    async def publish_event(self, w: pb.Workload, kind: pb.WorkloadEventKind.ValueType, actor: str = "") -> None:
-        if kind != pb.WORKLOAD_EVENT_KIND_ACCEPTED:
+    async def publish_event(self, w: spb.Workload, kind: spb.WorkloadEventKind.ValueType, actor: str = "") -> None:
+        if kind != spb.WORKLOAD_EVENT_KIND_ACCEPTED:
             self._announce(w.workload_id)
             if w.workload_id in self.accepted:
                 await self.accepted.pop(w.workload_id)
-        ev = pb.WorkloadEvent(
+        ev = spb.WorkloadEvent(
             workload_id=w.workload_id, kind=kind, state=w.state, generation=w.generation,
             placements=[p for p in w.placements if p.replicas or p.shard_indices], message=w.message,
             progress=w.progress, actor=actor,
@@ -710,7 +710,7 @@ class Coordinator:
         ev.at.CopyFrom(w.updated_at)
         await self.bus.publish(
             subjects.SCHEDULER_WORKLOAD, ev,
-            event_id=f"{w.workload_id}/{w.generation}/{pb.WorkloadEventKind.Name(kind)}/{round(w.progress, 2)}",
+            event_id=f"{w.workload_id}/{w.generation}/{spb.WorkloadEventKind.Name(kind)}/{round(w.progress, 2)}",
             workload=w.workload_id,
         )
 
@@ -733,10 +733,10 @@ class Coordinator:
                 log.warning("answer for site %r from agent %s refused: the site's registration names agent %r",
                             a.site_id, agent, self.agent_of.get(a.site_id))
                 continue
-            if a.site_id not in self.ledger.capacity or a.round_id != batch.round_id:
+            if a.site_id not in self.inventory.capacity or a.round_id != batch.round_id:
                 self.counters["answers_refused"] += 1
                 log.warning("answer for site %r (round %s) from agent %s refused: %s", a.site_id, a.round_id,
-                            event.params["agent"], "round mismatch" if a.site_id in self.ledger.capacity
+                            event.params["agent"], "round mismatch" if a.site_id in self.inventory.capacity
                             else "unknown site")
                 continue
             self._take_answer(a)
@@ -774,26 +774,26 @@ class Coordinator:
         async with self.lock(p.workload_id):
             w = self._copy(p.workload_id)
             try:
-                changed = domain.scale(w, p.site_id, p.units, p.gpu_type, self.ledger, now_ns())
+                changed = domain.scale(w, p.site_id, p.units, p.gpu_type, self.inventory, now_ns())
             except domain.ScaleRefused as exc:
                 self.counters["scale_refused"] += 1
                 log.debug("scale of %s at %s refused: %s", p.workload_id, p.site_id, exc)
                 return
             verdict = self.governance.check(w, w.placements)
             if not verdict.ok:
-                self.ledger.rebuild(self.store.records.values())
+                self.inventory.rebuild(self.store.records.values())
                 self.counters["scale_refused_by_governance"] += 1
                 log.debug("scale of %s at %s refused by governance: %s", p.workload_id, p.site_id, verdict.message)
                 return
             try:
                 await self._write(w)
             except Exception:
-                self.ledger.rebuild(self.store.records.values())
+                self.inventory.rebuild(self.store.records.values())
                 raise
             self.counters["scale_committed"] += 1
             self.governance.committed(w)
             await self.publish_placements(w, [changed])
-            await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+            await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RESCALED)
 
     async def on_action(self, event: Event) -> None:
         """Adaptation's action (`cnc.adaptation.action`): the workload's whole new placement, applied
@@ -821,7 +821,7 @@ class Coordinator:
                 return
             before = {p.site_id for p in w.placements}
             for p in w.placements:
-                self.ledger.take(p, -1)
+                self.inventory.take(p, -1)
             w.generation += 1
             del w.placements[:]
             changed = []
@@ -831,7 +831,7 @@ class Coordinator:
                 entry.workload_id, entry.kind, entry.generation = wid, w.kind, w.generation
                 if entry.replicas or entry.shard_indices:
                     w.placements.append(entry)
-                    self.ledger.take(entry)
+                    self.inventory.take(entry)
                 if entry.site_id in before or entry.replicas or entry.shard_indices:
                     changed.append(entry)
             if w.kind == domain.TRAINING and action.lost_progress > 0:
@@ -841,14 +841,14 @@ class Coordinator:
             try:
                 await self._write(w)
             except Exception:
-                self.ledger.rebuild(self.store.records.values())
+                self.inventory.rebuild(self.store.records.values())
                 raise
             self.governance.committed(w)
             self.counters["adaptation_applied"] += 1
         await self.publish_placements(w, changed)
-        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RESCALED)
+        await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RESCALED)
 
-    def _refusal(self, w: pb.Workload, action: apb.AdaptationAction) -> str:
+    def _refusal(self, w: spb.Workload, action: apb.AdaptationAction) -> str:
         held: dict[tuple[str, str], int] = {}
         for p in w.placements:
             key = (p.site_id, p.gpu_type)
@@ -864,10 +864,10 @@ class Coordinator:
             if shards != list(range(w.training_job.shards)):
                 return "a training placement must hold every shard exactly once"
         for p in wanted:
-            if p.site_id not in self.ledger.up:
+            if p.site_id not in self.inventory.up:
                 return f"site {p.site_id} is not up"
             need = (p.replicas + len(p.shard_indices)) * p.gpus_per_unit
-            room = self.ledger.free(p.site_id, p.gpu_type) + held.get((p.site_id, p.gpu_type), 0)
+            room = self.inventory.free(p.site_id, p.gpu_type) + held.get((p.site_id, p.gpu_type), 0)
             if need > room:
                 return f"site {p.site_id} has {room} {p.gpu_type} for {need}"
         decision = self.governance.check(w, wanted)
@@ -876,7 +876,7 @@ class Coordinator:
     async def on_snapshot(self, event: Event) -> None:
         snap = event.payload
         for s in snap.sites:
-            self.ledger.set_site(s.site.site_id, s.site.gpu_pools, s.state == common.SITE_STATE_UP)
+            self.inventory.set_site(s.site.site_id, s.site.gpu_pools, s.state == common.SITE_STATE_UP)
         if snap.sites:
             self.sites_known.set()
         progress: dict[str, tuple[float, bool]] = {}
@@ -903,7 +903,7 @@ class Coordinator:
                     w.progress = value
                     await self._write(w)
                     if step:
-                        await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_PROGRESS)
+                        await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_PROGRESS)
 
     async def on_applied(self, event: Event) -> None:
         a: site_pb.PlacementApplied = event.payload
@@ -936,4 +936,4 @@ class Coordinator:
                 w.state = domain.RUNNING
                 w.updated_at.FromNanoseconds(now_ns())
                 await self._write(w)
-                await self.publish_event(w, pb.WORKLOAD_EVENT_KIND_RUNNING)
+                await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RUNNING)

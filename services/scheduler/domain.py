@@ -1,6 +1,6 @@
-"""The scheduler's pure logic: spec validation, the capacity ledger, arbitration of the site
-agents' proposals (gang: all units or none), and the transitions of a workload's record and its
-placement generations. No gRPC, no NATS.
+"""The scheduler's pure logic: spec validation, the GPU inventory (installed and committed GPUs per
+site and type), arbitration of the site agents' proposals (gang: all units or none), and the
+transitions of a workload's record and its placement generations. No gRPC, no NATS.
 
 Records are the contract's `Workload` message: the state of record is stored as that protobuf in
 KV, so the domain works on it directly instead of on a copy.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import limits
 from cncbrain.errors import FailedPrecondition
@@ -26,8 +26,8 @@ from cncbrain.workload import required_spec, spec_of
 
 TRAINING = common.WORKLOAD_KIND_TRAINING_JOB
 INFERENCE = common.WORKLOAD_KIND_INFERENCE_SERVICE
-PENDING, PLACED, RUNNING = pb.WORKLOAD_STATE_PENDING, pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING
-COMPLETED, FAILED, CANCELLED = pb.WORKLOAD_STATE_COMPLETED, pb.WORKLOAD_STATE_FAILED, pb.WORKLOAD_STATE_CANCELLED
+PENDING, PLACED, RUNNING = spb.WORKLOAD_STATE_PENDING, spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING
+COMPLETED, FAILED, CANCELLED = spb.WORKLOAD_STATE_COMPLETED, spb.WORKLOAD_STATE_FAILED, spb.WORKLOAD_STATE_CANCELLED
 ACTIVE = (PLACED, RUNNING)
 ENDED = (COMPLETED, FAILED, CANCELLED)
 MAX_UNITS = limits.MAX_UNITS
@@ -143,34 +143,34 @@ def validate_template(t: common.WorkloadTemplate, prefix: str) -> None:
         raise SpecError(prefix, f"{total} characters in all; at most {TEMPLATE_MAX_TOTAL}")
 
 
-def gpu_memory(ledger: Ledger) -> dict[str, float]:
+def gpu_memory(inventory: Inventory) -> dict[str, float]:
     """The GPU types a workload may name and their memory in GB: the twin's catalogue and every
     type the pool reports (math.inf where a site did not say)."""
     memory = {name: g.mem_gb for name, g in physics.gpu_catalog().items()}
-    for pools in ledger.capacity.values():
+    for pools in inventory.capacity.values():
         for t in pools:
-            memory.setdefault(t, ledger.hbm_gb.get(t) or math.inf)
-    memory.update({t: gb for t, gb in ledger.hbm_gb.items() if gb})
+            memory.setdefault(t, inventory.hbm_gb.get(t) or math.inf)
+    memory.update({t: gb for t, gb in inventory.hbm_gb.items() if gb})
     return memory
 
 
-def check_placeable(w: pb.Workload, ledger: Ledger) -> None:
+def check_placeable(w: spb.Workload, inventory: Inventory) -> None:
     """Refuse (SpecError) a workload no pool like this one could ever run: an unknown GPU type, an
     ingress site the pool does not have, or a model whose replica (with its GPUs) or training shard
     (weights, gradients and optimizer state over its GPUs) fits the memory of no allowed GPU type."""
     spec = required_spec(w)
     field = "job" if w.kind == TRAINING else "service"
-    memory = gpu_memory(ledger)
+    memory = gpu_memory(inventory)
     unknown = [t for t in spec.allowed_gpu_types if t not in memory]
     if unknown:
         raise SpecError(f"{field}.allowed_gpu_types", f"unknown GPU type {limits.quote(unknown[0])}; known: "
                                                       f"{', '.join(sorted(memory))}")
-    if isinstance(spec, common.InferenceServiceSpec) and spec.ingress_site_id and ledger.capacity \
-            and spec.ingress_site_id not in ledger.capacity:
+    if isinstance(spec, common.InferenceServiceSpec) and spec.ingress_site_id and inventory.capacity \
+            and spec.ingress_site_id not in inventory.capacity:
         raise SpecError("service.ingress_site_id", f"{limits.quote(spec.ingress_site_id)} is not a site of the pool")
     need = need_of(w)
     # No list: any type of the pool (of the catalogue while the pool is not known yet).
-    types = list(spec.allowed_gpu_types) or sorted({t for pools in ledger.capacity.values() for t in pools}) \
+    types = list(spec.allowed_gpu_types) or sorted({t for pools in inventory.capacity.values() for t in pools}) \
         or list(memory)
     largest = max(types, key=lambda t: memory[t])
     if need.min_hbm_gb <= memory[largest]:
@@ -194,13 +194,13 @@ def workload_id(kind: int, request_id: str = "") -> str:
     return f"{prefix}-{digest}"
 
 
-def new_workload(spec: common.InferenceServiceSpec | common.TrainingJobSpec, request_id: str, now_ns: int) -> pb.Workload:
+def new_workload(spec: common.InferenceServiceSpec | common.TrainingJobSpec, request_id: str, now_ns: int) -> spb.Workload:
     if isinstance(spec, common.TrainingJobSpec):
         validate_training(spec)
-        w = pb.Workload(kind=TRAINING, training_job=spec)
+        w = spb.Workload(kind=TRAINING, training_job=spec)
     else:
         validate_inference(spec)
-        w = pb.Workload(kind=INFERENCE, inference_service=spec)
+        w = spb.Workload(kind=INFERENCE, inference_service=spec)
     w.workload_id = workload_id(w.kind, request_id)
     w.state = PENDING
     w.request_id = request_id
@@ -209,7 +209,7 @@ def new_workload(spec: common.InferenceServiceSpec | common.TrainingJobSpec, req
     return w
 
 
-def same_spec(a: pb.Workload, b: pb.Workload) -> bool:
+def same_spec(a: spb.Workload, b: spb.Workload) -> bool:
     return a.WhichOneof("spec") == b.WhichOneof("spec") and spec_of(a) == spec_of(b)
 
 
@@ -224,7 +224,7 @@ class Need:
     ingress_site_id: str = ""
 
 
-def need_of(w: pb.Workload) -> Need:
+def need_of(w: spb.Workload) -> Need:
     if w.kind == TRAINING:
         j = w.training_job
         hbm = j.params_b * 1e9 * BYTES_PER_PARAM_TRAIN / j.gpus_per_shard / 1e9
@@ -236,7 +236,7 @@ def need_of(w: pb.Workload) -> Need:
 
 
 @dataclass
-class Ledger:
+class Inventory:
     """GPUs per site and type: installed (from perception) and committed (from the records)."""
 
     capacity: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -262,7 +262,7 @@ class Ledger:
         units = p.replicas if p.kind == INFERENCE else len(p.shard_indices)
         self.used[p.site_id][p.gpu_type] += sign * units * p.gpus_per_unit
 
-    def rebuild(self, records: Iterable[pb.Workload]) -> None:
+    def rebuild(self, records: Iterable[spb.Workload]) -> None:
         self.used = defaultdict(lambda: defaultdict(int))
         for w in records:
             if w.state in ACTIVE:
@@ -270,8 +270,8 @@ class Ledger:
                     self.take(p)
 
 
-def arbitrate(need: Need, proposals: Iterable[site_pb.Proposal], ledger: Ledger) -> dict[str, tuple[str, int]] | None:
-    """Fill the need from the cheapest proposals (ties by site id) within the ledger's free GPUs.
+def arbitrate(need: Need, proposals: Iterable[site_pb.Proposal], inventory: Inventory) -> dict[str, tuple[str, int]] | None:
+    """Fill the need from the cheapest proposals (ties by site id) within the inventory's free GPUs.
 
     Returns {site: (gpu_type, units)} covering every unit, or None (all or none: nothing is
     reserved for a partial answer, so a gang never holds GPUs it cannot use).
@@ -281,11 +281,11 @@ def arbitrate(need: Need, proposals: Iterable[site_pb.Proposal], ledger: Ledger)
     for p in sorted(proposals, key=lambda p: (p.cost, p.site_id)):
         if remaining == 0:
             break
-        if p.units == 0 or p.site_id in allocation or p.site_id not in ledger.up:
+        if p.units == 0 or p.site_id in allocation or p.site_id not in inventory.up:
             continue
         if need.allowed_gpu_types and p.gpu_type not in need.allowed_gpu_types:
             continue
-        room = ledger.free(p.site_id, p.gpu_type) // need.gpus_per_unit
+        room = inventory.free(p.site_id, p.gpu_type) // need.gpus_per_unit
         grant = min(p.units, remaining, room)
         if grant > 0:
             allocation[p.site_id] = (p.gpu_type, grant)
@@ -311,7 +311,7 @@ def _types(names: Iterable[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def why_unplaced(need: Need, ledger: Ledger, proposals: Iterable[site_pb.Proposal], *, training: bool,
+def why_unplaced(need: Need, inventory: Inventory, proposals: Iterable[site_pb.Proposal], *, training: bool,
                  offered_types: Iterable[str] = (),
                  allowed: Callable[[str, str], bool] | None = None) -> Unplaced:
     """Why the last offer round did not place a workload, the most basic cause first: the GPU types
@@ -322,7 +322,7 @@ def why_unplaced(need: Need, ledger: Ledger, proposals: Iterable[site_pb.Proposa
     unit = "shard" if training else "replica"
     g, n = need.gpus_per_unit, need.units
     gang = f"waiting for a gang of {n} shards: " if training else ""
-    in_pool = {t for pools in ledger.capacity.values() for t, c in pools.items() if c > 0}
+    in_pool = {t for pools in inventory.capacity.values() for t, c in pools.items() if c > 0}
     types = set(offered_types) or set(need.allowed_gpu_types) or in_pool
     if NO_TYPE_WITHIN_QUOTA in types:
         return Unplaced("quota", f"the tenant's quota or placement policy leaves no GPU type with room for a "
@@ -330,20 +330,20 @@ def why_unplaced(need: Need, ledger: Ledger, proposals: Iterable[site_pb.Proposa
     present = types & in_pool
     if not present:
         return Unplaced("no_gpu_type", f"no site has GPUs of type {_types(types)}")
-    fitting = {t for t in present if ledger.hbm_gb.get(t, math.inf) >= need.min_hbm_gb}
+    fitting = {t for t in present if inventory.hbm_gb.get(t, math.inf) >= need.min_hbm_gb}
     if not fitting:
-        biggest = max(present, key=lambda t: ledger.hbm_gb.get(t, 0.0))
-        gb = ledger.hbm_gb[biggest]
+        biggest = max(present, key=lambda t: inventory.hbm_gb.get(t, 0.0))
+        gb = inventory.hbm_gb[biggest]
         whole = need.min_hbm_gb * g
         return Unplaced("fits_no_gpu", f"fits no GPU's memory: a {unit} needs {whole:,.0f} GB "
                                        f"({need.min_hbm_gb:,.0f} GB on each of its {g} GPU(s)) and the largest allowed "
                                        f"GPU, {biggest}, has {gb:,.0f} GB; a {unit} needs at least "
                                        f"{math.ceil(whole / gb)} GPUs (at most {MAX_GPUS_PER_UNIT})")
-    if not ledger.up:
-        return Unplaced("no_site_up", f"{gang}no site is up ({len(ledger.capacity)} known)")
+    if not inventory.up:
+        return Unplaced("no_site_up", f"{gang}no site is up ({len(inventory.capacity)} known)")
     room = 0
-    for site in ledger.up:
-        room += max((ledger.free(site, t) // g for t in fitting if allowed is None or allowed(site, t)), default=0)
+    for site in inventory.up:
+        room += max((inventory.free(site, t) // g for t in fitting if allowed is None or allowed(site, t)), default=0)
     if room == 0:
         return Unplaced("no_capacity", f"{gang}no site within policy has {g} free {_types(fitting)} GPU(s)")
     if room < n:
@@ -365,7 +365,7 @@ def why_unplaced(need: Need, ledger: Ledger, proposals: Iterable[site_pb.Proposa
                     f"{gang}the site agents offered {offered} of {n} {unit}s{top}")
 
 
-def commit_placement(w: pb.Workload, allocation: dict[str, tuple[str, int]], now_ns: int) -> list[common.Placement]:
+def commit_placement(w: spb.Workload, allocation: dict[str, tuple[str, int]], now_ns: int) -> list[common.Placement]:
     """First placement of a pending workload: bump the generation, record one entry per site."""
     need = need_of(w)
     w.generation += 1
@@ -389,7 +389,7 @@ def commit_placement(w: pb.Workload, allocation: dict[str, tuple[str, int]], now
     return list(w.placements)
 
 
-def units_of(w: pb.Workload) -> int:
+def units_of(w: spb.Workload) -> int:
     return sum(p.replicas if p.kind == INFERENCE else len(p.shard_indices) for p in w.placements)
 
 
@@ -397,12 +397,12 @@ class ScaleRefused(FailedPrecondition):
     """A SCALE proposal (or a cancel) the workload's state, bounds or the site's capacity refuses."""
 
 
-def scale(w: pb.Workload, site_id: str, wanted: int, gpu_type: str, ledger: Ledger, now_ns: int) -> common.Placement:
+def scale(w: spb.Workload, site_id: str, wanted: int, gpu_type: str, inventory: Inventory, now_ns: int) -> common.Placement:
     """Set a service's replicas at one site (a site agent's SCALE proposal); returns the changed entry."""
     if w.kind != INFERENCE:
         raise ScaleRefused("only inference services scale")
     if w.state not in ACTIVE:
-        raise ScaleRefused(f"workload is {pb.WorkloadState.Name(w.state)}")
+        raise ScaleRefused(f"workload is {spb.WorkloadState.Name(w.state)}")
     spec = w.inference_service
     current = next((p for p in w.placements if p.site_id == site_id), None)
     have = current.replicas if current else 0
@@ -415,28 +415,28 @@ def scale(w: pb.Workload, site_id: str, wanted: int, gpu_type: str, ledger: Ledg
     gpu_type = current.gpu_type if current and current.replicas else gpu_type
     if spec.allowed_gpu_types and gpu_type not in spec.allowed_gpu_types:
         raise ScaleRefused(f"GPU type {gpu_type} not allowed")
-    if site_id not in ledger.up:
+    if site_id not in inventory.up:
         raise ScaleRefused(f"site {site_id} is not up")
     extra = (wanted - have) * spec.gpus_per_replica
-    if extra > 0 and ledger.free(site_id, gpu_type) < extra:
-        raise ScaleRefused(f"site {site_id} has {ledger.free(site_id, gpu_type)} free {gpu_type}")
+    if extra > 0 and inventory.free(site_id, gpu_type) < extra:
+        raise ScaleRefused(f"site {site_id} has {inventory.free(site_id, gpu_type)} free {gpu_type}")
     w.generation += 1
     if current is None:
         current = w.placements.add(
             workload_id=w.workload_id, kind=w.kind, site_id=site_id, gpus_per_unit=spec.gpus_per_replica
         )
     if current.replicas:
-        ledger.take(current, -1)
+        inventory.take(current, -1)
     current.replicas = wanted
     current.gpu_type = gpu_type
     current.generation = w.generation
-    ledger.take(current)
+    inventory.take(current)
     w.updated_at.FromNanoseconds(now_ns)
     w.message = f"{site_id}: {have} -> {wanted} replicas"
     return current
 
 
-def end(w: pb.Workload, state: pb.WorkloadState.ValueType, message: str, now_ns: int) -> list[common.Placement]:
+def end(w: spb.Workload, state: spb.WorkloadState.ValueType, message: str, now_ns: int) -> list[common.Placement]:
     """Cancel/complete/fail: every site's entry goes to zero in a new generation."""
     w.generation += 1
     for p in w.placements:
@@ -449,7 +449,7 @@ def end(w: pb.Workload, state: pb.WorkloadState.ValueType, message: str, now_ns:
     return list(w.placements)
 
 
-def withdraw(w: pb.Workload, message: str, now_ns: int) -> list[common.Placement]:
+def withdraw(w: spb.Workload, message: str, now_ns: int) -> list[common.Placement]:
     """Take back a first placement that was published but not recorded in full (a commit cut
     short): every site's entry goes to zero in a new generation (returned, to publish) and the
     workload waits for placement again, with no placements."""

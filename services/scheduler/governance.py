@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import load_token, optional_principal
 from cncbrain.bus import Bus
@@ -28,7 +28,7 @@ from cncbrain.workload import tenant_of
 from services.governance.client import AdmissionRefused, Gate, GovernanceGate, OpenGate
 from services.governance.domain.policy import Decision
 from services.scheduler import domain
-from services.scheduler.domain import Ledger
+from services.scheduler.domain import Inventory
 
 __all__ = ["AdmissionRefused", "Gate", "SchedulerGovernance", "open_gate", "tenant_of"]
 
@@ -43,9 +43,9 @@ async def open_gate(bus: Bus, governance_target: str, token: str = "") -> tuple[
 
 
 class SchedulerGovernance:
-    def __init__(self, ledger: Ledger, gate: Gate | None = None, token: str | None = None) -> None:
-        self.ledger = ledger
-        """The capacity ledger (what the proposals' caps follow)."""
+    def __init__(self, inventory: Inventory, gate: Gate | None = None, token: str | None = None) -> None:
+        self.inventory = inventory
+        """The GPU inventory (what the proposals' caps follow)."""
         self.gate: Gate = gate or OpenGate()
         """Governance's gate, or the always-admitting one (a brain without governance)."""
         self.token = token
@@ -66,7 +66,7 @@ class SchedulerGovernance:
         spec.tenant = p.tenant_id or ""
 
     @staticmethod
-    def check_owner(w: pb.Workload) -> None:
+    def check_owner(w: spb.Workload) -> None:
         p = optional_principal()
         if p is None or p.is_operator:
             return
@@ -76,11 +76,11 @@ class SchedulerGovernance:
         require_tenant_access(p, tenant)
 
     @staticmethod
-    def visible(w: pb.Workload) -> bool:
+    def visible(w: spb.Workload) -> bool:
         p = optional_principal()
         return p is None or p.is_operator or tenant_of(w) == p.tenant_id
 
-    async def admit(self, w: pb.Workload, caller_token: str | None) -> None:
+    async def admit(self, w: spb.Workload, caller_token: str | None) -> None:
         """Raises `AdmissionRefused` (code + governance's reason) unless governance admits `w`."""
         tenant = tenant_of(w)
         if not tenant:
@@ -91,12 +91,12 @@ class SchedulerGovernance:
 
     # ---- the commit path -----------------------------------------------------------------------------
 
-    def proposals(self, w: pb.Workload, proposals: Iterable[site_pb.Proposal]) -> list[site_pb.Proposal]:
+    def proposals(self, w: spb.Workload, proposals: Iterable[site_pb.Proposal]) -> list[site_pb.Proposal]:
         """The proposals arbitration may use: only sites the workload's placement policy allows, and
         each capped by what the tenant's quota leaves, so the arbitrated placement passes the check.
 
         Caps follow arbitration's own order (cheapest first, one proposal per site, within the
-        ledger's free GPUs), so a proposal is capped only by what earlier ones will really take.
+        inventory's free GPUs), so a proposal is capped only by what earlier ones will really take.
         """
         proposals = list(proposals)
         tenant = tenant_of(w)
@@ -112,7 +112,7 @@ class SchedulerGovernance:
         seen: set[str] = set()
         out = []
         for p in sorted(allowed, key=lambda p: (p.cost, p.site_id)):
-            if (p.units == 0 or p.site_id in seen or p.site_id not in self.ledger.up
+            if (p.units == 0 or p.site_id in seen or p.site_id not in self.inventory.up
                     or (need.allowed_gpu_types and p.gpu_type not in need.allowed_gpu_types)):
                 out.append(p)
                 continue
@@ -126,7 +126,7 @@ class SchedulerGovernance:
                 cap = min(cap, int(max(0.0, cost) // (price * g)))
             if cap <= 0:
                 continue
-            take = min(cap, remaining, self.ledger.free(p.site_id, p.gpu_type) // g)
+            take = min(cap, remaining, self.inventory.free(p.site_id, p.gpu_type) // g)
             if take > 0:
                 seen.add(p.site_id)
                 remaining -= take
@@ -142,7 +142,7 @@ class SchedulerGovernance:
             out.append(capped)
         return out
 
-    def offer_types(self, w: pb.Workload) -> tuple[str, ...]:
+    def offer_types(self, w: spb.Workload) -> tuple[str, ...]:
         """GPU types to offer the workload on: its own list (empty: every type in the pool), less the
         types its placement policy excludes or its tenant's quota has no room for. Site agents then
         answer with a type the tenant may actually use."""
@@ -154,14 +154,14 @@ class SchedulerGovernance:
         per_type, _, _ = self.gate.headroom(w.workload_id, tenant)
         if allowed is None and not per_type:
             return need.allowed_gpu_types  # neither its policy nor its quota narrows the types
-        types = set(need.allowed_gpu_types) or {t for pools in self.ledger.capacity.values() for t in pools}
+        types = set(need.allowed_gpu_types) or {t for pools in self.inventory.capacity.values() for t in pools}
         if allowed is not None:
             types &= allowed
         types = {t for t in types if per_type.get(t, need.gpus_per_unit) >= need.gpus_per_unit}
         # An empty list would mean "any type": offer a type no site has instead, so nothing is proposed.
         return tuple(sorted(types)) or (domain.NO_TYPE_WITHIN_QUOTA,)
 
-    def site_filter(self, w: pb.Workload) -> Callable[[str, str], bool] | None:
+    def site_filter(self, w: spb.Workload) -> Callable[[str, str], bool] | None:
         """The workload's placement policy as `allowed(site, gpu_type)`; None when it has none."""
         tenant = tenant_of(w)
         if not tenant:
@@ -169,9 +169,9 @@ class SchedulerGovernance:
         gate, wid = self.gate, w.workload_id
         return lambda site, gpu_type: gate.allows(wid, tenant, site, gpu_type)
 
-    def check(self, w: pb.Workload, placements: Iterable[common.Placement]) -> Decision:
+    def check(self, w: spb.Workload, placements: Iterable[common.Placement]) -> Decision:
         """May `w` hold exactly `placements` (its whole placement after the commit)?"""
         return self.gate.check(w.workload_id, tenant_of(w), list(placements))
 
-    def committed(self, w: pb.Workload) -> None:
+    def committed(self, w: spb.Workload) -> None:
         self.gate.committed(w.workload_id, tenant_of(w), list(w.placements))

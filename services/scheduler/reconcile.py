@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from services.scheduler import domain
 from services.scheduler.settings import Settings
@@ -79,7 +79,7 @@ class Reconciler:
             else:
                 self.unconfirmed.pop(key, None)
 
-    def recover(self, records: list[pb.Workload]) -> None:
+    def recover(self, records: list[spb.Workload]) -> None:
         """After a start: the placements of every placed (not yet running) workload wait for their
         sites' reports anew (those sent while the scheduler was away come from the durable consumer)."""
         now = time.monotonic()
@@ -119,7 +119,7 @@ class Reconciler:
                 problems.setdefault(wid, {}).setdefault(site, f"did not confirm it within {timeout:g} s")
         return problems
 
-    def take_off(self, w: pb.Workload, sites: dict[str, str]) -> TakeOff | None:
+    def take_off(self, w: spb.Workload, sites: dict[str, str]) -> TakeOff | None:
         """What to do with workload `w` (its record) whose `sites` failed it (site → what it did);
         None when it no longer holds any of them or has ended."""
         wid = w.workload_id

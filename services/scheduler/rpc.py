@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import limits, metrics
 from cncbrain.auth import bearer_of, optional_principal
@@ -23,9 +23,9 @@ from services.scheduler.governance import AdmissionRefused
 WATCH_BACKLOG = 10_000
 """Events a WatchWorkloads reader may fall behind by before it is told to resume."""
 TERMINAL_EVENTS = (
-    pb.WORKLOAD_EVENT_KIND_COMPLETED,
-    pb.WORKLOAD_EVENT_KIND_FAILED,
-    pb.WORKLOAD_EVENT_KIND_CANCELLED,
+    spb.WORKLOAD_EVENT_KIND_COMPLETED,
+    spb.WORKLOAD_EVENT_KIND_FAILED,
+    spb.WORKLOAD_EVENT_KIND_CANCELLED,
 )
 
 
@@ -38,18 +38,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.co = coordinator
 
-    async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> pb.Workload:
+    async def _accept(self, spec, request_id: str, context: grpc.aio.ServicerContext) -> spb.Workload:
         if request_id:
             limits.name("request_id", request_id)
         hooks = self.co.governance
         hooks.claim(spec)  # the workload belongs to the caller's tenant
         w = domain.new_workload(spec, request_id, time.time_ns())
-        if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.ledger.capacity:
+        if w.kind == domain.INFERENCE and spec.ingress_site_id and not self.co.inventory.capacity:
             raise Unavailable("scheduler: the pool is not known yet (no snapshot from perception); retry")
-        domain.check_placeable(w, self.co.ledger)
+        domain.check_placeable(w, self.co.inventory)
         need = domain.need_of(w)
-        total = self.co.ledger.total(need.allowed_gpu_types)
-        if self.co.ledger.capacity and need.units * need.gpus_per_unit > total:
+        total = self.co.inventory.total(need.allowed_gpu_types)
+        if self.co.inventory.capacity and need.units * need.gpus_per_unit > total:
             raise ResourceExhausted(
                 f"asks {need.units}×{need.gpus_per_unit} GPUs; the whole pool has {total} of the allowed types")
         if request_id and (known := self.co.store.get(w.workload_id)) is not None:
@@ -61,21 +61,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise
         return await self.co.accept(w)
 
-    async def SubmitTrainingJob(self, request: pb.SubmitTrainingJobRequest, context) -> pb.SubmitTrainingJobResponse:
+    async def SubmitTrainingJob(self, request: spb.SubmitTrainingJobRequest, context) -> spb.SubmitTrainingJobResponse:
         if not request.HasField("job"):
             raise InvalidArgument("job: required")
-        return pb.SubmitTrainingJobResponse(workload=await self._accept(request.job, request.request_id, context))
+        return spb.SubmitTrainingJobResponse(workload=await self._accept(request.job, request.request_id, context))
 
     async def DeployInferenceService(
-        self, request: pb.DeployInferenceServiceRequest, context
-    ) -> pb.DeployInferenceServiceResponse:
+        self, request: spb.DeployInferenceServiceRequest, context
+    ) -> spb.DeployInferenceServiceResponse:
         if not request.HasField("service"):
             raise InvalidArgument("service: required")
-        return pb.DeployInferenceServiceResponse(
+        return spb.DeployInferenceServiceResponse(
             workload=await self._accept(request.service, request.request_id, context)
         )
 
-    def _find(self, workload_id: str) -> pb.Workload:
+    def _find(self, workload_id: str) -> spb.Workload:
         if not workload_id:
             raise InvalidArgument("workload_id: required")
         w = self.co.store.get(workload_id)
@@ -84,29 +84,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.co.governance.check_owner(w)
         return w
 
-    async def GetWorkload(self, request: pb.GetWorkloadRequest, context) -> pb.GetWorkloadResponse:
-        return pb.GetWorkloadResponse(workload=self._find(request.workload_id))
+    async def GetWorkload(self, request: spb.GetWorkloadRequest, context) -> spb.GetWorkloadResponse:
+        return spb.GetWorkloadResponse(workload=self._find(request.workload_id))
 
-    async def ListWorkloads(self, request: pb.ListWorkloadsRequest, context) -> pb.ListWorkloadsResponse:
-        if request.state not in pb.WorkloadState.values():
+    async def ListWorkloads(self, request: spb.ListWorkloadsRequest, context) -> spb.ListWorkloadsResponse:
+        if request.state not in spb.WorkloadState.values():
             raise InvalidArgument(f"state: unknown value {request.state}")
         items = [
             w for w in self.co.store.records.values()
-            if request.state in (pb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
+            if request.state in (spb.WORKLOAD_STATE_UNSPECIFIED, w.state) and request.kind in (0, w.kind)
             and self.co.governance.visible(w)
         ]
         items.sort(key=lambda w: w.created_at.ToNanoseconds(), reverse=True)
-        return pb.ListWorkloadsResponse(workloads=items)
+        return spb.ListWorkloadsResponse(workloads=items)
 
-    async def CancelWorkload(self, request: pb.CancelWorkloadRequest, context) -> pb.CancelWorkloadResponse:
+    async def CancelWorkload(self, request: spb.CancelWorkloadRequest, context) -> spb.CancelWorkloadResponse:
         self._find(request.workload_id)
         caller = optional_principal()
         w = await self.co.cancel(request.workload_id, caller.token_id if caller else "")
-        return pb.CancelWorkloadResponse(workload=w)
+        return spb.CancelWorkloadResponse(workload=w)
 
-    async def WatchWorkload(self, request: pb.WatchWorkloadRequest, context) -> AsyncIterator[pb.WatchWorkloadResponse]:
+    async def WatchWorkload(self, request: spb.WatchWorkloadRequest, context) -> AsyncIterator[spb.WatchWorkloadResponse]:
         self._find(request.workload_id)
-        queue: asyncio.Queue[pb.WorkloadEvent] = asyncio.Queue()
+        queue: asyncio.Queue[spb.WorkloadEvent] = asyncio.Queue()
 
         async def on_event(event: Event) -> None:
             queue.put_nowait(event.payload)
@@ -118,16 +118,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             while True:
                 ev = await queue.get()
-                yield pb.WatchWorkloadResponse(event=ev)
+                yield spb.WatchWorkloadResponse(event=ev)
                 if ev.kind in TERMINAL_EVENTS:
                     return
         finally:
             await self.co.bus.unsubscribe(sub)
 
-    async def WatchWorkloads(self, request: pb.WatchWorkloadsRequest,
-                             context) -> AsyncIterator[pb.WatchWorkloadsResponse]:
+    async def WatchWorkloads(self, request: spb.WatchWorkloadsRequest,
+                             context) -> AsyncIterator[spb.WatchWorkloadsResponse]:
         caller = optional_principal()
-        queue: asyncio.Queue[tuple[pb.WorkloadEvent, int]] = asyncio.Queue(maxsize=WATCH_BACKLOG)
+        queue: asyncio.Queue[tuple[spb.WorkloadEvent, int]] = asyncio.Queue(maxsize=WATCH_BACKLOG)
         overflow = asyncio.Event()
 
         def mine(workload_id: str) -> bool:
@@ -149,6 +149,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 if overflow.is_set() and queue.empty():
                     raise ResourceExhausted(f"more than {WATCH_BACKLOG} events behind; resume with after_sequence")
                 ev, sequence = await queue.get()
-                yield pb.WatchWorkloadsResponse(event=ev, sequence=sequence)
+                yield spb.WatchWorkloadsResponse(event=ev, sequence=sequence)
         finally:
             await self.co.bus.unsubscribe(sub)

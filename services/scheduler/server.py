@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import grpcserver
 from cncbrain.auth import TokenFeed, server_auth
 from cncbrain.bus import Bus
@@ -16,7 +17,7 @@ from services.scheduler.rpc import SchedulerServicer
 from services.scheduler.settings import Settings
 
 log = logging.getLogger("scheduler")
-SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+SERVICE_NAME = spb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 
 
 class SchedulerServer:

@@ -9,7 +9,7 @@ import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.js.kv import KeyValue
 
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import lease
 from cncbrain.bus import KV_WORKLOADS, Bus
 from cncbrain.errors import Aborted
@@ -25,19 +25,19 @@ class WorkloadStore:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.kv: KeyValue | None = None
-        self.records: dict[str, pb.Workload] = {}
+        self.records: dict[str, spb.Workload] = {}
         self.revisions: dict[str, int] = {}
         self.unreadable: list[str] = []
         """Keys whose record could not be decoded at `open` (logged; kept in the bucket as they are)."""
 
-    async def open(self) -> list[pb.Workload]:
+    async def open(self) -> list[spb.Workload]:
         self.kv = await self.bus.kv(KV_WORKLOADS)
         for key, (value, revision) in (await self.bus.retrying(
                 lambda: self.bus.kv_items(KV_WORKLOADS), "read the workload records")).items():
             if not value:
                 continue
             try:
-                self.records[key] = pb.Workload.FromString(value)
+                self.records[key] = spb.Workload.FromString(value)
             except DecodeError:  # left where it is, untouched: the scheduler starts without it
                 self.unreadable.append(key)
                 log.error("workload record %s in %s is not a Workload (%d bytes); skipped", key, KV_WORKLOADS, len(value))
@@ -45,10 +45,10 @@ class WorkloadStore:
             self.revisions[key] = revision
         return list(self.records.values())
 
-    def get(self, workload_id: str) -> pb.Workload | None:
+    def get(self, workload_id: str) -> spb.Workload | None:
         return self.records.get(workload_id)
 
-    async def create(self, w: pb.Workload) -> None:
+    async def create(self, w: spb.Workload) -> None:
         assert self.kv
         lease.fence()  # only the active scheduler writes records
         kv = self.kv
@@ -59,24 +59,24 @@ class WorkloadStore:
         self.records[w.workload_id] = w
         self.revisions[w.workload_id] = rev
 
-    async def refresh(self, workload_id: str) -> pb.Workload | None:
+    async def refresh(self, workload_id: str) -> spb.Workload | None:
         assert self.kv
         try:
             entry = await self.kv.get(workload_id)
         except nats.js.errors.KeyNotFoundError:
             return None
-        w = pb.Workload.FromString(entry.value or b"")
+        w = spb.Workload.FromString(entry.value or b"")
         self.records[workload_id] = w
         self.revisions[workload_id] = entry.revision or 0
         return w
 
-    def assume(self, w: pb.Workload) -> None:
+    def assume(self, w: spb.Workload) -> None:
         """Serve `w` as the record from now on, before its write has returned — for a write that is
         decided and retried until it lands (a commit whose placements are going out with it). The
         compare-and-set still expects the revision last written."""
         self.records[w.workload_id] = w
 
-    async def update(self, w: pb.Workload) -> None:
+    async def update(self, w: spb.Workload) -> None:
         """Write `w` if nobody wrote since our last read; raise Conflict otherwise."""
         assert self.kv
         lease.fence()

@@ -15,7 +15,7 @@ import nats
 from nats.js import api
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus.connection import connect_options
@@ -47,13 +47,13 @@ def training_job(name: str = "pretrain") -> common.TrainingJobSpec:
 
 async def deploy(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
     """Deploy an inference service; the request id makes a retried call harmless."""
-    request = pb.DeployInferenceServiceRequest(service=inference_service(name), request_id=uuid.uuid4().hex)
+    request = spb.DeployInferenceServiceRequest(service=inference_service(name), request_id=uuid.uuid4().hex)
     reply = await stub.DeployInferenceService(request, timeout=timeout_s)
     return reply.workload.workload_id
 
 
 async def submit(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
-    request = pb.SubmitTrainingJobRequest(job=training_job(name), request_id=uuid.uuid4().hex)
+    request = spb.SubmitTrainingJobRequest(job=training_job(name), request_id=uuid.uuid4().hex)
     reply = await stub.SubmitTrainingJob(request, timeout=timeout_s)
     return reply.workload.workload_id
 
@@ -62,7 +62,7 @@ class PlacementWatch:
     """Every committed placement on the bus, from the stream's start (so none is missed)."""
 
     def __init__(self) -> None:
-        self.by_workload: dict[str, list[pb.PlacementCommitted]] = {}
+        self.by_workload: dict[str, list[spb.PlacementCommitted]] = {}
         self._nc: nats.NATS | None = None
 
     async def start(self, servers: list[str], kit: Path) -> PlacementWatch:
@@ -73,10 +73,10 @@ class PlacementWatch:
         return self
 
     async def _on_msg(self, msg) -> None:
-        event = pb.PlacementCommitted.FromString(msg.data)
+        event = spb.PlacementCommitted.FromString(msg.data)
         self.by_workload.setdefault(event.placement.workload_id, []).append(event)
 
-    async def wait_for(self, workload_ids: set[str], timeout_s: float = 60) -> dict[str, list[pb.PlacementCommitted]]:
+    async def wait_for(self, workload_ids: set[str], timeout_s: float = 60) -> dict[str, list[spb.PlacementCommitted]]:
         deadline = time.monotonic() + timeout_s
         while not workload_ids <= self.by_workload.keys():
             if time.monotonic() > deadline:
@@ -91,15 +91,15 @@ class PlacementWatch:
 
 
 async def wait_state(stub: pb_grpc.SchedulerServiceStub, workload_id: str, states: set[int],
-                     timeout_s: float = 60) -> pb.Workload:
+                     timeout_s: float = 60) -> spb.Workload:
     deadline = time.monotonic() + timeout_s
     while True:
-        workload = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=workload_id), timeout=5)).workload
+        workload = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=workload_id), timeout=5)).workload
         if workload.state in states:
             return workload
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"{workload_id} is {pb.WorkloadState.Name(workload.state)} after {timeout_s:.0f} s: {workload.message}"
+                f"{workload_id} is {spb.WorkloadState.Name(workload.state)} after {timeout_s:.0f} s: {workload.message}"
             )
         await asyncio.sleep(0.2)
 

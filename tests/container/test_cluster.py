@@ -22,12 +22,12 @@ from brain_client import (
 )
 from compose_stack import Stack
 
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
-PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
+PLACED = {spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING}
 # The node every service names as its server: losing it forces them all to fail over.
 VICTIM = "nats"
 
@@ -66,12 +66,12 @@ class SiteStates:
 
     async def start(self, servers: list[str], kit) -> SiteStates:
         from cnc.common.v1 import common_pb2 as common
-        from cnc.perception.v1 import perception_pb2
+        from cnc.perception.v1 import perception_pb2 as ppb
 
         self._nc = await connect(servers, kit)
 
         async def on_msg(msg) -> None:
-            change = perception_pb2.SiteStateChanged.FromString(msg.data)
+            change = ppb.SiteStateChanged.FromString(msg.data)
             if change.state == common.SITE_STATE_DOWN:
                 self.down.append(f"{change.site_id}: {change.reason}")
 
@@ -159,7 +159,7 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
                 accepted.append(await deploy(stub, f"after-{i}"))
 
             await watch.wait_for(set(accepted), timeout_s=120)
-            listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+            listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=10)).workloads
             assert set(accepted) <= {w.workload_id for w in listed}
             for workload_id in accepted:
                 await wait_state(stub, workload_id, PLACED)

@@ -22,7 +22,7 @@ from brain_client import PlacementWatch, deploy, monitor, quiet, scheduler_chann
 from compose_stack import Stack
 from nats_probe import plain_exchange
 
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 SERVICES = {"nats", "governance", "perception", "scheduler", "adaptation", "emulator", "agents",
             "secrets", "provision", "enroll"}  # the last three: one-shot, ended with 0
 IDENTITIES = {"governance", "perception", "scheduler", "adaptation", "emulator", "agents-compose"}
-PLACED = {pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING}
+PLACED = {spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING}
 
 
 async def check_nats_security(stack: Stack, kit) -> None:

@@ -17,7 +17,7 @@ from agents.executor_emulated import EmulatedExecutor, EmulatorHost
 from agents.site_agent import SiteAgent
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import Bus, subjects
@@ -50,7 +50,7 @@ async def live(nats_server):
     adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=False,
                                                            guardrails_enabled=False,
                                                            checkpoint_interval_s=host.tick_s * 40)).start()
-    await until(lambda: _true(len(scheduler.coordinator.ledger.up) == len(host.ids)), 20, "all sites up")
+    await until(lambda: _true(len(scheduler.coordinator.inventory.up) == len(host.ids)), 20, "all sites up")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
     test_bus = await Bus.connect(url, "test")
     yield scheduler_pb2_grpc.SchedulerServiceStub(channel), test_bus, scheduler, adaptation
@@ -82,8 +82,8 @@ class Ticks:
 
 async def running(stub, wid):
     async def check():
-        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
-        return w if w.state == pb.WORKLOAD_STATE_RUNNING else None
+        w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+        return w if w.state == spb.WORKLOAD_STATE_RUNNING else None
     return await until(check, 20, f"{wid} running")
 
 
@@ -91,7 +91,7 @@ async def test_inference_capacity_is_back_within_3_ticks_of_a_site_failure(live)
     stub, bus, scheduler, adaptation = live
     spec = common.InferenceServiceSpec(name="chat", model="7b", params_b=7, min_replicas=6, max_replicas=6,
                                        gpus_per_replica=1, slo=common.SloTargets(ttft_ms=500, tpot_ms=50))
-    w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec))).workload
+    w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec))).workload
     w = await running(stub, w.workload_id)
     victim = max(w.placements, key=lambda p: p.replicas).site_id
     lost = sum(p.replicas for p in w.placements if p.site_id == victim)
@@ -101,8 +101,8 @@ async def test_inference_capacity_is_back_within_3_ticks_of_a_site_failure(live)
                       site=victim)
 
     async def restored():
-        now = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id))).workload
-        up = scheduler.coordinator.ledger.up
+        now = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
+        up = scheduler.coordinator.inventory.up
         healthy = sum(p.replicas for p in now.placements if p.site_id in up and p.site_id != victim)
         return now if healthy >= 6 and victim not in up else None
 
@@ -120,7 +120,7 @@ async def test_training_shards_resume_elsewhere_with_lost_work_recorded(live):
     stub, bus, scheduler, adaptation = live
     job = common.TrainingJobSpec(name="pretrain", model="7b", params_b=7, shards=3, gpus_per_shard=8, tokens=2e9,
                                  gang_timeout_s=10)
-    w = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload
+    w = (await stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload
     w = await running(stub, w.workload_id)
     await until(lambda: _true(adaptation.adapter.checkpoints.get(w.workload_id) is not None), 10, "progress seen")
     await asyncio.sleep(6 * TICK_S)  # progress past the checkpoint (checkpoints every 40 emulated ticks)
@@ -135,7 +135,7 @@ async def test_training_shards_resume_elsewhere_with_lost_work_recorded(live):
                       site=victim)
 
     async def resumed():
-        now = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id))).workload
+        now = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
         shards = sorted(i for p in now.placements if p.site_id != victim for i in p.shard_indices)
         return now if shards == [0, 1, 2] else None
 

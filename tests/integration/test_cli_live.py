@@ -36,7 +36,7 @@ def wait_placed(address, wid, timeout=20.0, token=None):
 
     import grpc
 
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cncbrain.auth import token_interceptors
 
@@ -46,8 +46,8 @@ def wait_placed(address, wid, timeout=20.0, token=None):
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
-                if w.state in (pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING):
+                w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+                if w.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING):
                     return True
                 await asyncio.sleep(0.2)
         return False
@@ -197,13 +197,14 @@ def snapshot(endpoints, token):
 
     import grpc
 
-    from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
+    from cnc.perception.v1 import perception_pb2 as ppb
+    from cnc.perception.v1 import perception_pb2_grpc
     from cncbrain.auth import token_interceptors
 
     async def get():
         async with grpc.aio.insecure_channel(endpoints["perception"], interceptors=token_interceptors(token)) as ch:
             return (await perception_pb2_grpc.PerceptionServiceStub(ch).GetSnapshot(
-                perception_pb2.GetSnapshotRequest(), timeout=5)).snapshot
+                ppb.GetSnapshotRequest(), timeout=5)).snapshot
 
     return asyncio.run(get())
 
@@ -312,7 +313,7 @@ def deploy_stream(endpoints, token, n, kill_at, kill):
     import grpc
 
     from cnc.common.v1 import common_pb2 as common
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cncbrain.auth import token_interceptors
     from cncbrain.commands._live import call_retrying
@@ -327,11 +328,11 @@ def deploy_stream(endpoints, token, n, kill_at, kill):
                 spec = common.InferenceServiceSpec(name=f"s{i}", model="7b", params_b=7, min_replicas=1,
                                                    max_replicas=2, gpus_per_replica=1,
                                                    slo=common.SloTargets(ttft_ms=1000, tpot_ms=100))
-                request = pb.DeployInferenceServiceRequest(service=spec, request_id=f"stream-{i}")
+                request = spb.DeployInferenceServiceRequest(service=spec, request_id=f"stream-{i}")
                 w = (await call_retrying(lambda r=request: stub.DeployInferenceService(r, timeout=10), "deploy",
                                          window_s=60)).workload
                 accepted[w.workload_id] = f"s{i}"
-            listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+            listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=10)).workloads
             return accepted, list(listed)
 
     return asyncio.run(run())
@@ -369,7 +370,7 @@ def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_sayin
 
     import grpc
 
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cncbrain.auth import token_interceptors
 
@@ -381,22 +382,22 @@ def test_after_nats_dies_mid_deploy_every_accepted_workload_runs_or_failed_sayin
     assert len({w.inference_service.name for w in listed}) == len(listed)  # none twice
 
     async def settled():
-        settled = (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)
+        settled = (spb.WORKLOAD_STATE_RUNNING, spb.WORKLOAD_STATE_FAILED)
         async with grpc.aio.insecure_channel(endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             deadline = time.monotonic() + 120
             while True:
-                ws = {w.workload_id: w for w in (await stub.ListWorkloads(pb.ListWorkloadsRequest(), timeout=10)).workloads
+                ws = {w.workload_id: w for w in (await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=10)).workloads
                       if w.workload_id in accepted}
                 if all(w.state in settled for w in ws.values()) or time.monotonic() > deadline:
                     return ws
                 await asyncio.sleep(0.5)
 
     mine = asyncio.run(settled())
-    stuck = {wid: (pb.WorkloadState.Name(w.state), w.message) for wid, w in mine.items()
-             if w.state not in (pb.WORKLOAD_STATE_RUNNING, pb.WORKLOAD_STATE_FAILED)}
+    stuck = {wid: (spb.WorkloadState.Name(w.state), w.message) for wid, w in mine.items()
+             if w.state not in (spb.WORKLOAD_STATE_RUNNING, spb.WORKLOAD_STATE_FAILED)}
     assert not stuck, (stuck, str(out)[-2000:])
-    assert all(w.message for w in mine.values() if w.state == pb.WORKLOAD_STATE_FAILED)
+    assert all(w.message for w in mine.values() if w.state == spb.WORKLOAD_STATE_FAILED)
 
 
 def test_two_ups_started_at_the_same_moment_do_not_collide(tmp_path):

@@ -16,7 +16,7 @@ from agents.site_agent import SiteAgent
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus
@@ -77,7 +77,7 @@ async def brain(nats_server, tmp_path):
 
 async def _ready(scheduler, governance):
     gate = scheduler.coordinator.governance.gate
-    return (len(scheduler.coordinator.ledger.up) == len(SITES) and len(gate.sites) == len(SITES)
+    return (len(scheduler.coordinator.inventory.up) == len(SITES) and len(gate.sites) == len(SITES)
             and len(governance.governor.state.pool) == len(SITES))
 
 
@@ -88,8 +88,8 @@ async def tenant(gov, tenant_id, **kw):
 
 async def placed(sched, wid):
     async def check():
-        w = (await sched.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
-        return w if w.state in (pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING) else None
+        w = (await sched.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+        return w if w.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING) else None
     return await until(check, 15, f"{wid} placed")
 
 
@@ -103,7 +103,7 @@ async def test_residency_and_quota_hold_on_the_live_path(brain):
     other, _ = stubs(other_token)
 
     # Residency: 10 replicas, only the two EU sites may take them (8 GPUs each).
-    w = (await bank.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("chat", 10)))).workload
+    w = (await bank.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("chat", 10)))).workload
     assert w.inference_service.tenant == "eu-bank"  # stamped from the token
     w = await placed(bank, w.workload_id)
     sites = {p.site_id: p.replicas for p in w.placements if p.replicas}
@@ -111,32 +111,32 @@ async def test_residency_and_quota_hold_on_the_live_path(brain):
 
     # Quota: 10 of 12 H100 held; 4 more are refused with the reason, 2 more are fine.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await bank.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("more", 4)))
+        await bank.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("more", 4)))
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "H100 GPUs would be 14, quota is 12" in info.value.details()
-    small = (await bank.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("small", 2)))).workload
+    small = (await bank.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("small", 2)))).workload
     small = await placed(bank, small.workload_id)
     assert {p.site_id for p in small.placements if p.replicas} <= {"eu-ams", "eu-fra"}
 
     # Policy that leaves nowhere to run is refused at submit.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await bank.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("huge", 17)))
+        await bank.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("huge", 17)))
     assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     # Isolation: another tenant neither sees nor touches these workloads; no token, no call.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await other.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id))
+        await other.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await other.CancelWorkload(pb.CancelWorkloadRequest(workload_id=w.workload_id))
+        await other.CancelWorkload(spb.CancelWorkloadRequest(workload_id=w.workload_id))
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await other.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("x", 1, tenant="eu-bank")))
+        await other.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("x", 1, tenant="eu-bank")))
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert (await other.ListWorkloads(pb.ListWorkloadsRequest())).workloads == []
+    assert (await other.ListWorkloads(spb.ListWorkloadsRequest())).workloads == []
     nobody, _ = stubs(None)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await nobody.ListWorkloads(pb.ListWorkloadsRequest())
+        await nobody.ListWorkloads(spb.ListWorkloadsRequest())
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
     # The ledger holds the admissions and the committed placements, and verifies.

@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from waiting import ended_within
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
-from cnc.perception.v1 import perception_pb2
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import TOKENS_BUCKET, token_interceptors
 from cncbrain.bus import subjects
@@ -39,10 +39,10 @@ SITES = {  # site: (region, gpu type, count, price)
 
 
 def snapshot():
-    snap = perception_pb2.Snapshot(sequence=1)
+    snap = ppb.Snapshot(sequence=1)
     for sid, (region, gpu, n, price) in SITES.items():
         pool = common.GpuPool(gpu_type=gpu, count=n, price_usd_per_hour=price)
-        snap.sites.append(perception_pb2.SiteStatus(
+        snap.sites.append(ppb.SiteStatus(
             site=common.Site(site_id=sid, region=region, gpu_pools=[pool]), state=common.SITE_STATE_UP))
     return snap
 
@@ -91,47 +91,47 @@ async def code_of(call):
 
 
 async def make_tenant(op, tenant_id, quota=None, policy=None):
-    await op.CreateTenant(pb.CreateTenantRequest(tenant_id=tenant_id, quota=quota or pb.Quota(),
-                                                 policy=policy or pb.PlacementPolicy()))
-    resp = await op.IssueToken(pb.IssueTokenRequest(role=pb.ROLE_TENANT, tenant_id=tenant_id))
+    await op.CreateTenant(gpb.CreateTenantRequest(tenant_id=tenant_id, quota=quota or gpb.Quota(),
+                                                 policy=policy or gpb.PlacementPolicy()))
+    resp = await op.IssueToken(gpb.IssueTokenRequest(role=gpb.ROLE_TENANT, tenant_id=tenant_id))
     return resp.token
 
 
 async def test_calls_without_a_valid_token_are_unauthenticated_but_health_is_open(brain):
-    code, detail = await code_of(brain.stub(None).ListTenants(pb.ListTenantsRequest()))
+    code, detail = await code_of(brain.stub(None).ListTenants(gpb.ListTenantsRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in detail
-    code, _ = await code_of(brain.stub("tok_0123456789abcdef.not-the-secret-of-any-token").WhoAmI(pb.WhoAmIRequest()))
+    code, _ = await code_of(brain.stub("tok_0123456789abcdef.not-the-secret-of-any-token").WhoAmI(gpb.WhoAmIRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
-    code, _ = await code_of(brain.stub("garbage").WhoAmI(pb.WhoAmIRequest()))
+    code, _ = await code_of(brain.stub("garbage").WhoAmI(gpb.WhoAmIRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
     async with grpc.aio.insecure_channel(brain.target) as ch:
         resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    who = await brain.stub(brain.operator_token).WhoAmI(pb.WhoAmIRequest())
-    assert who.role == pb.ROLE_OPERATOR
+    who = await brain.stub(brain.operator_token).WhoAmI(gpb.WhoAmIRequest())
+    assert who.role == gpb.ROLE_OPERATOR
 
 
 async def test_absurd_quotas_names_and_texts_are_refused_naming_the_field_quoting_little(brain):
     op = brain.stub(brain.operator_token)
     big = "x" * 10_000
     cases = [
-        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_cost_usd_per_hour=float("nan"))),
+        (gpb.CreateTenantRequest(tenant_id="lab", quota=gpb.Quota(max_cost_usd_per_hour=float("nan"))),
          "quota.max_cost_usd_per_hour"),
-        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_cost_usd_per_hour=1e300)),
+        (gpb.CreateTenantRequest(tenant_id="lab", quota=gpb.Quota(max_cost_usd_per_hour=1e300)),
          "quota.max_cost_usd_per_hour"),
-        (pb.CreateTenantRequest(tenant_id="lab", quota=pb.Quota(max_gpus=4_000_000_000)), "quota.max_gpus"),
-        (pb.CreateTenantRequest(tenant_id="lab", policy=pb.PlacementPolicy(max_cost_usd_per_hour=-1)),
+        (gpb.CreateTenantRequest(tenant_id="lab", quota=gpb.Quota(max_gpus=4_000_000_000)), "quota.max_gpus"),
+        (gpb.CreateTenantRequest(tenant_id="lab", policy=gpb.PlacementPolicy(max_cost_usd_per_hour=-1)),
          "policy.max_cost_usd_per_hour"),
-        (pb.CreateTenantRequest(tenant_id=big), "10000 characters"),
-        (pb.CreateTenantRequest(tenant_id="lab", display_name=big), "display_name"),
+        (gpb.CreateTenantRequest(tenant_id=big), "10000 characters"),
+        (gpb.CreateTenantRequest(tenant_id="lab", display_name=big), "display_name"),
     ]
     for request, says in cases:
         code, detail = await code_of(op.CreateTenant(request))
         assert code is grpc.StatusCode.INVALID_ARGUMENT and says in detail, detail
         assert len(detail) < 400
-    code, detail = await code_of(op.GetTenant(pb.GetTenantRequest(tenant_id=big)))
+    code, detail = await code_of(op.GetTenant(gpb.GetTenantRequest(tenant_id=big)))
     assert len(detail) < 300
-    assert not (await op.ListTenants(pb.ListTenantsRequest())).tenants
+    assert not (await op.ListTenants(gpb.ListTenantsRequest())).tenants
 
 
 async def test_tenants_are_isolated_and_revocation_is_immediate(brain):
@@ -139,57 +139,57 @@ async def test_tenants_are_isolated_and_revocation_is_immediate(brain):
     acme_token = await make_tenant(op, "acme")
     await make_tenant(op, "globex")
     acme = brain.stub(acme_token)
-    assert (await acme.WhoAmI(pb.WhoAmIRequest())).tenant_id == "acme"
-    assert (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant.tenant_id == "acme"
-    code, detail = await code_of(acme.GetTenant(pb.GetTenantRequest(tenant_id="globex")))
+    assert (await acme.WhoAmI(gpb.WhoAmIRequest())).tenant_id == "acme"
+    assert (await acme.GetTenant(gpb.GetTenantRequest(tenant_id="acme"))).tenant.tenant_id == "acme"
+    code, detail = await code_of(acme.GetTenant(gpb.GetTenantRequest(tenant_id="globex")))
     assert code is grpc.StatusCode.PERMISSION_DENIED and "globex" in detail
-    code, _ = await code_of(acme.CreateTenant(pb.CreateTenantRequest(tenant_id="evil")))
+    code, _ = await code_of(acme.CreateTenant(gpb.CreateTenantRequest(tenant_id="evil")))
     assert code is grpc.StatusCode.PERMISSION_DENIED
-    code, _ = await code_of(acme.IssueToken(pb.IssueTokenRequest(role=pb.ROLE_OPERATOR)))
+    code, _ = await code_of(acme.IssueToken(gpb.IssueTokenRequest(role=gpb.ROLE_OPERATOR)))
     assert code is grpc.StatusCode.PERMISSION_DENIED
-    code, _ = await code_of(acme.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="w", tenant_id="globex", gpus=1)))
+    code, _ = await code_of(acme.AdmitWorkload(gpb.AdmitWorkloadRequest(workload_id="w", tenant_id="globex", gpus=1)))
     assert code is grpc.StatusCode.PERMISSION_DENIED
     # Tokens are listed without secrets, then revoked.
-    listed = await acme.ListTokens(pb.ListTokensRequest())
+    listed = await acme.ListTokens(gpb.ListTokensRequest())
     assert [t.tenant_id for t in listed.tokens] == ["acme"]
     assert acme_token.split(".")[1] not in str(listed)
-    await op.RevokeToken(pb.RevokeTokenRequest(token_id=acme_token.split(".")[0]))
-    code, detail = await code_of(acme.WhoAmI(pb.WhoAmIRequest()))
+    await op.RevokeToken(gpb.RevokeTokenRequest(token_id=acme_token.split(".")[0]))
+    code, detail = await code_of(acme.WhoAmI(gpb.WhoAmIRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED and "revoked" in detail
-    code, _ = await code_of(op.CreateTenant(pb.CreateTenantRequest(tenant_id="acme")))
+    code, _ = await code_of(op.CreateTenant(gpb.CreateTenantRequest(tenant_id="acme")))
     assert code is grpc.StatusCode.ALREADY_EXISTS
-    code, _ = await code_of(op.CreateTenant(pb.CreateTenantRequest(tenant_id="Not Valid")))
+    code, _ = await code_of(op.CreateTenant(gpb.CreateTenantRequest(tenant_id="Not Valid")))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_admission_refuses_over_quota_and_outside_policy_with_reasons(brain):
     op = brain.stub(brain.operator_token)
-    eu_only = pb.PlacementPolicy(allowed_regions=["eu"])
-    token = await make_tenant(op, "acme", pb.Quota(gpus=[pb.GpuQuota(gpu_type="H100", max_gpus=8)]), eu_only)
+    eu_only = gpb.PlacementPolicy(allowed_regions=["eu"])
+    token = await make_tenant(op, "acme", gpb.Quota(gpus=[gpb.GpuQuota(gpu_type="H100", max_gpus=8)]), eu_only)
     acme = brain.stub(token)
 
     def admit(wid, gpus, types=("H100",)):
-        return acme.AdmitWorkload(pb.AdmitWorkloadRequest(
+        return acme.AdmitWorkload(gpb.AdmitWorkloadRequest(
             workload_id=wid, tenant_id="acme", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, gpus=gpus,
             gpus_per_unit=1, gpu_types=list(types)))
 
     ok = await admit("w1", 6)
-    assert ok.decision.verdict == pb.VERDICT_ADMITTED and list(ok.decision.eligible_sites) == ["ams"]
+    assert ok.decision.verdict == gpb.VERDICT_ADMITTED and list(ok.decision.eligible_sites) == ["ams"]
     code, detail = await code_of(admit("w2", 4))
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "H100 GPUs would be 10, quota is 8" in detail
     code, detail = await code_of(admit("w3", 1, ("L4",)))  # L4 exists only in the US
     assert code is grpc.StatusCode.FAILED_PRECONDITION and "no site" in detail
-    tenant = (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant
+    tenant = (await acme.GetTenant(gpb.GetTenantRequest(tenant_id="acme"))).tenant
     assert tenant.gpus_in_use == 6
-    kinds = [e.kind for e in (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(kind="admission"))).entries]
+    kinds = [e.kind for e in (await op.ListLedgerEntries(gpb.ListLedgerEntriesRequest(kind="admission"))).entries]
     assert kinds == ["admission"] * 3  # refusals are audited too
 
 
 async def test_usage_and_quota_follow_the_schedulers_placement_events(brain, bus):
     op = brain.stub(brain.operator_token)
-    token = await make_tenant(op, "acme", pb.Quota(gpus=[pb.GpuQuota(gpu_type="H100", max_gpus=4)]))
+    token = await make_tenant(op, "acme", gpb.Quota(gpus=[gpb.GpuQuota(gpu_type="H100", max_gpus=4)]))
     acme = brain.stub(token)
-    await acme.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="svc1", tenant_id="acme", gpus=2, gpu_types=["H100"],
+    await acme.AdmitWorkload(gpb.AdmitWorkloadRequest(workload_id="svc1", tenant_id="acme", gpus=2, gpu_types=["H100"],
                                                      kind=common.WORKLOAD_KIND_INFERENCE_SERVICE))
     t0 = time.time() - 7200
 
@@ -208,46 +208,46 @@ async def test_usage_and_quota_follow_the_schedulers_placement_events(brain, bus
         if not brain.server.governor.state.holdings.get("acme"):
             break
         await asyncio.sleep(0.02)
-    usage = await acme.GetUsage(pb.GetUsageRequest(tenant_id="acme"))
+    usage = await acme.GetUsage(gpb.GetUsageRequest(tenant_id="acme"))
     (line,) = usage.tenants
     # nyc: 2 GPUs x 1.5 h x $3; ams: 1 GPU x 1 h x $4
     assert line.gpu_hours == pytest.approx(3.0 + 1.0, rel=1e-3)
     assert line.cost_usd == pytest.approx(9.0 + 4.0, rel=1e-3)
     assert [w.workload_id for w in usage.workloads] == ["svc1"]
-    code, _ = await code_of(acme.GetUsage(pb.GetUsageRequest(tenant_id="globex")))
+    code, _ = await code_of(acme.GetUsage(gpb.GetUsageRequest(tenant_id="globex")))
     assert code is grpc.StatusCode.PERMISSION_DENIED
-    kinds = [e.kind for e in (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(subject="svc1"))).entries]
+    kinds = [e.kind for e in (await op.ListLedgerEntries(gpb.ListLedgerEntriesRequest(subject="svc1"))).entries]
     assert kinds == ["admission", "workload.ended"]
-    placements = (await op.ListLedgerEntries(pb.ListLedgerEntriesRequest(kind="placement.committed"))).entries
+    placements = (await op.ListLedgerEntries(gpb.ListLedgerEntriesRequest(kind="placement.committed"))).entries
     assert sorted(e.subject for e in placements) == ["svc1@ams", "svc1@nyc"]
 
 
 async def test_placement_check_keeps_residency(brain):
     op = brain.stub(brain.operator_token)
-    token = await make_tenant(op, "acme", policy=pb.PlacementPolicy(allowed_sites=["ams"]))
+    token = await make_tenant(op, "acme", policy=gpb.PlacementPolicy(allowed_sites=["ams"]))
     acme = brain.stub(token)
     outside = common.Placement(workload_id="w", site_id="nyc", replicas=1, gpu_type="H100", gpus_per_unit=1)
     inside = common.Placement(workload_id="w", site_id="ams", replicas=2, gpu_type="H100", gpus_per_unit=1)
-    bad = await acme.CheckPlacement(pb.CheckPlacementRequest(workload_id="w", tenant_id="acme",
+    bad = await acme.CheckPlacement(gpb.CheckPlacementRequest(workload_id="w", tenant_id="acme",
                                                              placements=[inside, outside]))
-    assert bad.decision.verdict == pb.VERDICT_POLICY_VIOLATION and "nyc" in bad.decision.reasons[0]
-    good = await acme.CheckPlacement(pb.CheckPlacementRequest(workload_id="w", tenant_id="acme", placements=[inside]))
-    assert good.decision.verdict == pb.VERDICT_ADMITTED
+    assert bad.decision.verdict == gpb.VERDICT_POLICY_VIOLATION and "nyc" in bad.decision.reasons[0]
+    good = await acme.CheckPlacement(gpb.CheckPlacementRequest(workload_id="w", tenant_id="acme", placements=[inside]))
+    assert good.decision.verdict == gpb.VERDICT_ADMITTED
 
 
 async def test_state_survives_a_restart_and_the_operator_token_is_kept(nats_server, tmp_path):
     b = await start(nats_server, tmp_path)
     op = b.stub(b.operator_token)
-    token = await make_tenant(op, "acme", pb.Quota(max_gpus=3))
+    token = await make_tenant(op, "acme", gpb.Quota(max_gpus=3))
     await b.close()
     await b.server.stop()
     b2 = await start(nats_server, tmp_path)
     try:
         assert b2.operator_token == b.operator_token
         acme = b2.stub(token)
-        tenant = (await acme.GetTenant(pb.GetTenantRequest(tenant_id="acme"))).tenant
+        tenant = (await acme.GetTenant(gpb.GetTenantRequest(tenant_id="acme"))).tenant
         assert tenant.quota.max_gpus == 3
-        result = await b2.stub(b2.operator_token).VerifyLedger(pb.VerifyLedgerRequest())
+        result = await b2.stub(b2.operator_token).VerifyLedger(gpb.VerifyLedgerRequest())
         assert result.ok and result.length == 3  # operator token, tenant, tenant token
     finally:
         await b2.close()
@@ -268,30 +268,30 @@ async def test_a_token_record_the_ledger_does_not_have_is_removed_at_start(nats_
 async def test_verify_ledger_names_the_tampered_entries(brain, bus):
     op = brain.stub(brain.operator_token)
     for i in range(6):
-        await op.CreateTenant(pb.CreateTenantRequest(tenant_id=f"tenant-{i}"))
-    clean = await op.VerifyLedger(pb.VerifyLedgerRequest())
+        await op.CreateTenant(gpb.CreateTenantRequest(tenant_id=f"tenant-{i}"))
+    clean = await op.VerifyLedger(gpb.VerifyLedgerRequest())
     assert clean.ok and clean.length == 7 and clean.entries_checked == 7
     js = bus.js
     # The six creations went in one at a time: one stored block per entry here. Change entry 3:
     # take its block out of the stream and put back a forged copy (what an attacker with
     # JetStream access can do; the ledger itself never rewrites).
     msg = await js.get_msg(subjects.LEDGER_STREAM.name, seq=4)
-    block = pb.LedgerBlock()
+    block = gpb.LedgerBlock()
     block.ParseFromString(msg.data)
     assert [e.index for e in block.entries] == [3]
     block.entries[0].payload_json = block.entries[0].payload_json.replace("tenant-2", "tenant-x")
     await js.delete_msg(subjects.LEDGER_STREAM.name, 4)
     await js.publish(subjects.GOVERNANCE_LEDGER.template, block.SerializeToString(), headers={"Nats-Msg-Id": "forged"})
-    result = await op.VerifyLedger(pb.VerifyLedgerRequest())
+    result = await op.VerifyLedger(gpb.VerifyLedgerRequest())
     assert not result.ok
     changed = {i.index for i in result.issues if i.kind == "changed"}
     assert changed == {3}
     # Remove entry 5 as well.
     await js.delete_msg(subjects.LEDGER_STREAM.name, 6)
-    result = await op.VerifyLedger(pb.VerifyLedgerRequest())
+    result = await op.VerifyLedger(gpb.VerifyLedgerRequest())
     assert {i.index for i in result.issues if i.kind == "removed"} == {5}
     assert {i.index for i in result.issues if i.kind == "changed"} == {3}
-    code, _ = await code_of(brain.stub(None).VerifyLedger(pb.VerifyLedgerRequest()))
+    code, _ = await code_of(brain.stub(None).VerifyLedger(gpb.VerifyLedgerRequest()))
     assert code is grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -362,7 +362,7 @@ async def test_only_tenants_holdings_are_projected_for_the_gates(brain, bus):
 
     op = brain.stub(brain.operator_token)
     await make_tenant(op, "acme")
-    await op.AdmitWorkload(pb.AdmitWorkloadRequest(workload_id="svc-t", tenant_id="acme", gpus=1, gpu_types=["H100"],
+    await op.AdmitWorkload(gpb.AdmitWorkloadRequest(workload_id="svc-t", tenant_id="acme", gpus=1, gpu_types=["H100"],
                                                    kind=common.WORKLOAD_KIND_INFERENCE_SERVICE))
     for wid in ("svc-t", "svc-op"):  # svc-op: no admission, no tenant (an operator's deploy)
         placed = common.Placement(workload_id=wid, site_id="nyc", replicas=1, gpu_type="H100", gpus_per_unit=1)
@@ -387,7 +387,7 @@ async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats
     from services.governance.ledger_store import GOVERNANCE_BUCKET, HEAD_BUCKET, HEAD_KEY
 
     b = await start(nats_server, tmp_path)
-    length = (await b.stub(b.operator_token).VerifyLedger(pb.VerifyLedgerRequest())).length
+    length = (await b.stub(b.operator_token).VerifyLedger(gpb.VerifyLedgerRequest())).length
     await b.close()
     await b.server.stop()
     head = (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value
@@ -397,7 +397,7 @@ async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats
     await old.put("holding._none.svc-old", b'{"reserved_gpus": {}, "reserved_cost_per_hour": 0, "placed": {}}')
     b2 = await start(nats_server, tmp_path)
     try:
-        result = await b2.stub(b2.operator_token).VerifyLedger(pb.VerifyLedgerRequest())
+        result = await b2.stub(b2.operator_token).VerifyLedger(gpb.VerifyLedgerRequest())
         assert result.ok and result.length == length
         assert (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value == head
         keys = set(await bus.kv_items(GOVERNANCE_BUCKET))

@@ -7,7 +7,7 @@ import subprocess
 import grpc
 import pytest
 
-from cnc.governance.v1 import governance_pb2 as pb
+from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.certs import channel_credentials, make_local_pki
@@ -27,14 +27,14 @@ async def test_tls_and_mutual_tls(nats_server, tmp_path):
     try:
         creds = channel_credentials(pki.ca, pki.client_cert, pki.client_key)
         async with grpc.aio.secure_channel(target, creds, interceptors=token_interceptors(token)) as ch:
-            who = await governance_pb2_grpc.GovernanceServiceStub(ch).WhoAmI(pb.WhoAmIRequest(), timeout=5)
-            assert who.role == pb.ROLE_OPERATOR
+            who = await governance_pb2_grpc.GovernanceServiceStub(ch).WhoAmI(gpb.WhoAmIRequest(), timeout=5)
+            assert who.role == gpb.ROLE_OPERATOR
         # Without a client certificate the handshake is refused; plaintext is refused too.
         for ch in (grpc.aio.secure_channel(target, channel_credentials(pki.ca), interceptors=token_interceptors(token)),
                    grpc.aio.insecure_channel(target, interceptors=token_interceptors(token))):
             async with ch:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await governance_pb2_grpc.GovernanceServiceStub(ch).WhoAmI(pb.WhoAmIRequest(), timeout=3)
+                    await governance_pb2_grpc.GovernanceServiceStub(ch).WhoAmI(gpb.WhoAmIRequest(), timeout=3)
                 assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop()

@@ -17,7 +17,7 @@ from waiting import until
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import telemetry
@@ -59,7 +59,7 @@ async def placement_stream(bus):
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         raw = await bus.js.get_msg("CNC_PLACEMENTS", seq)
-        p = pb.PlacementCommitted.FromString(raw.data).placement
+        p = spb.PlacementCommitted.FromString(raw.data).placement
         out.append((p.workload_id, p.generation, p.site_id, p.replicas))
     return out
 
@@ -90,7 +90,7 @@ async def test_sigkill_scheduler_with_deployments_in_flight_loses_nothing_places
         accepted, rejected = {}, []
 
         async def deploy(i):
-            req = pb.DeployInferenceServiceRequest(service=spec(f"svc{i}"), request_id=f"req-{i}")
+            req = spb.DeployInferenceServiceRequest(service=spec(f"svc{i}"), request_id=f"req-{i}")
             try:
                 accepted[i] = (await stub.DeployInferenceService(req, timeout=5)).workload.workload_id
             except grpc.aio.AioRpcError:
@@ -107,8 +107,8 @@ async def test_sigkill_scheduler_with_deployments_in_flight_loses_nothing_places
         records = await agent_bus.kv_items("cnc-workloads")
         missing = set(accepted.values()) - set(records)
         assert not missing, f"accepted before the kill but no record stored: {sorted(missing)}"
-        states = Counter(pb.Workload.FromString(value).state for value, _ in records.values())
-        assert states[pb.WORKLOAD_STATE_PENDING] >= 1, f"nothing was in flight at the kill: {states}"
+        states = Counter(spb.Workload.FromString(value).state for value, _ in records.values())
+        assert states[spb.WORKLOAD_STATE_PENDING] >= 1, f"nothing was in flight at the kill: {states}"
         in_flight = [wid for wid in accepted.values()]
         proc = spawn_scheduler(url, port, log)
         await wait_healthy(f"127.0.0.1:{port}", 20)
@@ -117,8 +117,8 @@ async def test_sigkill_scheduler_with_deployments_in_flight_loses_nothing_places
         assert sorted(accepted) == list(range(40))
 
         async def all_placed():
-            ws = (await stub.ListWorkloads(pb.ListWorkloadsRequest())).workloads
-            done = [w for w in ws if w.state in (pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING)]
+            ws = (await stub.ListWorkloads(spb.ListWorkloadsRequest())).workloads
+            done = [w for w in ws if w.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)]
             return ws if len(done) == 40 else None
 
         workloads = await until(all_placed, 40, "all 40 placed")
@@ -162,12 +162,12 @@ async def test_services_reconnect_and_carry_on_when_nats_restarts(tmp_path):
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
     async def placed(wid):
-        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
-        return w.state in (pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING)
+        w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+        return w.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
 
     try:
-        await until(lambda: _true(len(scheduler.coordinator.ledger.up) == 3), 10, "sites known")
-        first = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("before")))).workload
+        await until(lambda: _true(len(scheduler.coordinator.inventory.up) == 3), 10, "sites known")
+        first = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("before")))).workload
         await until(lambda: placed(first.workload_id), 10, "first placed")
         seq_before = perception.events.latest.sequence
         server.kill()
@@ -175,12 +175,12 @@ async def test_services_reconnect_and_carry_on_when_nats_restarts(tmp_path):
         server = NatsServer(tmp_path / "js", port=server.port, log_file=tmp_path / "nats.log").start()
         await until(lambda: _true(scheduler.bus.connected and agent_bus.connected and perception.bus.connected),
                     20, "reconnected")
-        second = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("after")))).workload
+        second = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("after")))).workload
         await until(lambda: placed(second.workload_id), 20, "placed after the restart")
         await until(lambda: _true(perception.events.latest.sequence > seq_before + 3), 10, "snapshots go on")
         await until(lambda: _true(sum(len(a.executor.placements) for a in agents) >= 2), 10, "applied after restart")
         assert scheduler.bus.counters["disconnects"] >= 1
-        listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest())).workloads
+        listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest())).workloads
         assert {w.workload_id for w in listed} == {first.workload_id, second.workload_id}
     finally:
         await channel.close()
@@ -200,8 +200,8 @@ async def test_one_trace_spans_grpc_call_scheduler_and_site_agent(nats_server):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}", interceptors=telemetry.client_interceptors())
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     try:
-        await until(lambda: _true(len(scheduler.coordinator.ledger.up) == 3), 10, "sites known")
-        w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("traced")))).workload
+        await until(lambda: _true(len(scheduler.coordinator.inventory.up) == 3), 10, "sites known")
+        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("traced")))).workload
 
         def spans():
             return exporter.get_finished_spans()
@@ -230,7 +230,7 @@ async def test_garbled_placement_is_dead_lettered_and_the_agent_keeps_applying(n
     try:
         await agent_bus.js.publish("cnc.scheduler.placement.east", b"\xff\x00garbage",
                                    headers={envelope.TYPE: "cnc.scheduler.v1.PlacementCommitted", envelope.EVENT_ID: "x1"})
-        good = pb.PlacementCommitted(placement=common.Placement(
+        good = spb.PlacementCommitted(placement=common.Placement(
             workload_id="svc-1", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, site_id="east", generation=1,
             replicas=3, gpu_type="H100", gpus_per_unit=1))
         await agent_bus.publish(subjects.SCHEDULER_PLACEMENT, good, site="east")

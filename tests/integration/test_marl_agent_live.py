@@ -13,8 +13,8 @@ from agents.executor import MemoryExecutor
 from agents.marl_site import MarlSitePolicy
 from agents.site_agent import SiteAgent, make_site_policy
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.bus import Bus, subjects
 from services.perception.server import PerceptionServer
@@ -40,9 +40,9 @@ def spec(name: str) -> common.InferenceServiceSpec:
 def test_local_view_holds_the_site_its_neighbours_and_the_rest_of_the_pool():
     policy = make_site_policy("marl")
     assert isinstance(policy, MarlSitePolicy) and policy.name == "marl"
-    snap = perception_pb2.Snapshot(sequence=1)
+    snap = ppb.Snapshot(sequence=1)
     for i in range(len(SITES)):
-        status = perception_pb2.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status = ppb.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
         status.gpu_pools.add(gpu_type="H100", count=16, used=2, hbm_gb=80)
         status.services.add(workload_id="svc-1", replicas=2, request_rate_rps=1.0, utilization=0.5)
         snap.sites.append(status)
@@ -61,10 +61,10 @@ def test_local_view_holds_the_site_its_neighbours_and_the_rest_of_the_pool():
     assert delta.shape == (1,) and delta[0] in (-1, 0, 1)
 
 
-def _pool_snapshot() -> perception_pb2.Snapshot:
-    snap = perception_pb2.Snapshot(sequence=1)
+def _pool_snapshot() -> ppb.Snapshot:
+    snap = ppb.Snapshot(sequence=1)
     for i in range(len(SITES)):
-        status = perception_pb2.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status = ppb.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
         status.gpu_pools.add(gpu_type="H100", count=16, used=2 + i, hbm_gb=80)
         if i % 2 == 0:
             status.services.add(workload_id="svc-1", replicas=2, request_rate_rps=1.0 + i, utilization=0.3 * i)
@@ -73,10 +73,10 @@ def _pool_snapshot() -> perception_pb2.Snapshot:
     return snap
 
 
-def _offers() -> list[pb.Offer]:
+def _offers() -> list[spb.Offer]:
     offers = []
     for n in range(3):
-        offer = pb.Offer(offer_id=f"o{n}", workload_id=f"svc-new{n}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
+        offer = spb.Offer(offer_id=f"o{n}", workload_id=f"svc-new{n}", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE,
                          units=2, gpus_per_unit=1)
         offer.inference_service.CopyFrom(spec(f"new{n}"))
         offers.append(offer)
@@ -195,7 +195,7 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
     async def on_answers(ev):  # the agents of one process answer a round in one message
         reasons.extend(p.reason for a in ev.payload.answers for p in a.proposals)
 
-    placed: list[pb.PlacementCommitted] = []
+    placed: list[spb.PlacementCommitted] = []
 
     async def on_placement(ev):
         placed.append(ev.payload)
@@ -207,18 +207,18 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     try:
         for _ in range(100):
-            if len(scheduler.coordinator.ledger.up) == len(SITES):
+            if len(scheduler.coordinator.inventory.up) == len(SITES):
                 break
             await asyncio.sleep(0.1)
-        w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec("chat")))).workload
+        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("chat")))).workload
         for _ in range(100):
             if any(m.placement.workload_id == w.workload_id for m in placed):
                 break
             await asyncio.sleep(0.1)
         mine = [m.placement for m in placed if m.placement.workload_id == w.workload_id]
         assert sum(p.replicas for p in mine) == 2, placed
-        stored = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=w.workload_id))).workload
-        assert stored.state in (pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING)
+        stored = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
+        assert stored.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
         # every answer came from the learned policy, and each agent ran it
         assert reasons and all(r.startswith("marl") for r in reasons if r), reasons
         assert all(a.policy.name == "marl" and a.policy.decisions > 0 for a in agents)

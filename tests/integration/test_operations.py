@@ -93,7 +93,7 @@ def cli(brain, name, *args, env=None, timeout=60):
 def workload(brain, wid):
     import asyncio
 
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.scheduler.v1 import scheduler_pb2_grpc
     from cncbrain.auth import token_interceptors
 
@@ -101,7 +101,7 @@ def workload(brain, wid):
         token = brain.token_file.read_text().strip()
         async with grpc.aio.insecure_channel(brain.endpoints["scheduler"], interceptors=token_interceptors(token)) as ch:
             return (await scheduler_pb2_grpc.SchedulerServiceStub(ch).GetWorkload(
-                pb.GetWorkloadRequest(workload_id=wid))).workload
+                spb.GetWorkloadRequest(workload_id=wid))).workload
 
     return asyncio.run(get())
 

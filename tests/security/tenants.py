@@ -32,12 +32,12 @@ async def one_site_pool(admin, channels, operator: str) -> None:
     import asyncio
 
     from cnc.common.v1 import common_pb2 as common
-    from cnc.perception.v1 import perception_pb2
+    from cnc.perception.v1 import perception_pb2 as ppb
     from cncbrain.bus import subjects
 
     await enroll_a(channels, operator)
-    snap = perception_pb2.Snapshot(sequence=1)
-    snap.sites.append(perception_pb2.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
+    snap = ppb.Snapshot(sequence=1)
+    snap.sites.append(ppb.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
         common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))
     await admin.publish(subjects.PERCEPTION_SNAPSHOT, snap)
     await asyncio.sleep(0.3)

@@ -135,8 +135,8 @@ async def test_an_agent_host_answers_only_for_the_sites_registered_to_it(brain, 
     while co.agent_of.get("a") != "agents-h" and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert co.agent_of["a"] == "agents-h"
-    co.ledger.set_site("a", site.gpu_pools, True)
-    co.ledger.set_site("c", site.gpu_pools, True)  # known to the scheduler, registered by no one
+    co.inventory.set_site("a", site.gpu_pools, True)
+    co.inventory.set_site("c", site.gpu_pools, True)  # known to the scheduler, registered by no one
     batch = site_pb.OfferAnswers(round_id="r1", agent_id="agents-h", answers=[
         site_pb.OfferAnswer(round_id="r1", site_id=s) for s in ("a", "c")])
     before = co.counters["answers_refused"]

@@ -13,11 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tenants import tenant_with_token
 
-from cnc.adaptation.v1 import adaptation_pb2, adaptation_pb2_grpc
+from cnc.adaptation.v1 import adaptation_pb2 as apb
+from cnc.adaptation.v1 import adaptation_pb2_grpc
 from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
-from cnc.perception.v1 import perception_pb2, perception_pb2_grpc
-from cnc.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.perception.v1 import perception_pb2_grpc
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import TOKENS_BUCKET, bearer_metadata
 from cncbrain.identity import Role, TokenRecord, hash_secret
 from cncbrain.signing import Signer
@@ -32,11 +35,11 @@ async def status_of(channels, name: str, token: str) -> grpc.StatusCode:
     calls = {
         "governance": lambda: governance_pb2_grpc.GovernanceServiceStub(ch).WhoAmI(gpb.WhoAmIRequest(), metadata=md),
         "perception": lambda: perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
-            perception_pb2.ListSitesRequest(), metadata=md),
+            ppb.ListSitesRequest(), metadata=md),
         "scheduler": lambda: scheduler_pb2_grpc.SchedulerServiceStub(ch).ListWorkloads(
-            scheduler_pb2.ListWorkloadsRequest(), metadata=md),
+            spb.ListWorkloadsRequest(), metadata=md),
         "adaptation": lambda: adaptation_pb2_grpc.AdaptationServiceStub(ch).ListActions(
-            adaptation_pb2.ListActionsRequest(), metadata=md),
+            apb.ListActionsRequest(), metadata=md),
     }
     try:
         await calls[name]()

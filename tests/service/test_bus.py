@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from cnc.scheduler.v1 import scheduler_pb2
-from cnc.site.v1 import events_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import Bus, envelope, subjects
 
 
@@ -24,7 +24,7 @@ async def test_core_publish_carries_headers_and_trace(bus):
         got.append(ev)
 
     await bus.subscribe(subjects.SITE_HEARTBEAT, handler, consumer="t1")
-    await bus.publish(subjects.SITE_HEARTBEAT, events_pb2.Heartbeat(site_id="s1", sequence=7), site="s1")
+    await bus.publish(subjects.SITE_HEARTBEAT, site_pb.Heartbeat(site_id="s1", sequence=7), site="s1")
     await wait_for(lambda: got)
     ev = got[0]
     assert ev.payload.sequence == 7 and ev.params == {"site": "s1"}
@@ -34,11 +34,11 @@ async def test_core_publish_carries_headers_and_trace(bus):
 
 async def test_publish_refuses_wrong_payload_type(bus):
     with pytest.raises(TypeError):
-        await bus.publish(subjects.SITE_HEARTBEAT, scheduler_pb2.Offer(), site="s1")
+        await bus.publish(subjects.SITE_HEARTBEAT, spb.Offer(), site="s1")
 
 
 async def test_jetstream_dedups_same_event_id(bus):
-    ev = scheduler_pb2.WorkloadEvent(workload_id="w1", message="x")
+    ev = spb.WorkloadEvent(workload_id="w1", message="x")
     await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="same", workload="w1")
     await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="same", workload="w1")
     await bus.publish(subjects.SCHEDULER_WORKLOAD, ev, event_id="other", workload="w1")
@@ -56,11 +56,11 @@ async def test_durable_consumer_resumes_without_loss_or_repeat(nats_server):
     consumer = await Bus.connect(nats_server.url, "c1")
     await consumer.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="durable1", durable=True)
     for i in range(5):
-        await publisher.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(message=str(i)), workload="w")
+        await publisher.publish(subjects.SCHEDULER_WORKLOAD, spb.WorkloadEvent(message=str(i)), workload="w")
     await wait_for(lambda: len(seen) == 5)
     await consumer.close()
     for i in range(5, 10):  # published while the consumer is away
-        await publisher.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(message=str(i)), workload="w")
+        await publisher.publish(subjects.SCHEDULER_WORKLOAD, spb.WorkloadEvent(message=str(i)), workload="w")
     consumer = await Bus.connect(nats_server.url, "c1")
     await consumer.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="durable1", durable=True)
     await wait_for(lambda: len(seen) == 10)
@@ -87,7 +87,7 @@ async def test_garbled_and_unknown_events_go_to_dead_letter_and_consumer_goes_on
     await bus.js.publish(subject, b"\x08\xff\xff\xff", headers={envelope.TYPE: "cnc.scheduler.v1.WorkloadEvent", envelope.EVENT_ID: "g1"})
     await bus.js.publish(subject, b"", headers={envelope.TYPE: "cnc.nope.v9.Thing", envelope.EVENT_ID: "g2"})
     await bus.js.publish(subject, b"no headers at all")
-    await bus.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(workload_id="ok"), workload="w9")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, spb.WorkloadEvent(workload_id="ok"), workload="w9")
     await wait_for(lambda: got == ["ok"] and len(dead) == 3)
     assert bus.counters["dl1.dead_lettered"] == 3
     assert all(m.headers["Cnc-Dead-Subject"] == subject for m in dead)
@@ -103,7 +103,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus):
         raise RuntimeError("boom")
 
     await bus.subscribe(subjects.SCHEDULER_WORKLOAD, handler, consumer="fail1", durable=True)
-    await bus.publish(subjects.SCHEDULER_WORKLOAD, scheduler_pb2.WorkloadEvent(), workload="w")
+    await bus.publish(subjects.SCHEDULER_WORKLOAD, spb.WorkloadEvent(), workload="w")
     await wait_for(lambda: bus.counters["fail1.dead_lettered"] == 1, timeout=10)
     assert len(calls) == 5
 

@@ -7,13 +7,13 @@ import asyncio
 
 from agents.executor_emulated import EmulatedExecutor, EmulatorHost, read_placements, write_placements
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.bus import Bus
 from cncbrain.scenario import load_scenario
 
 
 def service(wid, site, replicas, generation=1):
-    msg = sched.PlacementCommitted(placement=common.Placement(
+    msg = spb.PlacementCommitted(placement=common.Placement(
         workload_id=wid, kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, site_id=site, gpu_type="H100",
         gpus_per_unit=1, replicas=replicas, generation=generation))
     msg.inference_service.CopyFrom(common.InferenceServiceSpec(
@@ -23,7 +23,7 @@ def service(wid, site, replicas, generation=1):
 
 
 def shards(wid, site, indices, generation=1):
-    msg = sched.PlacementCommitted(placement=common.Placement(
+    msg = spb.PlacementCommitted(placement=common.Placement(
         workload_id=wid, kind=common.WORKLOAD_KIND_TRAINING_JOB, site_id=site, gpu_type="H100", gpus_per_unit=1,
         shard_indices=indices, generation=generation))
     msg.training_job.CopyFrom(common.TrainingJobSpec(name=wid, model="m", params_b=1, shards=2, gpus_per_shard=1,

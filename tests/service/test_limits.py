@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.bus import subjects
 from services.scheduler.server import SchedulerServer
@@ -25,13 +25,13 @@ def service(**kw):
     base = dict(name="chat", model="llama-8b", params_b=8, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
                 min_replicas=1, max_replicas=2, gpus_per_replica=1)
     base.update(kw)
-    return pb.DeployInferenceServiceRequest(service=common.InferenceServiceSpec(**base))
+    return spb.DeployInferenceServiceRequest(service=common.InferenceServiceSpec(**base))
 
 
 def job(**kw):
     base = dict(name="train", model="llama-1b", params_b=1.3, shards=1, gpus_per_shard=1, tokens=1e9)
     base.update(kw)
-    return pb.SubmitTrainingJobRequest(job=common.TrainingJobSpec(**base))
+    return spb.SubmitTrainingJobRequest(job=common.TrainingJobSpec(**base))
 
 
 CASES = [  # (what, request, the field the answer names, text it must hold)
@@ -68,9 +68,9 @@ CASES = [  # (what, request, the field the answer names, text it must hold)
 @pytest.fixture
 async def stub(nats_server, bus):
     server = await SchedulerServer(Settings(nats_url=nats_server.url, grpc_port=0)).start()
-    snap = perception_pb2.Snapshot(sequence=1)
+    snap = ppb.Snapshot(sequence=1)
     for sid in ("east", "west"):
-        snap.sites.append(perception_pb2.SiteStatus(
+        snap.sites.append(ppb.SiteStatus(
             site=common.Site(site_id=sid, gpu_pools=[common.GpuPool(gpu_type="H100", count=16, hbm_gb=80)]),
             state=common.SITE_STATE_UP))
     await bus.publish(subjects.PERCEPTION_SNAPSHOT, snap)
@@ -85,7 +85,7 @@ async def test_every_absurd_input_is_refused_naming_its_field_and_quoting_little
     for what, request, field, text in CASES:
         if what == "request id 10 KB":
             request.request_id = BIG
-        call = stub.SubmitTrainingJob if isinstance(request, pb.SubmitTrainingJobRequest) else stub.DeployInferenceService
+        call = stub.SubmitTrainingJob if isinstance(request, spb.SubmitTrainingJobRequest) else stub.DeployInferenceService
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(request)
         details = err.value.details()
@@ -93,7 +93,7 @@ async def test_every_absurd_input_is_refused_naming_its_field_and_quoting_little
         assert field in details and text in details, (what, details)
         assert len(details) < 400, (what, len(details))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=BIG))
+        await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=BIG))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 200
     # what fits still goes through: 70B on 3 H100 per replica, 7B training on 2 per shard
     await stub.DeployInferenceService(service(model="llama-70b", params_b=70, gpus_per_replica=3))

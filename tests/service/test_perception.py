@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.perception.v1 import perception_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import subjects
@@ -55,7 +55,7 @@ async def test_sites_register_go_down_without_heartbeat_and_come_back(perception
     await register(bus, "west")
 
     async def both_listed():
-        sites = (await stub.ListSites(pb.ListSitesRequest())).sites
+        sites = (await stub.ListSites(ppb.ListSitesRequest())).sites
         assert [s.site.site_id for s in sites] == ["east", "west"]
 
     await eventually(both_listed)
@@ -64,14 +64,14 @@ async def test_sites_register_go_down_without_heartbeat_and_come_back(perception
         await asyncio.sleep(0.1)
 
     async def west_down():
-        down = (await stub.ListSites(pb.ListSitesRequest(state=common.SITE_STATE_DOWN))).sites
+        down = (await stub.ListSites(ppb.ListSitesRequest(state=common.SITE_STATE_DOWN))).sites
         assert [s.site.site_id for s in down] == ["west"]
 
     await eventually(west_down)
     await bus.publish(subjects.SITE_HEARTBEAT, site_pb.Heartbeat(site_id="west"), site="west")
 
     async def west_up():
-        site = (await stub.GetSite(pb.GetSiteRequest(site_id="west"))).site
+        site = (await stub.GetSite(ppb.GetSiteRequest(site_id="west"))).site
         assert site.state == common.SITE_STATE_UP
 
     await eventually(west_up)
@@ -88,7 +88,7 @@ async def test_snapshot_watch_and_forecast_from_telemetry(perception, bus):
     server, stub = perception
     await register(bus, "east")
     await eventually(lambda: _assert("east" in server.picture.sites))
-    stream = stub.WatchSnapshots(pb.WatchSnapshotsRequest())
+    stream = stub.WatchSnapshots(ppb.WatchSnapshotsRequest())
     for rate in (10.0, 12.0, 14.0, 16.0):
         t = site_pb.SiteTelemetry(site_id="east", gpu_utilization=0.5,
                                   services=[site_pb.ServiceLoad(workload_id="svc-1", replicas=2, request_rate_rps=rate)])
@@ -101,15 +101,15 @@ async def test_snapshot_watch_and_forecast_from_telemetry(perception, bus):
         if len(seqs) == 3:
             break
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    snap = (await stub.GetSnapshot(pb.GetSnapshotRequest())).snapshot
+    snap = (await stub.GetSnapshot(ppb.GetSnapshotRequest())).snapshot
     assert snap.sites[0].services[0].workload_id == "svc-1" and snap.sites_up == 1
-    f = (await stub.GetForecast(pb.GetForecastRequest(workload_id="svc-1", horizon_ticks=3))).forecast
+    f = (await stub.GetForecast(ppb.GetForecastRequest(workload_id="svc-1", horizon_ticks=3))).forecast
     assert len(f.predicted_rps) == 3 and f.predicted_rps[2] > f.predicted_rps[0] > 10  # rising trend
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetForecast(pb.GetForecastRequest(workload_id="svc-unknown"))
+        await stub.GetForecast(ppb.GetForecastRequest(workload_id="svc-unknown"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetSite(pb.GetSiteRequest(site_id="nowhere"))
+        await stub.GetSite(ppb.GetSiteRequest(site_id="nowhere"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from test_scheduler import FakeAgents, service_spec, snapshot
 
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import subjects
@@ -54,14 +54,14 @@ async def scheduler(nats_server, bus):
 async def until_state(stub, wid, states, timeout=15.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+        w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
         if w.state in states or asyncio.get_running_loop().time() > deadline:
             return w
         await asyncio.sleep(0.05)
 
 
 async def deploy(stub, **kw):
-    resp = await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(**kw)))
+    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(**kw)))
     return resp.workload.workload_id
 
 
@@ -72,12 +72,12 @@ async def test_a_rejected_placement_is_placed_elsewhere_and_says_why(scheduler, 
     sites = FakeSites(bus, {"a": "reject"})
     await sites.start()
     wid = await deploy(stub, min_replicas=2, max_replicas=2)
-    w = await until_state(stub, wid, (pb.WORKLOAD_STATE_RUNNING,))
-    assert w.state == pb.WORKLOAD_STATE_RUNNING, w
+    w = await until_state(stub, wid, (spb.WORKLOAD_STATE_RUNNING,))
+    assert w.state == spb.WORKLOAD_STATE_RUNNING, w
     assert [p.site_id for p in w.placements if p.replicas] == ["b"]
     assert ("a", 2, 0) in sites.seen  # a was told to drop it (a new generation with none there)
     events = await bus.events_since(subjects.SCHEDULER_WORKLOAD, 0, workload=wid)
-    said = [e.payload.message for e in events if e.payload.state == pb.WORKLOAD_STATE_PENDING]
+    said = [e.payload.message for e in events if e.payload.state == spb.WORKLOAD_STATE_PENDING]
     assert "site a rejected it (only 0 of 2 replicas fit); placing it again elsewhere (attempt 2 of 3)" in said
 
 
@@ -86,8 +86,8 @@ async def test_a_placement_never_confirmed_is_taken_off_that_site(scheduler, bus
     await FakeAgents(bus, {"a": 4, "b": 4, "c": 4}, {"a": 1.0, "b": 2.0, "c": 3.0}).start()
     await FakeSites(bus, {"a": "silent"}).start()
     wid = await deploy(stub, min_replicas=2, max_replicas=2)
-    w = await until_state(stub, wid, (pb.WORKLOAD_STATE_RUNNING,))
-    assert w.state == pb.WORKLOAD_STATE_RUNNING
+    w = await until_state(stub, wid, (spb.WORKLOAD_STATE_RUNNING,))
+    assert w.state == spb.WORKLOAD_STATE_RUNNING
     assert [p.site_id for p in w.placements if p.replicas] == ["b"]
 
 
@@ -97,10 +97,10 @@ async def test_a_service_keeping_its_minimum_elsewhere_only_loses_the_failed_sit
     sites = FakeSites(bus, {"a": "reject"})
     await sites.start()
     wid = await deploy(stub, min_replicas=2, max_replicas=8)
-    resp = await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))
-    assert resp.workload.state in (pb.WORKLOAD_STATE_PENDING, pb.WORKLOAD_STATE_PLACED, pb.WORKLOAD_STATE_RUNNING)
+    resp = await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))
+    assert resp.workload.state in (spb.WORKLOAD_STATE_PENDING, spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
     # min 2 replicas: placed as 2 at a (cheapest); a rejects → withdrawn, placed at b
-    w = await until_state(stub, wid, (pb.WORKLOAD_STATE_RUNNING,))
+    w = await until_state(stub, wid, (spb.WORKLOAD_STATE_RUNNING,))
     assert [p.site_id for p in w.placements if p.replicas] == ["b"]
     # now scale up at c and have c reject: the service keeps its 2 replicas at b
     co = server.coordinator
@@ -109,12 +109,12 @@ async def test_a_service_keeping_its_minimum_elsewhere_only_loses_the_failed_sit
                                        units=1, gpu_type="H100"))
     deadline = asyncio.get_running_loop().time() + 10
     while asyncio.get_running_loop().time() < deadline:
-        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+        w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
         if "withdrawn from c" in w.message:
             break
         await asyncio.sleep(0.05)
     assert "site c rejected it" in w.message and "2 replicas remain" in w.message, w.message
-    assert w.state == pb.WORKLOAD_STATE_RUNNING
+    assert w.state == spb.WORKLOAD_STATE_RUNNING
     assert {p.site_id: p.replicas for p in w.placements if p.replicas} == {"b": 2}
 
 
@@ -123,7 +123,7 @@ async def test_a_workload_every_site_rejects_fails_saying_why(scheduler, bus):
     await FakeAgents(bus, {"a": 4, "b": 4, "c": 4}, {"a": 1.0, "b": 2.0, "c": 3.0}).start()
     await FakeSites(bus, {"a": "reject", "b": "reject", "c": "reject"}).start()
     wid = await deploy(stub, min_replicas=2, max_replicas=2)
-    w = await until_state(stub, wid, (pb.WORKLOAD_STATE_FAILED,), timeout=20)
-    assert w.state == pb.WORKLOAD_STATE_FAILED, w
+    w = await until_state(stub, wid, (spb.WORKLOAD_STATE_FAILED,), timeout=20)
+    assert w.state == spb.WORKLOAD_STATE_FAILED, w
     assert "rejected it (only 0 of 2 replicas fit)" in w.message and "placed 3 times" in w.message, w.message
     assert not any(p.replicas for p in w.placements)

@@ -7,8 +7,8 @@ import grpc
 import pytest
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import subjects
@@ -24,9 +24,9 @@ def service_spec(**kw):
 
 
 def snapshot(sites):
-    snap = perception_pb2.Snapshot(sequence=1)
+    snap = ppb.Snapshot(sequence=1)
     for sid, n in sites.items():
-        snap.sites.append(perception_pb2.SiteStatus(
+        snap.sites.append(ppb.SiteStatus(
             site=common.Site(site_id=sid, gpu_pools=[common.GpuPool(gpu_type="H100", count=n, hbm_gb=80)]),
             state=common.SITE_STATE_UP))
     return snap
@@ -85,15 +85,15 @@ async def placements_of(bus, wid, count, timeout=5.0):
 async def test_deploy_places_cheapest_sites_first_and_publishes_per_site(scheduler, bus):
     server, stub = scheduler
     await FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 3.0, "b": 1.0, "c": 2.0}).start()
-    resp = await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
     wid = resp.workload.workload_id
-    assert resp.workload.state == pb.WORKLOAD_STATE_PENDING and wid.startswith("svc-")
+    assert resp.workload.state == spb.WORKLOAD_STATE_PENDING and wid.startswith("svc-")
     got = await placements_of(bus, wid, 2)
     by_site = {m.placement.site_id: m.placement.replicas for m in got}
     assert by_site == {"b": 4, "c": 1}
     assert all(m.inference_service.model == "llama-8b" for m in got)
-    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
-    assert w.state == pb.WORKLOAD_STATE_PLACED and w.generation == 1
+    w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+    assert w.state == spb.WORKLOAD_STATE_PLACED and w.generation == 1
 
 
 async def test_one_agent_process_answers_a_round_for_its_sites_in_one_message(scheduler, bus):
@@ -113,7 +113,7 @@ async def test_one_agent_process_answers_a_round_for_its_sites_in_one_message(sc
         await bus.publish(subjects.SITE_ANSWERS, batch, agent="agents-1")
 
     await bus.subscribe(subjects.SCHEDULER_OFFER, on_offer, consumer="fake-agent-process")
-    resp = await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
     got = await placements_of(bus, resp.workload.workload_id, 2)
     assert {m.placement.site_id: m.placement.replicas for m in got} == {"b": 4, "c": 1}
     assert server.coordinator.counters["answers_refused"] >= 1  # mallory
@@ -124,20 +124,20 @@ async def test_training_gang_is_all_or_none_then_fails_after_timeout(scheduler, 
     agents = FakeAgents(bus, {"a": 2, "b": 1}, {"a": 1.0, "b": 1.0})  # 3 of the 4 shards on offer
     await agents.start()
     job = common.TrainingJobSpec(name="pretrain", model="gpt-7b", params_b=1, shards=4, gpus_per_shard=1, tokens=1e9)
-    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
-    events = [r.event async for r in stub.WatchWorkload(pb.WatchWorkloadRequest(workload_id=wid))]
-    assert [e.kind for e in events] == [pb.WORKLOAD_EVENT_KIND_ACCEPTED, pb.WORKLOAD_EVENT_KIND_FAILED]
+    wid = (await stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    events = [r.event async for r in stub.WatchWorkload(spb.WatchWorkloadRequest(workload_id=wid))]
+    assert [e.kind for e in events] == [spb.WORKLOAD_EVENT_KIND_ACCEPTED, spb.WORKLOAD_EVENT_KIND_FAILED]
     assert events[-1].message.startswith("not placed within 2 s (")
     assert events[-1].message.endswith("4×1 GPUs): waiting for a gang of 4 shards: the site agents offered 3 of 4 shards")
     assert len(agents.offers) >= 2  # re-offered while waiting
-    assert server.coordinator.ledger.used["a"]["H100"] == 0  # nothing held by the failed gang
+    assert server.coordinator.inventory.used["a"]["H100"] == 0  # nothing held by the failed gang
 
 
 async def pending_message(stub, wid, timeout=5.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+        w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
         if w.message or loop.time() > deadline:
             return w
         await asyncio.sleep(0.05)
@@ -148,11 +148,11 @@ async def test_a_pending_workload_says_why_it_waits(scheduler, bus):
     await FakeAgents(bus, {"a": 0, "b": 0, "c": 0}, {"a": 1.0, "b": 1.0, "c": 1.0}).start()
     # a model no allowed GPU type can hold is refused at the API (tests/service/test_limits.py), never pending
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+        await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
             service=service_spec(name="giant", model="9000b", params_b=9000, min_replicas=1)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "needs 21,600 GB" in err.value.details() and "no replica of at most 64 GPUs holds it" in err.value.details()
-    shy = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+    shy = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
         service=service_spec(name="shy", min_replicas=2)))).workload.workload_id
     w = await pending_message(stub, shy)
     assert w.message == "the site agents offered 0 of 2 replicas"
@@ -162,7 +162,7 @@ async def test_training_gang_placed_across_sites_with_shard_indices(scheduler, b
     server, stub = scheduler
     await FakeAgents(bus, {"a": 2, "b": 2, "c": 2}, {"a": 1.0, "b": 2.0, "c": 3.0}).start()
     job = common.TrainingJobSpec(name="ft", model="m", params_b=1, shards=3, gpus_per_shard=2, tokens=1e9)
-    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    wid = (await stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload.workload_id
     got = await placements_of(bus, wid, 2)
     shards = sorted(i for m in got for i in m.placement.shard_indices)
     assert shards == [0, 1, 2]
@@ -175,13 +175,13 @@ async def test_the_workload_template_reaches_each_site_with_its_placement(schedu
     t = common.WorkloadTemplate(command="python3", args=["-m", "serve", "--port=0"], image="")
     t.env.add(name="MODEL_DIR", value="/models/llama")
     job = common.TrainingJobSpec(name="ft", model="m", params_b=1, shards=3, gpus_per_shard=1, tokens=1e9, template=t)
-    wid = (await stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))).workload.workload_id
+    wid = (await stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload.workload_id
     got = await placements_of(bus, wid, 2)
     assert [m.training_job.template for m in got] == [t, t]
     bad = common.WorkloadTemplate(command="x")
     bad.env.add(name="CNC_WORKLOAD_ID", value="someone-else")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(template=bad)))
+        await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(template=bad)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "service.template.env[0].name" in err.value.details()
 
@@ -198,7 +198,7 @@ async def test_bad_specs_get_the_right_status_naming_the_field(scheduler, field,
     if field == "max_replicas":
         spec.min_replicas = 1000
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spec))
+        await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec))
     assert err.value.code() == code
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert field in err.value.details()
@@ -207,34 +207,34 @@ async def test_bad_specs_get_the_right_status_naming_the_field(scheduler, field,
 async def test_unknown_ids_and_double_cancel(scheduler, bus):
     _, stub = scheduler
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.GetWorkload(pb.GetWorkloadRequest(workload_id="svc-nope"))
+        await stub.GetWorkload(spb.GetWorkloadRequest(workload_id="svc-nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id="svc-nope"))
+        await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id="svc-nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
-    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
     await placements_of(bus, wid, 1)
-    w = (await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))).workload
-    assert w.state == pb.WORKLOAD_STATE_CANCELLED
+    w = (await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=wid))).workload
+    assert w.state == spb.WORKLOAD_STATE_CANCELLED
     zero = await placements_of(bus, wid, 2)
     assert zero[-1].placement.replicas == 0 and zero[-1].placement.generation == 2
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))
+        await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=wid))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_a_bug_in_the_scheduler_is_internal_not_unavailable(scheduler, bus, monkeypatch, caplog):
     server, stub = scheduler
     await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
-    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
 
     async def broken(workload_id, actor=""):
         return {}[workload_id]  # a programming error inside the handler's call
 
     monkeypatch.setattr(server.coordinator, "cancel", broken)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.CancelWorkload(pb.CancelWorkloadRequest(workload_id=wid))
+        await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=wid))
     assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
     assert "KeyError" in err.value.details()
     assert any(r.exc_info and r.exc_info[0] is KeyError and "CancelWorkload" in r.getMessage() for r in caplog.records)
@@ -242,13 +242,13 @@ async def test_a_bug_in_the_scheduler_is_internal_not_unavailable(scheduler, bus
 
 async def test_request_id_makes_deploy_idempotent(scheduler, bus):
     _, stub = scheduler
-    req = pb.DeployInferenceServiceRequest(service=service_spec(), request_id="tenant-req-1")
+    req = spb.DeployInferenceServiceRequest(service=service_spec(), request_id="tenant-req-1")
     first = (await stub.DeployInferenceService(req)).workload
     second = (await stub.DeployInferenceService(req)).workload
     assert first.workload_id == second.workload_id
-    listed = (await stub.ListWorkloads(pb.ListWorkloadsRequest())).workloads
+    listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest())).workloads
     assert [w.workload_id for w in listed] == [first.workload_id]
-    other = pb.DeployInferenceServiceRequest(service=service_spec(model="other"), request_id="tenant-req-1")
+    other = spb.DeployInferenceServiceRequest(service=service_spec(model="other"), request_id="tenant-req-1")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.DeployInferenceService(other)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -257,14 +257,14 @@ async def test_request_id_makes_deploy_idempotent(scheduler, bus):
 async def test_scale_proposal_within_bounds_and_capacity(scheduler, bus):
     server, stub = scheduler
     await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
-    wid = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
     await placements_of(bus, wid, 1)
     for sid, want in (("b", 9), ("c", 1)):  # b: capped by max_replicas 6 → 4 there
         await bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
             proposal_id=f"p-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_SCALE, workload_id=wid,
             units=want, gpu_type="H100"), site=sid)
     got = await placements_of(bus, wid, 2)
-    w = (await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+    w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
     per_site = {p.site_id: p.replicas for p in w.placements}
     assert sum(per_site.values()) <= 6
     assert per_site["a"] == 2 and per_site["b"] == 4
@@ -285,7 +285,7 @@ async def _stored_pending(bus, spec):
 
 async def _published_placement(bus, w, site, replicas, generation=1):
     """A placement event as a commit cut short left it: published, its record never written."""
-    msg = pb.PlacementCommitted(placement=common.Placement(
+    msg = spb.PlacementCommitted(placement=common.Placement(
         workload_id=w.workload_id, kind=w.kind, site_id=site, generation=generation, gpu_type="H100",
         gpus_per_unit=1, replicas=replicas), inference_service=w.inference_service)
     msg.committed_at.GetCurrentTime()
@@ -314,14 +314,14 @@ async def test_restart_rolls_forward_a_commit_whose_placements_went_out_but_not_
     try:
         co = server.coordinator
         rec = co.store.get(w.workload_id)
-        assert rec.state == pb.WORKLOAD_STATE_PLACED and rec.generation == 1
+        assert rec.state == spb.WORKLOAD_STATE_PLACED and rec.generation == 1
         assert [(p.site_id, p.replicas) for p in rec.placements] == [("b", 3)]
         assert co.counters["commits_rolled_forward"] == 1
-        assert co.ledger.used["b"]["H100"] == 3  # its GPUs are taken
+        assert co.inventory.used["b"]["H100"] == 3  # its GPUs are taken
         await asyncio.sleep(0.3)
         assert all(o.workload_id != w.workload_id for o in agents.offers)  # never offered again
         stored = await (await bus.kv("cnc-workloads")).get(w.workload_id)
-        assert pb.Workload.FromString(stored.value) == rec  # written, not only in memory
+        assert spb.Workload.FromString(stored.value) == rec  # written, not only in memory
     finally:
         await server.stop()
 
@@ -338,8 +338,8 @@ async def test_restart_withdraws_a_partial_commit_and_places_the_workload_again(
         assert by_gen[(1, "c")] == 1 and by_gen[(2, "c")] == 0  # the partial one, then its release
         assert by_gen[(3, "a")] == 3  # placed again, whole, at the cheapest site
         rec = co.store.get(w.workload_id)
-        assert rec.state == pb.WORKLOAD_STATE_PLACED and rec.generation == 3
-        assert co.ledger.used["c"]["H100"] == 0
+        assert rec.state == spb.WORKLOAD_STATE_PLACED and rec.generation == 3
+        assert co.inventory.used["c"]["H100"] == 0
     finally:
         await server.stop()
 
@@ -356,12 +356,12 @@ async def test_a_site_reporting_before_the_record_write_returned_still_makes_it_
         await bus.publish(subjects.SITE_APPLIED, report, site=ev.payload.placement.site_id)
 
     await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-fast-site")
-    w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec()))).workload
+    w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload
     for _ in range(100):
-        if server.coordinator.store.get(w.workload_id).state == pb.WORKLOAD_STATE_RUNNING:
+        if server.coordinator.store.get(w.workload_id).state == spb.WORKLOAD_STATE_RUNNING:
             break
         await asyncio.sleep(0.05)
-    assert server.coordinator.store.get(w.workload_id).state == pb.WORKLOAD_STATE_RUNNING
+    assert server.coordinator.store.get(w.workload_id).state == spb.WORKLOAD_STATE_RUNNING
 
 
 async def test_the_record_reads_placed_once_its_placement_event_is_out(scheduler, bus):
@@ -382,17 +382,17 @@ async def test_the_record_reads_placed_once_its_placement_event_is_out(scheduler
     store.update = slow_update
 
     async def on_placement(ev):
-        got = await stub.GetWorkload(pb.GetWorkloadRequest(workload_id=ev.payload.placement.workload_id))
+        got = await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=ev.payload.placement.workload_id))
         states.append(got.workload.state)
 
     await bus.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-read-on-placement")
     for i in range(4):  # site a's 4 GPUs
-        await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec(name=f"s{i}", min_replicas=1)))
+        await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(name=f"s{i}", min_replicas=1)))
     for _ in range(100):
         if len(states) == 4:
             break
         await asyncio.sleep(0.05)
-    assert states == [pb.WORKLOAD_STATE_PLACED] * 4
+    assert states == [spb.WORKLOAD_STATE_PLACED] * 4
 
 
 async def test_a_garbled_record_is_skipped_with_its_key_named_and_left_in_place(nats_server, bus, caplog):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.slurm_local import LocalSlurm
 
 
@@ -20,19 +20,19 @@ def train_template(seconds: float = 60.0) -> common.WorkloadTemplate:
 
 
 def service(site: str, wid: str, replicas: int, generation: int = 1, gpus: int = 2, gpu: str = "H100",
-            template: common.WorkloadTemplate | None = None) -> sched.PlacementCommitted:
+            template: common.WorkloadTemplate | None = None) -> spb.PlacementCommitted:
     spec = common.InferenceServiceSpec(name=wid, model="7b", params_b=7, min_replicas=1, max_replicas=16,
                                        gpus_per_replica=gpus, template=template or serve_template())
-    return sched.PlacementCommitted(placement=common.Placement(
+    return spb.PlacementCommitted(placement=common.Placement(
         workload_id=wid, kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, site_id=site, generation=generation,
         replicas=replicas, gpu_type=gpu, gpus_per_unit=gpus), inference_service=spec)
 
 
 def training(site: str, wid: str, shards: list[int], world: int, generation: int = 1, gpus: int = 2,
-             gpu: str = "H100", template: common.WorkloadTemplate | None = None) -> sched.PlacementCommitted:
+             gpu: str = "H100", template: common.WorkloadTemplate | None = None) -> spb.PlacementCommitted:
     spec = common.TrainingJobSpec(name=wid, model="1b", params_b=1, shards=world, gpus_per_shard=gpus, tokens=1e9,
                                   template=template or train_template())
-    return sched.PlacementCommitted(placement=common.Placement(
+    return spb.PlacementCommitted(placement=common.Placement(
         workload_id=wid, kind=common.WORKLOAD_KIND_TRAINING_JOB, site_id=site, generation=generation,
         shard_indices=shards, gpu_type=gpu, gpus_per_unit=gpus), training_job=spec)
 

@@ -14,7 +14,7 @@ from agents.executor_slurm import SlurmExecutor, SlurmSettings
 from agents.site_agent import SiteAgent
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.common.v1 import common_pb2 as common
-from cnc.scheduler.v1 import scheduler_pb2 as pb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.bus import Bus, subjects
 from services.adaptation.server import AdaptationServer
@@ -61,10 +61,10 @@ class Brain:
                                                                  retry_interval_s=0.2)).start()
         self.adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=False,
                                                                     guardrails_enabled=False)).start()
-        ledger = self.scheduler.coordinator.ledger
-        await until(lambda: _true(ledger.up >= sites), 20, "the sites up")
+        inventory = self.scheduler.coordinator.inventory
+        await until(lambda: _true(inventory.up >= sites), 20, "the sites up")
         # every node of the partition in service (one may still be resuming after the test before)
-        await until(lambda: _true(ledger.capacity.get(SITE) == FULL_SITE), 20, f"{SITE} with {FULL_SITE}")
+        await until(lambda: _true(inventory.capacity.get(SITE) == FULL_SITE), 20, f"{SITE} with {FULL_SITE}")
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.scheduler.port}")
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         self.bus = await Bus.connect(url, "test")
@@ -82,13 +82,13 @@ class Brain:
         await self.perception.stop()
 
     async def workload(self, wid):
-        return (await self.stub.GetWorkload(pb.GetWorkloadRequest(workload_id=wid))).workload
+        return (await self.stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
 
     async def in_state(self, wid, state, timeout=30):
         async def check():
             w = await self.workload(wid)
             return w if w.state == state else None
-        return await until(check, timeout, f"{wid} {pb.WorkloadState.Name(state)}", poll_s=0.2)
+        return await until(check, timeout, f"{wid} {spb.WorkloadState.Name(state)}", poll_s=0.2)
 
 
 @pytest.fixture
@@ -134,9 +134,9 @@ class Ticks:
 
 
 async def test_a_node_down_takes_its_gpus_out_and_adaptation_moves_the_overflow_within_3_ticks(brain, slurm):
-    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 4)))
+    resp = await brain.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 4)))
     wid = resp.workload.workload_id
-    w = await brain.in_state(wid, pb.WORKLOAD_STATE_RUNNING)
+    w = await brain.in_state(wid, spb.WORKLOAD_STATE_RUNNING)
     assert [(p.site_id, p.replicas) for p in w.placements] == [(SITE, 2)]
     jobs = await until(lambda: _true([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"] or None)
                        if len([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"]) == 2 else _true(None),
@@ -173,12 +173,12 @@ async def test_an_agent_restart_adopts_the_jobs_and_a_gang_completes(brain_alone
     # The Slurm site alone: with a spare site the gang goes wherever is emptier when its offer round
     # runs (a training proposal's cost counts the site's busy share), which is not what this tests.
     brain = brain_alone
-    svc = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 2)))
+    svc = await brain.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec("chat", 2, 2)))
     job = common.TrainingJobSpec(name="ft", model="1b", params_b=1, shards=2, gpus_per_shard=2, tokens=1e9,
                                  allowed_gpu_types=["H100"], template=train_template(8))
-    ft = await brain.stub.SubmitTrainingJob(pb.SubmitTrainingJobRequest(job=job))
+    ft = await brain.stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))
     sid, jid = svc.workload.workload_id, ft.workload.workload_id
-    placed = [await brain.in_state(sid, pb.WORKLOAD_STATE_RUNNING), await brain.in_state(jid, pb.WORKLOAD_STATE_RUNNING)]
+    placed = [await brain.in_state(sid, spb.WORKLOAD_STATE_RUNNING), await brain.in_state(jid, spb.WORKLOAD_STATE_RUNNING)]
     assert {p.site_id for w in placed for p in w.placements} == {SITE}
     await until(lambda: _true(len([j for j in live_jobs(slurm) if j["state"] == "RUNNING"]) == 3), 30,
                 "2 replicas and the gang running")
@@ -189,7 +189,7 @@ async def test_an_agent_restart_adopts_the_jobs_and_a_gang_completes(brain_alone
     after = sorted(j["id"] for j in squeue(slurm, f"cnc.{SITE}."))
     assert after == before, "the restarted agent submitted or cancelled jobs"
     assert brain.agent.counters["placements_stale"] >= 2  # the stream's copies, after the catch-up
-    w = await brain.in_state(jid, pb.WORKLOAD_STATE_COMPLETED, timeout=40)
+    w = await brain.in_state(jid, spb.WORKLOAD_STATE_COMPLETED, timeout=40)
     assert w.progress == 1.0
     assert [p.shard_indices for p in w.placements if p.site_id == SITE] == [[]]  # released
 
@@ -198,9 +198,9 @@ async def test_a_workload_whose_jobs_keep_failing_is_failed_with_the_reason(brai
     await brain.agent.stop()
     await brain.start_agent(max_retries=1)
     bad = common.WorkloadTemplate(command="/bin/sh", args=["-c", "echo 'model not found' >&2; exit 3"])
-    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(
+    resp = await brain.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
         service=service_spec("broken", 1, 1, template=bad)))
-    w = await brain.in_state(resp.workload.workload_id, pb.WORKLOAD_STATE_FAILED, timeout=40)
+    w = await brain.in_state(resp.workload.workload_id, spb.WORKLOAD_STATE_FAILED, timeout=40)
     print(w.message)
     assert f"site {SITE}:" in w.message and "exit code 3:0" in w.message and "retries (1) spent" in w.message
     assert brain.scheduler.coordinator.counters["apply_failed"] >= 2  # the retry reported, then the end
@@ -208,9 +208,9 @@ async def test_a_workload_whose_jobs_keep_failing_is_failed_with_the_reason(brai
 
 
 async def test_slurm_unreachable_marks_the_site_down_and_the_agent_reconciles_when_it_returns(brain, slurm):
-    resp = await brain.stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=service_spec("chat", 1, 2)))
+    resp = await brain.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec("chat", 1, 2)))
     wid = resp.workload.workload_id
-    await brain.in_state(wid, pb.WORKLOAD_STATE_RUNNING)
+    await brain.in_state(wid, spb.WORKLOAD_STATE_RUNNING)
     await until(lambda: _true(len(live_jobs(slurm, wid)) == 1), 20, "1 job")
     states = []
 

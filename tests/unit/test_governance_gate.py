@@ -61,7 +61,7 @@ def test_a_commit_counts_until_governance_shows_it():
 
 
 def test_headroom_and_quota_aware_proposals_let_arbitration_fit_the_quota():
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cnc.site.v1 import events_pb2 as site_pb
     from services.scheduler import domain
     from services.scheduler.governance import SchedulerGovernance
@@ -70,12 +70,12 @@ def test_headroom_and_quota_aware_proposals_let_arbitration_fit_the_quota():
     g._apply(kv("tenant.lab", {"quota": {"gpus_by_type": {"H100": 4, "L40S": 0}}, "policy": {}}))
     g.sites.update({"a": ("us", {"H100": 4.0, "L40S": 1.8}), "b": ("us", {"A100-80GB": 4.6})})
     assert g.headroom("w", "lab") == ({"H100": 4, "L40S": 0}, None, None)
-    ledger = domain.Ledger()
-    ledger.set_site("a", [common.GpuPool(gpu_type="H100", count=16), common.GpuPool(gpu_type="L40S", count=16)], True)
-    ledger.set_site("b", [common.GpuPool(gpu_type="A100-80GB", count=16)], True)
-    hooks = SchedulerGovernance(ledger, g, None)
+    inventory = domain.Inventory()
+    inventory.set_site("a", [common.GpuPool(gpu_type="H100", count=16), common.GpuPool(gpu_type="L40S", count=16)], True)
+    inventory.set_site("b", [common.GpuPool(gpu_type="A100-80GB", count=16)], True)
+    hooks = SchedulerGovernance(inventory, g, None)
     spec = common.InferenceServiceSpec(name="chat", min_replicas=6, max_replicas=6, gpus_per_replica=1, tenant="lab")
-    w = pb.Workload(workload_id="w", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, inference_service=spec)
+    w = spb.Workload(workload_id="w", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, inference_service=spec)
     proposals = [
         site_pb.Proposal(site_id="a", units=6, gpu_type="L40S", cost=1.0),  # cheapest, but L40S quota is 0
         site_pb.Proposal(site_id="a2", units=6, gpu_type="H100", cost=2.0),  # site not up: left as is
@@ -83,16 +83,16 @@ def test_headroom_and_quota_aware_proposals_let_arbitration_fit_the_quota():
     ]
     capped = hooks.proposals(w, proposals)
     assert all(p.gpu_type != "L40S" for p in capped)
-    allocation = domain.arbitrate(domain.need_of(w), capped, ledger)
+    allocation = domain.arbitrate(domain.need_of(w), capped, inventory)
     assert allocation == {"b": ("A100-80GB", 6)}
     placements = domain.commit_placement(w, allocation, 0)
     assert hooks.check(w, placements).ok
     # H100 is capped at the quota's 4: arbitration fills the rest elsewhere.
-    ledger.set_site("a2", [common.GpuPool(gpu_type="H100", count=16)], True)
+    inventory.set_site("a2", [common.GpuPool(gpu_type="H100", count=16)], True)
     g.sites["a2"] = ("us", {"H100": 4.0})
-    w2 = pb.Workload(workload_id="w2", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, inference_service=spec)
+    w2 = spb.Workload(workload_id="w2", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, inference_service=spec)
     capped = hooks.proposals(w2, proposals)
     assert {p.site_id: p.units for p in capped} == {"a2": 4, "b": 6}
-    allocation = domain.arbitrate(domain.need_of(w2), capped, ledger)
+    allocation = domain.arbitrate(domain.need_of(w2), capped, inventory)
     assert allocation == {"a2": ("H100", 4), "b": ("A100-80GB", 2)}
     assert hooks.check(w2, domain.commit_placement(w2, allocation, 0)).ok

@@ -7,7 +7,7 @@ from line_pool import line_site
 from agents.marl_site import K_MAX, MarlSitePolicy
 from agents.site_agent import make_site_policy
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
+from cnc.perception.v1 import perception_pb2 as ppb
 
 SITES = ("ua", "ub", "uc", "ud", "ue")  # a line, 5 ms apart
 
@@ -22,11 +22,11 @@ def spec(name: str, rate: float = 2.0) -> common.InferenceServiceSpec:
                                        max_replicas=8, gpus_per_replica=1, ingress_site_id="uc")
 
 
-def snapshot(known: str, late: str) -> perception_pb2.Snapshot:
+def snapshot(known: str, late: str) -> ppb.Snapshot:
     """`known` runs at ua, uc, ue; `late` at ub and ud (its spec is not known at first)."""
-    snap = perception_pb2.Snapshot(sequence=1)
+    snap = ppb.Snapshot(sequence=1)
     for i in range(len(SITES)):
-        status = perception_pb2.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status = ppb.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
         status.gpu_pools.add(gpu_type="H100", count=16, used=2 + i, hbm_gb=80)
         wid = known if i % 2 == 0 else late
         status.services.add(workload_id=wid, replicas=2, request_rate_rps=1.0 + 3 * i, utilization=0.2 * i)

@@ -2,14 +2,14 @@
 heartbeat timeout; most of the pool silent at once (a NATS node failing over, perception's own
 connection) is waited out first; perception's reconnection gives every site a fresh timeout."""
 
-from cnc.common.v1 import common_pb2
+from cnc.common.v1 import common_pb2 as common
 from services.perception.domain import DOWN, UP, PoolPicture
 
 
 def pool(n=4):
     p = PoolPicture(heartbeat_timeout_s=3.0, hold_s=9.0)
     for i in range(n):
-        p.register(common_pb2.Site(site_id=f"s{i}"), now=0.0)
+        p.register(common.Site(site_id=f"s{i}"), now=0.0)
     return p
 
 

@@ -2,11 +2,11 @@
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.site.v1 import events_pb2 as site_pb
-from services.scheduler.domain import NO_TYPE_WITHIN_QUOTA, Ledger, Need, why_unplaced
+from services.scheduler.domain import NO_TYPE_WITHIN_QUOTA, Inventory, Need, why_unplaced
 
 
-def ledger(up=("a", "b"), used=None):
-    led = Ledger()
+def inventory(up=("a", "b"), used=None):
+    led = Inventory()
     led.set_site("a", [common.GpuPool(gpu_type="H100", count=8, hbm_gb=80),
                        common.GpuPool(gpu_type="T4", count=4, hbm_gb=16)], "a" in up)
     led.set_site("b", [common.GpuPool(gpu_type="A100-40GB", count=4, hbm_gb=40)], "b" in up)
@@ -16,7 +16,7 @@ def ledger(up=("a", "b"), used=None):
 
 
 def why(need, led=None, proposals=(), training=False, **kw):
-    return why_unplaced(need, led or ledger(), list(proposals), training=training, **kw)
+    return why_unplaced(need, led or inventory(), list(proposals), training=training, **kw)
 
 
 def test_a_unit_larger_than_every_allowed_gpu_names_the_memory_and_the_gpus_it_would_need():
@@ -29,17 +29,17 @@ def test_a_unit_larger_than_every_allowed_gpu_names_the_memory_and_the_gpus_it_w
 
 
 def test_no_site_within_policy_has_the_gpus_free():
-    led = ledger(used={("a", "H100"): 8, ("b", "A100-40GB"): 4})
+    led = inventory(used={("a", "H100"): 8, ("b", "A100-40GB"): 4})
     r = why(Need(2, 1, ("H100", "A100-40GB"), 30.0), led)
     assert (r.code, r.text) == ("no_capacity", "no site within policy has 1 free A100-40GB or H100 GPU(s)")
     # policy: site a only, with its H100s taken -> none, though b has room
-    r = why(Need(2, 2, ("H100", "A100-40GB"), 30.0), ledger(used={("a", "H100"): 8}),
+    r = why(Need(2, 2, ("H100", "A100-40GB"), 30.0), inventory(used={("a", "H100"): 8}),
             allowed=lambda site, t: site == "a")
     assert r.text == "no site within policy has 2 free A100-40GB or H100 GPU(s)"
 
 
 def test_some_room_but_not_enough_for_every_replica_or_the_whole_gang():
-    led = ledger(used={("a", "H100"): 6})
+    led = inventory(used={("a", "H100"): 6})
     r = why(Need(5, 1, ("H100",), 30.0), led)
     assert r.text == "waiting for capacity: the sites within policy have room for 2 of 5 replicas of 1 H100 GPU(s)"
     r = why(Need(5, 1, ("H100",), 30.0), led, training=True)
@@ -58,4 +58,4 @@ def test_room_enough_then_the_agents_answers_say_why():
 def test_quota_type_and_liveness_causes():
     assert why(Need(1, 1, (), 1.0), offered_types=(NO_TYPE_WITHIN_QUOTA,)).code == "quota"
     assert why(Need(1, 1, ("MI300X",), 1.0)).text == "no site has GPUs of type MI300X"
-    assert why(Need(1, 1, (), 1.0), ledger(up=())).text == "no site is up (2 known)"
+    assert why(Need(1, 1, (), 1.0), inventory(up=())).text == "no site is up (2 known)"

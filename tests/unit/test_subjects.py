@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cnc.scheduler.v1 import scheduler_pb2
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.bus import envelope, subjects
 from cncbrain.bus.subjects import SubjectError
 
@@ -31,7 +31,7 @@ def test_missing_parameter_is_refused():
 
 def test_template_shape_is_checked():
     with pytest.raises(SubjectError):
-        subjects.Subject("cnc.nope.x", scheduler_pb2.Offer)
+        subjects.Subject("cnc.nope.x", spb.Offer)
 
 
 def test_every_subject_has_a_distinct_template_and_typed_payload():
@@ -41,16 +41,16 @@ def test_every_subject_has_a_distinct_template_and_typed_payload():
 
 
 def test_envelope_refuses_wrong_type_and_garbage():
-    offer = scheduler_pb2.Offer(offer_id="o1", units=2)
+    offer = spb.Offer(offer_id="o1", units=2)
     headers = envelope.make_headers(offer)
-    ev = envelope.decode("cnc.scheduler.offer", offer.SerializeToString(), headers, scheduler_pb2.Offer, {})
+    ev = envelope.decode("cnc.scheduler.offer", offer.SerializeToString(), headers, spb.Offer, {})
     assert ev.payload.units == 2 and ev.event_id == headers[envelope.EVENT_ID]
     with pytest.raises(envelope.EnvelopeError):
-        envelope.decode("s", offer.SerializeToString(), headers, scheduler_pb2.WorkloadEvent, {})
+        envelope.decode("s", offer.SerializeToString(), headers, spb.WorkloadEvent, {})
     with pytest.raises(envelope.EnvelopeError):
-        envelope.decode("s", b"\xff\xff\xff", headers, scheduler_pb2.Offer, {})
+        envelope.decode("s", b"\xff\xff\xff", headers, spb.Offer, {})
     with pytest.raises(envelope.EnvelopeError):
-        envelope.decode("s", b"", {}, scheduler_pb2.Offer, {})
+        envelope.decode("s", b"", {}, spb.Offer, {})
 
 
 def probe(m) -> bool:
