@@ -51,7 +51,6 @@ from cncbrain.twin.sim import JobState
 from cncbrain.twin.traces import JobSpec, load_azure
 
 log = logging.getLogger(__name__)
-SERVE_OVERHEAD = 1.2  # weights + ~20 % KV/activations, as the scheduler's HBM estimate
 TRACE_WINDOW_S = 3600.0
 """Emulated seconds of a service's requests replayed at a time (not its whole horizon)."""
 MAX_TRACE_COPIES = 4
@@ -100,11 +99,6 @@ class _Gang:
 
     generation: int
     sites: dict[str, list[int]] = field(default_factory=dict)
-
-
-def held_units(p: common.Placement) -> int:
-    """Replicas or shards a placement puts at its site (0: the workload leaves it)."""
-    return p.replicas if p.kind == common.WORKLOAD_KIND_INFERENCE_SERVICE else len(p.shard_indices)
 
 
 def write_placements(path: Path, placements: list[spb.PlacementCommitted]) -> None:
@@ -162,7 +156,6 @@ class EmulatorHost:
         """Generation of each placed job's gang."""
         self.service_sites: dict[str, dict[str, int]] = {}
         self.report = None
-        self.ticks = 0
         self._task: asyncio.Task[None] | None = None
         self.state_file = Path(state_file) if state_file else None
         """Where what runs at each site is kept across restarts (None: nowhere)."""
@@ -204,7 +197,6 @@ class EmulatorHost:
 
     async def step(self) -> None:
         self.report = self.twin.step()
-        self.ticks += 1
         self._export()
         await asyncio.gather(*[
             self.bus.publish(subjects.EMULATOR_STATE, self.site_state(sid), site=sid) for sid in self.ids

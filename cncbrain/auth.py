@@ -56,8 +56,8 @@ TOKENS_BUCKET = "cnc-tokens"
 """KV bucket of token records (id -> TokenRecord JSON, hashes only); written by governance."""
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                    "/grpc.reflection.v1.ServerReflection/")
-DEFAULT_TOKEN_FILE = Path(".state") / "operator.token"
-"""Where the embedded bring-up writes the operator token (relative to its state folder's parent)."""
+OPERATOR_TOKEN_FILE = "operator.token"
+"""The file of a state folder `cncbrain up` writes the operator token to (and clients read it from)."""
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("cnc_principal", default=None)
 
@@ -261,7 +261,7 @@ def load_token(explicit: str | None = None, *, required: bool = True, state_dir:
     candidates = []
     if os.environ.get("CNC_TOKEN_FILE"):
         candidates.append(Path(os.environ["CNC_TOKEN_FILE"]))
-    candidates.append(Path(state_dir or os.environ.get("CNC_STATE_DIR") or ".state") / "operator.token")
+    candidates.append(Path(state_dir or os.environ.get("CNC_STATE_DIR") or ".state") / OPERATOR_TOKEN_FILE)
     for path in candidates:
         if path.is_file():
             return path.read_text().strip()

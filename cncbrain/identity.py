@@ -121,10 +121,6 @@ class TokenRecord:
         data["role"] = Role(data["role"])
         return cls(**data)
 
-    @classmethod
-    def from_json(cls, raw: bytes) -> TokenRecord:
-        return cls.from_dict(json.loads(raw))
-
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()

@@ -69,7 +69,6 @@ class Child:
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
     restarts: int = 0
-    last_status: int | None = None
     started_at: float | None = None
     """monotonic time of its last start"""
     min_pause_s: float = 0.0
@@ -141,7 +140,6 @@ class Supervisor:
 
     def _ended(self, child: Child, status: int, now: float) -> None:
         child.proc = None
-        child.last_status = status
         if status == EXIT_PORT_IN_USE:
             raise GaveUp(f"{child.name} cannot listen on its port (in use: another brain started at the same "
                          f"moment?); stopping{child.tail()}")

@@ -235,10 +235,6 @@ def extract(carrier: Mapping[str, str]) -> otel_context.Context:
     return _propagator.extract(carrier)
 
 
-def current_traceparent() -> str:
-    return inject({}).get("traceparent", "")
-
-
 class TracingServerInterceptor(grpc.aio.ServerInterceptor):
     """Starts a SERVER span per RPC, child of the caller's `traceparent` metadata."""
 

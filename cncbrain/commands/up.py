@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cncbrain import aio
+from cncbrain.auth import OPERATOR_TOKEN_FILE
 from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
 from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
@@ -245,7 +246,7 @@ class Brain:
 
     @property
     def token_file(self) -> Path:
-        return self.state_dir / "operator.token"
+        return self.state_dir / OPERATOR_TOKEN_FILE
 
     @property
     def secrets_dir(self) -> Path:

@@ -106,8 +106,3 @@ class Actions:
     replica_delta: np.ndarray
     accept: np.ndarray | None = None
     overflow: np.ndarray | None = None
-
-    @classmethod
-    def noop(cls, view: PoolView) -> Actions:
-        return cls(np.zeros((view.n_sites, view.n_services), np.int64),
-                   np.zeros((view.n_sites, len(view.offers))), view.overflow.copy())

@@ -167,16 +167,6 @@ class LedgerStore:
         except Exception as exc:  # NATS away: the next append fails on the expected sequence and resyncs
             log.warning("ledger: cannot read the stream state after a failed append: %s", exc)
 
-    async def last_entry(self) -> LedgerEntry | None:
-        """The entry stored last (to resume the chain after a failed append)."""
-        info = await self.js.stream_info(STREAM)
-        self.last_seq = info.state.last_seq
-        if info.state.messages == 0:
-            return None
-        msg = await self.js.get_msg(STREAM, seq=info.state.last_seq)
-        block = gpb.LedgerBlock()
-        block.ParseFromString(msg.data or b"")
-        return from_proto(block.entries[-1]) if block.entries else None
 
     async def write_head(self, head: LedgerHead) -> None:
         lease.fence()

@@ -78,7 +78,6 @@ class PoolPicture:
     sites: dict[str, SiteEntry] = field(default_factory=dict)
     forecasters: dict[str, HoltForecaster] = field(default_factory=dict)
     sequence: int = 0
-    unknown_telemetry: int = 0
     mass_silence_share: float = 0.5
     """More than this share of the up sites silent at once (and at least two) looks like the bus —
     a NATS node failing over, perception's own connection — not like sites failing."""
@@ -112,7 +111,6 @@ class PoolPicture:
     def telemetry(self, t: site_pb.SiteTelemetry) -> bool:
         entry = self.sites.get(t.site_id)
         if entry is None:
-            self.unknown_telemetry += 1
             return False
         entry.telemetry = t
         return True

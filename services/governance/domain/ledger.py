@@ -55,37 +55,6 @@ class LedgerEntry:
     def payload(self) -> dict[str, Any]:
         return json.loads(self.payload_json)
 
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "index": self.index,
-                "time_ns": self.time_ns,
-                "kind": self.kind,
-                "actor": self.actor,
-                "subject": self.subject,
-                "payload_json": self.payload_json,
-                "prev_hash": self.prev_hash,
-                "hash": self.hash,
-                "signature": self.signature,
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> LedgerEntry:
-        d = json.loads(raw)
-        return cls(
-            index=int(d["index"]),
-            time_ns=int(d["time_ns"]),
-            kind=str(d["kind"]),
-            actor=str(d["actor"]),
-            subject=str(d["subject"]),
-            payload_json=str(d["payload_json"]),
-            prev_hash=str(d["prev_hash"]),
-            hash=str(d["hash"]),
-            signature=str(d.get("signature", "")),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class LedgerHead:

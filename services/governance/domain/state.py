@@ -144,9 +144,6 @@ class GovernanceState:
             key=lambda r: r.created_at,
         )
 
-    def has_operator_token(self) -> bool:
-        return any(r.role is Role.OPERATOR and not r.revoked for r in self.tokens.values())
-
     # ---- commands: validate, return the record to ledger ----
 
     def create_tenant(
