@@ -11,7 +11,6 @@ import asyncio
 
 import grpc
 import pytest
-from waiting import until
 
 from agents.executor_emulated import EmulatedExecutor, EmulatorHost
 from agents.site_agent import SiteAgent
@@ -28,6 +27,8 @@ from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
+
+from support.waiting import until
 
 pytestmark = pytest.mark.integration
 TICK_S = 0.5
@@ -50,7 +51,7 @@ async def live(nats_server):
     adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=False,
                                                            guardrails_enabled=False,
                                                            checkpoint_interval_s=host.tick_s * 40)).start()
-    await until(lambda: _true(len(scheduler.coordinator.inventory.up) == len(host.ids)), 20, "all sites up")
+    await until(lambda: len(scheduler.coordinator.inventory.up) == len(host.ids), 20, "all sites up")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
     test_bus = await Bus.connect(url, "test")
     yield scheduler_pb2_grpc.SchedulerServiceStub(channel), test_bus, scheduler, adaptation
@@ -65,9 +66,6 @@ async def live(nats_server):
     await emu_bus.close()
     await test_bus.close()
 
-
-async def _true(v):
-    return v
 
 
 class Ticks:
@@ -122,7 +120,7 @@ async def test_training_shards_resume_elsewhere_with_lost_work_recorded(live):
                                  gang_timeout_s=10)
     w = (await stub.SubmitTrainingJob(spb.SubmitTrainingJobRequest(job=job))).workload
     w = await running(stub, w.workload_id)
-    await until(lambda: _true(adaptation.adapter.checkpoints.get(w.workload_id) is not None), 10, "progress seen")
+    await until(lambda: adaptation.adapter.checkpoints.get(w.workload_id) is not None, 10, "progress seen")
     await asyncio.sleep(6 * TICK_S)  # progress past the checkpoint (checkpoints every 40 emulated ticks)
     victim = next(p.site_id for p in w.placements if p.shard_indices)
     seen = []

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,19 +15,9 @@ import pytest
 
 from cncbrain.natsserver import free_port
 
+from support.cli import cli, command
+
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "cncbrain.cli"]
-
-
-def command(name):
-    """One command's module as its own entry point: same register/func as `cncbrain NAME`, without
-    importing the training commands (torch) on every call."""
-    return [sys.executable, "-m", f"cncbrain.commands.{name}"]
-
-
-def cli(name, *args, env, timeout=60, full=False):
-    argv = [*CLI, name, *args] if full else [*command(name), *args]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def wait_placed(address, wid, timeout=20.0, token=None):

@@ -9,7 +9,6 @@ workloads; calls without a token are refused; the ledger records the admissions 
 
 import grpc
 import pytest
-from waiting import until
 
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
@@ -27,14 +26,15 @@ from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
 
+from support.specs import inference_spec
+from support.waiting import until
+
 pytestmark = pytest.mark.integration
 SITES = {"us-east": "us", "us-west": "us", "us-north": "us", "us-south": "us", "eu-ams": "eu", "eu-fra": "eu"}
 
 
 def spec(name, replicas, tenant=""):
-    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, min_replicas=replicas, max_replicas=replicas,
-                                       slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
-                                       gpus_per_replica=1, allowed_gpu_types=["H100"], tenant=tenant)
+    return inference_spec(name, replicas, allowed_gpu_types=["H100"], tenant=tenant)
 
 
 @pytest.fixture

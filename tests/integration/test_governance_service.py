@@ -14,12 +14,10 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from waiting import ended_within
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
-from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import TOKENS_BUCKET, token_interceptors
 from cncbrain.bus import subjects
@@ -27,6 +25,9 @@ from cncbrain.kvfeed import KvFollower
 from services.governance.events import Governor
 from services.governance.server import GovernanceServer
 from services.governance.settings import Settings
+
+from support.specs import site_status, snapshot
+from support.waiting import ended_within
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +39,9 @@ SITES = {  # site: (region, gpu type, count, price)
 }
 
 
-def snapshot():
-    snap = ppb.Snapshot(sequence=1)
-    for sid, (region, gpu, n, price) in SITES.items():
-        pool = common.GpuPool(gpu_type=gpu, count=n, price_usd_per_hour=price)
-        snap.sites.append(ppb.SiteStatus(
-            site=common.Site(site_id=sid, region=region, gpu_pools=[pool]), state=common.SITE_STATE_UP))
-    return snap
+def pool_snapshot():
+    return snapshot(site_status(sid, n, gpu_type=gpu, region=region, price=price)
+                    for sid, (region, gpu, n, price) in SITES.items())
 
 
 class Brain:
@@ -74,7 +71,7 @@ async def start(nats_server, tmp_path, **kw):
 @pytest.fixture
 async def brain(nats_server, bus, tmp_path):
     b = await start(nats_server, tmp_path)
-    await bus.publish(subjects.PERCEPTION_SNAPSHOT, snapshot())
+    await bus.publish(subjects.PERCEPTION_SNAPSHOT, pool_snapshot())
     for _ in range(100):
         if b.server.governor.state.pool_known:
             break

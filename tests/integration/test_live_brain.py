@@ -12,7 +12,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from waiting import until
 
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
@@ -29,13 +28,11 @@ from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
 
+from support.specs import inference_spec
+from support.waiting import until
+
 pytestmark = pytest.mark.integration
 SITES = ("east", "west", "north")
-
-
-def spec(name, replicas=2):
-    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
-                                       min_replicas=replicas, max_replicas=replicas, gpus_per_replica=1)
 
 
 async def start_agents(url):
@@ -90,14 +87,14 @@ async def test_sigkill_scheduler_with_deployments_in_flight_loses_nothing_places
         accepted, rejected = {}, []
 
         async def deploy(i):
-            req = spb.DeployInferenceServiceRequest(service=spec(f"svc{i}"), request_id=f"req-{i}")
+            req = spb.DeployInferenceServiceRequest(service=inference_spec(f"svc{i}"), request_id=f"req-{i}")
             try:
                 accepted[i] = (await stub.DeployInferenceService(req, timeout=5)).workload.workload_id
             except grpc.aio.AioRpcError:
                 rejected.append(i)
 
         calls = [asyncio.create_task(deploy(i)) for i in range(40)]
-        await until(lambda: _true(len(accepted) >= 10), 10, "first acceptances")
+        await until(lambda: len(accepted) >= 10, 10, "first acceptances")
         proc.kill()  # SIGKILL, mid-flight
         proc.wait()
         await asyncio.gather(*calls)
@@ -148,9 +145,6 @@ async def test_sigkill_scheduler_with_deployments_in_flight_loses_nothing_places
         await perception.stop()
 
 
-async def _true(value):
-    return value
-
 
 async def test_services_reconnect_and_carry_on_when_nats_restarts(tmp_path):
     server = NatsServer(tmp_path / "js", log_file=tmp_path / "nats.log").start()
@@ -166,19 +160,19 @@ async def test_services_reconnect_and_carry_on_when_nats_restarts(tmp_path):
         return w.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
 
     try:
-        await until(lambda: _true(len(scheduler.coordinator.inventory.up) == 3), 10, "sites known")
-        first = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("before")))).workload
+        await until(lambda: len(scheduler.coordinator.inventory.up) == 3, 10, "sites known")
+        first = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=inference_spec("before")))).workload
         await until(lambda: placed(first.workload_id), 10, "first placed")
         seq_before = perception.events.latest.sequence
         server.kill()
         await asyncio.sleep(1.0)
         server = NatsServer(tmp_path / "js", port=server.port, log_file=tmp_path / "nats.log").start()
-        await until(lambda: _true(scheduler.bus.connected and agent_bus.connected and perception.bus.connected),
+        await until(lambda: scheduler.bus.connected and agent_bus.connected and perception.bus.connected,
                     20, "reconnected")
-        second = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("after")))).workload
+        second = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=inference_spec("after")))).workload
         await until(lambda: placed(second.workload_id), 20, "placed after the restart")
-        await until(lambda: _true(perception.events.latest.sequence > seq_before + 3), 10, "snapshots go on")
-        await until(lambda: _true(sum(len(a.executor.placements) for a in agents) >= 2), 10, "applied after restart")
+        await until(lambda: perception.events.latest.sequence > seq_before + 3, 10, "snapshots go on")
+        await until(lambda: sum(len(a.executor.placements) for a in agents) >= 2, 10, "applied after restart")
         assert scheduler.bus.counters["disconnects"] >= 1
         listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest())).workloads
         assert {w.workload_id for w in listed} == {first.workload_id, second.workload_id}
@@ -200,13 +194,13 @@ async def test_one_trace_spans_grpc_call_scheduler_and_site_agent(nats_server):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}", interceptors=telemetry.client_interceptors())
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     try:
-        await until(lambda: _true(len(scheduler.coordinator.inventory.up) == 3), 10, "sites known")
-        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("traced")))).workload
+        await until(lambda: len(scheduler.coordinator.inventory.up) == 3, 10, "sites known")
+        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=inference_spec("traced")))).workload
 
         def spans():
             return exporter.get_finished_spans()
 
-        await until(lambda: _true(any(s.name.startswith("agent-") and "placement" in s.name for s in spans())),
+        await until(lambda: any(s.name.startswith("agent-") and "placement" in s.name for s in spans()),
                     10, "agent applied")
         rpc = next(s for s in spans() if s.name.endswith("SchedulerService/DeployInferenceService")
                    and s.kind == trace.SpanKind.SERVER)
@@ -234,7 +228,7 @@ async def test_garbled_placement_is_dead_lettered_and_the_agent_keeps_applying(n
             workload_id="svc-1", kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, site_id="east", generation=1,
             replicas=3, gpu_type="H100", gpus_per_unit=1))
         await agent_bus.publish(subjects.SCHEDULER_PLACEMENT, good, site="east")
-        await until(lambda: _true("svc-1" in agents[0].executor.placements), 10, "good placement applied")
+        await until(lambda: "svc-1" in agents[0].executor.placements, 10, "good placement applied")
         assert agent_bus.counters["agent-east.dead_lettered"] == 1
         info = await agent_bus.js.stream_info("CNC_DEADLETTER")
         assert info.state.messages == 1

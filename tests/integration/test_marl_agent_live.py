@@ -7,7 +7,6 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from line_pool import line_site
 
 from agents.executor import MemoryExecutor
 from agents.marl_site import MarlSitePolicy
@@ -21,6 +20,8 @@ from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
+
+from support.line_pool import line_site
 
 pytestmark = pytest.mark.integration
 # a line of five sites, 5 ms apart: each has neighbours nearer and farther

@@ -9,12 +9,13 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-from waiting import ended_within
 
 from services.perception.domain import PoolPicture
 from services.perception.events import PerceptionEvents
 from services.scheduler.coordinator import Coordinator
 from services.scheduler.settings import Settings
+
+from support.waiting import ended_within
 
 pytestmark = pytest.mark.integration
 

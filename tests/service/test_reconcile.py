@@ -6,7 +6,6 @@ import asyncio
 
 import grpc
 import pytest
-from test_scheduler import FakeAgents, service_spec, snapshot
 
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
@@ -14,6 +13,10 @@ from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import subjects
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings
+
+from support.fake_agents import FakeAgents
+from support.specs import chat_spec as service_spec
+from support.specs import snapshot
 
 
 class FakeSites:

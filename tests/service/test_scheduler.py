@@ -7,7 +7,6 @@ import grpc
 import pytest
 
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cnc.site.v1 import events_pb2 as site_pb
@@ -15,43 +14,9 @@ from cncbrain.bus import subjects
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings
 
-
-def service_spec(**kw):
-    base = dict(name="chat", model="llama-8b", params_b=8, slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
-                expected_rate_rps=5, min_replicas=2, max_replicas=6, gpus_per_replica=1)
-    base.update(kw)
-    return common.InferenceServiceSpec(**base)
-
-
-def snapshot(sites):
-    snap = ppb.Snapshot(sequence=1)
-    for sid, n in sites.items():
-        snap.sites.append(ppb.SiteStatus(
-            site=common.Site(site_id=sid, gpu_pools=[common.GpuPool(gpu_type="H100", count=n, hbm_gb=80)]),
-            state=common.SITE_STATE_UP))
-    return snap
-
-
-class FakeAgents:
-    """Answers every offer from each site with `units[site]` at `cost[site]`."""
-
-    def __init__(self, bus, units, cost):
-        self.bus, self.units, self.cost = bus, units, cost
-        self.offers = []
-
-    async def start(self):
-        await self.bus.subscribe(subjects.SCHEDULER_OFFER, self.on_offer, consumer="fake-agents")
-
-    async def on_offer(self, ev):
-        self.offers.extend(ev.payload.offers)
-        for sid in self.units:
-            answer = site_pb.OfferAnswer(round_id=ev.payload.round_id, site_id=sid)
-            for offer in ev.payload.offers:
-                answer.proposals.add(
-                    proposal_id=f"{offer.offer_id}-{sid}", site_id=sid, kind=site_pb.PROPOSAL_KIND_ACCEPT_OFFER,
-                    offer_id=offer.offer_id, workload_id=offer.workload_id,
-                    units=min(self.units[sid], offer.units), gpu_type="H100", cost=self.cost[sid])
-            await self.bus.publish(subjects.SITE_ANSWER, answer, site=sid)
+from support.fake_agents import FakeAgents
+from support.specs import chat_spec as service_spec
+from support.specs import snapshot
 
 
 @pytest.fixture

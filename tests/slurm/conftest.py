@@ -4,12 +4,7 @@ reason, only where Slurm cannot run here (packages missing, not root)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))  # `waiting`, shared with those
 
 from agents.executor_slurm import SlurmExecutor, SlurmSettings
 from cncbrain.slurm_local import LocalSlurm, Node, missing

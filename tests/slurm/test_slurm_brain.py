@@ -7,7 +7,6 @@ import asyncio
 import grpc
 import pytest
 from slurm_helpers import serve_template, squeue, train_template
-from waiting import until
 
 from agents.executor import MemoryExecutor
 from agents.executor_slurm import SlurmExecutor, SlurmSettings
@@ -23,6 +22,9 @@ from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
+
+from support.specs import inference_spec
+from support.waiting import until
 
 pytestmark = pytest.mark.integration
 TICK_S = 0.5
@@ -62,9 +64,9 @@ class Brain:
         self.adaptation = await AdaptationServer(AdaptationSettings(nats_url=url, grpc_port=0, auth_enabled=False,
                                                                     guardrails_enabled=False)).start()
         inventory = self.scheduler.coordinator.inventory
-        await until(lambda: _true(inventory.up >= sites), 20, "the sites up")
+        await until(lambda: inventory.up >= sites, 20, "the sites up")
         # every node of the partition in service (one may still be resuming after the test before)
-        await until(lambda: _true(inventory.capacity.get(SITE) == FULL_SITE), 20, f"{SITE} with {FULL_SITE}")
+        await until(lambda: inventory.capacity.get(SITE) == FULL_SITE, 20, f"{SITE} with {FULL_SITE}")
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.scheduler.port}")
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         self.bus = await Bus.connect(url, "test")
@@ -106,15 +108,10 @@ async def brain_alone(nats_server, slurm, tmp_path):
     await b.stop()
 
 
-async def _true(v):
-    return v
-
 
 def service_spec(name, replicas, gpus, template=None):
-    return common.InferenceServiceSpec(name=name, model="7b", params_b=7, min_replicas=replicas,
-                                       max_replicas=replicas, gpus_per_replica=gpus, allowed_gpu_types=["H100"],
-                                       slo=common.SloTargets(ttft_ms=500, tpot_ms=50),
-                                       template=template or serve_template())
+    return inference_spec(name, replicas, gpus_per_replica=gpus, allowed_gpu_types=["H100"],
+                          template=template or serve_template())
 
 
 def live_jobs(slurm, wid=""):
@@ -138,8 +135,8 @@ async def test_a_node_down_takes_its_gpus_out_and_adaptation_moves_the_overflow_
     wid = resp.workload.workload_id
     w = await brain.in_state(wid, spb.WORKLOAD_STATE_RUNNING)
     assert [(p.site_id, p.replicas) for p in w.placements] == [(SITE, 2)]
-    jobs = await until(lambda: _true([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"] or None)
-                       if len([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"]) == 2 else _true(None),
+    jobs = await until(lambda: ([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"] or None)
+                       if len([j for j in live_jobs(slurm, wid) if j["state"] == "RUNNING"]) == 2 else None,
                        30, "2 replicas running")
     assert {j["gres"] for j in jobs} == {"gres:gpu:h100:4"} and {j["nodes"] for j in jobs} == {"a1", "a2"}
     victim = next(j for j in jobs if j["name"].endswith(".r0"))
@@ -151,7 +148,7 @@ async def test_a_node_down_takes_its_gpus_out_and_adaptation_moves_the_overflow_
 
     await brain.bus.subscribe(subjects.ADAPTATION_ACTION, on_action, consumer="test-actions")
     slurm.run("scontrol", "update", f"nodename={victim['nodes']}", "state=down", "reason=test")
-    await until(lambda: _true(actions), 15, "an adaptation action")
+    await until(lambda: actions, 15, "an adaptation action")
     n, action = actions[0]
     print(f"adaptation acted {n} tick(s) of {TICK_S} s after the node went down: {action.reason}")
     assert n <= 3, f"adaptation acted after {n} ticks"
@@ -180,7 +177,7 @@ async def test_an_agent_restart_adopts_the_jobs_and_a_gang_completes(brain_alone
     sid, jid = svc.workload.workload_id, ft.workload.workload_id
     placed = [await brain.in_state(sid, spb.WORKLOAD_STATE_RUNNING), await brain.in_state(jid, spb.WORKLOAD_STATE_RUNNING)]
     assert {p.site_id for w in placed for p in w.placements} == {SITE}
-    await until(lambda: _true(len([j for j in live_jobs(slurm) if j["state"] == "RUNNING"]) == 3), 30,
+    await until(lambda: (len([j for j in live_jobs(slurm) if j["state"] == "RUNNING"]) == 3), 30,
                 "2 replicas and the gang running")
     before = sorted(j["id"] for j in squeue(slurm, f"cnc.{SITE}."))
     await brain.agent.stop()
@@ -204,14 +201,14 @@ async def test_a_workload_whose_jobs_keep_failing_is_failed_with_the_reason(brai
     print(w.message)
     assert f"site {SITE}:" in w.message and "exit code 3:0" in w.message and "retries (1) spent" in w.message
     assert brain.scheduler.coordinator.counters["apply_failed"] >= 2  # the retry reported, then the end
-    await until(lambda: _true(not live_jobs(slurm, resp.workload.workload_id)), 10, "no job left")
+    await until(lambda: not live_jobs(slurm, resp.workload.workload_id), 10, "no job left")
 
 
 async def test_slurm_unreachable_marks_the_site_down_and_the_agent_reconciles_when_it_returns(brain, slurm):
     resp = await brain.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec("chat", 1, 2)))
     wid = resp.workload.workload_id
     await brain.in_state(wid, spb.WORKLOAD_STATE_RUNNING)
-    await until(lambda: _true(len(live_jobs(slurm, wid)) == 1), 20, "1 job")
+    await until(lambda: len(live_jobs(slurm, wid)) == 1, 20, "1 job")
     states = []
 
     async def on_state(ev):
@@ -220,7 +217,7 @@ async def test_slurm_unreachable_marks_the_site_down_and_the_agent_reconciles_wh
     await brain.bus.subscribe(subjects.PERCEPTION_SITE_STATE, on_state, consumer="test-states")
     slurm.stop_controller()
     try:
-        await until(lambda: _true((SITE, common.SITE_STATE_DOWN) in states), 20, "perception marks the site down")
+        await until(lambda: (SITE, common.SITE_STATE_DOWN) in states, 20, "perception marks the site down")
 
         async def moved():  # adaptation moves the replica away; the placement for the site is kept
             w = await brain.workload(wid)
@@ -229,5 +226,5 @@ async def test_slurm_unreachable_marks_the_site_down_and_the_agent_reconciles_wh
         await until(moved, 20, "replica re-placed off the unreachable site")
     finally:
         slurm.start_controller()
-    await until(lambda: _true((SITE, common.SITE_STATE_UP) in states), 30, "the site is up again")
-    await until(lambda: _true(not live_jobs(slurm, wid)), 20, "the moved replica's job cancelled at the site")
+    await until(lambda: (SITE, common.SITE_STATE_UP) in states, 30, "the site is up again")
+    await until(lambda: not live_jobs(slurm, wid), 20, "the moved replica's job cancelled at the site")

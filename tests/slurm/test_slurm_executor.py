@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from slurm_helpers import Reports, no_telemetry, service, squeue, train_template, training
-from waiting import until
 
 from agents.executor_slurm import SlurmExecutor, SlurmSettings
 from cnc.common.v1 import common_pb2 as common
 from cncbrain.errors import CncError
+
+from support.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,7 @@ async def test_a_training_gang_starts_whole_as_one_job_with_a_task_per_shard(exe
     await ex.start(no_telemetry, Reports())
     blocker = slurm.run("sbatch", "--parsable", "-p", "site-a", "--gres=gpu:h100:3", "-o", "/dev/null",
                         "--wrap", "sleep 300").stdout.strip()
-    await until(lambda: _true(any(j["id"] == blocker and j["state"] == "RUNNING" for j in squeue(slurm, ""))),
+    await until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING" for j in squeue(slurm, "")),
                 20, "blocker running")
     # 3 shards × 2 H100 = 6 GPUs, 5 free: none of the shards may start
     ok, err = await ex.apply(training("s3", "job-a", [1, 3, 4], world=6, template=train_template(3)))
@@ -134,7 +135,7 @@ async def test_a_failing_job_is_reported_retried_then_the_workload_given_up(exec
     await ex.start(no_telemetry, reports)
     fail = common.WorkloadTemplate(command="/bin/sh", args=["-c", "echo boom >&2; exit 3"])
     assert (await ex.apply(service("s4", "svc-f", 1, template=fail))) == (True, "")
-    await until(lambda: _true(any(r[4] for r in reports.items)), 30, "given up")
+    await until(lambda: any(r[4] for r in reports.items), 30, "given up")
     retries = [r for r in reports.items if not r[4]]
     final = [r for r in reports.items if r[4]]
     assert len(retries) == 1 and "retry 1 of 1" in retries[0][3] and "exit code 3:0" in retries[0][3]
@@ -152,9 +153,6 @@ async def test_a_failing_job_is_reported_retried_then_the_workload_given_up(exec
     await ex.stop()
 
 
-async def _true(v):
-    return v
-
 
 async def test_unreachable_cluster_keeps_placements_and_reconciles_when_back(executor_for, slurm):
     ex = executor_for("s5", command_timeout_s=2)
@@ -165,14 +163,14 @@ async def test_unreachable_cluster_keeps_placements_and_reconciles_when_back(exe
     await running(slurm, "cnc.s5.", 1)
     slurm.stop_controller()
     try:
-        await until(lambda: _true(not ex.available()), 20, "site unavailable")
+        await until(lambda: not ex.available(), 20, "site unavailable")
         ok, err = await ex.apply(service("s5", "svc-u", 2, generation=2))
         assert not ok and "kept" in err
         ok, err = await ex.apply(service("s5", "svc-v", 1))
         assert not ok and "kept" in err
     finally:
         slurm.start_controller()
-    await until(lambda: _true(ex.available()), 30, "site available again")
+    await until(lambda: ex.available(), 30, "site available again")
     await running(slurm, "cnc.s5.", 3)
     assert sorted(j["name"] for j in squeue(slurm, "cnc.s5.", "running")) == [
         "cnc.s5.svc-u.r0", "cnc.s5.svc-u.r1", "cnc.s5.svc-v.r0"]

@@ -12,10 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_cli_live import cli, command
 
 from cncbrain.natsserver import free_port
 from cncbrain.slurm_local import missing
+
+from support.cli import cli, command
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 

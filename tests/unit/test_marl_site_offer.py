@@ -2,12 +2,13 @@
 and when it no longer holds, and the offered service's features added without building its view."""
 
 import numpy as np
-from line_pool import line_site
 
 from agents.marl_site import K_MAX, MarlSitePolicy
 from agents.site_agent import make_site_policy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
+
+from support.line_pool import line_site
 
 SITES = ("ua", "ub", "uc", "ud", "ue")  # a line, 5 ms apart
 

@@ -1,16 +1,20 @@
-"""Waiting helpers of the integration tests (imported as `waiting`: pytest puts this folder on the path)."""
+"""Waiting for a condition in the tests that run servers."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 
 async def until(pred, timeout=20.0, what="condition", poll_s=0.1):
-    """Await `pred()` every `poll_s` until it returns something truthy (returned), or fail naming `what`."""
+    """Check `pred()` every `poll_s` (awaited when it is a coroutine) until it returns something truthy
+    (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await pred()
+        result = pred()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if time.monotonic() > deadline:

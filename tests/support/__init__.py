@@ -1,0 +1,8 @@
+"""Helpers shared by the tests, imported as `support.<module>` (pytest puts tests/ on the path, as
+it holds the root conftest.py):
+
+- `support.waiting`: `until` (await a condition or fail naming it), `ended_within`;
+- `support.specs`: a service spec, a site's status and a perception snapshot with the defaults the
+  tests share;
+- `support.line_pool`: a small pool of sites on a line, for the learned-policy tests.
+"""
