@@ -1,9 +1,10 @@
-"""The generated parts of docs/operations.md: every metric (from `cncbrain.metrics.CATALOG`) and
+"""The generated parts of docs/operations.md — every metric (from `cncbrain.metrics.CATALOG`) and
 every setting (from the pydantic settings classes of the brain, with their environment variable,
-type, default and the description written under each field).
+type, default and the description written under each field) — and the settings table of each
+service's README, from the same classes.
 
-    python -m cncbrain.opsdoc            # rewrite the generated blocks of docs/operations.md
-    python -m cncbrain.opsdoc --check    # exit 1 when the file is out of date (the test does this)
+    python -m cncbrain.opsdoc            # rewrite the generated blocks
+    python -m cncbrain.opsdoc --check    # exit 1 when a file is out of date (the test does this)
 
 A block sits between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; the text
 around the blocks is written by hand.
@@ -18,11 +19,14 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "operations.md"
+SERVICES = ("perception", "scheduler", "adaptation", "governance")
 
 
 def settings_classes() -> list[tuple[str, type[BaseSettings]]]:
@@ -93,22 +97,37 @@ def _default(value: object) -> str:
     return f"`{value}`"
 
 
+def settings_table(cls: type[BaseSettings]) -> list[str]:
+    """The Markdown table of one settings class: variable, type, default, what it does."""
+    prefix = cls.model_config.get("env_prefix", "")
+    docs = attribute_docs(cls)
+    out = ["| variable | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for name, field in cls.model_fields.items():
+        text = docs.get(name) or field.description or ""
+        bounds = [f"{k} {v}" for m in field.metadata for k, v in
+                  (("≥", getattr(m, "ge", None)), (">", getattr(m, "gt", None)), ("≤", getattr(m, "le", None)))
+                  if v is not None]
+        kind = _type(field.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
+        out.append(f"| {_env_names(prefix, name, field)} | {kind} | {_default(field.default)} | {_cell(text)} |")
+    return out
+
+
 def settings_block() -> str:
     out = []
     for who, cls in settings_classes():
         prefix = cls.model_config.get("env_prefix", "")
-        docs = attribute_docs(cls)
-        out += [f"### `{prefix}*` — {who}", "", f"`{cls.__module__}.{cls.__qualname__}`", "",
-                "| variable | type | default | what it does |", "| --- | --- | --- | --- |"]
-        for name, field in cls.model_fields.items():
-            text = docs.get(name) or field.description or ""
-            bounds = [f"{k} {v}" for m in field.metadata for k, v in
-                      (("≥", getattr(m, "ge", None)), (">", getattr(m, "gt", None)), ("≤", getattr(m, "le", None)))
-                      if v is not None]
-            kind = _type(field.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
-            out.append(f"| {_env_names(prefix, name, field)} | {kind} | {_default(field.default)} | {_cell(text)} |")
-        out.append("")
+        out += [f"### `{prefix}*` — {who}", "", f"`{cls.__module__}.{cls.__qualname__}`", "", *settings_table(cls), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def service_settings_block(service: str) -> Callable[[], str]:
+    """The settings table of one service (its README's block)."""
+
+    def make() -> str:
+        cls = dict(settings_classes())[service]
+        return "\n".join(settings_table(cls)) + "\n"
+
+    return make
 
 
 def metrics_block() -> str:
@@ -124,26 +143,41 @@ def metrics_block() -> str:
 BLOCKS = {"metrics": metrics_block, "settings": settings_block}
 
 
-def render(text: str) -> str:
-    for name, make in BLOCKS.items():
+def generated_files() -> dict[Path, dict[str, Callable[[], str]]]:
+    """Every file with generated blocks, and how each of its blocks is made."""
+    files: dict[Path, dict[str, Callable[[], str]]] = {DOC: dict(BLOCKS)}
+    for service in SERVICES:
+        files[ROOT / "services" / service / "README.md"] = {"settings": service_settings_block(service)}
+    return files
+
+
+def render(text: str, blocks: dict[str, Callable[[], str]] | None = None, path: Path = DOC) -> str:
+    for name, make in (BLOCKS if blocks is None else blocks).items():
         pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end generated: {name} -->)", re.S)
         found = pattern.search(text)
         if found is None:
-            raise SystemExit(f"{DOC}: no block `<!-- generated: {name} -->` … `<!-- end generated: {name} -->`")
+            raise SystemExit(f"{path}: no block `<!-- generated: {name} -->` … `<!-- end generated: {name} -->`")
         text = text[:found.end(1)] + make() + text[found.start(2):]
     return text
 
 
+def out_of_date() -> list[Path]:
+    """The files whose generated blocks do not match the code."""
+    return [path for path, blocks in generated_files().items() if render(path.read_text(), blocks, path) != path.read_text()]
+
+
 def main(argv: list[str]) -> int:
-    current = DOC.read_text()
-    wanted = render(current)
     if "--check" in argv:
+        stale = out_of_date()
+        for path in stale:
+            print(f"{path} is out of date: run `python -m cncbrain.opsdoc`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, blocks in generated_files().items():
+        current = path.read_text()
+        wanted = render(current, blocks, path)
         if wanted != current:
-            print(f"{DOC} is out of date: run `python -m cncbrain.opsdoc`", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(wanted)
-    print(f"wrote {DOC}")
+            path.write_text(wanted)
+            print(f"wrote {path}")
     return 0
 
 
