@@ -30,13 +30,13 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain import aio
 from cncbrain.auth import AuthInterceptor, token_interceptors
 from cncbrain.bus import Bus
+from cncbrain.governance.gate import GovernanceGate, _TenantView
+from cncbrain.governance.policy import Holding, Placement, PlacementPolicy, Quota
 from cncbrain.grpcserver import start_grpc_server
 from cncbrain.identity import Role, TokenDirectory, mint_token
 from cncbrain.natsserver import NatsServer
 from cncbrain.settings import ServiceSettings
-from services.governance.client import GovernanceGate, _TenantView
 from services.governance.domain.ledger import verify_chain
-from services.governance.domain.policy import Holding, Placement, PlacementPolicy, Quota
 from services.governance.domain.state import Record
 from services.governance.events import Governor
 from services.governance.settings import Settings

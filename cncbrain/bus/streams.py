@@ -28,6 +28,9 @@ class StreamSpec:
 
 KV_WORKLOADS = "cnc-workloads"
 KV_SITES = "cnc-sites"
+KV_GOVERNANCE = "cnc-governance"
+"""Governance's projection (tenants, quotas, policies, holdings, enrolled sites), written by
+governance alone; the gates (`cncbrain.governance.gate`) and perception's enrolment follow it."""
 BUCKETS = (KV_WORKLOADS, KV_SITES)
 
 

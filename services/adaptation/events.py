@@ -69,7 +69,7 @@ KIND_PB = {
 }
 
 Forecaster = Callable[[str], Awaitable[float | None]]
-PolicyGate = Any  # services.governance.client.GovernanceGate (duck-typed: `allows`)
+PolicyGate = Any  # cncbrain.governance.gate.GovernanceGate (duck-typed: `allows`)
 
 
 def placement_view(w: spb.Workload) -> WorkloadPlacement:

@@ -17,11 +17,11 @@ from cncbrain import grpcserver
 from cncbrain.auth import TokenFeed, load_token, server_auth, token_interceptors
 from cncbrain.bus import Bus
 from cncbrain.certs import client_channel, server_credentials
+from cncbrain.governance.gate import GovernanceGate
 from cncbrain.grpcserver import GrpcServer, start_grpc_server
 from services.adaptation.events import Adapter
 from services.adaptation.rpc import OPERATOR_ONLY, AdaptationServicer
 from services.adaptation.settings import Settings
-from services.governance.client import GovernanceGate
 
 log = logging.getLogger("adaptation")
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdaptationService"].full_name

@@ -35,7 +35,9 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain import aio, lease
 from cncbrain.auth import TOKENS_BUCKET, subscribe_durable
 from cncbrain.bus import KV_WORKLOADS, Bus, Event, subjects
+from cncbrain.bus.streams import KV_GOVERNANCE
 from cncbrain.errors import CncError, Unavailable
+from cncbrain.governance.policy import Placement, SiteOffer, placement_to_dict, policy_to_dict, quota_to_dict
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import physics as ph
@@ -48,15 +50,8 @@ from services.governance.domain.ledger import (
     signed_chain,
     verify_chain,
 )
-from services.governance.domain.policy import Placement, SiteOffer
-from services.governance.domain.state import (
-    GovernanceState,
-    Record,
-    placement_to_dict,
-    policy_to_dict,
-    quota_to_dict,
-)
-from services.governance.ledger_store import GOVERNANCE_BUCKET, LedgerRemoved, LedgerStore, LedgerWriteError
+from services.governance.domain.state import GovernanceState, Record
+from services.governance.ledger_store import LedgerRemoved, LedgerStore, LedgerWriteError
 from services.governance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,7 +123,7 @@ class Governor:
     async def start(self) -> None:
         await self.store.ensure()
         self.tokens_kv = await self.bus.kv(TOKENS_BUCKET)
-        self.kv = await self.bus.kv(GOVERNANCE_BUCKET)
+        self.kv = await self.bus.kv(KV_GOVERNANCE)
         await self._load()
         await self._project_all()
         self.writer = aio.background(self._write_loop(), "ledger-writer")
@@ -347,7 +342,7 @@ class Governor:
                 if key not in self.state.tokens:
                     await self.tokens_kv.delete(key)
             # holdings of workloads without a tenant are no longer projected (an older brain did)
-            for key in await self.bus.kv_items(GOVERNANCE_BUCKET):
+            for key in await self.bus.kv_items(KV_GOVERNANCE):
                 if key.startswith(f"holding.{NO_TENANT}."):
                     await self.kv.delete(key)
 

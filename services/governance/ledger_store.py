@@ -35,7 +35,7 @@ from nats.js import api
 from cnc.governance.v1 import governance_pb2 as gpb
 from cncbrain import lease
 from cncbrain.bus import Bus
-from cncbrain.bus.streams import stream_config
+from cncbrain.bus.streams import KV_GOVERNANCE, stream_config
 from cncbrain.bus.subjects import GOVERNANCE_LEDGER, LEDGER_STREAM
 from cncbrain.errors import DataLoss, Unavailable
 from cncbrain.signing import Signer
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 STREAM = LEDGER_STREAM.name
 BLOCK_ENTRIES = 256
-GOVERNANCE_BUCKET = "cnc-governance"
 HEAD_BUCKET = "cnc-ledger-head"
 HEAD_KEY = "ledger.head"
 
@@ -184,7 +183,7 @@ class LedgerStore:
     async def _move_old_head(self) -> None:
         """A head an older brain kept in `cnc-governance` moves to `cnc-ledger-head` (unless that
         one has a head already), so the anchor is not lost."""
-        old = await self.bus.kv(GOVERNANCE_BUCKET)
+        old = await self.bus.kv(KV_GOVERNANCE)
         try:
             entry = await old.get(HEAD_KEY)
         except nats.js.errors.KeyNotFoundError:
@@ -192,7 +191,7 @@ class LedgerStore:
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # a head here already is the newer one
             await self.kv.create(HEAD_KEY, entry.value or b"")
         await old.delete(HEAD_KEY)
-        log.info("governance: moved the ledger head from %s to %s", GOVERNANCE_BUCKET, HEAD_BUCKET)
+        log.info("governance: moved the ledger head from %s to %s", KV_GOVERNANCE, HEAD_BUCKET)
 
 
 class LedgerWriteError(Unavailable):

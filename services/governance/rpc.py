@@ -15,23 +15,19 @@ from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain import limits, metrics
 from cncbrain.auth import current_principal
 from cncbrain.errors import CncError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from cncbrain.identity import PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
-from services.governance.domain.ledger import LedgerHead
-from services.governance.domain.policy import (
+from cncbrain.governance.policy import (
     Decision,
     PlacementPolicy,
     Quota,
     Verdict,
     WorkloadDemand,
-    tenant_usage,
-)
-from services.governance.domain.state import (
-    GovernanceState,
-    Record,
-    Tenant,
     policy_from_dict,
     policy_to_dict,
+    tenant_usage,
 )
+from cncbrain.identity import PermissionDenied, Principal, Role, TokenRecord, require_tenant_access
+from services.governance.domain.ledger import LedgerHead
+from services.governance.domain.state import GovernanceState, Record, Tenant
 from services.governance.events import Governor
 from services.governance.ledger_store import to_proto
 

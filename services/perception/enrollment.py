@@ -15,7 +15,6 @@ from cncbrain.kvfeed import KvFollower
 from cncbrain.signing import SignatureError, Verifier
 
 log = logging.getLogger(__name__)
-GOVERNANCE_BUCKET = "cnc-governance"
 
 
 class Enrollments:

@@ -16,9 +16,10 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
 from cncbrain import aio, metrics
 from cncbrain.bus import KV_SITES, Bus, Event, subjects
+from cncbrain.bus.streams import KV_GOVERNANCE
 from cncbrain.signing import verifier_from_env
 from services.perception.domain import PoolPicture, StateChange
-from services.perception.enrollment import GOVERNANCE_BUCKET, Enrollments
+from services.perception.enrollment import Enrollments
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class PerceptionEvents:
 
     async def start(self) -> None:
         if self.enrollments is not None:
-            await self.enrollments.start(await self.bus.kv(GOVERNANCE_BUCKET))
+            await self.enrollments.start(await self.bus.kv(KV_GOVERNANCE))
             self.enrollments.take_changed()
         now = time.time()
         for key, (value, _) in (await self.bus.retrying(lambda: self.bus.kv_items(KV_SITES), "read the sites")).items():

@@ -23,10 +23,10 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import load_token, optional_principal
 from cncbrain.bus import Bus
+from cncbrain.governance.gate import AdmissionRefused, Gate, GovernanceGate, OpenGate
+from cncbrain.governance.policy import Decision
 from cncbrain.identity import PermissionDenied, require_tenant_access
 from cncbrain.workload import tenant_of
-from services.governance.client import AdmissionRefused, Gate, GovernanceGate, OpenGate
-from services.governance.domain.policy import Decision
 from services.scheduler import domain
 from services.scheduler.domain import Inventory
 

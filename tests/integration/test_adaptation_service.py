@@ -15,10 +15,10 @@ from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cncbrain.auth import TOKENS_BUCKET, token_interceptors
 from cncbrain.bus import KV_WORKLOADS, subjects
+from cncbrain.bus.streams import KV_GOVERNANCE
 from cncbrain.identity import Role, mint_token
 from services.adaptation.server import AdaptationServer
 from services.adaptation.settings import Settings
-from services.governance.ledger_store import GOVERNANCE_BUCKET
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ async def world(nats_server, bus):
     tokens = await bus.kv(TOKENS_BUCKET)
     await tokens.put(op_rec.token_id, op_rec.to_json())
     await tokens.put(t_rec.token_id, t_rec.to_json())
-    gov = await bus.kv(GOVERNANCE_BUCKET)
+    gov = await bus.kv(KV_GOVERNANCE)
     await gov.put("tenant.acme", json.dumps({"quota": {}, "policy": {"allowed_sites": ["b", "c"]}}).encode())
     await gov.put("tenant.residency", json.dumps({"quota": {}, "policy": {"allowed_regions": ["us"]}}).encode())
     wl = await bus.kv(KV_WORKLOADS)

@@ -355,7 +355,8 @@ async def test_only_tenants_holdings_are_projected_for_the_gates(brain, bus):
     """The gates (scheduler, adaptation) follow `cnc-governance` for tenants' quotas, policies and
     holdings; a workload without a tenant (an operator's) is never checked, so its holding is not
     written there — nor is the ledger head, which has a bucket of its own."""
-    from services.governance.ledger_store import GOVERNANCE_BUCKET, HEAD_BUCKET, HEAD_KEY
+    from cncbrain.bus.streams import KV_GOVERNANCE
+    from services.governance.ledger_store import HEAD_BUCKET, HEAD_KEY
 
     op = brain.stub(brain.operator_token)
     await make_tenant(op, "acme")
@@ -372,7 +373,7 @@ async def test_only_tenants_holdings_are_projected_for_the_gates(brain, bus):
             break
         await asyncio.sleep(0.02)
     await brain.server.governor.settled()
-    keys = set(await bus.kv_items(GOVERNANCE_BUCKET))
+    keys = set(await bus.kv_items(KV_GOVERNANCE))
     assert "holding.acme.svc-t" in keys
     assert not any(k.startswith("holding._none.") for k in keys) and HEAD_KEY not in keys
     assert HEAD_KEY in await bus.kv_items(HEAD_BUCKET)
@@ -381,7 +382,8 @@ async def test_only_tenants_holdings_are_projected_for_the_gates(brain, bus):
 async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats_server, bus, tmp_path):
     """Before the head had a bucket of its own it was `ledger.head` in `cnc-governance`: the anchor
     moves (tampering with the tail stays visible), and stale operator holdings go."""
-    from services.governance.ledger_store import GOVERNANCE_BUCKET, HEAD_BUCKET, HEAD_KEY
+    from cncbrain.bus.streams import KV_GOVERNANCE
+    from services.governance.ledger_store import HEAD_BUCKET, HEAD_KEY
 
     b = await start(nats_server, tmp_path)
     length = (await b.stub(b.operator_token).VerifyLedger(gpb.VerifyLedgerRequest())).length
@@ -389,7 +391,7 @@ async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats
     await b.server.stop()
     head = (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value
     await (await bus.kv(HEAD_BUCKET)).delete(HEAD_KEY)
-    old = await bus.kv(GOVERNANCE_BUCKET)
+    old = await bus.kv(KV_GOVERNANCE)
     await old.put(HEAD_KEY, head)
     await old.put("holding._none.svc-old", b'{"reserved_gpus": {}, "reserved_cost_per_hour": 0, "placed": {}}')
     b2 = await start(nats_server, tmp_path)
@@ -397,7 +399,7 @@ async def test_a_head_an_older_brain_kept_in_the_governance_bucket_is_moved(nats
         result = await b2.stub(b2.operator_token).VerifyLedger(gpb.VerifyLedgerRequest())
         assert result.ok and result.length == length
         assert (await (await bus.kv(HEAD_BUCKET)).get(HEAD_KEY)).value == head
-        keys = set(await bus.kv_items(GOVERNANCE_BUCKET))
+        keys = set(await bus.kv_items(KV_GOVERNANCE))
         assert HEAD_KEY not in keys and "holding._none.svc-old" not in keys
     finally:
         await b2.close()

@@ -4,8 +4,8 @@ import json
 from types import SimpleNamespace
 
 from cnc.common.v1 import common_pb2 as common
-from services.governance.client import GovernanceGate
-from services.governance.domain.policy import Verdict
+from cncbrain.governance.gate import GovernanceGate
+from cncbrain.governance.policy import Verdict
 
 
 def kv(key, value):

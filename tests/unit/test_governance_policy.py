@@ -3,8 +3,7 @@
 import pytest
 
 from cncbrain.errors import AlreadyExists, InvalidArgument, NotFound
-from cncbrain.identity import Role
-from services.governance.domain.policy import (
+from cncbrain.governance.policy import (
     Placement,
     PlacementPolicy,
     Quota,
@@ -12,6 +11,7 @@ from services.governance.domain.policy import (
     Verdict,
     WorkloadDemand,
 )
+from cncbrain.identity import Role
 from services.governance.domain.state import GovernanceState
 from services.governance.domain.usage import Allocation, UsageBook
 

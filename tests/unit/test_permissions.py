@@ -16,7 +16,7 @@ from services.adaptation.events import ADAPTATION_BUCKET
 def test_every_stream_and_bucket_has_an_owner_that_creates_it():
     names = {s.name for s in subjects.STREAMS}
     assert names == set(STREAM_OWNERS)
-    buckets = {*streams.BUCKETS, TOKENS_BUCKET, ledger_store.GOVERNANCE_BUCKET, ledger_store.HEAD_BUCKET,
+    buckets = {*streams.BUCKETS, TOKENS_BUCKET, streams.KV_GOVERNANCE, ledger_store.HEAD_BUCKET,
                ADAPTATION_BUCKET, *lease.BUCKETS}
     assert buckets == set(BUCKET_OWNERS)
     for stream, owner in STREAM_OWNERS.items():

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cncbrain.errors import AlreadyExists, InvalidArgument, NotFound
-from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
-from cncbrain.limits import quote
-from services.governance.domain.policy import (
+from cncbrain.governance.policy import (
     Decision,
     Holding,
     Placement,
@@ -27,7 +25,15 @@ from services.governance.domain.policy import (
     WorkloadDemand,
     admit,
     check_placements,
+    placement_from_dict,
+    placement_to_dict,
+    policy_from_dict,
+    policy_to_dict,
+    quota_from_dict,
+    quota_to_dict,
 )
+from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
+from cncbrain.limits import quote
 from services.governance.domain.usage import Allocation, UsageBook
 
 
@@ -47,65 +53,6 @@ class Tenant:
     quota: Quota = field(default_factory=Quota)
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     created_at: float = 0.0
-
-
-# ---- (de)serialising the value types into ledger payloads -------------------------------------
-
-
-def quota_to_dict(q: Quota) -> dict[str, Any]:
-    return {"gpus_by_type": dict(sorted(q.gpus_by_type.items())), "max_gpus": q.max_gpus,
-            "max_cost_per_hour": q.max_cost_per_hour}
-
-
-def quota_from_dict(d: Mapping[str, Any] | None) -> Quota:
-    d = d or {}
-    return Quota(
-        gpus_by_type={str(k): int(v) for k, v in (d.get("gpus_by_type") or {}).items()},
-        max_gpus=None if d.get("max_gpus") is None else int(d["max_gpus"]),
-        max_cost_per_hour=None if d.get("max_cost_per_hour") is None else float(d["max_cost_per_hour"]),
-    )
-
-
-def _opt_list(s: frozenset[str] | None) -> list[str] | None:
-    return None if s is None else sorted(s)
-
-
-def _opt_set(v: Iterable[str] | None) -> frozenset[str] | None:
-    return None if v is None else frozenset(str(x) for x in v)
-
-
-def policy_to_dict(p: PlacementPolicy) -> dict[str, Any]:
-    return {
-        "allowed_regions": _opt_list(p.allowed_regions),
-        "allowed_sites": _opt_list(p.allowed_sites),
-        "allowed_gpu_types": _opt_list(p.allowed_gpu_types),
-        "max_cost_per_hour": p.max_cost_per_hour,
-    }
-
-
-def policy_from_dict(d: Mapping[str, Any] | None) -> PlacementPolicy:
-    d = d or {}
-    cap = d.get("max_cost_per_hour")
-    return PlacementPolicy(
-        allowed_regions=_opt_set(d.get("allowed_regions")),
-        allowed_sites=_opt_set(d.get("allowed_sites")),
-        allowed_gpu_types=_opt_set(d.get("allowed_gpu_types")),
-        max_cost_per_hour=None if cap is None else float(cap),
-    )
-
-
-def placement_to_dict(p: Placement) -> dict[str, Any]:
-    return {"workload_id": p.workload_id, "tenant_id": p.tenant_id, "unit_id": p.unit_id,
-            "site_id": p.site_id, "region": p.region, "gpu_type": p.gpu_type, "gpus": p.gpus,
-            "price_per_gpu_hour": p.price_per_gpu_hour}
-
-
-def placement_from_dict(d: Mapping[str, Any]) -> Placement:
-    return Placement(
-        workload_id=str(d["workload_id"]), tenant_id=str(d["tenant_id"]), unit_id=str(d["unit_id"]),
-        site_id=str(d["site_id"]), region=str(d.get("region", "")), gpu_type=str(d["gpu_type"]),
-        gpus=int(d["gpus"]), price_per_gpu_hour=float(d.get("price_per_gpu_hour", 0.0)),
-    )
 
 
 # ---- the state ----------------------------------------------------------------------------------

@@ -34,12 +34,10 @@ from cnc.governance.v1 import governance_pb2 as gpb
 from cnc.governance.v1 import governance_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus import Bus, Event, subjects
+from cncbrain.bus.streams import KV_GOVERNANCE
 from cncbrain.certs import client_channel
 from cncbrain.errors import CncError
-from cncbrain.kvfeed import KvFollower
-from cncbrain.limits import quote
-from cncbrain.signing import SignatureError, Verifier, verifier_from_env
-from services.governance.domain.policy import (
+from cncbrain.governance.policy import (
     Decision,
     Holding,
     Placement,
@@ -47,9 +45,13 @@ from services.governance.domain.policy import (
     Quota,
     Verdict,
     check_workload,
+    placement_from_dict,
+    policy_from_dict,
+    quota_from_dict,
 )
-from services.governance.domain.state import placement_from_dict, policy_from_dict, quota_from_dict
-from services.governance.ledger_store import GOVERNANCE_BUCKET
+from cncbrain.kvfeed import KvFollower
+from cncbrain.limits import quote
+from cncbrain.signing import SignatureError, Verifier, verifier_from_env
 
 log = logging.getLogger(__name__)
 OVERLAY_TTL_S = 10.0
@@ -147,7 +149,7 @@ class GovernanceGate:
     @classmethod
     async def start(cls, bus: Bus, target: str | None, token: str | None = None) -> GovernanceGate:
         gate = cls(bus, target, token, verifier_from_env())
-        kv = await bus.kv(GOVERNANCE_BUCKET)
+        kv = await bus.kv(KV_GOVERNANCE)
         gate._follower = KvFollower(kv, gate._apply, "governance-gate")
         await gate._follower.start()
         await bus.subscribe(subjects.PERCEPTION_SNAPSHOT, gate._on_snapshot, consumer="governance-gate")
