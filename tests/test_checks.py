@@ -71,3 +71,12 @@ def test_markdown_links_resolve_inside_the_repository():
             if not path.is_relative_to(ROOT) or not path.exists():
                 broken.append(f"{md.relative_to(ROOT)}: {target}")
     assert not broken, "links to files that are not in the repository:\n" + "\n".join(broken)
+
+
+def test_test_helpers_live_in_tests_support():
+    """A module under tests/ that is neither a test nor a conftest is a helper: it belongs in
+    tests/support, where the next test finds it instead of writing its own copy."""
+    stray = [p.relative_to(ROOT) for p in (ROOT / "tests").rglob("*.py")
+             if not p.name.startswith("test_") and p.name not in ("conftest.py", "__init__.py")
+             and "support" not in p.relative_to(ROOT / "tests").parts]
+    assert not stray, f"helpers outside tests/support: {stray}"

@@ -24,13 +24,13 @@ def call(args: argparse.Namespace, service: str, fn: Callable[[Any], Awaitable[A
     """Run `fn(stub)` against `service` ("governance" or "adaptation"); gRPC errors become messages."""
     address = target(args, service)
     if service == "governance":
-        from cnc.governance.v1 import governance_pb2_grpc as mod
+        from cnc.governance.v1 import governance_pb2_grpc
 
-        make: Callable[[grpc.aio.Channel], Any] = mod.GovernanceServiceStub
+        make: Callable[[grpc.aio.Channel], Any] = governance_pb2_grpc.GovernanceServiceStub
     else:
-        from cnc.adaptation.v1 import adaptation_pb2_grpc as mod2
+        from cnc.adaptation.v1 import adaptation_pb2_grpc
 
-        make = mod2.AdaptationServiceStub
+        make = adaptation_pb2_grpc.AdaptationServiceStub
 
     async def run() -> Any:
         async with channel(address, getattr(args, "token", None)) as ch:

@@ -9,7 +9,8 @@ path is printed when a stack fails.
 from __future__ import annotations
 
 import pytest
-from compose_stack import build_image, prepare_engine, why_no_engine
+
+from support.compose_stack import build_image, prepare_engine, why_no_engine
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,11 @@ import json
 import time
 
 import pytest
-from brain_client import (
+
+from cnc.scheduler.v1 import scheduler_pb2 as spb
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+from support.brain_client import (
     PlacementWatch,
     connect,
     deploy,
@@ -20,10 +24,7 @@ from brain_client import (
     scheduler_channel,
     wait_state,
 )
-from compose_stack import Stack
-
-from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from support.compose_stack import Stack
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
@@ -137,7 +138,7 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
         await watch.start(stack.nats_urls, kit)
         accepted: list[str] = []
         async with scheduler_channel(stack.scheduler, stack.operator_token()) as channel:
-            stub = pb_grpc.SchedulerServiceStub(channel)
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
             for i in range(3):
                 accepted.append(await deploy(stub, f"before-{i}"))
 

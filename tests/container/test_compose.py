@@ -18,12 +18,13 @@ import urllib.request
 import grpc
 import nats
 import pytest
-from brain_client import PlacementWatch, deploy, monitor, quiet, scheduler_channel, submit, wait_state
-from compose_stack import Stack
-from nats_probe import plain_exchange
 
 from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from cnc.scheduler.v1 import scheduler_pb2_grpc
+
+from support.brain_client import PlacementWatch, deploy, monitor, quiet, scheduler_channel, submit, wait_state
+from support.compose_stack import Stack
+from support.nats_probe import plain_exchange
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
@@ -86,12 +87,12 @@ async def test_single_node_stack(image, log_dir, tmp_path):
         await check_nats_security(stack, kit)
         async with grpc.aio.insecure_channel(stack.scheduler) as anonymous:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await deploy(pb_grpc.SchedulerServiceStub(anonymous), "no-token")
+                await deploy(scheduler_pb2_grpc.SchedulerServiceStub(anonymous), "no-token")
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         await watch.start(stack.nats_urls, kit)
         async with scheduler_channel(stack.scheduler, token) as channel:
-            stub = pb_grpc.SchedulerServiceStub(channel)
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
             service_id = await deploy(stub, "chat")
             job_id = await submit(stub, "pretrain")
             placed = await watch.wait_for({service_id, job_id})

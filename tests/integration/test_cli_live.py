@@ -422,7 +422,7 @@ def test_up_with_nats_tls_serves_only_tls_and_admits_a_site_enrolled_while_it_ru
     plain client is refused; `sites enroll --key-out` into the running brain has its NATS server
     admit the new key at once, and the new site's agent (its own process, its own key) connects
     over TLS and counts with its enrolled terms — no restart of `up`."""
-    from nats_probe import plain_exchange
+    from support.nats_probe import plain_exchange
 
     proc, env, endpoints, out = start_up(tmp_path, "--nats-tls")
     try:

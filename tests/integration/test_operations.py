@@ -246,7 +246,7 @@ def test_every_process_logs_json_with_trace_ids(brain, deployed):
 def test_the_web_page_shows_the_sites_and_updates_after_a_deploy(brain, deployed, tmp_path):
     import asyncio
 
-    from chromium import Chromium, binary
+    from support.chromium import Chromium, binary
 
     if binary() is None:
         pytest.skip("no chromium binary (Debian package chromium; .ci/run installs it)")

@@ -9,7 +9,6 @@ import json
 import time
 
 import pytest
-from tenants import tenant_with_token
 
 from agents.executor import MemoryExecutor
 from agents.site_agent import SiteAgent
@@ -24,6 +23,8 @@ from cncbrain.auth import bearer_metadata
 from cncbrain.bus import Bus, subjects
 from cncbrain.bus.envelope import make_headers as envelope_headers
 from cncbrain.bus.permissions import site_identity
+
+from support.tenants import tenant_with_token
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ server that does not do TLS at all are each refused with a clear reason."""
 from __future__ import annotations
 
 import pytest
-from nats_probe import plain_exchange
 
 from cncbrain.bus import Bus
 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR
@@ -14,6 +13,8 @@ from cncbrain.bus.permissions import ADMIN
 from cncbrain.certs import ensure_nats_certs, make_local_pki
 from cncbrain.errors import CncError
 from cncbrain.natsserver import NatsServer, NatsTls
+
+from support.nats_probe import plain_exchange
 
 
 def server_tls(folder, node="local", **kwargs) -> NatsTls:

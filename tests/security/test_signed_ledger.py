@@ -14,7 +14,6 @@ import time
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tenants import one_site_pool, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.governance.v1 import governance_pb2 as gpb
@@ -27,6 +26,8 @@ from cncbrain.identity import hash_secret
 from cncbrain.signing import Signer
 from services.governance.domain.ledger import LedgerHead
 from services.governance.ledger_store import to_proto
+
+from support.tenants import one_site_pool, tenant_with_token
 
 pytestmark = pytest.mark.integration
 

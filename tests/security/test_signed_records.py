@@ -11,7 +11,6 @@ import time
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from tenants import tenant_with_token
 
 from cnc.adaptation.v1 import adaptation_pb2 as apb
 from cnc.adaptation.v1 import adaptation_pb2_grpc
@@ -24,6 +23,8 @@ from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import TOKENS_BUCKET, bearer_metadata
 from cncbrain.identity import Role, TokenRecord, hash_secret
 from cncbrain.signing import Signer
+
+from support.tenants import tenant_with_token
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ import time
 
 import grpc
 import pytest
-from tenants import enroll_a, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
@@ -17,6 +16,8 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.auth import bearer_metadata
 from cncbrain.bus import KV_WORKLOADS, subjects
+
+from support.tenants import enroll_a, tenant_with_token
 
 pytestmark = pytest.mark.integration
 OWNER = {"svc-lab": "lab", "svc-rival": "rival", "job-rival": "rival"}

@@ -7,12 +7,13 @@ import asyncio
 
 import grpc
 import pytest
-from tenants import one_site_pool, tenant_with_token
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import bearer_metadata
+
+from support.tenants import one_site_pool, tenant_with_token
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ import asyncio
 
 import grpc
 import pytest
-from slurm_helpers import serve_template, squeue, train_template
 
 from agents.executor import MemoryExecutor
 from agents.executor_slurm import SlurmExecutor, SlurmSettings
@@ -23,6 +22,7 @@ from services.perception.settings import Settings as PerceptionSettings
 from services.scheduler.server import SchedulerServer
 from services.scheduler.settings import Settings as SchedulerSettings
 
+from support.slurm import serve_template, squeue, train_template
 from support.specs import inference_spec
 from support.waiting import until
 

@@ -9,12 +9,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from slurm_helpers import Reports, no_telemetry, service, squeue, train_template, training
 
 from agents.executor_slurm import SlurmExecutor, SlurmSettings
 from cnc.common.v1 import common_pb2 as common
 from cncbrain.errors import CncError
 
+from support.slurm import Reports, no_telemetry, service, squeue, train_template, training
 from support.waiting import until
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from nats.js import api
 
 from cnc.common.v1 import common_pb2 as common
 from cnc.scheduler.v1 import scheduler_pb2 as spb
-from cnc.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+from cnc.scheduler.v1 import scheduler_pb2_grpc
 from cncbrain.auth import token_interceptors
 from cncbrain.bus.connection import connect_options
 
@@ -45,14 +45,14 @@ def training_job(name: str = "pretrain") -> common.TrainingJobSpec:
     return common.TrainingJobSpec(name=name, model="gpt-7b", params_b=7, shards=2, gpus_per_shard=4, tokens=1e9)
 
 
-async def deploy(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
+async def deploy(stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
     """Deploy an inference service; the request id makes a retried call harmless."""
     request = spb.DeployInferenceServiceRequest(service=inference_service(name), request_id=uuid.uuid4().hex)
     reply = await stub.DeployInferenceService(request, timeout=timeout_s)
     return reply.workload.workload_id
 
 
-async def submit(stub: pb_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
+async def submit(stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
     request = spb.SubmitTrainingJobRequest(job=training_job(name), request_id=uuid.uuid4().hex)
     reply = await stub.SubmitTrainingJob(request, timeout=timeout_s)
     return reply.workload.workload_id
@@ -90,7 +90,7 @@ class PlacementWatch:
             await self._nc.close()
 
 
-async def wait_state(stub: pb_grpc.SchedulerServiceStub, workload_id: str, states: set[int],
+async def wait_state(stub: scheduler_pb2_grpc.SchedulerServiceStub, workload_id: str, states: set[int],
                      timeout_s: float = 60) -> spb.Workload:
     deadline = time.monotonic() + timeout_s
     while True:
