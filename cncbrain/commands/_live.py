@@ -23,7 +23,6 @@ from cncbrain import aio, telemetry
 from cncbrain.errors import CncError, UsageError
 from cncbrain.settings import DEFAULT_NATS_URL
 
-STATE_DIR = Path(os.environ.get("CNC_STATE_DIR", ".state"))
 ENDPOINTS_FILE = "endpoints.json"
 DEFAULTS = {"nats": DEFAULT_NATS_URL, "perception": "127.0.0.1:50061", "scheduler": "127.0.0.1:50062",
             "adaptation": "127.0.0.1:50063", "governance": "127.0.0.1:50064"}
@@ -85,7 +84,7 @@ def secrets_dir() -> Path | None:
     folder's `secrets/` that `cncbrain up` made; None when there are none (a server without auth)."""
     if os.environ.get("CNC_SECRETS_DIR"):
         return Path(os.environ["CNC_SECRETS_DIR"])
-    found = Path(endpoints().get("secrets") or STATE_DIR / "secrets")
+    found = Path(endpoints().get("secrets") or state_dir() / "secrets")
     return found if found.is_dir() else None
 
 

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cncbrain import aio
-from cncbrain.commands._live import STATE_DIR
+from cncbrain.commands._live import default_state_dir
 from cncbrain.errors import CncError, UsageError
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", default="abilene")
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second (default 30)")
     p.add_argument("--fail-site", default="chicago", help="site failed a third of the way in ('' for none)")
-    p.add_argument("--state-dir", type=Path, default=STATE_DIR / "demo")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir() / "demo")
     p.add_argument("--policy", default=os.environ.get("CNC_AGENT_POLICY"),
                    help="site agents' policy: greedy, marl or marl:PATH (default $CNC_AGENT_POLICY, else marl "
                         "when the shipped policy file exists, else greedy)")

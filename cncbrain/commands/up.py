@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from cncbrain import aio
 from cncbrain.auth import OPERATOR_TOKEN_FILE
-from cncbrain.commands._live import ENDPOINTS_FILE, STATE_DIR
+from cncbrain.commands._live import ENDPOINTS_FILE, default_state_dir
 from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
@@ -137,7 +137,7 @@ class Brain:
     reuse it. `standby`: two instances of each service, one active by a lease in NATS KV
     (`cncbrain.lease`); the other takes over the same port when the active dies."""
 
-    def __init__(self, state_dir: Path = STATE_DIR, scenario: str = "abilene", *, nats_url: str | None = None,
+    def __init__(self, state_dir: Path, scenario: str = "abilene", *, nats_url: str | None = None,
                  nats_port: int = NATS_PORT, perception_port: int = PERCEPTION_PORT,
                  scheduler_port: int = SCHEDULER_PORT, speed: float = 30.0, fresh: bool = False,
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
@@ -612,7 +612,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="the embedded NATS server requires TLS (a certificate from the brain's CA in "
                         "STATE_DIR/secrets/tls/, made at first start); clients trust only that CA")
     p.add_argument("--speed", type=float, default=30.0, help="emulated seconds per wall second")
-    p.add_argument("--state-dir", type=Path, default=STATE_DIR)
+    p.add_argument("--state-dir", type=Path, default=default_state_dir())
     p.add_argument("--fresh", action="store_true", help="wipe the state folder first")
     p.add_argument("--background-nice", type=int, default=None, metavar="N",
                    help=f"CPU nice value (0..19) of {' and '.join(BACKGROUND)}, off the deploy path (default "
