@@ -80,3 +80,17 @@ def test_test_helpers_live_in_tests_support():
              if not p.name.startswith("test_") and p.name not in ("conftest.py", "__init__.py")
              and "support" not in p.relative_to(ROOT / "tests").parts]
     assert not stray, f"helpers outside tests/support: {stray}"
+
+
+FORBIDDEN = re.compile(r"(?i:\bissues? #?\d+\b)|\bphysics\.md|\bARCHITECTURE\.md|\.\./shared\b")
+
+
+def test_code_and_docs_refer_only_to_what_is_in_the_repository():
+    """No issue numbers (the tracker is not part of the product) and no documents outside the
+    repository: the facts the project borrowed are written into docs/ with their sources."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = [ROOT / f for f in tracked if f.endswith((".py", ".md", ".toml", ".yml", ".yaml", ".proto", ".cfg", ".sh"))
+             and not f.startswith("cnc/") and f != "tests/test_checks.py"]
+    found = [f"{p.relative_to(ROOT)}:{n}: {m.group(0)}" for p in files if p.exists()
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) for m in FORBIDDEN.finditer(line)]
+    assert not found, "\n".join(found)
