@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cncbrain.errors import CncError
 from cncbrain.supervise import die_with_parent
@@ -190,8 +191,10 @@ class NatsServer:
         else:  # -1: a free port
             argv = [self.binary, "-js", "-a", self.host, "-p", str(self.port or -1), "-sd", str(self.store_dir)]
         argv += ["--ports_file_dir", str(self.store_dir)]  # the ports it bound, once bound
-        if self.monitor:
-            argv += ["-m", "-1"]
+        if self.monitor:  # a restart serves monitoring where it did before (what endpoints name), if it can
+            before = urlsplit(self.monitor_url).port if self.monitor_url else None
+            argv += ["-m", str(before if before and not port_in_use(before, self.host) else -1)]
+            self.monitor_url = None
         # it dies with the thread that started it (`cncbrain up` killed with SIGKILL, a test)
         self.proc = subprocess.Popen(die_with_parent(argv), stdout=out, stderr=subprocess.STDOUT)
         ports_file = self.store_dir / f"{Path(self.binary).name}_{self.proc.pid}.ports"

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -77,6 +78,32 @@ def endpoints() -> dict[str, str]:
         if os.environ.get(var):
             found[key] = os.environ[var]
     return found
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot; None: no such process, or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counting from the pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def left_behind(address: str) -> str:
+    """Why nothing answers at `address` when the state folder's endpoints.json named it and the
+    `cncbrain up` that wrote it is gone (killed, crashed, its machine restarted): that, else ''."""
+    path = state_dir() / ENDPOINTS_FILE
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    up = written.get("up") if isinstance(written, dict) else None
+    if not isinstance(up, dict) or address not in written.values() or up.get("host") != socket.gethostname():
+        return ""
+    pid, started = up.get("pid"), up.get("started")
+    if not isinstance(pid, int) or started is None or process_start(pid) == started:
+        return ""
+    return f"{path} is left from a `cncbrain up` (pid {pid}) that is no longer running"
 
 
 def secrets_dir() -> Path | None:
@@ -156,8 +183,9 @@ def rpc_error(exc: grpc.aio.AioRpcError, address: str, component: str = "") -> C
     down (governance unavailable behind the scheduler)."""
     who = f"{component} at {address}" if component else address
     if unanswered(exc):
-        return CncError(f"no brain answers at {address}{f' (the {component})' if component else ''}: start one "
-                        f"with `cncbrain up` (or pass the address)")
+        stale = left_behind(address)
+        return CncError(f"no brain answers at {address}{f' (the {component})' if component else ''}"
+                        f"{f'; {stale}' if stale else ''}: start one with `cncbrain up` (or pass the address)")
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return CncError(f"UNAUTHENTICATED: {exc.details()} (pass --token, set CNC_TOKEN, or use the operator "
                         f"token `cncbrain up` wrote to {state_dir() / 'operator.token'}; --state-dir names its folder)")

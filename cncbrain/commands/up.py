@@ -37,6 +37,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from cncbrain import aio
 from cncbrain.auth import OPERATOR_TOKEN_FILE
-from cncbrain.commands._live import ENDPOINTS_FILE, default_state_dir
+from cncbrain.commands._live import ENDPOINTS_FILE, default_state_dir, process_start
 from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
@@ -89,6 +90,12 @@ def prometheus_config(endpoints: dict[str, Any], interval_s: float = 5.0) -> str
     for process, url in sorted(endpoints.get("metrics", {}).items()):
         lines += [f"      - targets: ['{urlsplit(url).netloc}']", f"        labels: {{process: {process}}}"]
     return "\n".join(lines) + "\n"
+
+
+def process_identity(pid: int) -> dict[str, Any]:
+    """What names process `pid` beyond its number, which the kernel gives out again: the host and
+    the process's start time (clock ticks since boot, /proc/PID/stat)."""
+    return {"pid": pid, "host": socket.gethostname(), "started": process_start(pid)}
 
 
 def cli_hint(brain: Brain) -> str:
@@ -193,6 +200,8 @@ class Brain:
         """The live web page (served by perception), as perception reported it once bound."""
         self.metrics: dict[str, str] = {}
         """Each child's /metrics URL, as the child reported it once bound."""
+        self._written = ""
+        self._next_refresh = 0.0
 
     @property
     def perception_port(self) -> int:
@@ -232,7 +241,38 @@ class Brain:
             found["nats_tls_ca"] = str(self.tls_ca.resolve())
         if self.web_url:
             found["web"] = self.web_url
+        found["up"] = process_identity(os.getpid())
         return found
+
+    def _write_endpoints(self) -> None:
+        """`endpoints.json` (for the client commands) and `prometheus.yml` as they are now, each
+        replaced whole; unchanged files are left alone."""
+        endpoints = self.endpoints
+        text = json.dumps(endpoints, indent=2)
+        if text == self._written:
+            return
+        for name, content in ((ENDPOINTS_FILE, text), (PROMETHEUS_FILE, prometheus_config(endpoints))):
+            tmp = self.state_dir / f".{name}.tmp"
+            tmp.write_text(content)
+            tmp.replace(self.state_dir / name)
+        if self._written:
+            self.supervisor.say(f"endpoints changed; {ENDPOINTS_FILE} and {PROMETHEUS_FILE} written again")
+        self._written = text
+
+    def _refresh_endpoints(self, every_s: float = 1.0) -> None:
+        """A restarted child reports its metrics endpoint again (the same port when it can get it),
+        nats-server its monitoring port: the files that name them follow, so none names a dead port."""
+        now = time.monotonic()
+        if self.healthy_after_s is None or now < self._next_refresh:
+            return
+        self._next_refresh = now + every_s
+        for name in self.procs:
+            with contextlib.suppress(OSError):
+                if url := (self.run_dir / f"{name}.metrics").read_text().strip():
+                    self.metrics[name] = url
+        with contextlib.suppress(OSError):
+            self.web_url = (self.run_dir / "web.url").read_text().strip() or self.web_url
+        self._write_endpoints()
 
     @property
     def run_dir(self) -> Path:
@@ -339,6 +379,8 @@ class Brain:
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)  # ports reported by an earlier brain
+        for name in (ENDPOINTS_FILE, PROMETHEUS_FILE):  # and the files naming them (a SIGKILLed `up`'s)
+            (self.state_dir / name).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True)
         self._credentials()
         try:
@@ -385,8 +427,7 @@ class Brain:
             raise
         self.healthy_after_s = time.monotonic() - started
         self._lower_background()
-        (self.state_dir / ENDPOINTS_FILE).write_text(json.dumps(self.endpoints, indent=2))
-        (self.state_dir / PROMETHEUS_FILE).write_text(prometheus_config(self.endpoints))
+        self._write_endpoints()
         return self
 
     def _read_reports(self, timeout_s: float) -> dict[str, str]:
@@ -462,6 +503,7 @@ class Brain:
         self._lower_background()
         if self.nats is not None and self.nats.reload_if_changed():
             self.supervisor.say("nats: auth.conf changed, configuration reloaded (a key added or removed)")
+        self._refresh_endpoints()
         return restarted
 
     def _lower_background(self, settle_s: float = 10.0) -> None:

@@ -210,6 +210,38 @@ def replicas_after_a_restart(endpoints, token, sim_time_before, timeout=60.0):
     raise AssertionError(f"no telemetry from a restarted emulator within {timeout:.0f} s")
 
 
+def dead_endpoints(state, timeout=30.0):
+    """The addresses endpoints.json and prometheus.yml name that do not answer, once `timeout` has
+    passed without all of them answering ([] as soon as they all do): `up` writes both again when a
+    restarted process reports another port."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        ep = json.loads((state / "endpoints.json").read_text())
+        targets = re.findall(r"targets: \['([^']+)'\]", (state / "prometheus.yml").read_text())
+        urls = [*ep["metrics"].values(), f"{ep['nats_monitor']}/varz", ep["web"],
+                *(f"http://{t}/metrics" for t in targets)]
+        tcp = [ep[s] for s in ("perception", "scheduler", "adaptation", "governance")]
+        tcp.append(ep["nats"].removeprefix("nats://"))
+        dead = []
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    pass
+            except OSError:
+                dead.append(url)
+        for address in tcp:
+            host, port = address.rsplit(":", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+            except OSError:
+                dead.append(address)
+        if not dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.5)
+
+
 def test_up_restarts_what_is_killed_and_serves_again(up):
     proc, env, endpoints, out = up
     token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
@@ -231,6 +263,8 @@ def test_up_restarts_what_is_killed_and_serves_again(up):
         assert dep.returncode == 0, (name, dep.stderr, str(out)[-3000:])
         deployed[name] = dep.stdout.split()[0]
         assert wait_placed(endpoints["scheduler"], deployed[name], timeout=60, token=token), name
+        # what the files of the state folder name (client commands, Prometheus) is alive again
+        assert dead_endpoints(Path(env["CNC_STATE_DIR"])) == [], name
     assert proc.poll() is None  # up kept running throughout
 
     # `up` itself killed with SIGKILL: it cannot stop its children, the kernel ends them
@@ -242,6 +276,9 @@ def test_up_restarts_what_is_killed_and_serves_again(up):
     while (alive := [c for c in children if alive_pid(c)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive, [Path(f"/proc/{c}/cmdline").read_bytes() for c in alive]
+    # its endpoints.json is left behind; a client command says so instead of only "no brain answers"
+    res = cli("workloads", env=env)
+    assert res.returncode == 1 and f"is left from a `cncbrain up` (pid {proc.pid})" in res.stderr, res.stderr
 
 
 def alive_pid(pid):
