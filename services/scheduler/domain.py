@@ -168,23 +168,35 @@ def check_placeable(w: spb.Workload, inventory: Inventory) -> None:
     if isinstance(spec, common.InferenceServiceSpec) and spec.ingress_site_id and inventory.capacity \
             and spec.ingress_site_id not in inventory.capacity:
         raise SpecError("service.ingress_site_id", f"{limits.quote(spec.ingress_site_id)} is not a site of the pool")
-    need = need_of(w)
     # No list: any type of the pool (of the catalogue while the pool is not known yet).
     types = list(spec.allowed_gpu_types) or sorted({t for pools in inventory.capacity.values() for t in pools}) \
         or list(memory)
-    largest = max(types, key=lambda t: memory[t])
-    if need.min_hbm_gb <= memory[largest]:
-        return
+    if problem := memory_shortfall(need_of(w), memory, types, training=w.kind == TRAINING):
+        raise SpecError(f"{field}.gpus_per_{'shard' if w.kind == TRAINING else 'replica'}", problem)
+
+
+def memory_shortfall(need: Need, memory: dict[str, float], types: Iterable[str], *, training: bool) -> str:
+    """'' when a unit of `need` (a replica with its GPUs, a training shard with its GPUs) fits the
+    memory of one of `types` (GB by type in `memory`; a type it does not name counts as fitting);
+    else the one message saying it fits none: what a unit needs, the largest of the types, and the
+    least GPUs per unit that would do. The API's refusal and a waiting workload's reason both say this."""
+    sizes = {t: memory.get(t, math.inf) for t in types}
+    if not sizes:
+        return ""
+    largest = max(sorted(sizes), key=lambda t: sizes[t])
+    gb = sizes[largest]
+    if need.min_hbm_gb <= gb:
+        return ""
+    unit = "shard" if training else "replica"
+    what = "weights, gradients and optimizer state" if training else "weights and KV cache"
+    model = f" of a {need.params_b:g} B model" if need.params_b else ""
     total_gb = need.min_hbm_gb * need.gpus_per_unit
-    unit = "shard" if w.kind == TRAINING else "replica"
-    what = ("weights, gradients and optimizer state" if w.kind == TRAINING else "weights and KV cache")
-    least = math.ceil(total_gb / memory[largest])
+    least = math.ceil(total_gb / gb)
     fix = (f"give it at least {least} GPUs per {unit}" if least <= MAX_GPUS_PER_UNIT
            else f"no {unit} of at most {MAX_GPUS_PER_UNIT} GPUs holds it")
-    raise SpecError(f"{field}.gpus_per_{unit}",
-                    f"a {unit} of a {spec.params_b:g} B model needs {total_gb:,.0f} GB ({what}), "
-                    f"{need.min_hbm_gb:,.0f} GB on each of its {need.gpus_per_unit} GPU(s), but the largest "
-                    f"allowed GPU type ({largest}) has {memory[largest]:g} GB: {fix}")
+    return (f"fits no GPU's memory: a {unit}{model} needs {total_gb:,.0f} GB ({what}), {need.min_hbm_gb:,.0f} GB on "
+            f"each of its {need.gpus_per_unit} GPU(s), but the largest allowed GPU type, {largest}, has {gb:g} GB: "
+            f"{fix}")
 
 
 def workload_id(kind: int, request_id: str = "") -> str:
@@ -222,17 +234,18 @@ class Need:
     allowed_gpu_types: tuple[str, ...]
     min_hbm_gb: float
     ingress_site_id: str = ""
+    params_b: float = 0.0
 
 
 def need_of(w: spb.Workload) -> Need:
     if w.kind == TRAINING:
         j = w.training_job
         hbm = j.params_b * 1e9 * BYTES_PER_PARAM_TRAIN / j.gpus_per_shard / 1e9
-        return Need(j.shards, j.gpus_per_shard, tuple(j.allowed_gpu_types), hbm)
+        return Need(j.shards, j.gpus_per_shard, tuple(j.allowed_gpu_types), hbm, params_b=j.params_b)
     s = w.inference_service
     # Weights plus ~20 % for KV cache and activations, spread over the replica's GPUs.
     hbm = s.params_b * 1e9 * BYTES_PER_PARAM_SERVE * SERVE_OVERHEAD / s.gpus_per_replica / 1e9
-    return Need(s.min_replicas, s.gpus_per_replica, tuple(s.allowed_gpu_types), hbm, s.ingress_site_id)
+    return Need(s.min_replicas, s.gpus_per_replica, tuple(s.allowed_gpu_types), hbm, s.ingress_site_id, s.params_b)
 
 
 @dataclass
@@ -332,13 +345,7 @@ def why_unplaced(need: Need, inventory: Inventory, proposals: Iterable[site_pb.P
         return Unplaced("no_gpu_type", f"no site has GPUs of type {_types(types)}")
     fitting = {t for t in present if inventory.hbm_gb.get(t, math.inf) >= need.min_hbm_gb}
     if not fitting:
-        biggest = max(present, key=lambda t: inventory.hbm_gb.get(t, 0.0))
-        gb = inventory.hbm_gb[biggest]
-        whole = need.min_hbm_gb * g
-        return Unplaced("fits_no_gpu", f"fits no GPU's memory: a {unit} needs {whole:,.0f} GB "
-                                       f"({need.min_hbm_gb:,.0f} GB on each of its {g} GPU(s)) and the largest allowed "
-                                       f"GPU, {biggest}, has {gb:,.0f} GB; a {unit} needs at least "
-                                       f"{math.ceil(whole / gb)} GPUs (at most {MAX_GPUS_PER_UNIT})")
+        return Unplaced("fits_no_gpu", memory_shortfall(need, inventory.hbm_gb, present, training=training))
     if not inventory.up:
         return Unplaced("no_site_up", f"{gang}no site is up ({len(inventory.capacity)} known)")
     room = 0

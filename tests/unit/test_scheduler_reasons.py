@@ -1,5 +1,7 @@
 """Why a workload waits (services/scheduler/domain.why_unplaced), one case per cause."""
 
+import pytest
+
 from cnc.common.v1 import common_pb2 as common
 from cnc.site.v1 import events_pb2 as site_pb
 from services.scheduler.domain import NO_TYPE_WITHIN_QUOTA, Inventory, Need, why_unplaced
@@ -22,10 +24,27 @@ def why(need, led=None, proposals=(), training=False, **kw):
 def test_a_unit_larger_than_every_allowed_gpu_names_the_memory_and_the_gpus_it_would_need():
     r = why(Need(1, 1, (), 200.0))
     assert r.code == "fits_no_gpu"
-    assert r.text == ("fits no GPU's memory: a replica needs 200 GB (200 GB on each of its 1 GPU(s)) and the largest "
-                      "allowed GPU, H100, has 80 GB; a replica needs at least 3 GPUs (at most 64)")
+    assert r.text == ("fits no GPU's memory: a replica needs 200 GB (weights and KV cache), 200 GB on each of its "
+                      "1 GPU(s), but the largest allowed GPU type, H100, has 80 GB: give it at least 3 GPUs per replica")
     # restricted to T4: the largest allowed is the T4
-    assert "the largest allowed GPU, T4, has 16 GB" in why(Need(1, 1, ("T4",), 40.0)).text
+    assert "the largest allowed GPU type, T4, has 16 GB" in why(Need(1, 1, ("T4",), 40.0)).text
+
+
+def test_the_api_refusal_and_the_waiting_reason_say_the_same_about_memory():
+    """One message for a unit no GPU can hold, whether the API refuses it (the catalogue's types)
+    or a workload waits for it (the pool's, which may be smaller than the catalogue's)."""
+    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from services.scheduler.domain import SpecError, check_placeable, need_of
+
+    job = common.TrainingJobSpec(name="t", model="llama-7b", params_b=7, shards=1, gpus_per_shard=1, tokens=1e9,
+                                 allowed_gpu_types=["H100"])
+    w = pb.Workload(kind=common.WORKLOAD_KIND_TRAINING_JOB, training_job=job)
+    with pytest.raises(SpecError) as refused:
+        check_placeable(w, ledger())
+    waiting = why(need_of(w), training=True).text
+    assert waiting in str(refused.value) and waiting.startswith("fits no GPU's memory: a shard of a 7 B model needs 112 GB "
+                                                     "(weights, gradients and optimizer state)"), (str(refused.value), waiting)
+    assert waiting.endswith("the largest allowed GPU type, H100, has 80 GB: give it at least 2 GPUs per shard")
 
 
 def test_no_site_within_policy_has_the_gpus_free():
