@@ -66,6 +66,22 @@ def jetstream(brain: Brain) -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
+def nats_heap(brain: Brain) -> dict[str, float]:
+    """nats-server's Go heap right after a garbage collection (its profiling port, `?gc=1`), in MB:
+    `live` what it still references, `unused` freed memory the runtime keeps for reuse (still
+    resident), `returned` what it gave back to the OS."""
+    import re
+    import urllib.request
+
+    if not (brain.nats and brain.nats.profile_url):
+        return {}
+    with urllib.request.urlopen(f"{brain.nats.profile_url}/debug/pprof/heap?debug=1&gc=1", timeout=30) as r:
+        text = r.read().decode(errors="replace")
+    stats = {k: int(v) / 1e6 for k, v in re.findall(r"^# (\w+) = (\d+)$", text, re.MULTILINE)}
+    return {"live": stats["HeapAlloc"], "unused": stats["HeapIdle"] - stats["HeapReleased"],
+            "returned": stats["HeapReleased"]}
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -106,12 +122,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after the last cancel")
+    parser.add_argument("--linger", type=float, default=0.0,
+                        help="read every RSS again this many seconds after the 'after' reading (Go returns its "
+                             "freed heap to the OS over minutes)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(args.keep or Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
-                      adaptation_port=0, speed=30.0, fresh=True, auth=True)
+                      adaptation_port=0, speed=30.0, fresh=True, auth=True, nats_profile=True)
         print(f"starting the brain … [load {load()}]", flush=True)
         brain.start()
         try:
@@ -120,6 +139,7 @@ def main(argv: list[str]) -> int:
             pids = processes(brain)
             before = {name: rss_mb(pid) for name, pid in pids.items()}
             js_before = jetstream(brain)
+            heap_before = nats_heap(brain)
             print(f"after {args.warmup} warm-up cycles: " + ", ".join(f"{k} {v:.0f} MB" for k, v in before.items())
                   + f" [load {load()}]", flush=True)
             started = time.monotonic()
@@ -129,6 +149,11 @@ def main(argv: list[str]) -> int:
             time.sleep(args.settle)
             after = {name: rss_mb(pid) for name, pid in pids.items()}
             js_after = jetstream(brain)
+            lingered: dict[str, float] = {}
+            if args.linger:
+                time.sleep(args.linger)
+                lingered = {name: rss_mb(pid) for name, pid in pids.items()}
+            heap_after = nats_heap(brain)
             restarted = [n for n, pid in processes(brain).items() if pids.get(n) != pid]
         finally:
             brain.stop()
@@ -142,19 +167,28 @@ def main(argv: list[str]) -> int:
         ratio = after[name] / before[name] if before[name] else 0.0
         ok &= ratio <= LIMIT
         print(f"{name:12s} {before[name]:10.1f} {peak[name]:9.1f} {after[name]:9.1f} {ratio:12.2f}"
-              f"{'' if ratio <= LIMIT else '  over 20 %'}")
+              f"{'' if ratio <= LIMIT else '  over 20 %'}"
+              + (f"   {args.linger:.0f} s later: {lingered[name]:.1f} MB ({lingered[name] / before[name]:.2f})"
+                 if lingered else ""))
     print("JetStream (what nats-server keeps): stream messages / MB / subjects / consumers, before → after")
     for name in sorted(set(js_before) | set(js_after)):
         b, a = js_before.get(name, (0, 0, 0, 0)), js_after.get(name, (0, 0, 0, 0))
         print(f"  {name:24s} {b[0]:7d} → {a[0]:7d} msgs  {b[1] / 1e6:6.1f} → {a[1] / 1e6:6.1f} MB  "
               f"{b[2]:6d} → {a[2]:6d} subjects  {b[3]} → {a[3]} consumers")
+    if heap_after:
+        print("nats-server's Go heap after a garbage collection, MB before → after: " + ", ".join(
+            f"{k} {heap_before[k]:.1f} → {heap_after[k]:.1f}" for k in ("live", "unused", "returned"))
+            + " (live: what it references; unused: freed, kept resident for reuse; returned: given back to the OS)")
     if restarted:
         print(f"restarted during the run (their figures are not comparable): {', '.join(restarted)}")
     print("every process within 20 % of its RSS before" if ok else "SOME PROCESS GREW BY MORE THAN 20 %")
     if args.json:
         args.json.write_text(json.dumps({"cycles": args.cycles, "workers": args.workers, "seconds": elapsed,
                                          "p50_ms_per_block": blocks, "before_mb": before, "peak_mb": peak,
-                                         "after_mb": after, "restarted": restarted}, indent=2))
+                                         "after_mb": after, "restarted": restarted,
+                                         "linger_s": args.linger, "lingered_mb": lingered,
+                                         "nats_heap_before_mb": heap_before, "nats_heap_after_mb": heap_after,
+                                         "load": load()}, indent=2))
     return 0
 
 

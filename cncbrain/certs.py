@@ -292,13 +292,13 @@ def channel_credentials(ca: Path | str | None, cert: Path | str | None = None,
 
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 )
 """A brain service that restarts (or whose standby takes over) is back within seconds, on the same
-address: a channel tries it again at most 1 s apart. gRPC's defaults (1 s, then ×1.6 up to 120 s,
+address: a channel tries it again at most 0.5 s apart. gRPC's defaults (1 s, then ×1.6 up to 120 s,
 and the subchannel with its backoff is shared by every channel of the process to that address)
-left a caller waiting 1.6-4 s after the service was serving again."""
+left a caller waiting 1.6-4 s after the service was serving again. (`grpc.min_reconnect_backoff_ms`
+stays at its default: gRPC gives each connection attempt that long, 20 s, to complete.)"""
 
 
 def client_channel(target: str, *, ca: Path | str | None = None, cert: Path | str | None = None,

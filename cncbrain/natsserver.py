@@ -97,11 +97,16 @@ class NatsServer:
     a crash: same port, same store, same configuration)."""
 
     def __init__(self, store_dir: Path, port: int = 0, host: str = "127.0.0.1", log_file: Path | None = None,
-                 monitor: bool = True, auth: Path | None = None, tls: NatsTls | None = None):
+                 monitor: bool = True, auth: Path | None = None, tls: NatsTls | None = None,
+                 profile: bool = False):
         self.store_dir = Path(store_dir)
         self.monitor = monitor
         """Serve nats-server's HTTP monitoring (/varz, /jsz, /connz, ...) on a free port (`monitor_url`)."""
         self.monitor_url: str | None = None
+        self.profile = profile
+        """Serve Go's profiles (/debug/pprof/heap, ...) on a free port (`profile_url`): what its heap
+        holds, for benchmarks (`benchmarks/bench_memory.py`)."""
+        self.profile_url: str | None = None
         self.host = host
         self.port = port
         self.log_file = log_file
@@ -195,6 +200,8 @@ class NatsServer:
             before = urlsplit(self.monitor_url).port if self.monitor_url else None
             argv += ["-m", str(before if before and not port_in_use(before, self.host) else -1)]
             self.monitor_url = None
+        if self.profile:
+            argv += ["--profile", "-1"]
         # it dies with the thread that started it (`cncbrain up` killed with SIGKILL, a test)
         self.proc = subprocess.Popen(die_with_parent(argv), stdout=out, stderr=subprocess.STDOUT)
         ports_file = self.store_dir / f"{Path(self.binary).name}_{self.proc.pid}.ports"
@@ -210,6 +217,9 @@ class NatsServer:
                     self.port = int(reported["nats"][0].rsplit(":", 1)[1])
             if self.port:
                 with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2):
+                    if self.profile:
+                        with contextlib.suppress(KeyError, IndexError):
+                            self.profile_url = reported["profile"][0]
                     if self.monitor:
                         with contextlib.suppress(KeyError, IndexError):
                             self.monitor_url = reported["monitoring"][0]

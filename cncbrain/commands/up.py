@@ -150,7 +150,8 @@ class Brain:
                  perception_tick_s: float = 1.0, governance_port: int | None = None,
                  adaptation_port: int | None = None, auth: bool = False, policy: str | None = None,
                  background_nice: int | None = None, log_format: str | None = None, standby: bool = False,
-                 say=None, slurm_sites: list[str] | None = None, nats_tls: bool = False) -> None:
+                 say=None, slurm_sites: list[str] | None = None, nats_tls: bool = False,
+                 nats_profile: bool = False) -> None:
         # Governance and adaptation: unless given, their default port, or any free port (bound and
         # reported by the service) when that is taken; endpoints.json tells the client commands.
         if governance_port is None:
@@ -187,6 +188,8 @@ class Brain:
         self.perception_tick_s = perception_tick_s
         self.standby = standby
         self.nats: NatsServer | None = None
+        self.nats_profile = nats_profile
+        """Have the embedded nats-server serve Go's profiles (`NatsServer.profile`; benchmarks)."""
         self.supervisor = Supervisor(say=say)
         self.healthy_after_s: float | None = None
         self.sites: list[str] = []
@@ -396,7 +399,8 @@ class Brain:
                     tls = NatsTls(cert.cert, cert.key, cert.ca)
                 nats = self.nats = NatsServer(self.state_dir / "jetstream", port=self.nats_port,
                                               log_file=self.log_path("nats"),
-                                              auth=self.secrets_dir / NATS_DIR / AUTH_FILE, tls=tls)
+                                              auth=self.secrets_dir / NATS_DIR / AUTH_FILE, tls=tls,
+                                              profile=self.nats_profile)
                 self.supervisor.add("nats", lambda: nats.start().process, self.log_path("nats"))
                 self.supervisor.start("nats")
             aio.run(self._provision())
