@@ -86,6 +86,7 @@ class Chaos:
         ep = brain.endpoints
         self.md = bearer_metadata(brain.token_file.read_text().strip()) if brain.auth else None
         self.ports = {s: ep[s] for s in SERVICES}
+        self.channels: dict[str, grpc.aio.Channel] = {}
 
     async def _retrying(self, call):
         deadline = time.monotonic() + RETRY_WINDOW_S
@@ -99,22 +100,24 @@ class Chaos:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def health(self) -> bool:
-        for address in self.ports.values():
+    async def health(self) -> list[str]:
+        """The services whose health check is not SERVING (within 1 s), asked at once over channels
+        kept open (as a load balancer's checks are: a fresh connection per check timed out on a
+        loaded machine)."""
+        async def serving(ch: grpc.aio.Channel) -> bool:
             try:
-                async with client_channel(address) as ch:
-                    resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if resp.status != health_pb2.HealthCheckResponse.SERVING:
-                    return False
+                resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             except grpc.aio.AioRpcError:
                 return False
-        return True
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+        answers = await asyncio.gather(*(serving(ch) for ch in self.channels.values()))
+        return [s for s, ok in zip(self.channels, answers, strict=True) if not ok]
 
     async def sites_up(self) -> bool:
         try:
-            async with client_channel(self.ports["perception"]) as ch:
-                sites = (await perception_pb2_grpc.PerceptionServiceStub(ch).ListSites(
-                    ppb.ListSitesRequest(), metadata=self.md, timeout=1)).sites
+            sites = (await perception_pb2_grpc.PerceptionServiceStub(self.channels["perception"]).ListSites(
+                ppb.ListSitesRequest(), metadata=self.md, timeout=1)).sites
         except grpc.aio.AioRpcError:
             return False
         return len(sites) >= len(self.brain.sites) and all(s.state == common.SITE_STATE_UP for s in sites)
@@ -136,19 +139,32 @@ class Chaos:
         wid = (await self._retrying(lambda: stub.DeployInferenceService(probe, metadata=self.md, timeout=10))).workload.workload_id
         seen["probe accepted"] = time.monotonic() - killed_at
         deadline = time.monotonic() + 120
+        unhealthy: dict[str, float] = {}  # service → when its health check last failed
         while time.monotonic() < deadline:
-            checks = {"health": await self.health(), "sites up": await self.sites_up(), "probe running": await probe_placed()}
+            failing = await self.health()
+            unhealthy.update({s: time.monotonic() - killed_at for s in failing})
+            checks = {"health": not failing, "sites up": await self.sites_up(), "probe running": await probe_placed()}
             for what, ok in checks.items():
                 if ok and what not in seen:
                     seen[what] = time.monotonic() - killed_at
             if all(checks.values()):
-                notes.append("after the kill: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seen.items(), key=lambda kv: kv[1])))
+                notes.append("after the kill: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seen.items(), key=lambda kv: kv[1]))
+                             + (f" (health checks last failing: {', '.join(f'{s} {t:.1f} s' for s, t in unhealthy.items())})"
+                                if unhealthy else ""))
                 return time.monotonic() - killed_at
             await asyncio.sleep(0.1)
         notes.append("not healthy within 120 s: " + ", ".join(f"{k} {v:.1f} s" for k, v in seen.items()))
         return None
 
     async def run_fault(self, fault: str, kill) -> Result:
+        self.channels = {s: client_channel(address) for s, address in self.ports.items()}
+        try:
+            return await self._run_fault(fault, kill)
+        finally:
+            for ch in self.channels.values():
+                await ch.close()
+
+    async def _run_fault(self, fault: str, kill) -> Result:
         tag = f"{fault}-{int(time.time())}"
         async with client_channel(self.ports["scheduler"]) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)

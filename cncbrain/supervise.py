@@ -74,6 +74,8 @@ class Child:
     min_pause_s: float = 0.0
     """Wait at least this long before restarting it (a service with a standby: the standby takes
     over first, the restarted one becomes the standby)."""
+    on_exit: Callable[[int], None] | None = None
+    """Called with its pid once it is found ended, before it is started again (`Supervisor.add`)."""
 
     def tail(self, lines: int = 5) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -102,8 +104,10 @@ class Supervisor:
         self.stopping = False
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None = None,
-            min_pause_s: float = 0.0) -> Child:
-        child = self.children[name] = Child(name, start, log_path, min_pause_s=min_pause_s)
+            min_pause_s: float = 0.0, on_exit: Callable[[int], None] | None = None) -> Child:
+        """`on_exit(pid)`: called as soon as the child is found ended (reaped), before it is started
+        again; an exception it raises is said, not raised."""
+        child = self.children[name] = Child(name, start, log_path, min_pause_s=min_pause_s, on_exit=on_exit)
         return child
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
@@ -132,7 +136,13 @@ class Supervisor:
         restarted = []
         for child in self.children.values():
             if child.proc is not None and (status := child.proc.poll()) is not None:
+                pid = child.proc.pid
                 self._ended(child, status, now)
+                if child.on_exit is not None:
+                    try:
+                        child.on_exit(pid)
+                    except Exception as exc:
+                        self.say(f"{child.name}: after its end: {exc!r}")
             due = child.proc is None and child.restart_at is not None and now >= child.restart_at
             if due and self._restart(child):
                 restarted.append(child.name)

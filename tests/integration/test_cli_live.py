@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cncbrain.commands.up import DEFAULT_BACKGROUND_NICE
 from cncbrain.natsserver import free_port
 
 from support.cli import cli, command
@@ -117,7 +118,7 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     nice = {Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[2].decode(): os.getpriority(os.PRIO_PROCESS, int(c))
             for c in children if Path(f"/proc/{c}/cmdline").read_bytes().count(b"\0") > 2}
-    assert nice["services.adaptation"] == 19, nice
+    assert nice["services.adaptation"] == DEFAULT_BACKGROUND_NICE == 10, nice
     assert nice["services.scheduler"] == nice["services.perception"] == nice["cncbrain.commands.agent"] == 0, nice
     assert nice["cncbrain.commands.emulate"] == 0, nice
     sites = cli("sites", "--json", env=env)
@@ -381,8 +382,9 @@ def test_with_standby_a_killed_active_scheduler_is_replaced_by_its_standby_losin
         assert len(accepted) == 20
         mine = [w for w in listed if w.workload_id in accepted]
         assert len(mine) == 20 and len({w.inference_service.name for w in listed}) == len(listed)  # none lost, none twice
-        assert f"scheduler {standby}: active (the lease was {active} stopped renewing it" in (
-            logs / f"{standby}.log").read_text()
+        # up reaped the active, so it freed the lease: the standby took it at once, not after the TTL
+        assert out.wait_for(f"scheduler: freed the lease {active} held when it ended", 5), str(out)
+        assert f"scheduler {standby}: active (the lease was free)" in (logs / f"{standby}.log").read_text()
         assert out.wait_for(f"{active} ended (signal SIGKILL); restarting it in 4 s", 5), str(out)
         assert out.wait_for(f"{active} started again", 15), str(out)
     finally:

@@ -46,6 +46,28 @@ async def test_one_active_the_standby_takes_over_when_it_stops_renewing(nats_ser
     await bus_b.close()
 
 
+async def test_a_supervisor_frees_the_lease_of_a_process_it_reaped_and_only_that_one(nats_server):
+    """`up` reaped the active's process (it knows it is dead): freeing its lease hands over at once;
+    a pid that does not hold the lease, or one on another host, frees nothing."""
+    bus_a, kv_a = await kv_of(nats_server.url, "a")
+    bus_b, kv_b = await kv_of(nats_server.url, "b")
+    a = Lease(kv_a, "scheduler", "a", 60.0, RENEW)  # a TTL no test waits out
+    assert await a.acquire()
+    a._task.cancel()  # killed: no more renewals
+    standby = asyncio.ensure_future(Lease(kv_b, "scheduler", "b", 60.0, RENEW).acquire())
+    await asyncio.sleep(0.5)
+    import os
+
+    assert await lease.release_dead(kv_b, os.getpid() + 1) == ""  # not the holder
+    assert await lease.release_dead(kv_b, os.getpid(), host="elsewhere") == ""
+    assert not standby.done()
+    assert await lease.release_dead(kv_b, os.getpid()) == "a"
+    assert await asyncio.wait_for(standby, 5.0)
+    lease._held = None
+    await bus_a.close()
+    await bus_b.close()
+
+
 async def test_a_release_hands_over_at_once_and_a_restart_under_the_same_name_takes_it_back(nats_server):
     bus_a, kv_a = await kv_of(nats_server.url, "a")
     bus_b, kv_b = await kv_of(nats_server.url, "b")
