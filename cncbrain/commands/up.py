@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -398,7 +399,7 @@ class Brain:
                 prefix + "AUTH_ENABLED": "true" if self.auth else "false"},
                 # with a standby, a crashed instance comes back after the standby took over
                 min_pause_s=LEASE_TTL_S + 1.0 if self.standby else 0.0,
-                on_exit=(lambda pid, service=service: self._free_lease(service, pid)) if self.standby else None)
+                on_exit=functools.partial(self._free_lease, service) if self.standby else None)
             self.supervisor.start(instance)
 
     def start(self, timeout_s: float = 90.0) -> Brain:
