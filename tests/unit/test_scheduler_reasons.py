@@ -33,14 +33,14 @@ def test_a_unit_larger_than_every_allowed_gpu_names_the_memory_and_the_gpus_it_w
 def test_the_api_refusal_and_the_waiting_reason_say_the_same_about_memory():
     """One message for a unit no GPU can hold, whether the API refuses it (the catalogue's types)
     or a workload waits for it (the pool's, which may be smaller than the catalogue's)."""
-    from cnc.scheduler.v1 import scheduler_pb2 as pb
+    from cnc.scheduler.v1 import scheduler_pb2 as spb
     from services.scheduler.domain import SpecError, check_placeable, need_of
 
     job = common.TrainingJobSpec(name="t", model="llama-7b", params_b=7, shards=1, gpus_per_shard=1, tokens=1e9,
                                  allowed_gpu_types=["H100"])
-    w = pb.Workload(kind=common.WORKLOAD_KIND_TRAINING_JOB, training_job=job)
+    w = spb.Workload(kind=common.WORKLOAD_KIND_TRAINING_JOB, training_job=job)
     with pytest.raises(SpecError) as refused:
-        check_placeable(w, ledger())
+        check_placeable(w, inventory())
     waiting = why(need_of(w), training=True).text
     assert waiting in str(refused.value) and waiting.startswith("fits no GPU's memory: a shard of a 7 B model needs 112 GB "
                                                      "(weights, gradients and optimizer state)"), (str(refused.value), waiting)
