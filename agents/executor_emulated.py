@@ -277,7 +277,8 @@ class EmulatorHost:
         t = self.twin
         net = t.pool.net
         site = common.Site(site_id=self.ids[s], name=self.names[s], region=t.pool.region[s],
-                           latitude=float(net.lat[s]), longitude=float(net.lon[s]))
+                           latitude=float(net.lat[s]), longitude=float(net.lon[s]),
+                           ingress_weight=float(t.pool.population[s]))
         for g, gpu in enumerate(t.gpus):
             if t.total[s, g] > 0:
                 site.gpu_pools.append(common.GpuPool(

@@ -4,85 +4,113 @@ Everything here is numpy over the policy interface (`PoolView`), shared by the P
 environment (training), the numpy runtime (`agents.runtime`, the live brain) and the tests, so the
 features a policy was trained on are exactly the ones it decides from.
 
-Sizes never depend on the pool: services are padded to `K_MAX` (with an `active` flag), offered
-jobs to `MAX_OFFERS`, neighbours to `k` (the k nearest other sites by one-way latency). One policy
-therefore runs on any topology and any service mix of up to `K_MAX` services.
+The observation of a site is structured, not one padded vector: a **site block**, one **service
+block per service** (any number: the policy applies one shared sub-network to every (site, service)
+pair, so it is permutation-equivariant over services and has no cap), and one **offer block per
+offered training job** (the twin offers the head of its queue, `MAX_OFFERS`). No feature is a raw
+count that grows with the pool: GPUs are shares of the site or of the pool, a site's size is
+relative to the pool's largest, demand and capacity are in replica units of the service.
 
-Observation of site s (`obs_size(k)` floats, clipped to ±OBS_CLIP), in this order:
+| block   | per              | features                                                                 |
+|---------|------------------|--------------------------------------------------------------------------|
+| site    | site (`F_SITE`)  | up, free GPU share, training GPU share, ingress weight (log of × S),     |
+|         |                  | first-tick flag, share of neighbours down, mean neighbour latency/20 ms, |
+|         |                  | size ÷ largest site, my replicas ÷ most replicas at one site, pool free  |
+|         |                  | share, pool training share, waiting training GPUs ÷ pool free GPUs,     |
+|         |                  | waiting jobs (log), pool size (log S ÷ log 300), share of my free and of |
+|         |                  | my installed GPUs with ≥ 70 GB (what training gangs need), my free share |
+|         |                  | ÷ the pool's largest free share (1: the site a least-loaded rule picks), |
+|         |                  | then per neighbour: latency/20 ms, up                                    |
+| service | (site, service)  | active, replicas/4, has a replica, ready share, demand, capacity, load,   |
+|         | (`f_svc(k)`)     | uncovered demand, capacity a new replica here adds, SLO last tick, pool |
+|         |                  | wanted÷have capacity, pool replicas÷max, at min, at max, neighbours'     |
+|         |                  | demand, capacity, room and load, my share of pool capacity and of pool   |
+|         |                  | demand (× sites), my replicas ÷ most at one site, share of sites running |
+|         |                  | it, GPUs per replica/8, log10 of one replica's requests/s, the "cover"  |
+|         |                  | count/8, my uncovered demand ÷ the pool's most uncovered (1: where its  |
+|         |                  | demand is least covered, its "focus"), my latency to the focus/20 ms,   |
+|         |                  | whether I am the site with room nearest to the focus (where a           |
+|         |                  | latency-aware rule adds), then per neighbour: its spare capacity         |
+| offer   | (site, offer)    | present, GPUs asked ÷ my GPUs, shards that fit here ÷ shards, whole gang |
+|         | (`F_OFFER`)      | fits here, shards that fit at the neighbours ÷ shards, waiting/600 s,    |
+|         |                  | GPUs left after taking the gang ÷ my GPUs, GPUs asked ÷ pool free GPUs   |
 
-| block         | per            | features                                                                 |
-|---------------|----------------|--------------------------------------------------------------------------|
-| site          | site (9)       | up, free GPU share, free GPUs/32, training GPU share, ingress weight × S, |
-|               |                | first-tick flag, share of neighbours down, mean neighbour latency/20 ms,  |
-|               |                | total GPUs/64                                                             |
-| service       | K_MAX × 18     | active, replicas/8, ready/8, demand, capacity, load, uncovered demand,    |
-|               |                | capacity of a new replica here, SLO last tick, pool wanted÷have capacity, |
-|               |                | pool replicas÷max, pool at min_replicas, neighbours' demand, capacity,    |
-|               |                | room and load, my share of pool capacity, my share of pool demand         |
-| offer         | MAX_OFFERS × 6 | present, GPUs asked/64, shards that fit here ÷ shards, whole gang fits    |
-|               |                | here, shards that fit at the neighbours ÷ shards, waiting/600 s           |
-| neighbour     | k × (2+K_MAX)  | latency/20 ms, up, spare capacity of each service                         |
+Demand and capacity are in "replica units" (requests/s ÷ requests/s of one replica of the service on
+the pool's best GPU type for it, ÷ 4). Pool-wide figures are the broadcasts of `PoolStats` and the
+per-service sums; about other sites an agent only sees its k nearest neighbours by latency.
 
-Demand and capacity are in "replica units": requests/s ÷ requests/s of one replica on the pool's
-best GPU type for that service (÷ 4). The pool-wide per-service figures (wanted÷have capacity,
-replica count, SLO last tick) are what the brain broadcasts per service — a handful of scalars,
-not the state of other sites; about other sites an agent only sees its k nearest neighbours.
+Action of a site (flat, for the PettingZoo env: `nvec(K, k) = [4]*K + [2]*MAX_OFFERS + [k+1]*K`):
 
-Action of site s: `len(nvec(k))` discrete heads, `nvec(k) = [3]*K_MAX + [2]*MAX_OFFERS +
-[k+1]*K_MAX`:
+| head             | values                                                                        |
+|------------------|-------------------------------------------------------------------------------|
+| replicas of j    | 0: remove one, 1: keep, 2: add one, 3: "cover" — add as many as cover the      |
+|                  | pool's uncovered demand at the target utilisation (⌈deficit ÷ a new replica's |
+|                  | rate here⌉, at most what fits here, what max_replicas leaves and `COVER_MAX`)  |
+| accept offer o   | 0: decline, 1: bid (strength from local fit: a site that takes the whole gang |
+|                  | bids highest, tightest fit first — the twin gives the gang to the highest     |
+|                  | bidders)                                                                      |
+| overflow of j    | 0: the twin's default (nearest with room), i: the i-th nearest neighbour      |
 
-| head             | values                                                                       |
-|------------------|------------------------------------------------------------------------------|
-| replicas of k    | 0: remove one, 1: keep, 2: add one                                           |
-| accept offer o   | 0: decline, 1: bid (strength from local fit: a site that takes the whole     |
-|                  | gang bids highest, tightest fit first — the twin gives the gang to the       |
-|                  | highest bidders)                                                             |
-| overflow of k    | 0: the twin's default (nearest site with room), j: the j-th nearest neighbour |
+Masks allow: remove only where the site has a replica and the pool is above min_replicas; add only
+where a replica fits and the pool is below max_replicas; cover only where add is allowed and it
+would add at least two; bid only for a present offer of which a
+shard fits here; overflow only to a neighbour that is up. "Keep", "decline" and "default" are
+always allowed, and a down site (or an inactive service) has only those.
 
-The action mask (`mask_size(k)` 0/1 values, one block per head, same order) allows: remove only
-where the site has a replica and the pool is above min_replicas; add only where a replica fits and
-the pool is below max_replicas; bid only for a present offer of which a shard fits here;
-overflow only to a neighbour that is up. "Keep", "decline" and "default" are always allowed, and a
-down site (or a padded service) has only those. Infeasible choices that reach the twin anyway are
-ignored by its arbitration.
-
-The centralised state for the critic (`state_size(k)`) pools the sites' observations: their mean
-and their maximum, plus the episode's elapsed fraction and S/64.
+The centralised state for the critic (`state_size()`) pools the sites' site blocks and the (site,
+service) blocks (mean and max), plus the episode's elapsed fraction and log S.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 
-from cncbrain.twin.view import Actions, PoolView, ServiceInfo
+from cncbrain.twin import physics
+from cncbrain.twin.view import Actions, PoolView, ServiceInfo, focus_figures
 
-K_MAX = 4
-"""Services an agent can manage (padded, with an `active` flag)."""
 MAX_OFFERS = 2
 """Offered training jobs an agent bids for each tick (the twin offers the head of its queue)."""
 DEFAULT_NEIGHBOURS = 3
 OBS_CLIP = 10.0
 TARGET_UTIL = 0.7
 """Utilisation at which "uncovered demand" and "wanted capacity" are computed (the autoscalers' target)."""
-F_SITE, F_SVC, F_OFFER = 9, 18, 6
+BIG_GPU_GB = 70.0
+"""GPUs with at least this much memory hold the training state of the gangs' shards (80 GB class)."""
+F_SITE_BASE, F_SVC_BASE, F_OFFER = 17, 28, 8
+N_REP, N_OFF = 4, 2
+COVER_MAX = 16
+"""Most replicas one "cover" choice adds at a site in one tick."""
 
 
-def obs_size(k: int = DEFAULT_NEIGHBOURS) -> int:
-    return F_SITE + K_MAX * F_SVC + MAX_OFFERS * F_OFFER + k * (2 + K_MAX)
+def f_site(k: int = DEFAULT_NEIGHBOURS) -> int:
+    return F_SITE_BASE + 2 * k
 
 
-def nvec(k: int = DEFAULT_NEIGHBOURS) -> np.ndarray:
-    return np.array([3] * K_MAX + [2] * MAX_OFFERS + [k + 1] * K_MAX, dtype=np.int64)
+def f_svc(k: int = DEFAULT_NEIGHBOURS) -> int:
+    return F_SVC_BASE + k
 
 
-def mask_size(k: int = DEFAULT_NEIGHBOURS) -> int:
-    return int(nvec(k).sum())
+def obs_size(K: int, k: int = DEFAULT_NEIGHBOURS) -> int:
+    """Length of the flat observation of a pool with K services (the env's observation space)."""
+    return f_site(k) + K * f_svc(k) + MAX_OFFERS * F_OFFER
+
+
+def nvec(K: int, k: int = DEFAULT_NEIGHBOURS) -> np.ndarray:
+    """Choices per head of the flat action of a pool with K services."""
+    return np.array([N_REP] * K + [N_OFF] * MAX_OFFERS + [k + 1] * K, dtype=np.int64)
+
+
+def mask_size(K: int, k: int = DEFAULT_NEIGHBOURS) -> int:
+    return int(nvec(K, k).sum())
 
 
 def state_size(k: int = DEFAULT_NEIGHBOURS) -> int:
-    return 2 * obs_size(k) + 2
+    return 2 * f_site(k) + 2 * f_svc(k) + 2
 
 
 def neighbours(latency_s: np.ndarray, k: int) -> np.ndarray:
@@ -97,10 +125,16 @@ def neighbours(latency_s: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=64)
+def _big_types(gpu_types: tuple[str, ...]) -> np.ndarray:
+    catalog = physics.gpu_catalog()
+    return np.array([t in catalog and catalog[t].mem_gb >= BIG_GPU_GB for t in gpu_types], bool)
+
+
 class ServiceColumn(NamedTuple):
     """One service of a view as the featurizer reads it: its `ServiceInfo` and its [S] columns
-    (`PoolView.replicas[:, j]` etc.). `of(view, j)` takes them from a view; a live agent builds
-    one for an offered service without building a view for it (`Featurizer.with_service`)."""
+    (`PoolView.replicas[:, j]` etc.) and pool broadcasts. `of(view, j)` takes them from a view; a
+    live agent builds one for an offered service without building a view for it."""
 
     info: ServiceInfo
     replicas: np.ndarray
@@ -109,27 +143,159 @@ class ServiceColumn(NamedTuple):
     capacity_rps: np.ndarray
     load: np.ndarray
     slo_recent: float
+    replicas_max: float
+    """Most replicas of the service at one site (pool-wide)."""
+    sites: float
+    """Sites running at least one replica (pool-wide)."""
+    key: str = ""
+    """The service's id where the caller has one (a live agent's workload id)."""
 
     @classmethod
     def of(cls, view: PoolView, j: int) -> ServiceColumn:
+        pool = view.pool_stats()
         return cls(view.services[j], view.replicas[:, j], view.ready[:, j], view.demand_rps[:, j],
-                   view.capacity_rps[:, j], view.load[:, j], view.slo_recent[j])
+                   view.capacity_rps[:, j], view.load[:, j], float(view.slo_recent[j]),
+                   float(pool.service_replicas_max[j]), float(pool.service_sites[j]))
 
 
-def _shard_room(view: PoolView) -> np.ndarray:
-    """[S, MAX_OFFERS] shards of each offered job that fit on one GPU type of each site."""
-    S = view.n_sites
-    room = np.zeros((S, MAX_OFFERS))
-    for o, off in enumerate(view.offers[:MAX_OFFERS]):
-        per = np.where(off.fits[None, :], view.free_gpus // max(off.shard_gpus, 1), 0)
-        room[:, o] = per.max(axis=1)
-    return room
+class Services(NamedTuple):
+    """Every service of a view stacked: per-service figures [K] / [K, G] and columns [S, K]."""
+
+    mu: np.ndarray  # [K, G] requests/s of one replica per GPU type
+    tp: np.ndarray  # [K, G] GPUs one replica needs per type (0: does not fit)
+    min_replicas: np.ndarray  # [K]
+    max_replicas: np.ndarray  # [K]
+    active: np.ndarray  # [K] bool
+    replicas: np.ndarray  # [S, K]
+    ready: np.ndarray  # [S, K]
+    demand_rps: np.ndarray  # [S, K]
+    capacity_rps: np.ndarray  # [S, K]
+    load: np.ndarray  # [S, K]
+    slo_recent: np.ndarray  # [K]
+    replicas_max: np.ndarray  # [K]
+    sites: np.ndarray  # [K]
+    uncovered_max: np.ndarray  # [K] rps
+    focus_latency: np.ndarray  # [S, K] s
+    focus_nearest: np.ndarray  # [S, K] bool
+
+    @classmethod
+    def of(cls, view: PoolView) -> Services:
+        pool = view.pool_stats()
+        G, K = len(view.gpu_types), view.n_services
+        mu = np.array([s.mu for s in view.services], float).reshape(K, G)
+        tp = np.array([s.tp for s in view.services], float).reshape(K, G)
+        if pool.service_uncovered_max is None or pool.focus_latency_s is None:
+            focus = focus_figures(view.site_up, view.free_gpus, view.demand_rps, view.capacity_rps, view.latency_s, tp,
+                                  view.population)
+        else:
+            most, lat, nearest = (np.asarray(x) for x in (pool.service_uncovered_max, pool.focus_latency_s,
+                                                           pool.focus_nearest))
+            local = np.isnan(most)  # a service the broadcast does not know (an offered one): from the rows
+            if local.any():
+                l_most, l_lat, l_near = focus_figures(view.site_up, view.free_gpus, view.demand_rps, view.capacity_rps,
+                                                      view.latency_s, tp, view.population)
+                most, lat = np.where(local, l_most, most), np.where(local[None], l_lat, lat)
+                nearest = np.where(local[None], l_near, nearest)
+            focus = (most, lat, nearest)
+        return cls(mu, tp, np.array([s.min_replicas for s in view.services], float),
+                   np.array([s.max_replicas for s in view.services], float),
+                   np.array([s.active for s in view.services], bool), view.replicas, view.ready, view.demand_rps,
+                   view.capacity_rps, view.load, np.asarray(view.slo_recent, float),
+                   np.asarray(pool.service_replicas_max, float), np.asarray(pool.service_sites, float), *focus)
+
+    @classmethod
+    def of_column(cls, col: ServiceColumn, view: PoolView) -> Services:
+        """One service (not in `view`'s arrays) at the rows of `view`; its focus from those rows."""
+        s = col.info
+        c = lambda x: np.asarray(x, float)[:, None]  # noqa: E731
+        tp = np.asarray(s.tp, float)[None]
+        focus = focus_figures(view.site_up, view.free_gpus, c(col.demand_rps), c(col.capacity_rps), view.latency_s, tp,
+                              view.population)
+        return cls(np.asarray(s.mu, float)[None], tp, np.array([s.min_replicas], float),
+                   np.array([s.max_replicas], float), np.array([s.active]), c(col.replicas), c(col.ready),
+                   c(col.demand_rps), c(col.capacity_rps), c(col.load), np.array([col.slo_recent], float),
+                   np.array([col.replicas_max], float), np.array([col.sites], float), *focus)
+
+
+@dataclass
+class Obs:
+    """Structured observations and masks of N sites of one pool with K services and O offers."""
+
+    site: np.ndarray  # [N, f_site] float32
+    svc: np.ndarray  # [N, K, f_svc] float32
+    offer: np.ndarray  # [N, O, F_OFFER] float32 (O = MAX_OFFERS, absent offers are zeros)
+    m_rep: np.ndarray  # [N, K, 3] int8
+    m_off: np.ndarray  # [N, O, 2] int8
+    m_ov: np.ndarray  # [N, K, k+1] int8
+    room: np.ndarray  # [N, O] shards of each offer that fit at the site (for the bid strength)
+    cover: np.ndarray | None = None  # [N, K] replicas the "cover" choice adds (None: 2 everywhere)
+
+    @property
+    def n(self) -> int:
+        return self.site.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.svc.shape[1]
+
+    def rows(self, idx) -> Obs:
+        return Obs(self.site[idx], self.svc[idx], self.offer[idx], self.m_rep[idx], self.m_off[idx],
+                   self.m_ov[idx], self.room[idx], None if self.cover is None else self.cover[idx])
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(obs [N, obs_size(K, k)] float32, mask [N, mask_size(K, k)] int8): the env's layout."""
+        n = self.n
+        obs = np.concatenate([self.site, self.svc.reshape(n, -1), self.offer.reshape(n, -1)], axis=1)
+        mask = np.concatenate([self.m_rep.reshape(n, -1), self.m_off.reshape(n, -1), self.m_ov.reshape(n, -1)], axis=1)
+        return obs, mask
+
+    @classmethod
+    def unflat(cls, obs: np.ndarray, mask: np.ndarray, k: int = DEFAULT_NEIGHBOURS) -> Obs:
+        """The inverse of `flat` (K from the observation's length)."""
+        obs = np.atleast_2d(obs)
+        mask = np.atleast_2d(mask)
+        n, fs, fv = obs.shape[0], f_site(k), f_svc(k)
+        K = (obs.shape[1] - fs - MAX_OFFERS * F_OFFER) // fv
+        if obs.shape[1] != obs_size(K, k) or mask.shape[1] != mask_size(K, k):
+            raise ValueError(f"observation of {obs.shape[1]} floats / mask of {mask.shape[1]} is not a pool's "
+                             f"(k={k}: {fs} + K×{fv} + {MAX_OFFERS}×{F_OFFER})")
+        c = fs + K * fv
+        r, o = K * N_REP, MAX_OFFERS * N_OFF
+        return cls(obs[:, :fs], obs[:, fs:c].reshape(n, K, fv), obs[:, c:].reshape(n, MAX_OFFERS, F_OFFER),
+                   mask[:, :r].reshape(n, K, N_REP), mask[:, r:r + o].reshape(n, MAX_OFFERS, N_OFF),
+                   mask[:, r + o:].reshape(n, K, k + 1), np.zeros((n, MAX_OFFERS)))
+
+
+class Choice(NamedTuple):
+    """Discrete choices of N sites: replica [N, K] (0 remove, 1 keep, 2 add), offer [N, O]
+    (0 decline, 1 bid), overflow [N, K] (0 default, i the i-th nearest neighbour)."""
+
+    rep: np.ndarray
+    off: np.ndarray
+    ov: np.ndarray
+
+    def flat(self) -> np.ndarray:
+        return np.concatenate([self.rep, self.off, self.ov], axis=1).astype(np.int64)
+
+    @classmethod
+    def unflat(cls, choice: np.ndarray, K: int) -> Choice:
+        choice = np.atleast_2d(np.asarray(choice, np.int64))
+        return cls(choice[:, :K], choice[:, K:K + MAX_OFFERS], choice[:, K + MAX_OFFERS:K + MAX_OFFERS + K])
+
+    @classmethod
+    def keep(cls, n: int, K: int) -> Choice:
+        return cls(np.ones((n, K), np.int64), np.zeros((n, MAX_OFFERS), np.int64), np.zeros((n, K), np.int64))
+
+
+def _clip(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, -OBS_CLIP, OBS_CLIP)
 
 
 class Featurizer:
-    """Observations, masks and the centralised state of every site of a pool, from a `PoolView`.
+    """Observations, masks and the centralised state of the sites of a pool, from a `PoolView`.
 
-    Holds what is fixed for a pool (neighbour lists); `build(view)` is called once per tick."""
+    Holds what is fixed for a pool (neighbour lists); `build(view)` is called once per tick,
+    `build(view, rows=[s])` computes site s alone (the same values as row s of the whole build)."""
 
     def __init__(self, latency_s: np.ndarray, k: int = DEFAULT_NEIGHBOURS):
         self.k = k
@@ -142,323 +308,253 @@ class Featurizer:
         self.nbr_lat = np.where(valid, lat[np.arange(S)[:, None], nb], 0.1)  # [S, k] seconds
         self.nbr_valid = valid
         self._nb = nb
-        self.nvec = nvec(k)
-        self.obs_dim = obs_size(k)
-        self.mask_dim = mask_size(k)
+        self._columns: tuple | None = None
+        self._services: tuple | None = None
 
     # ------------------------------------------------------------------ observations and masks
-    def build(self, view: PoolView, elapsed: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(obs [S, obs_size], mask [S, mask_size] int8, state [state_size]) of the pool's sites."""
-        S, k, nb, valid = self.S, self.k, self._nb, self.nbr_valid
-        K = min(view.n_services, K_MAX)
-        up = view.site_up.astype(float)
-        total = view.total_gpus.sum(axis=1).astype(float)
-        free = view.free_gpus.sum(axis=1).astype(float)
-        obs = np.zeros((S, self.obs_dim))
-        mask = np.zeros((S, self.mask_dim), dtype=np.int8)
+    def build(self, view: PoolView, rows: np.ndarray | list[int] | None = None) -> Obs:
+        """Observations and masks of the sites `rows` (default: every site) of `view`."""
+        rows = np.arange(self.S) if rows is None else np.asarray(rows, np.int64)
+        site, m_live = self._site_block(view, rows)
+        svc, m_rep, m_ov, cover = self._service_block(self.services_of(view), view, rows, m_live)
+        offer, m_off, room = self._offer_block(view, rows, m_live)
+        return Obs(site, svc, offer, m_rep, m_off, m_ov, room, cover)
 
-        # --- site block
-        c = 0
-        obs[:, 0] = up
-        obs[:, 1] = free / np.maximum(total, 1)
-        obs[:, 2] = free / 32
-        obs[:, 3] = view.training_gpus / np.maximum(total, 1)
-        obs[:, 4] = view.population * S
-        obs[:, 5] = float(view.time_s < view.tick_s * 0.5)
-        nb_up = np.where(valid, up[nb], 0.0)
-        obs[:, 6] = np.where(valid, 1 - nb_up, 0).sum(axis=1) / max(k, 1)
-        obs[:, 7] = self.nbr_lat.mean(axis=1) / 0.02
-        obs[:, 8] = total / 64
-        c = F_SITE
+    def services_of(self, view: PoolView) -> Services:
+        """`Services.of(view)`, kept for the last view."""
+        if self._services is None or self._services[0] is not view:
+            self._services = (view, Services.of(view))
+        return self._services[1]
 
-        # --- service block
-        spare_nb = np.zeros((S, k, K_MAX))
-        m_add = np.zeros((S, K_MAX), dtype=bool)
-        m_rem = np.zeros((S, K_MAX), dtype=bool)
-        m_svc = np.zeros((S, K_MAX), dtype=bool)
-        for j in range(K):
-            if view.services[j].active:
-                spare_nb[:, :, j], m_add[:, j], m_rem[:, j] = self._service_block(
-                    ServiceColumn.of(view, j), view.free_gpus, obs[:, c:c + F_SVC])
-                m_svc[:, j] = True
-            c += F_SVC
-        c = F_SITE + K_MAX * F_SVC
-
-        # --- offer block
-        room_o = _shard_room(view)
-        m_acc = np.zeros((S, MAX_OFFERS), dtype=bool)
-        for o_i, off in enumerate(view.offers[:MAX_OFFERS]):
-            need = max(off.n_shards, 1)
-            o = obs[:, c + o_i * F_OFFER: c + (o_i + 1) * F_OFFER]
-            o[:, 0] = 1.0
-            o[:, 1] = off.n_shards * off.shard_gpus / 64
-            o[:, 2] = room_o[:, o_i] / need
-            o[:, 3] = room_o[:, o_i] >= need
-            o[:, 4] = np.where(valid, room_o[nb, o_i], 0).sum(axis=1) / need
-            o[:, 5] = off.waiting_s / 600
-            m_acc[:, o_i] = room_o[:, o_i] >= 1
-        c += MAX_OFFERS * F_OFFER
-
-        # --- neighbour block
-        blk = obs[:, c:].reshape(S, k, 2 + K_MAX)
-        blk[:, :, 0] = self.nbr_lat / 0.02
-        blk[:, :, 1] = nb_up
-        blk[:, :, 2:] = spare_nb
-        np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
-
-        # --- masks (a down site keeps only the no-op choices)
-        live = view.site_up[:, None]
-        m_add &= live
-        m_rem &= live
-        m_acc &= live
-        mask3 = np.stack([m_rem, np.ones_like(m_rem), m_add], axis=2).reshape(S, 3 * K_MAX)
-        acc2 = np.stack([np.ones_like(m_acc), m_acc], axis=2).reshape(S, 2 * MAX_OFFERS)
-        ov_nb = (nb_up > 0) & valid  # [S, k]
-        ov = np.concatenate([np.ones((S, K_MAX, 1), dtype=bool),
-                             (ov_nb[:, None, :] & m_svc[:, :, None] & live[:, :, None])], axis=2)
-        mask[:, : 3 * K_MAX] = mask3
-        mask[:, 3 * K_MAX: 3 * K_MAX + 2 * MAX_OFFERS] = acc2
-        mask[:, 3 * K_MAX + 2 * MAX_OFFERS:] = ov.reshape(S, K_MAX * (k + 1))
-        self._room_o = room_o
-        state = self.pooled_state(obs, elapsed)
-        return obs.astype(np.float32), mask, state
-
-    def _service_block(self, col: ServiceColumn, free_gpus: np.ndarray,
-                       o: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Write the block of service `col` of every site into `o` [S, F_SVC] (float64, not yet
-        clipped); return its neighbour spare capacity [S, k] and the add / remove masks [S] (before
-        liveness). `free_gpus` [S, G]: the view's free GPUs."""
-        nb, valid, k = self._nb, self.nbr_valid, self.k
-        svc = col.info
-        unit = max(float(svc.mu.max()) if len(svc.mu) else 0.0, 1e-9)
-        dem = col.demand_rps / unit
-        cap = col.capacity_rps / unit
-        reps = col.replicas.astype(float)
-        room = svc.replica_room(free_gpus) / unit
-        pool_dem, pool_cap = dem.sum(), cap.sum()
-        pool_reps = float(reps.sum())
-        nd = np.where(valid, dem[nb], 0.0)
-        ncap = np.where(valid, cap[nb], 0.0)
-        # each feature written in place (out=): the same values as `o[:, f] = ...`, fewer temporaries
-        o[:, 0] = 1.0
-        np.divide(reps, 8, out=o[:, 1])
-        np.divide(col.ready, 8, out=o[:, 2])
-        np.divide(dem, 4, out=o[:, 3])
-        np.divide(cap, 4, out=o[:, 4])
-        np.minimum(col.load, 3.0, out=o[:, 5])
-        uncovered = dem / TARGET_UTIL
-        np.subtract(uncovered, cap, out=uncovered)
-        np.divide(uncovered, 4, out=o[:, 6])
-        o[:, 7] = room
-        o[:, 8] = col.slo_recent
-        o[:, 9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
-        o[:, 10] = pool_reps / max(svc.max_replicas, 1)
-        o[:, 11] = float(pool_reps <= svc.min_replicas)
-        np.divide(nd.sum(axis=1), 4, out=o[:, 12])
-        np.divide(ncap.sum(axis=1), 4, out=o[:, 13])
-        # means over the k neighbour slots as sum / k (what ndarray.mean computes, without its overhead)
-        np.divide((valid & (room[nb] > 0)).sum(axis=1), k, out=o[:, 14])
-        np.divide(np.where(valid, np.minimum(col.load[nb], 3.0), 0).sum(axis=1), k, out=o[:, 15])
-        np.divide(cap, max(pool_cap, 1e-6), out=o[:, 16])
-        np.divide(dem, max(pool_dem, 1e-6), out=o[:, 17])
-        spare = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
-        add = (room > 0) & (pool_reps < svc.max_replicas)
-        rem = (reps > 0) & (pool_reps > svc.min_replicas)
-        return spare, add, rem
-
-    def extend(self, obs: np.ndarray, mask: np.ndarray, view: PoolView, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """(obs, mask) of `view` from those `build` gave for the same view without its service j —
-        service j was an empty (padded) slot there, every other input the same. Equal to
-        `build(view)[:2]` (test), at the cost of one service block: a live agent builds its view of
-        the pool once and adds each offered service to it (`agents.marl_site`, through
-        `with_service`, the same without building the view that has service j)."""
-        if not j < min(view.n_services, K_MAX):
-            raise ValueError(f"service {j} is not an active service of the view")
-        return self.with_service(obs, mask, view.site_up, view.free_gpus, j, ServiceColumn.of(view, j))
-
-    def with_service(self, obs: np.ndarray, mask: np.ndarray, site_up: np.ndarray, free_gpus: np.ndarray,
-                     j: int, col: ServiceColumn) -> tuple[np.ndarray, np.ndarray]:
-        """(obs, mask) that `build` gives for a view with service `col` in slot j, from those it
-        gave for the same view with slot j empty (padded, or past its last service); `site_up` [S]
-        and `free_gpus` [S, G] are that view's (new copies; `obs` and `mask` are not changed)."""
-        S, k = self.S, self.k
-        if not 0 <= j < K_MAX or not col.info.active:
-            raise ValueError(f"service {j} is not an active service of the view")
-        block = np.empty((S, F_SVC))  # every feature of the block is written
-        spare, add, rem = self._service_block(col, free_gpus, block)
-        obs = obs.copy()
-        mask = mask.copy()
-        c = F_SITE + j * F_SVC
-        # clipped as `build` clips (np.clip is min(max(x, lo), hi)), then to obs's float32
-        obs[:, c:c + F_SVC] = np.minimum(np.maximum(block, -OBS_CLIP, out=block), OBS_CLIP, out=block)
-        blk = obs[:, F_SITE + K_MAX * F_SVC + MAX_OFFERS * F_OFFER:].reshape(S, k, 2 + K_MAX)
-        blk[:, :, 2 + j] = np.minimum(np.maximum(spare, -OBS_CLIP, out=spare), OBS_CLIP, out=spare)
-        live = site_up
-        mask[:, 3 * j] = rem & live
-        mask[:, 3 * j + 2] = add & live
-        ov = 3 * K_MAX + 2 * MAX_OFFERS + j * (k + 1)
-        nb_up = np.where(self.nbr_valid, live[self._nb], False)
-        mask[:, ov + 1: ov + 1 + k] = nb_up & live[:, None]
-        return obs, mask
-
-    def build_site(self, view: PoolView, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(obs [obs_size] float32, mask [mask_size] int8, shard room [MAX_OFFERS]) of site `s`
-        alone: the same values as row `s` of `build`, computed from the site and its neighbours
-        only (pool-wide sums aside) — the live site agent's path, a few times cheaper than `build`."""
-        k, nb, valid = self.k, self._nb[s], self.nbr_valid[s]
-        S = self.S
-        K = min(view.n_services, K_MAX)
+    def _site_block(self, view: PoolView, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = self.k
+        pool = view.pool_stats()
+        nb, valid = self._nb[rows], self.nbr_valid[rows]
         up = view.site_up
-        live = bool(up[s])
-        obs = np.zeros(self.obs_dim)
-        mask = np.zeros(self.mask_dim, dtype=np.int8)
-        total = float(view.total_gpus[s].sum())
-        free = float(view.free_gpus[s].sum())
-        obs[0] = float(live)
-        obs[1] = free / max(total, 1)
-        obs[2] = free / 32
-        obs[3] = view.training_gpus[s] / max(total, 1)
-        obs[4] = view.population[s] * S
-        obs[5] = float(view.time_s < view.tick_s * 0.5)
-        nb_up = np.where(valid, up[nb], 0.0)
-        obs[6] = np.where(valid, 1 - nb_up, 0).sum() / max(k, 1)
-        obs[7] = self.nbr_lat[s].sum() / k / 0.02
-        obs[8] = total / 64
-        idx = np.concatenate([[s], nb])
-        free_sub = view.free_gpus[idx]
-        best = view.best_mu()
-        spare_nb = np.zeros((k, K_MAX))
-        c = F_SITE
-        mask[1:3 * K_MAX:3] = 1
-        for j in range(K):
-            svc = view.services[j]
-            if not svc.active:
-                c += F_SVC
-                continue
-            unit = max(best[j], 1e-9)
-            dem = view.demand_rps[:, j] / unit
-            cap = view.capacity_rps[:, j] / unit
-            reps_s = float(view.replicas[s, j])
-            room = svc.replica_room(free_sub) / unit  # [1 + k]
-            pool_dem, pool_cap = dem.sum(), cap.sum()
-            pool_reps = float(view.replicas[:, j].sum())
-            nd = np.where(valid, dem[nb], 0.0)
-            ncap = np.where(valid, cap[nb], 0.0)
-            o = obs[c:c + F_SVC]
-            o[0] = 1.0
-            o[1] = reps_s / 8
-            o[2] = view.ready[s, j] / 8
-            o[3] = dem[s] / 4
-            o[4] = cap[s] / 4
-            o[5] = min(view.load[s, j], 3.0)
-            o[6] = (dem[s] / TARGET_UTIL - cap[s]) / 4
-            o[7] = room[0]
-            o[8] = view.slo_recent[j]
-            o[9] = min(pool_dem / TARGET_UTIL / max(pool_cap, 1e-6), 4.0) if pool_dem > 0 else 0.0
-            o[10] = pool_reps / max(svc.max_replicas, 1)
-            o[11] = float(pool_reps <= svc.min_replicas)
-            o[12] = nd.sum() / 4
-            o[13] = ncap.sum() / 4
-            o[14] = np.where(valid, room[1:] > 0, 0).sum() / k
-            o[15] = np.where(valid, np.minimum(view.load[nb, j], 3.0), 0).sum() / k
-            o[16] = cap[s] / max(pool_cap, 1e-6)
-            o[17] = dem[s] / max(pool_dem, 1e-6)
-            spare_nb[:, j] = np.where(valid, (ncap * 0.8 - nd) / 4, 0.0)
-            mask[3 * j] = live and reps_s > 0 and pool_reps > svc.min_replicas
-            mask[3 * j + 2] = live and room[0] > 0 and pool_reps < svc.max_replicas
-            ov = 3 * K_MAX + 2 * MAX_OFFERS + j * (k + 1)
-            mask[ov + 1: ov + 1 + k] = (nb_up > 0) & valid & live
-            c += F_SVC
-        c = F_SITE + K_MAX * F_SVC
-        room_o = np.zeros((1 + k, MAX_OFFERS))
-        for o_i, off in enumerate(view.offers[:MAX_OFFERS]):
-            room_o[:, o_i] = np.where(off.fits[None, :], free_sub // max(off.shard_gpus, 1), 0).max(axis=1)
-            need = max(off.n_shards, 1)
-            o = obs[c + o_i * F_OFFER: c + (o_i + 1) * F_OFFER]
-            o[0] = 1.0
-            o[1] = off.n_shards * off.shard_gpus / 64
-            o[2] = room_o[0, o_i] / need
-            o[3] = room_o[0, o_i] >= need
-            o[4] = np.where(valid, room_o[1:, o_i], 0).sum() / need
-            o[5] = off.waiting_s / 600
-            mask[3 * K_MAX + 2 * o_i + 1] = live and room_o[0, o_i] >= 1
-        c += MAX_OFFERS * F_OFFER
-        mask[3 * K_MAX: 3 * K_MAX + 2 * MAX_OFFERS: 2] = 1
-        mask[3 * K_MAX + 2 * MAX_OFFERS:: k + 1] = 1
-        blk = obs[c:].reshape(k, 2 + K_MAX)
-        blk[:, 0] = self.nbr_lat[s] / 0.02
-        blk[:, 1] = nb_up
-        blk[:, 2:] = spare_nb
-        np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
-        return obs.astype(np.float32), mask, room_o[0]
+        live = up[rows].astype(bool)
+        total = view.total_gpus[rows].sum(axis=1).astype(float)
+        free = view.free_gpus[rows].sum(axis=1).astype(float)
+        big = _big_types(tuple(view.gpu_types))
+        o = np.zeros((len(rows), f_site(k)))
+        o[:, 0] = live
+        o[:, 1] = free / np.maximum(total, 1)
+        o[:, 2] = view.training_gpus[rows] / np.maximum(total, 1)
+        o[:, 3] = np.log1p(view.population[rows] * pool.n_sites)
+        o[:, 4] = float(view.time_s < view.tick_s * 0.5)
+        nb_up = np.where(valid, up[nb], False)
+        o[:, 5] = (valid & ~nb_up).sum(axis=1) / max(k, 1)
+        o[:, 6] = self.nbr_lat[rows].sum(axis=1) / max(k, 1) / 0.02
+        o[:, 7] = total / max(pool.site_gpus_max, 1)
+        o[:, 8] = view.replicas[rows].sum(axis=1) / max(pool.site_replicas_max, 1) if view.n_services else 0.0
+        o[:, 9] = pool.gpus_free / max(pool.gpus_total, 1)
+        o[:, 10] = pool.gpus_training / max(pool.gpus_total, 1)
+        o[:, 11] = min(pool.pending_gpus / max(pool.gpus_free, 1), 4.0)
+        o[:, 12] = math.log1p(pool.pending_jobs) / 3
+        o[:, 13] = math.log(max(pool.n_sites, 1)) / math.log(300)
+        o[:, 14] = view.free_gpus[rows][:, big].sum(axis=1) / np.maximum(free, 1)
+        o[:, 15] = view.total_gpus[rows][:, big].sum(axis=1) / np.maximum(total, 1)
+        o[:, 16] = o[:, 1] * live / max(pool.site_free_share_max, 1e-6)  # 1: the site least-loaded picks
+        nbk = o[:, F_SITE_BASE:].reshape(len(rows), k, 2)
+        nbk[:, :, 0] = self.nbr_lat[rows] / 0.02
+        nbk[:, :, 1] = nb_up
+        return _clip(o).astype(np.float32), live
 
-    def site_action(self, view: PoolView, s: int, choice: np.ndarray,
-                    room: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One site's choice [n_heads] as (replica_delta [K], accept [O], overflow [K]) — row `s`
-        of `to_actions`; `room` is the site's shard room from `build_site`."""
-        K, Km = view.n_services, min(view.n_services, K_MAX)
-        live = bool(view.site_up[s])
-        delta = np.zeros(K, np.int64)
-        if live:
-            delta[:Km] = choice[:Km] - 1
-        accept = np.zeros(len(view.offers))
-        for o, off in enumerate(view.offers[:MAX_OFFERS]):
-            need = max(off.n_shards, 1)
-            r = room[o]
-            if choice[K_MAX + o] == 1 and live and r >= 1:
-                accept[o] = 1000.0 - (r - need) if r >= need else r
-        overflow = np.full(K, -1, np.int64)
-        for j in range(Km):
-            c = int(choice[K_MAX + MAX_OFFERS + j])
-            if c > 0 and self.nbr_valid[s, c - 1]:
-                overflow[j] = self._nb[s, c - 1]
-        return delta, accept, overflow
+    def _service_block(self, sv: Services, view: PoolView, rows: np.ndarray,
+                       live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(blocks [N, K, f_svc] float32, replica masks [N, K, 4], overflow masks [N, K, k+1], cover
+        counts [N, K]) of the services `sv` at the sites `rows` (every service at once)."""
+        k = self.k
+        n, K = len(rows), len(sv.active)
+        nb, valid = self._nb[rows], self.nbr_valid[rows]
+        pool = view.pool_stats()
+        unit, dem_all, cap_all, pool_dem, pool_cap, pool_reps = self._pool_columns(sv)
+        reps = sv.replicas[rows].astype(float)  # [n, K]
+        dem, cap = dem_all[rows], cap_all[rows]
+        # capacity one more replica adds, at each row and at its neighbours: [n(1 + k), K]
+        free = view.free_gpus[np.concatenate([rows, nb.ravel()])].astype(float)  # [m, G]
+        fit = (sv.tp[None] > 0) & (free[:, None, :] >= sv.tp[None])  # [m, K, G]
+        room_all = np.where(fit, sv.mu[None], 0.0).max(axis=2, initial=0.0) / unit
+        room, room_nb = room_all[:n], room_all[n:].reshape(n, k, K)
+        # "cover": the replicas (of the best type with room here) that would cover the pool's demand
+        # at the target utilisation, at most what fits here and what max_replicas leaves
+        fits_n = np.where(sv.tp[None] > 0, free[:n, None, :] // np.maximum(sv.tp[None], 1), 0).sum(axis=2)  # [n, K]
+        deficit = np.maximum(pool_dem / TARGET_UTIL - pool_cap, 0.0)  # [K] in units
+        cover = np.ceil(deficit[None, :] / np.maximum(room, 1e-9))
+        cover = np.minimum(np.minimum(cover, fits_n), np.maximum(sv.max_replicas - pool_reps, 0)[None, :])
+        cover = np.where(room > 0, np.minimum(cover, COVER_MAX), 0).astype(np.int64)
+        nd = np.where(valid[:, :, None], dem_all[nb], 0.0)  # [n, k, K]
+        ncap = np.where(valid[:, :, None], cap_all[nb], 0.0)
+        o = np.zeros((n, K, f_svc(k)))
+        o[:, :, 0] = 1.0
+        o[:, :, 1] = reps / 4
+        o[:, :, 2] = reps > 0
+        o[:, :, 3] = np.where(reps > 0, sv.ready[rows] / np.maximum(reps, 1), 1.0)
+        o[:, :, 4] = dem / 4
+        o[:, :, 5] = cap / 4
+        o[:, :, 6] = np.minimum(sv.load[rows], 3.0)
+        o[:, :, 7] = (dem / TARGET_UTIL - cap) / 4
+        o[:, :, 8] = room
+        o[:, :, 9] = sv.slo_recent
+        o[:, :, 10] = np.where(pool_dem > 0, np.minimum(pool_dem / TARGET_UTIL / np.maximum(pool_cap, 1e-6), 4.0), 0.0)
+        o[:, :, 11] = pool_reps / np.maximum(sv.max_replicas, 1)
+        o[:, :, 12] = pool_reps <= sv.min_replicas
+        o[:, :, 13] = pool_reps >= sv.max_replicas
+        o[:, :, 14] = nd.sum(axis=1) / 4
+        o[:, :, 15] = ncap.sum(axis=1) / 4
+        o[:, :, 16] = (valid[:, :, None] & (room_nb > 0)).sum(axis=1) / max(k, 1)
+        o[:, :, 17] = np.where(valid[:, :, None], np.minimum(sv.load[nb], 3.0), 0).sum(axis=1) / max(k, 1)
+        o[:, :, 18] = cap / np.maximum(pool_cap, 1e-6) * max(pool.n_up, 1)
+        o[:, :, 19] = dem / np.maximum(pool_dem, 1e-6) * max(pool.n_sites, 1)
+        o[:, :, 20] = reps / np.maximum(sv.replicas_max, 1)
+        o[:, :, 21] = sv.sites / max(pool.n_up, 1)
+        best = sv.mu.argmax(axis=1) if sv.mu.shape[1] else np.zeros(K, np.int64)
+        o[:, :, 22] = (np.take_along_axis(sv.tp, best[:, None], axis=1)[:, 0] if sv.mu.shape[1] else 0.0) / 8
+        o[:, :, 23] = np.where(unit > 1e-9, np.log10(unit) / 2, 0.0)
+        o[:, :, 24] = cover / 8
+        uncovered = np.maximum(dem / TARGET_UTIL - cap, 0.0) * unit  # rps
+        o[:, :, 25] = uncovered / np.maximum(sv.uncovered_max, 1e-9)  # 1: where the demand is least covered
+        o[:, :, 26] = sv.focus_latency[rows] / 0.02
+        o[:, :, 27] = sv.focus_nearest[rows]  # the site a latency-aware rule adds to
+        o[:, :, F_SVC_BASE:] = np.where(valid[:, :, None], (ncap * 0.8 - nd) / 4, 0.0).transpose(0, 2, 1)
+        act = sv.active[None, :]
+        o *= act[:, :, None]
+        m_rep = np.zeros((n, K, N_REP), np.int8)
+        m_rep[:, :, 1] = 1
+        ok = live[:, None] & act
+        m_rep[:, :, 0] = ok & (reps > 0) & (pool_reps > sv.min_replicas)
+        m_rep[:, :, 2] = ok & (room > 0) & (pool_reps < sv.max_replicas)
+        m_rep[:, :, 3] = m_rep[:, :, 2] & (cover >= 2)
+        m_ov = np.zeros((n, K, k + 1), np.int8)
+        m_ov[:, :, 0] = 1
+        nb_up = np.where(valid, view.site_up[nb], False)  # [n, k]
+        m_ov[:, :, 1:] = nb_up[:, None, :] & ok[:, :, None]
+        return _clip(o).astype(np.float32), m_rep, m_ov, cover * act
 
-    def pooled_state(self, obs: np.ndarray, elapsed: float) -> np.ndarray:
-        """The critic's size-independent view of the pool: mean and max over sites, elapsed, S."""
-        return np.concatenate([obs.mean(axis=0), obs.max(axis=0), [elapsed, self.S / 64]]).astype(np.float32)
+    def _pool_columns(self, sv: Services) -> tuple:
+        """Pool-wide figures of the services (unit [K], demand and capacity in units [S, K], their
+        sums and the replica counts [K]), kept for the last `Services` (many sites of one view)."""
+        cached = self._columns
+        if cached is not None and cached[0] is sv.demand_rps and cached[1] is sv.capacity_rps \
+                and cached[2] is sv.replicas and cached[3] is sv.mu:
+            return cached[4]
+        unit = np.maximum(sv.mu.max(axis=1, initial=0.0), 1e-9)
+        dem_all = sv.demand_rps / unit
+        cap_all = sv.capacity_rps / unit
+        out = (unit, dem_all, cap_all, dem_all.sum(axis=0), cap_all.sum(axis=0), sv.replicas.sum(axis=0).astype(float))
+        self._columns = (sv.demand_rps, sv.capacity_rps, sv.replicas, sv.mu, out)
+        return out
+
+    def _offer_block(self, view: PoolView, rows: np.ndarray, live: np.ndarray):
+        k = self.k
+        n = len(rows)
+        offer = np.zeros((n, MAX_OFFERS, F_OFFER))
+        m_off = np.zeros((n, MAX_OFFERS, N_OFF), np.int8)
+        m_off[:, :, 0] = 1
+        room = np.zeros((n, MAX_OFFERS))
+        offers = view.offers[:MAX_OFFERS]
+        if not offers:
+            return offer.astype(np.float32), m_off, room
+        n_off = len(offers)
+        nb, valid = self._nb[rows], self.nbr_valid[rows]
+        pool = view.pool_stats()
+        total = np.maximum(view.total_gpus[rows].sum(axis=1).astype(float), 1)[:, None]  # [n, 1]
+        free = view.free_gpus[np.concatenate([rows, nb.ravel()])]  # [m, G]
+        fits = np.array([off.fits for off in offers], bool)  # [n_off, G]
+        shard = np.array([max(off.shard_gpus, 1) for off in offers])
+        need = np.array([max(off.n_shards, 1) for off in offers], float)
+        asked = np.array([off.n_shards * off.shard_gpus for off in offers], float)
+        per = np.where(fits[None], free[:, None, :] // shard[None, :, None], 0).max(axis=2)  # [m, n_off]
+        mine, theirs = per[:n], per[n:].reshape(n, k, n_off)
+        o = offer[:, :n_off]
+        o[:, :, 0] = 1.0
+        o[:, :, 1] = asked / total
+        o[:, :, 2] = mine / need
+        whole = mine >= need
+        o[:, :, 3] = whole
+        o[:, :, 4] = np.where(valid[:, :, None], theirs, 0).sum(axis=1) / need
+        o[:, :, 5] = np.array([off.waiting_s for off in offers]) / 600
+        o[:, :, 6] = np.where(whole, (mine - need) * shard / total, 0.0)
+        o[:, :, 7] = np.minimum(asked / max(pool.gpus_free, 1), 4.0)
+        room[:, :n_off] = mine
+        m_off[:, :n_off, 1] = live[:, None] & (mine >= 1)
+        return _clip(offer).astype(np.float32), m_off, room
+
+    def with_service(self, obs: Obs, view: PoolView, rows: np.ndarray | list[int], col: ServiceColumn) -> Obs:
+        """`obs` (of the sites `rows` of `view`) with one more service, `col`, after its services:
+        what `build` gives for `view` with that service added (test), at the cost of one service
+        block — a live agent keeps the observation of its view and adds each offered service."""
+        rows = np.asarray(rows, np.int64)
+        if not col.info.active:
+            raise ValueError(f"service {col.info.name!r} is not active")
+        live = view.site_up[rows].astype(bool)
+        out, m_rep, m_ov, cover = self._service_block(Services.of_column(col, view), view, rows, live)
+        return Obs(obs.site, np.concatenate([obs.svc, out], axis=1), obs.offer,
+                   np.concatenate([obs.m_rep, m_rep], axis=1), obs.m_off,
+                   np.concatenate([obs.m_ov, m_ov], axis=1), obs.room,
+                   None if obs.cover is None else np.concatenate([obs.cover, cover], axis=1))
+
+    # ------------------------------------------------------------------ the critic's input
+    def pooled_state(self, obs: Obs, elapsed: float) -> np.ndarray:
+        """The critic's size-independent view of the pool: mean and max over sites of the site
+        blocks and over (site, service) pairs of the service blocks, elapsed share, log S."""
+        svc = obs.svc.reshape(-1, obs.svc.shape[2]) if obs.K else np.zeros((1, f_svc(self.k)), np.float32)
+        return np.concatenate([obs.site.mean(axis=0), obs.site.max(axis=0), svc.mean(axis=0), svc.max(axis=0),
+                               [elapsed, math.log(max(self.S, 1)) / math.log(300)]]).astype(np.float32)
 
     # ------------------------------------------------------------------ actions
-    def to_actions(self, view: PoolView, choice: np.ndarray) -> Actions:
-        """Turn the sites' discrete choices [S, n_heads] into the twin's `Actions`."""
-        S, K = self.S, view.n_services
-        choice = np.asarray(choice, dtype=np.int64).reshape(S, len(self.nvec))
-        Km = min(K, K_MAX)
-        delta = np.zeros((S, K), np.int64)
-        delta[:, :Km] = choice[:, :Km] - 1
-        delta[~view.site_up] = 0
-        n_off = len(view.offers)
-        accept = np.zeros((S, n_off))
-        room = getattr(self, "_room_o", None)
-        if room is None or room.shape[0] != S:
-            room = _shard_room(view)
-        for o, off in enumerate(view.offers[:MAX_OFFERS]):
-            need = max(off.n_shards, 1)
-            r = room[:, o]
+    def row_actions(self, view: PoolView, choice: Choice, obs: Obs,
+                    rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(replica delta [n, K], bids [n, offers], overflow target [n, K] (site index or −1)) of
+        the choices of the sites `rows`; `obs` is their observation (its `room` sets the bids)."""
+        K = view.n_services
+        live = view.site_up[rows]
+        rep = np.asarray(choice.rep)
+        cover = np.full(rep.shape, 2) if obs.cover is None else obs.cover
+        delta = np.where(live[:, None], np.where(rep == 3, cover, rep - 1), 0)
+        accept = np.zeros((len(rows), len(view.offers)))
+        for o in range(min(len(view.offers), MAX_OFFERS)):
+            need = max(view.offers[o].n_shards, 1)
+            r = obs.room[:, o]
             strength = np.where(r >= need, 1000.0 - (r - need), r)
-            accept[:, o] = np.where((choice[:, K_MAX + o] == 1) & view.site_up & (r >= 1), strength, 0.0)
-        ov_choice = choice[:, K_MAX + MAX_OFFERS: K_MAX + MAX_OFFERS + Km]
+            accept[:, o] = np.where((np.asarray(choice.off)[:, o] == 1) & live & (r >= 1), strength, 0.0)
+        if not K:
+            return delta, accept, np.zeros((len(rows), 0), np.int64)
+        ov = np.asarray(choice.ov)
+        slot = np.maximum(ov - 1, 0)
+        r = np.arange(len(rows))[:, None]
+        nb, valid = self._nb[rows][r, slot], self.nbr_valid[rows][r, slot]
+        return delta, accept, np.where((ov > 0) & valid, nb, -1)
+
+    def to_actions(self, view: PoolView, choice: Choice, obs: Obs, rows: np.ndarray | None = None) -> Actions:
+        """The twin's `Actions` of the choices of the sites `rows` (default: all; the other sites
+        keep everything); `obs` is their observation (its `room` sets the bid strengths)."""
+        S, K = self.S, view.n_services
+        rows = np.arange(S) if rows is None else np.asarray(rows, np.int64)
+        d, a, ov = self.row_actions(view, choice, obs, rows)
+        delta = np.zeros((S, K), np.int64)
+        accept = np.zeros((S, len(view.offers)))
         overflow = np.full((S, K), -1, np.int64)
-        tgt = np.take_along_axis(self._nb, np.maximum(ov_choice - 1, 0), axis=1)
-        ok = (ov_choice > 0) & np.take_along_axis(self.nbr_valid, np.maximum(ov_choice - 1, 0), axis=1)
-        overflow[:, :Km] = np.where(ok, tgt, -1)
+        delta[rows], accept[rows], overflow[rows] = d, a, ov
         return Actions(delta, accept, overflow)
 
-    def from_actions(self, view: PoolView, actions: Actions) -> np.ndarray:
-        """The per-site choices [S, n_heads] closest to a (centralised) policy's `Actions`: replica
-        deltas clipped to ±1, a positive bid as "bid", an overflow target as its neighbour slot
-        (0 when it is not among the k nearest). Used to imitate the baselines."""
+    def from_actions(self, view: PoolView, actions: Actions, obs: Obs | None = None) -> Choice:
+        """The per-site choices closest to a (centralised) policy's `Actions`: a replica delta of
+        −1/0/+1 as remove/keep/add, of 2 or more as "cover" where that choice is allowed (`obs`'s
+        masks) and adds 2 or more, else as add; a positive bid as "bid", an overflow target as its
+        neighbour slot (0 when it is not among the k nearest). Used to imitate the teachers."""
         S, K = self.S, view.n_services
-        Km = min(K, K_MAX)
-        out = np.zeros((S, len(self.nvec)), np.int64)
-        out[:, :K_MAX] = 1
-        out[:, :Km] = np.clip(np.asarray(actions.replica_delta)[:, :Km], -1, 1) + 1
+        d = np.asarray(actions.replica_delta, np.int64).reshape(S, K)
+        rep = np.clip(d, -1, 1) + 1
+        if obs is not None and K:
+            rep = np.where((d >= 2) & (obs.m_rep[:, :, 3] > 0), 3, rep)
+        off = np.zeros((S, MAX_OFFERS), np.int64)
         if actions.accept is not None and len(view.offers):
             acc = np.asarray(actions.accept)
             n = min(acc.shape[1], MAX_OFFERS)
-            out[:, K_MAX:K_MAX + n] = (acc[:, :n] > 0).astype(np.int64)
-        if actions.overflow is not None:
-            ov = np.asarray(actions.overflow)[:, :Km]
-            hit = (self._nb[:, None, :] == ov[:, :, None]) & self.nbr_valid[:, None, :]  # [S, Km, k]
-            out[:, K_MAX + MAX_OFFERS: K_MAX + MAX_OFFERS + Km] = np.where(hit.any(axis=2), hit.argmax(axis=2) + 1, 0)
-        return out
+            off[:, :n] = acc[:, :n] > 0
+        ov = np.zeros((S, K), np.int64)
+        if actions.overflow is not None and K:
+            tgt = np.asarray(actions.overflow).reshape(S, K)
+            hit = (self._nb[:, None, :] == tgt[:, :, None]) & self.nbr_valid[:, None, :]  # [S, K, k]
+            ov = np.where(hit.any(axis=2), hit.argmax(axis=2) + 1, 0)
+        return Choice(rep, off, ov)

@@ -1,20 +1,27 @@
 """MAPPO for the CNC pool's site agents, in one readable file (CleanRL style).
 
-One actor shared by every site (parameter sharing: the site's own features tell it apart), a
-centralised critic that sees the site's observation plus the pooled state of the whole pool, GAE,
-masked categorical heads (`agents.features`). Training runs in two phases:
+One actor shared by every site (parameter sharing: the site's own features tell it apart) with one
+sub-network shared by every (site, service) pair and one by every (site, offer) pair
+(`agents.runtime` documents the network), a centralised critic that sees the site's observation
+plus the pooled state of the whole pool, GAE, masked categorical heads (`agents.features`).
+Training runs in two phases:
 
-1. warm start (behaviour cloning with DAgger): a baseline of `cncbrain.policies` (the teacher)
-   decides for the whole pool; each site learns to predict the teacher's decision for it from its
-   own observation. The first round follows the teacher, later rounds follow the student and ask
-   the teacher what it would have done. The critic learns the returns of those episodes.
+1. warm start (behaviour cloning with DAgger): teachers (`agents.teachers`, or any baseline)
+   decide for the whole pool; each site learns to predict the decision for it from its own
+   observation. With several teachers (`--teacher pack,ray-serve`) every training scenario is
+   labelled by the one that scores best on it (each is played once on the scenario), so the
+   student learns which rule fits which pool from what a site can observe. The first round follows
+   the teachers, later rounds follow the student and ask the teacher what it would have done. The
+   critic learns the returns of those episodes.
 2. MAPPO fine-tuning on the team reward (the change of the score), from the warm start.
 
 collect → compute returns → train → save, then repeat. `cncbrain train` is the command line;
 `train(args, on_update)` is the API (used by tests and `benchmarks/train_device.py`).
 
-Seeds: training episodes use twin seeds 10000 + 1000·seed + i, model selection uses
-`val_seeds`; neither overlaps the seeds `cncbrain eval` reports (0…99 by default).
+Scenarios: names, YAML paths or a suite (`suite:NAME`, `cncbrain.suites`), comma-separated; env
+copies cycle through them (each reset takes the next scenario). Seeds: training episodes use twin
+seeds 10000 + 1000·seed + i, model selection uses `val_seeds` on the validation scenarios;
+neither overlaps the seeds `cncbrain eval` reports (0…99 by default).
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ import torch
 import torch.nn as nn
 
 from agents.cnc_pool_v0 import CncPoolEnv
-from agents.features import obs_size, state_size
+from agents.features import F_OFFER, MAX_OFFERS, N_OFF, N_REP, Choice, Obs, f_site, f_svc, state_size
 from agents.runtime import export_npz
 from agents.teachers import make_teacher
+from cncbrain.scenario import Scenario, load_scenario
 
 
 @dataclass
 class Args:
     scenarios: str = "abilene"
-    """Comma-separated scenario names or YAML paths; the env copies are spread over them."""
+    """Comma-separated scenario names, YAML paths or `suite:NAME`; the env copies cycle through them."""
+    val_scenarios: str = ""
+    """Scenarios of the greedy validation that picks the best policy ('' = the training scenarios)."""
     total_steps: int = 100_000
     """MAPPO budget in environment ticks, summed over env copies (a tick = one decision of every site)."""
     seed: int = 1
@@ -56,7 +66,7 @@ class Args:
     neighbours: int = 3
     """k: neighbours an agent sees and can send overflow to."""
     hidden: int = 64
-    """Width of the two hidden layers of actor and critic."""
+    """Width of the hidden layers of actor and critic."""
     learning_rate: float = 3e-4
     """Adam step size of the MAPPO phase."""
     anneal_lr: bool = True
@@ -78,36 +88,75 @@ class Args:
     max_grad_norm: float = 0.5
     """Gradient clipping."""
     target_kl: float = 0.03
-    """Stop an update's epochs early when the approximate KL passes this (None-like: 0 disables)."""
+    """Stop an update's epochs early when the approximate KL passes this (0 disables)."""
     reward_scale: float = 10.0
     """Team reward = reward_scale × Δscore."""
+    credit: float = 0.0
+    """Credit assignment: a site's reward is (1 − credit) × the team reward + credit × S × its own
+    share of it (`CncPoolEnv(reward="site")`: the requests it served, the training its shards did,
+    the cost of its GPUs; the shares sum to the team reward). 0: the team reward alone."""
     teacher: str = "pack"
-    """Policy imitated in the warm start: a teacher of `agents.teachers` (default `pack`) or any
-    baseline name ('' skips the warm start)."""
+    """Policies imitated in the warm start, comma-separated: teachers of `agents.teachers` or
+    baselines; with several, each training scenario is labelled by the one that scores best on it
+    ('' skips the warm start)."""
+    teacher_table: str = ""
+    """JSON of `benchmarks/marl_teachers_by_pool.py` (each teacher's score on each training
+    scenario): with several teachers, the best of them on a scenario is read from it instead of
+    being played here."""
     bc_rounds: int = 3
-    """Warm-start rounds: the first follows the teacher, later ones the student (DAgger)."""
+    """Warm-start rounds: the first follows the teachers, later ones the student (DAgger)."""
     bc_episodes: int = 4
-    """Episodes per scenario per warm-start round."""
+    """Episodes per scenario per warm-start round (with many scenarios: episodes in all, see bc_scenarios)."""
+    bc_scenarios: int = 0
+    """Scenarios visited per warm-start round (0: every scenario, bc_episodes each; n > 0: the next n
+    scenarios of the cycle, one episode each)."""
+    bc_rows_per_tick: int = 12
+    """Site rows kept per tick in the warm-start data besides those where the teacher acts (a random
+    subset of the sites that keep everything, so a 300-site pool does not outweigh a 10-site one)."""
     bc_epochs: int = 40
     """Passes over the aggregated warm-start data after each round."""
+    bc_minibatch: int = 16384
+    """Rows per gradient step of the warm start (one pass over the train suite's first round, one
+    episode per scenario, is about eight steps)."""
     bc_learning_rate: float = 1e-3
     """Adam step size of the warm start."""
+    bc_class_weight_cap: float = 20.0
+    """Rare choices (add/remove a replica, bid) weigh up to this many times more than "keep"."""
     sharpen: float = 4.0
-    """After the warm start, the actor's output layer is multiplied by this: the greedy choices stay
+    """After the warm start, the actor's output layers are multiplied by this: the greedy choices stay
     the same, but MAPPO explores near them instead of sampling the rare choices (add, remove, bid)
     that the class-weighted imitation made likely."""
     val_seeds: str = "5000,5001,5002,5003,5004"
-    """Twin seeds of the greedy validation episodes that pick the best policy (per scenario)."""
+    """Twin seeds of the greedy validation episodes that pick the best policy (per validation
+    scenario); "scenario": each scenario's own seed (what `cncbrain eval --suite` runs)."""
     eval_every: int = 5
     """Validate every this many MAPPO updates (0: only at the end)."""
     out: str = "runs/marl"
-    """Output folder: checkpoint.pt, policy.npz (best by validation), metrics.csv, learning_curve.png."""
+    """Output folder: checkpoint.pt (latest), checkpoint_warm.pt (after the warm start), policy.npz (best
+    by validation), policy_last.npz, metrics.csv, learning_curve.png."""
     resume: str = ""
     """Checkpoint to resume from (its warm start is not redone)."""
     duration_s: float | None = None
     """Shorter episodes (tests); None keeps the scenarios' horizon."""
     extra: dict = field(default_factory=dict)
     """Free-form notes stored in the checkpoint and the exported policy's metadata."""
+
+
+def scenario_list(spec: str) -> list[Scenario]:
+    """The scenarios of a comma-separated list of names, YAML paths and `suite:NAME` entries."""
+    out: list[Scenario] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item.startswith("suite:"):
+            from cncbrain.suites import suite
+
+            out += [load_scenario(x) if isinstance(x, str) else x for x in suite(item.removeprefix("suite:"))]
+        else:
+            out.append(load_scenario(item))
+    if not out:
+        raise ValueError(f"no scenarios in {spec!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -117,97 +166,255 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
     return layer
 
 
+class Batch:
+    """Structured observations of B site rows as tensors, services padded to a common K (a padded
+    service is all zeros with only "keep" and "default" allowed, so it adds nothing to log-probs)."""
+
+    def __init__(self, site, svc, offer, m_rep, m_off, m_ov):
+        self.site, self.svc, self.offer = site, svc, offer
+        self.m_rep, self.m_off, self.m_ov = m_rep, m_off, m_ov
+
+    def __getitem__(self, idx) -> Batch:
+        return Batch(self.site[idx], self.svc[idx], self.offer[idx], self.m_rep[idx], self.m_off[idx], self.m_ov[idx])
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, K] whether a service slot holds a service (its `active` feature)."""
+        return self.svc[:, :, 0] > 0.5
+
+    @staticmethod
+    def pad(obs_list: list[Obs], K: int) -> dict[str, np.ndarray]:
+        """Numpy arrays of several `Obs` stacked, services padded to K."""
+        def padk(x, fill_col=None):
+            n, k = x.shape[:2]
+            out = np.zeros((n, K, *x.shape[2:]), x.dtype)
+            out[:, :k] = x
+            if fill_col is not None:
+                out[:, k:, fill_col] = 1
+            return out
+        return {"site": np.concatenate([o.site for o in obs_list]),
+                "svc": np.concatenate([padk(o.svc) for o in obs_list]),
+                "offer": np.concatenate([o.offer for o in obs_list]),
+                "m_rep": np.concatenate([padk(o.m_rep, 1) for o in obs_list]),
+                "m_off": np.concatenate([o.m_off for o in obs_list]),
+                "m_ov": np.concatenate([padk(o.m_ov, 0) for o in obs_list])}
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], device) -> Batch:
+        t = lambda x: torch.as_tensor(np.asarray(x, np.float32), device=device)  # noqa: E731
+        return cls(t(arrays["site"]), t(arrays["svc"]), t(arrays["offer"]), t(arrays["m_rep"]), t(arrays["m_off"]),
+                   t(arrays["m_ov"]))
+
+
+def pad_choice(choices: list[Choice], K: int) -> np.ndarray:
+    """[B, 2K + O] choices (rep K, off O, ov K) stacked, services padded to K with keep/default."""
+    out = []
+    for c in choices:
+        n, k = c.rep.shape
+        rep = np.ones((n, K), np.int64)
+        ov = np.zeros((n, K), np.int64)
+        rep[:, :k], ov[:, :k] = c.rep, c.ov
+        out.append(np.concatenate([rep, c.off, ov], axis=1))
+    return np.concatenate(out)
+
+
+def split_choice(a: np.ndarray, K: int) -> Choice:
+    return Choice(a[:, :K], a[:, K:K + MAX_OFFERS], a[:, K + MAX_OFFERS:])
+
+
 class Actor(nn.Module):
-    def __init__(self, n_obs: int, nvec: np.ndarray, hidden: int = 64):
+    def __init__(self, k: int, hidden: int = 64):
         super().__init__()
-        self.nvec = [int(n) for n in nvec]
-        self.net = nn.Sequential(
-            layer_init(nn.Linear(n_obs, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
-            layer_init(nn.Linear(hidden, sum(self.nvec)), std=0.01),
-        )
+        self.k = k
+        H = hidden
+        self.site = nn.ModuleList([layer_init(nn.Linear(f_site(k), H)), layer_init(nn.Linear(H, H))])
+        self.svc = nn.ModuleList([layer_init(nn.Linear(H + f_svc(k), H)), layer_init(nn.Linear(H, H)),
+                                  layer_init(nn.Linear(H, N_REP + k + 1), std=0.01)])
+        self.off = nn.ModuleList([layer_init(nn.Linear(H + F_OFFER, H)), layer_init(nn.Linear(H, N_OFF), std=0.01)])
 
-    def heads(self, obs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Masked log-probabilities of every head: list of [N, n_h]."""
-        z = self.net(obs).masked_fill(mask == 0, -1e9)
-        return [torch.log_softmax(part, dim=-1) for part in torch.split(z, self.nvec, dim=-1)]
+    @staticmethod
+    def _head(layers, h, block):
+        n, m = block.shape[:2]
+        x = torch.cat([h[:, None, :].expand(n, m, h.shape[1]), block], dim=2)
+        for i, lin in enumerate(layers):
+            x = lin(x)
+            if i < len(layers) - 1:
+                x = torch.tanh(x)
+        return x
 
-    def evaluate(self, obs, mask, action=None, greedy: bool = False):
-        """(action [N, H], log-prob [N], entropy [N]); samples (or takes the argmax) when no action."""
-        logps = self.heads(obs, mask)
+    def logits(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked logits: replica [B, K, 3], overflow [B, K, k+1], offer [B, O, 2]."""
+        h = b.site
+        for lin in self.site:
+            h = torch.tanh(lin(h))
+        zs = self._head(self.svc, h, b.svc)
+        zo = self._head(self.off, h, b.offer)
+        rep = zs[..., :N_REP].masked_fill(b.m_rep == 0, -1e9)
+        ov = zs[..., N_REP:].masked_fill(b.m_ov == 0, -1e9)
+        off = zo.masked_fill(b.m_off == 0, -1e9)
+        return rep, ov, off
+
+    def evaluate(self, b: Batch, action: torch.Tensor | None = None, greedy: bool = False):
+        """(action [B, 2K + O], log-prob [B], entropy [B]); samples (or takes the argmax) when no action."""
+        rep, ov, off = self.logits(b)
+        K = rep.shape[1]
+        lps = [torch.log_softmax(z, dim=-1) for z in (rep, off, ov)]
         if action is None:
             if greedy:
-                action = torch.stack([lp.argmax(dim=-1) for lp in logps], dim=-1)
+                parts = [lp.argmax(dim=-1) for lp in lps]
             else:
-                action = torch.stack([torch.multinomial(lp.exp(), 1).squeeze(-1) for lp in logps], dim=-1)
-        logp = sum(lp.gather(1, action[:, h:h + 1]).squeeze(-1) for h, lp in enumerate(logps))
-        entropy = sum(-(lp.exp() * lp).sum(-1) for lp in logps)
+                parts = [torch.distributions.Categorical(logits=lp).sample() for lp in lps]
+            action = torch.cat(parts, dim=1)
+        a_rep, a_off, a_ov = action[:, :K], action[:, K:K + MAX_OFFERS], action[:, K + MAX_OFFERS:]
+        logp = sum(lp.gather(2, a[..., None]).squeeze(-1).sum(1) for lp, a in zip(lps, (a_rep, a_off, a_ov), strict=True))
+        entropy = sum(-(lp.exp() * lp).sum(-1).sum(1) for lp in lps)
         return action, logp, entropy
 
-    def numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        lins = [m for m in self.net if isinstance(m, nn.Linear)]
-        return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in lins]
+    def bc_loss(self, b: Batch, label: torch.Tensor, weights: list[torch.Tensor], row_w: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the labels (replica, offer, overflow heads), each term weighted by its
+        class weight and its row's weight; padded service slots do not count."""
+        rep, ov, off = self.logits(b)
+        K = rep.shape[1]
+        valid = b.valid.float()
+        parts = ((rep, label[:, :K], weights[0], valid), (off, label[:, K:K + MAX_OFFERS], weights[1], None),
+                 (ov, label[:, K + MAX_OFFERS:], weights[2], valid))
+        loss = 0.0
+        for z, lab, w, v in parts:
+            nll = -torch.log_softmax(z, dim=-1).gather(2, lab[..., None]).squeeze(-1)  # [B, M]
+            ww = w[lab] * row_w[:, None] * (v if v is not None else 1.0)
+            loss = loss + (ww * nll).sum() / ww.sum().clamp(min=1e-9)
+        return loss
+
+    def scale_outputs(self, factor: float) -> None:
+        with torch.no_grad():
+            for lin in (self.svc[-1], self.off[-1]):
+                lin.weight.mul_(factor)
+                lin.bias.mul_(factor)
+
+    def numpy_layers(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        def np_(layers):
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in layers]
+        return {"site": np_(self.site), "svc": np_(self.svc), "off": np_(self.off)}
 
 
 class Critic(nn.Module):
-    """Centralised value: the site's observation and the pooled state of the pool."""
+    """Centralised value: the site's block, the mean and max of its service blocks, the pooled state."""
 
-    def __init__(self, n_in: int, hidden: int = 64):
+    def __init__(self, k: int, hidden: int = 64):
         super().__init__()
+        n_in = f_site(k) + 2 * f_svc(k) + state_size(k)
         self.net = nn.Sequential(
             layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
             layer_init(nn.Linear(hidden, 1), std=1.0),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+    def forward(self, b: Batch, state: torch.Tensor) -> torch.Tensor:
+        valid = b.valid[..., None].float()
+        n = valid.sum(1).clamp(min=1)
+        mean = (b.svc * valid).sum(1) / n
+        mx = b.svc.masked_fill(valid == 0, -OBS_FLOOR).max(1).values
+        mx = torch.where(valid.sum(1) > 0, mx, torch.zeros_like(mx))
+        return self.net(torch.cat([b.site, mean, mx, state], dim=1)).squeeze(-1)
+
+
+OBS_FLOOR = 1e3
 
 
 # ------------------------------------------------------------------------------------------ env copies
 class Team:
-    """Env copies in lockstep; their sites are stacked into one batch of rows."""
+    """Env copies in lockstep, each cycling through the scenarios; their sites are stacked into
+    one batch of rows (services padded to the most any copy has)."""
 
-    def __init__(self, args: Args):
-        names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-        self.envs = [CncPoolEnv(scenario=names[i % len(names)], neighbours=args.neighbours,
-                                reward_scale=args.reward_scale, duration_s=args.duration_s)
-                     for i in range(args.num_envs)]
-        self.sizes = [e.n_agents for e in self.envs]
-        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)])
+    def __init__(self, args: Args, scenarios: list[Scenario]):
+        self.args = args
+        self.scenarios = scenarios
+        self.cursor = 0
+        self._envs: dict[int, CncPoolEnv] = {}
+        self.envs: list[CncPoolEnv] = []
+        for _ in range(args.num_envs):
+            self.envs.append(self._next_env())
         self.next_seed = 10_000 + 1000 * args.seed
         self.scores: list[float] = []  # finished episodes' scores
+        self.finished: list[tuple[str, float]] = []
+
+    def env_for(self, i: int) -> CncPoolEnv:
+        env = self._envs.get(i)
+        if env is None:
+            a = self.args
+            env = self._envs[i] = CncPoolEnv(scenario=self.scenarios[i], neighbours=a.neighbours,
+                                             reward_scale=a.reward_scale, duration_s=a.duration_s,
+                                             reward="site" if a.credit > 0 else "team")
+        return env
+
+    def _next_env(self) -> CncPoolEnv:
+        n = len(self.scenarios)
+        if self.cursor % n == 0:  # a new pass over the scenarios, in a new order (families mixed)
+            self.order = np.random.default_rng(self.args.seed * 7919 + self.cursor // n).permutation(n)
+        i = int(self.order[self.cursor % n])
+        self.cursor += 1
+        # two copies on the same scenario need two envs
+        env = self.env_for(i)
+        if any(e is env for e in self.envs):
+            a = self.args
+            env = CncPoolEnv(scenario=self.scenarios[i], neighbours=a.neighbours, reward_scale=a.reward_scale,
+                             duration_s=a.duration_s, reward="site" if a.credit > 0 else "team")
+        return env
+
+    def _layout(self):
+        self.sizes = [e.n_agents for e in self.envs]
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.K = max(max(e.K for e in self.envs), 1)
 
     @property
     def n(self) -> int:
         return int(self.bounds[-1])
 
-    def _stack(self, parts):
-        obs = np.concatenate([p[0] for p in parts])
-        mask = np.concatenate([p[1] for p in parts])
-        state = np.concatenate([np.repeat(p[2][None], len(p[0]), axis=0) for p in parts])
-        return obs, mask, state
+    def _stack(self):
+        arrays = Batch.pad([o for o, _ in self.last], self.K)
+        state = np.concatenate([np.repeat(s[None], len(o.site), axis=0) for o, s in self.last])
+        return arrays, state
 
     def reset(self):
         self.last = []
         for e in self.envs:
             self.last.append(e.reset_arrays(self.next_seed))
             self.next_seed += 1
-        return self._stack(self.last)
+        self._layout()
+        return self._stack()
 
-    def step(self, choice: np.ndarray):
+    def step(self, action: np.ndarray):
+        """Step every copy with its rows of `action` [n, 2K + O]; a finished copy starts its next
+        scenario (so the layout may change: `self.n`, `self.K`)."""
         rew = np.zeros(self.n, np.float32)
         done = np.zeros(self.n, np.float32)
         for i, e in enumerate(self.envs):
             lo, hi = self.bounds[i], self.bounds[i + 1]
-            o, m, s, r, d = e.step_arrays(choice[lo:hi])
+            a = action[lo:hi]
+            choice = Choice(a[:, :e.K], a[:, self.K:self.K + MAX_OFFERS], a[:, self.K + MAX_OFFERS:self.K + MAX_OFFERS + e.K])
+            o, s, r, d = e.step_arrays(choice)
+            if self.args.credit > 0:  # r: each site's share of the team reward
+                c = self.args.credit
+                r = (1 - c) * r.sum() + c * len(r) * r
             rew[lo:hi], done[lo:hi] = r, float(d)
             if d:
                 self.scores.append(e.score)
-                o, m, s = e.reset_arrays(self.next_seed)
+                self.finished.append((e.scenario.name, e.score))
+            self.last[i] = (o, s)
+        return rew, done
+
+    def restart_finished(self, done_rows: np.ndarray) -> bool:
+        """Start the next scenario in every copy whose episode ended; True if any did."""
+        any_done = False
+        for i in range(len(self.envs)):
+            if done_rows[self.bounds[i]] > 0:
+                self.envs[i] = self._next_env()
+                self.last[i] = self.envs[i].reset_arrays(self.next_seed)
                 self.next_seed += 1
-            self.last[i] = (o, m, s)
-        return (*self._stack(self.last), rew, done)
+                any_done = True
+        if any_done:
+            self._layout()
+        return any_done
 
 
 def gae(rewards, values, dones, next_value, gamma, lam):
@@ -229,17 +436,18 @@ class Trainer:
     def __init__(self, args: Args):
         self.args = args
         torch.manual_seed(args.seed)
+        self.rng = np.random.default_rng(args.seed)
         if args.torch_threads > 0:
             torch.set_num_threads(args.torch_threads)
         self.device = torch.device(args.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-        self.team = Team(args)
-        env0 = self.team.envs[0]
-        self.nvec = env0.featurizer.nvec
-        self.n_obs, self.n_state = obs_size(args.neighbours), state_size(args.neighbours)
-        self.actor = Actor(self.n_obs, self.nvec, args.hidden).to(self.device)
-        self.critic = Critic(self.n_obs + self.n_state, args.hidden).to(self.device)
+        self.scenarios = scenario_list(args.scenarios)
+        self.val = scenario_list(args.val_scenarios) if args.val_scenarios else self.scenarios
+        self.team = Team(args, self.scenarios)
+        k = args.neighbours
+        self.actor = Actor(k, args.hidden).to(self.device)
+        self.critic = Critic(k, args.hidden).to(self.device)
         self.optim = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters()],
                                       lr=args.learning_rate, eps=1e-5)
         self.global_step = 0
@@ -248,14 +456,15 @@ class Trainer:
         self.best_score = -math.inf
         self.best_state: dict | None = None
         self.history: list[dict] = []
+        self.teacher_of: dict[str, str] = {}
         self.t0 = time.time()
 
     # --- helpers
     def _t(self, x, dtype=torch.float32):
         return torch.as_tensor(x, dtype=dtype, device=self.device)
 
-    def _value_in(self, obs, state):
-        return self._t(np.concatenate([obs, state], axis=1))
+    def _batch(self, arrays: dict[str, np.ndarray]) -> Batch:
+        return Batch.of(arrays, self.device)
 
     def log(self, row: dict, on_update) -> None:
         row = {"update": self.update, "global_step": self.global_step, "wall_s": round(time.time() - self.t0, 2), **row}
@@ -263,100 +472,174 @@ class Trainer:
         if on_update:
             on_update(row)
 
+    def greedy(self, obs: Obs) -> Choice:
+        Kp = max(obs.K, 1)
+        with torch.no_grad():
+            a, _, _ = self.actor.evaluate(self._batch(Batch.pad([obs], Kp)), greedy=True)
+        c = split_choice(a.cpu().numpy(), Kp)
+        return Choice(c.rep[:, :obs.K], c.off, c.ov[:, :obs.K])
+
     # --- phase 1: warm start by imitation (DAgger)
+    def pick_teacher(self, scenario: Scenario, names: list[str]) -> str:
+        """The teacher that scores best on `scenario` (one episode, its own seed), cached."""
+        if len(names) == 1:
+            return names[0]
+        key = scenario.name + "|" + (scenario.source or "")
+        if key not in self.teacher_of and self.args.teacher_table:
+            from agents.teachers import TEACHERS
+
+            table = {r["scenario"]: r["scores"] for r in json.loads(Path(self.args.teacher_table).read_text())["scenarios"]}
+            scores = table.get(scenario.source or "")
+            cols = {n: (f"teacher:{n.removeprefix('teacher:')}" if n.removeprefix("teacher:") in TEACHERS else n)
+                    for n in names}
+            if scores is not None and all(c in scores for c in cols.values()):
+                self.teacher_of[key] = max(names, key=lambda n: scores[cols[n]]["score"])
+        if key not in self.teacher_of:
+            from cncbrain.twin.sim import Twin
+
+            best, best_score = names[0], -math.inf
+            for name in names:
+                twin = Twin(scenario, 9_000 + self.args.seed, self.args.duration_s)
+                p = make_teacher(name)
+                p.reset(9_000)
+                while not twin.done():
+                    twin.step(p.act(twin.view()))
+                sc = twin.metrics()["score"]
+                if sc > best_score:
+                    best, best_score = name, sc
+            self.teacher_of[key] = best
+        return self.teacher_of[key]
+
     def warm_start(self, on_update=None, out: Path | None = None) -> None:
         a = self.args
-        names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
-        data = {"obs": [], "mask": [], "label": [], "vin": [], "ret": []}
+        names = [t.strip() for t in a.teacher.split(",") if t.strip()]
+        data: dict[str, list] = {"obs": [], "label": [], "vin_state": [], "ret": [], "row_w": []}
         opt = torch.optim.Adam([*self.actor.parameters(), *self.critic.parameters()], lr=a.bc_learning_rate)
+        cycle = 0
         for rnd in range(a.bc_rounds):
             scores = []
-            for name in names:
-                env = CncPoolEnv(scenario=name, neighbours=a.neighbours, reward_scale=a.reward_scale,
+            if a.bc_scenarios > 0:
+                plan = [(self.scenarios[(cycle + i) % len(self.scenarios)], 1) for i in range(a.bc_scenarios)]
+                cycle += a.bc_scenarios
+            else:
+                plan = [(sc, a.bc_episodes) for sc in self.scenarios]
+            for sc, n_ep in plan:
+                env = CncPoolEnv(scenario=sc, neighbours=a.neighbours, reward_scale=a.reward_scale,
                                  duration_s=a.duration_s)
-                for _ in range(a.bc_episodes):
+                tname = self.pick_teacher(sc, names)
+                for _ in range(n_ep):
                     seed = self.team.next_seed
                     self.team.next_seed += 1
-                    teacher = make_teacher(a.teacher)
+                    teacher = make_teacher(tname)
                     teacher.reset(seed)
-                    obs, mask, state = env.reset_arrays(seed)
+                    obs, state = env.reset_arrays(seed)
                     rows, rews = [], []
                     done = False
                     while not done:
-                        label = env.featurizer.from_actions(env._view, teacher.act(env._view))
-                        if rnd == 0:
-                            act = label
-                        else:
-                            with torch.no_grad():
-                                act, _, _ = self.actor.evaluate(self._t(obs), self._t(mask), greedy=True)
-                            act = act.cpu().numpy()
-                        rows.append((obs, mask, label, np.concatenate([obs, np.repeat(state[None], len(obs), 0)], 1)))
-                        obs, mask, state, r, done = env.step_arrays(act)
+                        label = env.featurizer.from_actions(env._view, teacher.act(env._view), obs)
+                        act = label if rnd == 0 else self.greedy(obs)
+                        keep, w = self._keep_rows(label, a.bc_rows_per_tick)
+                        rows.append((obs.rows(keep), Choice(label.rep[keep], label.off[keep], label.ov[keep]), state, w))
+                        obs, state, r, done = env.step_arrays(act)
                         rews.append(r)
                     ret = np.cumsum(np.array(rews)[::-1])[::-1]  # γ = 1 return-to-go of each tick
-                    for (o, m, lab, vin), g in zip(rows, ret, strict=True):
+                    for (o, lab, st, w), g in zip(rows, ret, strict=True):
+                        data["row_w"].append(w)
                         data["obs"].append(o)
-                        data["mask"].append(m)
                         data["label"].append(lab)
-                        data["vin"].append(vin)
-                        data["ret"].append(np.full(len(o), g, np.float32))
+                        data["vin_state"].append(np.repeat(st[None], o.n, axis=0))
+                        data["ret"].append(np.full(o.n, g, np.float32))
                     scores.append(env.score)
-            obs_t = self._t(np.concatenate(data["obs"]))
-            lab_np = np.concatenate(data["label"])
-            mask_np = np.concatenate(data["mask"]).copy()
-            off = np.concatenate([[0], np.cumsum(self.nvec)[:-1]])
-            mask_np[np.arange(len(lab_np))[:, None], off[None, :] + lab_np] = 1  # the teacher's choice is allowed
-            mask_t, lab_t = self._t(mask_np), self._t(lab_np, torch.long)
-            vin_t, ret_t = self._t(np.concatenate(data["vin"])), self._t(np.concatenate(data["ret"]))
-            # rare choices (add/remove a replica, bid) weigh more than "keep"
-            w = []
-            for h, n in enumerate(self.nvec):
-                counts = np.bincount(lab_np[:, h], minlength=n).astype(float) + 1.0
-                w.append(self._t(np.minimum(counts.sum() / (n * counts), 20.0)))
+                    if on_update is not None:
+                        on_update({"phase": "warm-episode", "update": self.update, "global_step": self.global_step,
+                                   "round": rnd, "episodes": len(scores), "of": sum(n for _, n in plan),
+                                   "charts/score": env.score})
+            K = max(max(o.K for o in data["obs"]), 1)
+            arrays = Batch.pad(data["obs"], K)
+            lab_np = pad_choice(data["label"], K)
+            # the teacher's choice is allowed (a teacher may do what the masks forbid, e.g. remove below min)
+            for name, (lo, hi) in (("m_rep", (0, K)), ("m_off", (K, K + MAX_OFFERS)),
+                                   ("m_ov", (K + MAX_OFFERS, 2 * K + MAX_OFFERS))):
+                m = arrays[name]
+                idx = lab_np[:, lo:hi]
+                np.put_along_axis(m, idx[..., None], 1, axis=2)
+            batch = self._batch(arrays)
+            lab_t = self._t(lab_np, torch.long)
+            st_t = self._t(np.concatenate(data["vin_state"]))
+            ret_t = self._t(np.concatenate(data["ret"]))
+            row_w = np.concatenate(data["row_w"])
+            weights = self._class_weights(lab_np, K, row_w, arrays["svc"][:, :, 0] > 0.5)
+            row_w_t = self._t(row_w)
             N = len(lab_np)
-            mb = max(N // 8, 1)
+            mb = max(min(a.bc_minibatch, N), 1)
             for _ in range(a.bc_epochs):
                 perm = torch.randperm(N, device=self.device)
                 for i in range(0, N, mb):
                     idx = perm[i:i + mb]
-                    logps = self.actor.heads(obs_t[idx], mask_t[idx])
-                    bc = sum(nn.functional.nll_loss(lp, lab_t[idx, h], weight=w[h]) for h, lp in enumerate(logps))
-                    vloss = ((self.critic(vin_t[idx]) - ret_t[idx]) ** 2).mean()
+                    b = batch[idx]
+                    bc = self.actor.bc_loss(b, lab_t[idx], weights, row_w_t[idx])
+                    vloss = ((self.critic(b, st_t[idx]) - ret_t[idx]) ** 2).mean()
                     opt.zero_grad()
                     (bc + a.vf_coef * vloss).backward()
                     opt.step()
             with torch.no_grad():
-                acc = np.mean([(lp.argmax(-1) == lab_t[:, h]).float().mean().item()
-                               for h, lp in enumerate(self.actor.heads(obs_t, mask_t))])
+                pred, _, _ = self.actor.evaluate(batch[: min(N, 20000)], greedy=True)
+                acc = float((pred == lab_t[: len(pred)]).float().mean().item())
             self.log({"phase": "warm", "charts/score": float(np.mean(scores)), "losses/bc": float(bc.item()),
-                      "losses/value": float(vloss.item()), "charts/bc_accuracy": float(acc)}, on_update)
-            if out is not None:
+                      "losses/value": float(vloss.item()), "charts/bc_accuracy": acc,
+                      "charts/bc_rows": N}, on_update)
+            if out is not None and rnd == a.bc_rounds - 1:
                 self.consider_best(out, on_update)
         if out is not None and self.best_state is not None:
             self.actor.load_state_dict(self.best_state)  # MAPPO starts from the best imitation round
-        with torch.no_grad():
-            last = [m for m in self.actor.net if isinstance(m, nn.Linear)][-1]
-            last.weight.mul_(a.sharpen)
-            last.bias.mul_(a.sharpen)
+        self.actor.scale_outputs(a.sharpen)
         self.warm_done = True
+
+    def _keep_rows(self, label: Choice, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of a tick kept for imitation and their weights: every site the teacher has change
+        its replicas or send overflow elsewhere, weight 1, and of the other sites a random `n`, each
+        weighing for the sites it stands for (so the imitated distribution stays the teacher's)."""
+        busy = (label.rep != 1).any(axis=1) | (label.ov != 0).any(axis=1)  # (a teacher bids wherever a shard fits)
+        idle = np.flatnonzero(~busy)
+        w_idle = 1.0
+        if len(idle) > n:
+            w_idle = len(idle) / n
+            idle = self.rng.choice(idle, n, replace=False)
+        keep = np.concatenate([np.flatnonzero(busy), idle])
+        w = np.concatenate([np.ones(busy.sum(), np.float32), np.full(len(idle), w_idle, np.float32)])
+        order = np.argsort(keep)
+        return keep[order], w[order]
+
+    def _class_weights(self, lab: np.ndarray, K: int, row_w: np.ndarray, valid: np.ndarray) -> list[torch.Tensor]:
+        """Per head, each class's weight: rare choices (add/remove a replica, bid) weigh more than
+        "keep", up to `bc_class_weight_cap` times (counts weighted by the rows' weights)."""
+        cap = self.args.bc_class_weight_cap
+        out = []
+        for cols, n, v in ((slice(0, K), N_REP, valid), (slice(K, K + MAX_OFFERS), N_OFF, None),
+                           (slice(K + MAX_OFFERS, 2 * K + MAX_OFFERS), self.args.neighbours + 1, valid)):
+            lab_h = lab[:, cols]
+            w = np.broadcast_to(row_w[:, None], lab_h.shape)
+            if v is not None:
+                w = w * v
+            counts = np.bincount(lab_h.ravel(), weights=w.ravel(), minlength=n).astype(float) + 1.0
+            out.append(self._t(np.minimum(counts.sum() / (n * counts), cap)))
+        return out
 
     # --- validation: greedy episodes on held-out seeds
     def validate(self) -> float:
         a = self.args
-        names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
-        seeds = [int(s) for s in a.val_seeds.split(",") if s.strip()]
-        if not seeds:
+        own = a.val_seeds.strip() == "scenario"
+        seeds = [] if own else [int(s) for s in a.val_seeds.split(",") if s.strip()]
+        if not seeds and not own:
             return math.nan
         scores = []
-        for name in names:
-            env = CncPoolEnv(scenario=name, neighbours=a.neighbours, duration_s=a.duration_s)
-            for seed in seeds:
-                obs, mask, _ = env.reset_arrays(seed)
+        for sc in self.val:
+            env = CncPoolEnv(scenario=sc, neighbours=a.neighbours, duration_s=a.duration_s)
+            for seed in ([sc.seed] if own else seeds):
+                obs, _ = env.reset_arrays(seed)
                 done = False
                 while not done:
-                    with torch.no_grad():
-                        act, _, _ = self.actor.evaluate(self._t(obs), self._t(mask), greedy=True)
-                    obs, mask, _, _, done = env.step_arrays(act.cpu().numpy())
+                    obs, _, _, done = env.step_arrays(self.greedy(obs))
                 scores.append(env.score)
         return float(np.mean(scores))
 
@@ -367,54 +650,66 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if not self.warm_done:
             self.warm_start(on_update, out)
-            self.save(out)
+            import shutil
+
+            shutil.copy(self.save(out), out / "checkpoint_warm.pt")  # MAPPO variants can resume from here
         team = self.team
-        T, N = a.rollout_ticks, team.n
-        batch = T * N
-        obs, mask, state = team.reset()
+        T = a.rollout_ticks
+        arrays, state = team.reset()
         start_step = self.global_step
         while self.global_step < a.total_steps:
             frac = 1.0 - self.global_step / max(a.total_steps, 1)
             lr = a.learning_rate * (frac if a.anneal_lr else 1.0)
             for g in self.optim.param_groups:
                 g["lr"] = lr
-            # collect
-            b_obs = np.zeros((T, N, self.n_obs), np.float32)
-            b_mask = np.zeros((T, N, int(self.nvec.sum())), np.float32)
-            b_vin = np.zeros((T, N, self.n_obs + self.n_state), np.float32)
-            b_act = np.zeros((T, N, len(self.nvec)), np.int64)
-            b_logp = np.zeros((T, N), np.float32)
-            b_val = np.zeros((T, N), np.float32)
-            b_rew = np.zeros((T, N), np.float32)
-            b_done = np.zeros((T, N), np.float32)
+            # collect (the layout may change when a copy starts its next scenario: one segment per layout)
+            segs: list[dict] = []
+            seg = None
             n_scores = len(team.scores)
             t_collect = time.time()
             for t in range(T):
-                vin = np.concatenate([obs, state], axis=1)
+                if seg is None:
+                    seg = {"K": team.K, "obs": [], "state": [], "act": [], "logp": [], "val": [], "rew": [], "done": []}
+                b = self._batch(arrays)
+                st = self._t(state)
                 with torch.no_grad():
-                    act, logp, _ = self.actor.evaluate(self._t(obs), self._t(mask))
-                    val = self.critic(self._t(vin))
-                b_obs[t], b_mask[t], b_vin[t] = obs, mask, vin
-                b_act[t], b_logp[t], b_val[t] = act.cpu().numpy(), logp.cpu().numpy(), val.cpu().numpy()
-                obs, mask, state, rew, done = team.step(b_act[t])
-                b_rew[t], b_done[t] = rew, done
+                    act, logp, _ = self.actor.evaluate(b)
+                    val = self.critic(b, st)
+                act_np = act.cpu().numpy()
+                rew, done = team.step(act_np)
+                seg["obs"].append(arrays)
+                seg["state"].append(state)
+                seg["act"].append(act_np)
+                seg["logp"].append(logp.cpu().numpy())
+                seg["val"].append(val.cpu().numpy())
+                seg["rew"].append(rew)
+                seg["done"].append(done)
                 self.global_step += len(team.envs)
-            with torch.no_grad():
-                next_val = self.critic(self._value_in(obs, state)).cpu().numpy()
+                if done.any() or t == T - 1:
+                    # the segment ends here (a copy that finished starts its next scenario, which may
+                    # change the layout): bootstrap every row from its post-step observation
+                    nxt, nxt_state = team._stack()
+                    with torch.no_grad():
+                        seg["next_val"] = self.critic(self._batch(nxt), self._t(nxt_state)).cpu().numpy()
+                    segs.append(seg)
+                    seg = None
+                    team.restart_finished(done)
+                arrays, state = team._stack()
             t_train = time.time()
-            # compute returns
-            adv, ret = gae(b_rew, b_val, b_done, next_val, a.gamma, a.gae_lambda)
-            # train
-            f_obs, f_mask, f_vin = self._t(b_obs.reshape(batch, -1)), self._t(b_mask.reshape(batch, -1)), self._t(b_vin.reshape(batch, -1))
-            f_act = self._t(b_act.reshape(batch, -1), torch.long)
-            f_logp, f_adv, f_ret = self._t(b_logp.reshape(-1)), self._t(adv.reshape(-1)), self._t(ret.reshape(-1))
-            mb = max(batch // a.num_minibatches, 1)
+            flat = self._flatten(segs, a)
+            batch = flat["batch"]
+            f_state, f_act = flat["state"], flat["act"]
+            f_logp, f_adv, f_ret = flat["logp"], flat["adv"], flat["ret"]
+            B = len(f_logp)
+            mb = max(B // a.num_minibatches, 1)
             kls, clipfracs = [], []
+            pg = vloss = ent = torch.zeros(())
             for _ in range(a.update_epochs):
-                perm = torch.randperm(batch, device=self.device)
-                for i in range(0, batch, mb):
+                perm = torch.randperm(B, device=self.device)
+                for i in range(0, B, mb):
                     idx = perm[i:i + mb]
-                    _, newlogp, ent = self.actor.evaluate(f_obs[idx], f_mask[idx], f_act[idx])
+                    b = batch[idx]
+                    _, newlogp, ent = self.actor.evaluate(b, f_act[idx])
                     ratio = (newlogp - f_logp[idx]).exp()
                     with torch.no_grad():
                         kls.append(((ratio - 1) - (newlogp - f_logp[idx])).mean().item())
@@ -422,7 +717,7 @@ class Trainer:
                     madv = f_adv[idx]
                     madv = (madv - madv.mean()) / (madv.std() + 1e-8)
                     pg = torch.max(-madv * ratio, -madv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)).mean()
-                    vloss = 0.5 * ((self.critic(f_vin[idx]) - f_ret[idx]) ** 2).mean()
+                    vloss = 0.5 * ((self.critic(b, f_state[idx]) - f_ret[idx]) ** 2).mean()
                     loss = pg - a.ent_coef * ent.mean() + a.vf_coef * vloss
                     self.optim.zero_grad()
                     loss.backward()
@@ -437,11 +732,11 @@ class Trainer:
             new_scores = team.scores[n_scores:]
             sps = (self.global_step - start_step) / max(time.time() - self.t0, 1e-9)
             row = {"phase": "mappo", "charts/score": float(np.mean(new_scores)) if new_scores else float("nan"),
-                   "charts/return": float(b_rew.sum(0).mean()), "charts/learning_rate": lr, "charts/sps": sps,
+                   "charts/return": flat["return"], "charts/learning_rate": lr, "charts/sps": sps,
                    "losses/policy": float(pg.item()), "losses/value": float(vloss.item()),
-                   "losses/entropy": float(ent.mean().item()), "losses/approx_kl": float(np.mean(kls)),
-                   "losses/clipfrac": float(np.mean(clipfracs)),
-                   "perf/collect_s": t_train - t_collect, "perf/train_s": t_done - t_train}
+                   "losses/entropy": float(ent.mean().item()), "losses/approx_kl": float(np.mean(kls)) if kls else 0.0,
+                   "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0,
+                   "perf/collect_s": t_train - t_collect, "perf/train_s": t_done - t_train, "perf/batch": B}
             self.log(row, on_update)
             if a.eval_every and self.update % a.eval_every == 0:
                 self.consider_best(out, on_update)
@@ -451,6 +746,42 @@ class Trainer:
         self.save(out)
         write_metrics(out, self.history)
         return {"best_val_score": self.best_score, "global_step": self.global_step, "updates": self.update}
+
+    def _flatten(self, segs: list[dict], a: Args) -> dict:
+        """GAE per segment, then one batch of every (tick, site) row, services padded to the largest K."""
+        K = max(s["K"] for s in segs)
+        obs_parts, st, act, logp, adv, ret = [], [], [], [], [], []
+        returns = []
+        for s in segs:
+            rew, val, done = np.stack(s["rew"]), np.stack(s["val"]), np.stack(s["done"])
+            ad, rt = gae(rew, val, done, s["next_val"], a.gamma, a.gae_lambda)
+            returns.append(float(rew.sum(0).mean()))
+            for t in range(len(rew)):
+                o = s["obs"][t]
+                pad = K - o["svc"].shape[1]
+                if pad:
+                    o = {**o, "svc": np.pad(o["svc"], ((0, 0), (0, pad), (0, 0))),
+                         "m_rep": np.pad(o["m_rep"], ((0, 0), (0, pad), (0, 0))),
+                         "m_ov": np.pad(o["m_ov"], ((0, 0), (0, pad), (0, 0)))}
+                    o["m_rep"][:, -pad:, 1] = 1
+                    o["m_ov"][:, -pad:, 0] = 1
+                obs_parts.append(o)
+                act_t = s["act"][t]
+                if pad:
+                    Ks = s["K"]
+                    act_t = np.concatenate([act_t[:, :Ks], np.ones((len(act_t), pad), np.int64),
+                                            act_t[:, Ks:Ks + MAX_OFFERS], act_t[:, Ks + MAX_OFFERS:],
+                                            np.zeros((len(act_t), pad), np.int64)], axis=1)
+                act.append(act_t)
+                st.append(s["state"][t])
+                logp.append(s["logp"][t])
+                adv.append(ad[t])
+                ret.append(rt[t])
+        arrays = {key: np.concatenate([o[key] for o in obs_parts]) for key in obs_parts[0]}
+        return {"batch": self._batch(arrays), "state": self._t(np.concatenate(st)),
+                "act": self._t(np.concatenate(act), torch.long), "logp": self._t(np.concatenate(logp)),
+                "adv": self._t(np.concatenate(adv)), "ret": self._t(np.concatenate(ret)),
+                "return": float(np.mean(returns))}
 
     # --- save / load
     def consider_best(self, out: Path, on_update=None) -> None:
@@ -466,14 +797,14 @@ class Trainer:
         a = self.args
         info = {"scenarios": a.scenarios, "global_step": self.global_step, "teacher": a.teacher,
                 "seed": a.seed, **meta, **a.extra}
-        return export_npz(path, self.actor.numpy_layers(), self.nvec, a.neighbours, info)
+        return export_npz(path, self.actor.numpy_layers(), a.neighbours, info)
 
     def save(self, out: Path) -> Path:
         path = out / "checkpoint.pt"
         torch.save({"args": asdict(self.args), "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                     "optim": self.optim.state_dict(), "global_step": self.global_step, "update": self.update,
                     "warm_done": self.warm_done, "best_score": self.best_score, "history": self.history,
-                    "next_seed": self.team.next_seed}, path)
+                    "next_seed": self.team.next_seed, "teacher_of": self.teacher_of}, path)
         write_metrics(out, self.history)
         return path
 
@@ -486,6 +817,7 @@ class Trainer:
         self.warm_done, self.best_score = ck["warm_done"], ck["best_score"]
         self.history = ck["history"]
         self.team.next_seed = ck["next_seed"]
+        self.teacher_of = ck.get("teacher_of", {})
 
 
 def train(args: Args, on_update: Callable[[dict], None] | None = None) -> dict:
@@ -500,16 +832,17 @@ def train(args: Args, on_update: Callable[[dict], None] | None = None) -> dict:
 
 def load_checkpoint_weights(path: str | Path) -> dict:
     """A checkpoint's actor in the runtime's weights format (for `MarlPolicy("…/checkpoint.pt")`)."""
+    from agents.runtime import FORMAT_VERSION
+
     ck = torch.load(path, map_location="cpu", weights_only=False)
     a = ck["args"]
     k = a["neighbours"]
-    from agents.features import nvec
-
-    actor = Actor(obs_size(k), nvec(k), a["hidden"])
+    actor = Actor(k, a["hidden"])
     actor.load_state_dict(ck["actor"])
-    weights = {"nvec": nvec(k), "neighbours": np.int64(k), "meta": json.dumps({"from": str(path)})}
-    for i, (w, b) in enumerate(actor.numpy_layers()):
-        weights[f"w{i}"], weights[f"b{i}"] = w, b
+    weights = {"neighbours": np.int64(k), "meta": json.dumps({"format": FORMAT_VERSION, "from": str(path)})}
+    for prefix, layers in actor.numpy_layers().items():
+        for i, (w, b) in enumerate(layers):
+            weights[f"{prefix}{i}_w"], weights[f"{prefix}{i}_b"] = w, b
     return weights
 
 

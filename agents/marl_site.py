@@ -48,20 +48,20 @@ import time
 
 import numpy as np
 
-from agents.features import ServiceColumn
+from agents.features import MAX_OFFERS, ServiceColumn
 from agents.site_agent import ScaleWish, SitePolicy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2
 from cnc.scheduler.v1 import scheduler_pb2 as sched
 from cnc.site.v1 import events_pb2 as site_pb
-from cncbrain.twin.view import JobOffer, PoolView, ServiceInfo
+from cncbrain.twin.view import JobOffer, PoolStats, PoolView, ServiceInfo
 
 log = logging.getLogger(__name__)
 RELUCTANT = 1000.0
 FAR_S = 1e3
 """Latency of the aggregate row: never among a site's nearest neighbours."""
-K_MAX = 4
-MAX_OFFERS = 2
+PENDING_TTL_S = 120.0
+"""How long the training offers of the last round count as the pool's waiting jobs."""
 
 
 def service_model(spec: common.InferenceServiceSpec, gpu_types: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,14 +120,65 @@ class _OfferBase:
     wids: list[str]
     view: PoolView
     feat: object
-    obs: np.ndarray
-    mask: np.ndarray
+    obs: object
+    """`agents.features.Obs` of my sites' rows."""
 
     def holds(self, inputs: tuple, book: SpecBook) -> bool:
         """Whether this is still the view of `inputs` (a spec, once learned, is never replaced)."""
         return (self.jobs_learned == book.jobs_learned and len(self.inputs) == len(inputs)
                 and all(a is b for a, b in zip(self.inputs, inputs, strict=True))
                 and not any(w in book.specs for w in self.unknown))
+
+
+@dataclasses.dataclass
+class _PoolFacts:
+    """The pool-wide figures of one snapshot that a site's policy reads (`PoolStats`)."""
+
+    gpu_types: list[str]
+    n_sites: int
+    n_up: int
+    gpus_total: float
+    gpus_free: float
+    gpus_training: float
+    site_gpus_max: float
+    site_replicas_max: float
+    site_free_share_max: float
+    weight_total: float
+    services: dict[str, tuple[float, float]]
+    """Per service: (most replicas at one site, sites running it)."""
+
+    @classmethod
+    def of(cls, snap: perception_pb2.Snapshot | None, book: SpecBook) -> _PoolFacts:
+        if snap is None:
+            return cls([], 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, {})
+        types: set[str] = set()
+        total = free = training = gmax = rmax = weight = share_max = 0.0
+        up = 0
+        services: dict[str, tuple[float, float]] = {}
+        for st in snap.sites:
+            live = st.state == common.SITE_STATE_UP
+            up += live
+            pools = st.gpu_pools or st.site.gpu_pools
+            n = sum(p.count for p in pools)
+            types.update(p.gpu_type for p in pools)
+            total += n
+            gmax = max(gmax, n)
+            if live:
+                f = sum(max(0, p.count - p.used) for p in pools)
+                free += f
+                share_max = max(share_max, f / max(n, 1))
+            weight += max(st.site.ingress_weight, 0.0)
+            here = 0
+            for x in st.services:
+                here += x.replicas
+                most, sites = services.get(x.workload_id, (0.0, 0.0))
+                services[x.workload_id] = (max(most, x.replicas), sites + (x.replicas > 0))
+            rmax = max(rmax, here)
+            for j in st.jobs:
+                spec = book.specs.get(j.workload_id)
+                if isinstance(spec, common.TrainingJobSpec):
+                    training += j.shards_running * spec.gpus_per_shard
+        return cls(sorted(types), len(snap.sites), up, total, free, training, gmax, rmax, share_max, weight, services)
 
 
 class SpecBook:
@@ -147,6 +198,13 @@ class SpecBook:
         self._tried: dict[str, float] = {}
         self.jobs_learned = 0
         """Training specs learned so far (a view's training GPUs depend on them; see `wants`)."""
+        self.pending: tuple[int, float, float] = (0, 0.0, -1e9)
+        """Training jobs waiting for placement in the last offer round: (jobs, GPUs, monotonic time)."""
+
+    def note_pending(self, training_offers) -> None:
+        """The training jobs of an offer round: the pool's waiting jobs (a `PoolStats` broadcast)."""
+        self.pending = (len(training_offers), float(sum(o.units * o.gpus_per_unit for o in training_offers)),
+                        time.monotonic())
 
     def learn(self, workload_id: str, spec: common.InferenceServiceSpec | common.TrainingJobSpec) -> None:
         if workload_id not in self.specs:
@@ -191,6 +249,10 @@ class MarlSitePolicy(SitePolicy):
         self._neighbours: dict[tuple[str, int], list[str]] = {}
         self._pool_key: perception_pb2.Snapshot | None = None
         self._pool: tuple[dict, list[str]] = ({}, [])
+        self._facts: _PoolFacts | None = None
+        self._facts_key: perception_pb2.Snapshot | None = None
+        self._focus_key: perception_pb2.Snapshot | None = None
+        self._focus_cache: dict = {}
         self._base: _OfferBase | None = None
         self.decisions = 0
 
@@ -229,7 +291,7 @@ class MarlSitePolicy(SitePolicy):
              extra: common.InferenceServiceSpec | None = None, extra_id: str = "",
              offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
         """This site's view: rows [me, k nearest neighbours, rest of the pool]; services: those at
-        this site first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service)."""
+        this site first, then every other of the pool, busiest first (plus `extra`, an offered service)."""
         return self.view_of([(site, telemetry, available)], extra, extra_id, offers)
 
     def view_of(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]],
@@ -237,11 +299,10 @@ class MarlSitePolicy(SitePolicy):
                 offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
         """One view for the sites `mine` (site, its own telemetry, available) of this process: rows
         [each of mine, their k nearest neighbours, rest of the pool]; services: those at my sites
-        first, then the pool's busiest, at most K_MAX (plus `extra`, an offered service). Row i < len(mine)
+        first, then every other of the pool, busiest first (plus `extra`, an offered service). Row i < len(mine)
         is mine[i]; with one site this is that site's local view."""
         rows = self._rows(mine)
-        wids, _ = self._service_ids(rows, K_MAX - 1 if extra is not None else K_MAX,
-                                    extra_id if extra is not None else None)
+        wids, _ = self._service_ids(rows, extra_id if extra is not None else None)
         columns = [self._service_column(rows, wid, self.book.specs[wid]) for wid in wids]
         if extra is not None:
             columns.append(self._service_column(rows, extra_id, extra, offered=True))
@@ -250,7 +311,7 @@ class MarlSitePolicy(SitePolicy):
 
     def _rows(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]]) -> _Rows:
         """The view's sites: mine (from their own telemetry), their k nearest neighbours (from the
-        snapshot), each as (site id, up, GPU pools, services, jobs, links or None)."""
+        snapshot), each as (site id, up, GPU pools, services, jobs, links or None, ingress weight)."""
         snap = self.snapshot
         by_id = {s.site.site_id: s for s in snap.sites} if snap else {}
         rows: list[tuple] = []
@@ -258,12 +319,12 @@ class MarlSitePolicy(SitePolicy):
         for site, telemetry, available in mine:
             if telemetry is not None:  # the agent's own telemetry is fresher than the snapshot's copy
                 rows.append((site.site_id, bool(available), telemetry.gpu_pools or site.gpu_pools,
-                             telemetry.services, telemetry.jobs, site.links))
+                             telemetry.services, telemetry.jobs, site.links, site.ingress_weight))
             elif (st := by_id.get(site.site_id)) is not None:
                 rows.append((site.site_id, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
-                             st.services, st.jobs, site.links))
+                             st.services, st.jobs, site.links, site.ingress_weight))
             else:
-                rows.append((site.site_id, True, site.gpu_pools, (), (), site.links))
+                rows.append((site.site_id, True, site.gpu_pools, (), (), site.links, site.ingress_weight))
             ids.append(site.site_id)
         n_mine = len(rows)
         for site, _, _ in mine:
@@ -271,17 +332,18 @@ class MarlSitePolicy(SitePolicy):
                 if peer in by_id and peer not in ids:
                     st = by_id[peer]
                     rows.append((peer, st.state == common.SITE_STATE_UP, st.gpu_pools or st.site.gpu_pools,
-                                 st.services, st.jobs, None))
+                                 st.services, st.jobs, None, st.site.ingress_weight))
                     ids.append(peer)
         placed: dict[str, list[tuple[int, object]]] = {}
         for i, r in enumerate(rows):
             for x in r[3]:
                 placed.setdefault(x.workload_id, []).append((i, x))
-        return _Rows(rows, ids, n_mine, sorted({p.gpu_type for r in rows for p in r[2]}), placed)
+        types = set(self._pool_facts(snap).gpu_types) | {p.gpu_type for r in rows for p in r[2]}
+        return _Rows(rows, ids, n_mine, sorted(types), placed)
 
-    def _service_ids(self, rows: _Rows, limit: int, exclude: str | None = None) -> tuple[list[str], list[str]]:
-        """Services in view: those at my sites first, then the pool's busiest (the first `limit`
-        with a known inference spec), never `exclude`; and the ids passed over with no spec known."""
+    def _service_ids(self, rows: _Rows, exclude: str | None = None) -> tuple[list[str], list[str]]:
+        """Services in view: those at my sites first, then the pool's others, busiest first (each
+        with a known inference spec; no cap), never `exclude`; and the ids passed over with no spec known."""
         _, busiest = self._pool_services(self.snapshot)
         specs = self.book.specs
         wids: list[str] = []
@@ -293,8 +355,6 @@ class MarlSitePolicy(SitePolicy):
                 spec = specs.get(w)
                 if isinstance(spec, common.InferenceServiceSpec):
                     wids.append(w)
-                    if len(wids) == limit:
-                        break
                 elif spec is None:
                     unknown.append(w)
         return wids, unknown
@@ -355,8 +415,97 @@ class MarlSitePolicy(SitePolicy):
             latency_s=self._latency, bandwidth_gbps=np.zeros((S, S)), gpu_types=gpu_types,
             total_gpus=total, free_gpus=free, services=services, ready=reps.copy(), replicas=reps,
             capacity_rps=cap, demand_rps=dem, load=load, slo_recent=slo, overflow=np.full((S, K), -1),
-            offers=job_offers, training_gpus=training, population=np.full(S, 1.0 / S),
+            offers=job_offers, training_gpus=training, population=self._population(rows),
+            pool=self._pool_stats(rows, columns),
         )
+
+    def _population(self, rows: _Rows) -> np.ndarray:
+        """[S] ingress weight of each row (the rest of the pool: what the rows leave), normalised over
+        the pool's sites (uniform where no site declares one)."""
+        facts = self._pool_facts(self.snapshot)
+        S = len(rows.rows) + 1
+        n = max(facts.n_sites, S - 1)
+        pop = np.zeros(S)
+        if facts.weight_total > 0:
+            for i, r in enumerate(rows.rows):
+                pop[i] = max(r[6], 0.0) / facts.weight_total
+        else:
+            pop[:-1] = 1.0 / n
+        pop[-1] = max(0.0, 1.0 - pop[:-1].sum())
+        return pop
+
+    def _pool_stats(self, rows: _Rows, columns: list[ServiceColumn]) -> PoolStats:
+        """The pool broadcasts of the view: perception's snapshot (all sites), the waiting training
+        jobs of the last offer round (for `PENDING_TTL_S`)."""
+        f = self._pool_facts(self.snapshot)
+        n_rows = len(rows.rows)
+        up_rows = sum(1 for r in rows.rows if r[1])
+        pending, pending_gpus, seen = self.book.pending
+        if time.monotonic() - seen > PENDING_TTL_S:
+            pending, pending_gpus = 0, 0.0
+        stats = PoolStats(max(f.n_sites, n_rows), max(f.n_up, up_rows), f.gpus_total, f.gpus_free, f.gpus_training,
+                          f.site_gpus_max, f.site_replicas_max,
+                          np.array([c.replicas_max for c in columns], float),
+                          np.array([c.sites for c in columns], float), pending, pending_gpus, f.site_free_share_max)
+        if any(c.key for c in columns):  # where each service's demand is least covered, pool-wide
+            S = n_rows + 1
+            # NaN: a service not in the snapshot (an offered one), its focus worked out from the view's rows
+            stats.service_uncovered_max = np.full(len(columns), np.nan)
+            stats.focus_latency_s = np.full((S, len(columns)), FAR_S)
+            stats.focus_nearest = np.zeros((S, len(columns)), bool)
+            for j, c in enumerate(columns):
+                if not c.key:
+                    continue
+                most, focus, nearest, lat_from = self._focus(c.key, c.info, rows.gpu_types)
+                stats.service_uncovered_max[j] = most
+                for i, r in enumerate(rows.rows):
+                    stats.focus_latency_s[i, j] = 0.0 if r[0] == focus else lat_from.get(r[0], FAR_S)
+                    stats.focus_nearest[i, j] = r[0] == nearest
+        return stats
+
+    def _focus(self, wid: str, info: ServiceInfo, gpu_types: list[str]) -> tuple[float, str, str, dict[str, float]]:
+        """(most uncovered demand at one site, rps; that site — the service's focus; the site with room
+        for a replica nearest to it; latency from the focus to each site, s) of the snapshot: what
+        the twin's `PoolStats` broadcasts. Once per snapshot and service."""
+        snap = self.snapshot
+        key = (wid, tuple(gpu_types))
+        if self._focus_key is not snap:
+            self._focus_key, self._focus_cache = snap, {}
+        found = self._focus_cache.get(key)
+        if found is not None:
+            return found
+        gi = {t: g for g, t in enumerate(gpu_types)}
+        best, focus, demand_best, demand_site = -1.0, "", -1.0, ""
+        statuses = list(snap.sites) if snap else []
+        for st in statuses:
+            x = next((x for x in st.services if x.workload_id == wid), None)
+            if x is None:
+                continue
+            mu = max((info.mu[gi[p.gpu_type]] for p in (st.gpu_pools or st.site.gpu_pools)
+                      if p.gpu_type in gi and info.tp[gi[p.gpu_type]]), default=0.0)
+            uncovered = max(x.request_rate_rps / 0.7 - x.replicas * mu, 0.0)
+            if uncovered > best:
+                best, focus = uncovered, st.site.site_id
+            if x.request_rate_rps > demand_best:
+                demand_best, demand_site = x.request_rate_rps, st.site.site_id
+        if best <= 0:
+            focus = demand_site
+        lat_from: dict[str, float] = {}
+        nearest, near_lat = "", float("inf")
+        by_id = {st.site.site_id: st for st in statuses}
+        if focus in by_id:
+            lat_from = {lk.peer_site_id: lk.latency_ms / 1e3 for lk in by_id[focus].site.links}
+            lat_from[focus] = 0.0
+            for st in statuses:
+                if st.state != common.SITE_STATE_UP:
+                    continue
+                room = any(p.gpu_type in gi and 0 < info.tp[gi[p.gpu_type]] <= p.count - p.used
+                           for p in (st.gpu_pools or st.site.gpu_pools))
+                d = lat_from.get(st.site.site_id, FAR_S)
+                if room and d < near_lat:
+                    nearest, near_lat = st.site.site_id, d
+        found = self._focus_cache[key] = (max(best, 0.0), focus, nearest, lat_from)
+        return found
 
     def _service_column(self, rows: _Rows, wid: str, spec: common.InferenceServiceSpec,
                         offered: bool = False) -> ServiceColumn:
@@ -388,9 +537,21 @@ class MarlSitePolicy(SitePolicy):
             dem[-1] = max(0.0, agg.request_rate_rps - dem[:-1].sum())
             cap[-1] = reps[-1] * mu_max
             slo = agg.requests_ok / agg.requests if agg.requests > 0 else 1.0
-        if offered:
-            dem[ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1] = spec.expected_rate_rps
-        return ServiceColumn(info, reps, reps, dem, cap, load, slo)
+        if offered:  # its declared rate where it will enter: its ingress site, or spread by ingress weight
+            if spec.ingress_site_id:
+                dem[ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1] = spec.expected_rate_rps
+            else:
+                dem[:] = spec.expected_rate_rps * self._population(rows)
+        most, sites = self._pool_facts(self.snapshot).services.get(wid, (0.0, 0.0))
+        return ServiceColumn(info, reps, reps, dem, cap, load, slo, max(most, float(reps[:-1].max(initial=0))),
+                             max(sites, float((reps[:-1] > 0).sum())), "" if offered else wid)
+
+    def _pool_facts(self, snap: perception_pb2.Snapshot | None) -> _PoolFacts:
+        """Pool-wide figures of a snapshot (once per snapshot)."""
+        if self._facts_key is not snap or self._facts is None:
+            self._facts = _PoolFacts.of(snap, self.book)
+            self._facts_key = snap
+        return self._facts
 
     def _pool_services(self, snap: perception_pb2.Snapshot | None) -> tuple[dict, list[str]]:
         """The snapshot's per-service summaries by id, and their ids busiest first (once per snapshot:
@@ -453,6 +614,7 @@ class MarlSitePolicy(SitePolicy):
         decided: dict[int, np.ndarray] = {}  # offer index → [n] bid (training) or wants (inference)
         is_training = [o.kind == common.WORKLOAD_KIND_TRAINING_JOB for o in offers]
         training = [i for i, t in enumerate(is_training) if t]
+        lead.book.note_pending([offers[i] for i in training])
         late: set[int] = set()
         for c in range(0, len(training), MAX_OFFERS):
             chunk = training[c:c + MAX_OFFERS]
@@ -462,7 +624,8 @@ class MarlSitePolicy(SitePolicy):
                 late.update(chunk)
                 continue
             view, _ = lead.view_of(mine, offers=[offers[i] for i in chunk])
-            acts = lead.runtime.act(view)
+            feat, obs, choice = lead.runtime.choices(view, np.arange(n))
+            acts = feat.to_actions(view, choice, obs, np.arange(n))
             for o_i, i in enumerate(chunk):
                 decided[i] = acts.accept[:n, o_i] if acts.accept is not None and o_i < acts.accept.shape[1] \
                     else np.zeros(n)
@@ -506,26 +669,26 @@ class MarlSitePolicy(SitePolicy):
         base = self._base
         if base is None or not base.holds(inputs, self.book):
             rows = self._rows(mine)
-            wids, unknown = self._service_ids(rows, K_MAX - 1)
+            wids, unknown = self._service_ids(rows)
             view = self._assemble(mine, rows, [self._service_column(rows, w, self.book.specs[w]) for w in wids])
-            feat = self.runtime._featurizer(view)
-            obs, mask, _ = feat.build(view)
-            base = self._base = _OfferBase(inputs, self.book.jobs_learned, unknown, rows, wids, view, feat, obs, mask)
+            feat = self.runtime.featurizer(view)
+            obs = feat.build(view, np.arange(rows.n_mine))
+            base = self._base = _OfferBase(inputs, self.book.jobs_learned, unknown, rows, wids, view, feat, obs)
         n = base.rows.n_mine
         if wid in base.wids:  # the offered service is in view already: the whole view decides
             view, all_wids = self.view_of(mine, extra=spec, extra_id=wid)
-            return self.runtime.act(view).replica_delta[:n, all_wids.index(wid)] > 0
-        j = len(base.wids)
-        up = base.view.site_up
-        obs, mask = base.feat.with_service(base.obs, base.mask, up, base.view.free_gpus, j,
-                                           self._service_column(base.rows, wid, spec, offered=True))
-        return (self.runtime.actor.choose_head(obs[:n], mask[:n], j) == 2) & up[:n]
+            feat, obs, choice = self.runtime.choices(view, np.arange(n))
+            return choice.rep[:, all_wids.index(wid)] >= 2
+        obs = base.feat.with_service(base.obs, base.view, np.arange(n),
+                                     self._service_column(base.rows, wid, spec, offered=True))
+        return self.runtime.actor.choose_replicas(obs, obs.K - 1) >= 2
 
     # --- the SitePolicy interface ---------------------------------------------------------------
     def answer_round(self, offers, site: common.Site, telemetry: site_pb.SiteTelemetry | None,
                      available: bool) -> list[tuple[int, str, float, str]]:
         out: list[tuple[int, str, float, str] | None] = [None] * len(offers)
         training = [(i, o) for i, o in enumerate(offers) if o.kind == common.WORKLOAD_KIND_TRAINING_JOB]
+        self.book.note_pending([o for _, o in training])
         for c in range(0, len(training), MAX_OFFERS):
             chunk = training[c:c + MAX_OFFERS]
             view, _ = self.view(site, telemetry, available, offers=[o for _, o in chunk])
@@ -572,5 +735,5 @@ class MarlSitePolicy(SitePolicy):
             if want == have.get(wid, 0):
                 continue
             self._last_change[wid] = now
-            wishes.append(ScaleWish(wid, want, best_type, f"marl {'+1' if d > 0 else '-1'}"))
+            wishes.append(ScaleWish(wid, want, best_type, f"marl {d:+d}"))
         return wishes

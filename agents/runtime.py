@@ -6,21 +6,31 @@ shared actor to a small `.npz` (`export_npz`) and this module decides from it.
 Use:
 
     from agents.runtime import MarlPolicy
-    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v0.npz
+    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v1.npz
     policy = MarlPolicy("runs/x/policy.npz")   # another one (also a training checkpoint .pt, with torch)
     actions = policy.act(view)                 # every site at once: a `cncbrain.twin.view.Actions`
     delta, accept, overflow = policy.decide_site(view, s)   # one site, for the live site agent
 
 `decide_site(view, site_index) -> (replica_delta [K] int, accept [O] float, overflow [K] int)`:
-`replica_delta` is −1/0/+1 per service of `view.services`; `accept` is the site's bid for each of
-`view.offers` (> 0 takes shards, higher first, 0 declines); `overflow` is the site index that takes
-this site's overflow of each service, or −1 for the default (nearest with room). It sees only the
-site's own state, its k nearest neighbours and the per-service pool broadcasts
+`replica_delta` is the change of replicas (−1, 0, +1, or the "cover" count) for every service of
+`view.services` (any number); `accept` is the
+site's bid for each of `view.offers` (> 0 takes shards, higher first, 0 declines); `overflow` is the
+site index that takes this site's overflow of each service, or −1 for the default (nearest with
+room). It sees only the site's own state, its k nearest neighbours and the pool broadcasts
 (`agents.features`), and is deterministic (the most likely choice of every head, masked).
 
-Weights file (`.npz`): `w0, b0, w1, b1, w2, b2` (tanh MLP, row-vector convention `x @ w + b`),
-`nvec` (choices per head), `neighbours` (k) and `meta` (JSON: format version, obs size, how it
-was trained).
+The network (format 2): a site encoder (site block → 2 tanh layers), one sub-network shared by
+every (site, service) pair (site encoding + that service's block → 2 tanh layers → 4 replica
+logits and k+1 overflow logits) and one shared by every (site, offer) pair (site encoding + offer
+block → 1 tanh layer → 2 logits). So the policy is permutation-equivariant over services and
+offers and decides for any number of them.
+
+Weights file (`.npz`, format 2): `site{i}_w`, `site{i}_b`, `svc{i}_w`, `svc{i}_b`, `off{i}_w`,
+`off{i}_b` (row-vector convention `x @ w + b`; the first layer of `svc` and `off` takes the site
+encoding first, then the block), `neighbours` (k), `meta` (JSON: format, feature sizes, how it was
+trained). A format-1 file (the first shipped policy, `marl_v0.npz`: one MLP over a padded vector of
+at most 4 services) still loads for measurement in the twin (`act`; `agents.features_v0`); it has
+no live site agent.
 """
 
 from __future__ import annotations
@@ -31,69 +41,97 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.features import Featurizer, nvec, obs_size
+from agents.features import F_OFFER, MAX_OFFERS, N_OFF, N_REP, Choice, Featurizer, Obs, f_site, f_svc
 from cncbrain.policies.baselines import Policy
 from cncbrain.twin.view import Actions, PoolView
 
-FORMAT_VERSION = 1
-SHIPPED = "marl_v0.npz"
+FORMAT_VERSION = 2
+SHIPPED = "marl_v1.npz"
 
 
 def shipped_policy_path() -> Path:
     return Path(str(resources.files("agents") / "policies" / SHIPPED))
 
 
+def _layers(weights: dict[str, np.ndarray], prefix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    out, i = [], 0
+    while f"{prefix}{i}_w" in weights:
+        out.append((np.asarray(weights[f"{prefix}{i}_w"], np.float32), np.asarray(weights[f"{prefix}{i}_b"], np.float32)))
+        i += 1
+    return out
+
+
 class NumpyActor:
-    """The shared actor: observation rows → masked per-head choices."""
+    """The shared actor: structured observations (`agents.features.Obs`) → masked choices."""
 
     def __init__(self, weights: dict[str, np.ndarray]):
-        self.layers = []
-        i = 0
-        while f"w{i}" in weights:
-            self.layers.append((np.asarray(weights[f"w{i}"], np.float32), np.asarray(weights[f"b{i}"], np.float32)))
-            i += 1
-        self.nvec = np.asarray(weights["nvec"], np.int64)
-        self.k = int(weights["neighbours"])
         self.meta = json.loads(str(weights["meta"])) if "meta" in weights else {}
-        if self.layers[0][0].shape[0] != obs_size(self.k):
-            raise ValueError(f"policy expects {self.layers[0][0].shape[0]} observation features, "
-                             f"this code builds {obs_size(self.k)} (k={self.k}); re-export the policy")
-        if not np.array_equal(self.nvec, nvec(self.k)):
-            raise ValueError(f"policy has action heads {self.nvec.tolist()}, this code has {nvec(self.k).tolist()} "
-                             f"(k={self.k}); retrain or re-export the policy")
-        self.offsets = np.concatenate([[0], np.cumsum(self.nvec)])
+        fmt = self.meta.get("format", 1)
+        if fmt != FORMAT_VERSION:
+            raise ValueError(f"policy file format {fmt}, this runtime reads format {FORMAT_VERSION}")
+        self.k = int(weights["neighbours"])
+        self.site = _layers(weights, "site")
+        self.svc = _layers(weights, "svc")
+        self.off = _layers(weights, "off")
+        if not (self.site and len(self.svc) >= 2 and self.off):
+            raise ValueError("policy file lacks the site, service or offer layers of format 2")
+        H = self.site[-1][0].shape[1]
+        want = {"site": f_site(self.k), "svc": H + f_svc(self.k), "off": H + F_OFFER}
+        got = {"site": self.site[0][0].shape[0], "svc": self.svc[0][0].shape[0], "off": self.off[0][0].shape[0]}
+        if want != got:
+            raise ValueError(f"policy expects inputs {got}, this code builds {want} (k={self.k}); retrain the policy")
+        if self.svc[-1][0].shape[1] != N_REP + self.k + 1 or self.off[-1][0].shape[1] != N_OFF:
+            raise ValueError(f"policy has heads of {self.svc[-1][0].shape[1]} / {self.off[-1][0].shape[1]} values, "
+                             f"this code has {N_REP + self.k + 1} / {N_OFF} (k={self.k}); retrain the policy")
+        self.H = H
 
     @classmethod
     def load(cls, path: str | Path) -> NumpyActor:
-        path = Path(path)
-        if path.suffix == ".pt":  # a training checkpoint: export on the fly (needs torch)
-            from agents.mappo import load_checkpoint_weights
+        return cls(load_weights(path))
 
-            return cls(load_checkpoint_weights(path))
-        with np.load(path, allow_pickle=False) as z:
-            return cls({k: z[k] for k in z.files})
+    # --- forward passes
+    def encode(self, site: np.ndarray) -> np.ndarray:
+        """[N, H] site encodings."""
+        x = np.asarray(site, np.float32)
+        for w, b in self.site:
+            x = np.tanh(x @ w + b)
+        return x
 
-    def logits(self, obs: np.ndarray) -> np.ndarray:
-        x = np.asarray(obs, np.float32)
-        for i, (w, b) in enumerate(self.layers):
+    def _head(self, layers, h: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """Logits of a shared sub-network over blocks [N, M, F] with the site encodings h [N, H]."""
+        w0, b0 = layers[0]
+        H = self.H
+        x = np.tanh((h @ w0[:H])[:, None, :] + np.asarray(block, np.float32) @ w0[H:] + b0)
+        for i, (w, b) in enumerate(layers[1:], start=1):
             x = x @ w + b
-            if i < len(self.layers) - 1:
+            if i < len(layers) - 1:
                 np.tanh(x, out=x)
         return x
 
-    def choose(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """[N, heads] the most likely allowed choice of every head."""
-        z = self.logits(obs)
-        z = np.where(mask > 0, z, -np.inf)
-        out = np.empty((z.shape[0], len(self.nvec)), np.int64)
-        for h in range(len(self.nvec)):
-            out[:, h] = z[:, self.offsets[h]:self.offsets[h + 1]].argmax(axis=1)
-        return out
+    def service_logits(self, h: np.ndarray, svc: np.ndarray) -> np.ndarray:
+        """[N, K, 3 + k+1]: replica then overflow logits of every (site, service)."""
+        if svc.shape[1] == 0:
+            return np.zeros((svc.shape[0], 0, N_REP + self.k + 1), np.float32)
+        return self._head(self.svc, h, svc)
 
-    def choose_head(self, obs: np.ndarray, mask: np.ndarray, h: int) -> np.ndarray:
-        """[N] column `h` of `choose(obs, mask)`, without the other heads."""
-        z = self.logits(obs)[:, self.offsets[h]:self.offsets[h + 1]]
-        return np.where(mask[:, self.offsets[h]:self.offsets[h + 1]] > 0, z, -np.inf).argmax(axis=1)
+    def offer_logits(self, h: np.ndarray, offer: np.ndarray) -> np.ndarray:
+        return self._head(self.off, h, offer)
+
+    def choose(self, obs: Obs) -> Choice:
+        """The most likely allowed choice of every head."""
+        h = self.encode(obs.site)
+        zs = self.service_logits(h, obs.svc)
+        zo = self.offer_logits(h, obs.offer)
+        rep = np.where(obs.m_rep > 0, zs[..., :N_REP], -np.inf).argmax(axis=2)
+        ov = np.where(obs.m_ov > 0, zs[..., N_REP:], -np.inf).argmax(axis=2)
+        off = np.where(obs.m_off > 0, zo, -np.inf).argmax(axis=2)
+        return Choice(rep, off, ov)
+
+    def choose_replicas(self, obs: Obs, j: int) -> np.ndarray:
+        """[N] replica choice (0 remove, 1 keep, 2 add) of service j alone."""
+        h = self.encode(obs.site)
+        z = self._head(self.svc, h, obs.svc[:, j:j + 1])[:, 0, :N_REP]
+        return np.where(obs.m_rep[:, j] > 0, z, -np.inf).argmax(axis=1)
 
 
 class MarlPolicy(Policy):
@@ -106,44 +144,113 @@ class MarlPolicy(Policy):
         if not self.path.exists():
             raise FileNotFoundError(f"no MARL policy at {self.path}")
         self.actor = NumpyActor.load(self.path)
+        self.k = self.actor.k
         self._feat: Featurizer | None = None
         self._feat_key: tuple | None = None
 
-    def _featurizer(self, view: PoolView) -> Featurizer:
+    def featurizer(self, view: PoolView) -> Featurizer:
         key = (id(view.latency_s), view.latency_s.shape)
         if self._feat is None or self._feat_key != key:
-            self._feat = Featurizer(view.latency_s, self.actor.k)
+            self._feat = Featurizer(view.latency_s, self.k)
             self._feat_key = key
         return self._feat
 
-    def choices(self, view: PoolView) -> tuple[Featurizer, np.ndarray]:
-        feat = self._featurizer(view)
-        obs, mask, _ = feat.build(view)
-        return feat, self.actor.choose(obs, mask)
+    def choices(self, view: PoolView, rows=None) -> tuple[Featurizer, Obs, Choice]:
+        feat = self.featurizer(view)
+        obs = feat.build(view, rows)
+        return feat, obs, self.actor.choose(obs)
 
     def act(self, view: PoolView) -> Actions:
-        feat, choice = self.choices(view)
-        return feat.to_actions(view, choice)
+        feat, obs, choice = self.choices(view)
+        return feat.to_actions(view, choice, obs)
 
     def decide_site(self, view: PoolView, site_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One site's decision (see the module docstring), from that site's features alone."""
-        feat = self._featurizer(view)
-        s = int(site_index)
-        obs, mask, room = feat.build_site(view, s)
-        choice = self.actor.choose(obs[None], mask[None])[0]
-        return feat.site_action(view, s, choice, room)
+        rows = np.array([int(site_index)])
+        feat, obs, choice = self.choices(view, rows)
+        delta, accept, overflow = feat.row_actions(view, choice, obs, rows)
+        return delta[0], accept[0], overflow[0]
 
 
-def export_npz(path: str | Path, layers: list[tuple[np.ndarray, np.ndarray]], nvec: np.ndarray, k: int,
+class LegacyMarlPolicy(Policy):
+    """A format-1 policy file (`marl_v0.npz`: one MLP over services padded to 4), for measuring it
+    in the twin next to the current one. Services past the fourth get no decision (that format's cap)."""
+
+    name = "marl"
+
+    def __init__(self, path: str | Path, weights: dict[str, np.ndarray]):
+        from agents import features_v0
+
+        self.path = Path(path)
+        self.layers = []
+        i = 0
+        while f"w{i}" in weights:
+            self.layers.append((np.asarray(weights[f"w{i}"], np.float32), np.asarray(weights[f"b{i}"], np.float32)))
+            i += 1
+        self.k = int(weights["neighbours"])
+        self.nvec = np.asarray(weights["nvec"], np.int64)
+        if self.layers[0][0].shape[0] != features_v0.obs_size(self.k) or \
+                not np.array_equal(self.nvec, features_v0.nvec(self.k)):
+            raise ValueError(f"{path}: a format-1 policy of other sizes than format 1's")
+        self.offsets = np.concatenate([[0], np.cumsum(self.nvec)])
+        self._v0 = features_v0
+        self._feat = None
+        self._key = None
+
+    def act(self, view: PoolView) -> Actions:
+        key = (id(view.latency_s), view.latency_s.shape)
+        if self._feat is None or self._key != key:
+            self._feat, self._key = self._v0.Featurizer(view.latency_s, self.k), key
+        obs, mask, _ = self._feat.build(view)
+        z = obs
+        for i, (w, b) in enumerate(self.layers):
+            z = z @ w + b
+            if i < len(self.layers) - 1:
+                z = np.tanh(z)
+        z = np.where(mask > 0, z, -np.inf)
+        choice = np.stack([z[:, self.offsets[h]:self.offsets[h + 1]].argmax(axis=1) for h in range(len(self.nvec))], 1)
+        return self._feat.to_actions(view, choice)
+
+    def decide_site(self, view: PoolView, site_index: int):
+        a = self.act(view)
+        return a.replica_delta[site_index], a.accept[site_index], a.overflow[site_index]
+
+
+def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if path.suffix == ".pt":  # a training checkpoint: export on the fly (needs torch)
+        from agents.mappo import load_checkpoint_weights
+
+        return load_checkpoint_weights(path)
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """`MarlPolicy` of a policy file (default: the shipped one), or `LegacyMarlPolicy` of a format-1 file."""
+    if path is None:
+        return MarlPolicy()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no MARL policy at {path}")
+    weights = load_weights(path)
+    meta = json.loads(str(weights["meta"])) if "meta" in weights else {}
+    if meta.get("format", 1) == 1:
+        return LegacyMarlPolicy(path, weights)
+    return MarlPolicy(path)
+
+
+def export_npz(path: str | Path, layers: dict[str, list[tuple[np.ndarray, np.ndarray]]], k: int,
                meta: dict | None = None) -> Path:
-    """Write actor weights (list of (w [in, out], b [out])) in the runtime's format."""
+    """Write actor weights ({"site"|"svc"|"off": [(w [in, out], b [out]), …]}) in the runtime's format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for i, (w, b) in enumerate(layers):
-        arrays[f"w{i}"] = np.asarray(w, np.float32)
-        arrays[f"b{i}"] = np.asarray(b, np.float32)
-    info = {"format": FORMAT_VERSION, "obs_size": obs_size(k), **(meta or {})}
-    np.savez_compressed(path, nvec=np.asarray(nvec, np.int64), neighbours=np.int64(k),
-                        meta=np.array(json.dumps(info)), **arrays)
+    for prefix, ls in layers.items():
+        for i, (w, b) in enumerate(ls):
+            arrays[f"{prefix}{i}_w"] = np.asarray(w, np.float32)
+            arrays[f"{prefix}{i}_b"] = np.asarray(b, np.float32)
+    info = {"format": FORMAT_VERSION, "f_site": f_site(k), "f_svc": f_svc(k), "f_offer": F_OFFER,
+            "max_offers": MAX_OFFERS, **(meta or {})}
+    np.savez_compressed(path, neighbours=np.int64(k), meta=np.array(json.dumps(info)), **arrays)
     return path

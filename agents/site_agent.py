@@ -7,7 +7,9 @@ executor, reporting each result.
 
 Policy: `SitePolicy` decides offers and scaling from the agent's local observation (its site, its
 links, the snapshot). `greedy` is built in: take what fits on the allowed GPU type with the most
-free GPUs, priced by latency to the ingress site (nearest-feasible), and a threshold autoscaler
+free GPUs, priced by latency to the ingress site (nearest-feasible; a service without one is spread
+over the pool, and priced by the mean latency from where its demand enters — the sites' ingress
+weights — so it starts near its demand), and a threshold autoscaler
 (add a replica above `scale_up_util`, remove one below `scale_down_util`, open a site that has
 demand and no replica while the service misses its SLO). The twin's pool-wide `cncbrain.policies`
 act on a whole-pool `PoolView`; see docs/live-brain.md for how a learned per-site policy plugs in.
@@ -53,6 +55,36 @@ class SitePolicy:
         self.cooldown_s = cooldown_s
         self._last_change: dict[str, float] = {}
         self._state: tuple | None = None
+        self.snapshot: perception_pb2.Snapshot | None = None
+        self._spread: tuple | None = None
+
+    async def observe(self, bus, snapshot: perception_pb2.Snapshot, site: common.Site) -> None:
+        """Keep perception's latest snapshot (the pool's sites and their ingress weights)."""
+        self.snapshot = snapshot
+
+    def demand_latency_ms(self, site: common.Site) -> float:
+        """Mean latency from where a spread service's demand enters to this site, ms: the sites'
+        ingress weights (the snapshot's; uniform over the up sites where none is known) times this
+        site's latency to each (0 to itself, 100 ms to a site it has no link to). Worked out once
+        per snapshot and site message."""
+        snap = self.snapshot
+        cached = self._spread
+        if cached is not None and cached[0] is snap and cached[1] is site:
+            return cached[2]
+        weights: dict[str, float] = {}
+        if snap is not None:
+            for st in snap.sites:
+                if st.state == common.SITE_STATE_UP:
+                    weights[st.site.site_id] = max(st.site.ingress_weight, 0.0)
+        weights.setdefault(site.site_id, max(site.ingress_weight, 0.0))
+        if sum(weights.values()) <= 0:
+            weights = dict.fromkeys(weights, 1.0)
+        latency_to = {lk.peer_site_id: lk.latency_ms for lk in reversed(site.links)}
+        total = sum(weights.values())
+        mean = sum(w * (0.0 if sid == site.site_id else latency_to.get(sid, 100.0))
+                   for sid, w in weights.items()) / total
+        self._spread = (snap, site, mean)
+        return mean
 
     @staticmethod
     def free_by_type(site: common.Site, telemetry: site_pb.SiteTelemetry | None) -> dict[str, int]:
@@ -93,9 +125,10 @@ class SitePolicy:
             # fewer, fuller sites keep a gang's all-reduce off the WAN
             cost = -float(units) + busy
         else:
-            latency = 0.0
-            if offer.ingress_site_id and offer.ingress_site_id != site.site_id:
-                latency = latency_to.get(offer.ingress_site_id, 100.0)
+            if offer.ingress_site_id:  # near where its requests enter
+                latency = 0.0 if offer.ingress_site_id == site.site_id else latency_to.get(offer.ingress_site_id, 100.0)
+            else:  # spread over the pool: near where most of its demand enters
+                latency = self.demand_latency_ms(site)
             cost = latency + 5.0 * busy
         return units, gpu_type, cost, f"{units}×{offer.gpus_per_unit} {gpu_type} free"
 
@@ -139,7 +172,9 @@ def default_site_policy() -> str:
     """`marl` when the shipped learned policy is there, else `greedy`."""
     from pathlib import Path
 
-    shipped = Path(__file__).resolve().parent / "policies" / "marl_v0.npz"
+    from agents.runtime import SHIPPED
+
+    shipped = Path(__file__).resolve().parent / "policies" / SHIPPED
     return "marl" if shipped.exists() else "greedy"
 
 
@@ -427,9 +462,7 @@ class SiteAgent:
 
     async def on_snapshot(self, event: Event) -> None:
         assert self.site is not None
-        observe = getattr(self.policy, "observe", None)
-        if observe is not None:
-            await observe(self.bus, event.payload, self.site)
+        await self.policy.observe(self.bus, event.payload, self.site)
         for wish in self.policy.scale(event.payload, self.site, self.executor.last_telemetry(), time.monotonic()):
             await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
                 proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_SCALE,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cncbrain.policies.baselines import GreedyPolicy, Policy, RayServePolicy
+from cncbrain.policies.baselines import GreedyPolicy, KpaPolicy, Policy, RayServePolicy
 from cncbrain.twin.view import PoolView
 
 
@@ -37,7 +37,40 @@ class PackTeacher(RayServePolicy):
         return GreedyPolicy.bids(self, view, o)
 
 
-TEACHERS: dict[str, type[Policy]] = {PackTeacher.name: PackTeacher}
+class SpreadTeacher(RayServePolicy):
+    """Ray Serve as it is (autoscaler, SPREAD placement) but bidding for training gangs as the
+    greedy baseline does (whole gang on one site, tightest fit): the spread end of the teachers."""
+
+    name = "spread"
+
+    def bids(self, view: PoolView, o: int) -> np.ndarray:
+        return GreedyPolicy.bids(self, view, o)
+
+
+class NearTeacher(RayServePolicy):
+    """Ray Serve's autoscaler; each replica at the site with room nearest to the largest uncovered
+    demand (the greedy baseline's placement); greedy bids."""
+
+    name = "near"
+
+    def pick_add(self, view: PoolView, k: int, room: np.ndarray, uncovered: np.ndarray) -> int:
+        return GreedyPolicy.pick_add(self, view, k, room, uncovered)
+
+    def bids(self, view: PoolView, o: int) -> np.ndarray:
+        return GreedyPolicy.bids(self, view, o)
+
+
+class KpaPackTeacher(KpaPolicy):
+    """The Knative autoscaler of `kpa` (how many replicas) with `pack`'s placement (into the sites
+    that already run the most replicas); greedy bids."""
+
+    name = "kpack"
+
+    def pick_add(self, view: PoolView, k: int, room: np.ndarray, uncovered: np.ndarray) -> int:
+        return PackTeacher.pick_add(self, view, k, room, uncovered)
+
+
+TEACHERS: dict[str, type[Policy]] = {t.name: t for t in (PackTeacher, SpreadTeacher, NearTeacher, KpaPackTeacher)}
 
 
 def make_teacher(name: str) -> Policy:

@@ -28,9 +28,10 @@ from cncbrain.twin.sim import Twin
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", default="abilene")
+    ap.add_argument("--scenario", default="family:continental:49")
     ap.add_argument("--policy", default=None, help="policy .npz (default: the shipped one)")
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=200, help="offer rounds (0: skip them)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(a.n):
         v = views[i % len(views)]
         c0, t0 = time.process_time(), time.perf_counter()
-        p.decide_site(v, i % v.n_sites)
+        p.decide_site(v, (i * 7) % v.n_sites)
         site.append(time.perf_counter() - t0)
         site_cpu.append(time.process_time() - c0)
     for i in range(min(a.n, 400)):
@@ -55,15 +56,16 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         p.act(v)
         pool.append(time.perf_counter() - t0)
-    rounds, rounds_cpu = offer_rounds(a.scenario, a.policy, min(a.n, 1000))
+    rounds, rounds_cpu = offer_rounds(a.scenario, a.policy, a.rounds) if a.rounds else ([0.0], [0.0])
     ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 4)  # noqa: E731
-    res = {"scenario": a.scenario, "sites": views[0].n_sites, "policy_load_ms": round(load_ms, 2),
+    res = {"scenario": a.scenario, "sites": views[0].n_sites, "services": views[0].n_services,
+           "policy_load_ms": round(load_ms, 2),
            "site_decision_p50_ms": ms(site, 50), "site_decision_p99_ms": ms(site, 99),
            "site_decision_cpu_p50_ms": ms(site_cpu, 50), "site_decision_cpu_p99_ms": ms(site_cpu, 99),
            "pool_decision_p50_ms": ms(pool, 50), "pool_decision_p99_ms": ms(pool, 99),
            "offer_round_p50_ms": ms(rounds, 50), "offer_round_p99_ms": ms(rounds, 99),
            "offer_round_cpu_p50_ms": ms(rounds_cpu, 50),
-           "load_avg_1m": os.getloadavg()[0]}
+           "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
     if a.json:
         print(json.dumps(res))
     else:

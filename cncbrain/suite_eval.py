@@ -136,6 +136,49 @@ def evaluate_suite(
     return list(out.values())
 
 
+def read_stored(path: str | Path, suite: str, seeds: int, hours: float | None) -> dict:
+    """A previous `--json` of `suite` with the same seeds and hours, checked before anything runs."""
+    from cncbrain.errors import UsageError
+
+    try:
+        d = json.loads(Path(path).read_text())
+        d["by_name"] = {row["name"]: row for row in d["scenarios"]}
+        d["order"] = list(d["policies"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--with {path}: not the JSON of `cncbrain eval --suite --json` ({exc})") from None
+    for key, want in (("suite", suite), ("seeds", seeds), ("hours", hours)):
+        if d.get(key) != want:
+            raise UsageError(f"--with {path}: its {key} is {d.get(key)!r}, this run's {want!r}")
+    d["path"] = str(path)
+    return d
+
+
+def add_stored(results: list[ScenarioRuns], stored: dict) -> list[str]:
+    """Put the runs of a previous `--json` (`read_stored`) next to those just run, for every policy
+    of it not run now (a policy run now replaces the stored one of the same name): a new policy is
+    measured against stored baselines without running them again. The stored file must come from
+    the same generator and twin (same code): what it holds is taken as is. Returns the policies
+    added, in the file's order (they are placed before those run now)."""
+    from cncbrain.errors import UsageError
+
+    path = stored["path"]
+    run_now = list(results[0].runs) if results else []
+    added = [p for p in stored["order"] if p not in run_now]
+    for sr in results:
+        row = stored["by_name"].get(sr.name)
+        if row is None or row.get("sites") != sr.sites:
+            raise UsageError(f"--with {path}: scenario {sr.name} ({sr.sites} sites) is not in it as generated here")
+        runs: dict[str, list[RunResult]] = {}
+        for p in added:
+            per_seed = row["policies"].get(p, {}).get("per_seed")
+            if not per_seed:
+                raise UsageError(f"--with {path}: no runs of {p} on {sr.name}")
+            runs[p] = [RunResult(p, int(r["seed"]), {m: math.nan if r.get(m) is None else float(r[m]) for m in METRICS},
+                                 np.zeros(0), np.zeros(0)) for r in per_seed]
+        sr.runs = {**runs, **sr.runs}
+    return added
+
+
 # ---------------------------------------------------------------------------------------- aggregation
 
 

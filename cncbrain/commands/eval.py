@@ -26,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="write the results as JSON to this file")
     p.add_argument("--plot", default=None, help="draw the comparison as a PNG to this file")
     p.add_argument("--workers", type=int, default=None, help="worker processes for --suite (default: CPU count)")
+    p.add_argument("--with", dest="with_json", action="append", default=[], metavar="JSON",
+                   help="with --suite: the results of a previous --json of the same suite (same code, seeds, hours) "
+                        "for the policies not run now, e.g. stored baselines; repeatable")
     p.add_argument("-o", "--output", choices=OUTPUTS, default="table",
                    help="table (default), or json: the results as --json writes them, on stdout (progress on stderr)")
     p.set_defaults(func=run)
@@ -72,6 +75,8 @@ def run(args) -> int:
         if args.seed_start is not None:
             raise UsageError("--seed-start: a suite runs each scenario from its own seed")
         return _run_suite(args, policies)
+    if args.with_json:
+        raise UsageError("--with: only with --suite")
     args.seeds = args.seeds or 3
     scenario = load_scenario(args.scenario or "abilene")
     start = scenario.seed if args.seed_start is None else args.seed_start
@@ -130,7 +135,15 @@ def _run_suite(args, policies: list[str]) -> int:
 
     from cncbrain import suites
     from cncbrain.evaluate import METRICS
-    from cncbrain.suite_eval import evaluate_suite, fmt_share, plot_suite, summarise_suite, write_suite_json
+    from cncbrain.suite_eval import (
+        add_stored,
+        evaluate_suite,
+        fmt_share,
+        plot_suite,
+        read_stored,
+        summarise_suite,
+        write_suite_json,
+    )
 
     suite = suites.get(args.suite)
     members = suite.members()
@@ -139,6 +152,7 @@ def _run_suite(args, policies: list[str]) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    stored = [read_stored(path, suite.name, seeds, hours) for path in args.with_json]
     console = _console(args)
     total = len(members) * len(policies) * seeds
     t0 = time.time()
@@ -153,6 +167,8 @@ def _run_suite(args, policies: list[str]) -> int:
 
         results = evaluate_suite(members, policies, seeds, hours * 3600.0 if hours else None, workers, done)
     wall = time.time() - t0
+    for d in stored:
+        policies = [*add_stored(results, d), *policies]
     summary = summarise_suite(results)
     pol = summary["policies"]
 

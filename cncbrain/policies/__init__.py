@@ -21,10 +21,10 @@ def make_policy(name: str) -> Policy:
         return BASELINES[name]()
     if name == "marl" or name.startswith("marl:"):
         try:
-            from agents.runtime import MarlPolicy
+            from agents.runtime import load_policy
         except ImportError as exc:
             raise CncError(f"policy {name!r} is not available: {exc}") from None
-        return MarlPolicy(name.partition(":")[2] or None)
+        return load_policy(name.partition(":")[2] or None)
     if name.startswith("teacher:"):
         from agents.teachers import TEACHERS, make_teacher
 

@@ -21,7 +21,7 @@ from cncbrain.scenario import InferenceSpec, Scenario
 from cncbrain.twin import physics
 from cncbrain.twin.pool import build_pool, ingress_weights
 from cncbrain.twin.traces import JobSpec, jobs_from_trace, replay
-from cncbrain.twin.view import Actions, JobOffer, PoolView, ServiceInfo
+from cncbrain.twin.view import Actions, JobOffer, PoolStats, PoolView, ServiceInfo
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,13 @@ class TickReport:
     served_rps: np.ndarray  # [S, K] requests served at the site
     training_tokens: float
     cost_usd: float
+    # per site, for credit assignment in training (agents.cnc_pool_v0 reward="site"): requests
+    # counted at the site that served them (at their ingress when nothing could), those that met
+    # their SLOs, training tokens done by the shards at the site, cost of the GPUs allocated there
+    site_requests: np.ndarray | None = None  # [S]
+    site_met: np.ndarray | None = None  # [S]
+    site_tokens: np.ndarray | None = None  # [S]
+    site_cost: np.ndarray | None = None  # [S]
 
 
 def pool_rng(seed: int) -> np.random.Generator:
@@ -468,40 +475,48 @@ class Twin:
         last = self._last
         K = self.K
         reps = self.replicas_by_type()
-        offers = []
+        offers: list[JobOffer] = []
+        pending, pending_gpus = 0, 0.0
         for job in self.jobs:
             if job.state == JobState.PENDING:
-                m = physics.model(job.spec.model)
-                fits = np.array([physics.train_memory_fits(m, g, job.spec.shard_gpus) for g in self.gpus])
-                offers.append(JobOffer(job.spec.job_id, job.spec.n_shards, job.spec.shard_gpus, fits,
-                                       self.time_s - job.spec.arrival_s, job.spec.model))
-                if len(offers) == MAX_OFFERS:
-                    break
+                pending += 1
+                pending_gpus += job.spec.n_shards * job.spec.shard_gpus
+                if len(offers) < MAX_OFFERS:
+                    m = physics.model(job.spec.model)
+                    fits = np.array([physics.train_memory_fits(m, g, job.spec.shard_gpus) for g in self.gpus])
+                    offers.append(JobOffer(job.spec.job_id, job.spec.n_shards, job.spec.shard_gpus, fits,
+                                           self.time_s - job.spec.arrival_s, job.spec.model))
+        up, free, replicas = self.site_up(), self.free_gpus(), reps.sum(axis=2)
+        capacity = (reps * np.array([s.mu for s in self.services]).reshape(K, self.G)[None]).sum(axis=2)
+        demand = last.demand_rps if last is not None else np.zeros((self.S, K))
+        training = self.shard_gpus_used.sum(axis=1)
         return PoolView(
             time_s=self.time_s,
             tick_s=self.tick_s,
             site_ids=self.site_ids,
-            site_up=self.site_up(),
+            site_up=up,
             latency_s=self.latency,
             bandwidth_gbps=self.bandwidth,
             gpu_types=self.gpu_types,
             total_gpus=self.total,
-            free_gpus=self.free_gpus(),
+            free_gpus=free,
             services=[ServiceInfo(s.spec.name, s.spec.model, s.spec.slo.ttft_s, s.spec.slo.tpot_s,
                                   s.spec.min_replicas, s.spec.max_replicas, s.tp.copy(), s.mu.copy(), s.bmax.copy(),
                                   s.active)
                       for s in self.services],
             ready=self.ready.sum(axis=2),
-            replicas=reps.sum(axis=2),
-            capacity_rps=(reps * np.array([s.mu for s in self.services]).reshape(K, self.G)[None]).sum(axis=2),
-            demand_rps=last.demand_rps if last is not None else np.zeros((self.S, K)),
+            replicas=replicas,
+            capacity_rps=capacity,
+            demand_rps=demand,
             load=last.load if last is not None else np.zeros((self.S, K)),
             slo_recent=np.where(last.requests > 0, last.met_slo / np.maximum(last.requests, 1), 1.0)
             if last is not None else np.ones(K),
             overflow=self.overflow.copy(),
             offers=offers,
-            training_gpus=self.shard_gpus_used.sum(axis=1),
+            training_gpus=training,
             population=self.pool.population,
+            pool=PoolStats.of(up, self.total, free, training, replicas, pending, pending_gpus, demand, capacity,
+                              self.latency, self._tp_matrix(), self.pool.population),
         )
 
     def apply(self, actions: Actions) -> None:
@@ -577,12 +592,14 @@ class Twin:
             self.apply(actions)
         t0, dt = self.time_s, min(self.tick_s, self.duration_s - self.time_s)
         report = self._serve(t0, dt)
-        report.training_tokens = self._train(t0, dt)
+        report.training_tokens, report.site_tokens = self._train(t0, dt)
         # cost and utilisation of what is allocated during the tick
         reps = self.replicas_by_type()
         tpm = self._tp_matrix()
         alloc = (reps * tpm[None]).sum(axis=1) + self.shard_gpus_used if self.K else self.shard_gpus_used.copy()
-        cost = float((alloc * self.price[None, :]).sum() * dt / 3600.0)
+        site_cost = (alloc * self.price[None, :]).sum(axis=1) * dt / 3600.0
+        report.site_cost = site_cost
+        cost = float(site_cost.sum())
         busy_inf = (self.ready * tpm[None]).sum(axis=2) * np.minimum(report.load, 1.0) if self.K else 0.0
         self.busy_gpu_s += float((np.sum(busy_inf) + self.shard_gpus_used.sum()) * dt)
         self.avail_gpu_s += float(self.total[self.site_up()].sum() * dt)
@@ -655,8 +672,10 @@ class Twin:
 
     def _serve(self, t0: float, dt: float) -> TickReport:
         K, S = self.K, self.S
+        site_requests, site_met = np.zeros(S), np.zeros(S)
         rep = TickReport(t0, np.zeros(K, np.int64), np.zeros(K, np.int64), np.zeros(K, np.int64),
-                         np.zeros((S, K)), np.zeros((S, K)), np.zeros((S, K)), 0.0, 0.0)
+                         np.zeros((S, K)), np.zeros((S, K)), np.zeros((S, K)), 0.0, 0.0,
+                         site_requests, site_met)
         if not hasattr(self, "_near"):
             self._near = [np.argsort(self.latency[i], kind="stable")[1:] for i in range(S)]
         lat_ok = np.isfinite(self.latency)
@@ -729,6 +748,9 @@ class Twin:
             ok = ~dropped & (ttft <= svc.spec.slo.ttft_s) & (tpot <= svc.spec.slo.tpot_s)
             rep.requests[k] = n * rw
             rep.met_slo[k] = int(ok.sum()) * rw
+            at = np.where(served, j, ing)
+            site_requests += np.bincount(at, minlength=S) * rw
+            site_met += np.bincount(at[ok], minlength=S) * rw
             rep.dropped[k] = int(dropped.sum()) * rw
             keep = ~dropped
             if self.keep_history:
@@ -747,8 +769,10 @@ class Twin:
         self.n_met += int(rep.met_slo.sum())
         return rep
 
-    def _train(self, t0: float, dt: float) -> float:
+    def _train(self, t0: float, dt: float) -> tuple[float, np.ndarray]:
+        """Advance the running jobs; (tokens done, tokens done per site [S], split by shards)."""
         done_tokens = 0.0
+        per_site = np.zeros(self.S)
         for job in self.jobs:
             if job.state != JobState.RUNNING:
                 continue
@@ -756,6 +780,10 @@ class Twin:
             run = min(dt, left / job.rate) if job.rate > 0 else dt
             job.progress += job.rate * run
             done_tokens += job.rate * run
+            if job.placement:
+                share = job.rate * run / len(job.placement)
+                for s, _ in job.placement:
+                    per_site[s] += share
             self.wan_bytes += job.wan_bytes_per_s * run
             job.since_ckpt_s += run
             if job.since_ckpt_s >= job.spec.checkpoint_interval_s:
@@ -767,7 +795,7 @@ class Twin:
                 job.finish_s = t0 + run
                 self._stop_job(job, lose=False)
                 job.state = JobState.DONE
-        return done_tokens
+        return done_tokens, per_site
 
     # ---------------------------------------------------------------- results
     def metrics(self) -> dict[str, float]:

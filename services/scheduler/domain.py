@@ -235,6 +235,8 @@ class Need:
     min_hbm_gb: float
     ingress_site_id: str = ""
     params_b: float = 0.0
+    spread: bool = False
+    """An inference service without an ingress site: its demand enters all over the pool."""
 
 
 def need_of(w: spb.Workload) -> Need:
@@ -245,7 +247,8 @@ def need_of(w: spb.Workload) -> Need:
     s = w.inference_service
     # Weights plus ~20 % for KV cache and activations, spread over the replica's GPUs.
     hbm = s.params_b * 1e9 * BYTES_PER_PARAM_SERVE * SERVE_OVERHEAD / s.gpus_per_replica / 1e9
-    return Need(s.min_replicas, s.gpus_per_replica, tuple(s.allowed_gpu_types), hbm, s.ingress_site_id, s.params_b)
+    return Need(s.min_replicas, s.gpus_per_replica, tuple(s.allowed_gpu_types), hbm, s.ingress_site_id, s.params_b,
+                spread=not s.ingress_site_id)
 
 
 @dataclass
@@ -286,23 +289,34 @@ class Inventory:
 def arbitrate(need: Need, proposals: Iterable[site_pb.Proposal], inventory: Inventory) -> dict[str, tuple[str, int]] | None:
     """Fill the need from the cheapest proposals (ties by site id) within the inventory's free GPUs.
 
+    A spread service (inference without an ingress site) is filled in two passes: first one unit
+    per site, cheapest sites first (the agents price it by their latency to where its demand
+    enters), then the rest, cheapest first — so its first replicas start near its demand, not all
+    at the cheapest site.
+
     Returns {site: (gpu_type, units)} covering every unit, or None (all or none: nothing is
     reserved for a partial answer, so a gang never holds GPUs it cannot use).
     """
     remaining = need.units
     allocation: dict[str, tuple[str, int]] = {}
-    for p in sorted(proposals, key=lambda p: (p.cost, p.site_id)):
-        if remaining == 0:
-            break
-        if p.units == 0 or p.site_id in allocation or p.site_id not in inventory.up:
+    ordered = sorted(proposals, key=lambda p: (p.cost, p.site_id))
+    chosen: dict[str, site_pb.Proposal] = {}  # the first usable proposal of each site
+    for p in ordered:
+        if p.units == 0 or p.site_id in chosen or p.site_id not in inventory.up:
             continue
         if need.allowed_gpu_types and p.gpu_type not in need.allowed_gpu_types:
             continue
-        room = inventory.free(p.site_id, p.gpu_type) // need.gpus_per_unit
-        grant = min(p.units, remaining, room)
-        if grant > 0:
-            allocation[p.site_id] = (p.gpu_type, grant)
-            remaining -= grant
+        chosen[p.site_id] = p
+    for cap in ((1, None) if need.spread else (None,)):
+        for p in chosen.values():
+            if remaining == 0:
+                break
+            got = allocation.get(p.site_id, ("", 0))[1]
+            room = inventory.free(p.site_id, p.gpu_type) // need.gpus_per_unit - got
+            grant = min(p.units if cap is None else min(p.units, cap), got + remaining, got + room) - got
+            if grant > 0:
+                allocation[p.site_id] = (p.gpu_type, got + grant)
+                remaining -= grant
     return allocation if remaining == 0 else None
 
 

@@ -76,6 +76,23 @@ def test_eval_suite_smoke_end_to_end(tmp_path):
     assert data["families"]["edge"]["policies"][data["scenarios"][0]["best_baseline"]]["gap_closed"] == 0.0
     assert png.read_bytes()[:4] == b"\x89PNG"
 
+    # a new policy against the stored runs: only it runs, the table and JSON hold all of them
+    both = tmp_path / "both.json"
+    r = cnc("eval", "--suite", "smoke", "--policy", "kpa,greedy", "--workers", "1", "--with", str(out),
+            "--json", str(both))
+    assert r.returncode == 0, r.stderr
+    merged = json.loads(both.read_text())
+    assert list(merged["policies"]) == ["least-loaded", "oracle", "kpa", "greedy"]
+    assert "4 episodes" in r.stdout  # kpa and greedy on two scenarios; the stored ones not again
+    for old, new in zip(data["scenarios"], merged["scenarios"], strict=True):
+        assert new["policies"]["oracle"]["score"] == old["policies"]["oracle"]["score"]
+        assert new["policies"]["greedy"]["score"] == old["policies"]["greedy"]["score"]  # deterministic twin
+    # a file of another suite, or another horizon, is refused with the field named
+    r = cnc("eval", "--suite", "smoke", "--policy", "kpa", "--hours", "0.1", "--with", str(out))
+    assert r.returncode == 2 and "hours" in r.stderr
+    r = cnc("eval", "--scenario", "abilene", "--policy", "kpa", "--with", str(out))
+    assert r.returncode == 2 and "--suite" in r.stderr
+
 
 def test_scenarios_generate_and_errors(tmp_path):
     out = tmp_path / "a" / "e.yaml"

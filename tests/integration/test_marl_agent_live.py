@@ -101,13 +101,12 @@ def test_sites_of_one_process_answer_a_round_together_as_each_would_alone():
         more = {"extra": extra.inference_service, "extra_id": extra.workload_id} if extra else {}
         view, wids = policies[0].view_of(mine, **more)
         assert view.site_ids == [*SITES, "_rest"]
-        feat, _ = policies[0].runtime.choices(view)
-        rows = feat.build(view)[0]
+        _, rows, _ = policies[0].runtime.choices(view)
         for i, policy in enumerate(policies):
             own, own_wids = policy.view(site_of(i), None, True, **more)
-            own_feat, _ = policy.runtime.choices(own)
+            _, own_rows, _ = policy.runtime.choices(own, [0])
             assert own_wids == wids
-            assert np.allclose(rows[i], own_feat.build(own)[0][0]), SITES[i]
+            assert np.allclose(rows.site[i], own_rows.site[0]) and np.allclose(rows.svc[i], own_rows.svc[0]), SITES[i]
     members = [(policy, site_of(i), None, True) for i, policy in enumerate(policies)]
     together = MarlSitePolicy.answer_sites(members, offers)
     alone = [policy.answer_round(offers, site_of(i), None, True) for i, policy in enumerate(policies)]
@@ -229,6 +228,58 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
                 break
             await asyncio.sleep(0.1)
         assert any(s.workload_id == w.workload_id and s.replicas == 2 for s in perception.events.latest.services)
+    finally:
+        await channel.close()
+        for a in agents:
+            await a.stop()
+        await bus.close()
+        await watcher.close()
+        await scheduler.stop()
+        await perception.stop()
+
+
+@pytest.mark.parametrize("policy_name", ["marl", "greedy"])
+async def test_a_spread_service_starts_near_its_demand_not_at_the_first_site_ids(nats_server, policy_name):
+    """A service without an ingress site (its demand enters all over the pool) is placed where the
+    sites' ingress weights say its demand enters: the agents price it by their mean latency to the
+    demand and the scheduler takes one replica per site, cheapest first — here the two far end sites
+    of the line, which hold nearly all the demand, not the two first site ids."""
+    url = nats_server.url
+    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, tick_s=0.2)).start()
+    scheduler = await SchedulerServer(SchedulerSettings(nats_url=url, grpc_port=0, offer_timeout_s=1.0)).start()
+    bus = await Bus.connect(url, "agents")
+    weights = {"a": 0.1, "b": 0.1, "c": 0.2, "d": 4.0, "e": 5.0}
+    agents = []
+    for i, sid in enumerate(SITES):
+        site = site_of(i)
+        site.ingress_weight = weights[sid]
+        agents.append(await SiteAgent(bus, sid, MemoryExecutor(site), make_site_policy(policy_name),
+                                      heartbeat_s=0.2).start())
+    watcher = await Bus.connect(url, "test")
+    placed: list[pb.PlacementCommitted] = []
+
+    async def on_placement(ev):
+        placed.append(ev.payload)
+
+    await watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    try:
+        for _ in range(100):  # every site known, and every agent holds a snapshot with their weights
+            if len(scheduler.coordinator.ledger.up) == len(SITES) and all(
+                    a.policy.snapshot is not None and len(a.policy.snapshot.sites) == len(SITES) for a in agents):
+                break
+            await asyncio.sleep(0.1)
+        spread = common.InferenceServiceSpec()
+        spread.CopyFrom(spec("spread"))
+        spread.ingress_site_id = ""
+        w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spread))).workload
+        for _ in range(100):
+            if any(m.placement.workload_id == w.workload_id for m in placed):
+                break
+            await asyncio.sleep(0.1)
+        by_site = {m.placement.site_id: m.placement.replicas for m in placed if m.placement.workload_id == w.workload_id}
+        assert by_site == {"d": 1, "e": 1}, by_site
     finally:
         await channel.close()
         for a in agents:

@@ -207,7 +207,8 @@ def test_one_trace_from_the_cli_through_offer_agents_commit_and_apply(brain, dep
         spans = [s for s in collector.snapshot() if s["trace_id"] == tid]
         names = {(s["process"], s["name"]) for s in spans}
         applied = {n.removeprefix("apply ") for p, n in names if p == "agents" and n.startswith("apply ")}
-        emulated = [n for p, n in names if p == "emulator" and "cnc.emulator.apply" in n]
+        # one emulator span per site applied (their names are the subject's template, alike: count spans)
+        emulated = [s for s in spans if s["process"] == "emulator" and "cnc.emulator.apply" in s["name"]]
         return (spans, names, applied) if applied and len(emulated) >= len(applied) else None
 
     spans, names, applied = wait_for(complete, 30, "every apply of the deploy in its trace")

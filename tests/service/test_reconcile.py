@@ -64,6 +64,9 @@ async def until_state(stub, wid, states, timeout=15.0):
 
 
 async def deploy(stub, **kw):
+    # demand entering at a: filled cheapest site first (a service without an ingress site starts
+    # one replica per site, which these reconciliation cases are not about)
+    kw.setdefault("ingress_site_id", "a")
     resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(**kw)))
     return resp.workload.workload_id
 

@@ -50,7 +50,8 @@ async def placements_of(bus, wid, count, timeout=5.0):
 async def test_deploy_places_cheapest_sites_first_and_publishes_per_site(scheduler, bus):
     server, stub = scheduler
     await FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 3.0, "b": 1.0, "c": 2.0}).start()
-    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
+        service=service_spec(min_replicas=5, ingress_site_id="b")))
     wid = resp.workload.workload_id
     assert resp.workload.state == spb.WORKLOAD_STATE_PENDING and wid.startswith("svc-")
     got = await placements_of(bus, wid, 2)
@@ -78,7 +79,8 @@ async def test_one_agent_process_answers_a_round_for_its_sites_in_one_message(sc
         await bus.publish(subjects.SITE_ANSWERS, batch, agent="agents-1")
 
     await bus.subscribe(subjects.SCHEDULER_OFFER, on_offer, consumer="fake-agent-process")
-    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec(min_replicas=5)))
+    resp = await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(
+        service=service_spec(min_replicas=5, ingress_site_id="b")))
     got = await placements_of(bus, resp.workload.workload_id, 2)
     assert {m.placement.site_id: m.placement.replicas for m in got} == {"b": 4, "c": 1}
     assert server.coordinator.counters["answers_refused"] >= 1  # mallory
@@ -260,7 +262,7 @@ async def _published_placement(bus, w, site, replicas, generation=1):
 async def _restart_after_cut_short_commit(nats_server, bus, site, replicas):
     """A pending 3-replica service whose commit got `replicas` at `site` into the placement stream
     and no further; then a scheduler starts (agents answering: a cheapest, then b, then c)."""
-    w = await _stored_pending(bus, service_spec(min_replicas=3))
+    w = await _stored_pending(bus, service_spec(min_replicas=3, ingress_site_id="a"))
     await _published_placement(bus, w, site, replicas)
     agents = FakeAgents(bus, {"a": 4, "b": 4, "c": 2}, {"a": 1, "b": 2, "c": 3})
     await agents.start()
@@ -374,3 +376,28 @@ async def test_a_garbled_record_is_skipped_with_its_key_named_and_left_in_place(
         assert (await kv.get("svc-garbled")).value == b"\xff\x00 not a workload"
     finally:
         await server.stop()
+
+
+def test_a_spread_service_starts_one_replica_per_site_cheapest_first_then_fills_up():
+    """Arbitration of a service without an ingress site (its demand enters all over the pool): one
+    replica per site in price order first — the agents price it by their latency to the demand —
+    then the rest cheapest first; a service with an ingress site fills the cheapest site first.
+    A site's first usable proposal counts, never more than its free GPUs, all or none."""
+    from services.scheduler.domain import Inventory, Need, arbitrate
+
+    inventory = Inventory()
+    for sid, n in {"a": 8, "b": 8, "c": 1, "d": 8}.items():
+        inventory.set_site(sid, [common.GpuPool(gpu_type="H100", count=n)], up=True)
+    inventory.set_site("down", [common.GpuPool(gpu_type="H100", count=8)], up=False)
+
+    def prop(sid, cost, units=8, gpu="H100"):
+        return site_pb.Proposal(site_id=sid, units=units, gpu_type=gpu, cost=cost)
+
+    props = [prop("d", 40.0), prop("a", 5.0), prop("a", 1.0, gpu="A100"), prop("c", 2.0), prop("b", 9.0),
+             prop("down", 0.0)]
+    spread = Need(units=6, gpus_per_unit=1, allowed_gpu_types=("H100",), min_hbm_gb=0, spread=True)
+    got = arbitrate(spread, props, inventory)
+    assert got == {"c": ("H100", 1), "a": ("H100", 3), "b": ("H100", 1), "d": ("H100", 1)}
+    ingress = Need(units=6, gpus_per_unit=1, allowed_gpu_types=("H100",), min_hbm_gb=0, ingress_site_id="a")
+    assert arbitrate(ingress, props, inventory) == {"c": ("H100", 1), "a": ("H100", 5)}
+    assert arbitrate(Need(units=26, gpus_per_unit=1, allowed_gpu_types=(), min_hbm_gb=0, spread=True), props, inventory) is None

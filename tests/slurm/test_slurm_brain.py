@@ -110,7 +110,8 @@ async def brain_alone(nats_server, slurm, tmp_path):
 
 
 def service_spec(name, replicas, gpus, template=None):
-    return inference_spec(name, replicas, gpus_per_replica=gpus, allowed_gpu_types=["H100"],
+    # its demand enters at the Slurm site (a service without an ingress site starts one replica per site)
+    return inference_spec(name, replicas, gpus_per_replica=gpus, allowed_gpu_types=["H100"], ingress_site_id=SITE,
                           template=template or serve_template())
 
 

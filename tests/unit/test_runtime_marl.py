@@ -1,19 +1,41 @@
-"""The numpy runtime of the learned policy: same decisions as the torch actor, no torch needed,
-one site's decision equals that site's row of the pool's decision (speed: benchmarks/bench_policy.py)."""
+"""The numpy runtime of the learned policy: same decisions as the torch actor, no torch needed, one
+site's decision equals that site's row of the pool's decision, any number of services (speed:
+benchmarks/bench_policy.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agents.features import Featurizer, nvec, obs_size
-from agents.runtime import MarlPolicy, NumpyActor, export_npz, shipped_policy_path
+from agents.features import N_REP, Featurizer, ServiceColumn
+from agents.runtime import (
+    LegacyMarlPolicy,
+    MarlPolicy,
+    NumpyActor,
+    export_npz,
+    load_policy,
+    shipped_policy_path,
+)
 from cncbrain.policies import make_policy
-from cncbrain.scenario import load_scenario
+from cncbrain.scenario import load_scenario, parse_scenario
 from cncbrain.twin.sim import Twin
+
+SIX = ["chat", "code", "assistant", "reason", "edge", "batch"]
+
+
+def six_services():
+    """att with six services (1.3B … 70B, bf16 and fp8, both traces)."""
+    sc = load_scenario("att").model_dump()
+    models = [("13b", "conv", "bf16"), ("7b", "code", "bf16"), ("70b", "conv", "bf16"), ("34b", "conv", "fp8"),
+              ("1.3b", "code", "bf16"), ("7b", "conv", "fp8")]
+    sc["inference"] = [{"name": n, "model": m, "trace": t, "precision": p, "rate_scale": 3.0, "ingress": "uniform",
+                        "slo": {"ttft_s": 2.0, "tpot_s": 0.15}, "min_replicas": 1, "max_replicas": 32}
+                       for n, (m, t, p) in zip(SIX, models, strict=True)]
+    return parse_scenario(sc)
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +44,39 @@ def exported(tmp_path_factory):
     from agents.mappo import Actor
 
     torch.manual_seed(0)
-    actor = Actor(obs_size(3), nvec(3), 64)
-    with torch.no_grad():  # a non-trivial output layer (the trainer's init makes it nearly zero)
-        actor.net[-1].weight.normal_(0, 0.5)
-    path = export_npz(tmp_path_factory.mktemp("pol") / "p.npz", actor.numpy_layers(), nvec(3), 3, {"test": True})
+    actor = Actor(3, 64)
+    with torch.no_grad():  # non-trivial output layers (the trainer's init makes them nearly zero)
+        actor.svc[-1].weight.normal_(0, 0.5)
+        actor.off[-1].weight.normal_(0, 0.5)
+    path = export_npz(tmp_path_factory.mktemp("pol") / "p.npz", actor.numpy_layers(), 3, {"test": True})
     return actor, path
 
 
 def test_numpy_forward_matches_torch(exported):
     import torch
 
+    from agents.mappo import Batch, split_choice
+
     actor, path = exported
     na = NumpyActor.load(path)
-    twin = Twin(load_scenario("geant"), seed=3)
-    obs, mask, _ = Featurizer(twin.latency, 3).build(twin.view())
-    with torch.no_grad():
-        want = actor.net(torch.as_tensor(obs)).numpy()
-        greedy, _, _ = actor.evaluate(torch.as_tensor(obs), torch.as_tensor(mask, dtype=torch.float32), greedy=True)
-    np.testing.assert_allclose(na.logits(obs), want, rtol=1e-4, atol=1e-5)
-    assert (na.choose(obs, mask) == greedy.numpy()).all()
-    assert na.meta["test"] is True and na.meta["obs_size"] == obs_size(3)
+    for scenario in (load_scenario("geant"), six_services()):
+        twin = Twin(scenario, seed=3)
+        for _ in range(3):
+            obs = Featurizer(twin.latency, 3).build(twin.view())
+            b = Batch.of(Batch.pad([obs], obs.K), "cpu")
+            with torch.no_grad():
+                rep, ov, off = actor.logits(b)
+                greedy, _, _ = actor.evaluate(b, greedy=True)
+            h = na.encode(obs.site)
+            zs = na.service_logits(h, obs.svc)
+            np.testing.assert_allclose(np.where(obs.m_rep > 0, zs[..., :N_REP], -1e9), rep.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.where(obs.m_ov > 0, zs[..., N_REP:], -1e9), ov.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(np.where(obs.m_off > 0, na.offer_logits(h, obs.offer), -1e9), off.numpy(),
+                                       rtol=1e-4, atol=1e-4)
+            c, t = na.choose(obs), split_choice(greedy.numpy(), obs.K)
+            assert (c.rep == t.rep).all() and (c.off == t.off).all() and (c.ov == t.ov).all()
+            twin.step(MarlPolicy(path).act(twin.view()))
+    assert na.meta["test"] is True and na.meta["format"] == 2
 
 
 def test_decide_site_is_the_sites_row_of_act(exported):
@@ -57,12 +92,84 @@ def test_decide_site_is_the_sites_row_of_act(exported):
             assert (d == full.replica_delta[s]).all()
             assert (acc == full.accept[s]).all()
             assert (ov == full.overflow[s]).all()
-            assert set(np.unique(d)) <= {-1, 0, 1}
+            assert (d >= -1).all()
         twin.step(full)
 
 
+def test_a_pool_with_six_services_gets_a_decision_for_every_service(exported):
+    """No cap on services: a six-service pool gets a replica decision for each of the six, at
+    every site — and the choice for a service does not depend on where it sits in the list
+    (one sub-network for every (site, service) pair). The shipped policy scales each of the six
+    (the first policy format never touched a fifth or sixth service)."""
+    _, path = exported
+    p = make_policy("marl")
+    twin = Twin(six_services(), seed=1)
+    view = twin.view()
+    assert [s.name for s in view.services] == SIX
+    acted = set()
+    for _ in range(40):
+        view = twin.view()
+        a = p.act(view)
+        assert a.replica_delta.shape == (view.n_sites, 6) and a.overflow.shape == (view.n_sites, 6)
+        acted |= {j for j in range(6) if (a.replica_delta[:, j] != 0).any()}
+        d, _, ov = p.decide_site(view, 3)
+        assert d.shape == (6,) and ov.shape == (6,)
+        twin.step(a)
+    assert acted == set(range(6)), f"services never changed: {set(range(6)) - acted}"
+    p = MarlPolicy(path)
+    # reversed service order: the same choices, reversed
+    feat = p.featurizer(view)
+    obs = feat.build(view)
+    order = np.arange(6)[::-1]
+    perm = feat.build(view)
+    perm.svc, perm.m_rep, perm.m_ov = obs.svc[:, order], obs.m_rep[:, order], obs.m_ov[:, order]
+    a, b = p.actor.choose(obs), p.actor.choose(perm)
+    assert (a.rep[:, order] == b.rep).all() and (a.ov[:, order] == b.ov).all() and (a.off == b.off).all()
+    # and each service alone gives its column
+    for j in range(6):
+        assert (p.actor.choose_replicas(obs, j) == a.rep[:, j]).all()
+
+
+def test_adding_one_service_to_built_features_equals_building_them_all():
+    """`Featurizer.with_service` (a live agent adds an offered service, not placed yet, to the
+    observation it keeps) gives exactly `build`'s observation and masks of the view that has that
+    service last."""
+    import dataclasses
+
+    twin = Twin(six_services(), seed=2)
+    rng = np.random.default_rng(1)
+    for t in range(12):
+        view = twin.view()
+        feat = Featurizer(view.latency_s, 3)
+        j = view.n_services - 1
+        cut = lambda x, j=j: x[:, :j]  # noqa: E731
+        # (the focus figures worked out from the view's own rows, as for the offered service)
+        pool = dataclasses.replace(view.pool, service_replicas_max=view.pool.service_replicas_max[:j],
+                                   service_sites=view.pool.service_sites[:j], service_uncovered_max=None,
+                                   focus_latency_s=None, focus_nearest=None)
+        base = dataclasses.replace(
+            view, services=view.services[:j], ready=cut(view.ready), replicas=cut(view.replicas),
+            capacity_rps=cut(view.capacity_rps), demand_rps=cut(view.demand_rps), load=cut(view.load),
+            slo_recent=view.slo_recent[:j], overflow=cut(view.overflow), pool=pool)
+        # the offered service: no replicas anywhere, its demand where it will enter
+        zero = np.zeros(view.n_sites)
+        col = ServiceColumn(view.services[j], zero, zero, view.demand_rps[:, j], zero, zero, 1.0, 0.0, 0.0)
+        full = dataclasses.replace(
+            base, services=view.services, ready=np.c_[base.ready, zero], replicas=np.c_[base.replicas, zero],
+            capacity_rps=np.c_[base.capacity_rps, zero], demand_rps=view.demand_rps, load=np.c_[base.load, zero],
+            slo_recent=np.r_[base.slo_recent, 1.0], overflow=view.overflow,
+            pool=dataclasses.replace(pool, service_replicas_max=np.r_[pool.service_replicas_max, 0.0],
+                                     service_sites=np.r_[pool.service_sites, 0.0]))
+        rows = np.sort(rng.choice(view.n_sites, 7, replace=False))
+        got = feat.with_service(feat.build(base, rows), base, rows, col)
+        want = feat.build(full, rows)
+        for name in ("site", "svc", "offer", "m_rep", "m_off", "m_ov", "room"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (t, name)
+        twin.step(make_policy("greedy").act(view) if t % 2 else None)
+
+
 def test_shipped_policy_loads_through_make_policy_and_plays_an_episode():
-    assert shipped_policy_path().exists(), "agents/policies/marl_v0.npz must ship with the package"
+    assert shipped_policy_path().exists(), "agents/policies/marl_v1.npz must ship with the package"
     p = make_policy("marl")
     assert isinstance(p, MarlPolicy)
     twin = Twin(load_scenario("abilene"), seed=0, duration_s=1200)
@@ -71,6 +178,19 @@ def test_shipped_policy_loads_through_make_policy_and_plays_an_episode():
         twin.step(p.act(twin.view()))
     m = twin.metrics()
     assert 0.0 < m["score"] <= 1.0
+
+
+def test_the_first_policy_format_still_plays_in_the_twin():
+    """`marl:agents/policies/marl_v0.npz` (format 1: services padded to 4) is measured as before."""
+    old = Path(shipped_policy_path()).parent / "marl_v0.npz"
+    p = make_policy(f"marl:{old}")
+    assert isinstance(p, LegacyMarlPolicy)
+    twin = Twin(load_scenario("abilene"), seed=0, duration_s=600)
+    while not twin.done():
+        twin.step(p.act(twin.view()))
+    assert 0.0 < twin.metrics()["score"] <= 1.0
+    with pytest.raises(ValueError, match="format 1, this runtime reads format 2"):
+        NumpyActor.load(old)
 
 
 def test_runtime_needs_no_torch():
@@ -86,71 +206,35 @@ def test_runtime_needs_no_torch():
 @pytest.mark.parametrize("scenario", ["abilene", "geant"])
 def test_single_site_features_equal_the_pool_row(scenario):
     from agents.cnc_pool_v0 import CncPoolEnv
+    from agents.features import Choice
 
     env = CncPoolEnv(scenario=scenario, duration_s=1800 if scenario == "abilene" else 600)
     env.reset_arrays(7)
     rng = np.random.default_rng(0)
-    done, ticks = False, 0
+    done = False
     while not done:
         view, feat = env._view, env.featurizer
-        obs, mask, _ = feat.build(view)
+        obs = feat.build(view)
         for s in range(view.n_sites):
-            o, m, _ = feat.build_site(view, s)
-            np.testing.assert_allclose(o, obs[s], rtol=1e-6, atol=1e-7)
-            assert (m == mask[s]).all(), (ticks, s)
-        choice = rng.integers(0, feat.nvec, size=(view.n_sites, len(feat.nvec)))
-        full = feat.to_actions(view, choice)
+            one = feat.build(view, [s])
+            for name in ("site", "svc", "offer", "m_rep", "m_off", "m_ov", "room"):
+                assert np.array_equal(getattr(one, name)[0], getattr(obs, name)[s]), (s, name)
+        choice = Choice.unflat(rng.integers(0, env.nvec, size=(view.n_sites, len(env.nvec))), env.K)
+        full = feat.to_actions(view, choice, obs)
         for s in range(view.n_sites):
-            d, acc, ov = feat.site_action(view, s, choice[s], feat.build_site(view, s)[2])
-            assert (d == full.replica_delta[s]).all() and (acc == full.accept[s]).all() and (ov == full.overflow[s]).all()
+            one = feat.build(view, [s])
+            a = feat.to_actions(view, Choice(choice.rep[[s]], choice.off[[s]], choice.ov[[s]]), one, [s])
+            assert (a.replica_delta[s] == full.replica_delta[s]).all() and (a.accept[s] == full.accept[s]).all()
+            assert (a.overflow[s] == full.overflow[s]).all()
         *_, done = env.step_arrays(choice)
-        ticks += 1
 
 
-def test_a_policy_with_other_action_heads_is_refused_by_name(tmp_path):
-    heads = nvec(3).copy()
-    heads[:4] = 5  # e.g. a policy trained with a wider replica head
-    w = [(np.zeros((obs_size(3), 8), np.float32), np.zeros(8, np.float32)),
-         (np.zeros((8, int(heads.sum())), np.float32), np.zeros(int(heads.sum()), np.float32))]
-    path = export_npz(tmp_path / "other.npz", w, heads, 3, {})
-    with pytest.raises(ValueError, match=r"policy has action heads \[5, 5, 5, 5, 2, 2, 4, 4, 4, 4\], this code has "
-                                         r"\[3, 3, 3, 3, 2, 2, 4, 4, 4, 4\]"):
+def test_a_policy_of_other_sizes_is_refused_by_name(tmp_path):
+    w = {"site": [(np.zeros((5, 8), np.float32), np.zeros(8, np.float32))],
+         "svc": [(np.zeros((8 + 27, 8), np.float32), np.zeros(8, np.float32)), (np.zeros((8, 7), np.float32), np.zeros(7))],
+         "off": [(np.zeros((8 + 8, 2), np.float32), np.zeros(2))]}
+    path = export_npz(tmp_path / "other.npz", w, 3, {})
+    with pytest.raises(ValueError, match="policy expects inputs"):
         NumpyActor.load(path)
-
-
-def test_adding_one_service_to_built_features_equals_building_them_all():
-    """`Featurizer.extend` (a live agent adds an offered service to the observation it keeps) gives
-    exactly `build`'s observation and mask, whether the service's slot was padded (inactive) or
-    past the last service."""
-    import dataclasses
-
-    from agents.cnc_pool_v0 import CncPoolEnv
-    from agents.features import K_MAX
-
-    env = CncPoolEnv(scenario="att", duration_s=900)
-    env.reset_arrays(3)
-    rng = np.random.default_rng(1)
-    checked, done = 0, False
-    while not done:
-        view, feat = env._view, env.featurizer
-        obs, mask, _ = feat.build(view)
-        K = min(view.n_services, K_MAX)
-        for j in range(K):
-            padded = [dataclasses.replace(svc, active=False) if i == j else svc for i, svc in enumerate(view.services)]
-            bases = [dataclasses.replace(view, services=padded)]
-            if j == view.n_services - 1:  # the live case: the offered service is the view's last
-                bases.append(dataclasses.replace(
-                    view, services=view.services[:j], ready=view.ready[:, :j], replicas=view.replicas[:, :j],
-                    capacity_rps=view.capacity_rps[:, :j], demand_rps=view.demand_rps[:, :j],
-                    load=view.load[:, :j], slo_recent=view.slo_recent[:j], overflow=view.overflow[:, :j]))
-            for base in bases:
-                b_obs, b_mask, _ = feat.build(base)
-                e_obs, e_mask = feat.extend(b_obs, b_mask, view, j)
-                assert e_obs.dtype == obs.dtype and np.array_equal(e_obs, obs), (j, checked)
-                assert np.array_equal(e_mask, mask), (j, checked)
-                checked += 1
-        choice = rng.integers(0, feat.nvec, size=(view.n_sites, len(feat.nvec)))
-        *_, done = env.step_arrays(choice)
-    assert checked > 100
-    with pytest.raises(ValueError, match="not an active service"):
-        feat.extend(obs, mask, view, K_MAX)
+    with pytest.raises(FileNotFoundError, match="no MARL policy"):
+        load_policy(tmp_path / "missing.npz")

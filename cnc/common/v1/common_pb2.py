@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63nc/common/v1/common.proto\x12\rcnc.common.v1\"y\n\x07GpuPool\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0c\n\x04used\x18\x03 \x01(\r\x12\x0e\n\x06hbm_gb\x18\x04 \x01(\x01\x12\x13\n\x0bpeak_tflops\x18\x05 \x01(\x01\x12\x1a\n\x12price_usd_per_hour\x18\x06 \x01(\x01\"H\n\x04Link\x12\x14\n\x0cpeer_site_id\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\"\xa9\x01\n\x04Site\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x10\n\x08latitude\x18\x04 \x01(\x01\x12\x11\n\tlongitude\x18\x05 \x01(\x01\x12)\n\tgpu_pools\x18\x06 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\x12\"\n\x05links\x18\x07 \x03(\x0b\x32\x13.cnc.common.v1.Link\".\n\nSloTargets\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\"\xd4\x02\n\x14InferenceServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08params_b\x18\x03 \x01(\x01\x12&\n\x03slo\x18\x04 \x01(\x0b\x32\x19.cnc.common.v1.SloTargets\x12\x19\n\x11\x65xpected_rate_rps\x18\x05 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x06 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x07 \x01(\r\x12\x18\n\x10gpus_per_replica\x18\x08 \x01(\r\x12\x19\n\x11\x61llowed_gpu_types\x18\t \x03(\t\x12\x17\n\x0fingress_site_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05trace\x18\x0c \x01(\t\x12\x31\n\x08template\x18\r \x01(\x0b\x32\x1f.cnc.common.v1.WorkloadTemplate\"\xee\x01\n\x0fTrainingJobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08params_b\x18\x03 \x01(\x01\x12\x0e\n\x06shards\x18\x04 \x01(\r\x12\x16\n\x0egpus_per_shard\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x01\x12\x19\n\x11\x61llowed_gpu_types\x18\x07 \x03(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x16\n\x0egang_timeout_s\x18\t \x01(\x01\x12\x31\n\x08template\x18\n \x01(\x0b\x32\x1f.cnc.common.v1.WorkloadTemplate\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"d\n\x10WorkloadTemplate\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\"\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x15.cnc.common.v1.EnvVar\x12\r\n\x05image\x18\x04 \x01(\t\"\xc2\x01\n\tPlacement\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x15\n\rshard_indices\x18\x06 \x03(\r\x12\x10\n\x08gpu_type\x18\x07 \x01(\t\x12\x15\n\rgpus_per_unit\x18\x08 \x01(\r*O\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSITE_STATE_UP\x10\x01\x12\x13\n\x0fSITE_STATE_DOWN\x10\x02*r\n\x0cWorkloadKind\x12\x1d\n\x19WORKLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKLOAD_KIND_TRAINING_JOB\x10\x01\x12#\n\x1fWORKLOAD_KIND_INFERENCE_SERVICE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63nc/common/v1/common.proto\x12\rcnc.common.v1\"y\n\x07GpuPool\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0c\n\x04used\x18\x03 \x01(\r\x12\x0e\n\x06hbm_gb\x18\x04 \x01(\x01\x12\x13\n\x0bpeak_tflops\x18\x05 \x01(\x01\x12\x1a\n\x12price_usd_per_hour\x18\x06 \x01(\x01\"H\n\x04Link\x12\x14\n\x0cpeer_site_id\x18\x01 \x01(\t\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x03 \x01(\x01\"\xc1\x01\n\x04Site\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x10\n\x08latitude\x18\x04 \x01(\x01\x12\x11\n\tlongitude\x18\x05 \x01(\x01\x12)\n\tgpu_pools\x18\x06 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\x12\"\n\x05links\x18\x07 \x03(\x0b\x32\x13.cnc.common.v1.Link\x12\x16\n\x0eingress_weight\x18\x08 \x01(\x01\".\n\nSloTargets\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\"\xd4\x02\n\x14InferenceServiceSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08params_b\x18\x03 \x01(\x01\x12&\n\x03slo\x18\x04 \x01(\x0b\x32\x19.cnc.common.v1.SloTargets\x12\x19\n\x11\x65xpected_rate_rps\x18\x05 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x06 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x07 \x01(\r\x12\x18\n\x10gpus_per_replica\x18\x08 \x01(\r\x12\x19\n\x11\x61llowed_gpu_types\x18\t \x03(\t\x12\x17\n\x0fingress_site_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\r\n\x05trace\x18\x0c \x01(\t\x12\x31\n\x08template\x18\r \x01(\x0b\x32\x1f.cnc.common.v1.WorkloadTemplate\"\xee\x01\n\x0fTrainingJobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08params_b\x18\x03 \x01(\x01\x12\x0e\n\x06shards\x18\x04 \x01(\r\x12\x16\n\x0egpus_per_shard\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x01\x12\x19\n\x11\x61llowed_gpu_types\x18\x07 \x03(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x16\n\x0egang_timeout_s\x18\t \x01(\x01\x12\x31\n\x08template\x18\n \x01(\x0b\x32\x1f.cnc.common.v1.WorkloadTemplate\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"d\n\x10WorkloadTemplate\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\"\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x15.cnc.common.v1.EnvVar\x12\r\n\x05image\x18\x04 \x01(\t\"\xc2\x01\n\tPlacement\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.cnc.common.v1.WorkloadKind\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x15\n\rshard_indices\x18\x06 \x03(\r\x12\x10\n\x08gpu_type\x18\x07 \x01(\t\x12\x15\n\rgpus_per_unit\x18\x08 \x01(\r*O\n\tSiteState\x12\x1a\n\x16SITE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSITE_STATE_UP\x10\x01\x12\x13\n\x0fSITE_STATE_DOWN\x10\x02*r\n\x0cWorkloadKind\x12\x1d\n\x19WORKLOAD_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aWORKLOAD_KIND_TRAINING_JOB\x10\x01\x12#\n\x1fWORKLOAD_KIND_INFERENCE_SERVICE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnc.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SITESTATE']._serialized_start=1384
-  _globals['_SITESTATE']._serialized_end=1463
-  _globals['_WORKLOADKIND']._serialized_start=1465
-  _globals['_WORKLOADKIND']._serialized_end=1579
+  _globals['_SITESTATE']._serialized_start=1408
+  _globals['_SITESTATE']._serialized_end=1487
+  _globals['_WORKLOADKIND']._serialized_start=1489
+  _globals['_WORKLOADKIND']._serialized_end=1603
   _globals['_GPUPOOL']._serialized_start=45
   _globals['_GPUPOOL']._serialized_end=166
   _globals['_LINK']._serialized_start=168
   _globals['_LINK']._serialized_end=240
   _globals['_SITE']._serialized_start=243
-  _globals['_SITE']._serialized_end=412
-  _globals['_SLOTARGETS']._serialized_start=414
-  _globals['_SLOTARGETS']._serialized_end=460
-  _globals['_INFERENCESERVICESPEC']._serialized_start=463
-  _globals['_INFERENCESERVICESPEC']._serialized_end=803
-  _globals['_TRAININGJOBSPEC']._serialized_start=806
-  _globals['_TRAININGJOBSPEC']._serialized_end=1044
-  _globals['_ENVVAR']._serialized_start=1046
-  _globals['_ENVVAR']._serialized_end=1083
-  _globals['_WORKLOADTEMPLATE']._serialized_start=1085
-  _globals['_WORKLOADTEMPLATE']._serialized_end=1185
-  _globals['_PLACEMENT']._serialized_start=1188
-  _globals['_PLACEMENT']._serialized_end=1382
+  _globals['_SITE']._serialized_end=436
+  _globals['_SLOTARGETS']._serialized_start=438
+  _globals['_SLOTARGETS']._serialized_end=484
+  _globals['_INFERENCESERVICESPEC']._serialized_start=487
+  _globals['_INFERENCESERVICESPEC']._serialized_end=827
+  _globals['_TRAININGJOBSPEC']._serialized_start=830
+  _globals['_TRAININGJOBSPEC']._serialized_end=1068
+  _globals['_ENVVAR']._serialized_start=1070
+  _globals['_ENVVAR']._serialized_end=1107
+  _globals['_WORKLOADTEMPLATE']._serialized_start=1109
+  _globals['_WORKLOADTEMPLATE']._serialized_end=1209
+  _globals['_PLACEMENT']._serialized_start=1212
+  _globals['_PLACEMENT']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

@@ -141,12 +141,18 @@ class Site(_message.Message):
     LONGITUDE_FIELD_NUMBER: _builtins.int
     GPU_POOLS_FIELD_NUMBER: _builtins.int
     LINKS_FIELD_NUMBER: _builtins.int
+    INGRESS_WEIGHT_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     """Stable id used in subjects (`cnc.site.<site_id>.telemetry`): [a-zA-Z0-9_-]+."""
     name: _builtins.str
     region: _builtins.str
     latitude: _builtins.float
     longitude: _builtins.float
+    ingress_weight: _builtins.float
+    """Share of the pool's spread demand (requests of services without an ingress site) that enters
+    at this site, relative to the other sites (any scale, e.g. the population it serves); 0 means
+    unknown. Site agents weigh their latency to the demand with it when they price a new service.
+    """
     @_builtins.property
     def gpu_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuPool]: ...
     @_builtins.property
@@ -163,10 +169,11 @@ class Site(_message.Message):
         longitude: _builtins.float = ...,
         gpu_pools: _abc.Iterable[Global___GpuPool] | None = ...,
         links: _abc.Iterable[Global___Link] | None = ...,
+        ingress_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_pools", b"gpu_pools", "latitude", b"latitude", "links", b"links", "longitude", b"longitude", "name", b"name", "region", b"region", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_pools", b"gpu_pools", "ingress_weight", b"ingress_weight", "latitude", b"latitude", "links", b"links", "longitude", b"longitude", "name", b"name", "region", b"region", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
