@@ -55,10 +55,10 @@ class SitePolicy:
         self.cooldown_s = cooldown_s
         self._last_change: dict[str, float] = {}
         self._state: tuple | None = None
-        self.snapshot: perception_pb2.Snapshot | None = None
+        self.snapshot: ppb.Snapshot | None = None
         self._spread: tuple | None = None
 
-    async def observe(self, bus, snapshot: perception_pb2.Snapshot, site: common.Site) -> None:
+    async def observe(self, bus, snapshot: ppb.Snapshot, site: common.Site) -> None:
         """Keep perception's latest snapshot (the pool's sites and their ingress weights)."""
         self.snapshot = snapshot
 

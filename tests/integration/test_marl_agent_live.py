@@ -256,7 +256,7 @@ async def test_a_spread_service_starts_near_its_demand_not_at_the_first_site_ids
         agents.append(await SiteAgent(bus, sid, MemoryExecutor(site), make_site_policy(policy_name),
                                       heartbeat_s=0.2).start())
     watcher = await Bus.connect(url, "test")
-    placed: list[pb.PlacementCommitted] = []
+    placed: list[spb.PlacementCommitted] = []
 
     async def on_placement(ev):
         placed.append(ev.payload)
@@ -273,7 +273,7 @@ async def test_a_spread_service_starts_near_its_demand_not_at_the_first_site_ids
         spread = common.InferenceServiceSpec()
         spread.CopyFrom(spec("spread"))
         spread.ingress_site_id = ""
-        w = (await stub.DeployInferenceService(pb.DeployInferenceServiceRequest(service=spread))).workload
+        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spread))).workload
         for _ in range(100):
             if any(m.placement.workload_id == w.workload_id for m in placed):
                 break
