@@ -266,7 +266,7 @@ async def test_a_spread_service_starts_near_its_demand_not_at_the_first_site_ids
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
     try:
         for _ in range(100):  # every site known, and every agent holds a snapshot with their weights
-            if len(scheduler.coordinator.ledger.up) == len(SITES) and all(
+            if len(scheduler.coordinator.inventory.up) == len(SITES) and all(
                     a.policy.snapshot is not None and len(a.policy.snapshot.sites) == len(SITES) for a in agents):
                 break
             await asyncio.sleep(0.1)
