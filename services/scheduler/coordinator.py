@@ -911,6 +911,12 @@ class Coordinator:
         w = self.store.get(wid)
         if w is None:
             return
+        if a.placement.site_id != event.params["site"]:
+            # A site speaks for itself only: a report naming another site (to fail or start a
+            # workload placed there) is not that site's word.
+            self.counters["applied_refused"] += 1
+            log.warning("report on %s about %s's placement of %s ignored", event.subject, a.placement.site_id, wid)
+            return
         self.reconciler.applied(a)
         if not a.ok:
             log.warning("site %s could not apply %s (generation %d): %s", a.placement.site_id, wid,
@@ -926,7 +932,8 @@ class Coordinator:
                         self.counters["failed_by_site"] += 1
                         await self._end(w, domain.FAILED, f"site {a.placement.site_id}: {a.error}"[:1000])
             return
-        if w.state == domain.PLACED and a.placement.generation == w.generation:
+        at_site = any(p.site_id == a.placement.site_id for p in w.placements)
+        if w.state == domain.PLACED and a.placement.generation == w.generation and at_site:
             # The record reads PLACED from the moment its commit is sent (`WorkloadStore.assume`);
             # the lock waits for the commit, as a site may report before the write has returned.
             async with self.lock(wid):

@@ -23,8 +23,9 @@ def event_headers(message) -> dict[str, str]:
     return envelope.make_headers(message)
 
 
-async def nothing_on(admin, subject: str, attempt, wait_s: float = 0.3) -> list[str]:
-    """Run `attempt()` while admin listens on `subject`; return what arrived."""
+async def nothing_on(admin, subject: str, attempt, wait_s: float = 0.3, expect: int = 0) -> list[str]:
+    """Run `attempt()` while admin listens on `subject`; return what arrived (waiting up to 10 s for
+    the `expect` messages that should, then `wait_s` for any that should not)."""
     got: list[str] = []
 
     async def on(msg):
@@ -33,6 +34,9 @@ async def nothing_on(admin, subject: str, attempt, wait_s: float = 0.3) -> list[
     sub = await admin.nc.subscribe(subject, cb=on)
     await admin.nc.flush()
     await attempt()
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(got) < expect and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
     await asyncio.sleep(wait_s)
     await sub.unsubscribe()
     return got
@@ -60,8 +64,9 @@ async def test_site_cannot_publish_another_sites_telemetry_or_heartbeat(attacker
 
     async def own():  # the same client may speak for its own site: the refusal is about the site
         await a.nc.publish("cnc.site.a.telemetry", telemetry.SerializeToString())
+        await a.nc.flush()
 
-    assert await nothing_on(admin, "cnc.site.a.telemetry", own) == ["cnc.site.a.telemetry"], a.errors
+    assert await nothing_on(admin, "cnc.site.a.telemetry", own, expect=1) == ["cnc.site.a.telemetry"], a.errors
 
 
 async def test_site_cannot_forge_placements_site_state_or_any_bucket(attacker, admin):
