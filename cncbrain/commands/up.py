@@ -420,6 +420,8 @@ class Brain:
         if self.fresh and self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # Its owner's alone: the operator token, the keys, the NATS store and the logs are in it.
+        self.state_dir.chmod(0o700)
         shutil.rmtree(self.run_dir, ignore_errors=True)  # ports reported by an earlier brain
         for name in (ENDPOINTS_FILE, PROMETHEUS_FILE):  # and the files naming them (a SIGKILLed `up`'s)
             (self.state_dir / name).unlink(missing_ok=True)

@@ -127,7 +127,10 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     dep = cli("deploy", "--name", "chat", "--model", "7b", "--min-replicas", "2", env=env)
     assert dep.returncode == 0, dep.stderr
     wid = dep.stdout.split()[0]
-    token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
+    state = Path(env["CNC_STATE_DIR"])
+    token = (state / "operator.token").read_text().strip()
+    # the state folder (tokens, keys, the NATS store, logs) is its owner's alone
+    assert state.stat().st_mode & 0o777 == 0o700 and (state / "operator.token").stat().st_mode & 0o077 == 0
     assert wait_placed(endpoints["scheduler"], wid, token=token)
     shown = cli("workloads", wid, env=env)
     assert '"replicas"' in shown.stdout and '"WORKLOAD_STATE_' in shown.stdout, shown.stdout
