@@ -10,6 +10,8 @@ Installed in the image as `cnc-healthcheck`; exit 0 when healthy, 1 with the rea
     cnc-healthcheck sites            perception ($CNC_PERCEPTION_ADDR) lists every site of
                                      $CNC_SCENARIO as up: the site agents registered and beat
                                      (with the token of $CNC_TOKEN / $CNC_TOKEN_FILE, if any)
+    cnc-healthcheck snapshot ID      the same from perception's next snapshot, heard over NATS as
+                                     the identity ID (the site agents' own): no API token needed
 
 The same words a user would check with `cncbrain sites`; nothing here is only for containers.
 """
@@ -74,13 +76,36 @@ async def check_sites() -> str | None:
     return f"sites not up: {', '.join(missing)}" if missing else None
 
 
+async def check_snapshot(identity: str) -> str | None:
+    from cnc.common.v1 import common_pb2 as common
+    from cncbrain.bus import Bus, subjects
+
+    bus = await Bus.connect(os.environ.get("CNC_NATS_URL", "nats://nats:4222"), "healthcheck",
+                            ensure=False, timeout_s=TIMEOUT_S, identity=identity)
+    got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on(event) -> None:
+        if not got.done():
+            got.set_result(event.payload)
+
+    try:
+        await bus.subscribe(subjects.PERCEPTION_SNAPSHOT, on, consumer="healthcheck")
+        snap = await asyncio.wait_for(got, 2 * TIMEOUT_S)  # perception sends one every tick (1 s)
+    finally:
+        await bus.close()
+    up = {s.site.site_id for s in snap.sites if s.state == common.SITE_STATE_UP}
+    missing = sorted(set(scenario_sites()) - up)
+    return f"sites not up: {', '.join(missing)}" if missing else None
+
+
 def main(argv: list[str]) -> int:
     checks = {
         "grpc": lambda: check_grpc(argv[1]),
         "emulator": check_emulator,
         "sites": check_sites,
+        "snapshot": lambda: check_snapshot(argv[1]),
     }
-    if not argv or argv[0] not in checks or (argv[0] == "grpc" and len(argv) != 2):
+    if not argv or argv[0] not in checks or (argv[0] in ("grpc", "snapshot") and len(argv) != 2):
         print(__doc__, file=sys.stderr)
         return 2
     try:

@@ -73,3 +73,15 @@ def test_bad_secrets_arguments_are_named(tmp_path, args, message):
     bad = subprocess.run([sys.executable, "-m", "cncbrain.commands.credentials", "--out", str(tmp_path / "s"), *args],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+
+
+def test_only_the_services_that_call_on_their_own_behalf_and_the_operators_one_shot_hold_the_operator_token():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    holders = {name for name, svc in compose["services"].items()
+               if any(str(v).startswith("operator-token:") for v in svc.get("volumes", []))
+               or "CNC_TOKEN_FILE" in (svc.get("environment") or {}) or "CNC_TOKEN" in (svc.get("environment") or {})}
+    # governance writes it; scheduler and adaptation call governance and perception with it; `enroll`
+    # is the operator's own one-shot. A site agent, the emulator or perception never holds it.
+    assert holders == {"governance", "scheduler", "adaptation", "enroll"}
