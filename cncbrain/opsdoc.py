@@ -48,11 +48,17 @@ def settings_classes() -> list[tuple[str, type[BaseSettings]]]:
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field, through the class's bases (nearest wins)."""
+    """The string literal under each annotated field, through the class's bases defined in this
+    repository (nearest wins)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not (klass.__module__.startswith(("cncbrain", "services", "agents"))):
+        try:
+            source_file = inspect.getsourcefile(klass)
+        except TypeError:  # a built-in class
             continue
+        path = Path(source_file).resolve() if source_file else None
+        if path is None or not path.is_relative_to(ROOT) or "site-packages" in path.parts:
+            continue  # a library's class (pydantic's bases): only this repository's fields are documented here
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, [*body[1:], None], strict=True):
