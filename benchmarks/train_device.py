@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from agents.mappo import Args, Trainer  # noqa: E402
+from agents.mappo import Trainer  # noqa: E402
+from agents.train_args import Args  # noqa: E402
 
 CONFIGS = {
     "small": dict(num_envs=4, hidden=64, update_epochs=4, num_minibatches=4),

@@ -58,3 +58,23 @@ def test_a_bad_value_is_a_usage_error_naming_the_flag(argv, what, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(*argv)
     assert exit_.value.code == 2 and what in capsys.readouterr().err
+
+
+def test_cncbrain_train_has_a_flag_for_every_training_setting():
+    """`cncbrain train` exposes `agents.train_args.Args` as is: every field is a flag of the same
+    name, and what the command line gives is what training gets."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from agents.train_args import Args
+    from cncbrain.cli import build_parser
+
+    parser = build_parser("train")
+    fields = {f.name for f in dataclasses.fields(Args)} - {"extra"}
+    assert {f.name for f in flag_fields(Args)} == fields
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()  # type: ignore[union-attr]
+    assert all(f"--{name.replace('_', '-')}" in help_text for name in fields)
+    args = parser.parse_args(["train", "--scenarios", "suite:train", "--total-steps", "0", "--credit", "0.5",
+                              "--anneal-lr", "false", "--duration-s", "360"])
+    a = dataclass_from(Args, args)
+    assert a == Args(scenarios="suite:train", total_steps=0, credit=0.5, anneal_lr=False, duration_s=360.0)

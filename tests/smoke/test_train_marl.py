@@ -9,8 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from agents.mappo import Args, Trainer, train  # noqa: E402
+from agents.mappo import Trainer, train  # noqa: E402
 from agents.runtime import MarlPolicy  # noqa: E402
+from agents.train_args import Args  # noqa: E402
 from cncbrain.cli import main  # noqa: E402
 from cncbrain.scenario import load_scenario  # noqa: E402
 from cncbrain.twin.sim import Twin  # noqa: E402
@@ -59,7 +60,7 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path):
 
 def test_train_command_on_two_scenarios(tmp_path):
     out = tmp_path / "cli"
-    rc = main(["train", "--scenario", "abilene,geant", "--steps", "40", "--hours", "0.1", "--envs", "2",
+    rc = main(["train", "--scenarios", "abilene,geant", "--total-steps", "40", "--duration-s", "360", "--num-envs", "2",
                "--bc-rounds", "1", "--bc-episodes", "1", "--out", str(out)])
     assert rc == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
