@@ -116,7 +116,7 @@ async def _latency(brain: Brain, n: int = N_LATENCY) -> list[float]:
 
 
 def policy_name() -> str:
-    from agents.site_agent import default_site_policy
+    from agents.site_policies import default_site_policy
 
     return os.environ.get("CNC_AGENT_POLICY") or default_site_policy()
 

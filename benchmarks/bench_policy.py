@@ -79,7 +79,7 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
     twin (two services placed, 30 ticks served); the snapshot is perception's."""
     from agents.executor_emulated import EmulatorHost
     from agents.marl_site import MarlSitePolicy
-    from agents.site_agent import make_site_policy
+    from agents.site_policies import make_site_policy
     from cnc.common.v1 import common_pb2 as common
     from cnc.scheduler.v1 import scheduler_pb2 as spb
     from services.perception.domain import PoolPicture

@@ -94,7 +94,8 @@ def parse_gpus(text: str):
 async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     from agents.executor import Executor, MemoryExecutor
     from agents.executor_emulated import EmulatedExecutor, site_ids_of
-    from agents.site_agent import OfferDesk, SiteAgent, default_site_policy, make_site_policy
+    from agents.site_agent import OfferDesk, SiteAgent
+    from agents.site_policies import default_site_policy, make_site_policy
     from cnc.common.v1 import common_pb2 as common
     from cncbrain.bus import Bus
     from cncbrain.bus.permissions import site_identity

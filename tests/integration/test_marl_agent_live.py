@@ -10,7 +10,8 @@ import pytest
 
 from agents.executor import MemoryExecutor
 from agents.marl_site import MarlSitePolicy
-from agents.site_agent import SiteAgent, make_site_policy
+from agents.site_agent import SiteAgent
+from agents.site_policies import make_site_policy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb

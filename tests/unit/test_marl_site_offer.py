@@ -4,7 +4,7 @@ and when it no longer holds, and the offered service's features added without bu
 import numpy as np
 
 from agents.marl_site import MarlSitePolicy
-from agents.site_agent import make_site_policy
+from agents.site_policies import make_site_policy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
 
