@@ -199,10 +199,13 @@ def memory_shortfall(need: Need, memory: dict[str, float], types: Iterable[str],
             f"{fix}")
 
 
-def workload_id(kind: int, request_id: str = "") -> str:
-    """`svc-…`/`job-…`; derived from the client's idempotency key when it gives one."""
+def workload_id(kind: int, request_id: str = "", tenant: str = "") -> str:
+    """`svc-…`/`job-…`; derived from the tenant's idempotency key when it gives one. The key is the
+    tenant's own: another tenant's same key names another workload (it can neither take a key
+    first and lock its owner out, nor learn that the key was used)."""
     prefix = "job" if kind == TRAINING else "svc"
-    digest = hashlib.sha256(request_id.encode()).hexdigest()[:16] if request_id else uuid.uuid4().hex[:16]
+    key = f"{tenant}/{request_id}" if tenant else request_id  # a tenant id has no '/'
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16] if request_id else uuid.uuid4().hex[:16]
     return f"{prefix}-{digest}"
 
 
@@ -213,7 +216,7 @@ def new_workload(spec: common.InferenceServiceSpec | common.TrainingJobSpec, req
     else:
         validate_inference(spec)
         w = spb.Workload(kind=INFERENCE, inference_service=spec)
-    w.workload_id = workload_id(w.kind, request_id)
+    w.workload_id = workload_id(w.kind, request_id, spec.tenant)
     w.state = PENDING
     w.request_id = request_id
     w.created_at.FromNanoseconds(now_ns)
