@@ -45,7 +45,7 @@ from pettingzoo import ParallelEnv
 
 from agents.features import OBS_CLIP, Choice, Featurizer, Obs, nvec, obs_size, state_size
 from cncbrain.scenario import Scenario, load_scenario
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.sim import Twin
 
 
@@ -55,11 +55,11 @@ class ScoreTracker:
 
     def __init__(self, twin: Twin):
         self.twin = twin
-        ref = physics.gpu("A100-80GB")
+        ref = costmodel.gpu("A100-80GB")
         jobs = twin.jobs
         self.arrival = np.array([j.spec.arrival_s for j in jobs])
         self.tokens = np.array([j.spec.tokens for j in jobs])
-        self.rate = np.array([physics.shard_tokens_per_s(physics.model(j.spec.model), ref, j.spec.shard_gpus)
+        self.rate = np.array([costmodel.shard_tokens_per_s(costmodel.model(j.spec.model), ref, j.spec.shard_gpus)
                               * j.spec.n_shards for j in jobs])
         self.pool_cost_per_s = float((twin.total * twin.price[None, :]).sum() / 3600.0)
 

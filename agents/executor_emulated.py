@@ -46,7 +46,7 @@ from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
-from cncbrain.twin import Twin, physics
+from cncbrain.twin import Twin, costmodel
 from cncbrain.twin.sim import JobState
 from cncbrain.twin.traces import JobSpec, load_azure
 
@@ -88,9 +88,9 @@ def site_inventories(scenario: Scenario, seed: int = 0) -> dict[str, dict[str, i
 def twin_model(name: str, params_b: float) -> str:
     """The twin's model for a tenant's model: by name when the twin knows it, else nearest size."""
     key = name.lower()
-    if key in physics.MODELS:
+    if key in costmodel.MODELS:
         return key
-    return min(physics.MODELS.values(), key=lambda m: abs(np.log(m.params_b / max(params_b, 0.1)))).name
+    return min(costmodel.MODELS.values(), key=lambda m: abs(np.log(m.params_b / max(params_b, 0.1)))).name
 
 
 @dataclass
@@ -388,9 +388,9 @@ class EmulatorHost:
         if self.job_generation.get(wid, -1) >= p.generation and sid in self.job_sites.get(wid, ()):
             return True, ""  # its gang runs already (an apply asked again while the first answer was slow)
         if wid not in t.job_index:
-            m = physics.model(twin_model(spec.model, spec.params_b))
-            ref = physics.gpu("A100-80GB")
-            rate = physics.shard_tokens_per_s(m, ref, spec.gpus_per_shard) * spec.shards
+            m = costmodel.model(twin_model(spec.model, spec.params_b))
+            ref = costmodel.gpu("A100-80GB")
+            rate = costmodel.shard_tokens_per_s(m, ref, spec.gpus_per_shard) * spec.shards
             t.submit_job(JobSpec(wid, t.time_s, m.name, spec.shards, spec.gpus_per_shard, spec.tokens,
                                  float(2**20 if m.params_b < 10 else 2**22), spec.tokens / rate, 600.0,
                                  spec.tenant or "default"))

@@ -134,7 +134,7 @@ def brain_gpu_name(gres_type: str, mapping: dict[str, str]) -> str:
     """The brain's name of a GRES type: as mapped, else the catalogue name it spells, else itself."""
     if gres_type in mapping:
         return mapping[gres_type]
-    from cncbrain.twin.physics import gpu_catalog
+    from cncbrain.twin.costmodel import gpu_catalog
 
     key = re.sub(r"[-_]", "", gres_type).lower()
     for name in gpu_catalog():
@@ -594,7 +594,7 @@ class SlurmExecutor:
 
     # --- telemetry --------------------------------------------------------------------------------
     def _pools(self, nodes: list[SlurmNode]) -> list[common.GpuPool]:
-        from cncbrain.twin.physics import gpu_catalog
+        from cncbrain.twin.costmodel import gpu_catalog
 
         catalog = gpu_catalog()
         mapping = self.settings.gpu_map()

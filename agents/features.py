@@ -70,7 +70,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.view import Actions, PoolView, ServiceInfo, focus_figures
 
 MAX_OFFERS = 2
@@ -127,7 +127,7 @@ def neighbours(latency_s: np.ndarray, k: int) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def _big_types(gpu_types: tuple[str, ...]) -> np.ndarray:
-    catalog = physics.gpu_catalog()
+    catalog = costmodel.gpu_catalog()
     return np.array([t in catalog and catalog[t].mem_gb >= BIG_GPU_GB for t in gpu_types], bool)
 
 

@@ -11,7 +11,7 @@ A live agent never sees the whole pool: it builds a small view from perception's
   tick) come out as in the twin while no other site's state is read.
 
 Per-service model figures (GPUs per replica, requests/s per replica on each GPU type) are those of
-the twin's physics for the service's spec; specs are read once per workload from the state of
+the twin's cost model for the service's spec; specs are read once per workload from the state of
 record (`cnc-workloads`, off the hot path) and cached.
 
 Mapping of the runtime's heads onto the live protocol:
@@ -74,21 +74,21 @@ def service_model(spec: common.InferenceServiceSpec, gpu_types: list[str]) -> tu
 def _service_model(model: str, params_b: float, trace_name: str,
                    gpu_types: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from agents.executor_emulated import twin_model
-    from cncbrain.twin import physics
+    from cncbrain.twin import costmodel
     from cncbrain.twin.traces import load_azure
 
-    m = physics.model(twin_model(model, params_b))
+    m = costmodel.model(twin_model(model, params_b))
     trace = load_azure(trace_name)
     mp, mo = float(trace.prompt.mean()), float(trace.output.mean())
     ctx = mp + mo / 2
-    gpus = [physics.gpu(t) for t in gpu_types]
-    tp = np.array([physics.min_tp(m, g, "bf16") for g in gpus])
-    bmax = np.array([physics.max_batch(m, g, max(int(t), 1), ctx, "bf16") if t else 0 for g, t in zip(gpus, tp, strict=True)])
+    gpus = [costmodel.gpu(t) for t in gpu_types]
+    tp = np.array([costmodel.min_tp(m, g, "bf16") for g in gpus])
+    bmax = np.array([costmodel.max_batch(m, g, max(int(t), 1), ctx, "bf16") if t else 0 for g, t in zip(gpus, tp, strict=True)])
     mu = np.zeros(len(gpus))
     for i, g in enumerate(gpus):
         if tp[i] and bmax[i] > 0:
-            pre = float(physics.prefill_s(m, g, tp[i], mp, "bf16"))
-            step = float(physics.decode_step_s(m, g, tp[i], bmax[i], ctx, "bf16"))
+            pre = float(costmodel.prefill_s(m, g, tp[i], mp, "bf16"))
+            step = float(costmodel.decode_step_s(m, g, tp[i], bmax[i], ctx, "bf16"))
             mu[i] = 1.0 / (pre + mo * step / bmax[i])
     tp = np.where(bmax == 0, 0, tp)
     return tp, mu, bmax

@@ -31,13 +31,13 @@ TEACHERS = ("greedy", "kpa", "least-loaded", "teacher:pack", "teacher:kpack")
 def pool_facts(key: str) -> dict:
     """What a pool looks like (from its scenario and the twin at time 0)."""
     from cncbrain.scenario import load_scenario
-    from cncbrain.twin import physics
+    from cncbrain.twin import costmodel
     from cncbrain.twin.sim import Twin
 
     sc = load_scenario(key)
     tw = Twin(sc, sc.seed)
     total = tw.total.sum()
-    big = np.array([physics.gpu(g).mem_gb >= 70 for g in tw.gpu_types])
+    big = np.array([costmodel.gpu(g).mem_gb >= 70 for g in tw.gpu_types])
     demand_gpus = sum(j.spec.n_shards * j.spec.shard_gpus * min(j.spec.ideal_runtime_s, 3600 - j.spec.arrival_s)
                       for j in tw.jobs if j.spec.arrival_s < 3600) / 3600.0
     pop = tw.pool.population

@@ -20,7 +20,7 @@ great-circle distance, always connected (a minimum spanning tree underneath).
 
 **Load is calibrated.** For every service the generator computes what the pool could serve if it
 served nothing else — Σ over sites and GPU types of ⌊GPUs / tensor-parallel degree⌋ × the requests/s
-one replica sustains when always busy (the twin's own `physics.replica_figures`) — and sets each
+one replica sustains when always busy (the twin's own `costmodel.replica_figures`) — and sets each
 service's `rate_scale` so that its demand is a drawn share of that.
 Training adds its expected GPU-seconds (Alibaba trace, `gpu_scale`, runtimes) over the horizon as a
 share of the pool's GPUs. `load` = inference shares + training share: 1.0 is a pool whose every GPU
@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from cncbrain.errors import UsageError
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.topology import EARTH_RADIUS_KM, load_graphml
 from cncbrain.twin.traces import ALIBABA_TO_CATALOG, load_alibaba, load_azure
 
@@ -126,8 +126,8 @@ def _training_gpu_s(gpu_scale: int, max_runtime_s: float = 5400.0, horizon_s: fl
     tasks = load_alibaba()
     gpu_time = tasks.num_gpu * tasks.duration_s
     qs = np.searchsorted(np.sort(gpu_time), gpu_time) / len(gpu_time)
-    ref = physics.gpu(REFERENCE_GPU)
-    shard = {name: max(physics.min_train_gpus(physics.model(name), ref), 1) for _, name in _SIZE_CLASSES}
+    ref = costmodel.gpu(REFERENCE_GPU)
+    shard = {name: max(costmodel.min_train_gpus(costmodel.model(name), ref), 1) for _, name in _SIZE_CLASSES}
     names = [next(n for q, n in _SIZE_CLASSES if x < q) for x in qs]
     gpus = np.maximum(tasks.num_gpu * gpu_scale, np.array([shard[n] for n in names]))
     runtime = np.clip(tasks.duration_s, 300.0, max_runtime_s)
@@ -232,10 +232,10 @@ class _Draft:
         replica busy all the time, and how many replicas that takes, counting only GPU types on which a replica meets
         the SLOs at a small batch."""
         _, mp, mo = _trace_rps(trace)
-        m = physics.model(model)
+        m = costmodel.model(model)
         types = sorted({t for inv in self.inventory for t in inv})
-        gpus = [physics.gpu(t) for t in types]
-        tp, _, work = physics.replica_figures(m, gpus, precision, mp, mo)
+        gpus = [costmodel.gpu(t) for t in types]
+        tp, _, work = costmodel.replica_figures(m, gpus, precision, mp, mo)
         total, replicas = 0.0, 0
         for g, (t, gt) in enumerate(zip(types, gpus, strict=True)):
             if not tp[g] or not self._meets_slo(m, gt, int(tp[g]), precision, mp, mo, slo):
@@ -247,8 +247,8 @@ class _Draft:
 
     @staticmethod
     def _meets_slo(m, g, tp: int, precision: str, mp: float, mo: float, slo: tuple[float, float]) -> bool:
-        step = float(physics.decode_step_s(m, g, tp, 8, mp + mo / 2, precision))
-        pre = float(physics.prefill_s(m, g, tp, mp, precision))
+        step = float(costmodel.decode_step_s(m, g, tp, 8, mp + mo / 2, precision))
+        pre = float(costmodel.prefill_s(m, g, tp, mp, precision))
         return step <= slo[1] and pre <= 0.6 * slo[0]
 
 
@@ -302,7 +302,7 @@ def _services(rng: np.random.Generator, d: _Draft, count: tuple[int, int], model
     n = int(rng.integers(count[0], count[1] + 1))
     names = list(models)
     w = np.array([models[m] for m in names], dtype=float)
-    order = list(physics.MODELS)
+    order = list(costmodel.MODELS)
     used: dict[str, int] = {}
     for k in range(n):
         if k < len(force):

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.pool import distances_km
 from cncbrain.twin.sim import Twin
 
@@ -142,10 +142,10 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
                 if twin.total[j, g] >= svc.tp[g]:
                     r_idx[(k, j, g)] = V.block(T)
         # per-request prefill on each type, batch-1 decode step per type
-        pre = {g: physics.prefill_s(svc.model, twin.gpus[g], int(svc.tp[g]), svc.prompt, svc.spec.precision)
+        pre = {g: costmodel.prefill_s(svc.model, twin.gpus[g], int(svc.tp[g]), svc.prompt, svc.spec.precision)
                for g in types}
         ctx = svc.mean_prompt + svc.mean_output / 2
-        tpot_ok = {g: float(physics.decode_step_s(svc.model, twin.gpus[g], int(svc.tp[g]), 1, ctx,
+        tpot_ok = {g: float(costmodel.decode_step_s(svc.model, twin.gpus[g], int(svc.tp[g]), 1, ctx,
                                                    svc.spec.precision)) <= svc.spec.slo.tpot_s for g in types}
         win = np.minimum((svc.t // window_s).astype(int), T - 1)
         rtt = 2 * twin.latency
@@ -203,7 +203,7 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
             if idx:
                 add_row(idx, [1.0] * len(idx), svc.spec.max_replicas)
     # ---------------------------------------------------------------- training
-    ref = physics.gpu("A100-80GB")
+    ref = costmodel.gpu("A100-80GB")
     demanded = 0.0
     y_idx: dict[tuple[int, int], list[int]] = {}
     z_all: list[int] = []
@@ -211,13 +211,13 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
         spec = job.spec
         if spec.arrival_s >= H:
             continue
-        m = physics.model(spec.model)
-        ideal = physics.shard_tokens_per_s(m, ref, spec.shard_gpus) * spec.n_shards
+        m = costmodel.model(spec.model)
+        ideal = costmodel.shard_tokens_per_s(m, ref, spec.shard_gpus) * spec.n_shards
         demanded += min(spec.tokens, ideal * (H - spec.arrival_s))
         z = V.block(T)
         z_all.extend(z)
         add_row(z, np.ones(T), spec.tokens)
-        fits = [g for g in range(G) if physics.train_memory_fits(m, twin.gpus[g], spec.shard_gpus)]
+        fits = [g for g in range(G) if costmodel.train_memory_fits(m, twin.gpus[g], spec.shard_gpus)]
         for t in range(T):
             run_s = max(0.0, edges[t + 1] - max(edges[t], spec.arrival_s))
             if run_s <= 0 or not fits:
@@ -227,7 +227,7 @@ def oracle_bound(twin: Twin, window_s: float = WINDOW_S) -> OracleResult:
             for v, g in zip(ys, fits, strict=True):
                 y_idx.setdefault((g, t), []).append(v)
                 cost_coef[v] = twin.price[g] * wlen[t] / 3600.0
-            rate = [physics.shard_tokens_per_s(m, twin.gpus[g], 1) * run_s for g in fits]
+            rate = [costmodel.shard_tokens_per_s(m, twin.gpus[g], 1) * run_s for g in fits]
             add_row([z[t], *ys], [1.0, *[-r for r in rate]], 0.0)  # tokens ≤ GPUs × rate × time
             add_row(ys, [1.0] * len(ys), spec.n_shards * spec.shard_gpus)  # GPUs it asked for
     # goodput is capped at 1 (as in the twin's metric): an auxiliary variable gp ≤ 1, gp ≤ Σz / D

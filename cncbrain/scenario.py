@@ -17,15 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cncbrain import families
 from cncbrain.errors import ScenarioError
 from cncbrain.families import FAMILY_PREFIX
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.traces import AZURE_TRACES
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def _known_model(name: str) -> str:
-    if name.lower() not in physics.MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(physics.MODELS)}")
+    if name.lower() not in costmodel.MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(costmodel.MODELS)}")
     return name.lower()
 
 
@@ -117,7 +117,7 @@ class SitesSpec(_Strict):
     @field_validator("default", "overrides")
     @classmethod
     def _known_gpus(cls, v):
-        known = physics.gpu_catalog()
+        known = costmodel.gpu_catalog()
         items = v.values() if v and isinstance(next(iter(v.values())), dict) else [v]
         for inv in items:
             for name in inv:

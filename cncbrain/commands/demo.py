@@ -119,7 +119,7 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
     from cnc.site.v1 import events_pb2 as site_pb
     from cncbrain.bus import subjects
     from cncbrain.commands._live import admin_bus
-    from cncbrain.twin import physics
+    from cncbrain.twin import costmodel
     from cncbrain.twin.traces import load_azure
 
     t = Tally()
@@ -164,8 +164,8 @@ async def script(endpoints: dict[str, str], args: argparse.Namespace, console: C
                                     slo=common.SloTargets(ttft_ms=500, tpot_ms=50), min_replicas=3, max_replicas=32,
                                     gpus_per_replica=1, tenant=""),
     ]
-    m7 = physics.model("7b")
-    tokens = physics.shard_tokens_per_s(m7, physics.gpu("A100-80GB"), 8) * 4 * 20 * 60  # ~20 emulated min
+    m7 = costmodel.model("7b")
+    tokens = costmodel.shard_tokens_per_s(m7, costmodel.gpu("A100-80GB"), 8) * 4 * 20 * 60  # ~20 emulated min
     job = common.TrainingJobSpec(name="finetune-7b", model="7b", params_b=7, shards=4, gpus_per_shard=8,
                                  tokens=tokens, tenant="", gang_timeout_s=60)
     for spec in services:

@@ -59,10 +59,10 @@ def scenario_enrollments(inventories: dict[str, dict[str, int]], keys: dict[str,
     prices, with its agent's NATS public key from `keys` (identity -> key; none: no key pinned)."""
     from cnc.governance.v1 import governance_pb2 as gpb
     from cncbrain.bus.permissions import site_identity
-    from cncbrain.twin import physics
+    from cncbrain.twin import costmodel
 
     return [gpb.SiteEnrollment(site_id=site_id, nats_public_key=keys.get(site_identity(site_id), ""),
-                               gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=physics.gpu(t).price_hr)
+                               gpus=[gpb.EnrolledGpus(gpu_type=t, max_count=n, price_usd_per_hour=costmodel.gpu(t).price_hr)
                                      for t, n in sorted(gpus.items())])
             for site_id, gpus in inventories.items()]
 

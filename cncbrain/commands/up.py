@@ -655,7 +655,7 @@ class Brain:
 def parse_slurm_sites(specs: list[str]) -> dict[str, dict[str, int]]:
     """`ID[=TYPE:N[,TYPE:N]]` → {id: {type: n}}; H100:8 when no GPUs are named."""
     from cncbrain.bus.subjects import SubjectError, check_token
-    from cncbrain.twin.physics import gpu_catalog
+    from cncbrain.twin.costmodel import gpu_catalog
 
     known = gpu_catalog()
     out: dict[str, dict[str, int]] = {}

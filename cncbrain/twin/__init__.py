@@ -1,6 +1,6 @@
-"""The digital twin of a CNC pool: cost model (`physics`), networks (`topology`), workload traces
+"""The digital twin of a CNC pool: cost model (`costmodel`), networks (`topology`), workload traces
 (`traces`), the pool of a scenario (`pool`), the policy interface (`view`) and the simulator
-(`sim.Twin`). Names are imported lazily so that `cncbrain.scenario` can use `physics` without a
+(`sim.Twin`). Names are imported lazily so that `cncbrain.scenario` can use `costmodel` without a
 cycle."""
 
 from importlib import import_module

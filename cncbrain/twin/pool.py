@@ -13,7 +13,7 @@ import numpy as np
 
 from cncbrain.errors import ScenarioError
 from cncbrain.scenario import RegionIngress, Scenario
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.topology import EARTH_RADIUS_KM, Network, build_network, load_graphml
 from cncbrain.twin.traces import ALIBABA_TO_CATALOG, alibaba_gpu_models
 
@@ -65,14 +65,14 @@ def build_pool(sc: Scenario, rng: np.random.Generator) -> Pool:
             inv: dict[str, int] = {}
             for m in rng.choice(keys, size=int(rng.integers(lo, hi + 1)), p=p):
                 t = ALIBABA_TO_CATALOG.get(str(m), "A100-80GB")
-                inv[t] = inv.get(t, 0) + physics.GPUS_PER_NODE
+                inv[t] = inv.get(t, 0) + costmodel.GPUS_PER_NODE
             invs.append(inv)
     else:
         invs = [dict(sc.sites.default) for _ in names]
     for i, n in enumerate(names):
         if n in sc.sites.overrides:
             invs[i] = dict(sc.sites.overrides[n])
-    types = [t for t in physics.gpu_catalog() if any(inv.get(t, 0) > 0 for inv in invs)]
+    types = [t for t in costmodel.gpu_catalog() if any(inv.get(t, 0) > 0 for inv in invs)]
     inventory = np.array([[inv.get(t, 0) for t in types] for inv in invs], dtype=np.int64).reshape(len(names), len(types))
     pop = _population()
     given = {site.name: site.population_m for site in sc.topology.sites if site.population_m is not None}

@@ -4,7 +4,7 @@ Each tick the twin (1) applies failures and repairs, (2) takes decisions — eit
 `Actions` (replica deltas per site and service, bids for offered training jobs, an overflow target
 per site and service) through the same arbitration the live scheduler uses, or direct commands from
 the live brain (`set_replicas`, `place_job`), (3) serves the tick's inference requests in bulk with
-numpy — routing, queueing, prefill and decode from `physics` — and (4) advances training jobs.
+numpy — routing, queueing, prefill and decode from `costmodel` — and (4) advances training jobs.
 
 Requests are never Python objects: a tick's requests of one service are slices of arrays.
 """
@@ -18,7 +18,7 @@ from enum import StrEnum
 import numpy as np
 
 from cncbrain.scenario import InferenceSpec, Scenario
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.twin.pool import build_pool, ingress_weights
 from cncbrain.twin.traces import JobSpec, jobs_from_trace, replay
 from cncbrain.twin.view import Actions, JobOffer, PoolStats, PoolView, ServiceInfo
@@ -51,7 +51,7 @@ class _Service:
     """An inference service's static data and per-type serving constants."""
 
     spec: InferenceSpec
-    model: physics.ModelSpec
+    model: costmodel.ModelSpec
     tp: np.ndarray  # [G] tensor-parallel degree per GPU type (0 = does not fit)
     mu: np.ndarray  # [G] requests/s one replica sustains at full utilisation
     work_s: np.ndarray  # [G] replica-seconds of work per mean request
@@ -149,11 +149,11 @@ class Twin:
         self.site_index = {n: i for i, n in enumerate(self.site_ids)}
         self.gpu_types = self.pool.gpu_types
         self.G = len(self.gpu_types)
-        self.gpus = [physics.gpu(g) for g in self.gpu_types]
+        self.gpus = [costmodel.gpu(g) for g in self.gpu_types]
         self.total = self.pool.inventory.astype(np.int64)  # [S, G]
         self.price = np.array([g.price_hr for g in self.gpus])
         self.tflops = np.array([g.tflops for g in self.gpus])
-        self.gpu_cols = physics.GpuColumns.of(self.gpus)
+        self.gpu_cols = costmodel.GpuColumns.of(self.gpus)
         self.latency = net.latency_s
         self.bandwidth = net.bandwidth_gbps
         self.time_s = 0.0
@@ -203,12 +203,12 @@ class Twin:
                 n, self.duration_s, self.rng, gpu_scale=tr.gpu_scale,
                 checkpoint_interval_s=tr.checkpoint_interval_s, max_runtime_s=tr.max_runtime_s,
             )
-        ref = physics.gpu("A100-80GB")
+        ref = costmodel.gpu("A100-80GB")
         for e in tr.jobs:
-            m = physics.model(e.model)
-            shard = max(physics.min_train_gpus(m, ref), 1)
+            m = costmodel.model(e.model)
+            shard = max(costmodel.min_train_gpus(m, ref), 1)
             n_shards = max(1, e.gpus // shard)
-            rate = physics.shard_tokens_per_s(m, ref, shard) * n_shards
+            rate = costmodel.shard_tokens_per_s(m, ref, shard) * n_shards
             jobs.append(JobSpec(e.id, e.arrival_s, e.model, n_shards, shard, rate * e.runtime_s,
                                 float(2**20 if m.params_b < 10 else 2**22), e.runtime_s, e.checkpoint_interval_s))
         return sorted(jobs, key=lambda j: j.arrival_s)
@@ -220,7 +220,7 @@ class Twin:
         """Add an inference service; its demand replays the spec's trace from now on."""
         if spec.name in self.service_index and self.services[self.service_index[spec.name]].active:
             raise ValueError(f"service {spec.name!r} exists")
-        m = physics.model(spec.model)
+        m = costmodel.model(spec.model)
         if self.trace_window_s is None:
             end, trace = self.duration_s, replay(spec.trace, self.duration_s, spec.rate_scale / spec.request_weight,
                                                  self.rng)
@@ -230,9 +230,9 @@ class Twin:
         ingress = self.rng.choice(self.S, size=len(trace), p=self._ingress_weights(spec))
         start = int(np.searchsorted(trace.t, self.time_s))
         mp, mo = (float(trace.prompt.mean()), float(trace.output.mean())) if len(trace.t) else (1.0, 1.0)
-        tp, bmax, work = physics.replica_figures(m, self.gpus, spec.precision, mp, mo)
+        tp, bmax, work = costmodel.replica_figures(m, self.gpus, spec.precision, mp, mo)
         svc = _Service(spec, m, tp, np.where(np.isfinite(work), 1.0 / work, 0.0), work, bmax,
-                       physics.replica_startup_s(m, spec.precision), mp, mo,
+                       costmodel.replica_startup_s(m, spec.precision), mp, mo,
                        trace.t, trace.prompt, trace.output, ingress, cursor=start, trace_end_s=end)
         if self._free_slots:  # the column of a removed service
             k = self._free_slots.pop()
@@ -396,10 +396,10 @@ class Twin:
 
     def _shard_capacity(self, job: _Job, s: int, free_s: np.ndarray) -> tuple[int, int]:
         """How many shards of `job` site `s` can host and on which GPU type (fastest that fits)."""
-        m = physics.model(job.spec.model)
+        m = costmodel.model(job.spec.model)
         best, count = -1, 0
         for g in np.argsort(-self.tflops):
-            if physics.train_memory_fits(m, self.gpus[g], job.spec.shard_gpus):
+            if costmodel.train_memory_fits(m, self.gpus[g], job.spec.shard_gpus):
                 c = int(free_s[g] // job.spec.shard_gpus)
                 if c > 0:
                     return int(g), c
@@ -425,16 +425,16 @@ class Twin:
         return True
 
     def _start_job(self, job: _Job, placement: list[tuple[int, int]]) -> None:
-        m = physics.model(job.spec.model)
+        m = costmodel.model(job.spec.model)
         sites = sorted({s for s, _ in placement})
         if len(sites) > 1:
             sub = np.ix_(sites, sites)
             bw = float(np.min(self.bandwidth[sub][~np.eye(len(sites), dtype=bool)]))
             lat = float(np.max(self.latency[sub]))
         else:
-            bw = physics.INTRA_SITE_BW_GBPS * job.spec.shard_gpus
+            bw = costmodel.INTRA_SITE_BW_GBPS * job.spec.shard_gpus
             lat = 5e-6
-        step = physics.train_step_s(m, job.spec.tokens_per_step, job.spec.shard_gpus,
+        step = costmodel.train_step_s(m, job.spec.tokens_per_step, job.spec.shard_gpus,
                                     [self.gpus[g] for _, g in placement], max(bw, 1e-9), lat)
         job.rate = job.spec.tokens_per_step / step
         n = len(placement)
@@ -482,8 +482,8 @@ class Twin:
                 pending += 1
                 pending_gpus += job.spec.n_shards * job.spec.shard_gpus
                 if len(offers) < MAX_OFFERS:
-                    m = physics.model(job.spec.model)
-                    fits = np.array([physics.train_memory_fits(m, g, job.spec.shard_gpus) for g in self.gpus])
+                    m = costmodel.model(job.spec.model)
+                    fits = np.array([costmodel.train_memory_fits(m, g, job.spec.shard_gpus) for g in self.gpus])
                     offers.append(JobOffer(job.spec.job_id, job.spec.n_shards, job.spec.shard_gpus, fits,
                                            self.time_s - job.spec.arrival_s, job.spec.model))
         up, free, replicas = self.site_up(), self.free_gpus(), reps.sum(axis=2)
@@ -718,9 +718,9 @@ class Twin:
             bmax = svc.bmax[g_ss]
             b = np.ones(len(ss))
             for _ in range(3):  # decode concurrency by Little's law, a fixed point
-                step = physics.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision)
+                step = costmodel.decode_step_s(svc.model, gt, tp, b, ctx, svc.spec.precision)
                 b = np.clip(lam_rep[ss] * svc.mean_output * step, 1.0, bmax)
-            pre_share = np.minimum(lam_rep[ss] * physics.prefill_s(svc.model, gt, tp, svc.mean_prompt,
+            pre_share = np.minimum(lam_rep[ss] * costmodel.prefill_s(svc.model, gt, tp, svc.mean_prompt,
                                                                    svc.spec.precision), 0.9)
             tpot_site[ss] = step / (1.0 - pre_share)
             # continuous batching: the site is n_rep·bmax slots, each holding a request for
@@ -741,7 +741,7 @@ class Twin:
             drop_after = max(30.0, DROP_FACTOR * svc.spec.slo.ttft_s)
             dropped = ~served | (wait > drop_after) | ~np.isfinite(tpot_site[j])
             gj = g_dom[j]
-            pre = physics.prefill_s(svc.model, self.gpu_cols.take(gj), np.maximum(svc.tp[gj], 1), p,
+            pre = costmodel.prefill_s(svc.model, self.gpu_cols.take(gj), np.maximum(svc.tp[gj], 1), p,
                                     svc.spec.precision)
             ttft = 2 * self.latency[ing, j] + wait + pre
             tpot = tpot_site[j]
@@ -804,14 +804,14 @@ class Twin:
         tpot = np.concatenate(self._tpot) if self._tpot else np.zeros(0)
         slo = self.n_met / self.n_requests if self.n_requests else 1.0
         horizon = self.time_s
-        ref = physics.gpu("A100-80GB")
+        ref = costmodel.gpu("A100-80GB")
         demanded = useful = 0.0
         slowdowns = []
         for job in self.jobs:
             if job.spec.arrival_s >= horizon:
                 continue
-            m = physics.model(job.spec.model)
-            ideal_rate = physics.shard_tokens_per_s(m, ref, job.spec.shard_gpus) * job.spec.n_shards
+            m = costmodel.model(job.spec.model)
+            ideal_rate = costmodel.shard_tokens_per_s(m, ref, job.spec.shard_gpus) * job.spec.n_shards
             demanded += min(job.spec.tokens, ideal_rate * (horizon - job.spec.arrival_s))
             useful += job.progress
             if job.finish_s is not None:

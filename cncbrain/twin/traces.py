@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 
 AZURE_TRACES = {"code": "AzureLLMInferenceTrace_code.csv", "conv": "AzureLLMInferenceTrace_conv.csv"}
 
@@ -181,16 +181,16 @@ def jobs_from_trace(
     arrivals = (arr - arr[0]) / span * duration_s * 0.8
     gpu_time = tasks.num_gpu * tasks.duration_s
     qs = np.searchsorted(np.sort(gpu_time), gpu_time[sl]) / len(gpu_time)
-    ref = physics.gpu(REFERENCE_GPU)
+    ref = costmodel.gpu(REFERENCE_GPU)
     jobs = []
     for k in range(len(arrivals)):
         model_name = next(name for q, name in _SIZE_CLASSES if qs[k] < q)
-        m = physics.model(model_name)
-        shard_gpus = max(physics.min_train_gpus(m, ref), 1)
+        m = costmodel.model(model_name)
+        shard_gpus = max(costmodel.min_train_gpus(m, ref), 1)
         gpus = max(int(tasks.num_gpu[sl][k]) * gpu_scale, shard_gpus)
         n_shards = max(1, gpus // shard_gpus)
         runtime = float(np.clip(tasks.duration_s[sl][k], min_runtime_s, max_runtime_s))
-        rate = physics.shard_tokens_per_s(m, ref, shard_gpus) * n_shards
+        rate = costmodel.shard_tokens_per_s(m, ref, shard_gpus) * n_shards
         jobs.append(
             JobSpec(
                 job_id=f"{prefix}-{k:04d}",

@@ -24,7 +24,7 @@ from services.adaptation.events import Adapter, policy_from_pb, policy_to_pb
 
 SERVICE = "/cnc.adaptation.v1.AdaptationService/"
 OPERATOR_ONLY = frozenset({SERVICE + "TriggerRebalance"})
-COST_MODEL = "cncbrain.twin.physics (docs/cost-model.md)"
+COST_MODEL = "cncbrain.twin.costmodel (docs/cost-model.md)"
 
 
 def plan_on(request: apb.PlanParallelismRequest, model, groups: list[GpuGroup],

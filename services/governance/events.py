@@ -40,7 +40,7 @@ from cncbrain.errors import CncError, Unavailable
 from cncbrain.governance.policy import Placement, SiteOffer, placement_to_dict, policy_to_dict, quota_to_dict
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
-from cncbrain.twin import physics as ph
+from cncbrain.twin import costmodel as ph
 from cncbrain.workload import tenant_of
 from services.governance.domain.ledger import (
     LedgerEntry,

@@ -21,7 +21,7 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import limits
 from cncbrain.errors import FailedPrecondition
-from cncbrain.twin import physics
+from cncbrain.twin import costmodel
 from cncbrain.workload import required_spec, spec_of
 
 TRAINING = common.WORKLOAD_KIND_TRAINING_JOB
@@ -146,7 +146,7 @@ def validate_template(t: common.WorkloadTemplate, prefix: str) -> None:
 def gpu_memory(inventory: Inventory) -> dict[str, float]:
     """The GPU types a workload may name and their memory in GB: the twin's catalogue and every
     type the pool reports (math.inf where a site did not say)."""
-    memory = {name: g.mem_gb for name, g in physics.gpu_catalog().items()}
+    memory = {name: g.mem_gb for name, g in costmodel.gpu_catalog().items()}
     for pools in inventory.capacity.values():
         for t in pools:
             memory.setdefault(t, inventory.hbm_gb.get(t) or math.inf)

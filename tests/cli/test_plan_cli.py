@@ -15,7 +15,7 @@ def test_local_plan_plans_each_gpu_group():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert sorted(p["site_id"] for p in out["inference"]) == ["s1", "s2"]  # one replica plan per group
-    assert out["cost_model"].startswith("cncbrain.twin.physics")
+    assert out["cost_model"].startswith("cncbrain.twin.costmodel")
 
 
 def test_local_plan_bad_gpus_names_the_flag():

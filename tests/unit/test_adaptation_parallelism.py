@@ -3,7 +3,7 @@ bf16 kept unless it cannot fit, WAN makes cross-site data parallelism pay."""
 
 import pytest
 
-from cncbrain.twin import physics as ph
+from cncbrain.twin import costmodel as ph
 from services.adaptation.domain.parallelism import (
     GpuGroup,
     LinkSpec,

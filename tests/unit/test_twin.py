@@ -1,4 +1,4 @@
-"""The twin's behaviour: determinism, serving, training physics in the pool, failures."""
+"""The twin's behaviour: determinism, serving, training in the pool, failures."""
 
 import numpy as np
 import pytest
@@ -63,10 +63,10 @@ def _quiet_scenario(failures=()):
 
 
 def _job(job_id="j", runtime=1800.0, ckpt=300.0):
-    from cncbrain.twin import physics
+    from cncbrain.twin import costmodel
 
-    m = physics.model("7b")
-    rate = physics.shard_tokens_per_s(m, physics.gpu("A100-80GB"), 2) * 4
+    m = costmodel.model("7b")
+    rate = costmodel.shard_tokens_per_s(m, costmodel.gpu("A100-80GB"), 2) * 4
     return JobSpec(job_id, 0.0, "7b", 4, 2, rate * runtime, 2**20, runtime, ckpt)
 
 

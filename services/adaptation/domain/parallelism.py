@@ -31,8 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cncbrain.errors import FailedPrecondition, InvalidArgument
-from cncbrain.twin import physics as ph
-from cncbrain.twin.physics import GpuType, ModelSpec
+from cncbrain.twin import costmodel as ph
+from cncbrain.twin.costmodel import GpuType, ModelSpec
 
 TP_DEGREES = (1, 2, 4, 8)
 MICRO_BATCHES = (1, 2, 4, 8)

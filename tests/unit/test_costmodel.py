@@ -3,7 +3,7 @@ decode latencies): each within a factor of 1.5."""
 
 import pytest
 
-from cncbrain.twin import physics as ph
+from cncbrain.twin import costmodel as ph
 
 A100, H100, L40S = ph.gpu("A100-80GB"), ph.gpu("H100"), ph.gpu("L40S")
 M7, M70 = ph.model("7b"), ph.model("70b")
