@@ -21,6 +21,8 @@ from cncbrain.bus.permissions import ADMIN, SERVICES, site_identity
 from cncbrain.natsserver import NatsServer
 from cncbrain.signing import ensure_signing_key
 
+from support.nats_probe import round_trip
+
 SITES = ("a", "b")
 
 
@@ -31,7 +33,7 @@ class Attacker:
 
     async def refused(self, what: str, timeout: float = 3.0) -> bool:
         """Wait until the server refused something naming `what` (a subject); True if it did."""
-        await self.nc.flush()
+        await round_trip(self.nc)
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if any("permissions violation" in e.lower() and what.lower() in e.lower() for e in self.errors):

@@ -16,6 +16,8 @@ from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import envelope, subjects
 from cncbrain.bus.credentials import new_seed
 
+from support.nats_probe import round_trip
+
 pytestmark = pytest.mark.integration
 
 
@@ -32,7 +34,7 @@ async def nothing_on(admin, subject: str, attempt, wait_s: float = 0.3, expect: 
         got.append(msg.subject)
 
     sub = await admin.nc.subscribe(subject, cb=on)
-    await admin.nc.flush()
+    await round_trip(admin.nc)
     await attempt()
     deadline = asyncio.get_running_loop().time() + 10
     while len(got) < expect and asyncio.get_running_loop().time() < deadline:
@@ -64,7 +66,7 @@ async def test_site_cannot_publish_another_sites_telemetry_or_heartbeat(attacker
 
     async def own():  # the same client may speak for its own site: the refusal is about the site
         await a.nc.publish("cnc.site.a.telemetry", telemetry.SerializeToString())
-        await a.nc.flush()
+        await round_trip(a.nc)
 
     assert await nothing_on(admin, "cnc.site.a.telemetry", own, expect=1) == ["cnc.site.a.telemetry"], a.errors
 

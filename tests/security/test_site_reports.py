@@ -22,6 +22,7 @@ from cncbrain.bus import Bus
 from cncbrain.bus.envelope import make_headers
 from cncbrain.bus.permissions import site_identity
 
+from support.nats_probe import round_trip
 from support.tenants import enroll_a, tenant_with_token
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 async def publish_as(client, subject: str, message) -> None:
     await client.nc.publish(subject, message.SerializeToString(), headers=make_headers(message))
-    await client.nc.flush()
+    await round_trip(client.nc)
 
 
 class HeldSite(MemoryExecutor):

@@ -17,3 +17,14 @@ def plain_exchange(host: str, port: int) -> tuple[dict, bytes]:
         except (TimeoutError, ConnectionResetError):
             pass
     return info, answer
+
+
+async def round_trip(nc) -> None:
+    """Return once the server has processed everything `nc` sent before the call (a SUB just made,
+    a PUB). nats-py's `flush()` alone is not that barrier: it writes its PING straight to the
+    socket, ahead of commands still queued for its flusher task, so the PONG can come back before
+    the server has seen a SUB made just before — and a message published right after is lost to
+    it. The first flush lets the flusher write what was queued (it runs while the PING is out);
+    the second PING follows it on the socket, so its PONG means the server has the rest."""
+    await nc.flush()
+    await nc.flush()
