@@ -38,10 +38,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from agents.catalog import make_teacher
+from agents.checkpoint import actor_layers
 from agents.cnc_pool_v0 import CncPoolEnv
 from agents.features import F_OFFER, MAX_OFFERS, N_OFF, N_REP, Choice, Obs, f_site, f_svc, state_size
 from agents.runtime import export_npz
-from agents.teachers import make_teacher
 from agents.train_args import Args
 from cncbrain.scenario import Scenario, load_scenario
 
@@ -196,9 +197,7 @@ class Actor(nn.Module):
                 lin.bias.mul_(factor)
 
     def numpy_layers(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-        def np_(layers):
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in layers]
-        return {"site": np_(self.site), "svc": np_(self.svc), "off": np_(self.off)}
+        return actor_layers(self.state_dict())
 
 
 class Critic(nn.Module):
@@ -732,22 +731,6 @@ def train(args: Args, on_update: Callable[[dict], None] | None = None) -> dict:
     result = trainer.train(on_update)
     plot_learning_curve(Path(args.out), trainer.history)
     return result
-
-
-def load_checkpoint_weights(path: str | Path) -> dict:
-    """A checkpoint's actor in the runtime's weights format (for `MarlPolicy("…/checkpoint.pt")`)."""
-    from agents.runtime import FORMAT_VERSION
-
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    a = ck["args"]
-    k = a["neighbours"]
-    actor = Actor(k, a["hidden"])
-    actor.load_state_dict(ck["actor"])
-    weights = {"neighbours": np.int64(k), "meta": json.dumps({"format": FORMAT_VERSION, "from": str(path)})}
-    for prefix, layers in actor.numpy_layers().items():
-        for i, (w, b) in enumerate(layers):
-            weights[f"{prefix}{i}_w"], weights[f"{prefix}{i}_b"] = w, b
-    return weights
 
 
 # ------------------------------------------------------------------------------------------ plumbing

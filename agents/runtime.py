@@ -7,7 +7,7 @@ Use:
 
     from agents.runtime import MarlPolicy
     policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v1.npz
-    policy = MarlPolicy("runs/x/policy.npz")   # another one (also a training checkpoint .pt, with torch)
+    policy = MarlPolicy("runs/x/policy.npz")   # another one (a training checkpoint .pt: agents.catalog)
     actions = policy.act(view)                 # every site at once: a `cncbrain.twin.view.Actions`
     delta, accept, overflow = policy.decide_site(view, s)   # one site, for the live site agent
 
@@ -139,11 +139,11 @@ class MarlPolicy(Policy):
 
     name = "marl"
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, weights: dict[str, np.ndarray] | None = None):
         self.path = Path(path) if path else shipped_policy_path()
         if not self.path.exists():
             raise FileNotFoundError(f"no MARL policy at {self.path}")
-        self.actor = NumpyActor.load(self.path)
+        self.actor = NumpyActor(weights if weights is not None else load_weights(self.path))
         self.k = self.actor.k
         self._feat: Featurizer | None = None
         self._feat_key: tuple | None = None
@@ -217,27 +217,43 @@ class LegacyMarlPolicy(Policy):
 
 
 def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a policy file (`.npz`). A training checkpoint (`.pt`) is not one: the runtime
+    has no torch; `agents.catalog.make_policy("marl:PATH.pt")` measures one with the training stack."""
     path = Path(path)
-    if path.suffix == ".pt":  # a training checkpoint: export on the fly (needs torch)
-        from agents.mappo import load_checkpoint_weights
-
-        return load_checkpoint_weights(path)
+    if path.suffix == ".pt":
+        raise ValueError(f"{path} is a training checkpoint; the runtime reads a policy .npz (training writes "
+                         "policy.npz next to it)")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-def load_policy(path: str | Path | None = None) -> Policy:
-    """`MarlPolicy` of a policy file (default: the shipped one), or `LegacyMarlPolicy` of a format-1 file."""
+def load_policy(path: str | Path | None = None, weights: dict[str, np.ndarray] | None = None) -> Policy:
+    """`MarlPolicy` of a policy file (default: the shipped one), or `LegacyMarlPolicy` of a format-1
+    file; `weights`: the file's arrays when already read (a training checkpoint's, `agents.checkpoint`)."""
     if path is None:
         return MarlPolicy()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no MARL policy at {path}")
-    weights = load_weights(path)
+    if weights is None:
+        weights = load_weights(path)
     meta = json.loads(str(weights["meta"])) if "meta" in weights else {}
     if meta.get("format", 1) == 1:
         return LegacyMarlPolicy(path, weights)
-    return MarlPolicy(path)
+    return MarlPolicy(path, weights)
+
+
+def weights_of(layers: dict[str, list[tuple[np.ndarray, np.ndarray]]], k: int,
+               meta: dict | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a policy file (format 2) of actor layers ({"site"|"svc"|"off": [(w [in, out], b [out]), …]})."""
+    arrays: dict[str, np.ndarray] = {}
+    for prefix, ls in layers.items():
+        for i, (w, b) in enumerate(ls):
+            arrays[f"{prefix}{i}_w"] = np.asarray(w, np.float32)
+            arrays[f"{prefix}{i}_b"] = np.asarray(b, np.float32)
+    info = {"format": FORMAT_VERSION, "f_site": f_site(k), "f_svc": f_svc(k), "f_offer": F_OFFER,
+            "max_offers": MAX_OFFERS, **(meta or {})}
+    return {"neighbours": np.int64(k), "meta": np.array(json.dumps(info)), **arrays}
 
 
 def export_npz(path: str | Path, layers: dict[str, list[tuple[np.ndarray, np.ndarray]]], k: int,
@@ -245,12 +261,5 @@ def export_npz(path: str | Path, layers: dict[str, list[tuple[np.ndarray, np.nda
     """Write actor weights ({"site"|"svc"|"off": [(w [in, out], b [out]), …]}) in the runtime's format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for prefix, ls in layers.items():
-        for i, (w, b) in enumerate(ls):
-            arrays[f"{prefix}{i}_w"] = np.asarray(w, np.float32)
-            arrays[f"{prefix}{i}_b"] = np.asarray(b, np.float32)
-    info = {"format": FORMAT_VERSION, "f_site": f_site(k), "f_svc": f_svc(k), "f_offer": F_OFFER,
-            "max_offers": MAX_OFFERS, **(meta or {})}
-    np.savez_compressed(path, neighbours=np.int64(k), meta=np.array(json.dumps(info)), **arrays)
+    np.savez_compressed(path, **weights_of(layers, k, meta))
     return path

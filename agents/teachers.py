@@ -72,12 +72,3 @@ class KpaPackTeacher(KpaPolicy):
 
 TEACHERS: dict[str, type[Policy]] = {t.name: t for t in (PackTeacher, SpreadTeacher, NearTeacher, KpaPackTeacher)}
 
-
-def make_teacher(name: str) -> Policy:
-    """A teacher by name: one of TEACHERS, or any policy `cncbrain.policies.make_policy` knows."""
-    from cncbrain.policies import make_policy
-
-    name = name.removeprefix("teacher:")
-    if name in TEACHERS:
-        return TEACHERS[name]()
-    return make_policy(name)

@@ -20,8 +20,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from agents.catalog import make_policy
 from agents.teachers import PackTeacher
-from cncbrain.policies import make_policy
 from cncbrain.policies.baselines import GreedyPolicy, RayServePolicy
 from cncbrain.scenario import load_scenario
 from cncbrain.twin.sim import Twin

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.catalog import make_policy
 from cncbrain.oracle import oracle_bound
-from cncbrain.policies import make_policy
 from cncbrain.scenario import Scenario
 from cncbrain.twin.sim import Twin
 

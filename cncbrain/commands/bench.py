@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 def time_twin(name: str, policy: str, hours: float, seed: int = 0) -> tuple[float, float]:
     """Wall seconds to simulate `hours` of scenario `name` under `policy` (twin construction excluded)."""
-    from cncbrain.policies import make_policy
+    from agents.catalog import make_policy
     from cncbrain.scenario import load_scenario
     from cncbrain.twin.sim import Twin
 

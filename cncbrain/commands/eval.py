@@ -11,7 +11,7 @@ from cncbrain.errors import UsageError
 
 
 def register(sub) -> None:
-    from cncbrain.policies import known_policies
+    from agents.catalog import known_policies
 
     p = sub.add_parser("eval", help="evaluate scheduling policies on a scenario or a suite of scenarios in the twin")
     p.add_argument("--scenario", default=None,
@@ -53,8 +53,8 @@ def run(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from agents.catalog import make_policy
     from cncbrain.evaluate import METRICS, evaluate, plot, summarise, write_json
-    from cncbrain.policies import make_policy
     from cncbrain.scenario import load_scenario
 
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from agents.catalog import make_policy  # noqa: E402
 from agents.mappo import Trainer, train  # noqa: E402
 from agents.runtime import MarlPolicy  # noqa: E402
 from agents.train_args import Args  # noqa: E402
@@ -50,7 +51,8 @@ def test_tiny_run_writes_outputs_and_resumes(tmp_path):
 
     # the exported policy (and the checkpoint itself) play the twin
     for path in (out / "policy.npz", out / "checkpoint.pt"):
-        p = MarlPolicy(path)
+        p = make_policy(f"marl:{path}")
+        assert isinstance(p, MarlPolicy)
         twin = Twin(load_scenario("abilene"), seed=0, duration_s=300)
         p.reset(0)
         while not twin.done():

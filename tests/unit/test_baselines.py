@@ -4,9 +4,10 @@ baseline behaves like its namesake."""
 import numpy as np
 import pytest
 
+from agents.catalog import make_policy
 from agents.teachers import TEACHERS
 from cncbrain.errors import CncError
-from cncbrain.policies import BASELINES, make_policy
+from cncbrain.policies import BASELINES
 from cncbrain.scenario import load_scenario
 from cncbrain.twin.sim import Twin
 

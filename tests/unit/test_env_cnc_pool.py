@@ -7,8 +7,8 @@ import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from agents import cnc_pool_v0
+from agents.catalog import make_policy
 from agents.features import MAX_OFFERS, Choice, mask_size, nvec, obs_size, state_size
-from cncbrain.policies import make_policy
 from cncbrain.scenario import load_scenario, parse_scenario
 
 

@@ -159,7 +159,7 @@ def test_request_weight_counts_each_simulated_request_as_many():
         sc = base.model_copy(update={"inference": [chat.model_copy(update={"request_weight": w})], "failures": []})
         twin = Twin(sc, seed=3, duration_s=1800)
         simulated = len(twin.services[0].t)
-        p = __import__("cncbrain.policies", fromlist=["make_policy"]).make_policy("least-loaded")
+        p = __import__("agents.catalog", fromlist=["make_policy"]).make_policy("least-loaded")
         p.reset(3)
         while not twin.done():
             twin.step(p.act(twin.view()))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents.catalog import make_policy
 from agents.features import N_REP, Featurizer, ServiceColumn
 from agents.runtime import (
     LegacyMarlPolicy,
@@ -20,7 +21,6 @@ from agents.runtime import (
     load_policy,
     shipped_policy_path,
 )
-from cncbrain.policies import make_policy
 from cncbrain.scenario import load_scenario, parse_scenario
 from cncbrain.twin.sim import Twin
 
@@ -77,6 +77,39 @@ def test_numpy_forward_matches_torch(exported):
             assert (c.rep == t.rep).all() and (c.off == t.off).all() and (c.ov == t.ov).all()
             twin.step(MarlPolicy(path).act(twin.view()))
     assert na.meta["test"] is True and na.meta["format"] == 2
+
+
+def test_a_training_checkpoint_is_measured_as_its_export(exported, tmp_path):
+    """`marl:PATH.pt` reads the checkpoint's actor with the training stack: the same weights as its
+    export; the torch-free runtime refuses a checkpoint by name instead of importing torch."""
+    import torch
+
+    actor, path = exported
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"args": {"neighbours": 3, "hidden": 64}, "actor": actor.state_dict()}, ckpt)
+    p = make_policy(f"marl:{ckpt}")
+    assert isinstance(p, MarlPolicy)
+    ref = NumpyActor.load(path)
+    for part in ("site", "svc", "off"):
+        for (w, b), (w2, b2) in zip(getattr(p.actor, part), getattr(ref, part), strict=True):
+            assert np.array_equal(w, w2) and np.array_equal(b, b2)
+    with pytest.raises(ValueError, match="is a training checkpoint; the runtime reads a policy .npz"):
+        MarlPolicy(ckpt)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        make_policy(f"marl:{tmp_path / 'bad.pt'}")
+
+
+def test_an_unknown_policy_is_one_line_naming_the_known():
+    from cncbrain.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        make_policy("marl2")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("unknown policy 'marl2'; known: random")
+    assert all(n in msg for n in ("greedy", "marl", "oracle", "teacher:pack"))
+    with pytest.raises(UsageError, match="policy 'marl:/nowhere/p.npz': no MARL policy at /nowhere/p.npz"):
+        make_policy("marl:/nowhere/p.npz")
 
 
 def test_decide_site_is_the_sites_row_of_act(exported):

@@ -4,9 +4,8 @@ test_baselines.py), and `pack` packs while Ray Serve spreads."""
 import numpy as np
 import pytest
 
-from agents.teachers import make_teacher
+from agents.catalog import known_policies, make_policy, make_teacher
 from cncbrain.errors import CncError
-from cncbrain.policies import known_policies, make_policy
 from cncbrain.scenario import load_scenario
 from cncbrain.twin.sim import Twin
 

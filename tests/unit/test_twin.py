@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cncbrain.policies import make_policy
+from agents.catalog import make_policy
 from cncbrain.scenario import load_scenario, parse_scenario
 from cncbrain.twin.sim import Twin
 from cncbrain.twin.traces import JobSpec, load_azure, replay
