@@ -83,6 +83,10 @@ class Args:
     """Adam step size of the warm start."""
     bc_class_weight_cap: float = 20.0
     """Rare choices (add/remove a replica, bid) weigh up to this many times more than "keep"."""
+    logit_adjust: bool = True
+    """After the last warm-start round, validate the actor also with the class weights' bias taken
+    out of its output layer (logits − log w: the greedy choice then follows the teacher's frequencies,
+    not the weighted ones) and keep whichever validates better."""
     sharpen: float = 4.0
     """After the warm start, the actor's output layers are multiplied by this: the greedy choices stay
     the same, but MAPPO explores near them instead of sampling the rare choices (add, remove, bid)

@@ -59,6 +59,7 @@ def run(args) -> int:
             phase = row.get("phase")
             if not console.is_terminal:  # a log file: one plain line per event
                 keys = ("round", "episodes", "of", "charts/score", "charts/val_score", "charts/bc_accuracy",
+                        "charts/bc_accuracy_by_teacher", "charts/teacher_pools",
                         "losses/approx_kl", "losses/entropy", "perf/collect_s", "perf/train_s")
                 shown = " ".join(f"{k.split('/')[-1]}={row[k]:.4g}" if isinstance(row[k], float) else f"{k.split('/')[-1]}={row[k]}"
                                  for k in keys if k in row)
