@@ -44,8 +44,9 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
 from agents.features import OBS_CLIP, Choice, Featurizer, Obs, nvec, obs_size, state_size
-from cncbrain.scenario import Scenario, load_scenario
+from cncbrain.scenario import load_scenario
 from cncbrain.twin import costmodel
+from cncbrain.twin.scenario import Scenario
 from cncbrain.twin.sim import Twin
 
 

@@ -45,8 +45,8 @@ from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics
 from cncbrain.bus import Bus, Event, subjects
-from cncbrain.scenario import InferenceSpec, Scenario, TrainingSpec
 from cncbrain.twin import Twin, costmodel
+from cncbrain.twin.scenario import InferenceSpec, Scenario, TrainingSpec
 from cncbrain.twin.sim import JobState
 from cncbrain.twin.traces import JobSpec, load_azure
 

@@ -44,7 +44,8 @@ from agents.cnc_pool_v0 import CncPoolEnv
 from agents.features import F_OFFER, MAX_OFFERS, N_OFF, N_REP, Choice, Obs, f_site, f_svc, state_size
 from agents.runtime import export_npz
 from agents.train_args import Args
-from cncbrain.scenario import Scenario, load_scenario
+from cncbrain.scenario import load_scenario
+from cncbrain.twin.scenario import Scenario
 
 
 def scenario_list(spec: str) -> list[Scenario]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from agents.catalog import make_policy
 from cncbrain.oracle import oracle_bound
-from cncbrain.scenario import Scenario
+from cncbrain.twin.scenario import Scenario
 from cncbrain.twin.sim import Twin
 
 METRICS = [

@@ -11,8 +11,8 @@ inference services, ingress, load, training and failures, each within the family
     to_yaml("edge", 7)         -> scenario YAML that load_scenario reads back into the same scenario
     load_scenario("family:edge:7")   # what every --scenario option accepts
 
-The generator sits below the scenario schema: it writes scenario data and never imports
-`cncbrain.scenario`, which validates what it writes.
+The generator sits beside the scenario schema (`cncbrain.twin.scenario`, which validates what it
+writes) and below the loader (`cncbrain.scenario`): it writes scenario data and imports neither.
 
 Synthetic topologies place sites on real cities (`cncbrain/data/cities.csv`: GeoNames cities,
 coordinates and populations) and join them by a Waxman or a geometric random graph over

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from cncbrain.errors import UsageError
 from cncbrain.families import FAMILIES
-from cncbrain.scenario import Scenario, generate
+from cncbrain.scenario import generate
+from cncbrain.twin.scenario import Scenario
 
 
 @dataclass(frozen=True)

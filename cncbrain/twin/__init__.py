@@ -1,7 +1,7 @@
 """The digital twin of a CNC pool: cost model (`costmodel`), networks (`topology`), workload traces
-(`traces`), the pool of a scenario (`pool`), the policy interface (`view`) and the simulator
-(`sim.Twin`). Names are imported lazily so that `cncbrain.scenario` can use `costmodel` without a
-cycle."""
+(`traces`), the scenario schema (`scenario`), the pool of a scenario (`pool`), the policy interface
+(`view`) and the simulator (`sim.Twin`). Names are imported lazily, so that a module that needs only
+the cost model (the services) does not load the simulator."""
 
 from importlib import import_module
 

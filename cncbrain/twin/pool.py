@@ -12,8 +12,8 @@ from importlib import resources
 import numpy as np
 
 from cncbrain.errors import ScenarioError
-from cncbrain.scenario import RegionIngress, Scenario
 from cncbrain.twin import costmodel
+from cncbrain.twin.scenario import RegionIngress, Scenario
 from cncbrain.twin.topology import EARTH_RADIUS_KM, Network, build_network, load_graphml
 from cncbrain.twin.traces import ALIBABA_TO_CATALOG, alibaba_gpu_models
 

@@ -17,9 +17,9 @@ from enum import StrEnum
 
 import numpy as np
 
-from cncbrain.scenario import InferenceSpec, Scenario
 from cncbrain.twin import costmodel
 from cncbrain.twin.pool import build_pool, ingress_weights
+from cncbrain.twin.scenario import InferenceSpec, Scenario
 from cncbrain.twin.traces import JobSpec, jobs_from_trace, replay
 from cncbrain.twin.view import Actions, JobOffer, PoolStats, PoolView, ServiceInfo
 

@@ -9,7 +9,8 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test
 from agents import cnc_pool_v0
 from agents.catalog import make_policy
 from agents.features import MAX_OFFERS, Choice, mask_size, nvec, obs_size, state_size
-from cncbrain.scenario import load_scenario, parse_scenario
+from cncbrain.scenario import load_scenario
+from cncbrain.twin.scenario import parse_scenario
 
 
 @pytest.mark.parametrize("scenario,hours", [("abilene", 1.0), ("geant", 0.7)])

@@ -9,8 +9,9 @@ import yaml
 
 from cncbrain import families, suites
 from cncbrain.errors import CncError, ScenarioError
-from cncbrain.scenario import generate, load_scenario, parse_scenario
+from cncbrain.scenario import generate, load_scenario
 from cncbrain.twin.pool import load_network
+from cncbrain.twin.scenario import parse_scenario
 from cncbrain.twin.sim import Twin
 
 SEEDS_PER_FAMILY = 10

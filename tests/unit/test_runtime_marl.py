@@ -21,7 +21,8 @@ from agents.runtime import (
     load_policy,
     shipped_policy_path,
 )
-from cncbrain.scenario import load_scenario, parse_scenario
+from cncbrain.scenario import load_scenario
+from cncbrain.twin.scenario import parse_scenario
 from cncbrain.twin.sim import Twin
 
 SIX = ["chat", "code", "assistant", "reason", "edge", "batch"]

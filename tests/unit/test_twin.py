@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from agents.catalog import make_policy
-from cncbrain.scenario import load_scenario, parse_scenario
+from cncbrain.scenario import load_scenario
+from cncbrain.twin.scenario import parse_scenario
 from cncbrain.twin.sim import Twin
 from cncbrain.twin.traces import JobSpec, load_azure, replay
 from cncbrain.twin.view import Actions
