@@ -35,6 +35,7 @@ no live site agent.
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import resources
 from pathlib import Path
@@ -143,7 +144,7 @@ class MarlPolicy(Policy):
         self.path = Path(path) if path else shipped_policy_path()
         if not self.path.exists():
             raise FileNotFoundError(f"no MARL policy at {self.path}")
-        self.actor = NumpyActor(weights if weights is not None else load_weights(self.path))
+        self.actor = NumpyActor(weights) if weights is not None else shared_actor(self.path)
         self.k = self.actor.k
         self._feat: Featurizer | None = None
         self._feat_key: tuple | None = None
@@ -214,6 +215,19 @@ class LegacyMarlPolicy(Policy):
     def decide_site(self, view: PoolView, site_index: int):
         a = self.act(view)
         return a.replica_delta[site_index], a.accept[site_index], a.overflow[site_index]
+
+
+def shared_actor(path: Path) -> NumpyActor:
+    """The actor of a policy file, read once per process: every site agent of an agent process runs
+    the same file. Keyed by the file's path, size and modification time (a file replaced is read
+    again); the actor holds only its weights, so sharing it is safe."""
+    st = path.stat()
+    return _actor(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _actor(path: str, size: int, mtime_ns: int) -> NumpyActor:
+    return NumpyActor.load(path)
 
 
 def load_weights(path: str | Path) -> dict[str, np.ndarray]:

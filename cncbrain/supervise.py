@@ -5,6 +5,13 @@ time what happened. A child that crashes `max_crashes` times within `window_s`, 
 listen on its port (exit status `EXIT_PORT_IN_USE`: restarting would not help), stops the
 supervisor with `GaveUp` and a message naming it, its last exit status and its last log lines.
 
+A child added with a `spare` start has a warm spare: a second process of the same command, started
+once the child has run `SPARE_AFTER_S`, that does its imports and loading and then waits
+(`wait_to_take_over`). When the child ends, the spare takes its place at once — told so on its stdin —
+instead of a new process paying for its start-up (imports alone take 1-5 s on a loaded 2-core
+machine), and a new spare is started later. A spare does nothing else while it waits: no port, no
+connection.
+
 Children die with their supervisor, even one killed with SIGKILL that cannot stop them: each is
 started with `die_with_parent` (Linux `PR_SET_PDEATHSIG`: the kernel sends it SIGTERM when the
 thread that started it ends), and `stop` signals each child's whole process group (they run in
@@ -33,6 +40,22 @@ EXIT_PORT_IN_USE = 98
 """Exit status of a service that could not listen on its port (EADDRINUSE's number on Linux)."""
 BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Pause before the n-th restart within the window (the last one repeats)."""
+SPARE_ENV = "CNC_SPARE"
+"""Set (to 1) in a spare's environment: it prepares, then waits for `TAKE_OVER` on its stdin."""
+TAKE_OVER = b"take over\n"
+SPARE_AFTER_S = 5.0
+"""A spare starts once its child has run this long (not beside the child's own start, for the CPU)."""
+
+
+def is_spare() -> bool:
+    """Whether this process was started as a spare (see the module's docstring)."""
+    return os.environ.get(SPARE_ENV) == "1"
+
+
+def wait_to_take_over() -> bool:
+    """In a spare, after its preparation: block until the supervisor says to take over (True), or
+    until it is gone (stdin closed: False, the spare should exit)."""
+    return sys.stdin.buffer.readline() == TAKE_OVER
 
 
 _WITH_PARENT = (
@@ -76,6 +99,11 @@ class Child:
     over first, the restarted one becomes the standby)."""
     on_exit: Callable[[int], None] | None = None
     """Called with its pid once it is found ended, before it is started again (`Supervisor.add`)."""
+    start_spare: Callable[[], subprocess.Popen[bytes]] | None = None
+    """Starts a spare of it (stdin a pipe, `SPARE_ENV` set); None: it has none."""
+    spare: subprocess.Popen[bytes] | None = None
+    spare_at: float | None = None
+    """monotonic time its last spare was started"""
 
     def tail(self, lines: int = 5) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -104,10 +132,13 @@ class Supervisor:
         self.stopping = False
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]], log_path: Path | None = None,
-            min_pause_s: float = 0.0, on_exit: Callable[[int], None] | None = None) -> Child:
+            min_pause_s: float = 0.0, on_exit: Callable[[int], None] | None = None,
+            spare: Callable[[], subprocess.Popen[bytes]] | None = None) -> Child:
         """`on_exit(pid)`: called as soon as the child is found ended (reaped), before it is started
-        again; an exception it raises is said, not raised."""
-        child = self.children[name] = Child(name, start, log_path, min_pause_s=min_pause_s, on_exit=on_exit)
+        again; an exception it raises is said, not raised. `spare`: starts a spare of it (its
+        stdin a pipe, `SPARE_ENV` set in its environment), which takes its place when it ends."""
+        child = self.children[name] = Child(name, start, log_path, min_pause_s=min_pause_s, on_exit=on_exit,
+                                            start_spare=spare)
         return child
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
@@ -146,7 +177,38 @@ class Supervisor:
             due = child.proc is None and child.restart_at is not None and now >= child.restart_at
             if due and self._restart(child):
                 restarted.append(child.name)
+            self._keep_spare(child, now)
         return restarted
+
+    def _keep_spare(self, child: Child, now: float) -> None:
+        """A spare for `child` once it has run `SPARE_AFTER_S` (and as long since the last spare)."""
+        if child.start_spare is None:
+            return
+        if child.spare is not None and (status := child.spare.poll()) is not None:
+            self.say(f"{child.name}'s spare ended ({describe(status)}); another in {SPARE_AFTER_S:g} s")
+            child.spare = None
+        if child.spare is not None or child.proc is None or child.started_at is None:
+            return
+        if now - child.started_at < SPARE_AFTER_S or (child.spare_at is not None and now - child.spare_at < SPARE_AFTER_S):
+            return
+        child.spare_at = now
+        try:
+            child.spare = child.start_spare()
+        except Exception as exc:  # tried again after the pause; the child runs on without
+            self.say(f"{child.name}: its spare could not be started: {exc}")
+
+    def _take_spare(self, child: Child) -> subprocess.Popen[bytes] | None:
+        """The child's spare, told to take over; None when it has none ready."""
+        spare, child.spare = child.spare, None
+        if spare is None or spare.poll() is not None or spare.stdin is None:
+            return None
+        try:
+            spare.stdin.write(TAKE_OVER)
+            spare.stdin.close()
+        except OSError:  # it ended meanwhile
+            _reap(spare, 1.0)
+            return None
+        return spare
 
     def _ended(self, child: Child, status: int, now: float) -> None:
         child.proc = None
@@ -167,6 +229,11 @@ class Supervisor:
                  f"allowed within {self.window_s:.0f} s)")
 
     def _restart(self, child: Child) -> bool:
+        if (proc := self._take_spare(child)) is not None:
+            child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
+            child.restarts += 1
+            self.say(f"{child.name}: its spare took over (pid {proc.pid})")
+            return True
         try:
             proc = self.start(child.name)
         except Exception as exc:  # could not even start: counts as a crash, tried again after the pause
@@ -183,6 +250,12 @@ class Supervisor:
         self.stopping = True
         names = [n for n in order if n in self.children] + [n for n in self.children if n not in order]
         groups = {}
+        for child in self.children.values():  # a spare has nothing to finish
+            if child.spare is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.spare.kill()
+                _reap(child.spare, 1.0)
+                child.spare = None
         for name in names:
             proc = self.children[name].proc
             if proc is not None and proc.poll() is None:

@@ -89,6 +89,15 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (its exec, imports included); None without /proc."""
+    started = process_start(os.getpid())
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def left_behind(address: str) -> str:
     """Why nothing answers at `address` when the state folder's endpoints.json named it and the
     `cncbrain up` that wrote it is gone (killed, crashed, its machine restarted): that, else ''."""

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
+import time
+from dataclasses import dataclass
 
 from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
@@ -91,19 +93,28 @@ def parse_gpus(text: str):
     return pools
 
 
-async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from agents.executor import Executor, MemoryExecutor
-    from agents.executor_emulated import EmulatedExecutor, site_ids_of
-    from agents.site_agent import OfferDesk, SiteAgent
-    from agents.site_policies import default_site_policy, make_site_policy
-    from cnc.common.v1 import common_pb2 as common
-    from cncbrain.bus import Bus
-    from cncbrain.bus.permissions import site_identity
-    from cncbrain.bus.subjects import SubjectError, check_token
-    from cncbrain.grpcserver import stop_event_on_signals, wait_for_stop
-    from cncbrain.scenario import load_scenario
-    from cncbrain.settings import BusSettings, load_settings
+@dataclass
+class Plan:
+    """What a run of agents needs before it connects: its sites and policy, checked, and every
+    module imported (a spare prepares this much before it waits, `cncbrain.supervise`)."""
 
+    sites: list[str]
+    policy: str
+    slurm: object | None
+
+
+def prepare(args: argparse.Namespace, phases: Phases) -> Plan:
+    import agents.executor
+    import agents.executor_emulated
+    import agents.site_agent  # noqa: F401 - imported here, so a spare has them before it waits
+    import cncbrain.bus
+    import cncbrain.grpcserver  # noqa: F401
+    from agents.executor_emulated import site_ids_of
+    from agents.site_policies import default_site_policy, make_site_policy
+    from cncbrain.bus.subjects import SubjectError, check_token
+    from cncbrain.scenario import load_scenario
+
+    phases.mark("imports")
     sites = list(args.site)
     if args.all:
         sites += [s for s in site_ids_of(load_scenario(args.scenario)) if s not in sites]
@@ -117,9 +128,25 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
         for s in sites:
             check_token(s, "site id")
         policy_name = args.policy or os.environ.get("CNC_AGENT_POLICY") or default_site_policy()
-        make_site_policy(policy_name)
+        make_site_policy(policy_name)  # read once: each site's agent shares what it loaded
     except (SubjectError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    phases.mark("policy")
+    return Plan(sites, policy_name, slurm)
+
+
+async def run_agents(args: argparse.Namespace, plan: Plan, phases: Phases, stop: asyncio.Event | None = None) -> int:
+    from agents.executor import Executor, MemoryExecutor
+    from agents.executor_emulated import EmulatedExecutor
+    from agents.site_agent import OfferDesk, SiteAgent
+    from agents.site_policies import make_site_policy
+    from cnc.common.v1 import common_pb2 as common
+    from cncbrain.bus import Bus
+    from cncbrain.bus.permissions import site_identity
+    from cncbrain.grpcserver import stop_event_on_signals, wait_for_stop
+    from cncbrain.settings import BusSettings, load_settings
+
+    sites, policy_name, slurm = plan.sites, plan.policy, plan.slurm
     stop = stop or stop_event_on_signals()
     url = target(args, "nats")
     authenticated = load_settings(BusSettings).secrets_dir is not None
@@ -135,6 +162,7 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             buses = list(await asyncio.gather(*(Bus.connect(url, f"agent-{sid}", identity=site_identity(sid),
                                                             ensure=False) for sid in sites)))
         desk = OfferDesk(buses[0])
+        phases.mark("NATS")
 
         async def start(sid: str, bus: Bus) -> SiteAgent:
             executor: Executor
@@ -169,7 +197,8 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
         agents.extend(a for a in started if isinstance(a, SiteAgent))
         if failed := [a for a in started if isinstance(a, BaseException)]:
             raise failed[0]
-        log.info("%d site agents running", len(agents))
+        phases.mark("sites")
+        log.info("%d site agents running, %s", len(agents), phases)
         return await wait_for_stop(stop)
     finally:
         for a in agents:
@@ -178,11 +207,47 @@ async def run_agents(args: argparse.Namespace, stop: asyncio.Event | None = None
             await bus.close()
 
 
+class Phases:
+    """How long a start took, phase by phase, from the process's start (its exec: the interpreter
+    and the command's own imports count as `start`) or from a spare's take-over, for the log line
+    that says it is up."""
+
+    def __init__(self) -> None:
+        from cncbrain.commands._live import process_age_s
+
+        self.at = time.monotonic()
+        self.since = "the process started"
+        self.took = {"start": process_age_s()}
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.took[phase], self.at = now - self.at, now
+
+    def took_over(self) -> None:
+        """A spare told to take over: count from now."""
+        self.at, self.since, self.took = time.monotonic(), "the spare took over", {}
+
+    def __str__(self) -> str:
+        known = {k: v for k, v in self.took.items() if v is not None}
+        parts = ", ".join(f"{k} {v:.2f} s" for k, v in known.items())
+        if self.took.get("start", 0.0) is None:
+            return f"start-up: {parts}"
+        return f"{sum(known.values()):.2f} s after {self.since} ({parts})"
+
+
 def run(args: argparse.Namespace) -> int:
     from cncbrain.settings import CncSettings, load_settings
+    from cncbrain.supervise import is_spare, wait_to_take_over
 
+    phases = Phases()
+    plan = prepare(args, phases)
+    if is_spare():  # prepared: wait until the running agents end and the supervisor says so
+        if not wait_to_take_over():
+            return 0
+        phases.took_over()
     telemetry.setup_process("agents", load_settings(CncSettings, log_format=args.log_format))
-    return aio.run(run_agents(args))
+    phases.mark("metrics")
+    return aio.run(run_agents(args, plan, phases))
 
 
 

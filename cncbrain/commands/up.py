@@ -53,7 +53,7 @@ from cncbrain.commands._live import ENDPOINTS_FILE, default_state_dir, process_s
 from cncbrain.errors import CncError, UsageError
 from cncbrain.grpcserver import reported_port
 from cncbrain.natsserver import NatsServer, port_in_use
-from cncbrain.supervise import GaveUp, Supervisor, die_with_parent
+from cncbrain.supervise import SPARE_ENV, GaveUp, Supervisor, die_with_parent
 
 if TYPE_CHECKING:
     from cncbrain.slurm_local import LocalSlurm
@@ -336,27 +336,31 @@ class Brain:
         return [service, f"{service}-2"] if self.standby else [service]
 
     def _add(self, name: str, argv: list[str], env: dict[str, str], min_pause_s: float = 0.0,
-             on_exit: Callable[[int], None] | None = None) -> None:
+             on_exit: Callable[[int], None] | None = None, spare: bool = False) -> None:
+        """`spare`: the child keeps a warm spare that takes its place when it ends
+        (`cncbrain.supervise`; its command must call `wait_to_take_over` when `is_spare()`)."""
         report = self.run_dir / f"{name}.metrics"
         env = {"CNC_METRICS_PORT": "0", "CNC_METRICS_HOST": "127.0.0.1", "CNC_METRICS_PORT_FILE": str(report.resolve()),
                **({"CNC_LOG_FORMAT": self.log_format} if self.log_format else {}), **env}
 
-        def popen() -> subprocess.Popen[bytes]:
+        def popen(as_spare: bool = False) -> subprocess.Popen[bytes]:
             # A restarted child finds its predecessor's report and listens on the same port again.
             log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child for its life
             try:
                 proc = subprocess.Popen(
                     die_with_parent([sys.executable, *argv]),  # a SIGKILLed `up` takes them with it
-                    stdout=log, stderr=subprocess.STDOUT,
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if as_spare else None,
                     env={**os.environ, "CNC_SECRETS_DIR": str(self.secrets_dir.resolve()),  # its NATS identity
-                         **({"CNC_NATS_TLS_CA": str(self.tls_ca.resolve())} if self.tls_ca else {}), **env},
+                         **({"CNC_NATS_TLS_CA": str(self.tls_ca.resolve())} if self.tls_ca else {}), **env,
+                         **({SPARE_ENV: "1"} if as_spare else {})},
                     start_new_session=True,  # Ctrl-C reaches `up`, which then stops the children in order
                 )
             finally:
                 log.close()
             return proc
 
-        self.supervisor.add(name, popen, self.log_path(name), min_pause_s, on_exit)
+        self.supervisor.add(name, popen, self.log_path(name), min_pause_s, on_exit,
+                            spare=functools.partial(popen, True) if spare else None)
 
     def _free_lease(self, service: str, pid: int) -> None:
         """A service instance `up` reaped may have held its role's lease: free it for the standby,
@@ -462,7 +466,8 @@ class Brain:
             policy = ["--policy", self.policy] if self.policy else []
             skip = [a for s in self.slurm_sites for a in ("--except", s)]
             self._add("agents", ["-m", "cncbrain.commands.agent", "--all", "--scenario", self.scenario,
-                                 "--nats-url", self.nats_url, "--identity", AGENTS_IDENTITY, *skip, *policy], {})
+                                 "--nats-url", self.nats_url, "--identity", AGENTS_IDENTITY, *skip, *policy], {},
+                      spare=True)
             self.supervisor.start("agents")
             self._start_slurm_sites(policy)
             aio.run(self._wait_ready(started + timeout_s, timeout_s))

@@ -176,12 +176,22 @@ def test_up_serves_the_client_commands_and_stops_cleanly_on_sigterm(up):
     assert proc.returncode == 0 and out.wait_for("stopped.", 5)
 
 
-def pid_of(parent, module):
-    """The pid of `parent`'s child running `python -m module` (or the binary `module`)."""
+def pids_of(parent, module):
+    """`parent`'s children running `python -m module` (or the binary `module`)."""
+    found = []
     for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
         argv = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
         if module.encode() in argv[:3] or argv[0].endswith(module.encode()):
-            return int(c)
+            found.append(int(c))
+    return found
+
+
+def pid_of(parent, module):
+    """The pid of `parent`'s child running `python -m module` that is not a waiting spare (a spare
+    has no socket open: no connection, no port)."""
+    for pid in pids_of(parent, module):
+        if any(os.readlink(fd).startswith("socket:") for fd in Path(f"/proc/{pid}/fd").iterdir()):
+            return pid
     raise AssertionError(f"no child runs {module}")
 
 
@@ -251,12 +261,20 @@ def test_up_restarts_what_is_killed_and_serves_again(up):
     token = (Path(env["CNC_STATE_DIR"]) / "operator.token").read_text().strip()
     deployed = {}
     for module, name in (("services.scheduler", "scheduler"), ("nats-server", "nats"),
-                         ("cncbrain.commands.emulate", "emulator"), ("services.governance", "governance")):
+                         ("cncbrain.commands.emulate", "emulator"), ("services.governance", "governance"),
+                         ("cncbrain.commands.agent", "agents")):
         agents = pid_of(proc.pid, "cncbrain.commands.agent")
         sim_time = snapshot(endpoints, token).sim_time_s
+        if name == "agents":  # the agents have a warm spare, which takes over
+            deadline = time.monotonic() + 60
+            while len(pids_of(proc.pid, module)) < 2:
+                assert time.monotonic() < deadline, "no spare of the agents"
+                time.sleep(0.2)
+            spare = (set(pids_of(proc.pid, module)) - {agents}).pop()
         os.kill(pid_of(proc.pid, module), signal.SIGKILL)
         assert out.wait_for(f"{name} ended (signal SIGKILL); restarting it", 10), str(out)
-        assert out.wait_for(f"{name} started again", 20), str(out)
+        assert out.wait_for(f"agents: its spare took over (pid {spare})" if name == "agents"
+                            else f"{name} started again", 20), str(out)
         if name == "emulator":
             # its sites come back as they were: what ran before runs on, and the agents go on
             replicas = replicas_after_a_restart(endpoints, token, sim_time)

@@ -272,3 +272,18 @@ def test_a_policy_of_other_sizes_is_refused_by_name(tmp_path):
         NumpyActor.load(path)
     with pytest.raises(FileNotFoundError, match="no MARL policy"):
         load_policy(tmp_path / "missing.npz")
+
+
+def test_a_policy_file_is_read_once_per_process_and_again_when_replaced(tmp_path):
+    """Every site agent of a process runs the same file: one actor for all of them; a file written
+    anew (other size or time) is read again, not served from the cache."""
+    import os
+    import shutil
+
+    path = tmp_path / "policy.npz"
+    shutil.copy(shipped_policy_path(), path)
+    first, second = MarlPolicy(path), MarlPolicy(path)
+    assert first.actor is second.actor
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert MarlPolicy(path).actor is not first.actor

@@ -174,3 +174,58 @@ def test_a_child_that_cannot_listen_is_not_restarted():
     with pytest.raises(GaveUp, match="governance cannot listen on its port"):
         poll_until(sup, lambda: False)
     assert sup.children["governance"].restarts == 0
+
+
+def test_a_warm_spare_takes_over_at_once_and_is_replaced(tmp_path, monkeypatch):
+    """A child with a spare: the spare prepares and waits (serving nothing); when the child dies it
+    takes its place (no new start-up), and a new spare follows. A spare that dies is replaced
+    without touching the child; a child whose spare is gone too is started afresh; stop leaves none."""
+    import cncbrain.supervise as supervise
+
+    monkeypatch.setattr(supervise, "SPARE_AFTER_S", 0.2)
+    code = f"""
+import os, sys, time
+from pathlib import Path
+from cncbrain.supervise import is_spare, wait_to_take_over
+if is_spare():
+    Path({str(tmp_path)!r}, f"ready-{{os.getpid()}}").touch()
+    if not wait_to_take_over():
+        sys.exit(0)
+Path({str(tmp_path)!r}, f"serving-{{os.getpid()}}").touch()
+time.sleep(60)
+"""
+
+    def start(spare=False):
+        env = {**__import__("os").environ, **({supervise.SPARE_ENV: "1"} if spare else {})}
+        return subprocess.Popen([sys.executable, "-c", code], env=env,
+                                stdin=subprocess.PIPE if spare else None)
+
+    lines = []
+    sup = Supervisor(say=lines.append)
+    child = sup.add("agents", start, spare=lambda: start(True))
+    sup.start_all()
+    try:
+        first = child.proc.pid
+        poll_until(sup, lambda: child.spare is not None and (tmp_path / f"ready-{child.spare.pid}").exists())
+        spare = child.spare.pid
+        assert not (tmp_path / f"serving-{spare}").exists()  # waiting, not serving
+        child.proc.kill()
+        poll_until(sup, lambda: child.proc is not None and child.proc.pid == spare)
+        assert f"agents: its spare took over (pid {spare})" in lines and first != spare
+        poll_until(sup, lambda: (tmp_path / f"serving-{spare}").exists())
+        poll_until(sup, lambda: child.spare is not None and child.spare.pid != spare)
+        second = child.spare
+        second.kill()  # a spare that dies: the child goes on, another spare follows
+        poll_until(sup, lambda: child.spare is not None and child.spare.pid != second.pid)
+        assert child.proc.pid == spare and any("agents's spare ended (signal SIGKILL)" in x for x in lines)
+        third = child.spare
+        third.kill()  # child and spare dead at once: a fresh start
+        third.wait()
+        child.proc.kill()
+        poll_until(sup, lambda: child.proc is not None and child.proc.pid not in (spare, second.pid, third.pid))
+        assert lines[-1].startswith("agents started again")
+        poll_until(sup, lambda: child.spare is not None and child.spare.poll() is None)
+        last = child.spare
+    finally:
+        sup.stop([])
+    assert last.poll() is not None and child.proc is None
