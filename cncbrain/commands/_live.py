@@ -92,9 +92,11 @@ def process_start(pid: int) -> int | None:
 def process_age_s() -> float | None:
     """Seconds since this process started (its exec, imports included); None without /proc."""
     started = process_start(os.getpid())
+    if started is None:
+        return None
     try:
         return float(Path("/proc/uptime").read_text().split()[0]) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return None
 
 

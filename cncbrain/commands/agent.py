@@ -8,10 +8,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cncbrain import aio, telemetry
 from cncbrain.commands._live import add_target_args, target
 from cncbrain.errors import CncError, UsageError
+
+if TYPE_CHECKING:
+    from agents.executor_slurm import SlurmSettings
 
 log = logging.getLogger("agents")
 
@@ -100,7 +104,7 @@ class Plan:
 
     sites: list[str]
     policy: str
-    slurm: object | None
+    slurm: SlurmSettings | None
 
 
 def prepare(args: argparse.Namespace, phases: Phases) -> Plan:
