@@ -287,15 +287,84 @@ class Choice(NamedTuple):
         return cls(np.ones((n, K), np.int64), np.zeros((n, MAX_OFFERS), np.int64), np.zeros((n, K), np.int64))
 
 
-def _clip(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, -OBS_CLIP, OBS_CLIP)
+def _clipped32(x: np.ndarray) -> np.ndarray:
+    """`x` clipped to ±OBS_CLIP (in place) as float32."""
+    np.maximum(x, -OBS_CLIP, out=x)
+    np.minimum(x, OBS_CLIP, out=x)
+    return x.astype(np.float32)
+
+
+class _ServiceFacts(NamedTuple):
+    """What the service blocks of one set of services (`Services`) share across sites: pool-wide
+    figures [K], demand and capacity in replica units [S, K], and the block's per-service columns
+    (`row`: the features that are the same at every site)."""
+
+    unit: np.ndarray  # [K] requests/s of one replica on the pool's best type for it
+    dem: np.ndarray  # [S, K] demand in replica units
+    cap: np.ndarray  # [S, K] capacity in replica units
+    pool_reps: np.ndarray  # [K]
+    deficit: np.ndarray  # [K] uncovered pool demand at the target utilisation, units
+    left: np.ndarray  # [K] replicas max_replicas leaves
+    can_remove: np.ndarray  # [K] bool
+    can_add: np.ndarray  # [K] bool
+    tp_fits: np.ndarray  # [K, G] bool: the service fits that type
+    tp_div: np.ndarray  # [K, G] GPUs per replica, at least 1
+    cap_den: np.ndarray  # [K] denominators of the shares of pool capacity, demand, most replicas,
+    dem_den: np.ndarray  # most uncovered demand
+    reps_den: np.ndarray
+    unc_den: np.ndarray
+    row: np.ndarray  # [K, f_svc] the per-service features, zeros elsewhere
+
+    @classmethod
+    def of(cls, sv: Services, pool, k: int) -> _ServiceFacts:
+        K = len(sv.active)
+        unit = np.maximum(sv.mu.max(axis=1, initial=0.0), 1e-9)
+        dem = sv.demand_rps / unit
+        cap = sv.capacity_rps / unit
+        pool_dem, pool_cap = dem.sum(axis=0), cap.sum(axis=0)
+        pool_reps = sv.replicas.sum(axis=0).astype(float)
+        row = np.zeros((K, f_svc(k)))
+        row[:, 0] = 1.0
+        row[:, 9] = sv.slo_recent
+        row[:, 10] = np.where(pool_dem > 0, np.minimum(pool_dem / TARGET_UTIL / np.maximum(pool_cap, 1e-6), 4.0), 0.0)
+        row[:, 11] = pool_reps / np.maximum(sv.max_replicas, 1)
+        row[:, 12] = pool_reps <= sv.min_replicas
+        row[:, 13] = pool_reps >= sv.max_replicas
+        row[:, 21] = sv.sites / max(pool.n_up, 1)
+        if sv.mu.shape[1]:
+            row[:, 22] = sv.tp[np.arange(K), sv.mu.argmax(axis=1)] / 8
+        row[:, 23] = np.where(unit > 1e-9, np.log10(unit) / 2, 0.0)
+        return cls(unit, dem, cap, pool_reps, np.maximum(pool_dem / TARGET_UTIL - pool_cap, 0.0),
+                   np.maximum(sv.max_replicas - pool_reps, 0), pool_reps > sv.min_replicas,
+                   pool_reps < sv.max_replicas, sv.tp > 0, np.maximum(sv.tp, 1), np.maximum(pool_cap, 1e-6),
+                   np.maximum(pool_dem, 1e-6), np.maximum(sv.replicas_max, 1), np.maximum(sv.uncovered_max, 1e-9),
+                   row)
+
+
+class _ViewFacts(NamedTuple):
+    """What the sites of one view share (`Featurizer._facts`): its services and their facts, the
+    site block's pool-wide features, and the offered jobs' figures."""
+
+    sv: Services
+    svc: _ServiceFacts
+    site_row: np.ndarray  # [5] site features 9–13 (pool shares, waiting training, pool size)
+    first_tick: float
+    big: np.ndarray  # [G] bool: GPU types of ≥ BIG_GPU_GB
+    fits: np.ndarray  # [O, G] per offer (O ≤ MAX_OFFERS offered)
+    shard: np.ndarray  # [O] GPUs per shard (≥ 1)
+    need: np.ndarray  # [O] shards (≥ 1)
+    asked: np.ndarray  # [O] GPUs
+    waiting: np.ndarray  # [O] waiting time / 600 s
+    asked_pool: np.ndarray  # [O] GPUs asked ÷ pool free GPUs (≤ 4)
 
 
 class Featurizer:
     """Observations, masks and the centralised state of the sites of a pool, from a `PoolView`.
 
-    Holds what is fixed for a pool (neighbour lists); `build(view)` is called once per tick,
-    `build(view, rows=[s])` computes site s alone (the same values as row s of the whole build)."""
+    Holds what is fixed for a pool (neighbour lists, the neighbour columns of the site block) and,
+    for the last view, what its sites share (`_ViewFacts`); `build(view)` is called once per tick,
+    `build(view, rows=[s])` computes site s alone (the same values as row s of the whole build).
+    Every block is computed for all its rows and services at once."""
 
     def __init__(self, latency_s: np.ndarray, k: int = DEFAULT_NEIGHBOURS):
         self.k = k
@@ -308,176 +377,187 @@ class Featurizer:
         self.nbr_lat = np.where(valid, lat[np.arange(S)[:, None], nb], 0.1)  # [S, k] seconds
         self.nbr_valid = valid
         self._nb = nb
-        self._columns: tuple | None = None
-        self._services: tuple | None = None
+        self._all_valid = bool(valid.all())
+        self._hood = np.concatenate([np.arange(S)[:, None], nb], axis=1)  # [S, 1 + k] each site, then its neighbours
+        # the site block's columns that depend on the pool alone: mean neighbour latency, per neighbour latency
+        self._site_base = np.zeros((S, f_site(k)))
+        self._site_base[:, 6] = self.nbr_lat.sum(axis=1) / max(k, 1) / 0.02
+        self._site_base[:, F_SITE_BASE::2] = self.nbr_lat / 0.02
+        self._view: tuple[PoolView, _ViewFacts] | None = None
 
     # ------------------------------------------------------------------ observations and masks
     def build(self, view: PoolView, rows: np.ndarray | list[int] | None = None) -> Obs:
         """Observations and masks of the sites `rows` (default: every site) of `view`."""
         rows = np.arange(self.S) if rows is None else np.asarray(rows, np.int64)
-        site, m_live = self._site_block(view, rows)
-        svc, m_rep, m_ov, cover = self._service_block(self.services_of(view), view, rows, m_live)
-        offer, m_off, room = self._offer_block(view, rows, m_live)
+        vf = self._facts(view)
+        hood = self._hood.take(rows, axis=0)
+        free = view.free_gpus.take(hood.ravel(), axis=0)  # [n (1 + k), G] each row, then its neighbours
+        nb_up = self._neighbours_up(view, rows, hood)
+        site, live, total = self._site_block(view, vf, rows, nb_up)
+        svc, m_rep, m_ov, cover = self._service_block(vf.sv, vf.svc, view, rows, hood, free, live, nb_up)
+        offer, m_off, room = self._offer_block(vf, rows, free, live, total)
         return Obs(site, svc, offer, m_rep, m_off, m_ov, room, cover)
 
     def services_of(self, view: PoolView) -> Services:
         """`Services.of(view)`, kept for the last view."""
-        if self._services is None or self._services[0] is not view:
-            self._services = (view, Services.of(view))
-        return self._services[1]
+        return self._facts(view).sv
 
-    def _site_block(self, view: PoolView, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _facts(self, view: PoolView) -> _ViewFacts:
+        """What the sites of `view` share, computed once for the last view."""
+        if self._view is not None and self._view[0] is view:
+            return self._view[1]
+        pool = view.pool_stats()
+        sv = Services.of(view)
+        site_row = np.array([pool.gpus_free / max(pool.gpus_total, 1), pool.gpus_training / max(pool.gpus_total, 1),
+                             min(pool.pending_gpus / max(pool.gpus_free, 1), 4.0), math.log1p(pool.pending_jobs) / 3,
+                             math.log(max(pool.n_sites, 1)) / math.log(300)])
+        offers = view.offers[:MAX_OFFERS]
+        G = len(view.gpu_types)
+        asked = np.array([off.n_shards * off.shard_gpus for off in offers], float)
+        vf = _ViewFacts(sv, _ServiceFacts.of(sv, pool, self.k), site_row, float(view.time_s < view.tick_s * 0.5),
+                        _big_types(tuple(view.gpu_types)),
+                        np.array([off.fits for off in offers], bool).reshape(len(offers), G),
+                        np.array([max(off.shard_gpus, 1) for off in offers], np.int64),
+                        np.array([max(off.n_shards, 1) for off in offers], float), asked,
+                        np.array([off.waiting_s for off in offers], float) / 600,
+                        np.minimum(asked / max(pool.gpus_free, 1), 4.0))
+        self._view = (view, vf)
+        return vf
+
+    def _neighbours_up(self, view: PoolView, rows: np.ndarray, hood: np.ndarray) -> np.ndarray:
+        """[n, k] whether each neighbour of each row is up (False where a row has fewer than k)."""
+        nb_up = view.site_up.take(hood[:, 1:])
+        return nb_up if self._all_valid else np.where(self.nbr_valid.take(rows, axis=0), nb_up, False)
+
+    def _site_block(self, view: PoolView, vf: _ViewFacts, rows: np.ndarray,
+                    nb_up: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(site blocks [n, f_site] float32, whether each row is up [n], its GPUs [n] (≥ 1))."""
         k = self.k
         pool = view.pool_stats()
-        nb, valid = self._nb[rows], self.nbr_valid[rows]
-        up = view.site_up
-        live = up[rows].astype(bool)
-        total = view.total_gpus[rows].sum(axis=1).astype(float)
-        free = view.free_gpus[rows].sum(axis=1).astype(float)
-        big = _big_types(tuple(view.gpu_types))
-        o = np.zeros((len(rows), f_site(k)))
+        live = view.site_up.take(rows).astype(bool)
+        total_g, free_g = view.total_gpus.take(rows, axis=0), view.free_gpus.take(rows, axis=0)
+        free = free_g.sum(axis=1).astype(float)
+        installed = total_g.sum(axis=1).astype(float)
+        total = np.maximum(installed, 1)
+        o = self._site_base.take(rows, axis=0)
         o[:, 0] = live
-        o[:, 1] = free / np.maximum(total, 1)
-        o[:, 2] = view.training_gpus[rows] / np.maximum(total, 1)
-        o[:, 3] = np.log1p(view.population[rows] * pool.n_sites)
-        o[:, 4] = float(view.time_s < view.tick_s * 0.5)
-        nb_up = np.where(valid, up[nb], False)
-        o[:, 5] = (valid & ~nb_up).sum(axis=1) / max(k, 1)
-        o[:, 6] = self.nbr_lat[rows].sum(axis=1) / max(k, 1) / 0.02
-        o[:, 7] = total / max(pool.site_gpus_max, 1)
-        o[:, 8] = view.replicas[rows].sum(axis=1) / max(pool.site_replicas_max, 1) if view.n_services else 0.0
-        o[:, 9] = pool.gpus_free / max(pool.gpus_total, 1)
-        o[:, 10] = pool.gpus_training / max(pool.gpus_total, 1)
-        o[:, 11] = min(pool.pending_gpus / max(pool.gpus_free, 1), 4.0)
-        o[:, 12] = math.log1p(pool.pending_jobs) / 3
-        o[:, 13] = math.log(max(pool.n_sites, 1)) / math.log(300)
-        o[:, 14] = view.free_gpus[rows][:, big].sum(axis=1) / np.maximum(free, 1)
-        o[:, 15] = view.total_gpus[rows][:, big].sum(axis=1) / np.maximum(total, 1)
+        o[:, 1] = free / total
+        o[:, 2] = view.training_gpus.take(rows) / total
+        o[:, 3] = np.log1p(view.population.take(rows) * pool.n_sites)
+        o[:, 4] = vf.first_tick
+        o[:, 5] = (self.nbr_valid.take(rows, axis=0) & ~nb_up).sum(axis=1) / max(k, 1)
+        o[:, 7] = installed / max(pool.site_gpus_max, 1)
+        o[:, 8] = view.replicas.take(rows, axis=0).sum(axis=1) / max(pool.site_replicas_max, 1) if view.n_services else 0.0
+        o[:, 9:14] = vf.site_row
+        o[:, 14] = free_g[:, vf.big].sum(axis=1) / np.maximum(free, 1)
+        o[:, 15] = total_g[:, vf.big].sum(axis=1) / total
         o[:, 16] = o[:, 1] * live / max(pool.site_free_share_max, 1e-6)  # 1: the site least-loaded picks
-        nbk = o[:, F_SITE_BASE:].reshape(len(rows), k, 2)
-        nbk[:, :, 0] = self.nbr_lat[rows] / 0.02
-        nbk[:, :, 1] = nb_up
-        return _clip(o).astype(np.float32), live
+        o[:, F_SITE_BASE + 1::2] = nb_up
+        return _clipped32(o), live, total
 
-    def _service_block(self, sv: Services, view: PoolView, rows: np.ndarray,
-                       live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(blocks [N, K, f_svc] float32, replica masks [N, K, 4], overflow masks [N, K, k+1], cover
-        counts [N, K]) of the services `sv` at the sites `rows` (every service at once)."""
+    def _service_block(self, sv: Services, f: _ServiceFacts, view: PoolView, rows: np.ndarray, hood: np.ndarray,
+                       free: np.ndarray, live: np.ndarray,
+                       nb_up: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(blocks [n, K, f_svc] float32, replica masks [n, K, 4], overflow masks [n, K, k+1], cover
+        counts [n, K]) of the services `sv` (their facts `f`) at the sites `rows` (their neighbourhoods
+        `hood` [n, 1 + k], the free GPUs there, `free` [n (1 + k), G], whether each row and each of its
+        neighbours is up, `live` [n] and `nb_up` [n, k]), every service at once."""
         k = self.k
         n, K = len(rows), len(sv.active)
-        nb, valid = self._nb[rows], self.nbr_valid[rows]
+        nb = hood[:, 1:]
         pool = view.pool_stats()
-        unit, dem_all, cap_all, pool_dem, pool_cap, pool_reps = self._pool_columns(sv)
-        reps = sv.replicas[rows].astype(float)  # [n, K]
-        dem, cap = dem_all[rows], cap_all[rows]
-        # capacity one more replica adds, at each row and at its neighbours: [n(1 + k), K]
-        free = view.free_gpus[np.concatenate([rows, nb.ravel()])].astype(float)  # [m, G]
-        fit = (sv.tp[None] > 0) & (free[:, None, :] >= sv.tp[None])  # [m, K, G]
-        room_all = np.where(fit, sv.mu[None], 0.0).max(axis=2, initial=0.0) / unit
-        room, room_nb = room_all[:n], room_all[n:].reshape(n, k, K)
+        reps = sv.replicas.take(rows, axis=0).astype(float)  # [n, K]
+        dem, cap = f.dem.take(rows, axis=0), f.cap.take(rows, axis=0)
+        # capacity one more replica adds, at each row and at its neighbours: [n, 1 + k, K]
+        free = free.astype(float)
+        fit = f.tp_fits[None] & (free[:, None, :] >= sv.tp[None])  # [n (1 + k), K, G]
+        room_all = (np.where(fit, sv.mu[None], 0.0).max(axis=2, initial=0.0) / f.unit).reshape(n, 1 + k, K)
+        room, room_nb = room_all[:, 0], room_all[:, 1:]
         # "cover": the replicas (of the best type with room here) that would cover the pool's demand
         # at the target utilisation, at most what fits here and what max_replicas leaves
-        fits_n = np.where(sv.tp[None] > 0, free[:n, None, :] // np.maximum(sv.tp[None], 1), 0).sum(axis=2)  # [n, K]
-        deficit = np.maximum(pool_dem / TARGET_UTIL - pool_cap, 0.0)  # [K] in units
-        cover = np.ceil(deficit[None, :] / np.maximum(room, 1e-9))
-        cover = np.minimum(np.minimum(cover, fits_n), np.maximum(sv.max_replicas - pool_reps, 0)[None, :])
-        cover = np.where(room > 0, np.minimum(cover, COVER_MAX), 0).astype(np.int64)
-        nd = np.where(valid[:, :, None], dem_all[nb], 0.0)  # [n, k, K]
-        ncap = np.where(valid[:, :, None], cap_all[nb], 0.0)
-        o = np.zeros((n, K, f_svc(k)))
-        o[:, :, 0] = 1.0
+        own_free = free.reshape(n, 1 + k, free.shape[1])[:, 0]
+        fits_n = np.where(f.tp_fits[None], own_free[:, None, :] // f.tp_div[None], 0).sum(axis=2)  # [n, K]
+        cover = np.ceil(f.deficit / np.maximum(room, 1e-9))
+        cover = np.minimum(np.minimum(cover, fits_n), f.left)
+        addable = room > 0
+        cover = np.where(addable, np.minimum(cover, COVER_MAX), 0).astype(np.int64)
+        nd, ncap, nload = f.dem.take(nb, axis=0), f.cap.take(nb, axis=0), np.minimum(sv.load.take(nb, axis=0), 3.0)
+        n_room = room_nb > 0
+        if not self._all_valid:  # [n, k, K]
+            valid = self.nbr_valid.take(rows, axis=0)[:, :, None]
+            nd, ncap, nload = np.where(valid, nd, 0.0), np.where(valid, ncap, 0.0), np.where(valid, nload, 0)
+            n_room = valid & n_room
+        o = np.empty((n, K, f_svc(k)))
+        o[:] = f.row
         o[:, :, 1] = reps / 4
-        o[:, :, 2] = reps > 0
-        o[:, :, 3] = np.where(reps > 0, sv.ready[rows] / np.maximum(reps, 1), 1.0)
+        has = reps > 0
+        o[:, :, 2] = has
+        o[:, :, 3] = np.where(has, sv.ready.take(rows, axis=0) / np.maximum(reps, 1), 1.0)
         o[:, :, 4] = dem / 4
         o[:, :, 5] = cap / 4
-        o[:, :, 6] = np.minimum(sv.load[rows], 3.0)
-        o[:, :, 7] = (dem / TARGET_UTIL - cap) / 4
+        o[:, :, 6] = np.minimum(sv.load.take(rows, axis=0), 3.0)
+        gap = dem / TARGET_UTIL - cap
+        o[:, :, 7] = gap / 4
         o[:, :, 8] = room
-        o[:, :, 9] = sv.slo_recent
-        o[:, :, 10] = np.where(pool_dem > 0, np.minimum(pool_dem / TARGET_UTIL / np.maximum(pool_cap, 1e-6), 4.0), 0.0)
-        o[:, :, 11] = pool_reps / np.maximum(sv.max_replicas, 1)
-        o[:, :, 12] = pool_reps <= sv.min_replicas
-        o[:, :, 13] = pool_reps >= sv.max_replicas
         o[:, :, 14] = nd.sum(axis=1) / 4
         o[:, :, 15] = ncap.sum(axis=1) / 4
-        o[:, :, 16] = (valid[:, :, None] & (room_nb > 0)).sum(axis=1) / max(k, 1)
-        o[:, :, 17] = np.where(valid[:, :, None], np.minimum(sv.load[nb], 3.0), 0).sum(axis=1) / max(k, 1)
-        o[:, :, 18] = cap / np.maximum(pool_cap, 1e-6) * max(pool.n_up, 1)
-        o[:, :, 19] = dem / np.maximum(pool_dem, 1e-6) * max(pool.n_sites, 1)
-        o[:, :, 20] = reps / np.maximum(sv.replicas_max, 1)
-        o[:, :, 21] = sv.sites / max(pool.n_up, 1)
-        best = sv.mu.argmax(axis=1) if sv.mu.shape[1] else np.zeros(K, np.int64)
-        o[:, :, 22] = (np.take_along_axis(sv.tp, best[:, None], axis=1)[:, 0] if sv.mu.shape[1] else 0.0) / 8
-        o[:, :, 23] = np.where(unit > 1e-9, np.log10(unit) / 2, 0.0)
+        o[:, :, 16] = n_room.sum(axis=1) / max(k, 1)
+        o[:, :, 17] = nload.sum(axis=1) / max(k, 1)
+        o[:, :, 18] = cap / f.cap_den * max(pool.n_up, 1)
+        o[:, :, 19] = dem / f.dem_den * max(pool.n_sites, 1)
+        o[:, :, 20] = reps / f.reps_den
         o[:, :, 24] = cover / 8
-        uncovered = np.maximum(dem / TARGET_UTIL - cap, 0.0) * unit  # rps
-        o[:, :, 25] = uncovered / np.maximum(sv.uncovered_max, 1e-9)  # 1: where the demand is least covered
-        o[:, :, 26] = sv.focus_latency[rows] / 0.02
-        o[:, :, 27] = sv.focus_nearest[rows]  # the site a latency-aware rule adds to
-        o[:, :, F_SVC_BASE:] = np.where(valid[:, :, None], (ncap * 0.8 - nd) / 4, 0.0).transpose(0, 2, 1)
+        uncovered = np.maximum(gap, 0.0) * f.unit  # rps
+        o[:, :, 25] = uncovered / f.unc_den  # 1: where the demand is least covered
+        o[:, :, 26] = sv.focus_latency.take(rows, axis=0) / 0.02
+        o[:, :, 27] = sv.focus_nearest.take(rows, axis=0)  # the site a latency-aware rule adds to
+        o[:, :, F_SVC_BASE:] = ((ncap * 0.8 - nd) / 4).transpose(0, 2, 1)
         act = sv.active[None, :]
-        o *= act[:, :, None]
+        if not sv.active.all():
+            o *= act[:, :, None]
         m_rep = np.zeros((n, K, N_REP), np.int8)
         m_rep[:, :, 1] = 1
         ok = live[:, None] & act
-        m_rep[:, :, 0] = ok & (reps > 0) & (pool_reps > sv.min_replicas)
-        m_rep[:, :, 2] = ok & (room > 0) & (pool_reps < sv.max_replicas)
+        m_rep[:, :, 0] = ok & has & f.can_remove
+        m_rep[:, :, 2] = ok & addable & f.can_add
         m_rep[:, :, 3] = m_rep[:, :, 2] & (cover >= 2)
         m_ov = np.zeros((n, K, k + 1), np.int8)
         m_ov[:, :, 0] = 1
-        nb_up = np.where(valid, view.site_up[nb], False)  # [n, k]
         m_ov[:, :, 1:] = nb_up[:, None, :] & ok[:, :, None]
-        return _clip(o).astype(np.float32), m_rep, m_ov, cover * act
+        return _clipped32(o), m_rep, m_ov, cover * act
 
-    def _pool_columns(self, sv: Services) -> tuple:
-        """Pool-wide figures of the services (unit [K], demand and capacity in units [S, K], their
-        sums and the replica counts [K]), kept for the last `Services` (many sites of one view)."""
-        cached = self._columns
-        if cached is not None and cached[0] is sv.demand_rps and cached[1] is sv.capacity_rps \
-                and cached[2] is sv.replicas and cached[3] is sv.mu:
-            return cached[4]
-        unit = np.maximum(sv.mu.max(axis=1, initial=0.0), 1e-9)
-        dem_all = sv.demand_rps / unit
-        cap_all = sv.capacity_rps / unit
-        out = (unit, dem_all, cap_all, dem_all.sum(axis=0), cap_all.sum(axis=0), sv.replicas.sum(axis=0).astype(float))
-        self._columns = (sv.demand_rps, sv.capacity_rps, sv.replicas, sv.mu, out)
-        return out
-
-    def _offer_block(self, view: PoolView, rows: np.ndarray, live: np.ndarray):
+    def _offer_block(self, vf: _ViewFacts, rows: np.ndarray, free: np.ndarray, live: np.ndarray, total: np.ndarray):
+        """(offer blocks [n, MAX_OFFERS, F_OFFER] float32, masks [n, MAX_OFFERS, 2], shards of each
+        offer that fit at each row [n, MAX_OFFERS]); `free` [n (1 + k), G] and `total` [n] (≥ 1)
+        are the GPUs free at each row and its neighbours and installed at each row."""
         k = self.k
         n = len(rows)
         offer = np.zeros((n, MAX_OFFERS, F_OFFER))
         m_off = np.zeros((n, MAX_OFFERS, N_OFF), np.int8)
         m_off[:, :, 0] = 1
         room = np.zeros((n, MAX_OFFERS))
-        offers = view.offers[:MAX_OFFERS]
-        if not offers:
+        n_off = len(vf.need)
+        if not n_off:
             return offer.astype(np.float32), m_off, room
-        n_off = len(offers)
-        nb, valid = self._nb[rows], self.nbr_valid[rows]
-        pool = view.pool_stats()
-        total = np.maximum(view.total_gpus[rows].sum(axis=1).astype(float), 1)[:, None]  # [n, 1]
-        free = view.free_gpus[np.concatenate([rows, nb.ravel()])]  # [m, G]
-        fits = np.array([off.fits for off in offers], bool)  # [n_off, G]
-        shard = np.array([max(off.shard_gpus, 1) for off in offers])
-        need = np.array([max(off.n_shards, 1) for off in offers], float)
-        asked = np.array([off.n_shards * off.shard_gpus for off in offers], float)
-        per = np.where(fits[None], free[:, None, :] // shard[None, :, None], 0).max(axis=2)  # [m, n_off]
-        mine, theirs = per[:n], per[n:].reshape(n, k, n_off)
+        total = total[:, None]  # [n, 1]
+        shard, need = vf.shard, vf.need
+        per = np.where(vf.fits[None], free[:, None, :] // shard[None, :, None], 0).max(axis=2).reshape(n, 1 + k, n_off)
+        mine, theirs = per[:, 0], per[:, 1:]
+        if not self._all_valid:
+            theirs = np.where(self.nbr_valid.take(rows, axis=0)[:, :, None], theirs, 0)
         o = offer[:, :n_off]
         o[:, :, 0] = 1.0
-        o[:, :, 1] = asked / total
+        o[:, :, 1] = vf.asked / total
         o[:, :, 2] = mine / need
         whole = mine >= need
         o[:, :, 3] = whole
-        o[:, :, 4] = np.where(valid[:, :, None], theirs, 0).sum(axis=1) / need
-        o[:, :, 5] = np.array([off.waiting_s for off in offers]) / 600
+        o[:, :, 4] = theirs.sum(axis=1) / need
+        o[:, :, 5] = vf.waiting
         o[:, :, 6] = np.where(whole, (mine - need) * shard / total, 0.0)
-        o[:, :, 7] = np.minimum(asked / max(pool.gpus_free, 1), 4.0)
+        o[:, :, 7] = vf.asked_pool
         room[:, :n_off] = mine
         m_off[:, :n_off, 1] = live[:, None] & (mine >= 1)
-        return _clip(offer).astype(np.float32), m_off, room
+        return _clipped32(offer), m_off, room
 
     def with_service(self, obs: Obs, view: PoolView, rows: np.ndarray | list[int], col: ServiceColumn) -> Obs:
         """`obs` (of the sites `rows` of `view`) with one more service, `col`, after its services:
@@ -486,8 +566,12 @@ class Featurizer:
         rows = np.asarray(rows, np.int64)
         if not col.info.active:
             raise ValueError(f"service {col.info.name!r} is not active")
-        live = view.site_up[rows].astype(bool)
-        out, m_rep, m_ov, cover = self._service_block(Services.of_column(col, view), view, rows, live)
+        live = view.site_up.take(rows).astype(bool)
+        sv = Services.of_column(col, view)
+        hood = self._hood.take(rows, axis=0)
+        out, m_rep, m_ov, cover = self._service_block(sv, _ServiceFacts.of(sv, view.pool_stats(), self.k), view, rows,
+                                                      hood, view.free_gpus.take(hood.ravel(), axis=0), live,
+                                                      self._neighbours_up(view, rows, hood))
         return Obs(obs.site, np.concatenate([obs.svc, out], axis=1), obs.offer,
                    np.concatenate([obs.m_rep, m_rep], axis=1), obs.m_off,
                    np.concatenate([obs.m_ov, m_ov], axis=1), obs.room,
@@ -507,22 +591,23 @@ class Featurizer:
         """(replica delta [n, K], bids [n, offers], overflow target [n, K] (site index or −1)) of
         the choices of the sites `rows`; `obs` is their observation (its `room` sets the bids)."""
         K = view.n_services
-        live = view.site_up[rows]
+        live = view.site_up.take(rows)
         rep = np.asarray(choice.rep)
         cover = np.full(rep.shape, 2) if obs.cover is None else obs.cover
         delta = np.where(live[:, None], np.where(rep == 3, cover, rep - 1), 0)
         accept = np.zeros((len(rows), len(view.offers)))
-        for o in range(min(len(view.offers), MAX_OFFERS)):
-            need = max(view.offers[o].n_shards, 1)
-            r = obs.room[:, o]
+        n_off = min(len(view.offers), MAX_OFFERS)
+        if n_off:
+            need = self._facts(view).need
+            r = obs.room[:, :n_off]
             strength = np.where(r >= need, 1000.0 - (r - need), r)
-            accept[:, o] = np.where((np.asarray(choice.off)[:, o] == 1) & live & (r >= 1), strength, 0.0)
+            bid = (np.asarray(choice.off)[:, :n_off] == 1) & live[:, None] & (r >= 1)
+            accept[:, :n_off] = np.where(bid, strength, 0.0)
         if not K:
             return delta, accept, np.zeros((len(rows), 0), np.int64)
         ov = np.asarray(choice.ov)
-        slot = np.maximum(ov - 1, 0)
-        r = np.arange(len(rows))[:, None]
-        nb, valid = self._nb[rows][r, slot], self.nbr_valid[rows][r, slot]
+        at = np.asarray(rows)[:, None] * self.k + np.maximum(ov - 1, 0)  # the chosen neighbour slot, flat
+        nb, valid = self._nb.take(at), self.nbr_valid.take(at)
         return delta, accept, np.where((ov > 0) & valid, nb, -1)
 
     def to_actions(self, view: PoolView, choice: Choice, obs: Obs, rows: np.ndarray | None = None) -> Actions:

@@ -85,6 +85,9 @@ class NumpyActor:
             raise ValueError(f"policy has heads of {self.svc[-1][0].shape[1]} / {self.off[-1][0].shape[1]} values, "
                              f"this code has {N_REP + self.k + 1} / {N_OFF} (k={self.k}); retrain the policy")
         self.H = H
+        # each head's first layer split into its site-encoding and block parts (`_head`)
+        self._first = {"svc": (self.svc[0][0][:H], self.svc[0][0][H:], self.svc[0][1]),
+                       "off": (self.off[0][0][:H], self.off[0][0][H:], self.off[0][1])}
 
     @classmethod
     def load(cls, path: str | Path) -> NumpyActor:
@@ -98,40 +101,49 @@ class NumpyActor:
             x = np.tanh(x @ w + b)
         return x
 
-    def _head(self, layers, h: np.ndarray, block: np.ndarray) -> np.ndarray:
-        """Logits of a shared sub-network over blocks [N, M, F] with the site encodings h [N, H]."""
-        w0, b0 = layers[0]
-        H = self.H
-        x = np.tanh((h @ w0[:H])[:, None, :] + np.asarray(block, np.float32) @ w0[H:] + b0)
+    def _head(self, name: str, h: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """Logits of the shared sub-network `name` ("svc" or "off") over blocks [N, M, F] with the
+        site encodings h [N, H]."""
+        layers = self.svc if name == "svc" else self.off
+        w_site, w_block, b0 = self._first[name]
+        N, M, F = block.shape
+        # every (site, block) pair in one matrix product per layer: [N·M, F] @ [F, H]
+        x = (np.asarray(block, np.float32).reshape(N * M, F) @ w_block).reshape(N, M, w_block.shape[1])
+        x += (h @ w_site)[:, None, :]
+        x += b0
+        np.tanh(x, out=x)
+        x = x.reshape(N * M, w_block.shape[1])
         for i, (w, b) in enumerate(layers[1:], start=1):
             x = x @ w + b
             if i < len(layers) - 1:
                 np.tanh(x, out=x)
-        return x
+        return x.reshape(N, M, layers[-1][0].shape[1])
 
     def service_logits(self, h: np.ndarray, svc: np.ndarray) -> np.ndarray:
         """[N, K, 3 + k+1]: replica then overflow logits of every (site, service)."""
         if svc.shape[1] == 0:
             return np.zeros((svc.shape[0], 0, N_REP + self.k + 1), np.float32)
-        return self._head(self.svc, h, svc)
+        return self._head("svc", h, svc)
 
     def offer_logits(self, h: np.ndarray, offer: np.ndarray) -> np.ndarray:
-        return self._head(self.off, h, offer)
+        return self._head("off", h, offer)
 
     def choose(self, obs: Obs) -> Choice:
         """The most likely allowed choice of every head."""
         h = self.encode(obs.site)
         zs = self.service_logits(h, obs.svc)
-        zo = self.offer_logits(h, obs.offer)
         rep = np.where(obs.m_rep > 0, zs[..., :N_REP], -np.inf).argmax(axis=2)
         ov = np.where(obs.m_ov > 0, zs[..., N_REP:], -np.inf).argmax(axis=2)
-        off = np.where(obs.m_off > 0, zo, -np.inf).argmax(axis=2)
+        if obs.m_off[:, :, 1:].any():
+            off = np.where(obs.m_off > 0, self.offer_logits(h, obs.offer), -np.inf).argmax(axis=2)
+        else:  # no site may bid (no offer, or none fits): every site declines, no need for the offer head
+            off = np.zeros(obs.m_off.shape[:2], np.int64)
         return Choice(rep, off, ov)
 
     def choose_replicas(self, obs: Obs, j: int) -> np.ndarray:
         """[N] replica choice (0 remove, 1 keep, 2 add) of service j alone."""
         h = self.encode(obs.site)
-        z = self._head(self.svc, h, obs.svc[:, j:j + 1])[:, 0, :N_REP]
+        z = self._head("svc", h, obs.svc[:, j:j + 1])[:, 0, :N_REP]
         return np.where(obs.m_rep[:, j] > 0, z, -np.inf).argmax(axis=1)
 
 
