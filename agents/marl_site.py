@@ -45,14 +45,15 @@ import functools
 import itertools
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from agents.features import MAX_OFFERS, ServiceColumn
 from agents.site_agent import ScaleWish, SitePolicy
 from cnc.common.v1 import common_pb2 as common
-from cnc.perception.v1 import perception_pb2
-from cnc.scheduler.v1 import scheduler_pb2 as sched
+from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.twin.view import JobOffer, PoolStats, PoolView, ServiceInfo
 
@@ -130,55 +131,49 @@ class _OfferBase:
                 and not any(w in book.specs for w in self.unknown))
 
 
-@dataclasses.dataclass
-class _PoolFacts:
-    """The pool-wide figures of one snapshot that a site's policy reads (`PoolStats`)."""
+class _PoolFacts(NamedTuple):
+    """What one snapshot says about the whole pool: its `PoolStats` (the figures the twin
+    broadcasts, computed the twin's way from the snapshot's sites), the GPU types, the total of
+    the sites' ingress weights, and each service's column in `stats.service_*`."""
 
+    stats: PoolStats
     gpu_types: list[str]
-    n_sites: int
-    n_up: int
-    gpus_total: float
-    gpus_free: float
-    gpus_training: float
-    site_gpus_max: float
-    site_replicas_max: float
-    site_free_share_max: float
     weight_total: float
-    services: dict[str, tuple[float, float]]
-    """Per service: (most replicas at one site, sites running it)."""
+    service_index: dict[str, int]
 
     @classmethod
-    def of(cls, snap: perception_pb2.Snapshot | None, book: SpecBook) -> _PoolFacts:
+    def of(cls, snap: ppb.Snapshot | None, book: SpecBook) -> _PoolFacts:
         if snap is None:
-            return cls([], 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, {})
-        types: set[str] = set()
-        total = free = training = gmax = rmax = weight = share_max = 0.0
-        up = 0
-        services: dict[str, tuple[float, float]] = {}
-        for st in snap.sites:
-            live = st.state == common.SITE_STATE_UP
-            up += live
-            pools = st.gpu_pools or st.site.gpu_pools
-            n = sum(p.count for p in pools)
-            types.update(p.gpu_type for p in pools)
-            total += n
-            gmax = max(gmax, n)
-            if live:
-                f = sum(max(0, p.count - p.used) for p in pools)
-                free += f
-                share_max = max(share_max, f / max(n, 1))
-            weight += max(st.site.ingress_weight, 0.0)
-            here = 0
+            return cls(PoolStats(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, np.zeros(0), np.zeros(0)), [], 0.0, {})
+        pools = [st.gpu_pools or st.site.gpu_pools for st in snap.sites]
+        types = sorted({p.gpu_type for ps in pools for p in ps})
+        column = {t: g for g, t in enumerate(types)}
+        services = {wid: j for j, wid in enumerate(dict.fromkeys(x.workload_id for st in snap.sites for x in st.services))}
+        S = len(snap.sites)
+        up = np.array([st.state == common.SITE_STATE_UP for st in snap.sites], bool)
+        total, free = np.zeros((S, len(types))), np.zeros((S, len(types)))
+        training, replicas = np.zeros(S), np.zeros((S, len(services)))
+        for i, (st, ps) in enumerate(zip(snap.sites, pools, strict=True)):
+            for p in ps:
+                total[i, column[p.gpu_type]] += p.count
+                if up[i]:
+                    free[i, column[p.gpu_type]] += max(0, p.count - p.used)
             for x in st.services:
-                here += x.replicas
-                most, sites = services.get(x.workload_id, (0.0, 0.0))
-                services[x.workload_id] = (max(most, x.replicas), sites + (x.replicas > 0))
-            rmax = max(rmax, here)
+                replicas[i, services[x.workload_id]] += x.replicas
             for j in st.jobs:
                 spec = book.specs.get(j.workload_id)
                 if isinstance(spec, common.TrainingJobSpec):
-                    training += j.shards_running * spec.gpus_per_shard
-        return cls(sorted(types), len(snap.sites), up, total, free, training, gmax, rmax, share_max, weight, services)
+                    training[i] += j.shards_running * spec.gpus_per_shard
+        stats = PoolStats.of(up, total, free, training, replicas)
+        weight = sum(max(st.site.ingress_weight, 0.0) for st in snap.sites)
+        return cls(stats, types, weight, services)
+
+    def service(self, wid: str) -> tuple[float, float]:
+        """(most replicas of the service `wid` at one site, sites running it); 0s for one not in the snapshot."""
+        j = self.service_index.get(wid)
+        if j is None:
+            return 0.0, 0.0
+        return float(self.stats.service_replicas_max[j]), float(self.stats.service_sites[j])
 
 
 class SpecBook:
@@ -212,7 +207,6 @@ class SpecBook:
             self.jobs_learned += isinstance(spec, common.TrainingJobSpec)
 
     async def fetch(self, bus, workload_ids) -> None:
-        from cnc.scheduler.v1 import scheduler_pb2 as pb
         from cncbrain.bus import KV_WORKLOADS
 
         missing = [w for w in workload_ids if w not in self.specs and time.monotonic() - self._tried.get(w, -1e9) > 5.0]
@@ -225,7 +219,7 @@ class SpecBook:
                 entry = await kv.get(wid)
             except Exception:  # not stored (yet), or NATS busy: tried again later
                 continue
-            w = pb.Workload.FromString(entry.value or b"")
+            w = spb.Workload.FromString(entry.value or b"")
             which = w.WhichOneof("spec")
             if which:
                 self.learn(wid, getattr(w, which))
@@ -243,21 +237,21 @@ class MarlSitePolicy(SitePolicy):
         self.runtime = MarlPolicy(path)
         self.k = self.runtime.actor.k
         self.book = SpecBook.shared()
-        self.snapshot: perception_pb2.Snapshot | None = None
+        self.snapshot: ppb.Snapshot | None = None
         self._latency: np.ndarray | None = None
         self._latency_key: tuple | None = None
         self._neighbours: dict[tuple[str, int], list[str]] = {}
-        self._pool_key: perception_pb2.Snapshot | None = None
+        self._pool_key: ppb.Snapshot | None = None
         self._pool: tuple[dict, list[str]] = ({}, [])
         self._facts: _PoolFacts | None = None
-        self._facts_key: perception_pb2.Snapshot | None = None
-        self._focus_key: perception_pb2.Snapshot | None = None
+        self._facts_key: ppb.Snapshot | None = None
+        self._focus_key: ppb.Snapshot | None = None
         self._focus_cache: dict = {}
         self._base: _OfferBase | None = None
         self.decisions = 0
 
     # --- inputs ---------------------------------------------------------------------------------
-    async def observe(self, bus, snapshot: perception_pb2.Snapshot, site: common.Site) -> None:
+    async def observe(self, bus, snapshot: ppb.Snapshot, site: common.Site) -> None:
         """Keep the snapshot; learn the specs of the services this site's view needs."""
         self.snapshot = snapshot
         local = {s.site.site_id for s in self._local_sites(snapshot, site)}
@@ -273,9 +267,9 @@ class MarlSitePolicy(SitePolicy):
             found = self._neighbours[key] = [peer for _, peer in links[: self.k]]
         return found
 
-    def _local_sites(self, snapshot: perception_pb2.Snapshot | None, site: common.Site) -> list[perception_pb2.SiteStatus]:
+    def _local_sites(self, snapshot: ppb.Snapshot | None, site: common.Site) -> list[ppb.SiteStatus]:
         by_id = {s.site.site_id: s for s in snapshot.sites} if snapshot else {}
-        out = [by_id.get(site.site_id) or perception_pb2.SiteStatus(site=site, state=common.SITE_STATE_UP,
+        out = [by_id.get(site.site_id) or ppb.SiteStatus(site=site, state=common.SITE_STATE_UP,
                                                                     gpu_pools=site.gpu_pools)]
         for peer in self._neighbour_ids(site):
             if peer in by_id:
@@ -289,14 +283,14 @@ class MarlSitePolicy(SitePolicy):
     # --- the local view -------------------------------------------------------------------------
     def view(self, site: common.Site, telemetry: site_pb.SiteTelemetry | None, available: bool,
              extra: common.InferenceServiceSpec | None = None, extra_id: str = "",
-             offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
+             offers: list[spb.Offer] = ()) -> tuple[PoolView, list[str]]:
         """This site's view: rows [me, k nearest neighbours, rest of the pool]; services: those at
         this site first, then every other of the pool, busiest first (plus `extra`, an offered service)."""
         return self.view_of([(site, telemetry, available)], extra, extra_id, offers)
 
     def view_of(self, mine: list[tuple[common.Site, site_pb.SiteTelemetry | None, bool]],
                 extra: common.InferenceServiceSpec | None = None, extra_id: str = "",
-                offers: list[sched.Offer] = ()) -> tuple[PoolView, list[str]]:
+                offers: list[spb.Offer] = ()) -> tuple[PoolView, list[str]]:
         """One view for the sites `mine` (site, its own telemetry, available) of this process: rows
         [each of mine, their k nearest neighbours, rest of the pool]; services: those at my sites
         first, then every other of the pool, busiest first (plus `extra`, an offered service). Row i < len(mine)
@@ -359,7 +353,7 @@ class MarlSitePolicy(SitePolicy):
                     unknown.append(w)
         return wids, unknown
 
-    def _assemble(self, mine, rows: _Rows, columns: list[ServiceColumn], offers: list[sched.Offer] = ()) -> PoolView:
+    def _assemble(self, mine, rows: _Rows, columns: list[ServiceColumn], offers: list[spb.Offer] = ()) -> PoolView:
         """The `PoolView` of `rows` with the services `columns` (`_service_column`) and training `offers`."""
         snap = self.snapshot
         rows_, ids, n_mine, gpu_types = rows.rows, rows.ids, rows.n_mine, rows.gpu_types
@@ -424,7 +418,7 @@ class MarlSitePolicy(SitePolicy):
         the pool's sites (uniform where no site declares one)."""
         facts = self._pool_facts(self.snapshot)
         S = len(rows.rows) + 1
-        n = max(facts.n_sites, S - 1)
+        n = max(facts.stats.n_sites, S - 1)
         pop = np.zeros(S)
         if facts.weight_total > 0:
             for i, r in enumerate(rows.rows):
@@ -437,16 +431,16 @@ class MarlSitePolicy(SitePolicy):
     def _pool_stats(self, rows: _Rows, columns: list[ServiceColumn]) -> PoolStats:
         """The pool broadcasts of the view: perception's snapshot (all sites), the waiting training
         jobs of the last offer round (for `PENDING_TTL_S`)."""
-        f = self._pool_facts(self.snapshot)
+        f = self._pool_facts(self.snapshot).stats
         n_rows = len(rows.rows)
         up_rows = sum(1 for r in rows.rows if r[1])
         pending, pending_gpus, seen = self.book.pending
         if time.monotonic() - seen > PENDING_TTL_S:
             pending, pending_gpus = 0, 0.0
-        stats = PoolStats(max(f.n_sites, n_rows), max(f.n_up, up_rows), f.gpus_total, f.gpus_free, f.gpus_training,
-                          f.site_gpus_max, f.site_replicas_max,
-                          np.array([c.replicas_max for c in columns], float),
-                          np.array([c.sites for c in columns], float), pending, pending_gpus, f.site_free_share_max)
+        stats = dataclasses.replace(f, n_sites=max(f.n_sites, n_rows), n_up=max(f.n_up, up_rows),
+                                    service_replicas_max=np.array([c.replicas_max for c in columns], float),
+                                    service_sites=np.array([c.sites for c in columns], float),
+                                    pending_jobs=pending, pending_gpus=pending_gpus)
         if any(c.key for c in columns):  # where each service's demand is least covered, pool-wide
             S = n_rows + 1
             # NaN: a service not in the snapshot (an offered one), its focus worked out from the view's rows
@@ -542,18 +536,18 @@ class MarlSitePolicy(SitePolicy):
                 dem[ids.index(spec.ingress_site_id) if spec.ingress_site_id in ids else S - 1] = spec.expected_rate_rps
             else:
                 dem[:] = spec.expected_rate_rps * self._population(rows)
-        most, sites = self._pool_facts(self.snapshot).services.get(wid, (0.0, 0.0))
+        most, sites = self._pool_facts(self.snapshot).service(wid)
         return ServiceColumn(info, reps, reps, dem, cap, load, slo, max(most, float(reps[:-1].max(initial=0))),
                              max(sites, float((reps[:-1] > 0).sum())), "" if offered else wid)
 
-    def _pool_facts(self, snap: perception_pb2.Snapshot | None) -> _PoolFacts:
+    def _pool_facts(self, snap: ppb.Snapshot | None) -> _PoolFacts:
         """Pool-wide figures of a snapshot (once per snapshot)."""
         if self._facts_key is not snap or self._facts is None:
             self._facts = _PoolFacts.of(snap, self.book)
             self._facts_key = snap
         return self._facts
 
-    def _pool_services(self, snap: perception_pb2.Snapshot | None) -> tuple[dict, list[str]]:
+    def _pool_services(self, snap: ppb.Snapshot | None) -> tuple[dict, list[str]]:
         """The snapshot's per-service summaries by id, and their ids busiest first (once per snapshot:
         a pool of thousands of services must not cost that much per offer)."""
         if snap is None:
@@ -563,10 +557,6 @@ class MarlSitePolicy(SitePolicy):
             busiest = sorted(summaries, key=lambda w: -summaries[w].request_rate_rps)
             self._pool_key, self._pool = snap, (summaries, busiest)
         return self._pool
-
-    @staticmethod
-    def _hbm(site: common.Site, gpu_type: str) -> float:
-        return next((p.hbm_gb for p in site.gpu_pools if p.gpu_type == gpu_type and p.hbm_gb), 1e9)
 
     def decide(self, view: PoolView) -> tuple[np.ndarray, np.ndarray]:
         self.decisions += 1
@@ -714,7 +704,7 @@ class MarlSitePolicy(SitePolicy):
             out[i] = (units, gpu_type, cost, reason)
         return out  # type: ignore[return-value]
 
-    def scale(self, snapshot: perception_pb2.Snapshot, site: common.Site,
+    def scale(self, snapshot: ppb.Snapshot, site: common.Site,
               telemetry: site_pb.SiteTelemetry | None, now: float) -> list[ScaleWish]:
         if telemetry is None or not telemetry.available:
             return []
