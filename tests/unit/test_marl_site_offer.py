@@ -3,10 +3,12 @@ and when it no longer holds, and the offered service's features added without bu
 
 import numpy as np
 
+from agents.features import COVER_MAX
 from agents.marl_site import MarlSitePolicy
 from agents.site_policies import make_site_policy
 from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
+from cnc.scheduler.v1 import scheduler_pb2 as spb
 
 from support.line_pool import line_site
 
@@ -104,3 +106,41 @@ def test_a_new_site_message_rebuilds_the_kept_view():
     mine[2] = (site_of(2), None, True)  # equal content, a new message
     assert (policy.wants(mine, "svc-w-new", spec("new")) == fresh(policy, mine, "svc-w-new", spec("new"))).all()
     assert policy._base is not base
+
+
+def test_a_live_site_decides_for_every_one_of_six_services():
+    """No cap on the live path either: a site of a pool running six services (1.3B … 70B) has all
+    six in its view, a replica decision for each, and answers an offer of each of six more."""
+    models = [("1.3b", 1.3), ("7b", 7), ("13b", 13), ("34b", 34), ("70b", 70), ("7b", 7)]
+    wids = [f"svc-six-{n}" for n in range(6)]
+    policy = make_site_policy("marl")
+    snap = ppb.Snapshot(sequence=1)
+    for i in range(len(SITES)):
+        status = ppb.SiteStatus(site=site_of(i), state=common.SITE_STATE_UP)
+        status.gpu_pools.add(gpu_type="H100", count=16, used=i, hbm_gb=80)
+        for j in (i, i + 1):
+            status.services.add(workload_id=wids[j], replicas=1, request_rate_rps=2.0 + j, utilization=0.9)
+        snap.sites.append(status)
+    for j, (wid, (model, params)) in enumerate(zip(wids, models, strict=True)):
+        s = spec(f"six{j}", 4.0)
+        s.model, s.params_b = model, params
+        policy.book.learn(wid, s)
+        snap.services.add(workload_id=wid, replicas=2, request_rate_rps=4.0 + j, requests=100, requests_ok=70)
+    policy.snapshot = snap
+    for i in range(len(SITES)):
+        view, in_view = policy.view(site_of(i), None, True)
+        assert sorted(in_view) == wids and view.n_services == 6
+        obs = policy.runtime.featurizer(view).build(view, [0])
+        assert obs.svc.shape[1] == 6 and (obs.svc[0, :, 0] == 1).all()  # every service active in the observation
+        delta, _ = policy.decide(view)
+        assert delta.shape == (6,) and ((delta >= -1) & (delta <= COVER_MAX)).all()
+    offers = []
+    for n in range(6):
+        offer = spb.Offer(offer_id=f"six{n}", workload_id=f"svc-six-new{n}",
+                          kind=common.WORKLOAD_KIND_INFERENCE_SERVICE, units=1, gpus_per_unit=1)
+        offer.inference_service.CopyFrom(spec(f"sixnew{n}", 2.0 * n))
+        policy.book.learn(offer.workload_id, offer.inference_service)
+        offers.append(offer)
+    answers = MarlSitePolicy.answer_sites([(policy, site_of(i), None, True) for i in range(len(SITES))], offers)
+    assert [len(a) for a in answers] == [6] * len(SITES)
+    assert all(r.startswith("marl ") for a in answers for *_, r in a)
