@@ -82,7 +82,6 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
     from agents.site_policies import make_site_policy
     from cnc.common.v1 import common_pb2 as common
     from cnc.scheduler.v1 import scheduler_pb2 as spb
-    from services.perception.domain import PoolPicture
 
     host = EmulatorHost(None, load_scenario(scenario))
 
@@ -99,13 +98,7 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
                 gpus_per_unit=1, generation=1), inference_service=svc))
     for _ in range(30):
         host.report = host.twin.step()
-    picture = PoolPicture()
-    now = time.time()
-    telemetry = {sid: host.site_state(sid) for sid in host.ids}
-    for s, sid in enumerate(host.ids):
-        picture.register(host.site(s), now)
-        picture.telemetry(telemetry[sid])
-    snapshot = picture.tick(now)
+    snapshot, telemetry = perceived(host)
     members = []
     for s, sid in enumerate(host.ids):
         site_policy = make_site_policy(f"marl:{policy}" if policy else "marl")
@@ -126,6 +119,19 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return wall, cpu
+
+
+def perceived(host):
+    """(perception's snapshot, each site's telemetry by id) of the sites an `EmulatorHost` emulates, now."""
+    from services.perception.domain import PoolPicture
+
+    picture = PoolPicture()
+    now = time.time()
+    telemetry = {sid: host.site_state(sid) for sid in host.ids}
+    for s, sid in enumerate(host.ids):
+        picture.register(host.site(s), now)
+        picture.telemetry(telemetry[sid])
+    return picture.tick(now), telemetry
 
 
 if __name__ == "__main__":

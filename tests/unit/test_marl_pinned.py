@@ -11,7 +11,6 @@ change: say so in the commit).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +62,10 @@ def live_record() -> dict[str, np.ndarray]:
     from agents.executor_emulated import EmulatorHost
     from agents.marl_site import MarlSitePolicy
     from agents.site_policies import make_site_policy
+    from benchmarks.bench_policy import perceived
     from cnc.common.v1 import common_pb2 as common
     from cnc.scheduler.v1 import scheduler_pb2 as spb
     from cncbrain.scenario import load_scenario
-    from services.perception.domain import PoolPicture
 
     host = EmulatorHost(None, load_scenario(SCENARIO))
 
@@ -91,13 +90,7 @@ def live_record() -> dict[str, np.ndarray]:
         if tick == 15:
             host.twin.fail_site(5, 600.0)
         host.report = host.twin.step()
-    picture = PoolPicture()
-    now = time.time()
-    telemetry = {sid: host.site_state(sid) for sid in host.ids}
-    for s, sid in enumerate(host.ids):
-        picture.register(host.site(s), now)
-        picture.telemetry(telemetry[sid])
-    snapshot = picture.tick(now)
+    snapshot, telemetry = perceived(host)
     out: dict[str, np.ndarray] = {}
     members = []
     for s, sid in enumerate(host.ids):
