@@ -9,7 +9,9 @@ snapshot.
 
 Target: p99 ≤ 1 ms per site decision. The views are real twin states along an episode.
 Reported twice: wall-clock and the process's CPU time per decision (`*_cpu_*`); on a shared machine
-the wall-clock tail mostly measures waiting for a core, the CPU time what the decision costs.
+the wall-clock tail mostly measures waiting for a core, the CPU time what the decision costs (all
+the process's threads: numpy's OpenBLAS threads too — `OPENBLAS_NUM_THREADS=1` runs them on one,
+recorded as `openblas_threads`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
            "pool_decision_p50_ms": ms(pool, 50), "pool_decision_p99_ms": ms(pool, 99),
            "offer_round_p50_ms": ms(rounds, 50), "offer_round_p99_ms": ms(rounds, 99),
            "offer_round_cpu_p50_ms": ms(rounds_cpu, 50),
-           "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
+           "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+           "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
     if a.json:
         print(json.dumps(res))
     else:
