@@ -125,7 +125,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--linger", type=float, default=0.0,
                         help="read every RSS again this many seconds after the 'after' reading (Go returns its "
                              "freed heap to the OS over minutes)")
+    parser.add_argument("--sample-every", type=float, default=0.0,
+                        help="during --linger, print nats-server's RSS every this many seconds")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG of nats-server's RSS during --linger against its RSS before and the 20 % line")
     parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,8 +154,16 @@ def main(argv: list[str]) -> int:
             after = {name: rss_mb(pid) for name, pid in pids.items()}
             js_after = jetstream(brain)
             lingered: dict[str, float] = {}
+            samples: list[tuple[float, float]] = []  # (s after the 'after' reading, nats-server MB)
             if args.linger:
-                time.sleep(args.linger)
+                t0 = time.monotonic()
+                while (waited := time.monotonic() - t0) < args.linger:
+                    time.sleep(min(args.sample_every or args.linger, args.linger - waited))
+                    if "nats-server" in pids:
+                        samples.append((time.monotonic() - t0, rss_mb(pids["nats-server"])))
+                        if args.sample_every:
+                            print(f"  {samples[-1][0]:5.0f} s later: nats-server {samples[-1][1]:.1f} MB "
+                                  f"[load {load()}]", flush=True)
                 lingered = {name: rss_mb(pid) for name, pid in pids.items()}
             heap_after = nats_heap(brain)
             restarted = [n for n, pid in processes(brain).items() if pids.get(n) != pid]
@@ -187,9 +199,34 @@ def main(argv: list[str]) -> int:
                                          "p50_ms_per_block": blocks, "before_mb": before, "peak_mb": peak,
                                          "after_mb": after, "restarted": restarted,
                                          "linger_s": args.linger, "lingered_mb": lingered,
+                                         "nats_rss_samples": samples,
+                                         "nats_env": {k: os.environ[k] for k in ("GOMEMLIMIT", "GOGC", "GODEBUG")
+                                                      if k in os.environ},
                                          "nats_heap_before_mb": heap_before, "nats_heap_after_mb": heap_after,
                                          "load": load()}, indent=2))
+    if args.plot and samples:
+        plot_nats(samples, before["nats-server"], after["nats-server"], args.settle, args.plot)
     return 0
+
+
+def plot_nats(samples: list[tuple[float, float]], before: float, after: float, settle_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    xs = [settle_s / 60] + [(settle_s + t) / 60 for t, _ in samples]
+    ax.plot(xs, [after] + [mb for _, mb in samples], marker="o", label="nats-server RSS after the load")
+    ax.axhline(before, color="#4c72b0", linestyle=":", label=f"before the load ({before:.0f} MB)")
+    ax.axhline(before * LIMIT, color="grey", linestyle="--", label="before + 20 %")
+    ax.set_xlabel("minutes after the last cancel")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("bench_memory: nats-server's resident memory once the load is gone")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
