@@ -18,6 +18,12 @@ load: each line carries the load average.
 
     python -m benchmarks.bench_chaos [--standby] [--deploys N] [--rate R] [--json FILE] [--plot FILE]
         [--faults scheduler,governance,...]
+
+With `--compose PROJECT` it drives a running compose stack of deploy/ instead (its published ports
+as the `CNC_*_PORT` variables say): each fault is a SIGKILL of the process in its container, which
+the restart policy brings back; for the scheduler and governance of the cluster profile, the
+active instance of the pair (the one listening on the port); `nats`, `nats-2`, `nats-3` are the
+NATS nodes.
 """
 
 from __future__ import annotations
@@ -79,13 +85,12 @@ def spec(name: str) -> common.InferenceServiceSpec:
 
 
 class Chaos:
-    def __init__(self, brain: Brain, deploys: int, rate: float) -> None:
-        self.brain = brain
+    def __init__(self, endpoints: dict[str, str], token: str | None, sites: int, deploys: int, rate: float) -> None:
+        self.sites = sites
         self.deploys = deploys
         self.rate = rate
-        ep = brain.endpoints
-        self.md = bearer_metadata(brain.token_file.read_text().strip()) if brain.auth else None
-        self.ports = {s: ep[s] for s in SERVICES}
+        self.md = bearer_metadata(token) if token else None
+        self.ports = {s: endpoints[s] for s in SERVICES}
         self.channels: dict[str, grpc.aio.Channel] = {}
 
     async def _retrying(self, call):
@@ -120,7 +125,7 @@ class Chaos:
                 ppb.ListSitesRequest(), metadata=self.md, timeout=1)).sites
         except grpc.aio.AioRpcError:
             return False
-        return len(sites) >= len(self.brain.sites) and all(s.state == common.SITE_STATE_UP for s in sites)
+        return len(sites) >= self.sites and all(s.state == common.SITE_STATE_UP for s in sites)
 
     async def time_to_healthy(self, stub, killed_at: float, tag: str, notes: list[str]) -> float | None:
         """Seconds from the kill until every health check SERVING, every site up and a probe
@@ -257,7 +262,7 @@ def supervise(brain: Brain, stop: threading.Event, lines: list[str]) -> None:
         time.sleep(0.1)
 
 
-def plot(results: list[Result], path: Path, standby: bool) -> None:
+def plot(results: list[Result], path: Path, mode: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,10 +277,95 @@ def plot(results: list[Result], path: Path, standby: bool) -> None:
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r.healthy_s:.1f}" if r.healthy_s else "n/a",
                 ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("kill -9 → healthy again (s)")
-    ax.set_title(f"bench_chaos: recovery per fault ({'standby' if standby else 'supervised restart'})")
+    ax.set_title(f"bench_chaos: recovery per fault ({mode})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --- a compose stack (deploy/: `--compose PROJECT`) --------------------------------------------
+GRPC_PORTS = {"perception": 50061, "scheduler": 50062, "adaptation": 50063, "governance": 50064}
+COMPOSE_FAULTS = ("scheduler", "governance", "perception", "adaptation", "agents", "emulator", "nats", "nats-2")
+TOKEN_FILE = "/var/lib/cncbrain/token/operator.token"
+
+
+def podman(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def container_pid(name: str) -> int:
+    """The host pid of a running container's process (0: not running)."""
+    try:
+        return int(podman("inspect", "--format", "{{.State.Pid}}", name) or 0)
+    except Exception:
+        return 0
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (its network namespace's
+    /proc/net/tcp{,6}: a socket of state LISTEN on that port whose inode is one of its fds)."""
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                mine.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port and cols[9] in mine:
+                    return True
+    return False
+
+
+def compose_killer(project: str, fault: str):
+    """SIGKILL of the fault's process in its container (the restart policy brings it back): for a
+    service with a pair (the cluster profile), its active instance, the one listening on the port."""
+    def kill() -> str:
+        pair = [f"{project}_{fault}-{i}_1" for i in (1, 2)] if fault in GRPC_PORTS else []
+        pids = {name: container_pid(name) for name in pair}
+        if any(pids.values()):
+            active = [n for n, pid in pids.items() if pid and listens(pid, GRPC_PORTS[fault])]
+            if len(active) != 1:
+                raise RuntimeError(f"{fault}: {len(active)} instances listen ({pids})")
+            name = active[0]
+        else:
+            name = f"{project}_{fault}_1"
+        pid = container_pid(name)
+        if not pid:
+            raise RuntimeError(f"{name} is not running")
+        os.kill(pid, signal.SIGKILL)
+        return name.removeprefix(f"{project}_").removesuffix("_1")
+    return kill
+
+
+def compose_target(project: str) -> tuple[dict[str, str], str, int]:
+    """Endpoints (the published ports, `CNC_*_PORT` as the compose files read them), the operator
+    token (from governance's container) and the number of sites of a running compose stack."""
+    from agents.executor_emulated import site_ids_of
+    from cncbrain.scenario import load_scenario
+
+    endpoints = {s: f"127.0.0.1:{os.environ.get(f'CNC_{s.upper()}_PORT', p)}" for s, p in GRPC_PORTS.items()}
+    token = podman("exec", f"{project}_governance_1", "cat", TOKEN_FILE)
+    return endpoints, token, len(site_ids_of(load_scenario(os.environ.get("CNC_SCENARIO", "abilene"))))
+
+
+def run_faults(chaos: Chaos, faults: list[str], killer_of, deploys: int) -> list[Result]:
+    results = []
+    for fault in faults:
+        result = asyncio.run(chaos.run_fault(fault, killer_of(fault)))
+        results.append(result)
+        print(f"{fault:11s} killed {result.killed:13s} healthy in "
+              f"{result.healthy_s:5.2f} s" if result.healthy_s is not None else f"{fault:11s} NOT healthy",
+              f"accepted {result.accepted}/{deploys} failed {result.failed} lost {result.lost} "
+              f"duplicated {result.duplicated} stuck {result.stuck} ended_failed {result.ended_failed} "
+              f"[load {result.load}]", flush=True)
+        for note in result.notes[:5]:
+            print(f"    {note}", flush=True)
+        time.sleep(3)  # let restarts settle before the next fault
+    return results
 
 
 def main(argv: list[str]) -> int:
@@ -287,10 +377,32 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
+    parser.add_argument("--compose", metavar="PROJECT", default=None,
+                        help="a running compose stack of deploy/ instead of `up` (its published ports as "
+                             "CNC_*_PORT say, default the compose files'); faults: " + ",".join(COMPOSE_FAULTS))
     args = parser.parse_args(argv)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     lines: list[str] = []
     results: list[Result] = []
+    if args.compose:
+        endpoints, token, sites = compose_target(args.compose)
+        print(f"compose project {args.compose}: {endpoints['scheduler']} [load {load()}]", flush=True)
+        results = run_faults(Chaos(endpoints, token, sites, args.deploys, args.rate), faults,
+                             lambda fault: compose_killer(args.compose, fault), args.deploys)
+    else:
+        results = run_up(args, faults, lines)
+    for line in lines:
+        print(f"  supervisor: {line}")
+    if args.json:
+        args.json.write_text(json.dumps({"standby": args.standby, "compose": args.compose, "deploys": args.deploys,
+                                         "rate": args.rate, "results": [asdict(r) for r in results]}, indent=2))
+    if args.plot:
+        plot(results, args.plot, "compose" if args.compose else "standby" if args.standby else "supervised restart")
+    return 0
+
+
+def run_up(args: argparse.Namespace, faults: list[str], lines: list[str]) -> list[Result]:
+    """The faults against a brain `up` starts (abilene, auth on, supervised)."""
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(args.keep or Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
                       adaptation_port=0, speed=30.0, fresh=True, auth=True, standby=args.standby,
@@ -302,30 +414,13 @@ def main(argv: list[str]) -> int:
         watcher = threading.Thread(target=supervise, args=(brain, stop, lines), daemon=True)
         watcher.start()
         try:
-            chaos = Chaos(brain, args.deploys, args.rate)
-            for fault in faults:
-                result = asyncio.run(chaos.run_fault(fault, killer(brain, fault)))
-                results.append(result)
-                print(f"{fault:11s} killed {result.killed:13s} healthy in "
-                      f"{result.healthy_s:5.2f} s" if result.healthy_s is not None else f"{fault:11s} NOT healthy",
-                      f"accepted {result.accepted}/{args.deploys} failed {result.failed} lost {result.lost} "
-                      f"duplicated {result.duplicated} stuck {result.stuck} ended_failed {result.ended_failed} "
-                      f"[load {result.load}]", flush=True)
-                for note in result.notes[:5]:
-                    print(f"    {note}", flush=True)
-                time.sleep(3)  # let restarts settle before the next fault
+            chaos = Chaos(brain.endpoints, brain.token_file.read_text().strip() if brain.auth else None,
+                          len(brain.sites), args.deploys, args.rate)
+            return run_faults(chaos, faults, lambda fault: killer(brain, fault), args.deploys)
         finally:
             stop.set()
             watcher.join(2)
             brain.stop()
-    for line in lines:
-        print(f"  supervisor: {line}")
-    if args.json:
-        args.json.write_text(json.dumps({"standby": args.standby, "deploys": args.deploys, "rate": args.rate,
-                                         "results": [asdict(r) for r in results]}, indent=2))
-    if args.plot:
-        plot(results, args.plot, args.standby)
-    return 0
 
 
 if __name__ == "__main__":

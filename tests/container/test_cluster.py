@@ -3,14 +3,21 @@ brain's streams and KV buckets in 3 replicas, routes between them over TLS with 
 certificates checked (a plain route is refused). One node is stopped while deployments keep
 coming: the brain keeps accepting them, none that it accepted is lost, no site is marked down for
 it (perception takes the agents' silence during their failover for the bus), and the node rejoins
-and catches up."""
+and catches up. The scheduler and governance run as active-standby pairs behind one address: the
+active scheduler's container killed for good (`podman kill`: no restart), the standby takes over
+by the lease's timeout; the active governance's process killed (its container restarts it), one of
+the two serves again; deployments sent meanwhile (retried with their request ids, as the CLI does)
+are each accepted once and placed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
+import grpc
 import pytest
 
 from agents.executor_emulated import slug
@@ -22,11 +29,12 @@ from support.brain_client import (
     PlacementWatch,
     connect,
     deploy,
+    inference_service,
     monitor,
     scheduler_channel,
     wait_state,
 )
-from support.compose_stack import Stack
+from support.compose_stack import Stack, podman
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
@@ -112,6 +120,54 @@ def check_route_tls(stack: Stack) -> None:
     assert "TLS route handshake error" in stack.logs("nats-2"), "nats-2 did not log the refused plain route"
 
 
+async def active_instance(servers: list[str], kit, role: str) -> str:
+    """The instance holding `role`'s lease (`cncbrain.lease`: bucket cnc-lease-ROLE, key active)."""
+    nc = await connect(servers, kit)
+    try:
+        entry = await (await nc.jetstream().key_value(f"cnc-lease-{role}")).get("active")
+        return json.loads(entry.value)["instance"]
+    finally:
+        await nc.close()
+
+
+async def deploy_retrying(stub, name: str, window_s: float = 60) -> str:
+    """Deploy with one request id, sent again while the scheduler is unavailable (as the CLI does)."""
+    request = spb.DeployInferenceServiceRequest(service=inference_service(name), request_id=f"{name}-request")
+    deadline = time.monotonic() + window_s
+    while True:
+        try:
+            return (await stub.DeployInferenceService(request, timeout=10)).workload.workload_id
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                    or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def fail_over(stack: Stack, kit, stub, watch, role: str, how: str) -> list[str]:
+    """Kill `role`'s active instance (`how`: `podman kill`, no restart; or SIGKILL of its process,
+    restarted by its policy) during a stream of deployments; all are accepted and placed."""
+    killed = await active_instance(stack.nats_urls, kit, role)
+    assert killed in (f"{role}-1", f"{role}-2"), killed
+    started = time.monotonic()
+    if how == "podman kill":
+        podman("kill", stack.container(killed))
+    else:
+        os.kill(int(podman("inspect", "--format", "{{.State.Pid}}", stack.container(killed))), signal.SIGKILL)
+    names = [f"{role}-failover-{i}" for i in range(4)]
+    accepted = [await deploy_retrying(stub, name) for name in names]
+    await watch.wait_for(set(accepted), timeout_s=60)
+    now = await active_instance(stack.nats_urls, kit, role)
+    print(f"{role}: {killed} killed ({how}); {now} active, 4 deployments accepted and placed in "
+          f"{time.monotonic() - started:.1f} s")
+    if how == "podman kill":
+        assert now != killed, f"the standby of {role} did not take over"
+    listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=10)).workloads
+    mine = [w.inference_service.name for w in listed if w.inference_service.name in names]
+    assert sorted(mine) == sorted(names), f"lost or duplicated: {mine}"
+    return accepted
+
+
 async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
     stack = Stack(image, clustered=True, log_dir=log_dir)
     watch = PlacementWatch()
@@ -173,6 +229,10 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
             scheduled = {slug(f.site) for f in load_scenario("abilene").failures}
             down = [d for d in site_states.down if d.split(":")[0] not in scheduled]
             assert not down, f"sites marked down while only a NATS node was away: {down}"
+
+            # The single-writer services' pairs: one address, whichever instance is active.
+            accepted += await fail_over(stack, kit, stub, watch, "scheduler", "podman kill")
+            accepted += await fail_over(stack, kit, stub, watch, "governance", "SIGKILL")
 
 
         # Rejoined: routes to both peers, and every replica of the brain's streams current again.

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ CLUSTER_PORT_VARS = (
 )
 
 
+def compose_tool() -> str | None:
+    """podman-compose: the project's own (the dev extra's, beside this Python: 1.6 runs the cluster
+    profile's shared network namespaces, which 1.0 cannot), else the one on PATH."""
+    own = Path(sys.executable).parent / "podman-compose"
+    return str(own) if own.exists() else shutil.which("podman-compose")
+
+
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("CONTAINERS_CONF", str(DEPLOY / "podman" / "containers.conf"))
@@ -57,7 +65,8 @@ def engine_env() -> dict[str, str]:
 
 def why_no_engine() -> str | None:
     """None when podman + podman-compose can run containers here, else the reason to skip."""
-    missing = [tool for tool in ("podman", "podman-compose") if shutil.which(tool) is None]
+    missing = [tool for tool, where in (("podman", shutil.which("podman")), ("podman-compose", compose_tool()))
+               if where is None]
     if missing:
         return (
             f"no container engine: {' and '.join(missing)} not found "
@@ -131,7 +140,7 @@ class Stack:
         return env
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        cmd = ["podman-compose", "-p", self.project, *self.files, *args]
+        cmd = [str(compose_tool()), "-p", self.project, *self.files, *args]
         out = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
         if self.log_dir:
             with open(self.log_dir / f"{self.project}-compose.log", "a") as f:
@@ -141,7 +150,10 @@ class Stack:
         return out
 
     def up(self) -> None:
-        self.compose("up", "-d")
+        # --no-deps: no podman `--requires` between the containers (podman 4.3 cannot start one
+        # whose dependency has dependencies: "generating dependency graph ... not found"); they
+        # still start in dependency order, each waiting for its files (deploy/README.md).
+        self.compose("up", "-d", "--no-deps")
 
     def wait_healthy(self, timeout_s: float = 180) -> float:
         """Run every health check until all pass; returns the seconds it took."""
