@@ -34,7 +34,7 @@ from support.brain_client import (
     scheduler_channel,
     wait_state,
 )
-from support.compose_stack import Stack, podman
+from support.compose_stack import Stack, podman, why_no_cluster
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(600)]
 
@@ -169,6 +169,8 @@ async def fail_over(stack: Stack, kit, stub, watch, role: str, how: str) -> list
 
 
 async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
+    if reason := why_no_cluster():
+        pytest.skip(reason)
     stack = Stack(image, clustered=True, log_dir=log_dir)
     watch = PlacementWatch()
     try:

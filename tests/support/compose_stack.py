@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,18 @@ def compose_tool() -> str | None:
     profile's shared network namespaces, which 1.0 cannot), else the one on PATH."""
     own = Path(sys.executable).parent / "podman-compose"
     return str(own) if own.exists() else shutil.which("podman-compose")
+
+
+def why_no_cluster() -> str | None:
+    """None when the compose tool runs the cluster profile (its pairs share a network namespace:
+    podman-compose 1.6), else the reason to skip."""
+    tool = compose_tool()
+    out = subprocess.run([str(tool), "version"], capture_output=True, text=True, timeout=60).stdout if tool else ""
+    found = re.search(r"podman-compose\S* version\s+(\d+)\.(\d+)", out)
+    if found and (int(found[1]), int(found[2])) >= (1, 6):
+        return None
+    return (f"{tool}: the cluster profile needs podman-compose >= 1.6 (`network_mode: service:`); "
+            "pip install 'podman-compose>=1.6' (the dev extra has it)")
 
 
 def engine_env() -> dict[str, str]:
