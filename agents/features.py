@@ -398,10 +398,6 @@ class Featurizer:
         offer, m_off, room = self._offer_block(vf, rows, free, live, total)
         return Obs(site, svc, offer, m_rep, m_off, m_ov, room, cover)
 
-    def services_of(self, view: PoolView) -> Services:
-        """`Services.of(view)`, kept for the last view."""
-        return self._facts(view).sv
-
     def _facts(self, view: PoolView) -> _ViewFacts:
         """What the sites of `view` share, computed once for the last view."""
         if self._view is not None and self._view[0] is view:

@@ -4,6 +4,7 @@ benchmarks/bench_policy.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,27 @@ def test_runtime_needs_no_torch():
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_the_agents_process_loads_numpy_with_one_blas_thread():
+    """`cncbrain agent` sets OPENBLAS_NUM_THREADS=1 before anything loads numpy (OpenBLAS reads it
+    then, once), unless the operator set it."""
+    code = ("import os, sys\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'numpy' and 'seen' not in os.environ:\n"
+            "            os.environ['seen'] = os.environ.get('OPENBLAS_NUM_THREADS', 'unset')\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "from cncbrain.cli import build_parser\n"
+            "build_parser('agent')\n"
+            "import agents.marl_site\n"
+            "print(os.environ['seen'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.split() == ["1"], res.stderr
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "OPENBLAS_NUM_THREADS": "2"})
+    assert res.returncode == 0 and res.stdout.split() == ["2"], res.stderr
 
 
 @pytest.mark.parametrize("scenario", ["abilene", "geant"])
