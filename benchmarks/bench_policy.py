@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=400, help="whole-pool decisions (act) timed")
     ap.add_argument("--rounds", type=int, default=200, help="offer rounds (0: skip them)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", metavar="PNG", help="draw the before/after runs of the results file (no measuring)")
     a = ap.parse_args(argv)
+    if a.plot:
+        plot(a.plot)
+        return
     t0 = time.perf_counter()
     p = MarlPolicy(a.policy)
     load_ms = (time.perf_counter() - t0) * 1e3
@@ -129,6 +133,41 @@ def offer_rounds(scenario: str, policy: str | None, n: int) -> tuple[list[float]
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return wall, cpu
+
+
+RESULTS = "docs/marl_bench_policy_devicecpu.jsonl"
+
+
+def plot(png: str, results: str = RESULTS) -> None:
+    """Bars of the runs in `results` marked with a `code` (before/after a change), one group per
+    figure, each run labelled with its code, OpenBLAS threads and load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(results) as f:
+        runs = [r for r in map(json.loads, filter(str.strip, f)) if "code" in r]
+    if not runs:
+        raise SystemExit(f"{results}: no runs marked with a code")
+    figures = [("site_decision_cpu_p99_ms", "site CPU p99"), ("site_decision_p99_ms", "site wall p99"),
+               ("site_decision_p50_ms", "site wall p50"), ("pool_decision_p50_ms", "pool act p50"),
+               ("offer_round_p50_ms", "offer round p50")]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        xs = [j + i * width for j in range(len(figures))]
+        ax.bar(xs, [r.get(key) or 0.0 for key, _ in figures], width,
+               label=f"{r['code']}, {r.get('openblas_threads', '?')} BLAS thr., load {r['load_avg_1m']:.1f}",
+               color=("tab:gray" if "before" in r["code"] else "tab:blue"), alpha=0.35 + 0.65 * (i + 1) / len(runs))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(figures))], [name for _, name in figures])
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="red", lw=0.8, ls="--")
+    ax.set_ylabel("ms (log)")
+    ax.set_title(f"marl decision time, {runs[0]['scenario']} ({runs[0]['sites']} sites); red: 1 ms")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 def perceived(host):

@@ -23,7 +23,7 @@ log = logging.getLogger("agents")
 # above does; a test checks). The policy's matrix products are small — one site, or a process's
 # sites by a few services — and on a busy host OpenBLAS's extra threads wait for cores other
 # processes hold and spin after each product, slowing the decisions after them: on the 300-site
-# pool at load 4, a site decision's p99 8.3 ms with the default threads, 0.87 ms with one
+# pool at load 4–5, a site decision's p99 8.3 ms with the default threads, 0.87 ms with one
 # (docs/marl.md, Speed). An operator's own setting is kept.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
