@@ -6,7 +6,7 @@ shared actor to a small `.npz` (`export_npz`) and this module decides from it.
 Use:
 
     from agents.runtime import MarlPolicy
-    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v1.npz
+    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v2.npz
     policy = MarlPolicy("runs/x/policy.npz")   # another one (a training checkpoint .pt: agents.catalog)
     actions = policy.act(view)                 # every site at once: a `cncbrain.twin.view.Actions`
     delta, accept, overflow = policy.decide_site(view, s)   # one site, for the live site agent
@@ -47,7 +47,7 @@ from cncbrain.policies.baselines import Policy
 from cncbrain.twin.view import Actions, PoolView
 
 FORMAT_VERSION = 2
-SHIPPED = "marl_v1.npz"
+SHIPPED = "marl_v2.npz"
 
 
 def shipped_policy_path() -> Path:

@@ -10,6 +10,7 @@ import pytest
 
 from agents.executor import MemoryExecutor
 from agents.marl_site import MarlSitePolicy
+from agents.runtime import shipped_policy_path
 from agents.site_agent import SiteAgent
 from agents.site_policies import make_site_policy
 from cnc.common.v1 import common_pb2 as common
@@ -118,9 +119,10 @@ def test_sites_of_one_process_answer_a_round_together_as_each_would_alone():
 def test_an_offered_service_is_decided_on_the_kept_view_as_on_a_fresh_one():
     """`wants` (the offer path: the view without the offered service is kept and the service
     added to it) decides as the whole view built for that offer does — on the first offer, on
-    the next ones (kept view), after a new snapshot (view rebuilt), and for a service already in
-    view (the whole view decides)."""
-    policy = make_site_policy("marl")
+    view (the whole view decides). On `marl_v1`, whose decisions are pinned (test_marl_pinned) and
+    cover both answers here: the shipped `marl_v2` wants every offered service at every site of
+    this small pool, so it would not exercise the "nowhere" branch."""
+    policy = make_site_policy(f"marl:{shipped_policy_path().parent / 'marl_v1.npz'}")
     policy.book.learn("svc-1", spec("chat"))
     mine = [(site_of(i), None, True) for i in range(len(SITES))]
     offers = _offers()
@@ -168,8 +170,6 @@ def test_a_round_past_its_deadline_is_answered_without_the_policy():
 
 
 def test_policy_names():
-    from agents.runtime import shipped_policy_path
-
     assert make_site_policy("greedy").name == "greedy"
     assert make_site_policy(f"marl:{shipped_policy_path()}").name == "marl"
     with pytest.raises(ValueError, match="marl:/nowhere"):

@@ -15,6 +15,7 @@ import pytest
 from agents.catalog import make_policy
 from agents.features import N_REP, Featurizer, ServiceColumn
 from agents.runtime import (
+    SHIPPED,
     LegacyMarlPolicy,
     MarlPolicy,
     NumpyActor,
@@ -204,7 +205,7 @@ def test_adding_one_service_to_built_features_equals_building_them_all():
 
 
 def test_shipped_policy_loads_through_make_policy_and_plays_an_episode():
-    assert shipped_policy_path().exists(), "agents/policies/marl_v1.npz must ship with the package"
+    assert shipped_policy_path().exists(), f"agents/policies/{SHIPPED} must ship with the package"
     p = make_policy("marl")
     assert isinstance(p, MarlPolicy)
     twin = Twin(load_scenario("abilene"), seed=0, duration_s=1200)
