@@ -13,6 +13,30 @@ from cncbrain.commands._live import add_target_args, channel, endpoints, rpc_err
 from cncbrain.commands._output import add_output_arg, print_json, show, wants_json
 
 
+def gpu_counts(sites) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """GPUs by type over perception's site statuses — count = used + free + down, where a down site's
+    GPUs count as down only (whatever it last reported in use) and a site reporting more in use than
+    it has counts as full — and the ids of the sites not up."""
+    from cnc.common.v1 import common_pb2 as common
+
+    gpus: dict[str, dict[str, int]] = {}
+    down = []
+    for s in sites:
+        up = s.state == common.SITE_STATE_UP
+        if not up:
+            down.append(s.site.site_id)
+        for p in s.gpu_pools:
+            g = gpus.setdefault(p.gpu_type, {"count": 0, "used": 0, "free": 0, "down": 0})
+            g["count"] += p.count
+            if up:
+                used = min(p.used, p.count)
+                g["used"] += used
+                g["free"] += p.count - used
+            else:
+                g["down"] += p.count
+    return gpus, down
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="the pool (sites, GPUs by type used/free) and what waits, with reasons")
     p.add_argument("--failed", type=int, default=5, metavar="N", help="also list the N most recent failures (default 5)")
@@ -46,20 +70,7 @@ def collect(args: argparse.Namespace) -> dict:
 
     snap, workloads = aio.run(call())
     now = time.time()
-    gpus: dict[str, dict[str, int]] = {}
-    down = []
-    for s in snap.sites:
-        up = s.state == common.SITE_STATE_UP
-        if not up:
-            down.append(s.site.site_id)
-        for p in s.gpu_pools:
-            g = gpus.setdefault(p.gpu_type, {"count": 0, "used": 0, "free": 0, "down": 0})
-            g["count"] += p.count
-            g["used"] += p.used
-            if up:
-                g["free"] += max(0, p.count - p.used)
-            else:
-                g["down"] += p.count
+    gpus, down = gpu_counts(snap.sites)
     by_state: dict[str, int] = {}
     for w in workloads:
         key = spb.WorkloadState.Name(w.state).removeprefix("WORKLOAD_STATE_").lower()

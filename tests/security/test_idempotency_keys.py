@@ -19,7 +19,7 @@ async def test_two_tenants_with_the_same_request_id_each_get_their_own_workload(
     servers, channels, operator = brain
     _, _, lab = await tenant_with_token(channels, operator, "lab", 8)
     _, _, rival = await tenant_with_token(channels, operator, "rival", 8)
-    await one_site_pool(admin, channels, operator)
+    await one_site_pool(admin, channels, operator, servers["scheduler"])
     sched = scheduler_pb2_grpc.SchedulerServiceStub(channels["scheduler"])
 
     async def deploy(issued) -> spb.Workload:

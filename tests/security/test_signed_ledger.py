@@ -115,7 +115,7 @@ async def test_a_deleted_ledger_stream_is_reported_removed(brain, admin):
 async def test_the_ledger_names_the_token_behind_a_cancel(brain, admin):
     servers, channels, operator = brain
     gov, md, issued = await tenant_with_token(channels, operator, "lab", 8)
-    await one_site_pool(admin, channels, operator)
+    await one_site_pool(admin, channels, operator, servers["scheduler"])
     sched = scheduler_pb2_grpc.SchedulerServiceStub(channels["scheduler"])
     tmd = bearer_metadata(issued.token)
     w = (await sched.DeployInferenceService(spb.DeployInferenceServiceRequest(service=common.InferenceServiceSpec(

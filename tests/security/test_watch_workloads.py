@@ -35,7 +35,7 @@ async def test_a_tenant_watches_only_its_own_workloads_and_resumes_after_a_seque
     servers, channels, operator = brain
     _, _, lab = await tenant_with_token(channels, operator, "lab", 8)
     _, _, rival = await tenant_with_token(channels, operator, "rival", 8)
-    await one_site_pool(admin, channels, operator)
+    await one_site_pool(admin, channels, operator, servers["scheduler"])
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channels["scheduler"])
     mine, theirs = bearer_metadata(lab.token), bearer_metadata(rival.token)
     w1 = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service("one")),

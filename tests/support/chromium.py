@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -20,6 +21,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-address=127.0.0.1",
          "--remote-debugging-port=0"]
+
+
+START_S = 120.0
+"""How long a start may take before the browser counts as broken (a wait, not a timing check)."""
 
 
 def binary() -> str | None:
@@ -45,10 +50,13 @@ class Chromium:
             [exe, *FLAGS, f"--user-data-dir={self.profile.name}/profile", f"--window-size={self.size[0]},{self.size[1]}",
              "about:blank"], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
         active = Path(self.profile.name) / "profile" / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        # a cold first start (fonts, profile, on a busy 2-core CI machine) has taken over 30 s
+        deadline = time.monotonic() + START_S
         while not (active.exists() and active.read_text().count("\n") >= 1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chromium did not start: {self.log.read_text()[-2000:]}")
+                log = self.log.read_text()[-2000:]
+                await self.__aexit__()  # no browser left behind
+                raise RuntimeError(f"chromium did not start within {START_S:.0f} s: {log}")
             await asyncio.sleep(0.1)
         port = int(active.read_text().splitlines()[0])
         self.session = aiohttp.ClientSession()
@@ -71,7 +79,8 @@ class Chromium:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.profile.cleanup()
+        with contextlib.suppress(OSError):
+            self.profile.cleanup()
 
     async def send(self, method: str, **params: object) -> dict:
         assert self.ws is not None

@@ -26,9 +26,9 @@ async def enroll_a(channels, operator: str) -> None:
         metadata=bearer_metadata(operator))
 
 
-async def one_site_pool(admin, channels, operator: str) -> None:
-    """Enroll site `a` and tell the scheduler the pool is that site with 8 H100 (a snapshot, as
-    perception would send)."""
+async def one_site_pool(admin, channels, operator: str, scheduler) -> None:
+    """Enroll site `a` and tell the scheduler (a running SchedulerServer) the pool is that site with
+    8 H100 (a snapshot, as perception would send); return once the scheduler counts it up."""
     import asyncio
 
     from cnc.common.v1 import common_pb2 as common
@@ -40,4 +40,8 @@ async def one_site_pool(admin, channels, operator: str) -> None:
     snap.sites.append(ppb.SiteStatus(site=common.Site(site_id="a", gpu_pools=[
         common.GpuPool(gpu_type="H100", count=8, hbm_gb=80, price_usd_per_hour=4.0)]), state=common.SITE_STATE_UP))
     await admin.publish(subjects.PERCEPTION_SNAPSHOT, snap)
-    await asyncio.sleep(0.3)
+    for _ in range(200):  # the scheduler reads the snapshot from its consumer: wait for it, however slow
+        if "a" in scheduler.coordinator.inventory.up:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the scheduler never took site a as up from the snapshot")
