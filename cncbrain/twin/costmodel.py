@@ -2,9 +2,9 @@
 into prefill/decode/training times and memory needs.
 
 Every figure comes from the files in `cncbrain/data/gpu_specs/` (read at import) or from the
-cost-model reference summarised in `docs/cost-model.md`; efficiency constants are calibrated so that
-the model reproduces the TensorRT-LLM / NIM reference figures within a factor of 1.5 (see
-`tests/unit/test_costmodel.py`). Functions here are pure and vectorise over numpy arrays.
+published figures collected, each with its source, in `docs/cost-model.md`; efficiency constants
+are calibrated so that the model reproduces the TensorRT-LLM / NIM reference figures within a
+factor of 1.5 (see `tests/unit/test_costmodel.py`). Functions here are pure and vectorise over numpy arrays.
 """
 
 from __future__ import annotations

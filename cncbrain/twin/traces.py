@@ -114,7 +114,7 @@ def load_alibaba() -> TracedTask:
 
 
 # Alibaba's node models mapped to catalog types. G1–G3 are undisclosed internal codes; we read them
-# as the data-centre generations of their era (assumption, docs/cost-model.md). P100 → V100 and
+# as the data-centre generations of their era (an assumption, stated in docs/twin.md, Sites). P100 → V100 and
 # A10 → L4 (closest catalog type by memory and bandwidth).
 ALIBABA_TO_CATALOG = {
     "G1": "A100-40GB", "G2": "A100-80GB", "G3": "H100", "T4": "T4", "P100": "V100",

@@ -40,7 +40,7 @@ from cncbrain.errors import CncError, Unavailable
 from cncbrain.governance.policy import Placement, SiteOffer, placement_to_dict, policy_to_dict, quota_to_dict
 from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
-from cncbrain.twin import costmodel as ph
+from cncbrain.twin import costmodel
 from cncbrain.workload import tenant_of
 from services.governance.domain.ledger import (
     LedgerEntry,
@@ -464,7 +464,7 @@ class Governor:
         price = site.price_per_gpu_hour.get(p.gpu_type, 0.0) if site else 0.0
         if not price:  # the pool is not known yet (just started): the catalogue's price of the GPU type
             with contextlib.suppress(KeyError):
-                price = ph.gpu(p.gpu_type).price_hr
+                price = costmodel.gpu(p.gpu_type).price_hr
         return Placement(workload_id, tenant_id, unit_id(workload_id, p.site_id), p.site_id,
                          site.region if site else "", p.gpu_type, units * p.gpus_per_unit, price)
 

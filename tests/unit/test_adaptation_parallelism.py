@@ -3,7 +3,7 @@ bf16 kept unless it cannot fit, WAN makes cross-site data parallelism pay."""
 
 import pytest
 
-from cncbrain.twin import costmodel as ph
+from cncbrain.twin import costmodel
 from services.adaptation.domain.parallelism import (
     GpuGroup,
     LinkSpec,
@@ -13,8 +13,8 @@ from services.adaptation.domain.parallelism import (
     resolve_model,
 )
 
-M70 = ph.model("70b")
-M7 = ph.model("7b")
+M70 = costmodel.model("70b")
+M7 = costmodel.model("7b")
 
 
 def test_70b_on_l40s_shards_or_drops_precision_as_memory_demands():
@@ -27,8 +27,8 @@ def test_70b_on_l40s_shards_or_drops_precision_as_memory_demands():
     assert "PCIe" in " ".join(four.notes)
     # Weights per GPU fit the usable memory of the card.
     for plan in (two, four):
-        per_gpu = ph.weight_bytes(M70, plan.precision) / plan.gpus_per_replica
-        assert per_gpu <= ph.gpu("L40S").mem_gb * ph.GB * ph.USABLE_MEMORY
+        per_gpu = costmodel.weight_bytes(M70, plan.precision) / plan.gpus_per_replica
+        assert per_gpu <= costmodel.gpu("L40S").mem_gb * costmodel.GB * costmodel.USABLE_MEMORY
 
 
 def test_without_lower_precision_two_l40s_cannot_serve_70b():
@@ -38,8 +38,8 @@ def test_without_lower_precision_two_l40s_cannot_serve_70b():
 
 def test_inference_estimate_is_the_twins():
     (p,) = plan_inference(M7, [GpuGroup("s", "H100", 8)], prompt_tokens=1024, context_tokens=2048)
-    assert p.ttft_s == pytest.approx(float(ph.prefill_s(M7, ph.gpu("H100"), p.tp, 1024, "bf16")))
-    assert p.tpot_s == pytest.approx(float(ph.decode_step_s(M7, ph.gpu("H100"), p.tp, p.max_batch, 2048, "bf16")))
+    assert p.ttft_s == pytest.approx(float(costmodel.prefill_s(M7, costmodel.gpu("H100"), p.tp, 1024, "bf16")))
+    assert p.tpot_s == pytest.approx(float(costmodel.decode_step_s(M7, costmodel.gpu("H100"), p.tp, p.max_batch, 2048, "bf16")))
     assert p.tokens_per_s_per_replica == pytest.approx(p.max_batch / p.tpot_s)
     assert p.replicas * p.gpus_per_replica <= 8
 
@@ -63,7 +63,7 @@ def test_training_plan_fits_memory_and_uses_the_gpus():
     assert p.memory_per_gpu_gb <= p.memory_limit_gb
     assert p.tp * p.pp * p.dp == p.gpus_used <= 64
     assert p.tp * p.pp > 1  # 70B cannot train on one 80 GB GPU
-    assert 0 < p.mfu <= ph.TRAIN_MFU
+    assert 0 < p.mfu <= costmodel.TRAIN_MFU
     assert p.step_s == pytest.approx(p.compute_s / (1 - p.bubble_fraction) + p.allreduce_s + p.wan_activation_s,
                                      rel=0.05)
 
@@ -100,6 +100,6 @@ def test_unknown_inputs_are_plan_errors():
 def test_resolve_model_by_name_or_size():
     assert resolve_model("70b") is M70
     scaled = resolve_model("", 30.0)
-    assert scaled.params_b == 30.0 and scaled.hidden == ph.model("34b").hidden
+    assert scaled.params_b == 30.0 and scaled.hidden == costmodel.model("34b").hidden
     with pytest.raises(PlanError):
         resolve_model("nope")

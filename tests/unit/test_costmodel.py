@@ -3,10 +3,10 @@ decode latencies): each within a factor of 1.5."""
 
 import pytest
 
-from cncbrain.twin import costmodel as ph
+from cncbrain.twin import costmodel
 
-A100, H100, L40S = ph.gpu("A100-80GB"), ph.gpu("H100"), ph.gpu("L40S")
-M7, M70 = ph.model("7b"), ph.model("70b")
+A100, H100, L40S = costmodel.gpu("A100-80GB"), costmodel.gpu("H100"), costmodel.gpu("L40S")
+M7, M70 = costmodel.model("7b"), costmodel.model("70b")
 
 # (label, model, gpu, tp, precision, prompt tokens, reference TTFT in s) — TensorRT-LLM, batch 1
 PREFILL = [
@@ -43,60 +43,60 @@ def within(x: float, ref: float, factor: float = 1.5) -> bool:
 
 @pytest.mark.parametrize("label,m,g,tp,prec,prompt,ref", PREFILL, ids=[p[0] for p in PREFILL])
 def test_prefill_matches_reference(label, m, g, tp, prec, prompt, ref):
-    t = float(ph.prefill_s(m, g, tp, prompt, prec))
+    t = float(costmodel.prefill_s(m, g, tp, prompt, prec))
     assert within(t, ref), f"{label}: model {t * 1e3:.1f} ms vs reference {ref * 1e3:.1f} ms"
 
 
 @pytest.mark.parametrize("label,m,g,tp,prec,ref", DECODE_LATENCY, ids=[p[0] for p in DECODE_LATENCY])
 def test_decode_latency_matches_reference(label, m, g, tp, prec, ref):
-    t = float(ph.decode_step_s(m, g, tp, 1, 256, prec))
+    t = float(costmodel.decode_step_s(m, g, tp, 1, 256, prec))
     assert within(t, ref), f"{label}: model {t * 1e3:.2f} ms vs reference {ref * 1e3:.2f} ms"
 
 
 @pytest.mark.parametrize("label,m,g,tp,prec,ref", DECODE_THROUGHPUT, ids=[p[0] for p in DECODE_THROUGHPUT])
 def test_decode_throughput_matches_reference(label, m, g, tp, prec, ref):
     ctx = 128 + 64  # mean context over a 128-in / 128-out request
-    b = ph.max_batch(m, g, tp, ctx, prec)
-    per_gpu = b / float(ph.decode_step_s(m, g, tp, b, ctx, prec)) / tp
+    b = costmodel.max_batch(m, g, tp, ctx, prec)
+    per_gpu = b / float(costmodel.decode_step_s(m, g, tp, b, ctx, prec)) / tp
     assert within(per_gpu, ref), f"{label}: model {per_gpu:,.0f} tok/s/GPU vs reference {ref:,}"
 
 
 def test_large_model_needs_tensor_parallelism_on_small_gpus():
-    assert ph.min_tp(M7, A100) == 1
-    assert ph.min_tp(M70, A100) == 4  # 140 GB of bf16 weights: 2 × 80 GB is too tight with KV reserve
-    assert ph.min_tp(M70, ph.gpu("L40S")) == 4  # 4 × 48 GB × 0.9 holds 140 GB + KV reserve
-    assert ph.min_tp(M70, ph.gpu("T4")) == 0  # 8 × 16 GB cannot hold it
+    assert costmodel.min_tp(M7, A100) == 1
+    assert costmodel.min_tp(M70, A100) == 4  # 140 GB of bf16 weights: 2 × 80 GB is too tight with KV reserve
+    assert costmodel.min_tp(M70, costmodel.gpu("L40S")) == 4  # 4 × 48 GB × 0.9 holds 140 GB + KV reserve
+    assert costmodel.min_tp(M70, costmodel.gpu("T4")) == 0  # 8 × 16 GB cannot hold it
 
 
 def test_training_memory_is_16_bytes_per_param():
     # 7B: 16 B × 7e9 × 1.1 = 123 GB → two 80 GB GPUs, not one
-    assert not ph.train_memory_fits(M7, A100, 1)
-    assert ph.train_memory_fits(M7, A100, 2)
-    assert ph.min_train_gpus(M70, A100) == 32
+    assert not costmodel.train_memory_fits(M7, A100, 1)
+    assert costmodel.train_memory_fits(M7, A100, 2)
+    assert costmodel.min_train_gpus(M70, A100) == 32
 
 
 def test_ring_allreduce_and_bubble_formulas():
     # 2(n−1)/n · S/B: 14 GB over 4 ranks at 10 Gb/s = 1.5 · 14e9 / 1.25e9 s
-    assert ph.ring_allreduce_s(14e9, 4, 10.0) == pytest.approx(1.5 * 14e9 / 1.25e9)
-    assert ph.ring_allreduce_s(14e9, 1, 10.0) == 0.0
-    assert ph.pipeline_bubble(4, 16) == pytest.approx(3 / 19)
+    assert costmodel.ring_allreduce_s(14e9, 4, 10.0) == pytest.approx(1.5 * 14e9 / 1.25e9)
+    assert costmodel.ring_allreduce_s(14e9, 1, 10.0) == 0.0
+    assert costmodel.pipeline_bubble(4, 16) == pytest.approx(3 / 19)
 
 
 def test_slow_wan_link_slows_a_training_step():
     shards = [A100] * 4
-    inside = ph.train_step_s(M7, 2**20, 2, shards, ph.INTRA_SITE_BW_GBPS * 2, 5e-6)
-    across = ph.train_step_s(M7, 2**20, 2, shards, 10.0, 0.02)
+    inside = costmodel.train_step_s(M7, 2**20, 2, shards, costmodel.INTRA_SITE_BW_GBPS * 2, 5e-6)
+    across = costmodel.train_step_s(M7, 2**20, 2, shards, 10.0, 0.02)
     # 14 GB of gradients per step over 10 Gb/s costs ~17 s on top of ~44 s of compute
     assert across > 1.3 * inside
-    assert across - inside == pytest.approx(ph.ring_allreduce_s(14e9, 4, 10.0, 0.02) - ph.ring_allreduce_s(14e9, 4, 800.0, 5e-6), rel=1e-6)
+    assert across - inside == pytest.approx(costmodel.ring_allreduce_s(14e9, 4, 10.0, 0.02) - costmodel.ring_allreduce_s(14e9, 4, 800.0, 5e-6), rel=1e-6)
 
 
 def test_catalog_has_the_required_types_with_sourced_figures():
-    cat = ph.gpu_catalog()
+    cat = costmodel.gpu_catalog()
     for name in ("H100", "A100-80GB", "A100-40GB", "L40S", "L4", "V100", "T4"):
         g = cat[name]
         assert g.tflops > 0 and g.mem_gb > 0 and g.hbm_gbps > 0 and g.price_hr > 0
     assert cat["H100"].tflops == 989 and cat["H100"].hbm_gbps == 3350
     assert cat["L40S"].mem_gb == 48 and cat["L4"].hbm_gbps == 300
     with pytest.raises(KeyError, match="unknown GPU type"):
-        ph.gpu("B200")
+        costmodel.gpu("B200")

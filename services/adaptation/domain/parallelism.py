@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cncbrain.errors import FailedPrecondition, InvalidArgument
-from cncbrain.twin import costmodel as ph
+from cncbrain.twin import costmodel
 from cncbrain.twin.costmodel import GpuType, ModelSpec
 
 TP_DEGREES = (1, 2, 4, 8)
@@ -70,7 +70,7 @@ Links = Mapping[tuple[str, str], LinkSpec]
 
 def link_between(links: Links, a: str, b: str) -> LinkSpec:
     if a == b:
-        return LinkSpec(0.005, ph.INTRA_SITE_BW_GBPS)
+        return LinkSpec(0.005, costmodel.INTRA_SITE_BW_GBPS)
     found = links.get((a, b)) or links.get((b, a))
     if found is None:
         raise PlanError(f"no link known between sites {a} and {b}")
@@ -106,7 +106,7 @@ class TrainingPlan:
     @property
     def mfu(self) -> float:
         """Achieved share of peak (of the slowest GPU type), for comparison with docs/cost-model.md."""
-        return self.compute_s / self.step_s * ph.TRAIN_MFU * float(ph.tp_efficiency(self.tp))
+        return self.compute_s / self.step_s * costmodel.TRAIN_MFU * float(costmodel.tp_efficiency(self.tp))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ def _islands(groups: Sequence[GpuGroup]) -> list[_Island]:
         if g.count < 0:
             raise PlanRequestError(f"GPU count of {g.site_id}/{g.gpu_type} is negative")
         try:
-            gpu = ph.gpu(g.gpu_type)
+            gpu = costmodel.gpu(g.gpu_type)
         except KeyError as exc:
             raise PlanRequestError(str(exc.args[0])) from None
         if g.count:
@@ -158,7 +158,7 @@ def _candidate_sets(islands: list[_Island]) -> list[tuple[_Island, ...]]:
 
 
 def _train_memory(m: ModelSpec, tp: int, pp: int, dp: int, b: int, seq: int, zero1: bool, in_flight: int) -> float:
-    state_per_param = (4.0 + 12.0 / dp) if zero1 else float(ph.TRAIN_BYTES_PER_PARAM)
+    state_per_param = (4.0 + 12.0 / dp) if zero1 else float(costmodel.TRAIN_BYTES_PER_PARAM)
     state = state_per_param * m.params / (tp * pp)
     layers_per_stage = math.ceil(m.layers / pp)
     acts = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * seq * b * m.hidden / tp * layers_per_stage * in_flight
@@ -188,9 +188,9 @@ def plan_training(
         if any(a < c and (a, c) not in links and (c, a) not in links for a in sites for c in sites):
             continue  # sites without a known link between them are not planned together
         slow = min(members, key=lambda i: i.gpu.tflops).gpu
-        mem_limit = min(i.gpu.mem_gb for i in members) * ph.GB * ph.USABLE_MEMORY
+        mem_limit = min(i.gpu.mem_gb for i in members) * costmodel.GB * costmodel.USABLE_MEMORY
         for tp in TP_DEGREES:
-            if tp > ph.GPUS_PER_NODE or any(i.count < tp for i in members):
+            if tp > costmodel.GPUS_PER_NODE or any(i.count < tp for i in members):
                 continue
             for pp in _pp_degrees(m.layers):
                 layouts = ["dp_across_sites"] + (["pp_across_sites"] if len(sites) > 1 else [])
@@ -265,8 +265,8 @@ def _score_training(
 ) -> TrainingPlan:
     used_sites = sorted(by_site)
     flops = 6.0 * m.params * tokens_step
-    compute = float(flops / (n_used * slow.tflops * 1e12 * ph.TRAIN_MFU * ph.tp_efficiency(tp)))
-    bubble = ph.pipeline_bubble(pp, mb)
+    compute = float(flops / (n_used * slow.tflops * 1e12 * costmodel.TRAIN_MFU * costmodel.tp_efficiency(tp)))
+    bubble = costmodel.pipeline_bubble(pp, mb)
     step_compute = compute / (1.0 - bubble)
     notes = []
     wan = 0.0
@@ -274,10 +274,10 @@ def _score_training(
         slowest = min((link_between(links, a, c) for a in used_sites for c in used_sites if a < c),
                       key=lambda lk: lk.bandwidth_gbps)
         # Every stage's gradients cross the slowest WAN link: 2 B/param in all.
-        allreduce = ph.ring_allreduce_s(2.0 * m.params, dp, slowest.bandwidth_gbps, slowest.latency_ms / 1e3)
+        allreduce = costmodel.ring_allreduce_s(2.0 * m.params, dp, slowest.bandwidth_gbps, slowest.latency_ms / 1e3)
         notes.append(f"gradient all-reduce over the WAN at {slowest.bandwidth_gbps:g} Gbit/s")
     else:
-        allreduce = ph.ring_allreduce_s(2.0 * m.params / (tp * pp), dp, ph.INTRA_SITE_BW_GBPS, 5e-6)
+        allreduce = costmodel.ring_allreduce_s(2.0 * m.params / (tp * pp), dp, costmodel.INTRA_SITE_BW_GBPS, 5e-6)
         if layout == "pp_across_sites":
             hops = [link_between(links, a, c) for a, c in zip(used_sites, used_sites[1:], strict=False)]
             act_bytes = b * seq_len * m.hidden * 2.0 * dp  # per micro-batch, per boundary, all DP ranks
@@ -291,8 +291,8 @@ def _score_training(
         layout="single_site" if len(used_sites) == 1 else layout, gpus_used=n_used, gpus_by_site=dict(by_site),
         gpu_types=tuple(sorted({i.gpu.name for i in members if i.site_id in by_site})),
         tokens_per_s=tokens_step / step, step_s=step, compute_s=compute, bubble_fraction=bubble,
-        allreduce_s=allreduce, wan_activation_s=wan, memory_per_gpu_gb=mem / ph.GB,
-        memory_limit_gb=mem_limit / ph.GB, notes=tuple(notes))
+        allreduce_s=allreduce, wan_activation_s=wan, memory_per_gpu_gb=mem / costmodel.GB,
+        memory_limit_gb=mem_limit / costmodel.GB, notes=tuple(notes))
 
 
 # ---- inference -------------------------------------------------------------------------------
@@ -325,21 +325,21 @@ def _replica_options(m: ModelSpec, g: GpuType, count: int, precision: str, ctx: 
     for tp in TP_DEGREES:
         for pp in (1, 2, 4):
             n = tp * pp
-            if n > count or tp > ph.GPUS_PER_NODE or (pp > 1 and tp < min(ph.GPUS_PER_NODE, count // pp)):
+            if n > count or tp > costmodel.GPUS_PER_NODE or (pp > 1 and tp < min(costmodel.GPUS_PER_NODE, count // pp)):
                 # PP only once TP cannot grow inside the node (or the group is too small for it).
                 continue
-            if ph.kv_capacity_tokens(m, g, n, precision) <= 0:
+            if costmodel.kv_capacity_tokens(m, g, n, precision) <= 0:
                 continue
-            batch_cap = min(ph.MAX_BATCH * pp, int(ph.kv_capacity_tokens(m, g, n, precision) // max(ctx, 1.0)))
+            batch_cap = min(costmodel.MAX_BATCH * pp, int(costmodel.kv_capacity_tokens(m, g, n, precision) // max(ctx, 1.0)))
             if batch_cap < 1:
                 continue
-            ttft = float(ph.prefill_s(m, g, tp, prompt, precision)) + (pp - 1) * PP_HOP_LATENCY_S
+            ttft = float(costmodel.prefill_s(m, g, tp, prompt, precision)) + (pp - 1) * PP_HOP_LATENCY_S
             if ttft_slo_s is not None and ttft > ttft_slo_s:
                 continue
             batch = batch_cap
             while batch >= 1:
                 micro = max(1, math.ceil(batch / pp))
-                tpot = float(ph.decode_step_s(m, g, tp, micro, ctx, precision)) + (pp - 1) * PP_HOP_LATENCY_S
+                tpot = float(costmodel.decode_step_s(m, g, tp, micro, ctx, precision)) + (pp - 1) * PP_HOP_LATENCY_S
                 if tpot_slo_s is None or tpot <= tpot_slo_s:
                     break
                 batch = batch // 2 if batch > 1 else 0
@@ -362,7 +362,7 @@ def plan_inference(
     islands = _islands(groups)
     out = []
     refusals = []
-    bf16_bytes = ph.weight_bytes(m, "bf16")
+    bf16_bytes = costmodel.weight_bytes(m, "bf16")
     for isl in islands:
         chosen = None
         for precision in PRECISIONS if allow_lower_precision else ("bf16",):
@@ -373,12 +373,12 @@ def plan_inference(
             tp, pp, batch, tps, ttft, tpot = max(
                 opts, key=lambda o: ((isl.count // (o[0] * o[1])) * o[3], -(o[0] * o[1])))
             n = tp * pp
-            w_gb = ph.weight_bytes(m, precision) / ph.GB
+            w_gb = costmodel.weight_bytes(m, precision) / costmodel.GB
             if precision == "bf16":
                 reason = (f"bf16 weights ({w_gb:.0f} GB) fit {n} x {isl.gpu.name} ({isl.gpu.mem_gb:g} GB each) "
                           f"at TP{tp}" + (f" x PP{pp}" if pp > 1 else ""))
             else:
-                reason = (f"bf16 weights ({bf16_bytes / ph.GB:.0f} GB) do not fit {isl.count} x {isl.gpu.name} "
+                reason = (f"bf16 weights ({bf16_bytes / costmodel.GB:.0f} GB) do not fit {isl.count} x {isl.gpu.name} "
                           f"({isl.gpu.mem_gb:g} GB each) with room for KV cache"
                           + (" within the SLO" if ttft_slo_s or tpot_slo_s else "")
                           + f"; 8-bit weights ({w_gb:.0f} GB) fit at TP{tp}" + (f" x PP{pp}" if pp > 1 else ""))
@@ -407,13 +407,13 @@ def resolve_model(name: str = "", params_b: float = 0.0) -> ModelSpec:
     """A model by name, or the twin's model class nearest in size to `params_b`, scaled to it."""
     if name:
         try:
-            return ph.model(name)
+            return costmodel.model(name)
         except KeyError:
             if params_b <= 0:
-                raise PlanRequestError(f"unknown model {name!r} and no params_b given; known: {', '.join(ph.MODELS)}") from None
+                raise PlanRequestError(f"unknown model {name!r} and no params_b given; known: {', '.join(costmodel.MODELS)}") from None
     if params_b <= 0:
         raise PlanRequestError("give a model name or its size in billions of parameters")
-    base = min(ph.MODELS.values(), key=lambda s: abs(math.log(s.params_b / params_b)))
+    base = min(costmodel.MODELS.values(), key=lambda s: abs(math.log(s.params_b / params_b)))
     if math.isclose(base.params_b, params_b, rel_tol=0.05):
         return base
     layers = max(1, round(base.layers * params_b / base.params_b))
