@@ -107,22 +107,53 @@ def test_the_endpoint_binds_a_free_port_and_reports_it(tmp_path):
         metrics.stop()
 
 
-def test_composes_prometheus_scrapes_every_process_as_up_configures_it():
+def compose_metrics_targets(root) -> dict[str, str]:
+    """Every metrics address the compose files give a brain process, `host:port` → the service
+    whose process serves it: the base file's services, and the cluster file's on top (its pairs'
+    instances share their holder's network namespace, `network_mode: service:X`, so they are
+    reached at X's name, each on its own port)."""
+    import yaml
+
+    files = [yaml.safe_load((root / "deploy" / name).read_text())["services"]
+             for name in ("docker-compose.yml", "docker-compose.cluster.yml")]
+    services: dict[str, dict] = {}
+    for layer in files:
+        for name, svc in layer.items():
+            merged = services.setdefault(name, {})
+            merged["environment"] = {**(merged.get("environment") or {}), **(svc.get("environment") or {})}
+            if "network_mode" in svc:
+                merged["network_mode"] = svc["network_mode"]
+    targets = {}
+    for name, svc in sorted(services.items()):
+        port = svc["environment"].get("CNC_METRICS_PORT")
+        if port is None:
+            continue
+        host = svc.get("network_mode", "").removeprefix("service:") or name
+        targets.setdefault(f"{host}:{port}", name)
+    return targets
+
+
+def test_composes_prometheus_scrapes_every_metrics_port_the_compose_files_give():
+    import re
     import shutil
     import subprocess
     from pathlib import Path
 
-    import yaml
-
     from cncbrain.commands.up import prometheus_config
 
     root = Path(__file__).resolve().parents[2]
-    compose = yaml.safe_load((root / "deploy" / "docker-compose.yml").read_text())
-    exporting = sorted(n for n, svc in compose["services"].items()
-                       if (svc.get("environment") or {}).get("CNC_METRICS_PORT") == "9464")
-    assert exporting == ["adaptation", "agents", "emulator", "governance", "perception", "scheduler"]
+    exposed = compose_metrics_targets(root)
+    # The base profile's six processes on 9464; the cluster's pairs add their second instance on
+    # 9465 at the pair's address (its first is on the holder's 9464).
+    assert exposed == {
+        "adaptation:9464": "adaptation", "agents:9464": "agents", "emulator:9464": "emulator",
+        "governance:9464": "governance", "perception:9464": "perception", "scheduler:9464": "scheduler",
+        "governance:9465": "governance-2", "scheduler:9465": "scheduler-2",
+    }
     deployed = (root / "deploy" / "prometheus" / "prometheus.yml").read_text()
-    wanted = prometheus_config({"metrics": {p: f"http://{p}:9464/metrics" for p in exporting}}, interval_s=15)
+    assert sorted(re.findall(r"targets: \['([^']+)'\]", deployed)) == sorted(exposed)
+    # The same job and labels as `up` writes (`up --standby` names the second instance NAME-2).
+    wanted = prometheus_config({"metrics": {p: f"http://{t}/metrics" for t, p in exposed.items()}}, interval_s=15)
     strip = lambda text: [x for x in text.splitlines() if not x.startswith("#")]  # noqa: E731
     assert strip(deployed) == strip(wanted)
     if shutil.which("promtool"):
