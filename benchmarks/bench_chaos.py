@@ -169,8 +169,26 @@ class Chaos:
             for ch in self.channels.values():
                 await ch.close()
 
+    async def ready(self, notes: list[str], timeout_s: float = 120) -> None:
+        """Wait until the brain is whole before a fault — every health check SERVING and every site
+        up — so a fault is timed from a healthy brain: a site still down from the scenario's own
+        outage (abilene fails Chicago for 600 emulated seconds, ~20 s at the emulator's ×30, about
+        a minute after it starts) was counted as the fault's, 7.9 s for a NATS node whose failover
+        had taken 0.9 s."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if not await self.health() and await self.sites_up():
+                if (waited := time.monotonic() - started) > 0.5:
+                    notes.append(f"waited {waited:.1f} s before the kill for every site up and every service serving")
+                return
+            await asyncio.sleep(0.5)
+        notes.append(f"not whole before the kill (waited {timeout_s:.0f} s): "
+                     f"failing {await self.health()}, sites up {await self.sites_up()}")
+
     async def _run_fault(self, fault: str, kill) -> Result:
         tag = f"{fault}-{int(time.time())}"
+        notes: list[str] = []
+        await self.ready(notes)
         async with client_channel(self.ports["scheduler"]) as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             outcome: dict[int, str | None] = {}
@@ -185,7 +203,6 @@ class Chaos:
                     outcome[i] = None
 
             tasks = []
-            notes: list[str] = []
             killed_at = 0.0
             killed = ""
             for i in range(self.deploys):
@@ -320,10 +337,16 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
+NATS_NODES = ("nats", "nats-2", "nats-3")
+KILLED_AT: dict[str, float] = {}
+"""fault → the wall-clock time of its last kill (the NATS nodes' logs are read against it)."""
+
+
 def compose_killer(project: str, fault: str):
     """SIGKILL of the fault's process in its container (the restart policy brings it back): for a
     service with a pair (the cluster profile), its active instance, the one listening on the port."""
     def kill() -> str:
+        KILLED_AT[fault] = time.time()
         pair = [f"{project}_{fault}-{i}_1" for i in (1, 2)] if fault in GRPC_PORTS else []
         pids = {name: container_pid(name) for name in pair}
         if any(pids.values()):
@@ -341,6 +364,43 @@ def compose_killer(project: str, fault: str):
     return kill
 
 
+def elections(project: str, since: float, window_s: float = 30.0) -> list[tuple[float, str]]:
+    """Every JetStream leader the NATS nodes of a compose project report elected within `window_s`
+    of `since` (a kill's wall-clock time): (seconds after it, '[stream] STREAM', '[consumer]
+    STREAM > CONSUMER' or 'meta'), from their logs — where a NATS node's loss spends its time."""
+    import datetime
+    import re
+    import subprocess
+
+    line = re.compile(r"(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d+) \[INF\] (?:JetStream cluster new (stream|consumer|metadata) "
+                      r"leader(?: for '\$G > ([^']+)'|: .*)|Self is new JetStream cluster metadata leader)")
+    found = []
+    for node in NATS_NODES:
+        out = subprocess.run(["podman", "logs", "--since", str(int(since) - 1), f"{project}_{node}_1"],
+                             capture_output=True, text=True, timeout=60)
+        for m in line.finditer(out.stdout + out.stderr):
+            if m[2] == "metadata":  # a (restarted) node learning who leads, not an election
+                continue
+            at = datetime.datetime.strptime(m[1], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.UTC).timestamp()
+            if 0 <= at - since <= window_s:
+                found.append((round(at - since, 2), f"[{m[2]}] {m[3]}" if m[3] else "[meta]"))
+    return sorted(found)
+
+
+def compose_explain(project: str, fault: str, result: Result) -> None:
+    """After a NATS node's kill: when JetStream elected new leaders for the groups it led."""
+    if fault not in NATS_NODES or fault not in KILLED_AT:
+        return
+    found = elections(project, KILLED_AT[fault])
+    if not found:
+        result.notes.append("no JetStream leader elected after the kill (the node led nothing)")
+        return
+    times = [t for t, _ in found]
+    result.notes.append(f"JetStream leaders elected after the kill: {len(found)}, {min(times):.1f}–{max(times):.1f} s "
+                        f"(median {sorted(times)[len(times) // 2]:.1f} s): "
+                        + ", ".join(f"{what} {t:.1f}" for t, what in found))
+
+
 def compose_target(project: str) -> tuple[dict[str, str], str, int]:
     """Endpoints (the published ports, `CNC_*_PORT` as the compose files read them), the operator
     token (from governance's container) and the number of sites of a running compose stack."""
@@ -352,17 +412,19 @@ def compose_target(project: str) -> tuple[dict[str, str], str, int]:
     return endpoints, token, len(site_ids_of(load_scenario(os.environ.get("CNC_SCENARIO", "abilene"))))
 
 
-def run_faults(chaos: Chaos, faults: list[str], killer_of, deploys: int) -> list[Result]:
+def run_faults(chaos: Chaos, faults: list[str], killer_of, deploys: int, explain=None) -> list[Result]:
     results = []
     for fault in faults:
         result = asyncio.run(chaos.run_fault(fault, killer_of(fault)))
+        if explain is not None:
+            explain(fault, result)
         results.append(result)
         print(f"{fault:11s} killed {result.killed:13s} healthy in "
               f"{result.healthy_s:5.2f} s" if result.healthy_s is not None else f"{fault:11s} NOT healthy",
               f"accepted {result.accepted}/{deploys} failed {result.failed} lost {result.lost} "
               f"duplicated {result.duplicated} stuck {result.stuck} ended_failed {result.ended_failed} "
               f"[load {result.load}]", flush=True)
-        for note in result.notes[:5]:
+        for note in result.notes[:6]:
             print(f"    {note}", flush=True)
         time.sleep(3)  # let restarts settle before the next fault
     return results
@@ -388,7 +450,8 @@ def main(argv: list[str]) -> int:
         endpoints, token, sites = compose_target(args.compose)
         print(f"compose project {args.compose}: {endpoints['scheduler']} [load {load()}]", flush=True)
         results = run_faults(Chaos(endpoints, token, sites, args.deploys, args.rate), faults,
-                             lambda fault: compose_killer(args.compose, fault), args.deploys)
+                             lambda fault: compose_killer(args.compose, fault), args.deploys,
+                             lambda fault, result: compose_explain(args.compose, fault, result))
     else:
         results = run_up(args, faults, lines)
     for line in lines:

@@ -16,6 +16,15 @@ from the last revision it saw) can never write at the same time. While it cannot
 away) its writes fail and are retried; once NATS is back, its renewal either succeeds (nobody took
 over: it goes on) or finds another holder, and then the process stops (`aio.fatal_event`) to come
 back as a standby.
+
+A renewal is one KV request with a short deadline of its own (`attempt_s`, a quarter of the TTL),
+tried again at once when it goes unanswered: a reply lost on the way (a NATS node leaving or
+rejoining the cluster, a client failing over to another node) costs that deadline, not the bus's
+5 s request timeout, which outlasted the fence (a deploy answered "lease not renewed for 4.3 s").
+An attempt given up on may still have landed; the next one then finds the revision moved, reads
+the key, and takes a newer revision holding this very lease's value (a token of its own) as its
+renewal — only another holder's value means the lease is lost. Writers wait for a renewal under
+way (`wait_fence`, up to the TTL) before they give up with `LeaseLost`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 import nats.errors
@@ -65,10 +75,21 @@ def fence() -> None:
         _held.check()
 
 
+async def wait_fence(timeout_s: float | None = None) -> None:
+    """`fence()`, waiting up to `timeout_s` (default: the lease's TTL) for a renewal under way —
+    one that a NATS failover held up — instead of failing at once; raises `LeaseLost` when none
+    came, or the lease is lost."""
+    if _held is not None:
+        await _held.wait_fresh(timeout_s)
+
+
 class Lease:
-    def __init__(self, kv: Any, role: str, instance: str, ttl_s: float = 3.0, renew_s: float = 0.5) -> None:
+    def __init__(self, kv: Any, role: str, instance: str, ttl_s: float = 3.0, renew_s: float = 0.5,
+                 attempt_s: float | None = None) -> None:
         if renew_s * 2 >= ttl_s * FENCE_SHARE:
             raise ValueError(f"lease renewal every {renew_s:g} s is too slow for a TTL of {ttl_s:g} s")
+        self.attempt_s = ttl_s / 4 if attempt_s is None else attempt_s
+        """How long one renewal request may go unanswered before it is sent again."""
         self.kv = kv
         self.role = role
         self.instance = instance
@@ -78,7 +99,10 @@ class Lease:
         self.renewed_at = 0.0
         self.held = False
         self._task: asyncio.Task[None] | None = None
-        self._value = json.dumps({"instance": instance, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        # the token tells this lease's own value from that of a later holder of the same name and pid
+        # (a container's process restarted as pid 1 again)
+        self._value = json.dumps({"instance": instance, "host": socket.gethostname(), "pid": os.getpid(),
+                                  "token": uuid.uuid4().hex}).encode()
 
     def check(self) -> None:
         if not self.held:
@@ -86,6 +110,19 @@ class Lease:
         age = time.monotonic() - self.renewed_at
         if age >= FENCE_SHARE * self.ttl_s:
             raise LeaseLost(f"{self.role}: lease not renewed for {age:.1f} s (NATS away?); not writing; retry")
+
+    async def wait_fresh(self, timeout_s: float | None = None) -> None:
+        """`check()`, waiting up to `timeout_s` (default the TTL) for a renewal while it fails only
+        for an old renewal (not for a lost lease)."""
+        deadline = time.monotonic() + (self.ttl_s if timeout_s is None else timeout_s)
+        while True:
+            try:
+                self.check()
+                return
+            except LeaseLost:
+                if not self.held or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.05)
 
     async def acquire(self, stop: asyncio.Event | None = None) -> bool:
         """Wait until this instance holds the lease (True), or `stop` is set (False)."""
@@ -137,21 +174,57 @@ class Lease:
 
     async def _keep(self) -> None:
         said = 0.0
+        pause = self.renew_s
+        since = 0.0  # when the first attempt since the last known renewal was sent
         while self.held:
-            await asyncio.sleep(self.renew_s)
+            await asyncio.sleep(pause)
+            pause = self.renew_s
+            sent = time.monotonic()
+            since = since or sent
             try:
-                self.revision = await self.kv.update(KEY, self._value, last=self.revision)
+                self.revision = await asyncio.wait_for(
+                    self.kv.update(KEY, self._value, last=self.revision), self.attempt_s)
                 self.renewed_at = time.monotonic()
+                since = 0.0
             except nats.js.errors.KeyWrongLastSequenceError:
+                landed = await self._landed()
+                if landed is None:  # cannot tell now: the next attempt conflicts again and asks again
+                    pause = 0.05
+                    continue
+                if landed:
+                    # an attempt given up on was written after all, no earlier than the first was sent
+                    self.renewed_at = since
+                    since = 0.0
+                    pause = 0.0
+                    continue
                 self.held = False
                 log.critical("%s %s: another instance took the lease; stopping (to come back as a standby)",
                              self.role, self.instance)
                 aio.fatal_event().set()
                 return
-            except Exception as exc:  # NATS away: writes are fenced until a renewal succeeds
+            except Exception as exc:  # NATS away or failing over: writes are fenced until a renewal succeeds
                 if time.monotonic() - said > 5.0:
                     log.warning("%s %s: cannot renew the lease (%r); writes wait", self.role, self.instance, exc)
                     said = time.monotonic()
+                # unanswered: send again at once; refused (no responders, …): a moment later
+                pause = 0.0 if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else 0.05
+
+    async def _landed(self) -> bool | None:
+        """Whether the key holds this lease's own value at a revision newer than the last renewal
+        this instance knows of — an attempt given up on that was written after all (then that
+        revision is taken as the current one); None: the key could not be read."""
+        try:
+            entry = await asyncio.wait_for(self.kv.get(KEY), self.attempt_s)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        except Exception:
+            return None
+        if entry.value != self._value:
+            return False  # another holder's
+        if entry.revision > self.revision:
+            self.revision = entry.revision
+            return True
+        return None  # this lease's value at a revision already known: a reader behind the leader
 
     async def release(self) -> None:
         """Give the lease up (a graceful stop): a standby takes over at once."""

@@ -348,7 +348,7 @@ class Governor:
 
     async def _project(self, dirty: _Dirty) -> None:
         """Write what changed; puts go out together (one round trip for the lot)."""
-        lease.fence()
+        await lease.wait_fence()
         puts: list[Any] = []
         for site_id in dirty.sites:  # perception admits and bounds sites by these
             if site_id in self.state.enrolled:

@@ -123,7 +123,7 @@ class LedgerStore:
         """Store `entries` (consecutive, extending the stored chain) or raise; pipelined."""
         if not entries:
             return
-        lease.fence()  # only the active governance writes the ledger
+        await lease.wait_fence()  # only the active governance writes the ledger
         futures = []
         base = self.last_seq
         blocks = [entries[i:i + BLOCK_ENTRIES] for i in range(0, len(entries), BLOCK_ENTRIES)]
@@ -168,7 +168,7 @@ class LedgerStore:
 
 
     async def write_head(self, head: LedgerHead) -> None:
-        lease.fence()
+        await lease.wait_fence()
         await self.kv.put(HEAD_KEY, json.dumps({"length": head.length, "hash": head.hash,
                                                 "at": time.time()}).encode())
 

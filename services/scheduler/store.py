@@ -50,7 +50,7 @@ class WorkloadStore:
 
     async def create(self, w: spb.Workload) -> None:
         assert self.kv
-        lease.fence()  # only the active scheduler writes records
+        await lease.wait_fence()  # only the active scheduler writes records
         kv = self.kv
         try:
             rev = await self.bus.retrying(lambda: kv.create(w.workload_id, w.SerializeToString()), "store workload")
@@ -79,7 +79,7 @@ class WorkloadStore:
     async def update(self, w: spb.Workload) -> None:
         """Write `w` if nobody wrote since our last read; raise Conflict otherwise."""
         assert self.kv
-        lease.fence()
+        await lease.wait_fence()
         kv = self.kv
         last = self.revisions.get(w.workload_id, 0)
         try:

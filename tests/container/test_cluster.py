@@ -17,7 +17,6 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
 
 from agents.executor_emulated import slug
@@ -29,7 +28,6 @@ from support.brain_client import (
     PlacementWatch,
     connect,
     deploy,
-    inference_service,
     monitor,
     scheduler_channel,
     wait_state,
@@ -130,20 +128,6 @@ async def active_instance(servers: list[str], kit, role: str) -> str:
         await nc.close()
 
 
-async def deploy_retrying(stub, name: str, window_s: float = 60) -> str:
-    """Deploy with one request id, sent again while the scheduler is unavailable (as the CLI does)."""
-    request = spb.DeployInferenceServiceRequest(service=inference_service(name), request_id=f"{name}-request")
-    deadline = time.monotonic() + window_s
-    while True:
-        try:
-            return (await stub.DeployInferenceService(request, timeout=10)).workload.workload_id
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                    or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.25)
-
-
 async def fail_over(stack: Stack, kit, stub, watch, role: str, how: str) -> list[str]:
     """Kill `role`'s active instance (`how`: `podman kill`, no restart; or SIGKILL of its process,
     restarted by its policy) during a stream of deployments; all are accepted and placed."""
@@ -155,7 +139,7 @@ async def fail_over(stack: Stack, kit, stub, watch, role: str, how: str) -> list
     else:
         os.kill(int(podman("inspect", "--format", "{{.State.Pid}}", stack.container(killed))), signal.SIGKILL)
     names = [f"{role}-failover-{i}" for i in range(4)]
-    accepted = [await deploy_retrying(stub, name) for name in names]
+    accepted = [await deploy(stub, name, retry_s=60) for name in names]
     await watch.wait_for(set(accepted), timeout_s=60)
     now = await active_instance(stack.nats_urls, kit, role)
     print(f"{role}: {killed} killed ({how}); {now} active, 4 deployments accepted and placed in "
@@ -199,8 +183,11 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
         accepted: list[str] = []
         async with scheduler_channel(stack.scheduler, stack.operator_token()) as channel:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            # Deploys retry as the CLI does (the same request id, while UNAVAILABLE): what a client
+            # sees is then a delay at most; what the brain answered on the way is printed.
+            retried: list[str] = []
             for i in range(3):
-                accepted.append(await deploy(stub, f"before-{i}"))
+                accepted.append(await deploy(stub, f"before-{i}", retried=retried))
 
             site_states = await SiteStates().start(stack.nats_urls, kit)
             stack.stop(VICTIM)
@@ -208,7 +195,7 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
             during = []
             for i in range(8):
                 # While streams elect new leaders a call may take longer; it must not fail.
-                during.append(await deploy(stub, f"during-{i}", timeout_s=30))
+                during.append(await deploy(stub, f"during-{i}", timeout_s=30, retried=retried))
             # Not only accepted: placed by the agents over the two remaining nodes.
             await watch.wait_for(set(during), timeout_s=60)
             accepted += during
@@ -217,11 +204,15 @@ async def test_cluster_survives_node_loss(image, log_dir, tmp_path):
             stack.start(VICTIM)
             await wait_until(lambda: asyncio.to_thread(stack.healthy, VICTIM), f"{VICTIM} healthy again", 90)
             for i in range(3):
-                accepted.append(await deploy(stub, f"after-{i}"))
+                accepted.append(await deploy(stub, f"after-{i}", retried=retried))
+            print(f"answers retried while {VICTIM} was away and back: {len(retried)}"
+                  + "".join(f"\n    {r}" for r in retried[:10]))
 
             await watch.wait_for(set(accepted), timeout_s=120)
             listed = (await stub.ListWorkloads(spb.ListWorkloadsRequest(), timeout=10)).workloads
             assert set(accepted) <= {w.workload_id for w in listed}
+            names = [w.inference_service.name for w in listed if w.workload_id in set(accepted)]
+            assert len(names) == len(set(names)) == len(accepted), f"duplicated: {sorted(names)}"
             for workload_id in accepted:
                 await wait_state(stub, workload_id, PLACED)
             # Only a NATS node died: no site was taken for down (perception waits out a mass silence).

@@ -105,3 +105,64 @@ async def test_a_nats_restart_does_not_hand_the_lease_over(nats_server):
     await a.release()
     await bus_a.close()
     await bus_b.close()
+
+
+class LosesReplies:
+    """A lease bucket whose next `lose` renewals are written but never answered (a reply lost while
+    a NATS node leaves or rejoins the cluster), or, with `send=False`, never even sent."""
+
+    def __init__(self, kv, lose: int, send: bool = True) -> None:
+        self.kv, self.lose, self.send = kv, lose, send
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+    async def update(self, key, value, last=None):
+        if self.lose:
+            self.lose -= 1
+            if self.send:
+                await self.kv.update(key, value, last=last)
+            await asyncio.sleep(3600)
+        return await self.kv.update(key, value, last=last)
+
+
+@pytest.mark.parametrize("send", [True, False], ids=["written-unanswered", "never-sent"])
+async def test_a_renewal_whose_reply_is_lost_is_sent_again_within_the_ttl(nats_server, send):
+    """One renewal that gets no answer must not keep the active from writing for the bus's request
+    timeout (5 s, longer than the TTL): it is sent again after `attempt_s`; one that landed
+    unanswered is recognised as this lease's own (not taken for another holder's), so the active
+    neither stops nor loses its lease, and a writer waiting on the fence gets through."""
+    bus_a, kv_a = await kv_of(nats_server.url, "a")
+    bus_b, kv_b = await kv_of(nats_server.url, "b")
+    flaky = LosesReplies(kv_a, lose=0, send=send)
+    a = Lease(flaky, "scheduler", "a", 3.0, 0.5)
+    assert await a.acquire()
+    standby = asyncio.ensure_future(Lease(kv_b, "scheduler", "b", 3.0, 0.5).acquire())
+    for _ in range(3):
+        await lease.wait_fence()
+        flaky.lose = 1
+        await asyncio.sleep(0.6)  # the next renewal goes out and its reply is lost
+        await lease.wait_fence()  # a write waits for the renewal sent again, not for 5 s
+    await asyncio.sleep(3.5)  # longer than the TTL: the standby still sees renewals
+    assert a.held and not aio.fatal_event().is_set() and not standby.done()
+    a.check()
+    standby.cancel()
+    await asyncio.gather(standby, return_exceptions=True)
+    await a.release()
+    await bus_a.close()
+    await bus_b.close()
+
+
+async def test_a_write_waits_for_a_renewal_under_way_but_not_for_a_lost_lease(nats_server):
+    bus_a, kv_a = await kv_of(nats_server.url, "a")
+    a = Lease(kv_a, "scheduler", "a", TTL, RENEW)
+    assert await a.acquire()
+    a.renewed_at -= TTL  # as if renewals had been held up: too old to write now
+    with pytest.raises(LeaseLost):
+        a.check()
+    await lease.wait_fence()  # the next renewal (RENEW later) lets it through
+    a.held = False  # lost: no renewal will come, no waiting
+    with pytest.raises(LeaseLost):
+        await lease.wait_fence(timeout_s=60)
+    a._task.cancel()
+    await bus_a.close()

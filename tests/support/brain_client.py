@@ -45,11 +45,25 @@ def training_job(name: str = "pretrain") -> common.TrainingJobSpec:
     return common.TrainingJobSpec(name=name, model="gpt-7b", params_b=7, shards=2, gpus_per_shard=4, tokens=1e9)
 
 
-async def deploy(stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
-    """Deploy an inference service; the request id makes a retried call harmless."""
+async def deploy(stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10,
+                 retry_s: float = 20, retried: list[str] | None = None) -> str:
+    """Deploy an inference service as the CLI does: with a request id of its own, sent again with
+    the same id while the brain answers UNAVAILABLE or not at all, for up to `retry_s` (the CLI's
+    `CNC_RETRY_S`, with its retry loop), so a failover costs time, not the workload, and never
+    deploys it twice. Each answer that was retried is added to `retried` ("NAME: CODE details")."""
+    from cncbrain.commands._live import RETRYABLE, call_retrying
+
     request = spb.DeployInferenceServiceRequest(service=inference_service(name), request_id=uuid.uuid4().hex)
-    reply = await stub.DeployInferenceService(request, timeout=timeout_s)
-    return reply.workload.workload_id
+
+    async def call() -> spb.DeployInferenceServiceResponse:
+        try:
+            return await stub.DeployInferenceService(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if retried is not None and exc.code() in RETRYABLE:
+                retried.append(f"{name}: {exc.code().name} {(exc.details() or '')[:200]}")
+            raise
+
+    return (await call_retrying(call, f"deploy {name}", retry_s)).workload.workload_id
 
 
 async def submit(stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, timeout_s: float = 10) -> str:
