@@ -20,6 +20,16 @@ LAG_POLL_S = 5.0
 log = logging.getLogger(__name__)
 
 
+async def newest_revision(kv: Any) -> int:
+    """The revision of the newest message the bucket still stores (0: none) — the last one a watcher
+    yields. Not the stream's last sequence: a message removed since (a deleted key's marker, gone
+    after its TTL) leaves that number behind, and no watcher would ever yield it."""
+    state = (await kv.status()).stream_info.state
+    if not state.messages:
+        return 0
+    return (await kv._js.get_last_msg(kv._stream, f"{kv._pre}>")).seq
+
+
 class KvFollower:
     """`await start()` applies every current entry with `apply(entry)` and returns; a background
     task then applies each update (a deleted key arrives as an entry with an empty value) until
@@ -43,10 +53,19 @@ class KvFollower:
         # revision, read after the watch began, is one of the values it must yield (the stream's
         # last message is the latest of its key) and values come in revision order, so the initial
         # load ends once that one is applied.
-        last = (await self.kv.status()).stream_info.state.last_seq
+        last = await newest_revision(self.kv)
         seen, ended = 0, False
         while not (ended and seen >= last):
-            entry = await self._watcher.updates(timeout=initial_timeout)
+            try:
+                entry = await self._watcher.updates(timeout=initial_timeout)
+            except TimeoutError:
+                # the one awaited may have gone meanwhile (a marker's TTL ran out): wait for the
+                # newest still stored, or fail if that is the one that never came
+                newest = await newest_revision(self.kv) if ended else last
+                if newest >= last:
+                    raise
+                last = newest
+                continue
             if entry is None:
                 ended = True
                 continue
@@ -60,7 +79,7 @@ class KvFollower:
         bucket = getattr(self.kv, "_name", None) or "?"
         while not self._stopping:
             with contextlib.suppress(Exception):  # NATS away: try again next time
-                last = (await self.kv.status()).stream_info.state.last_seq
+                last = await newest_revision(self.kv)
                 metrics.KV_LAG.labels(bucket, self.name).set(max(0, last - self.revision))
             await asyncio.sleep(LAG_POLL_S)
 

@@ -73,6 +73,9 @@ EVENT_OF_STATE = {
 
 KIND_LABEL = {domain.TRAINING: "training", domain.INFERENCE: "inference"}
 
+EXPIRE_EVERY_S = 60.0
+"""How often ended workloads past their retention (`Settings.ended_retention_s`) are removed."""
+
 RECOVERY_CLOCK_SKEW_S = 60.0
 """How far before a pending record's creation (by the scheduler's clock) `_recover_commits` reads
 the placement stream (stamped by the NATS server's clock)."""
@@ -142,6 +145,7 @@ class Coordinator:
         """Site -> the agent its latest registration names (who may answer for it in a batch)."""
         self.reconciler = Reconciler(settings)
         self._reconciling: asyncio.Task[None] | None = None
+        self._expiring: asyncio.Task[None] | None = None
         metrics.on_scrape(self._export)
 
     def _export(self) -> None:
@@ -175,6 +179,7 @@ class Coordinator:
             self.enqueue(w)
         self._placer = aio.background(self._place_loop(), "placer")
         self._reconciling = aio.background(self._reconcile_loop(), "reconciler")
+        self._expiring = aio.background(self._expire_loop(), "retention")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
@@ -187,7 +192,7 @@ class Coordinator:
         self._stopping = True
         metrics.off_scrape(self._export)
         self.wake.set()
-        tasks = [*self.tasks, *(t for t in (self._placer, self._reconciling) if t)]
+        tasks = [*self.tasks, *(t for t in (self._placer, self._reconciling, self._expiring) if t)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -599,6 +604,40 @@ class Coordinator:
         self.reconciler.forget(w.workload_id)
         await asyncio.gather(self.publish_placements(w, changed), self.publish_event(w, EVENT_OF_STATE[state], actor))
         return w
+
+    # --- retention ----------------------------------------------------------------------------
+    async def expire_ended(self, now: float | None = None) -> list[str]:
+        """Remove from the record (memory and bucket) every workload that ended more than
+        `ended_retention_s` before `now` (unix seconds; default the clock); the ids removed. A
+        workload that has not ended is never removed, whatever its age."""
+        cutoff = (time.time() if now is None else now) - self.settings.ended_retention_s
+        old = [wid for wid, w in list(self.store.records.items())
+               if w.state in domain.ENDED and w.updated_at.ToNanoseconds() / 1e9 < cutoff]
+        removed = []
+        for wid in old:
+            async with self.lock(wid):
+                w = self.store.get(wid)
+                if w is None or w.state not in domain.ENDED or wid in self.waiting or wid in self.committing:
+                    continue
+                await self.store.remove(wid)
+            if not self.lock(wid).locked():
+                self.locks.pop(wid, None)
+            self.reconciler.forget(wid)
+            removed.append(wid)
+        if removed:
+            log.info("removed %d workloads ended more than %.0f s ago (ended_retention_s)", len(removed),
+                     self.settings.ended_retention_s)
+        return removed
+
+    async def _expire_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self.expire_ended()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # NATS away, or this instance no longer active: tried again later
+                log.exception("removing expired workloads failed")
+            await asyncio.sleep(EXPIRE_EVERY_S)
 
     # --- reconciliation: the reconciler's verdicts, committed -----------------------------------
     async def _reconcile_loop(self) -> None:

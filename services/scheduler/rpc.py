@@ -80,7 +80,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise InvalidArgument("workload_id: required")
         w = self.co.store.get(workload_id)
         if w is None:
-            raise NotFound(f"no workload {limits.quote(workload_id)}")
+            raise NotFound(f"no workload {limits.quote(workload_id)} (an ended workload is kept "
+                           f"{self.co.settings.ended_retention_s:g} s after its end)")
         self.co.governance.check_owner(w)
         return w
 

@@ -6,6 +6,7 @@ from pydantic_settings import SettingsConfigDict
 from cncbrain.settings import ServiceSettings
 
 DEFAULT_PORT = 50062
+DAY_S = 86400.0
 
 
 class Settings(ServiceSettings):
@@ -37,3 +38,8 @@ class Settings(ServiceSettings):
     """A placement its (up) site has not confirmed within this many ticks is taken off that site."""
     max_placement_attempts: int = Field(3, ge=1)
     """Placements of one workload that sites reject or ignore before it FAILS."""
+    ended_retention_s: float = Field(7 * DAY_S, ge=60, le=3650 * DAY_S, allow_inf_nan=False)
+    """How long a workload's record is kept once it ended (COMPLETED, FAILED, CANCELLED), counted
+    from its end; then it leaves the scheduler's memory and the `cnc-workloads` bucket (GetWorkload
+    answers NOT_FOUND, its request id may be used again). A workload that has not ended is never
+    removed. Its events stay the stream's 7 days, whatever this is. 60 s to 10 years."""

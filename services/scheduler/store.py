@@ -16,6 +16,16 @@ from cncbrain.errors import Aborted
 
 log = logging.getLogger(__name__)
 
+MARKER_TTL_S = 3600.0
+"""A removed record leaves a purge marker in the bucket (what tells every follower the key is gone);
+the server removes the marker this long after (its `Nats-TTL`), so removed records cost no disk and
+no subject in the server for good. A follower cut off for longer misses the removal: it keeps the
+ended record until its process restarts."""
+
+
+TTL_DISABLED = 10166
+"""JetStream's error code for a message TTL on a stream that does not allow them."""
+
 
 class Conflict(Aborted):
     """The record changed since it was read (or already exists on create)."""
@@ -90,3 +100,21 @@ class WorkloadStore:
             raise Conflict(w.workload_id) from None
         self.records[w.workload_id] = w
         self.revisions[w.workload_id] = rev
+
+    async def remove(self, workload_id: str) -> None:
+        """Take a record out of the bucket and of memory (`Coordinator.expire_ended`): a purge, which
+        also drops the key's earlier revisions, its marker kept `MARKER_TTL_S`."""
+        assert self.kv
+        await lease.wait_fence()
+        kv = self.kv
+        try:
+            await self.bus.retrying(lambda: kv.purge(workload_id, msg_ttl=MARKER_TTL_S), "remove workload")
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != TTL_DISABLED:
+                raise
+            # a bucket created before per-message TTLs (nats-server < 2.11 or an older client): the
+            # marker stays for good, as a deleted key's always did
+            log.warning("%s does not allow message TTLs; removed records leave their marker for good", KV_WORKLOADS)
+            await self.bus.retrying(lambda: kv.purge(workload_id), "remove workload")
+        self.records.pop(workload_id, None)
+        self.revisions.pop(workload_id, None)

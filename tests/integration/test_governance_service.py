@@ -338,7 +338,7 @@ async def test_kv_follower_stop_ends_although_updates_drops_the_cancel():
             return Watcher()
 
         async def status(self):  # an empty bucket
-            return SimpleNamespace(stream_info=SimpleNamespace(state=SimpleNamespace(last_seq=0)))
+            return SimpleNamespace(stream_info=SimpleNamespace(state=SimpleNamespace(last_seq=0, messages=0)))
 
     queue.put_nowait(None)  # the initial load: no entries
     follower = KvFollower(Kv(), applied.append, "test-follower")
