@@ -3,13 +3,16 @@
 1. ledger append: entries per second through the governance writer into JetStream, with many
    concurrent callers (batched) and with one caller at a time (one round trip each).
 2. ledger verify: seconds to read back and verify 100,000 stored entries.
+   start: governance's load at start with 100,000 entries — folded from the start, from its signed
+   checkpoint, and from a checkpoint with 9,999 entries after it — and what writing a checkpoint
+   costs.
 3. auth + placement check on the deploy path: p50/p99 of a gRPC DeployInferenceService call on
    loopback to a minimal servicer, without and with the auth interceptor and the in-process
    placement-policy check (GovernanceGate.check of a 3-site placement); the difference is what
    governance adds. Also the in-process cost of the two checks alone.
 
     python -m benchmarks governance
-    python -m benchmarks.bench_governance append|verify|auth
+    python -m benchmarks.bench_governance append|verify|start|auth
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cncbrain.grpcserver import start_grpc_server
 from cncbrain.identity import Role, TokenDirectory, mint_token
 from cncbrain.natsserver import NatsServer
 from cncbrain.settings import ServiceSettings
+from services.governance.checkpoint import encode as encode_checkpoint
 from services.governance.domain.ledger import verify_chain
 from services.governance.domain.state import Record
 from services.governance.events import Governor
@@ -114,6 +118,76 @@ async def bench_verify() -> None:
         print(f"ledger verify, {N_VERIFY} entries: {t_read + t_check:.2f} s "
               f"(read from JetStream {t_read:.2f} s, re-hash and check {t_check:.2f} s)")
         await gov.stop()
+
+    await _with_nats(run)
+
+
+async def bench_start() -> None:
+    """Governance's start-up load (`Governor._load`, verification on as by default) of a ledger of
+    N_VERIFY entries: without a checkpoint, from the checkpoint written at its end, and from one
+    with CHECKPOINT_EVERY - 1 entries after it (the most a start reads past one)."""
+    import logging
+    import os
+
+    from cncbrain.signing import ensure_signing_key
+
+    every = Settings.model_fields["checkpoint_every"].default
+
+    async def run(bus: Bus, url: str) -> None:
+        with tempfile.TemporaryDirectory() as secrets:
+            ensure_signing_key(Path(secrets))
+            os.environ["CNC_SECRETS_DIR"] = secrets  # governance's signing key: checkpoints are signed
+
+            def governor(checkpoint_every: int) -> Governor:
+                return Governor(bus, Settings(nats_url=url, grpc_port=0, ledger_deny_delete=False,
+                                              checkpoint_every=checkpoint_every))
+
+            async def load(checkpoint_every: int) -> tuple[float, Governor]:
+                gov = governor(checkpoint_every)
+                await gov.store.ensure()
+                t0 = time.perf_counter()
+                await gov._load()
+                return time.perf_counter() - t0, gov
+
+            filler = governor(N_VERIFY)  # one checkpoint, when the ledger reaches N_VERIFY entries
+            await filler.start()
+            t0 = time.perf_counter()
+            for start in range(0, N_VERIFY, 10_000):
+                await asyncio.gather(*(filler.record([_record(i)], "bench") for i in range(start, start + 10_000)))
+            print(f"(filled {N_VERIFY} entries in {time.perf_counter() - t0:.1f} s)")
+            while filler._checkpointing is None or not filler._checkpointing.done():
+                await asyncio.sleep(0.05)
+            blob = await filler.store.read_checkpoint()
+            assert blob and filler._checkpointed == N_VERIFY, filler._checkpointed
+            snapshot, head, seq = filler.state.to_dict(), filler.head, filler.store.last_seq
+            t0 = time.perf_counter()
+            snapshot = filler.state.to_dict()
+            t_snap = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            encoded = encode_checkpoint(snapshot, head, seq, filler.signer, time.time())
+            t_encode = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await filler.store.write_checkpoint(encoded)
+            t_write = time.perf_counter() - t0
+            print(f"checkpoint of the state at {N_VERIFY} entries ({len(filler.state.usage.allocations)} usage "
+                  f"intervals): {len(encoded) / 1e6:.1f} MB; snapshot {t_snap:.2f} s (the writer waits for it), "
+                  f"encode + sign {t_encode:.2f} s (a thread), store {t_write:.2f} s")
+            await filler.stop()
+            logging.getLogger("services.governance.events").setLevel(logging.WARNING)
+            full, a = await load(0)
+            cp, b = await load(every)
+            assert b.head == a.head and b.state.to_dict() == a.state.to_dict() and b._checkpointed == N_VERIFY
+            print(f"governance start, {N_VERIFY} entries: folded from the start {full:.2f} s; "
+                  f"from its checkpoint {cp:.2f} s")
+            extra = governor(0)
+            await extra.start()
+            await asyncio.gather(*(extra.record([_record(i)], "bench") for i in range(N_VERIFY, N_VERIFY + every - 1)))
+            await extra.stop()
+            full2, c = await load(0)
+            cp2, d = await load(every)
+            assert d.head == c.head and d.state.to_dict() == c.state.to_dict()
+            print(f"governance start, {N_VERIFY + every - 1} entries: folded from the start {full2:.2f} s; "
+                  f"from the checkpoint at {N_VERIFY} and {every - 1} entries after it {cp2:.2f} s")
 
     await _with_nats(run)
 
@@ -205,7 +279,7 @@ async def bench_auth() -> None:
           f"(mean {statistics.mean(w) - statistics.mean(wo):+.3f} ms)")
 
 
-BENCHES = {"append": bench_append, "verify": bench_verify, "auth": bench_auth}
+BENCHES = {"append": bench_append, "verify": bench_verify, "start": bench_start, "auth": bench_auth}
 
 
 def main(argv: list[str] | None = None) -> None:

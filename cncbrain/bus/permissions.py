@@ -14,7 +14,9 @@ be read by `STREAM.MSG.GET`/`DIRECT.GET`, granted only where the whole stream ma
 identity gets its own reply-inbox prefix (`_INBOX.<identity>`), so no identity can listen to
 another's replies, and `allow_responses` lets a responder answer a request without a publish grant
 on the requester's inbox. Nobody but `admin` may update, purge or delete a stream or delete its
-messages; an owner may create its own streams (idempotent; `up` provisions them as admin first).
+messages (but governance, which replaces the object of its own object store and so purges the old
+object's chunks there); an owner may create its own streams (idempotent; `up` provisions them as
+admin first).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ BUCKET_OWNERS = {
     "cnc-lease-scheduler": "scheduler",
     "cnc-lease-perception": "perception",
     "cnc-lease-adaptation": "adaptation",
+}
+OBJECT_OWNERS = {
+    # governance's signed checkpoint of its folded state (services/governance/checkpoint.py)
+    "cnc-ledger-checkpoint": "governance",
 }
 
 
@@ -115,6 +121,14 @@ class Grant:
         return self.pub(f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
                         f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>")
 
+    def write_objects(self, bucket: str) -> Grant:
+        """Put, read and replace objects of an object store (stream `OBJ_<bucket>`). Replacing an
+        object purges the old one's chunks from that stream: the one purge a service may make, and
+        only of its own object store. Reading an object looks its stream up by subject
+        (`STREAM.NAMES`, which lists names only)."""
+        return self.read_stream(f"OBJ_{bucket}").pub(f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}",
+                                                     "$JS.API.STREAM.NAMES")
+
     def write_bucket(self, bucket: str) -> Grant:
         """Read, put, update (compare-and-set) and delete keys of a bucket."""
         return self.read_bucket(bucket).pub(f"$KV.{bucket}.>")
@@ -148,6 +162,7 @@ def governance() -> Grant:
     g.create("CNC_LEDGER").read_stream("CNC_LEDGER").pub("cnc.governance.ledger")
     for bucket in ("cnc-tokens", "cnc-governance", "cnc-ledger-head"):
         g.create(f"KV_{bucket}").write_bucket(bucket)
+    g.create("OBJ_cnc-ledger-checkpoint").write_objects("cnc-ledger-checkpoint")
     g.sub("cnc.perception.snapshot")
     g.read_stream("CNC_WORKLOADS").read_stream("CNC_ADAPTATION")  # durable consumers: usage, audit
     g.get_from_bucket("cnc-workloads")  # the tenant of a workload
@@ -278,12 +293,13 @@ def _summary(g: Grant) -> dict[str, list[str]]:
         elif p.startswith(api + "STREAM.MSG.GET."):
             gets.add(p[len(api + "STREAM.MSG.GET."):])
     writes = sorted(p[len("$KV."):-2] for p in g.publish if p.startswith("$KV.") and p != "$KV.>")
+    objects = sorted(p[len("$O."):-2] for p in g.publish if p.startswith("$O.") and p != "$O.>")
     return {
-        "publishes": [p for p in g.publish if not p.startswith(("$JS", "$KV"))],
+        "publishes": [p for p in g.publish if not p.startswith(("$JS", "$KV", "$O."))],
         "subscribes": list(g.subscribe),
         "creates": list(g.creates),
         "reads": sorted(reads) + filtered + [f"{s} (single keys)" for s in sorted(gets - reads)],
-        "writes": [f"KV {b}" for b in writes],  # rendered as `KV cnc-…`
+        "writes": [f"KV {b}" for b in writes] + [f"objects {b} (and purges their replaced chunks)" for b in objects],
     }
 
 
@@ -298,7 +314,7 @@ def markdown_table() -> str:
         g = grant_for(identity.replace("<id>", "ID0").replace("<name>", "NAME"), {"agents-NAME": ["ID0"]})
         if identity == ADMIN:
             rows.append("| `admin` | everything | everything | every stream and bucket | everything | everything, "
-                        "and the only one that updates, purges or deletes streams |")
+                        "and the only one that updates, purges (but governance's checkpoint store) or deletes streams |")
             continue
         s = {k: [v.replace("ID0", "<id>").replace("NAME", "<name>") for v in vs] for k, vs in _summary(g).items()}
         if identity.startswith(HOST_PREFIX):  # hosting sites <id>: each one's row, and the batch

@@ -42,6 +42,9 @@ from cncbrain.identity import Role, TokenDirectory
 from cncbrain.signing import Verifier, signer_from_env
 from cncbrain.twin import costmodel
 from cncbrain.workload import tenant_of
+from services.governance.checkpoint import Checkpoint, CheckpointRefused
+from services.governance.checkpoint import decode as checkpoint_of
+from services.governance.checkpoint import encode as encode_checkpoint
 from services.governance.domain.ledger import (
     LedgerEntry,
     LedgerHead,
@@ -116,6 +119,9 @@ class Governor:
         self.pool_sites: dict[str, common.Site] = {}
         self.load_verification: LedgerVerification | None = None
         self._legacy = False
+        self._checkpointed = 0
+        """Ledger length of the last checkpoint written or loaded."""
+        self._checkpointing: asyncio.Task[None] | None = None
         self._record_tenants: OrderedDict[str, str | None] = OrderedDict()
 
     # ---- life cycle ------------------------------------------------------------------------------
@@ -126,6 +132,8 @@ class Governor:
         self.kv = await self.bus.kv(KV_GOVERNANCE)
         await self._load()
         await self._project_all()
+        if not self._legacy:  # a long ledger folded from the start: the next start reads a checkpoint
+            self._maybe_checkpoint()
         self.writer = aio.background(self._write_loop(), "ledger-writer")
         self.projector = aio.background(self._project_loop(), "governance-projections")
         if self._legacy:
@@ -149,7 +157,7 @@ class Governor:
         # ends at its next turn.
         self._stopping = True
         self._project_wanted.set()
-        for task in (self.writer, self.projector):
+        for task in (self.writer, self.projector, self._checkpointing):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -160,33 +168,39 @@ class Governor:
         # The head is written after the entries it names are stored: read it first, so appends racing
         # this read can only make the stream longer than the head, never shorter.
         anchor = await self.store.read_head()
-        entries = await self.store.read_all()
+        checkpoint = await self._read_checkpoint()
+        entries = await self.store.read_all(after_seq=checkpoint.seq if checkpoint else 0)
+        if checkpoint is not None and not await self._continues(checkpoint, entries):
+            checkpoint = None
+            entries = await self.store.read_all()
+        start = checkpoint.head if checkpoint else LedgerHead()
         # A ledger written before governance signed (none of its entries is) is taken as it is and
-        # signed once loaded (in `start`); otherwise only what governance signed counts.
-        self._legacy = self.verifier is not None and bool(entries) and not any(e.signature for e in entries)
+        # signed once loaded (in `start`); otherwise only what governance signed counts. (A
+        # checkpoint is signed: the ledger it folds was.)
+        self._legacy = (self.verifier is not None and checkpoint is None and bool(entries)
+                        and not any(e.signature for e in entries))
         verifier = None if self._legacy else self.verifier
         if self.settings.verify_on_start:
-            self.load_verification = verify_chain(entries, anchor, verifier)
+            self.load_verification = verify_chain(entries, anchor, verifier, start if checkpoint else None)
             for issue in self.load_verification.issues:
                 log.error("ledger entry %d %s: %s", issue.index, issue.kind, issue.detail)
-        state = GovernanceState()
+        state = checkpoint.state if checkpoint else GovernanceState()
         by_index: dict[int, LedgerEntry] = {}
         if verifier is not None:
             by_index = signed_chain(entries, verifier)
-            if skipped := sum(1 for e in entries if e.index >= 0) - len(by_index):
+            if skipped := sum(1 for e in entries if e.index >= start.length) - sum(
+                    1 for i in by_index if i >= start.length):
                 log.error("governance: %d stored ledger entries carry no governance signature; not applied", skipped)
         else:
             for e in entries:
                 if e.index >= 0:
                     by_index.setdefault(e.index, e)
-        for index in sorted(by_index):
+        folded = [i for i in sorted(by_index) if i >= start.length]
+        for index in folded:
             e = by_index[index]
             state.apply(e.kind, json.loads(e.payload_json))
-        if by_index:
-            last = by_index[max(by_index)]
-            self.head = LedgerHead(last.index + 1, last.hash)
-        else:
-            self.head = LedgerHead()
+        self.head = LedgerHead(folded[-1] + 1, by_index[folded[-1]].hash) if folded else start
+        self._checkpointed = start.length
         pool = self.state.pool
         self.state = state
         if pool:
@@ -194,7 +208,65 @@ class Governor:
         self.directory.records.clear()
         for rec in state.tokens.values():
             self.directory.put(rec)
-        log.info("governance: ledger of %d entries loaded in %.2f s", len(entries), time.perf_counter() - started)
+        log.info("governance: ledger of %d entries loaded in %.2f s (%s)", self.head.length,
+                 time.perf_counter() - started,
+                 f"a checkpoint at entry {start.length}, then {len(entries)} stored entries" if checkpoint
+                 else f"{len(entries)} stored entries folded from the start")
+
+    async def _read_checkpoint(self) -> Checkpoint | None:
+        """The stored checkpoint, if there is one governance signed (else logged and None)."""
+        if self.verifier is None or not self.settings.checkpoint_every:
+            return None
+        try:
+            blob = await self.store.read_checkpoint()
+            if blob is None:
+                return None
+            return checkpoint_of(blob, self.verifier)
+        except CheckpointRefused as exc:
+            log.warning("governance: the stored checkpoint is refused (%s); folding the whole ledger", exc)
+        except Exception as exc:  # noqa: BLE001 - any failure to read it: the ledger is the state of record
+            log.warning("governance: cannot read the stored checkpoint (%r); folding the whole ledger", exc)
+        return None
+
+    async def _continues(self, checkpoint: Checkpoint, entries: list[LedgerEntry]) -> bool:
+        """Whether the stored ledger is the one `checkpoint` folds: the block it names ends with the
+        entry it names, and what is stored after it continues that entry's hash."""
+        head = checkpoint.head
+        block = await self.store.read_block(checkpoint.seq)
+        ok = bool(block) and block[-1].index == head.length - 1 and block[-1].hash == head.hash
+        following = [e for e in entries if e.index == head.length]
+        if ok and following and not any(e.prev_hash == head.hash for e in following):
+            ok = False
+        if not ok:
+            log.warning("governance: the stored checkpoint (entry %d, hash %s…) is not of this ledger (stale or "
+                        "from another); folding the whole ledger", head.length - 1, head.hash[:12])
+        return ok
+
+    def _maybe_checkpoint(self) -> None:
+        """Start writing a checkpoint of the state as it is now (right after a stored batch: the
+        state is the stored ledger's) when the ledger grew by `checkpoint_every` since the last."""
+        every = self.settings.checkpoint_every
+        if (self.signer is None or not every or self.head.length - self._checkpointed < every
+                or (self._checkpointing is not None and not self._checkpointing.done())):
+            return
+        snapshot, head, seq = self.state.to_dict(), self.head, self.store.last_seq
+        self._checkpointed = head.length
+        self._checkpointing = asyncio.create_task(self._write_checkpoint(snapshot, head, seq), name="checkpoint")
+
+    async def _write_checkpoint(self, snapshot: dict[str, Any], head: LedgerHead, seq: int) -> None:
+        started = time.perf_counter()
+        try:
+            assert self.signer is not None
+            blob = await asyncio.to_thread(encode_checkpoint, snapshot, head, seq, self.signer, time.time())
+            await self.store.write_checkpoint(blob)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - NATS away, lease lost: the next batch tries again
+            self._checkpointed = 0
+            log.warning("governance: writing a checkpoint at entry %d failed: %r", head.length - 1, exc)
+            return
+        log.info("governance: checkpoint at entry %d written (%.1f MB) in %.2f s", head.length - 1,
+                 len(blob) / 1e6, time.perf_counter() - started)
 
     # ---- the writer ------------------------------------------------------------------------------
 
@@ -214,7 +286,8 @@ class Governor:
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
-                await self._write_batch(batch)
+                if await self._write_batch(batch):
+                    self._maybe_checkpoint()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in a batch must not end the writer: every later change would hang
@@ -224,7 +297,9 @@ class Governor:
                 with contextlib.suppress(Exception):
                     await self._load()
 
-    async def _write_batch(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, batch: list[_Pending]) -> bool:
+        """Run, store and answer one batch; True when it was stored (state and head are the stored
+        ledger's), False when storing failed (the state was reloaded, or could not be)."""
         head = self.head
         entries: list[LedgerEntry] = []
         done: list[tuple[_Pending, Any, list[LedgerEntry]]] = []
@@ -259,7 +334,7 @@ class Governor:
             with contextlib.suppress(Exception):
                 await self._load()
                 await self._project_all()
-            return
+            return False
         except Exception as exc:
             if isinstance(exc, nats.errors.Error | OSError | asyncio.TimeoutError):  # NATS away: nothing stored
                 failure: Exception = Unavailable(f"ledger unavailable: {exc!r}")
@@ -272,7 +347,7 @@ class Governor:
                 aio.settle(item.future, exc=failure)
             with contextlib.suppress(Exception):
                 await self._load()
-            return
+            return False
         self.head = head
         self.counters["ledger_appended"] += len(entries)
         for item, result, mine in done:
@@ -280,6 +355,7 @@ class Governor:
         self._pending.absorb(dirty)
         if entries:  # nothing appended (an event that changed no holding): the projections stand
             self._project_wanted.set()
+        return True
 
     async def _project_loop(self) -> None:
         """Projections trail the ledger by a moment and coalesce under load: each pass writes the

@@ -16,6 +16,11 @@ write used to wake each of them for nothing (a head kept in `cnc-governance` by 
 moved on start).
 
 The stream has no age or size limit: an audit ledger is kept, not aged out.
+
+Checkpoints: governance's folded state at some length of the ledger, signed, is kept as one object
+(`state`) in the object store `cnc-ledger-checkpoint` (NATS's object store: chunked, with a digest),
+so a start reads that and only the blocks stored after it (`read_all(after_seq=…)`); what it holds
+and how it is checked is `services/governance/checkpoint.py`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -30,7 +36,9 @@ from collections.abc import Sequence
 
 import nats.errors
 import nats.js.errors
+from google.protobuf.message import DecodeError
 from nats.js import api
+from nats.js.object_store import ObjectStore
 
 from cnc.governance.v1 import governance_pb2 as gpb
 from cncbrain import lease
@@ -47,6 +55,8 @@ STREAM = LEDGER_STREAM.name
 BLOCK_ENTRIES = 256
 HEAD_BUCKET = "cnc-ledger-head"
 HEAD_KEY = "ledger.head"
+CHECKPOINT_BUCKET = "cnc-ledger-checkpoint"
+CHECKPOINT_OBJECT = "state"
 
 
 def to_proto(e: LedgerEntry) -> gpb.LedgerEntry:
@@ -84,16 +94,17 @@ class LedgerStore:
         self.kv = await self.bus.kv(HEAD_BUCKET)
         await self._move_old_head()
 
-    async def read_all(self) -> list[LedgerEntry]:
-        """Every stored entry, in stream order (which `verify_chain` checks against index order).
-        Raises `LedgerRemoved` when the stream is gone."""
+    async def read_all(self, after_seq: int = 0) -> list[LedgerEntry]:
+        """Every stored entry (of the blocks stored after stream sequence `after_seq`), in stream
+        order (which `verify_chain` checks against index order). Raises `LedgerRemoved` when the
+        stream is gone."""
         try:
             info = await self.js.stream_info(STREAM)
         except nats.js.errors.NotFoundError:
             raise LedgerRemoved(f"ledger removed: the stream {STREAM} does not exist") from None
         total = info.state.messages
         self.last_seq = info.state.last_seq
-        if total == 0:
+        if total == 0 or after_seq >= info.state.last_seq:
             return []
         out: list[LedgerEntry] = []
         done = asyncio.Event()
@@ -109,15 +120,49 @@ class LedgerStore:
             if msg.metadata.sequence.stream >= last_seq or msg.metadata.num_pending == 0:
                 done.set()
 
+        where = (api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
+                 if after_seq else api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL))
         sub = await self.js.subscribe(
-            GOVERNANCE_LEDGER.template, stream=STREAM, cb=on_msg, ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL, pending_msgs_limit=-1, pending_bytes_limit=-1,
+            GOVERNANCE_LEDGER.template, stream=STREAM, cb=on_msg, ordered_consumer=True, config=where,
+            pending_msgs_limit=-1, pending_bytes_limit=-1,
         )
         try:
             await asyncio.wait_for(done.wait(), timeout=max(30.0, total / 5_000))
         finally:
             await sub.unsubscribe()
         return out
+
+    async def read_block(self, seq: int) -> list[LedgerEntry] | None:
+        """The entries of the block stored at stream sequence `seq` (None: no such block, or not one)."""
+        try:
+            msg = await self.js.get_msg(STREAM, seq)
+            block = gpb.LedgerBlock.FromString(msg.data or b"")
+        except (nats.js.errors.NotFoundError, DecodeError):
+            return None
+        return [from_proto(m) for m in block.entries]
+
+    async def _checkpoints(self) -> ObjectStore:
+        try:
+            return await self.js.object_store(CHECKPOINT_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_object_store(CHECKPOINT_BUCKET, api.ObjectStoreConfig(
+                storage=api.StorageType.FILE, replicas=self.bus.replicas,
+                description="governance's signed checkpoint of its state folded from the ledger"))
+
+    async def write_checkpoint(self, blob: bytes) -> None:
+        """Replace the stored checkpoint (the object store drops the old one's chunks)."""
+        await lease.wait_fence()
+        await (await self._checkpoints()).put(CHECKPOINT_OBJECT, blob)
+
+    async def read_checkpoint(self) -> bytes | None:
+        """The stored checkpoint as written (None: there is none)."""
+        store = await self._checkpoints()
+        out = io.BytesIO()
+        try:
+            await store.get(CHECKPOINT_OBJECT, writeinto=out)
+        except (nats.js.errors.NotFoundError, nats.js.errors.ObjectDeletedError):
+            return None
+        return out.getvalue()
 
     async def append(self, entries: Sequence[LedgerEntry]) -> None:
         """Store `entries` (consecutive, extending the stored chain) or raise; pipelined."""

@@ -24,7 +24,12 @@ class Settings(ServiceSettings):
     entries; verification still catches an operator who rebuilt the stream. Only applies when the
     stream is created."""
     verify_on_start: bool = True
-    """Verify the ledger while loading it at start and log every issue found."""
+    """Verify the ledger while loading it at start and log every issue found (with a checkpoint: the
+    entries after it; `cncbrain ledger verify` checks the whole ledger)."""
+    checkpoint_every: int = Field(10_000, ge=0)
+    """Write a signed checkpoint of the folded state each time the ledger has grown by this many
+    entries since the last one, so a start reads the checkpoint and only the entries after it
+    (services/governance/checkpoint.py). 0: none (every start folds the whole ledger)."""
     tls_cert_file: Path | None = None
     """Server certificate (PEM). With `tls_key_file` the gRPC port speaks TLS only."""
     tls_key_file: Path | None = None

@@ -111,3 +111,20 @@ def test_signatures_cover_what_they_chain_back_to_and_nothing_appended_after():
     forged = head.next_entry("token.issued", "governance", "tok", {"x": 1}, 9)
     assert verify_chain([*entries, forged], None, verifier).indices("unsigned") == [6]
     assert 6 not in signed_chain([*entries, forged], verifier)
+
+
+def test_the_entries_after_a_checkpoint_verify_from_its_head():
+    entries, head = build(30)
+    start = LedgerHead(20, entries[19].hash)
+    result = verify_chain(entries[20:], head, start=start)
+    assert result.ok, result.issues
+    assert result.head == head and result.entries_checked == 10
+    assert verify_chain([], start, start=start).ok  # nothing after the checkpoint
+    # a tail that does not continue the checkpoint's hash, a removed tail, a changed entry
+    assert verify_chain(entries[20:], head, start=LedgerHead(20, "f" * 64)).indices("changed") == [20]
+    assert verify_chain(entries[20:25], head, start=start).indices("removed") == list(range(25, 30))
+    changed = list(entries[20:])
+    changed[3] = dataclasses.replace(changed[3], payload_json='{"gpus":0,"site":"b"}')
+    assert verify_chain(changed, head, start=start).indices("changed") == [23]
+    # an entry claiming an index the checkpoint already folds, stored after it
+    assert verify_chain([*entries[20:], entries[3]], head, start=start).indices("duplicate") == [3]

@@ -8,7 +8,7 @@ from cncbrain import lease
 from cncbrain.auth import TOKENS_BUCKET
 from cncbrain.bus import streams, subjects
 from cncbrain.bus.credentials import AUTH_FILE, NATS_DIR, ensure_identities, load_identities, seed_file
-from cncbrain.bus.permissions import BUCKET_OWNERS, STREAM_OWNERS, grant_for, may_create
+from cncbrain.bus.permissions import BUCKET_OWNERS, OBJECT_OWNERS, STREAM_OWNERS, grant_for, may_create
 from cncbrain.natsserver import find_nats_server
 from services.adaptation.events import ADAPTATION_BUCKET
 
@@ -26,6 +26,17 @@ def test_every_stream_and_bucket_has_an_owner_that_creates_it():
         assert may_create(owner, f"KV_{bucket}")
         others = {o for o in BUCKET_OWNERS.values() if o != owner}
         assert not any(may_create(o, f"KV_{bucket}") for o in others)
+    assert set(OBJECT_OWNERS) == {ledger_store.CHECKPOINT_BUCKET}
+    for bucket, owner in OBJECT_OWNERS.items():
+        assert may_create(owner, f"OBJ_{bucket}")
+        assert not any(may_create(o, f"OBJ_{bucket}") for o in {*BUCKET_OWNERS.values(), "site-x"} - {owner})
+
+
+def test_the_only_purge_a_service_may_make_is_of_its_own_object_store():
+    for identity in ("governance", "scheduler", "perception", "adaptation", "emulator", "site-x"):
+        purges = [p for p in grant_for(identity).publish if ".STREAM.PURGE." in p or ".STREAM.DELETE." in p
+                  or ".STREAM.UPDATE." in p or ".MSG.DELETE." in p]
+        assert purges == (["$JS.API.STREAM.PURGE.OBJ_cnc-ledger-checkpoint"] if identity == "governance" else [])
 
 
 def test_a_site_publishes_only_its_own_subjects():

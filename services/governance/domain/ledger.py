@@ -102,8 +102,11 @@ class LedgerVerification:
 
 
 def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | None = None,
-                 verifier: Any = None) -> LedgerVerification:
+                 verifier: Any = None, start: LedgerHead | None = None) -> LedgerVerification:
     """Check a ledger read back in stored order; every problem is reported with the entry index.
+    `start`: the entries continue a chain that ends there (a checkpoint's head), so they are checked
+    from index `start.length` on, the first against `start.hash`; an entry claiming an earlier index
+    is a `duplicate`.
 
     - changed: an entry's content no longer matches its own hash, or it was rewritten with a fresh
       hash (the next entry still records the old one);
@@ -115,6 +118,7 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
       entry appended by anyone else, with a perfectly valid hash chain, is named so.
     """
     result = LedgerVerification()
+    first, genesis = (start.length, start.hash) if start is not None else (0, GENESIS_HASH)
     by_index: dict[int, LedgerEntry] = {}
     extra: dict[int, list[LedgerEntry]] = {}  # further entries claiming an index already seen
     highest_seen = -1
@@ -126,6 +130,9 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
         if index < 0:  # stored bytes that are not an entry at all
             issues.append(LedgerIssue(-1, "changed", f"stored message {position} is not a readable entry"))
             continue
+        if index < first:
+            issues.append(LedgerIssue(index, "duplicate", f"stored after the checkpoint at entry {first}"))
+            continue
         if index < highest_seen:
             issues.append(LedgerIssue(index, "reordered", f"stored after entry {highest_seen}"))
         else:
@@ -136,17 +143,17 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
             by_index[index] = entry
     result.entries_checked = count
     if not by_index:
-        if expected_head is not None and expected_head.length > 0:
-            issues.append(
-                LedgerIssue(0, "removed", f"ledger is empty but its head says {expected_head.length} entries")
-            )
+        result.head = LedgerHead(first, genesis)
+        if expected_head is not None and expected_head.length > first:
+            issues.append(LedgerIssue(first, "removed", f"ledger has {first} entries but its head says "
+                                      f"{expected_head.length}"))
         return result
 
     last = max(by_index)
-    expected_prev: str | None = GENESIS_HASH
+    expected_prev: str | None = genesis
     changed: set[int] = set()
-    prev_hash_stored = GENESIS_HASH
-    for index in range(last + 1):
+    prev_hash_stored = genesis
+    for index in range(first, last + 1):
         found = by_index.get(index)
         if found is None:
             result.issues.append(LedgerIssue(index, "removed", "no entry with this index is stored"))
@@ -177,6 +184,8 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
         if expected_prev is not None and entry.prev_hash != expected_prev and self_ok:
             if index == 0:
                 result.issues.append(LedgerIssue(0, "changed", "first entry does not start at the genesis hash"))
+            elif index == first:
+                result.issues.append(LedgerIssue(index, "changed", "does not continue the checkpoint's chain"))
             elif index - 1 not in changed:
                 changed.add(index - 1)
                 result.issues.append(
@@ -201,7 +210,7 @@ def verify_chain(entries: Iterable[LedgerEntry], expected_head: LedgerHead | Non
                     LedgerIssue(expected_head.length - 1, "changed", "does not match the recorded head hash")
                 )
     if verifier is not None:
-        _check_signatures(by_index, last, changed, verifier, issues)
+        _check_signatures(by_index, last, changed, verifier, issues, first)
     result.issues.sort(key=lambda i: (i.index, i.kind))
     return result
 
@@ -220,12 +229,12 @@ def _vouched(candidate: LedgerEntry, index: int, by_index: dict[int, LedgerEntry
 
 
 def _check_signatures(by_index: dict[int, LedgerEntry], last: int, changed: set[int], verifier: Any,
-                      issues: list[LedgerIssue]) -> None:
+                      issues: list[LedgerIssue], first: int = 0) -> None:
     """Name every entry no governance signature covers: walking back from each signed entry along
     the chain (prev hash to hash) covers what it chains to, until a gap or a changed entry."""
     uncovered: list[int] = []
     expected: str | None = None  # the hash the entry at this index must have to be covered
-    for index in range(last, -1, -1):
+    for index in range(last, first - 1, -1):
         entry = by_index.get(index)
         if entry is None:
             expected = None

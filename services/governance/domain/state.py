@@ -8,6 +8,7 @@ replaying it rebuilds tenants, quotas, policies, token records, admissions and u
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -286,6 +287,52 @@ class GovernanceState:
 
     def apply_record(self, record: Record) -> None:
         self.apply(record.kind, record.payload)
+
+    # ---- a checkpoint of the folded state (what `apply` built; not the pool, which is not ledgered) ----
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything folded from the ledger as plain JSON data, sharing nothing mutable with the
+        state (it may be encoded in a thread while the state moves on); `from_dict` gives the same
+        state."""
+        return {
+            "tenants": [[t.tenant_id, t.display_name, quota_to_dict(t.quota), policy_to_dict(t.policy), t.created_at]
+                        for t in self.tenants.values()],
+            "tokens": [[r.token_id, r.secret_sha256, r.role.value, r.tenant_id, r.created_at, r.description,
+                        r.revoked_at] for r in self.tokens.values()],
+            "workload_policies": {w: policy_to_dict(p) for w, p in self.workload_policies.items()},
+            "workload_tenant": dict(self.workload_tenant),
+            "holdings": {tid: [[h.workload_id, dict(h.reserved_gpus), h.reserved_cost_per_hour,
+                                [placement_to_dict(p) for p in h.placed.values()]] for h in held.values()]
+                         for tid, held in self.holdings.items()},
+            # one row per allocation, in order; an open one (end None) is the unit's current holding
+            "allocations": [[a.unit_id, a.workload_id, a.tenant_id, a.site_id, a.gpu_type, a.gpus,
+                             a.price_per_gpu_hour, a.start, a.end] for a in self.usage.allocations],
+            "enrolled": json.loads(json.dumps(self.enrolled)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GovernanceState:
+        state = cls()
+        for tid, name, quota, policy, created in d["tenants"]:
+            state.tenants[tid] = Tenant(tid, name, quota_from_dict(quota), policy_from_dict(policy), float(created))
+        for token_id, digest, role, tenant_id, created, description, revoked in d["tokens"]:
+            state.tokens[token_id] = TokenRecord(token_id, digest, Role(role), tenant_id, float(created), description,
+                                                 None if revoked is None else float(revoked))
+        state.workload_policies = {w: policy_from_dict(p) for w, p in d["workload_policies"].items()}
+        state.workload_tenant = dict(d["workload_tenant"])
+        for tid, held in d["holdings"].items():
+            state.holdings[tid] = {
+                wid: Holding(wid, {str(k): int(v) for k, v in gpus.items()}, float(cost),
+                             {p["unit_id"]: placement_from_dict(p) for p in placed})
+                for wid, gpus, cost, placed in held}
+        book = state.usage
+        for row in d["allocations"]:
+            a = Allocation(*row)
+            book.allocations.append(a)
+            if a.end is None:
+                book._open[a.unit_id] = a
+        state.enrolled = {k: dict(v) for k, v in d["enrolled"].items()}
+        return state
 
     def update_pool(self, offers: Iterable[SiteOffer]) -> None:
         self.pool = {o.site_id: o for o in offers}
