@@ -53,6 +53,12 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds the process has used (user + system, /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def smaps_rollup_mb(pid: int) -> dict[str, float]:
     """/proc/PID/smaps_rollup in MB (Private_Dirty, AnonHugePages, ...)."""
     out = {}
@@ -186,9 +192,11 @@ def main(argv: list[str]) -> int:
             heap_before = nats_heap(brain)
             print(f"after {args.warmup} warm-up cycles: " + ", ".join(f"{k} {v['rss']:.0f} MB" for k, v in mem_before.items())
                   + f" [load {load()}]", flush=True)
+            cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
             started = time.monotonic()
             took = asyncio.run(cycles(brain, args.cycles, args.workers, "m"))
             elapsed = time.monotonic() - started
+            cpu = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
             mem_peak = snapshot()
             heap_peak = nats_heap(brain, gc=False)
             time.sleep(args.settle)
@@ -226,6 +234,7 @@ def main(argv: list[str]) -> int:
     print(f"{args.cycles} deploy → RUNNING → cancel cycles, {args.workers} at a time, in {elapsed:.0f} s "
           f"({args.cycles / elapsed:.1f}/s) [load {load()}]")
     print("deploy → RUNNING p50 per block of 500 (ms): " + " ".join(f"{b:.0f}" for b in blocks))
+    print("CPU seconds during the cycles: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
     print(f"{'process':12s} {'before MB':>10s} {'peak MB':>9s} {'after MB':>9s} {'after/before':>13s}")
     over_after = [n for n in before if after[n] > before[n] * LIMIT]
     over_later = [n for n in lingered if lingered[n] > before[n] * LIMIT]
@@ -271,7 +280,7 @@ def main(argv: list[str]) -> int:
                  if over_later else "every process within 20 % of its RSS before"))
     if args.json:
         args.json.write_text(json.dumps({"cycles": args.cycles, "workers": args.workers, "seconds": elapsed,
-                                         "p50_ms_per_block": blocks, "before_mb": before, "peak_mb": peak,
+                                         "p50_ms_per_block": blocks, "cpu_s": cpu, "before_mb": before, "peak_mb": peak,
                                          "after_mb": after, "restarted": restarted,
                                          "linger_s": args.linger, "lingered_mb": lingered,
                                          "memory_before_mb": mem_before, "memory_peak_mb": mem_peak,
