@@ -125,6 +125,7 @@ async def test_a_start_from_the_checkpoint_gives_the_state_of_the_whole_fold(sta
 
 
 async def test_a_forged_or_altered_checkpoint_is_refused_and_the_ledger_folded(start, caplog):
+    caplog.set_level(logging.INFO, logger="services.governance.events")
     writer = await start(EVERY)
     await fill(writer, 8, "a")
     await settled(writer)
@@ -156,6 +157,7 @@ async def test_a_forged_or_altered_checkpoint_is_refused_and_the_ledger_folded(s
 
 
 async def test_a_checkpoint_of_another_ledger_is_ignored(start, caplog, admin):
+    caplog.set_level(logging.INFO, logger="services.governance.events")
     writer = await start(EVERY)
     await fill(writer, 8, "a")
     await settled(writer)
