@@ -233,7 +233,7 @@ class Governor:
         entry it names, and what is stored after it continues that entry's hash."""
         head = checkpoint.head
         block = await self.store.read_block(checkpoint.seq)
-        ok = bool(block) and block[-1].index == head.length - 1 and block[-1].hash == head.hash
+        ok = block is not None and bool(block) and block[-1].index == head.length - 1 and block[-1].hash == head.hash
         following = [e for e in entries if e.index == head.length]
         if ok and following and not any(e.prev_hash == head.hash for e in following):
             ok = False
