@@ -138,8 +138,8 @@ async def bench_start() -> None:
             ensure_signing_key(Path(secrets))
             os.environ["CNC_SECRETS_DIR"] = secrets  # governance's signing key: checkpoints are signed
 
-            def governor(checkpoint_every: int) -> Governor:
-                return Governor(bus, Settings(nats_url=url, grpc_port=0, ledger_deny_delete=False,
+            def governor(checkpoint_every: int, on: Bus = bus) -> Governor:
+                return Governor(on, Settings(nats_url=url, grpc_port=0, ledger_deny_delete=False,
                                               checkpoint_every=checkpoint_every))
 
             async def load(checkpoint_every: int) -> tuple[float, Governor]:
@@ -149,7 +149,9 @@ async def bench_start() -> None:
                 await gov._load()
                 return time.perf_counter() - t0, gov
 
-            filler = governor(N_VERIFY)  # one checkpoint, when the ledger reaches N_VERIFY entries
+            # writers on connections of their own: a stopped Governor leaves its durable consumers bound
+            fill_bus = await Bus.connect(url, "bench-governance-fill")
+            filler = governor(N_VERIFY, fill_bus)  # one checkpoint, when the ledger reaches N_VERIFY entries
             await filler.start()
             t0 = time.perf_counter()
             for start in range(0, N_VERIFY, 10_000):
@@ -159,9 +161,9 @@ async def bench_start() -> None:
                 await asyncio.sleep(0.05)
             blob = await filler.store.read_checkpoint()
             assert blob and filler._checkpointed == N_VERIFY, filler._checkpointed
-            snapshot, head, seq = filler.state.to_dict(), filler.head, filler.store.last_seq
+            head, seq = filler.head, filler.store.last_seq
             t0 = time.perf_counter()
-            snapshot = filler.state.to_dict()
+            snapshot = filler.state.snapshot()
             t_snap = time.perf_counter() - t0
             t0 = time.perf_counter()
             encoded = encode_checkpoint(snapshot, head, seq, filler.signer, time.time())
@@ -173,16 +175,19 @@ async def bench_start() -> None:
                   f"intervals): {len(encoded) / 1e6:.1f} MB; snapshot {t_snap:.2f} s (the writer waits for it), "
                   f"encode + sign {t_encode:.2f} s (a thread), store {t_write:.2f} s")
             await filler.stop()
+            await fill_bus.close()
             logging.getLogger("services.governance.events").setLevel(logging.WARNING)
             full, a = await load(0)
             cp, b = await load(every)
             assert b.head == a.head and b.state.to_dict() == a.state.to_dict() and b._checkpointed == N_VERIFY
             print(f"governance start, {N_VERIFY} entries: folded from the start {full:.2f} s; "
                   f"from its checkpoint {cp:.2f} s")
-            extra = governor(0)
+            other = await Bus.connect(url, "bench-governance-extra")
+            extra = governor(0, other)
             await extra.start()
             await asyncio.gather(*(extra.record([_record(i)], "bench") for i in range(N_VERIFY, N_VERIFY + every - 1)))
             await extra.stop()
+            await other.close()
             full2, c = await load(0)
             cp2, d = await load(every)
             assert d.head == c.head and d.state.to_dict() == c.state.to_dict()

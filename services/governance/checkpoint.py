@@ -25,7 +25,7 @@ from typing import Any
 
 from cncbrain.signing import SignatureError, Signer, Verifier
 from services.governance.domain.ledger import LedgerHead
-from services.governance.domain.state import GovernanceState
+from services.governance.domain.state import GovernanceState, as_json
 
 VERSION = 1
 
@@ -45,9 +45,9 @@ class Checkpoint:
 
 
 def encode(snapshot: dict[str, Any], head: LedgerHead, seq: int, signer: Signer, now: float) -> bytes:
-    """The stored form of `snapshot` (`GovernanceState.to_dict()` taken at `head`): CPU-bound, so it
+    """The stored form of `snapshot` (`GovernanceState.snapshot()` taken at `head`): CPU-bound, so it
     may run in a thread once the snapshot is taken."""
-    body = zlib.compress(json.dumps(snapshot, separators=(",", ":")).encode(), 1)
+    body = zlib.compress(json.dumps(as_json(snapshot), separators=(",", ":")).encode(), 1)
     manifest = signer.seal({"version": VERSION, "length": head.length, "hash": head.hash, "seq": seq,
                             "state_sha256": hashlib.sha256(body).hexdigest(), "written_at": now})
     return manifest + b"\n" + body

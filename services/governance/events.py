@@ -249,7 +249,7 @@ class Governor:
         if (self.signer is None or not every or self.head.length - self._checkpointed < every
                 or (self._checkpointing is not None and not self._checkpointing.done())):
             return
-        snapshot, head, seq = self.state.to_dict(), self.head, self.store.last_seq
+        snapshot, head, seq = self.state.snapshot(), self.head, self.store.last_seq
         self._checkpointed = head.length
         self._checkpointing = asyncio.create_task(self._write_checkpoint(snapshot, head, seq), name="checkpoint")
 

@@ -132,7 +132,7 @@ async def test_a_forged_or_altered_checkpoint_is_refused_and_the_ledger_folded(s
     genuine = await writer.store.read_checkpoint()
     assert genuine
     head, seq = writer.head, writer.store.last_seq
-    forged_state = writer.state.to_dict()
+    forged_state = writer.state.snapshot()
     forged_state["tenants"].append(["mallory", "mallory", {"gpus_by_type": {}, "max_gpus": 10**6,
                                                            "max_cost_per_hour": None}, _policy(), time.time()])
     await start.stop(writer)
@@ -181,8 +181,10 @@ def _with_body(blob: bytes, state: dict) -> bytes:
     import json
     import zlib
 
+    from services.governance.domain.state import as_json
+
     manifest, _, _ = blob.partition(b"\n")
-    return manifest + b"\n" + zlib.compress(json.dumps(state).encode())
+    return manifest + b"\n" + zlib.compress(json.dumps(as_json(state)).encode())
 
 
 def test_tenant_round_trip_keeps_every_field():

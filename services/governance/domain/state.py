@@ -8,6 +8,7 @@ replaying it rebuilds tenants, quotas, policies, token records, admissions and u
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,13 @@ from cncbrain.governance.policy import (
 from cncbrain.identity import Role, TokenRecord, mint_token, validate_tenant_id
 from cncbrain.limits import quote
 from services.governance.domain.usage import Allocation, UsageBook
+
+
+def as_json(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A `GovernanceState.snapshot()` as JSON data: the usage intervals as rows, in order (an open
+    one, end None, is its unit's current holding)."""
+    return {**snapshot, "allocations": [[a.unit_id, a.workload_id, a.tenant_id, a.site_id, a.gpu_type, a.gpus,
+                                         a.price_per_gpu_hour, a.start, a.end] for a in snapshot["allocations"]]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,9 +299,14 @@ class GovernanceState:
     # ---- a checkpoint of the folded state (what `apply` built; not the pool, which is not ledgered) ----
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything folded from the ledger as plain JSON data, sharing nothing mutable with the
-        state (it may be encoded in a thread while the state moves on); `from_dict` gives the same
-        state."""
+        """Everything folded from the ledger as plain JSON data; `from_dict` gives the same state."""
+        return as_json(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """`to_dict` in two steps, so that a caller that must not wait (the ledger writer) pays only
+        for this one: a copy sharing nothing that can change — closed usage intervals are never
+        changed again, so they are shared as they are, open ones copied — which `as_json` (in a
+        thread, while the state moves on) turns into the JSON data."""
         return {
             "tenants": [[t.tenant_id, t.display_name, quota_to_dict(t.quota), policy_to_dict(t.policy), t.created_at]
                         for t in self.tenants.values()],
@@ -304,9 +317,7 @@ class GovernanceState:
             "holdings": {tid: [[h.workload_id, dict(h.reserved_gpus), h.reserved_cost_per_hour,
                                 [placement_to_dict(p) for p in h.placed.values()]] for h in held.values()]
                          for tid, held in self.holdings.items()},
-            # one row per allocation, in order; an open one (end None) is the unit's current holding
-            "allocations": [[a.unit_id, a.workload_id, a.tenant_id, a.site_id, a.gpu_type, a.gpus,
-                             a.price_per_gpu_hour, a.start, a.end] for a in self.usage.allocations],
+            "allocations": [a if a.end is not None else copy.copy(a) for a in self.usage.allocations],
             "enrolled": json.loads(json.dumps(self.enrolled)),
         }
 
