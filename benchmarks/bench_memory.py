@@ -9,6 +9,7 @@ prints, per process, RSS before and after and their ratio, and the deploy → RU
 block of 500 cycles (a brain that slows as it ages shows here).
 
     python -m benchmarks.bench_memory [--cycles 5000] [--workers 8] [--warmup 200] [--json FILE]
+    python -m benchmarks.bench_memory --compare RUN.json … --plot FILE.png   # runs side by side
 """
 
 from __future__ import annotations
@@ -168,7 +169,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG of nats-server's RSS during --linger against its RSS before and the 20 % line")
     parser.add_argument("--keep", type=Path, default=None, help="keep the brain's state folder (logs) here")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None,
+                        help="no run: print and plot (--plot) nats-server's RSS after the load in these --json files "
+                             "(each one run, or runs by name)")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(args.compare, args.plot)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         brain = Brain(args.keep or Path(tmp), "abilene", nats_port=0, perception_port=0, scheduler_port=0, governance_port=0,
                       adaptation_port=0, speed=30.0, fresh=True, auth=True, nats_profile=True)
@@ -314,13 +321,53 @@ def plot_nats(samples: list[tuple[float, float]], anon: list[tuple[float, float]
     ax.axhline(before["rss"], color="#4c72b0", linestyle=":", label=f"RSS before the load ({before['rss']:.0f} MB)")
     ax.axhline(before["rss"] * LIMIT, color="grey", linestyle="--", label="RSS before + 20 %")
     ax.axhline(before["anon"], color="#dd8452", linestyle=":", label=f"anonymous before ({before['anon']:.0f} MB)")
+    _save(fig, ax, path, "RSS (MB)", "bench_memory: nats-server's resident memory once the load is gone")
+
+
+def _save(fig, ax, path: Path, ylabel: str, title: str) -> None:
     ax.set_xlabel("minutes after the last cancel")
-    ax.set_ylabel("RSS (MB)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
-    ax.set_title("bench_memory: nats-server's resident memory once the load is gone")
-    ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _label(run: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in run.get("nats_env", {}).items()) or "default"
+
+
+def compare(paths: list[Path], plot: Path | None) -> None:
+    """nats-server in several runs (their --json files): CPU seconds during the cycles, cycles/s,
+    RSS before, peak, and RSS / before at each reading after the load."""
+    named: list[tuple[str, dict]] = []
+    for path in paths:
+        data = json.loads(path.read_text())  # one run, or runs by name
+        named += [(path.stem, data)] if "cycles" in data else list(data.items())
+    for name, run in named:
+        before = run["before_mb"]["nats-server"]
+        after = run["after_mb"]["nats-server"]
+        curve = " ".join(f"{t / 60:.1f} min {mb / before:.2f}" for t, mb in run["nats_rss_samples"][3::4])
+        print(f"{name} ({_label(run)}): nats-server CPU {run.get('cpu_s', {}).get('nats-server', float('nan')):.1f} s, "
+              f"{run['cycles'] / run['seconds']:.1f} cycles/s [load at the end {run['load']}], RSS before "
+              f"{before:.1f} MB, peak {run['peak_mb']['nats-server']:.1f} MB, 20 s after {after / before:.2f}; "
+              f"later: {curve}")
+    if plot is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for name, run in named:
+        before, settle = run["before_mb"]["nats-server"], 20.0
+        xs = [settle / 60] + [(settle + t) / 60 for t, _ in run["nats_rss_samples"]]
+        ys = [run["after_mb"]["nats-server"] / before] + [mb / before for _, mb in run["nats_rss_samples"]]
+        ax.plot(xs, ys, marker=".", label=f"{_label(run)} ({name})")
+    ax.axhline(LIMIT, color="grey", linestyle="--", label="target: before + 20 %")
+    _save(fig, ax, plot, "nats-server RSS / RSS before", "bench_memory: nats-server after 5000 cycles, by Go runtime setting")
 
 
 if __name__ == "__main__":
