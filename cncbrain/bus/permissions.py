@@ -200,6 +200,7 @@ def adaptation() -> Grant:
     g.pub("cnc.adaptation.>")
     g.sub("cnc.perception.snapshot")
     g.read_stream("CNC_SITES").read_bucket("cnc-workloads").read_bucket("cnc-governance")
+    g.read_stream("CNC_ADAPTATION")  # its own recent actions, read back at start
     return g
 
 

@@ -158,3 +158,28 @@ async def test_nobody_but_admin_deletes_purges_or_edits_streams(attacker):
             with pytest.raises(nats.errors.TimeoutError):
                 await svc.nc.request(subject, b"{}", timeout=0.3)
             assert await svc.refused(subject), (identity, subject)
+
+
+async def test_a_restarted_adaptation_reads_its_own_actions_back(secure_nats, secrets, monkeypatch):
+    """Adaptation's start reloads its recent actions from its own stream (CNC_ADAPTATION) through a
+    consumer: its identity may create one. Without that grant every restart after its first action
+    failed on a permission violation, seen as a 5 s timeout and retried for ever (the compose
+    cluster's adaptation never served again after a kill)."""
+    from cnc.adaptation.v1 import adaptation_pb2 as apb
+    from cncbrain.bus import Bus
+    from cncbrain.signing import ensure_signing_key
+    from services.adaptation.server import AdaptationServer
+    from services.adaptation.settings import Settings as AdaptationSettings
+
+    ensure_signing_key(secrets)
+    monkeypatch.setenv("CNC_SECRETS_DIR", str(secrets))
+    before = await Bus.connect(secure_nats.url, "adaptation-before", identity="adaptation", secrets_dir=secrets)
+    await before.publish(subjects.ADAPTATION_ACTION, apb.AdaptationAction(
+        action_id="a-1", kind=apb.ACTION_KIND_SCALE_DOWN, workload_id="w-1", reason="before the restart"))
+    await before.close()
+    server = await asyncio.wait_for(
+        AdaptationServer(AdaptationSettings(nats_url=secure_nats.url, grpc_port=0, auth_enabled=True)).start(), 30)
+    try:
+        assert [a.action_id for a in server.adapter.actions] == ["a-1"]
+    finally:
+        await server.stop()
