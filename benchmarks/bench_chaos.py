@@ -314,7 +314,7 @@ def plot(results: list[Result], path: Path, mode: str) -> None:
 
 # --- a compose stack (deploy/: `--compose PROJECT`) --------------------------------------------
 GRPC_PORTS = {"perception": 50061, "scheduler": 50062, "adaptation": 50063, "governance": 50064}
-COMPOSE_FAULTS = ("scheduler", "governance", "perception", "adaptation", "agents", "emulator", "nats", "nats-2")
+COMPOSE_FAULTS = ("scheduler", "governance", "perception", "adaptation", "agents", "emulator", "nats", "nats-2", "nats-3")
 TOKEN_FILE = "/var/lib/cncbrain/token/operator.token"
 
 
