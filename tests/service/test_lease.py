@@ -98,13 +98,18 @@ async def test_a_nats_restart_does_not_hand_the_lease_over(nats_server):
     await asyncio.sleep(2 * TTL)  # nobody renews, nobody sees anything
     nats_server.start()
     await asyncio.sleep(4 * TTL)  # a reconnects and renews before b has seen it stale for a TTL
-    assert a.held and not standby.done()
+    await still_active(a, standby, bus_a, bus_b)
+
+
+async def still_active(a, standby, *buses) -> None:
+    """`a` still holds the lease and may write, the standby still waits; then clean up."""
+    assert a.held and not aio.fatal_event().is_set() and not standby.done()
     a.check()
     standby.cancel()
     await asyncio.gather(standby, return_exceptions=True)
     await a.release()
-    await bus_a.close()
-    await bus_b.close()
+    for bus in buses:
+        await bus.close()
 
 
 class LosesReplies:
@@ -144,13 +149,7 @@ async def test_a_renewal_whose_reply_is_lost_is_sent_again_within_the_ttl(nats_s
         await asyncio.sleep(0.6)  # the next renewal goes out and its reply is lost
         await lease.wait_fence()  # a write waits for the renewal sent again, not for 5 s
     await asyncio.sleep(3.5)  # longer than the TTL: the standby still sees renewals
-    assert a.held and not aio.fatal_event().is_set() and not standby.done()
-    a.check()
-    standby.cancel()
-    await asyncio.gather(standby, return_exceptions=True)
-    await a.release()
-    await bus_a.close()
-    await bus_b.close()
+    await still_active(a, standby, bus_a, bus_b)
 
 
 async def test_a_write_waits_for_a_renewal_under_way_but_not_for_a_lost_lease(nats_server):
