@@ -44,6 +44,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
 from agents.features import OBS_CLIP, Choice, Featurizer, Obs, nvec, obs_size, state_size
+from agents.runtime import Coordination
 from cncbrain.scenario import load_scenario
 from cncbrain.twin import costmodel
 from cncbrain.twin.scenario import Scenario
@@ -107,10 +108,14 @@ class CncPoolEnv(ParallelEnv):
 
     def __init__(self, scenario: str | Path | Scenario = "abilene", seed: int | None = None,
                  neighbours: int = 3, reward_scale: float = 10.0, shaping: float = 0.0,
-                 duration_s: float | None = None, render_mode: str | None = None, reward: str = "team"):
+                 duration_s: float | None = None, render_mode: str | None = None, reward: str = "team",
+                 coordinated: bool = False):
+        """`coordinated`: the sites' replica choices go through the pool's coordination
+        (`agents.runtime.Coordination`, as the shipped policy's in the twin and live) before the twin applies them."""
         if reward not in ("team", "site"):
             raise ValueError(f"reward {reward!r}: expected 'team' or 'site'")
         self.reward = reward
+        self.coordination = Coordination() if coordinated else None
         self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
         self.k = int(neighbours)
         self.reward_scale = float(reward_scale)
@@ -155,9 +160,10 @@ class CncPoolEnv(ParallelEnv):
         self._state = self.featurizer.pooled_state(self._obs, 0.0)
         return self._obs, self._state
 
-    def step_arrays(self, choice: Choice) -> tuple[Obs, np.ndarray, float | np.ndarray, bool]:
+    def step_arrays(self, choice: Choice, margin: np.ndarray | None = None) -> tuple[Obs, np.ndarray, float | np.ndarray, bool]:
         """Apply every site's choice; returns (obs, state, reward, done): the team reward, or with
-        `reward="site"` each site's share of it ([S], summing to the team reward)."""
+        `reward="site"` each site's share of it ([S], summing to the team reward). `margin` [S, K]:
+        how much more likely each replica choice was than "keep" (the coordination's order; 0s when None)."""
         penalty = 0.0
         if self.shaping:
             o = self._obs
@@ -165,7 +171,11 @@ class CncPoolEnv(ParallelEnv):
             bad = (o.m_rep[n, np.arange(self.K)[None, :], choice.rep] == 0).any(axis=1) if self.K else np.zeros(o.n, bool)
             penalty = self.shaping * float(bad.mean())
         before = self.tracker.parts
-        report = self.twin.step(self.featurizer.to_actions(self._view, choice, self._obs))
+        actions = self.featurizer.to_actions(self._view, choice, self._obs)
+        if self.coordination is not None and self.K:
+            m = np.zeros(actions.replica_delta.shape) if margin is None else np.asarray(margin, float)
+            actions.replica_delta = self.coordination.apply(self._view, actions.replica_delta, m)
+        report = self.twin.step(actions)
         score = self.tracker.score()
         if self.reward == "site":  # each site's share of the score change (they sum to the team's)
             reward = self.reward_scale * self.tracker.site_credit(report, before, score - self._score) - penalty / self.n_agents

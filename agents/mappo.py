@@ -176,6 +176,13 @@ class Actor(nn.Module):
         entropy = sum(-(lp.exp() * lp).sum(-1).sum(1) for lp in lps)
         return action, logp, entropy
 
+    def margins(self, b: Batch, action: torch.Tensor) -> torch.Tensor:
+        """[B, K] how much more likely each row's replica choice in `action` is than "keep" (logit
+        difference): the order in which the pool's coordination grants the wishes."""
+        rep = self.logits(b)[0]
+        chosen = rep.gather(2, action[:, :rep.shape[1], None]).squeeze(-1)
+        return chosen - rep[..., 1]
+
     def bc_loss(self, b: Batch, label: torch.Tensor, weights: list[torch.Tensor], row_w: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the labels (replica, offer, overflow heads), each term weighted by its
         class weight and its row's weight; padded service slots do not count."""
@@ -260,7 +267,7 @@ class Team:
             a = self.args
             env = self._envs[i] = CncPoolEnv(scenario=self.scenarios[i], neighbours=a.neighbours,
                                              reward_scale=a.reward_scale, duration_s=a.duration_s,
-                                             reward="site" if a.credit > 0 else "team")
+                                             reward="site" if a.credit > 0 else "team", coordinated=a.coordinated)
         return env
 
     def _next_env(self) -> CncPoolEnv:
@@ -274,7 +281,8 @@ class Team:
         if any(e is env for e in self.envs):
             a = self.args
             env = CncPoolEnv(scenario=self.scenarios[i], neighbours=a.neighbours, reward_scale=a.reward_scale,
-                             duration_s=a.duration_s, reward="site" if a.credit > 0 else "team")
+                             duration_s=a.duration_s, reward="site" if a.credit > 0 else "team",
+                             coordinated=a.coordinated)
         return env
 
     def _layout(self):
@@ -299,16 +307,17 @@ class Team:
         self._layout()
         return self._stack()
 
-    def step(self, action: np.ndarray):
-        """Step every copy with its rows of `action` [n, 2K + O]; a finished copy starts its next
-        scenario (so the layout may change: `self.n`, `self.K`)."""
+    def step(self, action: np.ndarray, margin: np.ndarray | None = None):
+        """Step every copy with its rows of `action` [n, 2K + O] (and of `margin` [n, K], the
+        coordination's order); a finished copy starts its next scenario (so the layout may change:
+        `self.n`, `self.K`)."""
         rew = np.zeros(self.n, np.float32)
         done = np.zeros(self.n, np.float32)
         for i, e in enumerate(self.envs):
             lo, hi = self.bounds[i], self.bounds[i + 1]
             a = action[lo:hi]
             choice = Choice(a[:, :e.K], a[:, self.K:self.K + MAX_OFFERS], a[:, self.K + MAX_OFFERS:self.K + MAX_OFFERS + e.K])
-            o, s, r, d = e.step_arrays(choice)
+            o, s, r, d = e.step_arrays(choice, None if margin is None else margin[lo:hi, :e.K])
             if self.args.credit > 0:  # r: each site's share of the team reward
                 c = self.args.credit
                 r = (1 - c) * r.sum() + c * len(r) * r
@@ -389,11 +398,17 @@ class Trainer:
             on_update(row)
 
     def greedy(self, obs: Obs) -> Choice:
+        return self.greedy_with_margins(obs)[0]
+
+    def greedy_with_margins(self, obs: Obs) -> tuple[Choice, np.ndarray]:
+        """The actor's most likely choices and their margins over "keep" ([N, K], `Actor.margins`)."""
         Kp = max(obs.K, 1)
         with torch.no_grad():
-            a, _, _ = self.actor.evaluate(self._batch(Batch.pad([obs], Kp)), greedy=True)
+            b = self._batch(Batch.pad([obs], Kp))
+            a, _, _ = self.actor.evaluate(b, greedy=True)
+            m = self.actor.margins(b, a).cpu().numpy()
         c = split_choice(a.cpu().numpy(), Kp)
-        return Choice(c.rep[:, :obs.K], c.off, c.ov[:, :obs.K])
+        return Choice(c.rep[:, :obs.K], c.off, c.ov[:, :obs.K]), m[:, :obs.K]
 
     # --- phase 1: warm start by imitation (DAgger)
     def pick_teacher(self, scenario: Scenario, names: list[str]) -> str:
@@ -575,12 +590,12 @@ class Trainer:
             return math.nan
         scores = []
         for sc in self.val:
-            env = CncPoolEnv(scenario=sc, neighbours=a.neighbours, duration_s=a.duration_s)
+            env = CncPoolEnv(scenario=sc, neighbours=a.neighbours, duration_s=a.duration_s, coordinated=a.coordinated)
             for seed in ([sc.seed] if own else seeds):
                 obs, _ = env.reset_arrays(seed)
                 done = False
                 while not done:
-                    obs, _, _, done = env.step_arrays(self.greedy(obs))
+                    obs, _, _, done = env.step_arrays(*self.greedy_with_margins(obs))
                 scores.append(env.score)
         return float(np.mean(scores))
 
@@ -616,8 +631,9 @@ class Trainer:
                 with torch.no_grad():
                     act, logp, _ = self.actor.evaluate(b)
                     val = self.critic(b, st)
+                    margin = self.actor.margins(b, act).cpu().numpy() if a.coordinated else None
                 act_np = act.cpu().numpy()
-                rew, done = team.step(act_np)
+                rew, done = team.step(act_np, margin)
                 seg["obs"].append(arrays)
                 seg["state"].append(state)
                 seg["act"].append(act_np)
@@ -737,7 +753,8 @@ class Trainer:
     def export(self, path: Path, **meta) -> Path:
         a = self.args
         info = {"scenarios": a.scenarios, "global_step": self.global_step, "teacher": a.teacher,
-                "seed": a.seed, **meta, **a.extra}
+                "seed": a.seed, **({"coordination": "pool"} if a.coordinated else {}),
+                **({"init_actor": a.init_actor} if a.init_actor else {}), **meta, **a.extra}
         return export_npz(path, self.actor.numpy_layers(), a.neighbours, info)
 
     def save(self, out: Path) -> Path:
@@ -748,6 +765,26 @@ class Trainer:
                     "next_seed": self.team.next_seed, "teacher_of": self.teacher_of}, path)
         write_metrics(out, self.history)
         return path
+
+    def init_actor(self, path: str | Path) -> None:
+        """Start the actor from a policy file's weights (format 2, the same sizes); the best
+        validation so far is forgotten (it was another actor's)."""
+        from agents.runtime import load_weights
+
+        w = load_weights(path)
+        state = {}
+        for part in ("site", "svc", "off"):
+            i = 0
+            while f"{part}{i}_w" in w:
+                state[f"{part}.{i}.weight"] = torch.as_tensor(np.asarray(w[f"{part}{i}_w"]).T.copy())
+                state[f"{part}.{i}.bias"] = torch.as_tensor(np.asarray(w[f"{part}{i}_b"]).copy())
+                i += 1
+        try:
+            self.actor.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: not a policy of this actor's sizes ({exc})") from None
+        self.warm_done = True
+        self.best_score, self.best_state = -math.inf, None
 
     def load(self, path: str | Path) -> None:
         ck = torch.load(path, map_location=self.device, weights_only=False)
@@ -766,6 +803,8 @@ def train(args: Args, on_update: Callable[[dict], None] | None = None) -> dict:
     trainer = Trainer(args)
     if args.resume:
         trainer.load(args.resume)
+    if args.init_actor:
+        trainer.init_actor(args.init_actor)
     result = trainer.train(on_update)
     plot_learning_curve(Path(args.out), trainer.history)
     return result

@@ -712,7 +712,11 @@ class MarlSitePolicy(SitePolicy):
         view, wids = self.view(site, telemetry, True)
         if not wids:
             return []
-        delta, _ = self.decide(view)
+        if self.runtime.coordinated:
+            self.decisions += 1
+            delta, priority = self.runtime.site_wishes(view, 0)
+        else:
+            delta, _ = self.decide(view)
         free = self.free_by_type(site, telemetry)
         best_type = max(free, key=lambda t: free[t]) if free else ""
         have = {x.workload_id: x.replicas for x in telemetry.services}
@@ -725,5 +729,14 @@ class MarlSitePolicy(SitePolicy):
             if want == have.get(wid, 0):
                 continue
             self._last_change[wid] = now
-            wishes.append(ScaleWish(wid, want, best_type, f"marl {d:+d}"))
+            context = None
+            if self.runtime.coordinated:  # the scheduler grants the sites' wishes together (cncbrain.coordination)
+                from agents.runtime import per_replica
+
+                rate = view.replica_capacity(j)[0] if d > 0 else per_replica(view)[0, j]
+                context = site_pb.ScaleContext(
+                    snapshot_sequence=snapshot.sequence, pool_demand_rps=float(view.demand_rps[:, j].sum()),
+                    pool_capacity_rps=float(view.capacity_rps[:, j].sum()), replica_rps=float(rate),
+                    priority=float(priority[j]))
+            wishes.append(ScaleWish(wid, want, best_type, f"marl {d:+d}", context))
         return wishes

@@ -6,7 +6,7 @@ shared actor to a small `.npz` (`export_npz`) and this module decides from it.
 Use:
 
     from agents.runtime import MarlPolicy
-    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v2.npz
+    policy = MarlPolicy()                      # the shipped policy, agents/policies/marl_v3.npz (marl_v2.npz's weights, coordinated)
     policy = MarlPolicy("runs/x/policy.npz")   # another one (a training checkpoint .pt: agents.catalog)
     actions = policy.act(view)                 # every site at once: a `cncbrain.twin.view.Actions`
     delta, accept, overflow = policy.decide_site(view, s)   # one site, for the live site agent
@@ -37,17 +37,19 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from agents.features import F_OFFER, MAX_OFFERS, N_OFF, N_REP, Choice, Featurizer, Obs, f_site, f_svc
+from cncbrain.coordination import TARGET_UTIL, Pool, admit
 from cncbrain.policies.baselines import Policy
 from cncbrain.twin.view import Actions, PoolView
 
 FORMAT_VERSION = 2
-SHIPPED = "marl_v2.npz"
+SHIPPED = "marl_v3.npz"
 
 
 def shipped_policy_path() -> Path:
@@ -128,16 +130,20 @@ class NumpyActor:
     def offer_logits(self, h: np.ndarray, offer: np.ndarray) -> np.ndarray:
         return self._head("off", h, offer)
 
-    def choose(self, obs: Obs) -> Choice:
-        """The most likely allowed choice of every head."""
+    def choose(self, obs: Obs, margins: bool = False):
+        """The most likely allowed choice of every head; with `margins`, also how much more likely
+        each (site, service)'s replica choice is than "keep" ([N, K] logit differences, 0 for keep)."""
         h = self.encode(obs.site)
         zs = self.service_logits(h, obs.svc)
-        rep = np.where(obs.m_rep > 0, zs[..., :N_REP], -np.inf).argmax(axis=2)
+        zr = np.where(obs.m_rep > 0, zs[..., :N_REP], -np.inf)
+        rep = zr.argmax(axis=2)
         ov = np.where(obs.m_ov > 0, zs[..., N_REP:], -np.inf).argmax(axis=2)
         if obs.m_off[:, :, 1:].any():
             off = np.where(obs.m_off > 0, self.offer_logits(h, obs.offer), -np.inf).argmax(axis=2)
         else:  # no site may bid (no offer, or none fits): every site declines, no need for the offer head
             off = np.zeros(obs.m_off.shape[:2], np.int64)
+        if margins:
+            return Choice(rep, off, ov), np.take_along_axis(zr, rep[..., None], 2)[..., 0] - zr[..., 1]
         return Choice(rep, off, ov)
 
     def choose_replicas(self, obs: Obs, j: int) -> np.ndarray:
@@ -152,12 +158,20 @@ class MarlPolicy(Policy):
 
     name = "marl"
 
-    def __init__(self, path: str | Path | None = None, weights: dict[str, np.ndarray] | None = None):
+    def __init__(self, path: str | Path | None = None, weights: dict[str, np.ndarray] | None = None,
+                 coordination: Coordination | None = None):
+        """`coordination`: how the sites' replica choices are coordinated in `act` (default: as the
+        policy file says, `meta["coordination"]`: `Coordination()` or none)."""
         self.path = Path(path) if path else shipped_policy_path()
         if not self.path.exists():
             raise FileNotFoundError(f"no MARL policy at {self.path}")
         self.actor = NumpyActor(weights) if weights is not None else shared_actor(self.path)
         self.k = self.actor.k
+        if coordination is None and self.actor.meta.get("coordination"):
+            coordination = Coordination()
+        self.coordination = coordination
+        """How the sites' replica choices go through the pool's coordination (`act`; live: the
+        scheduler, with the defaults), or None."""
         self._feat: Featurizer | None = None
         self._feat_key: tuple | None = None
 
@@ -174,8 +188,17 @@ class MarlPolicy(Policy):
         return feat, obs, self.actor.choose(obs)
 
     def act(self, view: PoolView) -> Actions:
-        feat, obs, choice = self.choices(view)
-        return feat.to_actions(view, choice, obs)
+        feat = self.featurizer(view)
+        obs = feat.build(view)
+        choice, margin = self.actor.choose(obs, margins=True)
+        actions = feat.to_actions(view, choice, obs)
+        if self.coordination is not None and view.n_services:
+            actions.replica_delta = self.coordination.apply(view, actions.replica_delta, margin)
+        return actions
+
+    @property
+    def coordinated(self) -> bool:
+        return self.coordination is not None
 
     def decide_site(self, view: PoolView, site_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One site's decision (see the module docstring), from that site's features alone."""
@@ -183,6 +206,16 @@ class MarlPolicy(Policy):
         feat, obs, choice = self.choices(view, rows)
         delta, accept, overflow = feat.row_actions(view, choice, obs, rows)
         return delta[0], accept[0], overflow[0]
+
+    def site_wishes(self, view: PoolView, site_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(replica delta [K], priority [K]) of one site: its replica choices and how they rank in the
+        pool's coordination (`wish_priority`), for a live agent's SCALE proposals."""
+        rows = np.array([int(site_index)])
+        feat = self.featurizer(view)
+        obs = feat.build(view, rows)
+        choice, margin = self.actor.choose(obs, margins=True)
+        delta = feat.row_actions(view, choice, obs, rows)[0]
+        return delta[0], wish_priority(view, margin, rows)[0]
 
 
 class LegacyMarlPolicy(Policy):
@@ -289,3 +322,69 @@ def export_npz(path: str | Path, layers: dict[str, list[tuple[np.ndarray, np.nda
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **weights_of(layers, k, meta))
     return path
+
+
+
+def pool_of(view: PoolView) -> Pool:
+    """The pool-wide figures of `view`'s services that coordination needs (a view's rows add up to
+    the pool: a live view has a "rest of the pool" row)."""
+    reps = view.replicas.astype(float)
+    return Pool(view.demand_rps.sum(axis=0), view.capacity_rps.sum(axis=0), reps.sum(axis=0),
+                (view.replicas - view.ready).sum(axis=0), np.array([s.min_replicas for s in view.services], float))
+
+
+def per_replica(view: PoolView) -> np.ndarray:
+    """[S, K] capacity (requests/s) of one of each site's replicas of each service (0 where none)."""
+    reps = view.replicas.astype(float)
+    return np.where(reps > 0, view.capacity_rps / np.maximum(reps, 1), 0.0)
+
+
+def wish_priority(view: PoolView, margin: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """[n, K] the order in which the coordination grants the wishes of the sites `rows` (default:
+    all): the policy's confidence (the chosen replica logit less "keep"'s) less the site's latency
+    to where the service's demand is least covered, in 20 ms units (the greedy rule's "nearest to
+    the demand" as the tie-break of equally sure sites)."""
+    lat = view.pool_stats().focus_latency_s
+    if lat is None:
+        return np.asarray(margin, float)
+    lat = np.asarray(lat, float) if rows is None else np.asarray(lat, float)[np.asarray(rows)]
+    return np.asarray(margin, float) - np.minimum(lat, 1.0) / 0.02
+
+
+@dataclass(frozen=True)
+class Coordination:
+    """`cncbrain.coordination.admit` over every site of a view, with its options (the defaults are
+    what the shipped policy and the live scheduler use; the others are for measuring variants:
+    benchmarks/marl_coordination_variants.py)."""
+
+    priority: str = "both"
+    """Order of the wishes: "both" (`wish_priority`), "margin" (the policy's confidence alone),
+    "latency" (nearest to the service's demand first)."""
+    target_util: float = TARGET_UTIL
+    max_removals: int | None = None
+    remove_margin: float | None = None
+    hold: bool = True
+    free_uncovered: bool = False
+
+    def apply(self, view: PoolView, delta: np.ndarray, margin: np.ndarray) -> np.ndarray:
+        """The granted part of the sites' replica deltas `delta` [S, K]; `margin` [S, K]: how much
+        more likely each site's replica choice was than "keep"."""
+        priority = wish_priority(view, 0.0 * margin if self.priority == "latency" else margin) \
+            if self.priority != "margin" else margin
+        return admit(delta, priority, view.capacity_per_replica(), per_replica(view), pool_of(view),
+                     target_util=self.target_util, max_removals=self.max_removals, remove_margin=self.remove_margin,
+                     hold=self.hold, free_uncovered=self.free_uncovered)
+
+
+def coordinated_copy(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the policy file `src` (format 2) whose sites' replica choices go through the pool's
+    coordination (`meta["coordination"]`; the weights unchanged): how `marl_v3.npz` was made of
+    `marl_v2.npz`."""
+    weights = load_weights(src)
+    meta = json.loads(str(weights["meta"])) if "meta" in weights else {}
+    if meta.get("format", 1) != FORMAT_VERSION:
+        raise ValueError(f"{src}: a format-{meta.get('format', 1)} policy; coordination needs format {FORMAT_VERSION}")
+    meta.update(coordination="pool", weights_of=Path(src).name)
+    dst = Path(dst)
+    np.savez_compressed(dst, **{**weights, "meta": np.array(json.dumps(meta))})
+    return dst

@@ -40,6 +40,8 @@ class ScaleWish:
     replicas: int
     gpu_type: str
     reason: str
+    context: site_pb.ScaleContext | None = None
+    """What the site saw of the service's pool, for the scheduler's coordination (None: applied alone)."""
 
 
 class SitePolicy:
@@ -441,8 +443,8 @@ class SiteAgent:
         for wish in self.policy.scale(event.payload, self.site, self.executor.last_telemetry(), time.monotonic()):
             await self.bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
                 proposal_id=uuid.uuid4().hex[:16], site_id=self.site_id, kind=site_pb.PROPOSAL_KIND_SCALE,
-                workload_id=wish.workload_id, units=wish.replicas, gpu_type=wish.gpu_type, reason=wish.reason),
-                site=self.site_id)
+                workload_id=wish.workload_id, units=wish.replicas, gpu_type=wish.gpu_type, reason=wish.reason,
+                context=wish.context), site=self.site_id)
 
     async def on_placement(self, event: Event) -> None:
         msg: spb.PlacementCommitted = event.payload

@@ -102,6 +102,12 @@ class Args:
     by validation), policy_last.npz, metrics.csv, learning_curve.png."""
     resume: str = ""
     """Checkpoint to resume from (its warm start is not redone)."""
+    init_actor: str = ""
+    """A policy file (.npz, format 2) the actor starts from, after `resume` (its critic and
+    optimizer stay): fine-tuning a shipped policy. The best validation so far is forgotten."""
+    coordinated: bool = False
+    """The sites' replica choices go through the pool's coordination (`cncbrain.coordination`)
+    in every training and validation episode, as the exported policy's will (its metadata says so)."""
     duration_s: float | None = None
     """Shorter episodes (tests); None keeps the scenarios' horizon."""
     extra: dict = field(default_factory=dict)

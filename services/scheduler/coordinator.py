@@ -37,10 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -51,6 +53,7 @@ from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain import aio, metrics, telemetry
 from cncbrain.auth import subscribe_durable
 from cncbrain.bus import Bus, Event, subjects
+from cncbrain.coordination import Pool, admit
 from cncbrain.errors import FailedPrecondition
 from cncbrain.workload import copy_spec
 from services.scheduler import domain
@@ -79,6 +82,10 @@ EXPIRE_EVERY_S = 60.0
 RECOVERY_CLOCK_SKEW_S = 60.0
 """How far before a pending record's creation (by the scheduler's clock) `_recover_commits` reads
 the placement stream (stamped by the NATS server's clock)."""
+SNAPSHOTS_KEPT = 64
+"""Perception snapshots whose arrival the scheduler remembers (coordinated scaling: what was granted since)."""
+GRANTS_KEPT_S = 600.0
+"""How long a coordinated add counts as possibly not yet in the snapshot a proposal was made from."""
 
 
 def now_ns() -> int:
@@ -146,6 +153,12 @@ class Coordinator:
         self.reconciler = Reconciler(settings)
         self._reconciling: asyncio.Task[None] | None = None
         self._expiring: asyncio.Task[None] | None = None
+        self.scale_wishes: dict[str, dict[str, site_pb.Proposal]] = {}
+        """Coordinated SCALE proposals waiting to be granted together: workload -> site -> its newest."""
+        self.scale_grants: dict[str, list[tuple[float, float, int]]] = {}
+        """Coordinated adds granted per workload: (monotonic time, requests/s added, replicas added)."""
+        self.snapshot_seen: dict[int, float] = {}
+        """Perception snapshots by sequence: when this scheduler took each (the last SNAPSHOTS_KEPT)."""
         metrics.on_scrape(self._export)
 
     def _export(self) -> None:
@@ -810,20 +823,64 @@ class Coordinator:
         if p.workload_id not in self.store.records:
             self.counters["scale_unknown"] += 1
             return
+        if p.HasField("context"):  # coordinated: granted with the other sites' wishes for the service
+            wishes = self.scale_wishes.setdefault(p.workload_id, {})
+            if not wishes:
+                self._spawn(self._coordinate(p.workload_id), f"coordinate scaling of {p.workload_id}")
+            wishes[p.site_id] = p  # a site's newer wish replaces its older one
+            return
+        await self._scale(p, p.units)
+
+    async def _coordinate(self, wid: str) -> None:
+        """Grant the coordinated SCALE proposals of `wid` collected over `scale_window_s` together
+        (`cncbrain.coordination.admit`): adds in order of priority, only within the pool's uncovered
+        demand as the newest proposal's snapshot saw it less what was granted since; removals only
+        when nothing was added this time or since and the pool keeps min_replicas."""
+        await asyncio.sleep(self.settings.scale_window_s)
+        wishes = list(self.scale_wishes.pop(wid, {}).values())
+        w = self.store.get(wid)
+        if not wishes or w is None or w.kind != domain.INFERENCE or w.state not in domain.ACTIVE:
+            self.counters["scale_refused"] += len(wishes)
+            return
+        now = time.monotonic()
+        grants = [g for g in self.scale_grants.get(wid, []) if now - g[0] <= GRANTS_KEPT_S]
+        newest = max(p.context.snapshot_sequence for p in wishes)
+        seen = self.snapshot_seen.get(newest)
+        if seen is None:  # a snapshot this scheduler has not seen: newer than every one it has, or long gone
+            seen = now if newest > max(self.snapshot_seen, default=0) else -math.inf
+        since = [g for g in grants if g[0] > seen]  # granted after that snapshot: not in its figures
+        ctx = next(p.context for p in wishes if p.context.snapshot_sequence == newest)
+        have = {x.site_id: x.replicas for x in w.placements}
+        pool = Pool(np.array([ctx.pool_demand_rps]), np.array([ctx.pool_capacity_rps + sum(g[1] for g in since)]),
+                    np.array([float(domain.units_of(w))]), np.array([float(sum(g[2] for g in since))]),
+                    np.array([float(w.inference_service.min_replicas)]))
+        delta = np.array([[p.units - have.get(p.site_id, 0)] for p in wishes], np.int64)
+        rate = np.array([[max(p.context.replica_rps, 0.0)] for p in wishes])
+        granted = admit(delta, np.array([[p.context.priority] for p in wishes]), rate, rate, pool)[:, 0]
+        for p, d, g, r in zip(wishes, delta[:, 0], granted, rate[:, 0], strict=True):
+            if g == 0:
+                self.counters["scale_held" if d else "scale_refused"] += 1
+                continue
+            if await self._scale(p, have.get(p.site_id, 0) + int(g)) and g > 0:
+                grants.append((time.monotonic(), float(g) * r, int(g)))
+        self.scale_grants[wid] = grants
+
+    async def _scale(self, p: site_pb.Proposal, units: int) -> bool:
+        """Set `units` replicas of the proposal's service at its site (a site agent's SCALE); whether it was committed."""
         async with self.lock(p.workload_id):
             w = self._copy(p.workload_id)
             try:
-                changed = domain.scale(w, p.site_id, p.units, p.gpu_type, self.inventory, now_ns())
+                changed = domain.scale(w, p.site_id, units, p.gpu_type, self.inventory, now_ns())
             except domain.ScaleRefused as exc:
                 self.counters["scale_refused"] += 1
                 log.debug("scale of %s at %s refused: %s", p.workload_id, p.site_id, exc)
-                return
+                return False
             verdict = self.governance.check(w, w.placements)
             if not verdict.ok:
                 self.inventory.rebuild(self.store.records.values())
                 self.counters["scale_refused_by_governance"] += 1
                 log.debug("scale of %s at %s refused by governance: %s", p.workload_id, p.site_id, verdict.message)
-                return
+                return False
             try:
                 await self._write(w)
             except Exception:
@@ -833,6 +890,7 @@ class Coordinator:
             self.governance.committed(w)
             await self.publish_placements(w, [changed])
             await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_RESCALED)
+        return True
 
     async def on_action(self, event: Event) -> None:
         """Adaptation's action (`cnc.adaptation.action`): the workload's whole new placement, applied
@@ -914,6 +972,9 @@ class Coordinator:
 
     async def on_snapshot(self, event: Event) -> None:
         snap = event.payload
+        self.snapshot_seen[snap.sequence] = time.monotonic()
+        while len(self.snapshot_seen) > SNAPSHOTS_KEPT:
+            del self.snapshot_seen[min(self.snapshot_seen)]
         for s in snap.sites:
             self.inventory.set_site(s.site.site_id, s.site.gpu_pools, s.state == common.SITE_STATE_UP)
         if snap.sites:

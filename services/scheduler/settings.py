@@ -43,3 +43,6 @@ class Settings(ServiceSettings):
     from its end; then it leaves the scheduler's memory and the `cnc-workloads` bucket (GetWorkload
     answers NOT_FOUND, its request id may be used again). A workload that has not ended is never
     removed. Its events stay the stream's 7 days, whatever this is. 60 s to 10 years."""
+    scale_window_s: float = Field(0.05, gt=0)
+    """How long coordinated SCALE proposals of one service are collected (the sites answer one
+    snapshot within milliseconds) before they are granted together (`cncbrain.coordination`)."""

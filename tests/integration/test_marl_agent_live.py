@@ -3,6 +3,8 @@ nats-server, perception and scheduler; the agents' answers come from the numpy r
 site's local view (itself, its k nearest neighbours, the pool-wide per-service summary)."""
 
 import asyncio
+import contextlib
+import types
 
 import grpc
 import numpy as np
@@ -17,6 +19,7 @@ from cnc.common.v1 import common_pb2 as common
 from cnc.perception.v1 import perception_pb2 as ppb
 from cnc.scheduler.v1 import scheduler_pb2 as spb
 from cnc.scheduler.v1 import scheduler_pb2_grpc
+from cnc.site.v1 import events_pb2 as site_pb
 from cncbrain.bus import Bus, subjects
 from services.perception.server import PerceptionServer
 from services.perception.settings import Settings as PerceptionSettings
@@ -38,6 +41,34 @@ def spec(name: str) -> common.InferenceServiceSpec:
     return common.InferenceServiceSpec(name=name, model="7b", params_b=7, trace="code", expected_rate_rps=2.0,
                                        slo=common.SloTargets(ttft_ms=500, tpot_ms=50), min_replicas=2,
                                        max_replicas=8, gpus_per_replica=1, ingress_site_id="c")
+
+@contextlib.asynccontextmanager
+async def live_line(url: str, policy_name: str = "marl", weights: dict[str, float] | None = None):
+    """Perception, a scheduler and an agent per site of the line (`policy_name`, ingress `weights`),
+    a watcher's bus and a scheduler stub; everything stopped on the way out."""
+    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, tick_s=0.2)).start()
+    scheduler = await SchedulerServer(SchedulerSettings(nats_url=url, grpc_port=0, offer_timeout_s=1.0)).start()
+    bus = await Bus.connect(url, "agents")
+    agents = []
+    for i, sid in enumerate(SITES):
+        site = site_of(i)
+        site.ingress_weight = (weights or {}).get(sid, site.ingress_weight)
+        agents.append(await SiteAgent(bus, sid, MemoryExecutor(site), make_site_policy(policy_name),
+                                      heartbeat_s=0.2).start())
+    watcher = await Bus.connect(url, "test")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
+    try:
+        yield types.SimpleNamespace(perception=perception, scheduler=scheduler, agents=agents, watcher=watcher,
+                                    stub=scheduler_pb2_grpc.SchedulerServiceStub(channel))
+    finally:
+        await channel.close()
+        for a in agents:
+            await a.stop()
+        await bus.close()
+        await watcher.close()
+        await scheduler.stop()
+        await perception.stop()
+
 
 
 def test_local_view_holds_the_site_its_neighbours_and_the_rest_of_the_pool():
@@ -179,39 +210,28 @@ def test_policy_names():
 
 
 async def test_marl_driven_agents_place_a_deployment(nats_server):
-    url = nats_server.url
-    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, tick_s=0.2)).start()
-    scheduler = await SchedulerServer(SchedulerSettings(nats_url=url, grpc_port=0, offer_timeout_s=1.0)).start()
-    bus = await Bus.connect(url, "agents")
-    agents = []
-    for i, sid in enumerate(SITES):
-        agents.append(await SiteAgent(bus, sid, MemoryExecutor(site_of(i)), make_site_policy("marl"),
-                                      heartbeat_s=0.2).start())
-    watcher = await Bus.connect(url, "test")
-    reasons: list[str] = []
+    async with live_line(nats_server.url) as live:
+        reasons: list[str] = []
 
-    async def on_answer(ev):
-        reasons.extend(p.reason for p in ev.payload.proposals)
+        async def on_answer(ev):
+            reasons.extend(p.reason for p in ev.payload.proposals)
 
-    async def on_answers(ev):  # the agents of one process answer a round in one message
-        reasons.extend(p.reason for a in ev.payload.answers for p in a.proposals)
+        async def on_answers(ev):  # the agents of one process answer a round in one message
+            reasons.extend(p.reason for a in ev.payload.answers for p in a.proposals)
 
-    placed: list[spb.PlacementCommitted] = []
+        placed: list[spb.PlacementCommitted] = []
 
-    async def on_placement(ev):
-        placed.append(ev.payload)
+        async def on_placement(ev):
+            placed.append(ev.payload)
 
-    await watcher.subscribe(subjects.SITE_ANSWER, on_answer, consumer="test-answers")
-    await watcher.subscribe(subjects.SITE_ANSWERS, on_answers, consumer="test-answers-batch")
-    await watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
-    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-    try:
+        await live.watcher.subscribe(subjects.SITE_ANSWER, on_answer, consumer="test-answers")
+        await live.watcher.subscribe(subjects.SITE_ANSWERS, on_answers, consumer="test-answers-batch")
+        await live.watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
         for _ in range(100):
-            if len(scheduler.coordinator.inventory.up) == len(SITES):
+            if len(live.scheduler.coordinator.inventory.up) == len(SITES):
                 break
             await asyncio.sleep(0.1)
-        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("chat")))).workload
+        w = (await live.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("chat")))).workload
         for _ in range(100):
             if any(m.placement.workload_id == w.workload_id for m in placed):
                 break
@@ -219,19 +239,20 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
         # the deploy's own commit (generation 1: the policy may rescale it right after)
         mine = [m.placement for m in placed if m.placement.workload_id == w.workload_id and m.placement.generation == 1]
         assert sum(p.replicas for p in mine) == 2, placed
-        stored = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
+        stored = (await live.stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
         assert stored.state in (spb.WORKLOAD_STATE_PLACED, spb.WORKLOAD_STATE_RUNNING)
         # every answer came from the learned policy, and each agent ran it
         assert reasons and all(r.startswith("marl") for r in reasons if r), reasons
-        assert all(a.policy.name == "marl" and a.policy.decisions > 0 for a in agents)
+        assert all(a.policy.name == "marl" and a.policy.decisions > 0 for a in live.agents)
         # the applied placement shows in the agents' telemetry → snapshot → the policies' view: the
         # snapshot's replicas are what the sites run (the policy may rescale the service meanwhile)
         def at_sites() -> int:
-            return sum(units(a.executor.placements[w.workload_id]) for a in agents
+            return sum(units(a.executor.placements[w.workload_id]) for a in live.agents
                        if w.workload_id in a.executor.placements)
 
         def in_snapshot() -> int | None:
-            latest = perception.events.latest if perception.events else None
+            events = live.perception.events
+            latest = events.latest if events else None
             return next((s.replicas for s in (latest.services if latest else []) if s.workload_id == w.workload_id), None)
 
         for _ in range(50):
@@ -239,14 +260,6 @@ async def test_marl_driven_agents_place_a_deployment(nats_server):
                 break
             await asyncio.sleep(0.1)
         assert at_sites() >= 1 and in_snapshot() == at_sites(), (in_snapshot(), at_sites())
-    finally:
-        await channel.close()
-        for a in agents:
-            await a.stop()
-        await bus.close()
-        await watcher.close()
-        await scheduler.stop()
-        await perception.stop()
 
 
 @pytest.mark.parametrize("policy_name", ["marl", "greedy"])
@@ -255,47 +268,58 @@ async def test_a_spread_service_starts_near_its_demand_not_at_the_first_site_ids
     sites' ingress weights say its demand enters: the agents price it by their mean latency to the
     demand and the scheduler takes one replica per site, cheapest first — here the two far end sites
     of the line, which hold nearly all the demand, not the two first site ids."""
-    url = nats_server.url
-    perception = await PerceptionServer(PerceptionSettings(nats_url=url, grpc_port=0, tick_s=0.2)).start()
-    scheduler = await SchedulerServer(SchedulerSettings(nats_url=url, grpc_port=0, offer_timeout_s=1.0)).start()
-    bus = await Bus.connect(url, "agents")
     weights = {"a": 0.1, "b": 0.1, "c": 0.2, "d": 4.0, "e": 5.0}
-    agents = []
-    for i, sid in enumerate(SITES):
-        site = site_of(i)
-        site.ingress_weight = weights[sid]
-        agents.append(await SiteAgent(bus, sid, MemoryExecutor(site), make_site_policy(policy_name),
-                                      heartbeat_s=0.2).start())
-    watcher = await Bus.connect(url, "test")
-    placed: list[spb.PlacementCommitted] = []
+    async with live_line(nats_server.url, policy_name, weights) as live:
+        placed: list[spb.PlacementCommitted] = []
 
-    async def on_placement(ev):
-        placed.append(ev.payload)
+        async def on_placement(ev):
+            placed.append(ev.payload)
 
-    await watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
-    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-    try:
+        await live.watcher.subscribe(subjects.SCHEDULER_PLACEMENT, on_placement, consumer="test-placements")
         for _ in range(100):  # every site known, and every agent holds a snapshot with their weights
-            if len(scheduler.coordinator.inventory.up) == len(SITES) and all(
-                    a.policy.snapshot is not None and len(a.policy.snapshot.sites) == len(SITES) for a in agents):
+            if len(live.scheduler.coordinator.inventory.up) == len(SITES) and all(
+                    a.policy.snapshot is not None and len(a.policy.snapshot.sites) == len(SITES) for a in live.agents):
                 break
             await asyncio.sleep(0.1)
         spread = common.InferenceServiceSpec()
         spread.CopyFrom(spec("spread"))
         spread.ingress_site_id = ""
-        w = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spread))).workload
+        w = (await live.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spread))).workload
         for _ in range(100):
             if any(m.placement.workload_id == w.workload_id for m in placed):
                 break
             await asyncio.sleep(0.1)
         by_site = {m.placement.site_id: m.placement.replicas for m in placed if m.placement.workload_id == w.workload_id}
         assert by_site == {"d": 1, "e": 1}, by_site
-    finally:
-        await channel.close()
-        for a in agents:
-            await a.stop()
-        await bus.close()
-        await watcher.close()
-        await scheduler.stop()
-        await perception.stop()
+
+
+async def test_the_sites_wishes_to_scale_are_coordinated_by_the_scheduler(nats_server):
+    """The shipped marl goes through the pool's coordination live too: its agents send SCALE
+    proposals with what they saw of the service's pool (`ScaleContext`), and the scheduler grants
+    them together within the pool's uncovered demand. Here the service's demand is covered (the
+    in-memory sites report none): every site that wants another replica — marl_v2's weights, which
+    without coordination rescale the service right after placing it — is held, and the service keeps
+    the replicas it was placed with."""
+    async with live_line(nats_server.url) as live:
+        wishes: list = []
+
+        async def on_proposal(ev):
+            if ev.payload.kind == site_pb.PROPOSAL_KIND_SCALE:
+                wishes.append(ev.payload)
+
+        await live.watcher.subscribe(subjects.SITE_PROPOSAL, on_proposal, consumer="test-proposals")
+        counters = live.scheduler.coordinator.counters
+        assert live.agents[0].policy.runtime.coordinated
+        for _ in range(100):
+            if len(live.scheduler.coordinator.inventory.up) == len(SITES):
+                break
+            await asyncio.sleep(0.1)
+        w = (await live.stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=spec("chat")))).workload
+        for _ in range(100):  # placed, and the sites asked to add more of it and were held
+            if wishes and counters["scale_held"] >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert wishes and all(p.HasField("context") for p in wishes), wishes
+        assert counters["scale_held"] >= 2 and counters["scale_committed"] == 0
+        stored = (await live.stub.GetWorkload(spb.GetWorkloadRequest(workload_id=w.workload_id))).workload
+        assert sum(p.replicas for p in stored.placements) == 2 and stored.generation == 1

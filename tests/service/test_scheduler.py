@@ -401,3 +401,54 @@ def test_a_spread_service_starts_one_replica_per_site_cheapest_first_then_fills_
     ingress = Need(units=6, gpus_per_unit=1, allowed_gpu_types=("H100",), min_hbm_gb=0, ingress_site_id="a")
     assert arbitrate(ingress, props, inventory) == {"c": ("H100", 1), "a": ("H100", 5)}
     assert arbitrate(Need(units=26, gpus_per_unit=1, allowed_gpu_types=(), min_hbm_gb=0, spread=True), props, inventory) is None
+
+
+def coordinated(sid: str, wid: str, units: int, priority: float, *, demand: float, capacity: float,
+                rate: float = 20.0, sequence: int = 1) -> site_pb.Proposal:
+    """A SCALE proposal of a coordinated policy: what the site saw of the service's pool."""
+    return site_pb.Proposal(
+        proposal_id=f"p-{sid}-{units}-{sequence}", site_id=sid, kind=site_pb.PROPOSAL_KIND_SCALE, workload_id=wid,
+        units=units, gpu_type="H100", context=site_pb.ScaleContext(
+            snapshot_sequence=sequence, pool_demand_rps=demand, pool_capacity_rps=capacity, replica_rps=rate,
+            priority=priority))
+
+
+async def test_coordinated_scale_proposals_add_only_what_the_pools_deficit_calls_for(scheduler, bus):
+    """Three sites want one more replica each of a service whose pool lacks one replica's worth of
+    capacity (demand 35 rps ÷ 0.7 = 50 wanted, 40 there, 20 per replica): only the most confident
+    site's add is granted; asked again from the same snapshot, the grant counts as capacity and
+    nothing more is added; and no site may remove one while that add is not in a snapshot yet."""
+    server, stub = scheduler
+    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
+    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    await placements_of(bus, wid, 1)
+    counters = server.coordinator.counters
+    held = counters["scale_held"]
+    for sid, prio in (("a", 1.0), ("b", 3.0), ("c", 2.0)):
+        have = 2 if sid == "a" else 0
+        await bus.publish(subjects.SITE_PROPOSAL, coordinated(sid, wid, have + 1, prio, demand=35.0, capacity=40.0),
+                          site=sid)
+    got = await placements_of(bus, wid, 2)
+    assert got[-1].placement.site_id == "b" and got[-1].placement.replicas == 1
+    for _ in range(50):
+        if counters["scale_held"] >= held + 2:
+            break
+        await asyncio.sleep(0.05)
+    assert counters["scale_held"] == held + 2
+    # the same snapshot again: b's replica is not in its figures, the scheduler counts it
+    for sid, want in (("c", 1), ("a", 1)):  # c adds, a removes one of its two
+        await bus.publish(subjects.SITE_PROPOSAL, coordinated(sid, wid, want, 5.0, demand=35.0, capacity=40.0),
+                          site=sid)
+    for _ in range(50):
+        if counters["scale_held"] >= held + 4:
+            break
+        await asyncio.sleep(0.05)
+    assert counters["scale_held"] == held + 4
+    w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
+    assert {p.site_id: p.replicas for p in w.placements} == {"a": 2, "b": 1}
+    # a proposal without a context is applied on its own, as before
+    await bus.publish(subjects.SITE_PROPOSAL, site_pb.Proposal(
+        proposal_id="p-plain", site_id="c", kind=site_pb.PROPOSAL_KIND_SCALE, workload_id=wid, units=1,
+        gpu_type="H100"), site="c")
+    got = await placements_of(bus, wid, 3)
+    assert got[-1].placement.site_id == "c" and got[-1].placement.replicas == 1

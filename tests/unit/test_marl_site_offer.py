@@ -40,8 +40,10 @@ def snapshot(known: str, late: str) -> ppb.Snapshot:
 
 
 def fresh(policy: MarlSitePolicy, mine, wid: str, s: common.InferenceServiceSpec) -> np.ndarray:
+    """Whether each of `mine` adds the offered service, decided on its whole view (each site's own
+    choice: what the pool's coordination grants of it is the scheduler's)."""
     view, wids = policy.view_of(mine, extra=s, extra_id=wid)
-    return policy.runtime.act(view).replica_delta[: len(mine), wids.index(wid)] > 0
+    return policy.runtime.choices(view, np.arange(len(mine)))[2].rep[:, wids.index(wid)] >= 2
 
 
 def test_a_service_whose_spec_is_learned_after_the_kept_view_enters_it():

@@ -135,8 +135,9 @@ def test_decide_site_is_the_sites_row_of_act(exported):
 def test_a_pool_with_six_services_gets_a_decision_for_every_service(exported):
     """No cap on services: a six-service pool gets a replica decision for each of the six, at
     every site — and the choice for a service does not depend on where it sits in the list
-    (one sub-network for every (site, service) pair). The shipped policy scales each of the six
-    (the first policy format never touched a fifth or sixth service)."""
+    (one sub-network for every (site, service) pair). The shipped policy's sites want to scale each
+    of the six (the first policy format never touched a fifth or sixth service; what the pool's
+    coordination grants of those wishes is test_coordination's)."""
     _, path = exported
     p = make_policy("marl")
     twin = Twin(six_services(), seed=1)
@@ -147,7 +148,8 @@ def test_a_pool_with_six_services_gets_a_decision_for_every_service(exported):
         view = twin.view()
         a = p.act(view)
         assert a.replica_delta.shape == (view.n_sites, 6) and a.overflow.shape == (view.n_sites, 6)
-        acted |= {j for j in range(6) if (a.replica_delta[:, j] != 0).any()}
+        wished = p.choices(view)[2].rep
+        acted |= {j for j in range(6) if (wished[:, j] != 1).any()}
         d, _, ov = p.decide_site(view, 3)
         assert d.shape == (6,) and ov.shape == (6,)
         twin.step(a)

@@ -26,15 +26,15 @@ from cnc.common.v1 import common_pb2 as cnc_dot_common_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63nc/site/v1/events.proto\x12\x0b\x63nc.site.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x0eSiteRegistered\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\"m\n\tHeartbeat\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12+\n\x07sent_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x0bServiceLoad\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x18\n\x10request_rate_rps\x18\x03 \x01(\x01\x12\x16\n\x0eslo_attainment\x18\x04 \x01(\x01\x12\x10\n\x08requests\x18\x05 \x01(\x01\x12\x13\n\x0brequests_ok\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"^\n\x0bJobProgress\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x16\n\x0eshards_running\x18\x02 \x01(\r\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"\x90\x02\n\rSiteTelemetry\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12/\n\x0bobserved_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsim_time_s\x18\x03 \x01(\x01\x12)\n\tgpu_pools\x18\x04 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.cnc.site.v1.ServiceLoad\x12&\n\x04jobs\x18\x06 \x03(\x0b\x32\x18.cnc.site.v1.JobProgress\x12\x17\n\x0fgpu_utilization\x18\x07 \x01(\x01\x12\x11\n\tavailable\x18\x08 \x01(\x08\"\xbf\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.cnc.site.v1.ProposalKind\x12\x10\n\x08offer_id\x18\x04 \x01(\t\x12\x13\n\x0bworkload_id\x18\x05 \x01(\t\x12\r\n\x05units\x18\x06 \x01(\r\x12\x10\n\x08gpu_type\x18\x07 \x01(\t\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\"Z\n\x0bOfferAnswer\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12(\n\tproposals\x18\x03 \x03(\x0b\x32\x15.cnc.site.v1.Proposal\"]\n\x0cOfferAnswers\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12)\n\x07\x61nswers\x18\x03 \x03(\x0b\x32\x18.cnc.site.v1.OfferAnswer\"\x9a\x01\n\x10PlacementApplied\x12+\n\tplacement\x18\x01 \x01(\x0b\x32\x18.cnc.common.v1.Placement\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\napplied_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08\"+\n\x18\x45mulatorInventoryRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"N\n\x19\x45mulatorInventoryResponse\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\x0e\n\x06tick_s\x18\x02 \x01(\x01\"7\n\x10\x45mulatorFailSite\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01*f\n\x0cProposalKind\x12\x1d\n\x19PROPOSAL_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPROPOSAL_KIND_ACCEPT_OFFER\x10\x01\x12\x17\n\x13PROPOSAL_KIND_SCALE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63nc/site/v1/events.proto\x12\x0b\x63nc.site.v1\x1a\x1a\x63nc/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x0eSiteRegistered\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\"m\n\tHeartbeat\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12+\n\x07sent_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x0bServiceLoad\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x18\n\x10request_rate_rps\x18\x03 \x01(\x01\x12\x16\n\x0eslo_attainment\x18\x04 \x01(\x01\x12\x10\n\x08requests\x18\x05 \x01(\x01\x12\x13\n\x0brequests_ok\x18\x06 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x07 \x01(\x01\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"^\n\x0bJobProgress\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x16\n\x0eshards_running\x18\x02 \x01(\r\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"\x90\x02\n\rSiteTelemetry\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12/\n\x0bobserved_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsim_time_s\x18\x03 \x01(\x01\x12)\n\tgpu_pools\x18\x04 \x03(\x0b\x32\x16.cnc.common.v1.GpuPool\x12*\n\x08services\x18\x05 \x03(\x0b\x32\x18.cnc.site.v1.ServiceLoad\x12&\n\x04jobs\x18\x06 \x03(\x0b\x32\x18.cnc.site.v1.JobProgress\x12\x17\n\x0fgpu_utilization\x18\x07 \x01(\x01\x12\x11\n\tavailable\x18\x08 \x01(\x08\"\xeb\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.cnc.site.v1.ProposalKind\x12\x10\n\x08offer_id\x18\x04 \x01(\t\x12\x13\n\x0bworkload_id\x18\x05 \x01(\t\x12\r\n\x05units\x18\x06 \x01(\r\x12\x10\n\x08gpu_type\x18\x07 \x01(\t\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12*\n\x07\x63ontext\x18\n \x01(\x0b\x32\x19.cnc.site.v1.ScaleContext\"\x84\x01\n\x0cScaleContext\x12\x19\n\x11snapshot_sequence\x18\x01 \x01(\x04\x12\x17\n\x0fpool_demand_rps\x18\x02 \x01(\x01\x12\x19\n\x11pool_capacity_rps\x18\x03 \x01(\x01\x12\x13\n\x0breplica_rps\x18\x04 \x01(\x01\x12\x10\n\x08priority\x18\x05 \x01(\x01\"Z\n\x0bOfferAnswer\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12(\n\tproposals\x18\x03 \x03(\x0b\x32\x15.cnc.site.v1.Proposal\"]\n\x0cOfferAnswers\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12)\n\x07\x61nswers\x18\x03 \x03(\x0b\x32\x18.cnc.site.v1.OfferAnswer\"\x9a\x01\n\x10PlacementApplied\x12+\n\tplacement\x18\x01 \x01(\x0b\x32\x18.cnc.common.v1.Placement\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\napplied_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x08\"+\n\x18\x45mulatorInventoryRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"N\n\x19\x45mulatorInventoryResponse\x12!\n\x04site\x18\x01 \x01(\x0b\x32\x13.cnc.common.v1.Site\x12\x0e\n\x06tick_s\x18\x02 \x01(\x01\"7\n\x10\x45mulatorFailSite\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nduration_s\x18\x02 \x01(\x01*f\n\x0cProposalKind\x12\x1d\n\x19PROPOSAL_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPROPOSAL_KIND_ACCEPT_OFFER\x10\x01\x12\x17\n\x13PROPOSAL_KIND_SCALE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnc.site.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSALKIND']._serialized_start=1575
-  _globals['_PROPOSALKIND']._serialized_end=1677
+  _globals['_PROPOSALKIND']._serialized_start=1754
+  _globals['_PROPOSALKIND']._serialized_end=1856
   _globals['_SITEREGISTERED']._serialized_start=102
   _globals['_SITEREGISTERED']._serialized_end=189
   _globals['_HEARTBEAT']._serialized_start=191
@@ -46,17 +46,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SITETELEMETRY']._serialized_start=581
   _globals['_SITETELEMETRY']._serialized_end=853
   _globals['_PROPOSAL']._serialized_start=856
-  _globals['_PROPOSAL']._serialized_end=1047
-  _globals['_OFFERANSWER']._serialized_start=1049
-  _globals['_OFFERANSWER']._serialized_end=1139
-  _globals['_OFFERANSWERS']._serialized_start=1141
-  _globals['_OFFERANSWERS']._serialized_end=1234
-  _globals['_PLACEMENTAPPLIED']._serialized_start=1237
-  _globals['_PLACEMENTAPPLIED']._serialized_end=1391
-  _globals['_EMULATORINVENTORYREQUEST']._serialized_start=1393
-  _globals['_EMULATORINVENTORYREQUEST']._serialized_end=1436
-  _globals['_EMULATORINVENTORYRESPONSE']._serialized_start=1438
-  _globals['_EMULATORINVENTORYRESPONSE']._serialized_end=1516
-  _globals['_EMULATORFAILSITE']._serialized_start=1518
-  _globals['_EMULATORFAILSITE']._serialized_end=1573
+  _globals['_PROPOSAL']._serialized_end=1091
+  _globals['_SCALECONTEXT']._serialized_start=1094
+  _globals['_SCALECONTEXT']._serialized_end=1226
+  _globals['_OFFERANSWER']._serialized_start=1228
+  _globals['_OFFERANSWER']._serialized_end=1318
+  _globals['_OFFERANSWERS']._serialized_start=1320
+  _globals['_OFFERANSWERS']._serialized_end=1413
+  _globals['_PLACEMENTAPPLIED']._serialized_start=1416
+  _globals['_PLACEMENTAPPLIED']._serialized_end=1570
+  _globals['_EMULATORINVENTORYREQUEST']._serialized_start=1572
+  _globals['_EMULATORINVENTORYREQUEST']._serialized_end=1615
+  _globals['_EMULATORINVENTORYRESPONSE']._serialized_start=1617
+  _globals['_EMULATORINVENTORYRESPONSE']._serialized_end=1695
+  _globals['_EMULATORFAILSITE']._serialized_start=1697
+  _globals['_EMULATORFAILSITE']._serialized_end=1752
 # @@protoc_insertion_point(module_scope)

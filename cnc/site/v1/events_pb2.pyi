@@ -250,6 +250,7 @@ class Proposal(_message.Message):
     GPU_TYPE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     proposal_id: _builtins.str
     site_id: _builtins.str
     kind: Global___ProposalKind.ValueType
@@ -262,6 +263,13 @@ class Proposal(_message.Message):
     cost: _builtins.float
     """Lower is better; the scheduler fills the cheapest proposals first (e.g. latency to ingress)."""
     reason: _builtins.str
+    @_builtins.property
+    def context(self) -> Global___ScaleContext:
+        """SCALE only, set by a policy whose wishes are coordinated: what the site saw of the service's
+        pool. The scheduler grants such proposals together per service and snapshot, adds only within
+        the pool's uncovered demand (cncbrain.coordination); a proposal without it is applied alone.
+        """
+
     def __init__(
         self,
         *,
@@ -274,14 +282,56 @@ class Proposal(_message.Message):
         gpu_type: _builtins.str = ...,
         cost: _builtins.float = ...,
         reason: _builtins.str = ...,
+        context: Global___ScaleContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "gpu_type", b"gpu_type", "kind", b"kind", "offer_id", b"offer_id", "proposal_id", b"proposal_id", "reason", b"reason", "site_id", b"site_id", "units", b"units", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "cost", b"cost", "gpu_type", b"gpu_type", "kind", b"kind", "offer_id", b"offer_id", "proposal_id", b"proposal_id", "reason", b"reason", "site_id", b"site_id", "units", b"units", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Proposal: _TypeAlias = Proposal  # noqa: Y015
+
+@_typing.final
+class ScaleContext(_message.Message):
+    """ScaleContext is the pool as a site saw it when it proposed to scale a service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    POOL_DEMAND_RPS_FIELD_NUMBER: _builtins.int
+    POOL_CAPACITY_RPS_FIELD_NUMBER: _builtins.int
+    REPLICA_RPS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    snapshot_sequence: _builtins.int
+    """Perception snapshot the site decided from."""
+    pool_demand_rps: _builtins.float
+    """The service's demand arriving, and the capacity of its replicas (serving or starting),
+    pool-wide, requests/s.
+    """
+    pool_capacity_rps: _builtins.float
+    replica_rps: _builtins.float
+    """Requests/s one more replica adds at the site (scaling up), or one of its replicas there
+    sustains (scaling down).
+    """
+    priority: _builtins.float
+    """Order of the sites' wishes for one service: higher first."""
+    def __init__(
+        self,
+        *,
+        snapshot_sequence: _builtins.int = ...,
+        pool_demand_rps: _builtins.float = ...,
+        pool_capacity_rps: _builtins.float = ...,
+        replica_rps: _builtins.float = ...,
+        priority: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool_capacity_rps", b"pool_capacity_rps", "pool_demand_rps", b"pool_demand_rps", "priority", b"priority", "replica_rps", b"replica_rps", "snapshot_sequence", b"snapshot_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleContext: _TypeAlias = ScaleContext  # noqa: Y015
 
 @_typing.final
 class OfferAnswer(_message.Message):
