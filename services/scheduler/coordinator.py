@@ -54,7 +54,7 @@ from cncbrain import aio, metrics, telemetry
 from cncbrain.auth import subscribe_durable
 from cncbrain.bus import Bus, Event, subjects
 from cncbrain.coordination import Pool, admit
-from cncbrain.errors import FailedPrecondition
+from cncbrain.errors import CncError, FailedPrecondition
 from cncbrain.workload import copy_spec
 from services.scheduler import domain
 from services.scheduler.domain import Inventory
@@ -648,7 +648,9 @@ class Coordinator:
                 await self.expire_ended()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # NATS away, or this instance no longer active: tried again later
+            except CncError as exc:  # NATS away, or this instance not (or no longer) active: next time
+                log.warning("removing expired workloads failed: %s", exc)
+            except Exception:
                 log.exception("removing expired workloads failed")
             await asyncio.sleep(EXPIRE_EVERY_S)
 

@@ -37,6 +37,7 @@ class WorkloadStore:
         self.kv: KeyValue | None = None
         self.records: dict[str, spb.Workload] = {}
         self.revisions: dict[str, int] = {}
+        self._markers_stay = False
         self.unreadable: list[str] = []
         """Keys whose record could not be decoded at `open` (logged; kept in the bucket as they are)."""
 
@@ -114,7 +115,10 @@ class WorkloadStore:
                 raise
             # a bucket created before per-message TTLs (nats-server < 2.11 or an older client): the
             # marker stays for good, as a deleted key's always did
-            log.warning("%s does not allow message TTLs; removed records leave their marker for good", KV_WORKLOADS)
+            if not self._markers_stay:
+                self._markers_stay = True
+                log.warning("%s does not allow message TTLs (created before them): removed records leave "
+                            "their marker for good", KV_WORKLOADS)
             await self.bus.retrying(lambda: kv.purge(workload_id), "remove workload")
         self.records.pop(workload_id, None)
         self.revisions.pop(workload_id, None)
