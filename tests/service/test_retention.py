@@ -113,3 +113,38 @@ def test_the_default_keeps_an_ended_workload_a_week(monkeypatch):
     assert load_settings(Settings).ended_retention_s == 7 * DAY_S
     monkeypatch.setenv("CNC_SCHEDULER_ENDED_RETENTION_S", "86400")
     assert load_settings(Settings).ended_retention_s == DAY_S
+
+
+async def test_a_bucket_from_before_message_ttls_still_loses_the_record(nats_server, bus, caplog):
+    """A `cnc-workloads` bucket created without per-message TTLs (an older brain's): the record is
+    removed all the same, its marker stays (as a deleted key's always did), said once."""
+    from nats.js import api
+
+    await bus.js.delete_stream(f"KV_{KV_WORKLOADS}")
+    await bus.js.add_stream(api.StreamConfig(name=f"KV_{KV_WORKLOADS}", subjects=[f"$KV.{KV_WORKLOADS}.>"],
+                                             max_msgs_per_subject=1, allow_rollup_hdrs=True, deny_delete=True,
+                                             storage=api.StorageType.FILE))
+    bus._kv.pop(KV_WORKLOADS, None)
+    await FakeAgents(bus, {"a": 4}, {"a": 1}).start()
+
+    async def site(ev):
+        await bus.publish(subjects.SITE_APPLIED, site_pb.PlacementApplied(placement=ev.payload.placement, ok=True),
+                          site=ev.payload.placement.site_id)
+
+    await bus.subscribe(subjects.SCHEDULER_PLACEMENT, site, consumer="test-retention-site-old")
+    server = await start_scheduler(nats_server, bus)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    try:
+        a, b = await running(stub, server, "one"), await running(stub, server, "two")
+        for wid in (a, b):
+            await stub.CancelWorkload(spb.CancelWorkloadRequest(workload_id=wid))
+        assert sorted(await server.coordinator.expire_ended(time.time() + RETENTION_S + 1)) == sorted([a, b])
+        kv = await bus.kv(KV_WORKLOADS)
+        for wid in (a, b):
+            with pytest.raises(nats.js.errors.KeyNotFoundError):
+                await kv.get(wid)
+        assert caplog.text.count("does not allow message TTLs") == 1
+    finally:
+        await channel.close()
+        await server.stop()
