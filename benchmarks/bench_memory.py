@@ -120,6 +120,18 @@ GO_SYS = ("Sys", "HeapSys", "HeapInuse", "HeapIdle", "HeapReleased", "StackSys",
           "BuckHashSys", "GCSys", "OtherSys")
 
 
+def workloads_of_record(brain: Brain) -> int:
+    """How many workloads the scheduler holds (ListWorkloads): ended ones stay for
+    CNC_SCHEDULER_ENDED_RETENTION_S."""
+    async def count() -> int:
+        md = bearer_metadata(brain.token_file.read_text().strip())
+        async with grpc.aio.insecure_channel(brain.endpoints["scheduler"]) as ch:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+            return len((await stub.ListWorkloads(spb.ListWorkloadsRequest(), metadata=md, timeout=60)).workloads)
+
+    return asyncio.run(count())
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -195,6 +207,7 @@ def main(argv: list[str]) -> int:
 
             mem_before = snapshot()
             roll_before = nats_rollup()
+            records_before = workloads_of_record(brain)
             js_before = jetstream(brain)
             heap_before = nats_heap(brain)
             print(f"after {args.warmup} warm-up cycles: " + ", ".join(f"{k} {v['rss']:.0f} MB" for k, v in mem_before.items())
@@ -227,6 +240,7 @@ def main(argv: list[str]) -> int:
                                   f"(anonymous {m['anon']:.1f}, file {m['file']:.1f}) [load {load()}]", flush=True)
                 mem_lingered = snapshot()
                 roll_lingered = nats_rollup()
+            records_after = workloads_of_record(brain)
             heap_idle = nats_heap(brain, gc=False)
             heap_after = nats_heap(brain)
             nats_after_gc = memory_mb(nats_pid) if nats_pid else {}
@@ -277,6 +291,9 @@ def main(argv: list[str]) -> int:
               + ", ".join(f"{k} {heap_before[k]:.1f} / {heap_peak[k]:.1f} / {heap_idle[k]:.1f}" for k in GO_SYS))
         print(f"nats-server RSS right after that forced collection: {nats_after_gc['rss']:.1f} MB "
               f"(anonymous {nats_after_gc['anon']:.1f}, file {nats_after_gc['file']:.1f})")
+    print(f"workloads of record (the scheduler's ListWorkloads): {records_before} before, {records_after} at the "
+          f"last reading (ended ones are kept CNC_SCHEDULER_ENDED_RETENTION_S="
+          f"{os.environ.get('CNC_SCHEDULER_ENDED_RETENTION_S', 'default')})")
     if restarted:
         print(f"restarted during the run (their figures are not comparable): {', '.join(restarted)}")
     print(f"{args.settle:.0f} s after the load: " + (f"over 20 % of its RSS before: {', '.join(over_after)}"
@@ -297,9 +314,11 @@ def main(argv: list[str]) -> int:
                                          "nats_rss_samples": samples, "nats_anon_samples": anon_samples,
                                          "nats_env": {k: os.environ[k] for k in ("GOMEMLIMIT", "GOGC", "GODEBUG")
                                                       if k in os.environ},
+                                         "retention_s": os.environ.get("CNC_SCHEDULER_ENDED_RETENTION_S"),
                                          "nats_heap_before_mb": heap_before, "nats_heap_peak_mb": heap_peak,
                                          "nats_heap_idle_mb": heap_idle, "nats_heap_after_mb": heap_after,
                                          "nats_after_forced_gc_mb": nats_after_gc,
+                                         "workloads_of_record": [records_before, records_after],
                                          "load": load()}, indent=2))
     if args.plot and samples:
         plot_nats(samples, anon_samples, mem_before["nats-server"], mem_after["nats-server"], args.settle, args.plot)
