@@ -77,7 +77,9 @@ def admit(delta: np.ndarray, priority: np.ndarray, room: np.ndarray, per_replica
             n, r = int(col[i]), float(room[i, j])
             if n <= 0 or r <= 0:
                 continue
-            grant = min(n, math.ceil(left / r - 1e-9)) if left > 0 else 0
+            grant = 0
+            if left > 0:  # as many as cover the rest of the deficit (no division that overflows)
+                grant = n if left >= n * r else min(n, math.ceil(left / r - 1e-9))
             grant = max(grant, min(n, short))
             if grant > 0:
                 out[i, j] = grant

@@ -839,7 +839,16 @@ class Coordinator:
         demand as the newest proposal's snapshot saw it less what was granted since; removals only
         when nothing was added this time or since and the pool keeps min_replicas."""
         await asyncio.sleep(self.settings.scale_window_s)
-        wishes = list(self.scale_wishes.pop(wid, {}).values())
+        wishes = []
+        for p in self.scale_wishes.pop(wid, {}).values():
+            c = p.context
+            figures = (c.pool_demand_rps, c.pool_capacity_rps, c.replica_rps, c.priority)
+            if all(math.isfinite(x) for x in figures) and min(figures[:3]) >= 0:
+                wishes.append(p)
+            else:  # a context no site's view gives: not granted, not counted against the others
+                self.counters["scale_refused"] += 1
+                log.warning("scale proposal of %s from %s refused: its pool figures %s are not finite and >= 0",
+                            wid, p.site_id, figures)
         w = self.store.get(wid)
         if not wishes or w is None or w.kind != domain.INFERENCE or w.state not in domain.ACTIVE:
             self.counters["scale_refused"] += len(wishes)

@@ -413,15 +413,31 @@ def coordinated(sid: str, wid: str, units: int, priority: float, *, demand: floa
             priority=priority))
 
 
+async def placed_service(scheduler, bus) -> str:
+    """A `chat` service placed with its two replicas at site a (the one site that answers)."""
+    _, stub = scheduler
+    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
+    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
+    await placements_of(bus, wid, 1)
+    return wid
+
+
+async def counted(counters, name: str, at_least: int) -> int:
+    """The counter `name` once it reaches `at_least` (or after 2.5 s)."""
+    for _ in range(50):
+        if counters[name] >= at_least:
+            break
+        await asyncio.sleep(0.05)
+    return counters[name]
+
+
 async def test_coordinated_scale_proposals_add_only_what_the_pools_deficit_calls_for(scheduler, bus):
     """Three sites want one more replica each of a service whose pool lacks one replica's worth of
     capacity (demand 35 rps ÷ 0.7 = 50 wanted, 40 there, 20 per replica): only the most confident
     site's add is granted; asked again from the same snapshot, the grant counts as capacity and
     nothing more is added; and no site may remove one while that add is not in a snapshot yet."""
     server, stub = scheduler
-    await FakeAgents(bus, {"a": 4}, {"a": 1.0}).start()
-    wid = (await stub.DeployInferenceService(spb.DeployInferenceServiceRequest(service=service_spec()))).workload.workload_id
-    await placements_of(bus, wid, 1)
+    wid = await placed_service(scheduler, bus)
     counters = server.coordinator.counters
     held = counters["scale_held"]
     for sid, prio in (("a", 1.0), ("b", 3.0), ("c", 2.0)):
@@ -430,20 +446,12 @@ async def test_coordinated_scale_proposals_add_only_what_the_pools_deficit_calls
                           site=sid)
     got = await placements_of(bus, wid, 2)
     assert got[-1].placement.site_id == "b" and got[-1].placement.replicas == 1
-    for _ in range(50):
-        if counters["scale_held"] >= held + 2:
-            break
-        await asyncio.sleep(0.05)
-    assert counters["scale_held"] == held + 2
+    assert await counted(counters, "scale_held", held + 2) == held + 2
     # the same snapshot again: b's replica is not in its figures, the scheduler counts it
     for sid, want in (("c", 1), ("a", 1)):  # c adds, a removes one of its two
         await bus.publish(subjects.SITE_PROPOSAL, coordinated(sid, wid, want, 5.0, demand=35.0, capacity=40.0),
                           site=sid)
-    for _ in range(50):
-        if counters["scale_held"] >= held + 4:
-            break
-        await asyncio.sleep(0.05)
-    assert counters["scale_held"] == held + 4
+    assert await counted(counters, "scale_held", held + 4) == held + 4
     w = (await stub.GetWorkload(spb.GetWorkloadRequest(workload_id=wid))).workload
     assert {p.site_id: p.replicas for p in w.placements} == {"a": 2, "b": 1}
     # a proposal without a context is applied on its own, as before
@@ -452,3 +460,19 @@ async def test_coordinated_scale_proposals_add_only_what_the_pools_deficit_calls
         gpu_type="H100"), site="c")
     got = await placements_of(bus, wid, 3)
     assert got[-1].placement.site_id == "c" and got[-1].placement.replicas == 1
+
+
+async def test_a_coordinated_proposal_with_absurd_pool_figures_is_refused_and_the_rest_still_granted(scheduler, bus):
+    server, _ = scheduler
+    wid = await placed_service(scheduler, bus)
+    counters = server.coordinator.counters
+    refused = counters["scale_refused"]
+    forged = [coordinated("b", wid, 4, 9.0, demand=float("inf"), capacity=40.0),
+              coordinated("c", wid, 2, float("nan"), demand=35.0, capacity=40.0),
+              coordinated("a", wid, 3, 1.0, demand=35.0, capacity=-1.0)]
+    for p in forged:
+        await bus.publish(subjects.SITE_PROPOSAL, p, site=p.site_id)
+    assert await counted(counters, "scale_refused", refused + 3) == refused + 3
+    await bus.publish(subjects.SITE_PROPOSAL, coordinated("b", wid, 1, 1.0, demand=35.0, capacity=40.0), site="b")
+    got = await placements_of(bus, wid, 2)
+    assert got[-1].placement.site_id == "b" and got[-1].placement.replicas == 1

@@ -34,6 +34,15 @@ def test_a_wish_of_several_replicas_is_cut_to_what_the_rest_of_the_deficit_needs
     assert admit(col(1, 1).astype(np.int64), col(2, 1), col(0, 30), col(0, 30), pool())[:, 0].tolist() == [0, 1]
 
 
+def test_absurd_figures_grant_at_most_the_wishes_and_never_fail():
+    wish = np.full((3, 1), 2, np.int64)
+    for p in (pool(demand=np.inf), pool(demand=1e308, capacity=0.0), pool(demand=np.nan), pool(capacity=np.inf)):
+        for rate in (1e-300, 20.0, np.inf):
+            out = admit(wish, col(3, 2, 1), np.full((3, 1), rate), np.full((3, 1), rate), p)
+            assert ((out >= 0) & (out <= wish)).all()
+    assert admit(wish, col(3, 2, 1), np.full((3, 1), 1e-300), np.full((3, 1), 1.0), pool(demand=1e308))[:, 0].tolist() == [2, 2, 2]
+
+
 def test_a_covered_pool_gets_no_add_unless_it_is_below_min_replicas():
     covered = pool(demand=7.0, capacity=50.0, replicas=2)
     assert not admit(np.ones((4, 1), np.int64), col(4, 3, 2, 1), np.full((4, 1), 20.0), np.full((4, 1), 20.0),
