@@ -130,6 +130,7 @@ class Lease:
         said = 0.0
         while stop is None or not stop.is_set():
             try:
+                asked = time.monotonic()
                 try:
                     entry = await self.kv.get(KEY)
                 except nats.js.errors.KeyNotFoundError:  # never held, or released (deleted)
@@ -142,7 +143,9 @@ class Lease:
                     await self._take(entry.revision, "held by this instance before its restart")
                     return True
                 now = time.monotonic()
-                if seen is None or seen[0] != entry.revision:
+                if seen is None or seen[0] != entry.revision or now - asked > self.attempt_s:
+                    # a slow answer may have waited out an outage (nats-py holds a request while it
+                    # reconnects) that held the holder's renewals too: count from this answer
                     seen = (entry.revision, now)
                 elif now - seen[1] >= self.ttl_s:
                     await self._take(entry.revision, f"{holder} stopped renewing it {now - seen[1]:.1f} s ago")

@@ -101,6 +101,48 @@ async def test_a_nats_restart_does_not_hand_the_lease_over(nats_server):
     await still_active(a, standby, bus_a, bus_b)
 
 
+class Link:
+    """A lease bucket behind a link that goes away: while it is down a request waits until it is
+    back (as nats-py holds a request while it reconnects) — a read answers what it read when it was
+    asked, a renewal goes through `lag` seconds after the link is back."""
+
+    def __init__(self, kv, up: asyncio.Event, lag: float = 0.0) -> None:
+        self.kv, self.up, self.lag = kv, up, lag
+
+    def __getattr__(self, name):
+        return getattr(self.kv, name)
+
+    async def get(self, key):
+        entry = await self.kv.get(key)
+        await self.up.wait()
+        return entry
+
+    async def update(self, key, value, last=None):
+        if not self.up.is_set():
+            await self.up.wait()
+            await asyncio.sleep(self.lag)
+        return await self.kv.update(key, value, last=last)
+
+
+async def test_a_standby_read_held_through_an_outage_does_not_count_as_watching(nats_server):
+    """A standby's read that waited out an outage answers the revision it saw before; the holder
+    could not renew meanwhile either, so the wait is not a TTL without renewals: the holder's first
+    renewal after the outage (a moment after the standby's answer) keeps the lease."""
+    bus_a, kv_a = await kv_of(nats_server.url, "a")
+    bus_b, kv_b = await kv_of(nats_server.url, "b")
+    up = asyncio.Event()
+    up.set()
+    a = Lease(Link(kv_a, up, lag=0.1), "scheduler", "a", TTL, RENEW)
+    assert await a.acquire()
+    standby = asyncio.ensure_future(Lease(Link(kv_b, up), "scheduler", "b", TTL, RENEW).acquire())
+    await asyncio.sleep(TTL)
+    up.clear()
+    await asyncio.sleep(2 * TTL)
+    up.set()
+    await asyncio.sleep(2 * TTL)
+    await still_active(a, standby, bus_a, bus_b)
+
+
 async def still_active(a, standby, *buses) -> None:
     """`a` still holds the lease and may write, the standby still waits; then clean up."""
     assert a.held and not aio.fatal_event().is_set() and not standby.done()
