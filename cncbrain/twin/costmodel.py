@@ -160,8 +160,8 @@ class ModelSpec:
         return self.params_b * 1e9
 
 
-# KV per token: Llama-2-7B 0.52 MB, Llama-2-13B 0.82 MB (MHA, derived, docs/cost-model.md), Llama-3.1-70B
-# 327,680 B (GQA, read, docs/cost-model.md). 1.3B: GPT3-XL shape (24 layers, hidden 2048, MHA).
+# Shapes and KV bytes per token (2·L·n_kv_heads·d_head·2) with their sources: docs/cost-model.md,
+# "Model shapes" — 1.3B GPT-3 XL, 7B/13B Llama-2, 34B Code Llama (GQA), 70B Llama-3.1 (GQA).
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [

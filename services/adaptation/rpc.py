@@ -13,6 +13,8 @@ from cncbrain.errors import FailedPrecondition, InvalidArgument, NotFound
 from cncbrain.identity import PermissionDenied, require_tenant_access
 from cncbrain.workload import tenant_of
 from services.adaptation.domain.parallelism import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_SEQ_LEN,
     GpuGroup,
     LinkSpec,
     PlanError,
@@ -33,8 +35,8 @@ def plan_on(request: apb.PlanParallelismRequest, model, groups: list[GpuGroup],
     pool when the request names none; `cncbrain plan --local` passes the request's. Raises PlanError."""
     top = max(1, min(request.top or 1, 20))
     if request.kind == apb.PLAN_KIND_TRAINING:
-        plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or 4 * 2**20,
-                              seq_len=request.seq_len or 4096, top=top)
+        plans = plan_training(model, groups, links, global_batch_tokens=request.global_batch_tokens or DEFAULT_BATCH_TOKENS,
+                              seq_len=request.seq_len or DEFAULT_SEQ_LEN, top=top)
         return apb.PlanParallelismResponse(training=[training_to_pb(p) for p in plans], cost_model=COST_MODEL)
     slo = request.slo if request.HasField("slo") else None
     options = plan_inference(

@@ -39,6 +39,10 @@ MICRO_BATCHES = (1, 2, 4, 8)
 PRECISIONS = ("bf16", "fp8")
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34  # Korthikanti: 34·s·b·h/t with TP + SP + selective recompute
 PP_HOP_LATENCY_S = 20e-6  # one stage-to-stage send inside a site
+DEFAULT_BATCH_TOKENS = 4 * 2**20
+DEFAULT_SEQ_LEN = 4096
+"""A training plan's global batch (tokens) and sequence when the request names none: Llama 2's 4M
+tokens and 4,096-token context (docs/cost-model.md)."""
 
 
 class PlanError(FailedPrecondition):
@@ -170,8 +174,8 @@ def plan_training(
     groups: Sequence[GpuGroup],
     links: Links | None = None,
     *,
-    global_batch_tokens: float = 4 * 2**20,
-    seq_len: int = 4096,
+    global_batch_tokens: float = DEFAULT_BATCH_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
     top: int = 1,
 ) -> list[TrainingPlan]:
     """The best `top` training plans, best first; `PlanError` when nothing fits."""
