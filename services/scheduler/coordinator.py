@@ -191,8 +191,11 @@ class Coordinator:
             await self.publish_event(w, spb.WORKLOAD_EVENT_KIND_ACCEPTED)
             self.enqueue(w)
         self._placer = aio.background(self._place_loop(), "placer")
-        self._reconciling = aio.background(self._reconcile_loop(), "reconciler")
-        self._expiring = aio.background(self._expire_loop(), "retention")
+        self._reconciling = aio.background(
+            self._every(self.settings.reconcile_s, self._reconcile_tick, "reconciliation tick"), "reconciler")
+        self._expiring = aio.background(  # NATS away, or not (or no longer) active: one line, next time
+            self._every(EXPIRE_EVERY_S, self.expire_ended, "removing expired workloads", quiet=(CncError,)),
+            "retention")
         recent = [w for w in records if time.time() - w.updated_at.seconds <= self.settings.republish_window_s]
         log.info("recovered %d workloads (%d pending, %d to republish)", len(records), len(pending), len(recent))
         for w in recent:
@@ -642,28 +645,23 @@ class Coordinator:
                      self.settings.ended_retention_s)
         return removed
 
-    async def _expire_loop(self) -> None:
+    async def _every(self, period_s: float, step, what: str,
+                     quiet: tuple[type[Exception], ...] = ()) -> None:
+        """Run `step()` every `period_s` until stopped; a failure is logged and the next round tried
+        (the same problems — NATS away, this instance not active — are looked at again then): one
+        line for the `quiet` kinds, a traceback for anything else."""
         while not self._stopping:
             try:
-                await self.expire_ended()
+                await step()
             except asyncio.CancelledError:
                 raise
-            except CncError as exc:  # NATS away, or this instance not (or no longer) active: next time
-                log.warning("removing expired workloads failed: %s", exc)
+            except quiet as exc:
+                log.warning("%s failed: %s", what, exc)
             except Exception:
-                log.exception("removing expired workloads failed")
-            await asyncio.sleep(EXPIRE_EVERY_S)
+                log.exception("%s failed", what)
+            await asyncio.sleep(period_s)
 
     # --- reconciliation: the reconciler's verdicts, committed -----------------------------------
-    async def _reconcile_loop(self) -> None:
-        while not self._stopping:
-            try:
-                await self._reconcile_tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # NATS away: the same problems are there at the next tick
-                log.exception("reconciliation tick failed")
-            await asyncio.sleep(self.settings.reconcile_s)
 
     async def _reconcile_tick(self) -> None:
         for wid, sites in self.reconciler.due(time.monotonic(), self.inventory.up).items():
